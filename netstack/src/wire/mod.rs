@@ -1,0 +1,117 @@
+//! Wire formats of datagrams on a q2q UDP socket.
+//!
+//! Every datagram begins with a two-byte prefix:
+//!
+//! ```text
+//!  0        1        2
+//!  +--------+--------+------------------------
+//!  |version |  kind  | kind-specific body ...
+//!  +--------+--------+------------------------
+//! ```
+//!
+//! [`Prefix::parse`] reads it; unknown versions and kinds are errors the caller counts and
+//! drops, never a panic.
+
+/// The only version of the datagram format this crate speaks.
+pub const VERSION: u8 = 1;
+
+/// What a datagram on the shared UDP socket is. The numeric values are part of the wire
+/// format and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// PTCP: an IP packet of a peer session (selective-repeat data).
+    Data = 0x01,
+    /// PTCP: an acknowledgement of a peer session (selective-repeat range list).
+    Ack = 0x02,
+    /// Ask the server for the address it sees (like a STUN binding request).
+    WhoAmIRequest = 0x10,
+    /// The server's answer: the reflexive address of the asker.
+    WhoAmIReply = 0x11,
+    /// Hole-punching probe between peers.
+    Probe = 0x20,
+    /// Answer to a probe.
+    ProbeReply = 0x21,
+    /// A datagram to be forwarded by a relay.
+    Relay = 0x30,
+}
+
+impl Kind {
+    /// The kind for a wire value, if it is one this version knows.
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            0x01 => Kind::Data,
+            0x02 => Kind::Ack,
+            0x10 => Kind::WhoAmIRequest,
+            0x11 => Kind::WhoAmIReply,
+            0x20 => Kind::Probe,
+            0x21 => Kind::ProbeReply,
+            0x30 => Kind::Relay,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a datagram was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Shorter than its fixed header.
+    #[error("datagram truncated: {len} bytes, need at least {need}")]
+    Truncated { len: usize, need: usize },
+    /// A version this implementation does not speak.
+    #[error("unknown datagram version {0}")]
+    UnknownVersion(u8),
+    /// A kind this version does not define.
+    #[error("unknown datagram kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A field holds a value its kind forbids.
+    #[error("malformed datagram: {0}")]
+    Malformed(&'static str),
+}
+
+/// The checked two-byte prefix of every datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub kind: Kind,
+}
+
+impl Prefix {
+    /// Length of the prefix in bytes.
+    pub const LEN: usize = 2;
+
+    /// Read the prefix of a datagram.
+    pub fn parse(datagram: &[u8]) -> Result<Prefix, WireError> {
+        let [version, kind, ..] = *datagram else {
+            return Err(WireError::Truncated { len: datagram.len(), need: Self::LEN });
+        };
+        if version != VERSION {
+            return Err(WireError::UnknownVersion(version));
+        }
+        let kind = Kind::from_u8(kind).ok_or(WireError::UnknownKind(kind))?;
+        Ok(Prefix { kind })
+    }
+
+    /// Write the prefix into the first two bytes of `buf` (which must hold at least two).
+    pub fn emit(kind: Kind, buf: &mut [u8]) -> Result<(), WireError> {
+        let Some(head) = buf.get_mut(..Self::LEN) else {
+            return Err(WireError::Truncated { len: buf.len(), need: Self::LEN });
+        };
+        head.copy_from_slice(&[VERSION, kind as u8]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_round_trip_and_rejects() {
+        let mut b = [0u8; 4];
+        Prefix::emit(Kind::WhoAmIRequest, &mut b).unwrap();
+        assert_eq!(Prefix::parse(&b).unwrap().kind, Kind::WhoAmIRequest);
+        assert_eq!(Prefix::parse(&[1]), Err(WireError::Truncated { len: 1, need: 2 }));
+        assert_eq!(Prefix::parse(&[9, 1]), Err(WireError::UnknownVersion(9)));
+        assert_eq!(Prefix::parse(&[1, 0xee]), Err(WireError::UnknownKind(0xee)));
+    }
+}

@@ -1,0 +1,1 @@
+//! q2q: networking addressed to people.
