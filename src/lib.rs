@@ -1,1 +1,8 @@
 //! q2q: networking addressed to people.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod address;
+pub mod amp;
+pub mod identity;
+pub mod proto;
+pub mod tls;
