@@ -3,6 +3,9 @@
 
 pub mod address;
 pub mod amp;
+pub mod client;
+pub mod fsutil;
 pub mod identity;
 pub mod proto;
+pub mod server;
 pub mod tls;

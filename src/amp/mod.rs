@@ -177,7 +177,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Bytes Twisted 24's `AmpBox(_command=b"sum", _ask=b"23", a=b"13", b=b"81").serialize()`
+    /// Bytes Twisted's (checked against Twisted 26.10) `AmpBox(_command=b"sum", _ask=b"23", a=b"13", b=b"81").serialize()`
     /// produces (keys sorted, each pair length-prefixed, a zero key length at the end).
     const TWISTED_SUM: &[u8] = b"\x00\x04_ask\x00\x0223\x00\x08_command\x00\x03sum\
 \x00\x01a\x00\x0213\x00\x01b\x00\x0281\x00\x00";

@@ -8,10 +8,12 @@
 mod ca;
 mod cert;
 mod fingerprint;
+mod verify;
 
 pub use ca::{CaError, DomainCa, IssuedCert};
 pub use cert::{CertError, CertInfo};
 pub use fingerprint::{Fingerprint, FingerprintError};
+pub use verify::{IdentityError, verify_identity};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 

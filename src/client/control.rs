@@ -1,0 +1,261 @@
+//! A control connection from a client to a domain's identity server: TCP, TLS 1.3 with the
+//! domain CA pinned, `hello`, then calls.
+
+use super::discover::{self, Candidate};
+use super::home::{Home, HomeError};
+use crate::address::{Domain, Q2qAddress};
+use crate::amp::{AmpBox, CallError, Connection};
+use crate::identity::Fingerprint;
+use crate::proto::{self, command};
+use crate::tls::CaPinVerifier;
+use rustls_pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a client operation failed. Each is one line a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No candidate address of the domain's server answered.
+    #[error("{domain}'s server is unreachable (tried {tried})")]
+    Unreachable { domain: Domain, tried: String },
+    /// The server presents a different CA than the one pinned on first contact.
+    #[error(
+        "the CA of {domain} has changed: pinned {pinned}, the server presents {presented}. \
+         This is what an attacker in the middle would look like. If {domain} really replaced \
+         its CA (confirm with its admin), accept it deliberately with \
+         --ca-fingerprint {presented}, or forget the old one with `q2q-tun forget-ca {domain}`"
+    )]
+    CaChanged { domain: Domain, pinned: Fingerprint, presented: Fingerprint },
+    /// The server's CA is not the one given with `--ca-fingerprint`.
+    #[error(
+        "{domain}'s server presents CA {presented}, not the {expected} given with --ca-fingerprint"
+    )]
+    CaNotExpected { domain: Domain, expected: Fingerprint, presented: Fingerprint },
+    /// TLS failed for another reason.
+    #[error("secure connection to {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    /// The server refused the request; its sentence says why.
+    #[error("{message}")]
+    Refused { code: String, message: String },
+    /// The connection broke or the server spoke nonsense.
+    #[error("talking to {domain}'s server failed: {source}")]
+    Call { domain: Domain, source: CallError },
+    /// The server took too long to answer.
+    #[error("{domain}'s server did not answer within {secs} s")]
+    Timeout { domain: Domain, secs: u64 },
+    /// The server answered without a field it must send.
+    #[error("{domain}'s server sent an invalid answer: {what}")]
+    BadAnswer { domain: Domain, what: String },
+    #[error(transparent)]
+    Home(#[from] HomeError),
+}
+
+impl ClientError {
+    /// The server's error code, when the server refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// How to reach a domain's server.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// `host:port`, overriding config and DNS.
+    pub server: Option<String>,
+    /// Accept only a CA with this fingerprint (and re-pin to it).
+    pub ca_fingerprint: Option<Fingerprint>,
+}
+
+/// An open control connection.
+pub struct ServerConn {
+    conn: Connection<TlsStream<TcpStream>>,
+    pub domain: Domain,
+    /// The `host:port` that answered.
+    pub server: String,
+    pub ca: CertificateDer<'static>,
+    /// True if this connection pinned the CA (first contact, or a deliberate re-pin).
+    pub newly_pinned: bool,
+}
+
+impl ServerConn {
+    /// Connect to `domain`'s server, verify it by its pinned CA (pinning on first contact),
+    /// and say hello.
+    pub async fn connect(
+        home: &Home,
+        domain: &Domain,
+        opts: &ConnectOptions,
+    ) -> Result<ServerConn, ClientError> {
+        let config = home.config()?;
+        let pinned = home.pinned_ca(domain)?;
+        let pinned_fp = pinned.as_ref().map(|c| Fingerprint::of(c));
+        let expected = opts.ca_fingerprint.or(pinned_fp);
+        let candidates = discover::locate(domain, opts.server.as_deref(), &config).await;
+        let mut tried = Vec::new();
+        for Candidate { addr, source } in candidates {
+            let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr.as_str()))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tried.push(format!("{addr} from {source}: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    tried.push(format!(
+                        "{addr} from {source}: no answer in {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ));
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let verifier = Arc::new(CaPinVerifier::new(domain.clone(), expected));
+            let tls_config = crate::tls::client_config(verifier.clone())
+                .map_err(|e| ClientError::Tls { addr: addr.clone(), reason: e.to_string() })?;
+            let name = ServerName::try_from(domain.to_string())
+                .map_err(|e| ClientError::Tls { addr: addr.clone(), reason: e.to_string() })?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config));
+            let handshake =
+                tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await;
+            let presented = verifier.presented_ca();
+            let presented_fp = presented.as_ref().map(|c| Fingerprint::of(c));
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                other => {
+                    if let (Some(expected), Some(presented)) = (expected, presented_fp)
+                        && expected != presented
+                    {
+                        return Err(match opts.ca_fingerprint {
+                            Some(_) => ClientError::CaNotExpected {
+                                domain: domain.clone(),
+                                expected,
+                                presented,
+                            },
+                            None => ClientError::CaChanged {
+                                domain: domain.clone(),
+                                pinned: expected,
+                                presented,
+                            },
+                        });
+                    }
+                    let reason = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no TLS handshake in {} s", CONNECT_TIMEOUT.as_secs()),
+                    };
+                    return Err(ClientError::Tls { addr, reason });
+                }
+            };
+            let ca = presented.ok_or_else(|| ClientError::Tls {
+                addr: addr.clone(),
+                reason: "server sent no CA certificate".into(),
+            })?;
+            let newly_pinned = pinned_fp != presented_fp;
+            if newly_pinned {
+                home.pin_ca(domain, &ca)?;
+            }
+            let mut sc = ServerConn {
+                conn: Connection::new(stream),
+                domain: domain.clone(),
+                server: addr,
+                ca,
+                newly_pinned,
+            };
+            sc.call(AmpBox::command(command::HELLO).with("version", proto::VERSION)).await?;
+            return Ok(sc);
+        }
+        Err(ClientError::Unreachable { domain: domain.clone(), tried: tried.join("; ") })
+    }
+
+    /// One call with a timeout; error boxes become [`ClientError::Refused`].
+    pub async fn call(&mut self, request: AmpBox) -> Result<AmpBox, ClientError> {
+        match tokio::time::timeout(CALL_TIMEOUT, self.conn.call(request)).await {
+            Err(_) => Err(ClientError::Timeout {
+                domain: self.domain.clone(),
+                secs: CALL_TIMEOUT.as_secs(),
+            }),
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(CallError::Remote { code, description })) => {
+                Err(ClientError::Refused { code, message: description })
+            }
+            Ok(Err(source)) => Err(ClientError::Call { domain: self.domain.clone(), source }),
+        }
+    }
+
+    fn field<'a>(&self, b: &'a AmpBox, key: &str) -> Result<&'a str, ClientError> {
+        b.get_str(key).ok_or_else(|| ClientError::BadAnswer {
+            domain: self.domain.clone(),
+            what: format!("no `{key}`"),
+        })
+    }
+
+    /// The domain CA, as the server states it in `identify`.
+    pub async fn identify(
+        &mut self,
+        subject: &str,
+    ) -> Result<CertificateDer<'static>, ClientError> {
+        let b = self.call(AmpBox::command(command::IDENTIFY).with("subject", subject)).await?;
+        let pem = self.field(&b, "certificate")?;
+        crate::identity::cert_from_pem(pem).map_err(|e| ClientError::BadAnswer {
+            domain: self.domain.clone(),
+            what: e.to_string(),
+        })
+    }
+
+    /// Create the account `address` with `password` (and an invite code, if the server
+    /// takes registrations by invite).
+    pub async fn register(
+        &mut self,
+        address: &Q2qAddress,
+        password: &str,
+        invite: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut b = AmpBox::command(command::REGISTER)
+            .with("address", address.to_string())
+            .with("password", password);
+        if let Some(code) = invite {
+            b.insert("invite", code);
+        }
+        self.call(b).await.map(drop)
+    }
+
+    /// Have the CA sign `csr_pem` for `address`; returns the certificate PEM.
+    pub async fn sign(
+        &mut self,
+        address: &Q2qAddress,
+        password: &str,
+        csr_pem: &str,
+    ) -> Result<String, ClientError> {
+        let b = self
+            .call(
+                AmpBox::command(command::SIGN)
+                    .with("address", address.to_string())
+                    .with("password", password)
+                    .with("certificate_request", csr_pem),
+            )
+            .await?;
+        Ok(self.field(&b, "certificate")?.to_string())
+    }
+
+    /// The address the server sees this TCP connection come from.
+    pub async fn who_am_i(&mut self) -> Result<SocketAddr, ClientError> {
+        let b = self.call(AmpBox::command(command::WHO_AM_I)).await?;
+        let host = self.field(&b, "host")?;
+        let port = self.field(&b, "port")?;
+        format!("{host}:{port}")
+            .parse::<SocketAddr>()
+            .or_else(|_| format!("[{host}]:{port}").parse())
+            .map_err(|_| ClientError::BadAnswer {
+                domain: self.domain.clone(),
+                what: "who-am-i address".into(),
+            })
+    }
+}

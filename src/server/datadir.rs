@@ -1,0 +1,168 @@
+//! The identity server's data directory:
+//!
+//! ```text
+//! DIR/config.toml   settings (see ServerConfig::documented)
+//! DIR/ca.pem        the domain CA certificate
+//! DIR/ca.key        the domain CA private key (mode 0600)
+//! DIR/q2q.db        users, invites, issued certificates; also the domain and CA fingerprint
+//! ```
+//!
+//! The CA is made once, by `init`, and never again: a directory whose database knows a CA
+//! (or holds users) but whose CA files are missing or different refuses to start. Vertex
+//! silently regenerated its CA, invalidating every certificate it had issued.
+
+use super::db::{Db, DbError};
+use crate::address::Domain;
+use crate::fsutil;
+use crate::identity::{CaError, DomainCa};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const DB_FILE: &str = "q2q.db";
+
+/// Why a data directory could not be made or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("{0} already holds a q2q server (found {1}); refusing to overwrite it")]
+    AlreadyInitialised(String, &'static str),
+    #[error("{0} is not a q2q server data directory (no {DB_FILE}); run `q2q-server init` first")]
+    NotInitialised(String),
+    #[error(
+        "{dir} has a database for {domain} but its CA ({missing}) is missing; refusing to start \
+         rather than make a new CA, which would invalidate every issued certificate. \
+         Restore the CA files from backup."
+    )]
+    CaMissing { dir: String, domain: String, missing: &'static str },
+    #[error(
+        "the CA in {dir} (fingerprint {found}) is not the one this database was made with \
+         ({recorded}); refusing to start. Restore the original ca.pem and ca.key."
+    )]
+    CaMismatch { dir: String, found: String, recorded: String },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("the database in {0} does not name its domain")]
+    NoDomain(String),
+    #[error("the database names an invalid domain `{0}`")]
+    BadDomain(String),
+}
+
+/// An opened data directory.
+pub struct DataDir {
+    pub path: PathBuf,
+    pub domain: Domain,
+    pub ca: DomainCa,
+    pub db: Db,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |e| DataDirError::Io(path.display().to_string(), e)
+}
+
+impl DataDir {
+    /// Make a new data directory for `domain`: the CA, the database, a documented config.
+    pub fn init(
+        dir: &Path,
+        domain: &Domain,
+        config: &super::ServerConfig,
+    ) -> Result<DataDir, DataDirError> {
+        for f in [CA_KEY_FILE, CA_CERT_FILE, DB_FILE] {
+            if dir.join(f).exists() {
+                return Err(DataDirError::AlreadyInitialised(dir.display().to_string(), f));
+            }
+        }
+        fsutil::create_private_dir(dir).map_err(io(dir))?;
+        let ca = DomainCa::generate(domain)?;
+        // Key first: a crash after it leaves a directory `init` refuses to reuse, never a
+        // certificate without its key.
+        let key_path = dir.join(CA_KEY_FILE);
+        fsutil::write_new(&key_path, ca.key_pem().as_bytes(), 0o600).map_err(io(&key_path))?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        fsutil::write_new(&cert_path, ca.cert_pem().as_bytes(), 0o644).map_err(io(&cert_path))?;
+        let db = Db::open(&dir.join(DB_FILE))?;
+        db.set_meta("domain", domain.as_str())?;
+        db.set_meta("ca_fingerprint", &ca.fingerprint().to_string())?;
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.exists() {
+            fsutil::write_atomic(&config_path, config.documented().as_bytes(), 0o644)
+                .map_err(io(&config_path))?;
+        }
+        Ok(DataDir { path: dir.to_path_buf(), domain: domain.clone(), ca, db })
+    }
+
+    /// Open an existing data directory, checking that its CA is the one it was made with.
+    pub fn open(dir: &Path) -> Result<DataDir, DataDirError> {
+        let shown = dir.display().to_string();
+        let db_path = dir.join(DB_FILE);
+        if !db_path.exists() {
+            return Err(DataDirError::NotInitialised(shown));
+        }
+        let db = Db::open(&db_path)?;
+        let domain_s = db.meta("domain")?.ok_or_else(|| DataDirError::NoDomain(shown.clone()))?;
+        let domain = Domain::parse(&domain_s).map_err(|_| DataDirError::BadDomain(domain_s))?;
+        let read = |f: &'static str| match std::fs::read_to_string(dir.join(f)) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DataDirError::CaMissing {
+                dir: shown.clone(),
+                domain: domain.to_string(),
+                missing: f,
+            }),
+            Err(e) => Err(DataDirError::Io(dir.join(f).display().to_string(), e)),
+        };
+        let cert = read(CA_CERT_FILE)?;
+        let key = read(CA_KEY_FILE)?;
+        let ca = DomainCa::load(&domain, &cert, &key)?;
+        let found = ca.fingerprint().to_string();
+        match db.meta("ca_fingerprint")? {
+            Some(recorded) if recorded == found => {}
+            Some(recorded) => return Err(DataDirError::CaMismatch { dir: shown, found, recorded }),
+            None => db.set_meta("ca_fingerprint", &found)?,
+        }
+        Ok(DataDir { path: dir.to_path_buf(), domain, ca, db })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join(CONFIG_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_once_and_never_regenerate() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("srv");
+        let domain = Domain::parse("example.com").unwrap();
+        let made = DataDir::init(&dir, &domain, &Default::default()).unwrap();
+        let fp = made.ca.fingerprint();
+        drop(made);
+        let mode = std::fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            DataDir::init(&dir, &domain, &Default::default()),
+            Err(DataDirError::AlreadyInitialised(..))
+        ));
+        assert_eq!(DataDir::open(&dir).unwrap().ca.fingerprint(), fp);
+
+        // A lost CA is an error, not a new CA.
+        let key = std::fs::read(dir.join(CA_KEY_FILE)).unwrap();
+        std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        let err = DataDir::open(&dir).err().unwrap();
+        assert!(matches!(err, DataDirError::CaMissing { missing: CA_KEY_FILE, .. }), "{err}");
+        // A swapped CA is refused too.
+        let other = tempfile::tempdir().unwrap();
+        let o = DataDir::init(other.path(), &domain, &Default::default()).unwrap();
+        std::fs::write(dir.join(CA_KEY_FILE), o.ca.key_pem()).unwrap();
+        std::fs::write(dir.join(CA_CERT_FILE), o.ca.cert_pem()).unwrap();
+        assert!(matches!(DataDir::open(&dir), Err(DataDirError::CaMismatch { .. })));
+        drop(key);
+    }
+}

@@ -1,0 +1,264 @@
+//! The identity server's state: users, invites and every issued certificate, in an
+//! embedded SQLite database (WAL, synchronous=FULL: a committed change survives a crash).
+
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What went wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed (disk full, corrupt file, locked too long).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The user name is taken.
+    #[error("the user exists already")]
+    UserExists,
+    /// No such user.
+    #[error("no such user")]
+    NoSuchUser,
+    /// The invite code is unknown or used.
+    #[error("the invite code is not valid or was used already")]
+    BadInvite,
+    /// No certificate with that serial.
+    #[error("no certificate with that serial")]
+    NoSuchCertificate,
+}
+
+/// One issued certificate as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRecord {
+    pub serial: String,
+    pub identity: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub revoked: bool,
+}
+
+/// One user as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub created: i64,
+    pub certificates: i64,
+}
+
+/// The open database.
+pub struct Db {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    issued INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE TABLE IF NOT EXISTS invites (
+    code TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    used_by TEXT
+);
+";
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Db {
+    /// Open (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db { conn })
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, DbError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn user_count(&self) -> Result<i64, DbError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?)
+    }
+
+    /// Add a user; with `invite`, the code must be unused and is consumed in the same
+    /// transaction.
+    pub fn add_user(
+        &mut self,
+        name: &str,
+        hash: &str,
+        invite: Option<&str>,
+    ) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        if let Some(code) = invite {
+            let n = tx.execute(
+                "UPDATE invites SET used_by = ?1 WHERE code = ?2 AND used_by IS NULL",
+                [name, code],
+            )?;
+            if n != 1 {
+                return Err(DbError::BadInvite);
+            }
+        }
+        match tx.execute(
+            "INSERT INTO users(name, password_hash, created) VALUES (?1, ?2, ?3)",
+            params![name, hash, now()],
+        ) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(DbError::UserExists);
+            }
+            r => r?,
+        };
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn password_hash(&self, name: &str) -> Result<Option<String>, DbError> {
+        Ok(self
+            .conn
+            .query_row("SELECT password_hash FROM users WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_password_hash(&self, name: &str, hash: &str) -> Result<(), DbError> {
+        let n = self
+            .conn
+            .execute("UPDATE users SET password_hash = ?2 WHERE name = ?1", [name, hash])?;
+        if n == 1 { Ok(()) } else { Err(DbError::NoSuchUser) }
+    }
+
+    /// Remove a user and revoke every certificate issued to them.
+    pub fn remove_user(&mut self, name: &str, identity: &str) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        if tx.execute("DELETE FROM users WHERE name = ?1", [name])? != 1 {
+            return Err(DbError::NoSuchUser);
+        }
+        tx.execute("UPDATE certificates SET revoked = 1 WHERE identity = ?1", [identity])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn list_users(&self, domain: &str) -> Result<Vec<UserRecord>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT u.name, u.created,
+                    (SELECT count(*) FROM certificates c WHERE c.identity = u.name || '@' || ?1)
+             FROM users u ORDER BY u.name",
+        )?;
+        let rows = st.query_map([domain], |r| {
+            Ok(UserRecord { name: r.get(0)?, created: r.get(1)?, certificates: r.get(2)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn record_certificate(&self, c: &CertRecord) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO certificates(serial, identity, not_before, not_after, issued, revoked)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![c.serial, c.identity, c.not_before, c.not_after, now(), c.revoked],
+        )?;
+        Ok(())
+    }
+
+    pub fn certificates(&self, identity: Option<&str>) -> Result<Vec<CertRecord>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT serial, identity, not_before, not_after, revoked FROM certificates
+             WHERE ?1 IS NULL OR identity = ?1 ORDER BY issued, serial",
+        )?;
+        let rows = st.query_map([identity], |r| {
+            Ok(CertRecord {
+                serial: r.get(0)?,
+                identity: r.get(1)?,
+                not_before: r.get(2)?,
+                not_after: r.get(3)?,
+                revoked: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .query_row("SELECT revoked FROM certificates WHERE serial = ?1", [serial], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    pub fn revoke(&self, serial: &str) -> Result<(), DbError> {
+        let n =
+            self.conn.execute("UPDATE certificates SET revoked = 1 WHERE serial = ?1", [serial])?;
+        if n == 1 { Ok(()) } else { Err(DbError::NoSuchCertificate) }
+    }
+
+    pub fn create_invite(&self, code: &str) -> Result<(), DbError> {
+        self.conn
+            .execute("INSERT INTO invites(code, created) VALUES (?1, ?2)", params![code, now()])?;
+        Ok(())
+    }
+
+    /// Invites as (code, used_by).
+    pub fn invites(&self) -> Result<Vec<(String, Option<String>)>, DbError> {
+        let mut st =
+            self.conn.prepare("SELECT code, used_by FROM invites ORDER BY created, code")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_invites_certificates() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&d.path().join("q2q.db")).unwrap();
+        db.add_user("alice", "h1", None).unwrap();
+        assert!(matches!(db.add_user("alice", "h2", None), Err(DbError::UserExists)));
+        assert_eq!(db.password_hash("alice").unwrap().as_deref(), Some("h1"));
+        db.create_invite("abc").unwrap();
+        assert!(matches!(db.add_user("bob", "h", Some("nope")), Err(DbError::BadInvite)));
+        db.add_user("bob", "h", Some("abc")).unwrap();
+        assert!(matches!(db.add_user("carol", "h", Some("abc")), Err(DbError::BadInvite)));
+        assert_eq!(db.password_hash("carol").unwrap(), None);
+        let rec = CertRecord {
+            serial: "01".into(),
+            identity: "alice@example.com".into(),
+            not_before: 1,
+            not_after: 2,
+            revoked: false,
+        };
+        db.record_certificate(&rec).unwrap();
+        assert_eq!(db.list_users("example.com").unwrap()[0].certificates, 1);
+        db.remove_user("alice", "alice@example.com").unwrap();
+        assert!(db.is_revoked("01").unwrap());
+        assert_eq!(db.user_count().unwrap(), 1);
+    }
+}

@@ -1,0 +1,213 @@
+//! The identity server of a domain (`q2q-server`): holds the domain CA, registers users,
+//! signs their certificate requests, and tells clients the address it sees them from.
+//!
+//! ```text
+//!  TCP :8788 ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
+//!                                                 ├── Db (SQLite: users, certs, invites)
+//!                                                 └── RateLimiter, Hasher (argon2id)
+//!  UDP :8788 ── who-am-i (and later: probes, relay)
+//! ```
+
+pub mod config;
+pub mod datadir;
+pub mod db;
+mod handler;
+pub mod password;
+pub mod ratelimit;
+
+pub use config::{Registration, ServerConfig};
+pub use datadir::{DataDir, DataDirError};
+
+use crate::address::Domain;
+use crate::identity::DomainCa;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot make the server's TLS certificate: {0}")]
+    Tls(String),
+}
+
+/// Lifetime of the TLS certificate the server makes for itself at each start.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(400 * 86400);
+
+/// What every connection handler shares.
+pub(crate) struct State {
+    pub domain: Domain,
+    pub ca: DomainCa,
+    pub db: Mutex<db::Db>,
+    pub config: ServerConfig,
+    pub limiter: Mutex<ratelimit::RateLimiter>,
+    pub hasher: password::Hasher,
+}
+
+impl State {
+    /// Run `f` on the database on the blocking pool.
+    pub async fn with_db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut db::Db) -> Result<T, db::DbError> + Send + 'static,
+    ) -> anyhow::Result<Result<T, db::DbError>> {
+        let state = self.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let mut db = state.db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+            Ok::<_, anyhow::Error>(f(&mut db))
+        })
+        .await??)
+    }
+}
+
+/// A running server; dropping it does not stop it, [`Running::shutdown`] does.
+pub struct Running {
+    pub tcp_addr: SocketAddr,
+    pub udp_addr: SocketAddr,
+    pub domain: Domain,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stop listening, close every connection, and wait for the tasks to end.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Wait until the server stops (it runs until shut down).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Bind TCP and UDP on `config.listen` (the same port for both) and serve `dir`'s domain.
+pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, ServerError> {
+    let (tcp, udp) = bind(config.listen).await?;
+    let tcp_addr =
+        tcp.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let udp_addr =
+        udp.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+
+    let server_key =
+        crate::identity::generate_key().map_err(|e| ServerError::Tls(e.to_string()))?;
+    let server_cert = dir
+        .ca
+        .issue_server(&server_key, SERVER_CERT_LIFETIME)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+    let tls = crate::tls::server_config(
+        vec![server_cert.der, dir.ca.cert_der().clone()],
+        key_der,
+        dir.ca.cert_der().clone(),
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let domain = dir.domain.clone();
+    let state = Arc::new(State {
+        domain: dir.domain,
+        ca: dir.ca,
+        db: Mutex::new(dir.db),
+        limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
+        hasher: password::Hasher::default(),
+        config,
+    });
+    info!(domain = %state.domain, %tcp_addr, %udp_addr, ca = %state.ca.fingerprint(), "q2q-server listening");
+
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(accept_loop(state.clone(), tcp, acceptor, stopped.clone()));
+    tasks.spawn(udp_loop(udp, stopped));
+    Ok(Running { tcp_addr, udp_addr, domain, stop, tasks })
+}
+
+async fn bind(listen: SocketAddr) -> Result<(TcpListener, UdpSocket), ServerError> {
+    let err = |addr, source| ServerError::Bind { addr, source };
+    // With port 0 the kernel picks the TCP port; UDP must take the same number, which may
+    // be taken: try a few times.
+    let mut last = None;
+    for _ in 0..20 {
+        let tcp = TcpListener::bind(listen).await.map_err(|e| err(listen, e))?;
+        let port = tcp.local_addr().map_err(|e| err(listen, e))?.port();
+        let udp_addr = SocketAddr::new(listen.ip(), port);
+        match UdpSocket::bind(udp_addr).await {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(err(udp_addr, e)),
+        }
+    }
+    Err(err(listen, last.unwrap_or_else(|| std::io::Error::other("no free port"))))
+}
+
+async fn accept_loop(
+    state: Arc<State>,
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stopped.changed() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stopped.changed() => break,
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, acceptor) = (state.clone(), acceptor.clone());
+        conns.spawn(async move {
+            handler::serve(state, acceptor, stream, peer).await;
+            drop(permit);
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.shutdown().await;
+}
+
+async fn udp_loop(udp: UdpSocket, mut stopped: watch::Receiver<bool>) {
+    use q2q_netstack::wire::{Kind, Prefix};
+    let mut buf = vec![0u8; 2048];
+    let mut dropped: u64 = 0;
+    loop {
+        let (n, from) = tokio::select! {
+            _ = stopped.changed() => break,
+            r = udp.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "udp receive failed");
+                    continue;
+                }
+            },
+        };
+        let d = &buf[..n];
+        match Prefix::parse(d).map(|p| p.kind) {
+            Ok(Kind::WhoAmIRequest) => match crate::proto::whoami::parse_request(d) {
+                Ok(nonce) => {
+                    let _ = udp.send_to(&crate::proto::whoami::reply(nonce, from), from).await;
+                }
+                Err(_) => dropped += 1,
+            },
+            _ => {
+                dropped += 1;
+                tracing::debug!(%from, dropped, "dropped a datagram this server does not handle");
+            }
+        }
+    }
+}
