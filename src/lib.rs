@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod amp;
+pub mod cli;
 pub mod client;
 pub mod fsutil;
 pub mod identity;

@@ -1,1 +1,221 @@
-fn main() {}
+//! `q2q-server`: the identity server of one domain.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use q2q::address::Domain;
+use q2q::cli::{format_time, read_password};
+use q2q::server::{self, DataDir, Registration, ServerConfig, admin};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The identity server of a q2q domain: it holds the domain's CA, registers people as
+/// user@domain, signs their certificates, and answers who-am-i.
+///
+/// Start with `q2q-server init --domain example.com --data-dir DIR`, then
+/// `q2q-server run --data-dir DIR`. Clients then run
+/// `q2q-tun register alice@example.com --server HOST:8788`.
+#[derive(Parser)]
+#[command(version, max_term_width = 100)]
+struct Cli {
+    /// The server's data directory (CA, database, config.toml).
+    #[arg(long, global = true, env = "Q2Q_SERVER_DIR", default_value = "/var/lib/q2q-server")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory: a new domain CA (key file mode 0600), the database and a
+    /// config.toml documenting every setting. Refuses to touch an existing server.
+    Init {
+        /// The domain this server issues addresses for, e.g. example.com.
+        #[arg(long)]
+        domain: String,
+        /// Who may register (written to config.toml).
+        #[arg(long, value_enum, default_value = "open")]
+        registration: Registration,
+        /// Address to listen on for TCP and UDP (written to config.toml).
+        #[arg(long, default_value = "0.0.0.0:8788")]
+        listen: SocketAddr,
+    },
+    /// Serve the domain: control connections on TCP, who-am-i on UDP (same port).
+    Run {
+        /// Config file (default: config.toml in the data directory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the config's listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Manage users (works while the server runs).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Invite codes, for `registration = "invite"`.
+    #[command(subcommand)]
+    Invite(InviteCommand),
+    /// Issued certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Print the domain and its CA fingerprint (for clients' --ca-fingerprint).
+    Info,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user (the way to create accounts when registration is closed).
+    Add {
+        /// The user name, or user@domain.
+        name: String,
+        /// Read the password from the first line of this file (else Q2Q_PASSWORD, else a prompt).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Remove a user and revoke their certificates.
+    Remove { name: String },
+    /// List users with their number of issued certificates.
+    List,
+    /// Set a new password for a user.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum InviteCommand {
+    /// Create invite codes (each registers one address).
+    Create {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// List invite codes and who used them.
+    List,
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// List issued certificates (all, or one user's).
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Mark a certificate revoked.
+    Revoke { serial: String },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    q2q::cli::init_logging("info");
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = cli.data_dir;
+    match cli.command {
+        Command::Init { domain, registration, listen } => {
+            let domain = Domain::parse(&domain)?;
+            let config = ServerConfig { registration, listen, ..Default::default() };
+            let d = DataDir::init(&dir, &domain, &config)?;
+            println!("initialised {} for {}", dir.display(), d.domain);
+            println!("CA fingerprint: {}", d.ca.fingerprint());
+            println!("config: {}", d.config_path().display());
+            println!("next: q2q-server run --data-dir {}", dir.display());
+        }
+        Command::Run { config, listen } => {
+            let d = DataDir::open(&dir)?;
+            let path = config.unwrap_or_else(|| d.config_path());
+            let mut config = ServerConfig::load(&path)?;
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            let running = server::start(d, config).await?;
+            println!(
+                "q2q-server for {} listening on {} (tcp) and {} (udp)",
+                running.domain, running.tcp_addr, running.udp_addr
+            );
+            tokio::select! {
+                _ = running_wait_signal() => {}
+            }
+            running.shutdown().await;
+        }
+        Command::User(UserCommand::Add { name, password_file }) => {
+            let pw = read_password(password_file.as_deref(), "Password for the new user: ", true)?;
+            println!("added {}", admin::add_user(&dir, &name, pw).await?);
+        }
+        Command::User(UserCommand::Remove { name }) => {
+            println!("removed {} and revoked their certificates", admin::remove_user(&dir, &name)?);
+        }
+        Command::User(UserCommand::List) => {
+            let (domain, users) = admin::list_users(&dir)?;
+            println!("{} users on {domain}", users.len());
+            for u in users {
+                println!(
+                    "{}@{domain}\tregistered {}\t{} certificates",
+                    u.name,
+                    format_time(u.created),
+                    u.certificates
+                );
+            }
+        }
+        Command::User(UserCommand::Passwd { name, password_file }) => {
+            let pw = read_password(password_file.as_deref(), "New password: ", true)?;
+            println!("password of {} changed", admin::set_password(&dir, &name, pw).await?);
+        }
+        Command::Invite(InviteCommand::Create { count }) => {
+            for _ in 0..count.clamp(1, 1000) {
+                println!("{}", admin::create_invite(&dir)?);
+            }
+        }
+        Command::Invite(InviteCommand::List) => {
+            for (code, used) in admin::list_invites(&dir)? {
+                println!(
+                    "{code}\t{}",
+                    used.map_or_else(|| "unused".to_string(), |u| format!("used by {u}"))
+                );
+            }
+        }
+        Command::Cert(CertCommand::List { user }) => {
+            for c in admin::list_certificates(&dir, user.as_deref())? {
+                let state = if c.revoked { "revoked" } else { "valid" };
+                println!(
+                    "{}\t{}\tuntil {}\t{state}",
+                    c.serial,
+                    c.identity,
+                    format_time(c.not_after)
+                );
+            }
+        }
+        Command::Cert(CertCommand::Revoke { serial }) => {
+            admin::revoke(&dir, &serial)?;
+            println!("revoked {serial}");
+        }
+        Command::Info => {
+            let d = DataDir::open(&dir).context("cannot open the data directory")?;
+            println!("domain: {}", d.domain);
+            println!("CA fingerprint: {}", d.ca.fingerprint());
+            println!("users: {}", d.db.user_count()?);
+        }
+    }
+    Ok(())
+}
+
+/// Wait for SIGINT or SIGTERM.
+async fn running_wait_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -8,6 +8,7 @@
 //!  UDP :8788 ── who-am-i (and later: probes, relay)
 //! ```
 
+pub mod admin;
 pub mod config;
 pub mod datadir;
 pub mod db;

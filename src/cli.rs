@@ -1,0 +1,59 @@
+//! Small pieces the two binaries share: reading passwords, logging set-up.
+
+use anyhow::{Context, bail};
+use std::path::Path;
+
+/// Where a password comes from: `--password-file`, then `Q2Q_PASSWORD`, then a prompt on
+/// the terminal (asked twice when `confirm`).
+pub fn read_password(file: Option<&Path>, prompt: &str, confirm: bool) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read password file {}", f.display()))?;
+        let pw = text.lines().next().unwrap_or("").to_string();
+        if pw.is_empty() {
+            bail!("password file {} is empty", f.display());
+        }
+        return Ok(pw);
+    }
+    if let Ok(pw) = std::env::var("Q2Q_PASSWORD") {
+        if pw.is_empty() {
+            bail!("Q2Q_PASSWORD is set but empty");
+        }
+        return Ok(pw);
+    }
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "no password given: use --password-file FILE or set Q2Q_PASSWORD (no terminal to ask on)"
+        );
+    }
+    let pw = rpassword::prompt_password(prompt).context("cannot read the password")?;
+    if confirm && rpassword::prompt_password("Again: ").context("cannot read the password")? != pw {
+        bail!("the passwords do not match");
+    }
+    Ok(pw)
+}
+
+/// Log to stderr; `RUST_LOG` overrides `default` (e.g. "info" or "warn").
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM UTC`.
+pub fn format_time(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
