@@ -272,7 +272,7 @@ impl Conn {
                 format!(
                     "too many failed attempts for {address} or from {}; try again in {} s",
                     self.peer.ip(),
-                    wait.as_secs().max(1)
+                    wait.as_millis().div_ceil(1000).max(1)
                 ),
             )
         })

@@ -1,0 +1,61 @@
+//! Helpers for loopback integration tests: a server in a temporary data directory, bound
+//! to 127.0.0.1 on a free port.
+#![allow(dead_code)]
+
+use q2q::address::{Domain, Q2qAddress};
+use q2q::client::{ConnectOptions, Home};
+use q2q::server::{self, DataDir, Registration, ServerConfig};
+use std::path::PathBuf;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub running: Option<server::Running>,
+    pub config: ServerConfig,
+}
+
+pub fn loopback_config(registration: Registration) -> ServerConfig {
+    ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), registration, ..Default::default() }
+}
+
+impl TestServer {
+    pub async fn start(domain: &str, config: ServerConfig) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::init(&dir.path().join("srv"), &Domain::parse(domain).unwrap(), &config)
+            .unwrap();
+        let running = server::start(d, config.clone()).await.unwrap();
+        TestServer { dir, running: Some(running), config }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("srv")
+    }
+
+    pub fn addr(&self) -> String {
+        self.running.as_ref().unwrap().tcp_addr.to_string()
+    }
+
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions { server: Some(self.addr()), ca_fingerprint: None }
+    }
+
+    /// Stop and start again from the same data directory, on the same port.
+    pub async fn restart(&mut self) {
+        let old = self.running.take().unwrap();
+        let port = old.tcp_addr.port();
+        old.shutdown().await;
+        let mut config = self.config.clone();
+        config.listen.set_port(port);
+        let d = DataDir::open(&self.data_dir()).unwrap();
+        self.running = Some(server::start(d, config).await.unwrap());
+    }
+}
+
+pub fn home() -> (tempfile::TempDir, Home) {
+    let d = tempfile::tempdir().unwrap();
+    let h = Home::new(d.path().join("q2q"));
+    (d, h)
+}
+
+pub fn addr(s: &str) -> Q2qAddress {
+    Q2qAddress::parse(s).unwrap()
+}
