@@ -8,5 +8,6 @@ pub mod client;
 pub mod fsutil;
 pub mod identity;
 pub mod proto;
+pub mod ptcp;
 pub mod server;
 pub mod tls;

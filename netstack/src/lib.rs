@@ -1,12 +1,75 @@
 //! # q2q-netstack: the sans-IO network core of q2q
 //!
 //! No sockets, no clock reads, no tokio: callers pass `now` and bytes in, and take bytes to
-//! send and the next deadline out. The tokio drivers in the `q2q` crate own the I/O.
+//! send, events and the next deadline out. The tokio drivers in the `q2q` crate own the I/O,
+//! and [`sim`] drives the same code in virtual time for tests and benchmarks.
+//!
+//! ## Layers of a PTCP session
+//!
+//! ```text
+//!   application:  Session::open_stream / accept / send / recv / close / abort
+//!        │  (streams = smoltcp TCP sockets; buffers sized to the BDP, CUBIC, window
+//!        │   scaling, no delayed ACK, MSS from the link MTU, Nagle per stream)
+//!   ┌────▼──────────────────────────────────────────────┐
+//!   │ smoltcp Interface (Medium::Ip, 100.127.0.1 ⇄ .2)  │  session.rs
+//!   └────┬──────────────────────────────────▲───────────┘
+//!        │ IP packets (device tx queue,      │ IP packets, strictly in order
+//!        │ backpressure when full)           │
+//!   ┌────▼──────────────────────────────────┴───────────┐
+//!   │ selective repeat: seq/pn numbering, range ACKs,   │  sr/
+//!   │ retransmit on reported gap or RTO, BBR-style      │
+//!   │ pacing + in-flight cap ≈ 2 × BDP                  │
+//!   └────┬──────────────────────────────────▲───────────┘
+//!        │ Data / Ack datagrams              │
+//!   ┌────▼──────────────────────────────────┴───────────┐
+//!   │ wire: prefix (version, kind), session id, body    │  wire/
+//!   └────┬──────────────────────────────────▲───────────┘
+//!        ▼ UDP (driver: direct or relayed)   │
+//! ```
+//!
+//! smoltcp's TCP alone recovers poorly from random loss (1 s minimum RTO, no sender SACK);
+//! the selective-repeat layer below it makes the link reliable and in order, so TCP never
+//! retransmits, and does its own congestion control because TCP no longer sees losses. See
+//! [`sr`] for the design and [`Config`] for every tunable and its reason.
 //!
 //! ## Wire: one UDP socket, many datagram kinds
 //! Every datagram on a q2q UDP socket starts with the same two bytes, `version` and `kind`
 //! (see [`wire`]), so PTCP data, who-am-i, probes and relay traffic can share one socket
-//! (and so one NAT mapping) and still be told apart without ambiguity.
+//! (and so one NAT mapping) and still be told apart without ambiguity. PTCP datagrams then
+//! carry the 64-bit session id: a driver routes by [`wire::Datagram::session`], never by the
+//! sender's address, so a session survives relay → direct moves and NAT rebinding.
+//!
+//! ## Polling contract
+//!
+//! The driver owns one [`Session`] per peer (one task per session):
+//!
+//! 1. On each datagram for the session: [`Session::handle_datagram`] (or
+//!    [`Session::handle`] with the already parsed [`wire::Datagram`]). Errors are for
+//!    counting; the datagram is dropped.
+//! 2. After any input — datagrams, a timer, or a stream call (`send`, `recv`, `open_stream`,
+//!    `close`, …) — call [`Session::poll_transmit`] until it returns `None`, sending each
+//!    datagram to the peer's current address.
+//! 3. Then drain [`Session::poll_event`]: `Connected`, `Incoming` (→ [`Session::accept`]),
+//!    `Readable`/`Writable` (after `recv` said `Blocked` / `send` took less than offered),
+//!    `Finished`, `Reset`, `TimedOut`, `Closed`, and `SessionLost` at the end.
+//! 4. Sleep until [`Session::poll_timeout`] (a time in the past means at once) or the next
+//!    input, then call [`Session::handle_timeout`] and go to 2. `None` means the session is
+//!    over.
+//!
+//! Pacing deadlines are microsecond-precise; a driver whose timers are coarser (tokio: 1 ms)
+//! loses nothing as long as it wakes within [`Config::pacing_burst`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod config;
+mod device;
+pub mod session;
+pub mod sim;
+pub mod sr;
 pub mod wire;
+
+pub use config::Config;
+pub use session::{
+    ACCEPT_PORT, DatagramError, Event, Session, SessionError, Side, Stats, StreamError, StreamId,
+};
+pub use smoltcp::socket::tcp::State as TcpState;
+pub use smoltcp::time::{Duration, Instant};

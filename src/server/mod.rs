@@ -58,11 +58,11 @@ impl State {
         f: impl FnOnce(&mut db::Db) -> Result<T, db::DbError> + Send + 'static,
     ) -> anyhow::Result<Result<T, db::DbError>> {
         let state = self.clone();
-        Ok(tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut db = state.db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
             Ok::<_, anyhow::Error>(f(&mut db))
         })
-        .await??)
+        .await?
     }
 }
 

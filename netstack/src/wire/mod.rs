@@ -11,6 +11,18 @@
 //!
 //! [`Prefix::parse`] reads it; unknown versions and kinds are errors the caller counts and
 //! drops, never a panic.
+//!
+//! PTCP's two kinds carry the peer session id right after the prefix, so a driver can route a
+//! datagram to its session with [`Datagram::parse`] without knowing the sender's address:
+//! [`Data`] (one IP packet, numbered for selective repeat) and [`Ack`] (a cumulative point
+//! and the complete list of received ranges).
+
+mod ack;
+mod data;
+pub mod varint;
+
+pub use ack::{ACK_HEADER_MAX, Ack, AckRanges};
+pub use data::{Data, expand};
 
 /// The only version of the datagram format this crate speaks.
 pub const VERSION: u8 = 1;
@@ -98,6 +110,49 @@ impl Prefix {
         };
         head.copy_from_slice(&[VERSION, kind as u8]);
         Ok(())
+    }
+}
+
+/// The random 64-bit id of a PTCP peer session, chosen by the caller. Sessions are keyed by
+/// it, never by the peer's UDP address, so a session survives a change of path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A checked datagram of one of the PTCP kinds, or the kind of any other datagram (which
+/// belongs to someone else on the shared socket: who-am-i, probes, relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// A numbered IP packet of a session.
+    Data(Data<'a>),
+    /// A selective-repeat acknowledgement of a session.
+    Ack(Ack<'a>),
+    /// A known kind that is not PTCP; its body is not parsed here.
+    Other(Kind),
+}
+
+impl<'a> Datagram<'a> {
+    /// Parse the prefix and, for PTCP kinds, the whole datagram.
+    pub fn parse(datagram: &'a [u8]) -> Result<Datagram<'a>, WireError> {
+        Ok(match Prefix::parse(datagram)?.kind {
+            Kind::Data => Datagram::Data(Data::parse(datagram)?),
+            Kind::Ack => Datagram::Ack(Ack::parse(datagram)?),
+            other => Datagram::Other(other),
+        })
+    }
+
+    /// The session of a PTCP datagram.
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            Datagram::Data(d) => Some(d.session),
+            Datagram::Ack(a) => Some(a.session),
+            Datagram::Other(_) => None,
+        }
     }
 }
 

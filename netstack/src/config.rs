@@ -1,0 +1,94 @@
+//! Tuning of a PTCP session, with the reasons for each default.
+
+use smoltcp::time::Duration;
+
+use crate::wire::Data;
+
+/// Settings of a [`crate::Session`]. `Config::default()` suits a path of up to about
+/// 1 Gbit/s × 30 ms; the doc of each field says what to change for other paths.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP payload bytes per datagram on the underlay (default 1400: fits a 1500-byte path
+    /// MTU behind IPv6, UDP and a relay's framing). The virtual link's IP MTU is this minus
+    /// the 18-byte [`Data`] header, and smoltcp derives its TCP MSS from that MTU, so TCP
+    /// segments are clamped to what one datagram carries (never fragmented).
+    pub link_payload: usize,
+    /// Receive buffer of each TCP stream in bytes (default 4 MiB). It *is* the TCP window
+    /// (smoltcp picks the window-scale shift from it), so throughput per stream is at most
+    /// `buffer / RTT`: 4 MiB at 20 ms is 1.6 Gbit/s, at 100 ms 320 Mbit/s. Size it to the
+    /// bandwidth-delay product, with room for the extra round trip a repaired loss costs.
+    /// Memory is only touched as it is used.
+    pub stream_rx_buffer: usize,
+    /// Send buffer of each TCP stream in bytes (default 4 MiB), for the same reason: data
+    /// waits here until acknowledged.
+    pub stream_tx_buffer: usize,
+    /// Disable Nagle's algorithm on new streams (default `false`: bulk streams should fill
+    /// segments). Set it for interactive streams (a shell, RPC), or per stream with
+    /// [`crate::Session::set_nodelay`].
+    pub nodelay: bool,
+    /// Selective-repeat window: at most this many packets between the oldest unacknowledged
+    /// and the newest sent (default 16384, about 22 MiB at the default MTU). It bounds the
+    /// receiver's reorder buffer; it must exceed about 2 × BDP in packets plus the packets
+    /// sent while a loss is repaired.
+    pub window_packets: u64,
+    /// RTT assumed before the first measurement (default 100 ms).
+    pub initial_rtt: Duration,
+    /// Lower bound of the retransmission timeout (default 20 ms; smoltcp's own minimum of
+    /// 1 s is what makes plain smoltcp collapse under random loss).
+    pub min_rto: Duration,
+    /// Longest the receiver holds an ACK (default 1 ms). Also told to the sender's RTO.
+    pub max_ack_delay: Duration,
+    /// Acknowledge at least every this many data packets (default 8). A new hole is
+    /// reported at once regardless.
+    pub ack_every: u32,
+    /// Packets the congestion window starts with (default 32).
+    pub initial_cwnd_packets: u64,
+    /// Pacing may catch up at most this much time in one burst (default 2 ms), so a driver
+    /// whose timers fire late (tokio: 1 ms) still reaches the paced rate.
+    pub pacing_burst: Duration,
+    /// Packets smoltcp may queue for the selective-repeat sender before `Device::transmit`
+    /// answers "not now" (default 256). Backpressure, not drops: a dropped packet would
+    /// cost TCP a 1 s timeout.
+    pub device_queue_packets: usize,
+    /// The session ends with [`crate::SessionError::TimedOut`] when nothing arrived from the
+    /// peer for this long (default 30 s).
+    pub idle_timeout: Duration,
+    /// Send a keepalive ping when nothing was sent for this long (default 10 s, below
+    /// common NAT timeouts of 30 s and more); the peer's ACK keeps `idle_timeout` away.
+    pub keepalive: Duration,
+    /// Incoming streams that may wait for [`crate::Session::accept`] (default 1024); more
+    /// are refused with a reset.
+    pub accept_backlog: usize,
+    /// Concurrent streams per session, both directions together (default 16384).
+    pub max_streams: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            link_payload: 1400,
+            stream_rx_buffer: 4 << 20,
+            stream_tx_buffer: 4 << 20,
+            nodelay: false,
+            window_packets: 16384,
+            initial_rtt: Duration::from_millis(100),
+            min_rto: Duration::from_millis(20),
+            max_ack_delay: Duration::from_millis(1),
+            ack_every: 8,
+            initial_cwnd_packets: 32,
+            pacing_burst: Duration::from_millis(2),
+            device_queue_packets: 256,
+            idle_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+            accept_backlog: 1024,
+            max_streams: 16384,
+        }
+    }
+}
+
+impl Config {
+    /// IP MTU of the virtual link: the underlay payload minus the `Data` header.
+    pub fn ip_mtu(&self) -> usize {
+        self.link_payload.saturating_sub(Data::HEADER_LEN)
+    }
+}

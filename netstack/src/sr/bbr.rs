@@ -1,0 +1,267 @@
+//! Congestion control for the selective-repeat layer: a compact BBR (v1 shape).
+//!
+//! The layer hides every loss from TCP, so TCP's own congestion control never backs off;
+//! this is the only thing that keeps the link from being flooded. A loss-based controller
+//! (Reno, CUBIC) would read random loss as congestion and collapse exactly where this layer
+//! is meant to help (1–5 % loss), so it models the path instead: the bottleneck bandwidth is
+//! the windowed maximum of measured delivery rates, the propagation delay the windowed
+//! minimum RTT, and
+//!
+//! * in-flight data is capped near **2 × BDP** (`cwnd_gain`),
+//! * packets are **paced** at `pacing_gain × bandwidth`, cycling 1.25 / 0.75 / 1 … to probe
+//!   for more bandwidth and drain the queue it made,
+//! * start-up doubles the rate each round until the bandwidth stops growing.
+//!
+//! Random loss: delivery rates count only what arrived, so at a loss rate `p` they read
+//! `(1 - p)` of what the path carried and BBR v1 would spiral down once `1.25 (1 - p) < 1`.
+//! While the RTT shows no queue (the round's smallest RTT within a quarter of the minimum),
+//! losses are taken as random and samples are scaled by `1 / (1 - p)` (`p` smoothed per
+//! round, at most 1/2). With a queue building, samples are used as they are, so real
+//! congestion drops are never mistaken for capacity.
+
+use std::collections::VecDeque;
+
+const STARTUP_GAIN: f64 = 2.885;
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+const BW_WINDOW_ROUNDS: u64 = 10;
+const MIN_RTT_WINDOW_US: i64 = 10_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Startup,
+    Drain,
+    ProbeBw,
+}
+
+/// One delivery-rate sample (draft-cheng-iccrg-delivery-rate-estimation).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateSample {
+    /// Bytes per second.
+    pub rate: f64,
+    pub app_limited: bool,
+    /// `delivered` when the acknowledged packet was sent (for round counting).
+    pub prior_delivered: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Bbr {
+    mss: u64,
+    pub mode: Mode,
+    bw: VecDeque<(u64, f64)>,
+    pub min_rtt: i64,
+    min_rtt_stamp: i64,
+    round: u64,
+    next_round_delivered: u64,
+    full_bw: f64,
+    full_bw_count: u32,
+    filled_pipe: bool,
+    cycle_index: usize,
+    cycle_stamp: i64,
+    pacing_gain: f64,
+    cwnd_gain: f64,
+    pub cwnd: u64,
+    round_lost: u64,
+    last_round_lost: u64,
+    round_acked: u64,
+    round_min_rtt: i64,
+    pub loss_ewma: f64,
+    queue_seen: bool,
+    queue_rounds: u8,
+}
+
+impl Bbr {
+    pub fn new(mss: u64, initial_cwnd_packets: u64) -> Bbr {
+        Bbr {
+            mss,
+            mode: Mode::Startup,
+            bw: VecDeque::new(),
+            min_rtt: i64::MAX,
+            min_rtt_stamp: 0,
+            round: 0,
+            next_round_delivered: 0,
+            full_bw: 0.0,
+            full_bw_count: 0,
+            filled_pipe: false,
+            cycle_index: 0,
+            cycle_stamp: 0,
+            pacing_gain: STARTUP_GAIN,
+            cwnd_gain: STARTUP_GAIN,
+            cwnd: initial_cwnd_packets.max(4) * mss,
+            round_lost: 0,
+            last_round_lost: 0,
+            round_acked: 0,
+            round_min_rtt: i64::MAX,
+            loss_ewma: 0.0,
+            queue_seen: false,
+            queue_rounds: 0,
+        }
+    }
+
+    /// Estimated bottleneck bandwidth in bytes per second (0 before the first sample).
+    pub fn bandwidth(&self) -> f64 {
+        self.bw.iter().map(|&(_, b)| b).fold(0.0, f64::max)
+    }
+
+    fn bdp(&self) -> Option<f64> {
+        let bw = self.bandwidth();
+        (bw > 0.0 && self.min_rtt != i64::MAX).then(|| bw * self.min_rtt as f64 / 1e6)
+    }
+
+    /// Pacing rate in bytes per second; `srtt` is used before there is a bandwidth sample.
+    pub fn pacing_rate(&self, srtt_us: i64) -> f64 {
+        let bw = self.bandwidth();
+        let base = if bw > 0.0 { bw } else { self.cwnd as f64 * 1e6 / srtt_us.max(1) as f64 };
+        (self.pacing_gain * base).max(self.mss as f64 * 100.0)
+    }
+
+    /// A new RTT sample.
+    pub fn on_rtt(&mut self, now: i64, rtt: i64) {
+        if rtt <= self.min_rtt || now - self.min_rtt_stamp > MIN_RTT_WINDOW_US {
+            self.min_rtt = rtt;
+            self.min_rtt_stamp = now;
+        }
+        self.round_min_rtt = self.round_min_rtt.min(rtt);
+    }
+
+    /// Process an ACK: `acked` bytes newly delivered (total `delivered`), `lost` bytes newly
+    /// declared lost, and the rate sample of the newest packet acknowledged.
+    pub fn on_ack(
+        &mut self,
+        now: i64,
+        delivered: u64,
+        acked: u64,
+        lost: u64,
+        sample: Option<RateSample>,
+        in_flight: u64,
+    ) {
+        self.round_acked += acked;
+        self.round_lost += lost;
+        let mut round_start = false;
+        if let Some(rs) = sample {
+            if rs.prior_delivered >= self.next_round_delivered {
+                self.next_round_delivered = delivered;
+                self.round += 1;
+                round_start = true;
+                self.end_round();
+            }
+            // Scale for random loss only once start-up is over and no queue shows.
+            let correction = if self.queue_seen || self.mode != Mode::ProbeBw {
+                1.0
+            } else {
+                1.0 / (1.0 - self.loss_ewma.min(0.5))
+            };
+            let rate = rs.rate * correction;
+            if rate > 0.0 && (!rs.app_limited || rate >= self.bandwidth()) {
+                self.bw_update(rate);
+            }
+        }
+        if round_start
+            && !self.filled_pipe
+            && self.queue_rounds & 1 != 0
+            && self.last_round_lost > 0
+        {
+            // Losses while a queue shows: start-up overshot the bottleneck's buffer.
+            self.filled_pipe = true;
+        }
+        if round_start && !self.filled_pipe {
+            let bw = self.bandwidth();
+            if bw >= self.full_bw * 1.25 {
+                self.full_bw = bw;
+                self.full_bw_count = 0;
+            } else if sample.is_some_and(|s| !s.app_limited) {
+                self.full_bw_count += 1;
+                if self.full_bw_count >= 3 {
+                    self.filled_pipe = true;
+                }
+            }
+        }
+        let bdp = self.bdp();
+        match self.mode {
+            Mode::Startup if self.filled_pipe => {
+                self.mode = Mode::Drain;
+                self.pacing_gain = 1.0 / STARTUP_GAIN;
+                self.cwnd_gain = STARTUP_GAIN;
+            }
+            Mode::Drain if bdp.is_none_or(|b| (in_flight as f64) <= b) => {
+                self.enter_probe_bw(now);
+            }
+            Mode::ProbeBw => {
+                let phase = self.min_rtt.clamp(1000, 1_000_000);
+                let gain = CYCLE[self.cycle_index];
+                let elapsed = now - self.cycle_stamp > phase;
+                let advance = if gain > 1.0 {
+                    elapsed && (lost > 0 || bdp.is_none_or(|b| in_flight as f64 >= gain * b))
+                        || now - self.cycle_stamp > 2 * phase
+                } else if gain < 1.0 {
+                    elapsed || bdp.is_some_and(|b| in_flight as f64 <= b)
+                } else {
+                    elapsed
+                };
+                if advance {
+                    self.cycle_index = (self.cycle_index + 1) % CYCLE.len();
+                    self.cycle_stamp = now;
+                    self.pacing_gain = CYCLE[self.cycle_index];
+                }
+            }
+            _ => {}
+        }
+        // In-flight cap.
+        let target = match bdp {
+            Some(b) => (self.cwnd_gain * b) as u64 + 4 * self.mss,
+            None => u64::MAX,
+        };
+        if self.filled_pipe {
+            self.cwnd = (self.cwnd + acked).min(target);
+        } else if self.cwnd < target {
+            self.cwnd += acked;
+        }
+        self.cwnd = self.cwnd.max(4 * self.mss);
+    }
+
+    fn enter_probe_bw(&mut self, now: i64) {
+        self.mode = Mode::ProbeBw;
+        self.cwnd_gain = 2.0;
+        self.cycle_index = 2; // start cruising; the probe comes around soon
+        self.cycle_stamp = now;
+        self.pacing_gain = CYCLE[self.cycle_index];
+    }
+
+    fn end_round(&mut self) {
+        let total = self.round_acked + self.round_lost;
+        // A standing queue: the best RTT this round is well above the path's minimum.
+        if self.round_min_rtt != i64::MAX && self.min_rtt != i64::MAX {
+            let slack = (self.min_rtt / 4).max(2000);
+            let queue = self.round_min_rtt > self.min_rtt + slack;
+            self.queue_rounds = (self.queue_rounds << 1) | u8::from(queue);
+            self.queue_seen = self.queue_rounds & 0b111 != 0;
+        }
+        // Losses count as random only when no queue showed in this or the two rounds before
+        // (a drop is detected about a round after it happened).
+        if total > 0 && !self.queue_seen {
+            let p = self.round_lost as f64 / total as f64;
+            self.loss_ewma = 0.75 * self.loss_ewma + 0.25 * p;
+        }
+        self.last_round_lost = self.round_lost;
+        self.round_acked = 0;
+        self.round_lost = 0;
+        self.round_min_rtt = i64::MAX;
+    }
+
+    fn bw_update(&mut self, rate: f64) {
+        let round = self.round;
+        while self.bw.front().is_some_and(|&(r, _)| r + BW_WINDOW_ROUNDS <= round) {
+            self.bw.pop_front();
+        }
+        match self.bw.back_mut() {
+            Some((r, b)) if *r == round => *b = b.max(rate),
+            _ => self.bw.push_back((round, rate)),
+        }
+    }
+
+    /// The retransmission timer fired: nothing came back for a while. Keep the model (BBR
+    /// does not trust a timeout as a congestion signal) but stop bursting.
+    pub fn on_rto(&mut self) {
+        self.cycle_index = 2;
+        self.pacing_gain = if self.mode == Mode::ProbeBw { 1.0 } else { self.pacing_gain };
+    }
+}

@@ -1,0 +1,244 @@
+//! The receiving half of the selective-repeat layer: reorders, removes duplicates, hands
+//! packets on in sequence order and acknowledges with complete range lists.
+
+use std::collections::VecDeque;
+
+use crate::wire::{Ack, Data, SessionId, expand};
+
+/// At most this many ACK datagrams describe one moment's state (lowest ranges first); a
+/// receive window with even more holes reports only its lower part until those fill.
+const MAX_ACK_PARTS: usize = 8;
+
+/// Counters of the receiving side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    /// Data datagrams received (duplicates included).
+    pub packets_received: u64,
+    /// Duplicates (already received or delivered).
+    pub duplicates: u64,
+    /// Data datagrams beyond the receive window, dropped.
+    pub beyond_window: u64,
+    /// ACK datagrams sent.
+    pub acks_sent: u64,
+}
+
+pub(crate) struct Receiver {
+    session: SessionId,
+    cum: u64,
+    buf: VecDeque<Option<Vec<u8>>>,
+    ranges: Vec<(u64, u64)>,
+    largest_pn: Option<u64>,
+    largest_pn_at: i64,
+    highest_seq: Option<u64>,
+    unacked: u32,
+    first_unacked_at: Option<i64>,
+    ack_now: bool,
+    window: u64,
+    ack_every: u32,
+    max_ack_delay: i64,
+    pub stats: ReceiverStats,
+}
+
+impl Receiver {
+    pub fn new(session: SessionId, window: u64, ack_every: u32, max_ack_delay_us: i64) -> Receiver {
+        Receiver {
+            session,
+            cum: 0,
+            buf: VecDeque::new(),
+            ranges: Vec::new(),
+            largest_pn: None,
+            largest_pn_at: 0,
+            highest_seq: None,
+            unacked: 0,
+            first_unacked_at: None,
+            ack_now: false,
+            window,
+            ack_every: ack_every.max(1),
+            max_ack_delay: max_ack_delay_us,
+            stats: ReceiverStats::default(),
+        }
+    }
+
+    /// Take one `Data` datagram; in-order payloads are passed to `deliver` (empty ones, the
+    /// keepalive pings, are not).
+    pub fn on_data(
+        &mut self,
+        now: i64,
+        data: &Data<'_>,
+        pool: &mut Vec<Vec<u8>>,
+        mut deliver: impl FnMut(Vec<u8>),
+    ) {
+        self.stats.packets_received += 1;
+        let pn = expand(self.largest_pn.map_or(0, |l| l + 1), data.pn);
+        if self.largest_pn.is_none_or(|l| pn > l) {
+            self.largest_pn = Some(pn);
+            self.largest_pn_at = now;
+        }
+        let seq = expand(self.cum, data.seq);
+        if seq < self.cum {
+            self.stats.duplicates += 1;
+            self.ack_now = true; // our ACK was lost: say it again
+            return;
+        }
+        let idx = seq - self.cum;
+        if idx >= self.window {
+            self.stats.beyond_window += 1;
+            self.ack_now = true;
+            return;
+        }
+        let idx = idx as usize;
+        if self.buf.get(idx).is_some_and(Option::is_some) {
+            self.stats.duplicates += 1;
+            self.ack_now = true;
+            return;
+        }
+        self.unacked += 1;
+        self.first_unacked_at.get_or_insert(now);
+        if self.unacked >= self.ack_every {
+            self.ack_now = true;
+        }
+        if self.highest_seq.is_some_and(|h| seq > h + 1) || (self.highest_seq.is_none() && seq > 0)
+        {
+            self.ack_now = true; // a new hole: report it at once
+        }
+        if self.highest_seq.is_none_or(|h| seq > h) {
+            self.highest_seq = Some(seq);
+        }
+        let mut copy = pool.pop().unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(data.payload);
+        if idx == 0 {
+            if !self.ranges.is_empty() {
+                self.ack_now = true; // a hole filled: let the sender move on
+            }
+            self.buf.pop_front();
+            self.cum += 1;
+            Self::hand_on(copy, pool, &mut deliver);
+            while let Some(Some(_)) = self.buf.front() {
+                if let Some(Some(p)) = self.buf.pop_front() {
+                    self.cum += 1;
+                    Self::hand_on(p, pool, &mut deliver);
+                }
+            }
+            let cum = self.cum;
+            let drop = self.ranges.iter().take_while(|r| r.1 <= cum).count();
+            self.ranges.drain(..drop);
+        } else {
+            if self.buf.len() <= idx {
+                self.buf.resize(idx + 1, None);
+            }
+            self.buf[idx] = Some(copy);
+            self.insert_range(seq);
+        }
+    }
+
+    fn hand_on(p: Vec<u8>, pool: &mut Vec<Vec<u8>>, deliver: &mut impl FnMut(Vec<u8>)) {
+        if p.is_empty() {
+            if pool.len() < 4096 {
+                pool.push(p);
+            }
+        } else {
+            deliver(p);
+        }
+    }
+
+    fn insert_range(&mut self, seq: u64) {
+        // First range whose end is at or past seq.
+        let i = self.ranges.partition_point(|r| r.1 < seq);
+        let joins_prev = i < self.ranges.len() && self.ranges[i].1 == seq;
+        let joins_next_at = if joins_prev { i + 1 } else { i };
+        let joins_next =
+            joins_next_at < self.ranges.len() && self.ranges[joins_next_at].0 == seq + 1;
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.ranges[i].1 = self.ranges[i + 1].1;
+                self.ranges.remove(i + 1);
+            }
+            (true, false) => self.ranges[i].1 = seq + 1,
+            (false, true) => self.ranges[i].0 = seq,
+            (false, false) => self.ranges.insert(i, (seq, seq + 1)),
+        }
+    }
+
+    /// When an ACK is owed at the latest.
+    pub fn ack_deadline(&self) -> Option<i64> {
+        if self.ack_now {
+            return Some(i64::MIN);
+        }
+        self.first_unacked_at.map(|t| t + self.max_ack_delay)
+    }
+
+    /// Whether an ACK is owed at `now`.
+    pub fn ack_due(&self, now: i64) -> bool {
+        self.ack_deadline().is_some_and(|d| d <= now)
+    }
+
+    /// Build the ACK datagrams (usually one) into `out`, each at most `max_len` bytes.
+    pub fn build_acks(&mut self, now: i64, max_len: usize, out: &mut VecDeque<Vec<u8>>) {
+        let Some(largest) = self.largest_pn else {
+            self.ack_now = false;
+            self.first_unacked_at = None;
+            return;
+        };
+        let delay = (now - self.largest_pn_at).max(0) as u64;
+        let mut from = self.cum;
+        let mut i = 0;
+        for _ in 0..MAX_ACK_PARTS {
+            let mut d = Vec::with_capacity(64);
+            let n = Ack::emit(
+                self.session,
+                largest,
+                delay,
+                self.cum,
+                from,
+                &self.ranges[i..],
+                max_len,
+                &mut d,
+            );
+            out.push_back(d);
+            self.stats.acks_sent += 1;
+            i += n;
+            if i >= self.ranges.len() || n == 0 {
+                break;
+            }
+            from = self.ranges[i - 1].1;
+        }
+        self.ack_now = false;
+        self.unacked = 0;
+        self.first_unacked_at = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Data::emit_header(SessionId(1), seq, seq, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn reorders_and_reports_ranges() {
+        let mut r = Receiver::new(SessionId(1), 1000, 4, 1000);
+        let mut pool = Vec::new();
+        let mut got = Vec::new();
+        for seq in [0u64, 2, 3, 5, 1, 9, 4] {
+            let d = data(seq, &[seq as u8]);
+            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p| got.push(p[0]));
+            if seq == 9 {
+                assert_eq!(r.ranges, vec![(5, 6), (9, 10)]);
+                assert_eq!(r.cum, 4);
+            }
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(r.ranges, vec![(9, 10)]);
+        let mut acks = VecDeque::new();
+        r.build_acks(0, 1400, &mut acks);
+        let ack = Ack::parse(&acks[0]).unwrap();
+        assert_eq!((ack.cum, ack.from), (6, 6));
+        assert_eq!(ack.ranges().collect::<Vec<_>>(), vec![(9, 10)]);
+    }
+}

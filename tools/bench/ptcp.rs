@@ -1,0 +1,2 @@
+//! PTCP throughput benchmark (placeholder until the driver lands).
+fn main() {}
