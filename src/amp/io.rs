@@ -1,6 +1,6 @@
-//! Reading and writing AMP boxes on an async byte stream, and request/answer calls.
+//! Reading and writing AMP boxes on an async byte stream.
 
-use super::{ANSWER, ASK, AmpBox, AmpError, ERROR, ERROR_CODE, ERROR_DESCRIPTION};
+use super::{AmpBox, AmpError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest box the reader buffers before giving up on the peer.
@@ -77,40 +77,4 @@ pub async fn write_box<W: AsyncWrite + Unpin>(w: &mut W, b: &AmpBox) -> Result<(
     w.write_all(&bytes).await?;
     w.flush().await?;
     Ok(())
-}
-
-/// The asking side of an AMP connection: one call at a time, each tagged with `_ask`.
-pub struct Connection<S> {
-    reader: AmpReader<S>,
-    next_tag: u64,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    pub fn new(stream: S) -> Self {
-        Connection { reader: AmpReader::new(stream), next_tag: 1 }
-    }
-
-    /// Send `request` (a box made by [`AmpBox::command`]) and wait for its answer. An error
-    /// box comes back as [`CallError::Remote`] and leaves the connection usable.
-    pub async fn call(&mut self, mut request: AmpBox) -> Result<AmpBox, CallError> {
-        let tag = format!("{:x}", self.next_tag);
-        self.next_tag += 1;
-        request.insert(ASK, &tag);
-        write_box(self.reader.get_mut(), &request).await?;
-        let mut reply = self.reader.read_box().await?.ok_or(CallError::Closed)?;
-        if reply.get_str(ANSWER) == Some(tag.as_str()) {
-            reply.remove(ANSWER);
-            return Ok(reply);
-        }
-        if reply.get_str(ERROR) == Some(tag.as_str()) {
-            let code = reply.get_str(ERROR_CODE).unwrap_or("UNKNOWN").to_string();
-            let description = reply.get_str(ERROR_DESCRIPTION).unwrap_or("").to_string();
-            return Err(CallError::Remote { code, description });
-        }
-        Err(CallError::Unexpected(tag))
-    }
-
-    pub fn get_mut(&mut self) -> &mut S {
-        self.reader.get_mut()
-    }
 }

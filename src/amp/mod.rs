@@ -9,8 +9,10 @@
 //! `_error`, `_error_code` and `_error_description`.
 
 mod io;
+pub mod peer;
 
-pub use io::{AmpReader, CallError, Connection, write_box};
+pub use io::{AmpReader, CallError, write_box};
+pub use peer::{Incoming, PeerHandle};
 
 use std::collections::BTreeMap;
 

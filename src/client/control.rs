@@ -4,7 +4,7 @@
 use super::discover::{self, Candidate};
 use super::home::{Home, HomeError};
 use crate::address::{Domain, Q2qAddress};
-use crate::amp::{AmpBox, CallError, Connection};
+use crate::amp::{AmpBox, CallError, Incoming, PeerHandle};
 use crate::identity::Fingerprint;
 use crate::proto::{self, command};
 use crate::tls::CaPinVerifier;
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use tokio::sync::mpsc;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,7 +77,9 @@ pub struct ConnectOptions {
 
 /// An open control connection.
 pub struct ServerConn {
-    conn: Connection<TlsStream<TcpStream>>,
+    peer: PeerHandle,
+    /// Requests the server sends us (taken by the presence layer).
+    pub incoming: Option<mpsc::Receiver<Incoming>>,
     pub domain: Domain,
     /// The `host:port` that answered.
     pub server: String,
@@ -162,8 +164,10 @@ impl ServerConn {
             if newly_pinned {
                 home.pin_ca(domain, &ca)?;
             }
+            let (peer, incoming) = crate::amp::peer::spawn(stream);
             let mut sc = ServerConn {
-                conn: Connection::new(stream),
+                peer,
+                incoming: Some(incoming),
                 domain: domain.clone(),
                 server: addr,
                 ca,
@@ -177,7 +181,7 @@ impl ServerConn {
 
     /// One call with a timeout; error boxes become [`ClientError::Refused`].
     pub async fn call(&mut self, request: AmpBox) -> Result<AmpBox, ClientError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.conn.call(request)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, self.peer.call(request)).await {
             Err(_) => Err(ClientError::Timeout {
                 domain: self.domain.clone(),
                 secs: CALL_TIMEOUT.as_secs(),

@@ -4,7 +4,7 @@ use super::State;
 use super::config::Registration;
 use super::db::{CertRecord, DbError};
 use crate::address::{Domain, Q2qAddress};
-use crate::amp::{self, AmpBox, AmpReader};
+use crate::amp::{self, AmpBox};
 use crate::proto::{code, command};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,40 +44,31 @@ pub(super) async fn serve(
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
-    let mut conn = Conn { state, peer, hello: false };
-    let mut reader = AmpReader::new(tls);
+    let client_cert =
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+    let (handle, mut incoming) = amp::peer::spawn(tls);
+    let mut conn = Conn { state, peer, hello: false, client_cert, handle };
     loop {
-        let request = match tokio::time::timeout(IDLE_TIMEOUT, reader.read_box()).await {
-            Ok(Ok(Some(b))) => b,
-            Ok(Ok(None)) => return debug!(%peer, "connection closed"),
-            Ok(Err(e)) => return debug!(%peer, error = %e, "closing connection"),
+        let request = match tokio::time::timeout(IDLE_TIMEOUT, incoming.recv()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return debug!(%peer, "connection closed"),
             Err(_) => return debug!(%peer, "idle connection closed"),
         };
-        // A box without `_ask` wants no answer (AMP's requiresAnswer=False).
-        let Some(tag) = request.get(amp::ASK).map(<[u8]>::to_vec) else {
-            let _ = conn.dispatch(&request).await;
-            continue;
-        };
-        let reply = match conn.dispatch(&request).await {
-            Ok(mut answer) => {
-                answer.insert(amp::ANSWER, &tag);
-                answer
-            }
-            Err(r) => AmpBox::new()
-                .with(amp::ERROR, &tag)
-                .with(amp::ERROR_CODE, r.code)
-                .with(amp::ERROR_DESCRIPTION, r.description),
-        };
-        if let Err(e) = amp::write_box(reader.get_mut(), &reply).await {
-            return debug!(%peer, error = %e, "write failed");
-        }
+        let result = conn.dispatch(&request.request).await;
+        request.respond(result.map_err(|r| (r.code.to_string(), r.description))).await;
     }
 }
 
+#[allow(dead_code)] // client_cert and handle are used by presence (next)
 struct Conn {
     state: Arc<State>,
     peer: SocketAddr,
     hello: bool,
+    /// The certificate the client presented in the TLS handshake (possession of its key is
+    /// proven; whose it is gets checked when a command needs an identity).
+    client_cert: Option<rustls_pki_types::CertificateDer<'static>>,
+    /// For asking this client things (presence notifications).
+    handle: amp::PeerHandle,
 }
 
 fn arg<'a>(b: &'a AmpBox, key: &str) -> Result<&'a str, Refusal> {
