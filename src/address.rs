@@ -21,6 +21,9 @@ pub enum AddressError {
     /// The domain is not a sequence of DNS labels.
     #[error("`{0}` is not a valid domain: use DNS labels of a-z 0-9 -, like example.com")]
     BadDomain(String),
+    /// A service name outside `a-z 0-9 / . _ -`.
+    #[error("`{0}` is not a valid service name: use 1-64 of a-z 0-9 / . _ -, like tcp/22 or file")]
+    BadService(String),
 }
 
 /// The user part of an address: 1-64 characters of `a-z 0-9 . _ -`, starting with a letter
@@ -120,6 +123,36 @@ impl fmt::Display for Q2qAddress {
     }
 }
 
+/// A service a person offers: `tcp/22`, `udp/53`, `file`, or an application's own name.
+/// 1-64 characters of `a-z 0-9 / . _ -`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn parse(s: &str) -> Result<ServiceName, AddressError> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"/._-".contains(&b))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && !s.contains("..");
+        if ok {
+            Ok(ServiceName(s.to_string()))
+        } else {
+            Err(AddressError::BadService(s.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 macro_rules! from_str_via_parse {
     ($($t:ty),*) => {$(
         impl FromStr for $t {
@@ -130,7 +163,7 @@ macro_rules! from_str_via_parse {
         }
     )*};
 }
-from_str_via_parse!(User, Domain, Q2qAddress);
+from_str_via_parse!(User, Domain, Q2qAddress, ServiceName);
 
 #[cfg(test)]
 mod tests {

@@ -20,22 +20,14 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Server side of a control connection: present `chain` (leaf then CA); accept an optional
-/// client certificate issued by `client_ca`.
+/// client certificate from any domain (see [`ProvenClientCert`]).
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    client_ca: CertificateDer<'static>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    roots.add(client_ca)?;
-    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let client_verifier =
+        Arc::new(ProvenClientCert { algorithms: provider.signature_verification_algorithms });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
@@ -44,13 +36,20 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Client side of a control connection to `verifier`'s domain.
-pub fn client_config(verifier: Arc<CaPinVerifier>) -> Result<rustls::ClientConfig, rustls::Error> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+/// Client side of a control connection to `verifier`'s domain, logged in with `identity`
+/// (certificate chain and key) when given.
+pub fn client_config(
+    verifier: Arc<CaPinVerifier>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
     Ok(config)
 }
@@ -122,6 +121,61 @@ impl ServerCertVerifier for CaPinVerifier {
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         rustls::client::verify_server_name(&parsed, &name)?;
         Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Accepts any well-formed client certificate whose key signed the handshake. Whose
+/// certificate it is (which domain's CA, which address, revoked or not) is checked by the
+/// server after the handshake, because a foreign domain's CA may first have to be fetched
+/// from that domain's server (federation), which a synchronous verifier cannot do.
+#[derive(Debug)]
+pub struct ProvenClientCert {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ProvenClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        rustls::server::ParsedCertificate::try_from(end_entity)?;
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -36,7 +36,11 @@ struct ServerArgs {
 
 impl ServerArgs {
     fn options(&self) -> ConnectOptions {
-        ConnectOptions { server: self.server.clone(), ca_fingerprint: self.ca_fingerprint }
+        ConnectOptions {
+            server: self.server.clone(),
+            ca_fingerprint: self.ca_fingerprint,
+            login: None,
+        }
     }
 }
 
@@ -136,7 +140,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format_time(id.info.not_after)
                 );
                 if reflexive {
-                    let opts = ConnectOptions { server: id.server.clone(), ca_fingerprint: None };
+                    let opts = ConnectOptions {
+                        server: id.server.clone(),
+                        ca_fingerprint: None,
+                        login: None,
+                    };
                     let mut conn = ServerConn::connect(&home, &id.address.domain, &opts).await?;
                     println!("  seen over TCP as {}", conn.who_am_i().await?);
                     let target = tokio::net::lookup_host(conn.server.as_str())

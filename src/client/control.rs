@@ -73,6 +73,26 @@ pub struct ConnectOptions {
     pub server: Option<String>,
     /// Accept only a CA with this fingerprint (and re-pin to it).
     pub ca_fingerprint: Option<Fingerprint>,
+    /// Log in with this identity's certificate (TLS client auth).
+    pub login: Option<Arc<super::home::StoredIdentity>>,
+}
+
+impl ConnectOptions {
+    fn login(
+        &self,
+    ) -> Result<
+        Option<(Vec<CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>)>,
+        ClientError,
+    > {
+        let Some(id) = &self.login else { return Ok(None) };
+        let bad = |e: crate::identity::CertError| ClientError::BadAnswer {
+            domain: id.address.domain.clone(),
+            what: format!("stored identity of {}: {e}", id.address),
+        };
+        let cert = crate::identity::cert_from_pem(&id.cert_pem).map_err(bad)?;
+        let key = crate::identity::key_from_pem(&id.key_pem).map_err(bad)?;
+        Ok(Some((vec![cert], key)))
+    }
 }
 
 /// An open control connection.
@@ -121,7 +141,7 @@ impl ServerConn {
             };
             let _ = tcp.set_nodelay(true);
             let verifier = Arc::new(CaPinVerifier::new(domain.clone(), expected));
-            let tls_config = crate::tls::client_config(verifier.clone())
+            let tls_config = crate::tls::client_config(verifier.clone(), opts.login()?)
                 .map_err(|e| ClientError::Tls { addr: addr.clone(), reason: e.to_string() })?;
             let name = ServerName::try_from(domain.to_string())
                 .map_err(|e| ClientError::Tls { addr: addr.clone(), reason: e.to_string() })?;

@@ -12,6 +12,20 @@
 //! | `register` | `address`, `password`, `invite`? | (empty) |
 //! | `sign` | `certificate_request` (PEM), `password` | `certificate` (PEM) |
 //! | `who-am-i` | (none) | `host`, `port`: the address the server sees |
+//! | `ping` | (none) | (empty): keeps the connection and NAT state alive |
+//!
+//! Logged in (TLS client certificate of any domain, verified against that domain's CA):
+//!
+//! | command | arguments | answer |
+//! |---|---|---|
+//! | `listen` | `service`, `description` | (empty); presence lasts as long as the connection |
+//! | `unlisten` | `service` | (empty) |
+//! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_port` |
+//! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction |
+//!
+//! The server asks the callee `inbound` with `from`, `service`, `candidates`, `session`,
+//! `probe_key`, `relay_token`, `relay_port`, and the callee answers its `candidates` or an
+//! error (`NOT_AUTHORIZED`). `candidates` is a comma-separated list of `ip:port`.
 
 pub mod whoami;
 
@@ -28,6 +42,11 @@ pub mod command {
     pub const REGISTER: &str = "register";
     pub const SIGN: &str = "sign";
     pub const WHO_AM_I: &str = "who-am-i";
+    pub const PING: &str = "ping";
+    pub const LISTEN: &str = "listen";
+    pub const UNLISTEN: &str = "unlisten";
+    pub const INBOUND: &str = "inbound";
+    pub const RELAY: &str = "relay";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.
@@ -45,4 +64,29 @@ pub mod code {
     pub const WRONG_PASSWORD: &str = "WRONG_PASSWORD";
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const NOT_LOGGED_IN: &str = "NOT_LOGGED_IN";
+    pub const BAD_CERTIFICATE: &str = "BAD_CERTIFICATE";
+    pub const OFFLINE: &str = "OFFLINE";
+    pub const NO_SUCH_SERVICE: &str = "NO_SUCH_SERVICE";
+    pub const NOT_AUTHORIZED: &str = "NOT_AUTHORIZED";
+    pub const RELAY_LIMIT: &str = "RELAY_LIMIT";
+}
+
+/// Most candidates one side may offer.
+pub const MAX_CANDIDATES: usize = 32;
+
+/// Parse a `candidates` value: comma-separated `ip:port`, at most [`MAX_CANDIDATES`].
+pub fn parse_candidates(s: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    let list: Vec<_> = s.split(',').map(str::trim).filter(|c| !c.is_empty()).collect();
+    if list.len() > MAX_CANDIDATES {
+        return Err(format!("more than {MAX_CANDIDATES} candidates"));
+    }
+    list.iter()
+        .map(|c| c.parse().map_err(|_| format!("`{c}` is not an ip:port candidate")))
+        .collect()
+}
+
+/// The `candidates` value for `list`.
+pub fn format_candidates(list: &[std::net::SocketAddr]) -> String {
+    list.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }

@@ -3,11 +3,14 @@
 use super::State;
 use super::config::Registration;
 use super::db::{CertRecord, DbError};
-use crate::address::{Domain, Q2qAddress};
+use super::presence::{Absent, Listener};
+use super::relay::End;
+use crate::address::{Domain, Q2qAddress, ServiceName};
 use crate::amp::{self, AmpBox};
 use crate::proto::{code, command};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -20,12 +23,12 @@ const MAX_PASSWORD_LEN: usize = 1024;
 
 /// An error box to send: its code and sentence.
 struct Refusal {
-    code: &'static str,
+    code: String,
     description: String,
 }
 
-fn refuse(code: &'static str, description: impl Into<String>) -> Refusal {
-    Refusal { code, description: description.into() }
+fn refuse(code: &str, description: impl Into<String>) -> Refusal {
+    Refusal { code: code.to_string(), description: description.into() }
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
@@ -47,19 +50,45 @@ pub(super) async fn serve(
     let client_cert =
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
     let (handle, mut incoming) = amp::peer::spawn(tls);
-    let mut conn = Conn { state, peer, hello: false, client_cert, handle };
+    let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let mut conn =
+        Conn { state: state.clone(), peer, hello: false, client_cert, caller: None, handle, id };
     loop {
         let request = match tokio::time::timeout(IDLE_TIMEOUT, incoming.recv()).await {
             Ok(Some(r)) => r,
-            Ok(None) => return debug!(%peer, "connection closed"),
-            Err(_) => return debug!(%peer, "idle connection closed"),
+            Ok(None) => {
+                debug!(%peer, "connection closed");
+                break;
+            }
+            Err(_) => {
+                debug!(%peer, "idle connection closed");
+                break;
+            }
         };
+        // `inbound` waits for the callee; answer it on its own task so this connection's
+        // other requests (relayed datagrams, pings) keep flowing meanwhile.
+        if request.command() == command::INBOUND && conn.hello {
+            match conn.caller().await {
+                Err(r) => request.respond(Err((r.code, r.description))).await,
+                Ok(caller) => {
+                    let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
+                    tokio::spawn(async move {
+                        let result = inbound(&state, &caller, &handle, id, &request.request).await;
+                        request.respond(result.map_err(|r| (r.code, r.description))).await;
+                    });
+                }
+            }
+            continue;
+        }
         let result = conn.dispatch(&request.request).await;
-        request.respond(result.map_err(|r| (r.code.to_string(), r.description))).await;
+        request.respond(result.map_err(|r| (r.code, r.description))).await;
     }
+    state.presence.drop_connection(id);
+    state.relay.drop_connection(id);
 }
 
-#[allow(dead_code)] // client_cert and handle are used by presence (next)
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
 struct Conn {
     state: Arc<State>,
     peer: SocketAddr,
@@ -67,8 +96,11 @@ struct Conn {
     /// The certificate the client presented in the TLS handshake (possession of its key is
     /// proven; whose it is gets checked when a command needs an identity).
     client_cert: Option<rustls_pki_types::CertificateDer<'static>>,
+    /// The verified address of the client certificate, once checked.
+    caller: Option<Q2qAddress>,
     /// For asking this client things (presence notifications).
     handle: amp::PeerHandle,
+    id: u64,
 }
 
 fn arg<'a>(b: &'a AmpBox, key: &str) -> Result<&'a str, Refusal> {
@@ -88,6 +120,19 @@ impl Conn {
             command::IDENTIFY => self.identify(b),
             command::REGISTER => self.register(b).await,
             command::SIGN => self.sign(b).await,
+            command::PING => Ok(AmpBox::new()),
+            command::LISTEN => self.listen(b).await,
+            command::UNLISTEN => {
+                let caller = self.caller().await?;
+                let service = service_arg(b)?;
+                self.state.presence.unlisten(&caller, &service, self.id);
+                Ok(AmpBox::new())
+            }
+            command::RELAY => {
+                let _ = self.caller().await?;
+                relay_over_tcp(&self.state, b).await;
+                Ok(AmpBox::new())
+            }
             command::WHO_AM_I => Ok(AmpBox::new()
                 .with("host", self.peer.ip().to_string())
                 .with("port", self.peer.port().to_string())),
@@ -251,6 +296,61 @@ impl Conn {
         Ok(AmpBox::new().with("certificate", issued.pem))
     }
 
+    /// The verified address of the client certificate: chained to its domain's CA (ours,
+    /// or a federated domain's, fetched and pinned on first need), not revoked.
+    async fn caller(&mut self) -> Result<Q2qAddress, Refusal> {
+        if let Some(c) = &self.caller {
+            return Ok(c.clone());
+        }
+        let cert = self.client_cert.as_ref().ok_or_else(|| {
+            refuse(
+                code::NOT_LOGGED_IN,
+                "log in with your certificate first (q2q-tun register gets one)",
+            )
+        })?;
+        let bad = |why: String| refuse(code::BAD_CERTIFICATE, why);
+        let info = crate::identity::CertInfo::parse(cert).map_err(|e| bad(e.to_string()))?;
+        let claimed =
+            info.address.ok_or_else(|| bad("the certificate names no q2q address".into()))?;
+        let ca = if claimed.domain == self.state.domain {
+            self.state.ca.cert_der().clone()
+        } else {
+            self.state.federation.ca_for(&claimed.domain).await.map_err(|e| {
+                bad(format!("cannot learn the CA of {} to check {claimed}: {e}", claimed.domain))
+            })?
+        };
+        let now = rustls_pki_types::UnixTime::now();
+        let info = crate::identity::verify_identity(cert, &ca, &claimed, now)
+            .map_err(|e| bad(e.to_string()))?;
+        if claimed.domain == self.state.domain {
+            let serial = info.serial.clone();
+            let revoked = self
+                .state
+                .with_db(move |db| db.is_revoked(&serial))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            if revoked {
+                return Err(bad(format!("the certificate of {claimed} has been revoked")));
+            }
+        }
+        info!(address = %claimed, peer = %self.peer, "logged in");
+        self.caller = Some(claimed.clone());
+        Ok(claimed)
+    }
+
+    async fn listen(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
+        let caller = self.caller().await?;
+        let service = service_arg(b)?;
+        let description = b.get_str("description").unwrap_or("").chars().take(200).collect();
+        let listener = Listener { conn: self.id, description, handle: self.handle.clone() };
+        if !self.state.presence.listen(&caller, service.clone(), listener) {
+            return Err(refuse(code::BAD_REQUEST, "too many services"));
+        }
+        info!(address = %caller, %service, "listening");
+        Ok(AmpBox::new())
+    }
+
     fn check_rate(&self, keys: &[&str], address: &Q2qAddress) -> Result<(), Refusal> {
         let verdict = match self.state.limiter.lock() {
             Ok(mut l) => l.check(keys, Instant::now()),
@@ -273,5 +373,98 @@ impl Conn {
         if let Ok(mut l) = self.state.limiter.lock() {
             l.failure(keys, Instant::now());
         }
+    }
+}
+
+fn service_arg(b: &AmpBox) -> Result<ServiceName, Refusal> {
+    ServiceName::parse(arg(b, "service")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))
+}
+
+/// How long the callee has to answer an `inbound`.
+const CALLEE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `inbound` from `caller`: check the callee listens, set up the relay legs, ask the callee
+/// (which says whether the caller is authorized and gives its candidates), and answer the
+/// caller with the callee's candidates. Both sides start probing when they get their box.
+async fn inbound(
+    state: &Arc<State>,
+    caller: &Q2qAddress,
+    handle: &amp::PeerHandle,
+    conn_id: u64,
+    b: &AmpBox,
+) -> Result<AmpBox, Refusal> {
+    let to =
+        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+    if to.domain != state.domain {
+        return Err(refuse(
+            code::WRONG_DOMAIN,
+            format!(
+                "this server is for {}, not {}: ask {}'s server",
+                state.domain, to.domain, to.domain
+            ),
+        ));
+    }
+    let service = service_arg(b)?;
+    let candidates = b.get_str("candidates").unwrap_or("");
+    crate::proto::parse_candidates(candidates).map_err(|e| refuse(code::BAD_REQUEST, e))?;
+    let listener = state.presence.find(&to, &service).map_err(|a| match a {
+        Absent::Offline => refuse(code::OFFLINE, format!("{to} is offline")),
+        Absent::NoSuchService => {
+            refuse(code::NO_SUCH_SERVICE, format!("{to} does not offer service {service}"))
+        }
+    })?;
+    let session: u64 = rand::random();
+    let probe_key: [u8; 16] = rand::random();
+    let now = Instant::now();
+    let ends = (
+        End { user: caller.to_string(), conn: conn_id, handle: handle.clone() },
+        End { user: to.to_string(), conn: listener.conn, handle: listener.handle.clone() },
+    );
+    let (t_caller, t_callee) = state
+        .relay
+        .create(ends.0, ends.1, now)
+        .ok_or_else(|| refuse(code::RELAY_LIMIT, "too many relayed sessions for this user"))?;
+    let ask = AmpBox::command(command::INBOUND)
+        .with("from", caller.to_string())
+        .with("service", service.as_str())
+        .with("candidates", candidates)
+        .with("session", format!("{session:016x}"))
+        .with("probe_key", hex::encode(probe_key))
+        .with("relay_token", hex::encode(t_callee))
+        .with("relay_port", state.udp_port.to_string());
+    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, listener.handle.call(ask)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(amp::CallError::Remote { code, description })) => {
+            state.relay.remove(&t_caller);
+            return Err(Refusal { code, description });
+        }
+        Ok(Err(_)) | Err(_) => {
+            state.relay.remove(&t_caller);
+            return Err(refuse(code::OFFLINE, format!("{to} did not answer")));
+        }
+    };
+    let theirs = answer.get_str("candidates").unwrap_or("");
+    crate::proto::parse_candidates(theirs)
+        .map_err(|e| refuse(code::BAD_REQUEST, format!("{to} sent bad candidates: {e}")))?;
+    info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
+    Ok(AmpBox::new()
+        .with("peer", to.to_string())
+        .with("candidates", theirs)
+        .with("session", format!("{session:016x}"))
+        .with("probe_key", hex::encode(probe_key))
+        .with("relay_token", hex::encode(t_caller))
+        .with("relay_port", state.udp_port.to_string()))
+}
+
+/// A datagram a client relays over its control connection.
+async fn relay_over_tcp(state: &Arc<State>, b: &AmpBox) {
+    let Some(token) =
+        b.get_str("token").and_then(|t| hex::decode(t).ok()).and_then(|t| t.try_into().ok())
+    else {
+        return;
+    };
+    let data = b.get("data").unwrap_or_default();
+    if let Some(f) = state.relay.forward(&token, data, None, Instant::now()) {
+        state.send_forward(f).await;
     }
 }

@@ -12,9 +12,12 @@ pub mod admin;
 pub mod config;
 pub mod datadir;
 pub mod db;
+pub mod federation;
 mod handler;
 pub mod password;
+pub mod presence;
 pub mod ratelimit;
+pub mod relay;
 
 pub use config::{Registration, ServerConfig};
 pub use datadir::{DataDir, DataDirError};
@@ -49,9 +52,26 @@ pub(crate) struct State {
     pub config: ServerConfig,
     pub limiter: Mutex<ratelimit::RateLimiter>,
     pub hasher: password::Hasher,
+    pub presence: presence::Presence,
+    pub relay: relay::Relay,
+    pub federation: federation::Federation,
+    pub udp: Arc<UdpSocket>,
+    pub udp_port: u16,
 }
 
 impl State {
+    /// Deliver a relayed datagram to its other end.
+    pub async fn send_forward(&self, f: relay::Forward) {
+        match f {
+            relay::Forward::Udp(addr, bytes) => {
+                let _ = self.udp.send_to(&bytes, addr).await;
+            }
+            relay::Forward::Tcp(handle, b) => {
+                let _ = handle.tell(b).await;
+            }
+        }
+    }
+
     /// Run `f` on the database on the blocking pool.
     pub async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
@@ -103,16 +123,20 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         .issue_server(&server_key, SERVER_CERT_LIFETIME)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
-    let tls = crate::tls::server_config(
-        vec![server_cert.der, dir.ca.cert_der().clone()],
-        key_der,
-        dir.ca.cert_der().clone(),
-    )
-    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let tls = crate::tls::server_config(vec![server_cert.der, dir.ca.cert_der().clone()], key_der)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
     let domain = dir.domain.clone();
+    let udp = Arc::new(udp);
+    let federation =
+        federation::Federation::new(crate::client::Home::new(dir.path.join("federation")));
     let state = Arc::new(State {
+        presence: presence::Presence::default(),
+        relay: relay::Relay::new(relay::RelayLimits::default()),
+        federation,
+        udp: udp.clone(),
+        udp_port: udp_addr.port(),
         domain: dir.domain,
         ca: dir.ca,
         db: Mutex::new(dir.db),
@@ -125,7 +149,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(accept_loop(state.clone(), tcp, acceptor, stopped.clone()));
-    tasks.spawn(udp_loop(udp, stopped));
+    tasks.spawn(udp_loop(state.clone(), stopped));
     Ok(Running { tcp_addr, udp_addr, domain, stop, tasks })
 }
 
@@ -182,7 +206,8 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
-async fn udp_loop(udp: UdpSocket, mut stopped: watch::Receiver<bool>) {
+async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
+    let udp = state.udp.clone();
     use q2q_netstack::wire::{Kind, Prefix};
     let mut buf = vec![0u8; 2048];
     let mut dropped: u64 = 0;
@@ -204,6 +229,16 @@ async fn udp_loop(udp: UdpSocket, mut stopped: watch::Receiver<bool>) {
                     let _ = udp.send_to(&crate::proto::whoami::reply(nonce, from), from).await;
                 }
                 Err(_) => dropped += 1,
+            },
+            Ok(Kind::Relay) => match relay::decode(d) {
+                Some((token, inner)) => {
+                    if let Some(f) =
+                        state.relay.forward(&token, inner, Some(from), std::time::Instant::now())
+                    {
+                        state.send_forward(f).await;
+                    }
+                }
+                None => dropped += 1,
             },
             _ => {
                 dropped += 1;

@@ -1,0 +1,935 @@
+//! The endpoint: one UDP socket, the driver task that owns it and every session on it, and
+//! the handles that reach the driver ([`Endpoint`], [`PtcpSession`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use q2q_netstack::wire::{Datagram, Kind, SessionId};
+use q2q_netstack::{
+    Config, Event, Instant, Session, SessionError, Side, Stats, StreamError, StreamId,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, trace, warn};
+
+use super::stream::{Pipes, PtcpStream, StreamFailure, wake_both};
+use super::sys;
+
+/// Where a session's datagrams go. The driver routes *incoming* datagrams by session id
+/// only, so changing the path never disturbs a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the peer's UDP address.
+    Direct(SocketAddr),
+    /// Through a relay: every datagram is sent to `server` with `header` written in front of
+    /// it (the relay's framing, defined by the presence layer, e.g. a `Kind::Relay` prefix
+    /// and the peer's relay token). Datagrams coming back through the relay arrive as
+    /// [`Kind::Relay`] on the side channel; the presence layer unwraps them and hands the
+    /// inner datagram back with [`Endpoint::inject`].
+    Relay {
+        /// The relay's UDP address.
+        server: SocketAddr,
+        /// Bytes put in front of each datagram.
+        header: Arc<[u8]>,
+    },
+}
+
+impl Path {
+    fn target(&self) -> SocketAddr {
+        match self {
+            Path::Direct(a) => *a,
+            Path::Relay { server, .. } => *server,
+        }
+    }
+}
+
+/// Settings of an [`Endpoint`].
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Requested SO_RCVBUF and SO_SNDBUF in bytes (default 8 MiB). The kernel default
+    /// (212 KiB) drops bursts at Gbit/s rates; as root the limit `net.core.rmem_max` is
+    /// bypassed with SO_RCVBUFFORCE, otherwise the kernel caps the request at that limit.
+    pub socket_buffer: usize,
+    /// Capacity of the side channel of non-PTCP datagrams (default 1024). When it is full,
+    /// datagrams are dropped and counted: the data path never waits for the presence layer.
+    pub side_channel: usize,
+    /// Capacity of the command channel from handles to the driver (default 256).
+    pub commands: usize,
+    /// Incoming streams per session waiting for [`PtcpSession::accept`] (default 1024); more
+    /// are refused with a reset.
+    pub accept_backlog: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> EndpointConfig {
+        EndpointConfig {
+            socket_buffer: 8 << 20,
+            side_channel: 1024,
+            commands: 256,
+            accept_backlog: 1024,
+        }
+    }
+}
+
+/// A datagram of another kind than PTCP (who-am-i, probes, relay), for the presence layer.
+#[derive(Debug, Clone)]
+pub struct SideDatagram {
+    /// Who sent it.
+    pub from: SocketAddr,
+    /// Its kind (from the checked prefix).
+    pub kind: Kind,
+    /// The whole datagram, prefix included.
+    pub data: Vec<u8>,
+}
+
+/// Why an endpoint or session operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// The driver is gone.
+    #[error("PTCP endpoint shut down")]
+    Closed,
+    /// A session with this id already exists on the endpoint.
+    #[error("session {0} already exists")]
+    SessionExists(SessionId),
+    /// No session with this id (never created, lost, or released).
+    #[error("no session {0}")]
+    NoSuchSession(SessionId),
+    /// The session ended.
+    #[error("session lost: peer unreachable for {} s", match .0 { SessionError::TimedOut(ms) => ms / 1000 })]
+    SessionLost(SessionError),
+    /// The stream could not be opened.
+    #[error("cannot open stream: {0}")]
+    Stream(StreamError),
+    /// The peer refused or reset a stream being opened.
+    #[error("cannot open stream: {0}")]
+    Refused(StreamFailure),
+}
+
+/// Counters of an endpoint, readable at any time.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Datagrams received on the socket.
+    pub received: AtomicU64,
+    /// Datagrams sent.
+    pub sent: AtomicU64,
+    /// Datagrams that did not parse (unknown version or kind, malformed): dropped.
+    pub malformed: AtomicU64,
+    /// PTCP datagrams for a session this endpoint does not have: dropped.
+    pub unknown_session: AtomicU64,
+    /// Non-PTCP datagrams handed to the side channel.
+    pub side: AtomicU64,
+    /// Non-PTCP datagrams dropped because the side channel was full or not taken.
+    pub side_dropped: AtomicU64,
+    /// Send errors other than "would block" (e.g. ICMP unreachable reported back).
+    pub send_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How stream handles wake the driver: a list of streams with work, and a notification.
+/// The list holds each stream at most once (the `queued` flag), so it is bounded by the
+/// number of streams.
+pub(crate) struct DriverWake {
+    dirty: Mutex<Vec<Arc<Pipes>>>,
+    notify: Notify,
+}
+
+impl DriverWake {
+    pub fn schedule(&self, pipes: &Arc<Pipes>) {
+        if !pipes.queued.swap(true, Ordering::AcqRel) {
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).push(pipes.clone());
+            self.notify.notify_one();
+        }
+    }
+
+    fn take(&self, into: &mut Vec<Arc<Pipes>>) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *d, into);
+    }
+}
+
+pub(crate) enum Command {
+    NewSession {
+        id: SessionId,
+        side: Side,
+        path: Path,
+        config: Config,
+        reply: oneshot::Sender<Result<PtcpSession, EndpointError>>,
+    },
+    SetPath {
+        id: SessionId,
+        path: Path,
+        reply: oneshot::Sender<Result<(), EndpointError>>,
+    },
+    OpenStream {
+        id: SessionId,
+        reply: oneshot::Sender<Result<PtcpStream, EndpointError>>,
+    },
+    Stats {
+        id: SessionId,
+        reply: oneshot::Sender<Result<Stats, EndpointError>>,
+    },
+    Send {
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
+    Inject {
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+}
+
+/// What a handle holds to reach the driver.
+#[derive(Clone)]
+pub(crate) struct Link {
+    cmds: mpsc::Sender<Command>,
+    pub(crate) wake: Arc<DriverWake>,
+}
+
+impl Link {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, EndpointError>>) -> Command,
+    ) -> Result<T, EndpointError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(make(tx)).await.map_err(|_| EndpointError::Closed)?;
+        rx.await.map_err(|_| EndpointError::Closed)?
+    }
+}
+
+/// A UDP socket carrying PTCP sessions and other datagram kinds. Cloning gives another
+/// handle to the same endpoint; the driver runs while any handle, session or stream lives.
+#[derive(Clone)]
+pub struct Endpoint {
+    link: Link,
+    local: SocketAddr,
+    stats: Arc<EndpointStats>,
+    side: Arc<Mutex<Option<mpsc::Receiver<SideDatagram>>>>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("local", &self.local).finish()
+    }
+}
+
+impl Endpoint {
+    /// Bind a UDP socket on `addr` and start the driver on the current tokio runtime.
+    pub async fn bind(addr: SocketAddr, config: EndpointConfig) -> io::Result<Endpoint> {
+        let socket = UdpSocket::bind(addr).await?;
+        Endpoint::from_socket(socket, config)
+    }
+
+    /// Run an endpoint on an already bound socket (the one the presence layer used for
+    /// who-am-i, so the NAT mapping is the same).
+    pub fn from_socket(socket: UdpSocket, config: EndpointConfig) -> io::Result<Endpoint> {
+        sys::enlarge_buffers(&socket, config.socket_buffer);
+        let local = socket.local_addr()?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(config.commands.max(1));
+        let (side_tx, side_rx) = mpsc::channel(config.side_channel.max(1));
+        let wake = Arc::new(DriverWake { dirty: Mutex::new(Vec::new()), notify: Notify::new() });
+        let stats = Arc::new(EndpointStats::default());
+        let driver = Driver {
+            socket,
+            cmds: cmd_rx,
+            cmds_open: true,
+            wake: wake.clone(),
+            self_link: Link { cmds: cmd_tx.clone(), wake: wake.clone() }.downgrade(),
+            side: side_tx,
+            stats: stats.clone(),
+            sessions: HashMap::new(),
+            start: tokio::time::Instant::now(),
+            out: Vec::with_capacity(65536),
+            stalled: None,
+            dirty: Vec::new(),
+            scratch: vec![0u8; 64 << 10],
+            accept_backlog: config.accept_backlog.max(1),
+        };
+        tokio::spawn(driver.run());
+        Ok(Endpoint {
+            link: Link { cmds: cmd_tx, wake },
+            local,
+            stats,
+            side: Arc::new(Mutex::new(Some(side_rx))),
+        })
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    /// Take the receiver of non-PTCP datagrams (once; `None` afterwards). Until it is taken,
+    /// and whenever it is full, such datagrams are dropped and counted.
+    pub fn take_side_channel(&self) -> Option<mpsc::Receiver<SideDatagram>> {
+        self.side.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Send a raw datagram from the endpoint's socket (who-am-i, probes, relay framing).
+    pub async fn send_datagram(&self, to: SocketAddr, data: Vec<u8>) -> Result<(), EndpointError> {
+        self.link.cmds.send(Command::Send { to, data }).await.map_err(|_| EndpointError::Closed)
+    }
+
+    /// Hand the driver a datagram as if it had arrived on the socket from `from` (the inner
+    /// datagram of a relayed one).
+    pub async fn inject(&self, from: SocketAddr, data: Vec<u8>) -> Result<(), EndpointError> {
+        self.link.cmds.send(Command::Inject { from, data }).await.map_err(|_| EndpointError::Closed)
+    }
+
+    /// Start a session as the initiator, sending to `peer`.
+    pub async fn connect(
+        &self,
+        id: SessionId,
+        peer: SocketAddr,
+        config: Config,
+    ) -> Result<PtcpSession, EndpointError> {
+        self.new_session(id, Side::Initiator, Path::Direct(peer), config).await
+    }
+
+    /// Create the responder end of session `id`, whose initiator is at `peer` (both learnt
+    /// through the presence layer).
+    pub async fn accept(
+        &self,
+        id: SessionId,
+        peer: SocketAddr,
+        config: Config,
+    ) -> Result<PtcpSession, EndpointError> {
+        self.new_session(id, Side::Responder, Path::Direct(peer), config).await
+    }
+
+    /// Create a session with any side and path.
+    pub async fn new_session(
+        &self,
+        id: SessionId,
+        side: Side,
+        path: Path,
+        config: Config,
+    ) -> Result<PtcpSession, EndpointError> {
+        self.link.call(|reply| Command::NewSession { id, side, path, config, reply }).await
+    }
+
+    /// Send session `id`'s datagrams to `peer` from now on (relay → direct, NAT rebinding).
+    pub async fn set_peer_addr(
+        &self,
+        id: SessionId,
+        peer: SocketAddr,
+    ) -> Result<(), EndpointError> {
+        self.set_path(id, Path::Direct(peer)).await
+    }
+
+    /// Send session `id`'s datagrams along `path` from now on.
+    pub async fn set_path(&self, id: SessionId, path: Path) -> Result<(), EndpointError> {
+        self.link.call(|reply| Command::SetPath { id, path, reply }).await
+    }
+}
+
+/// A handle to one PTCP session of an [`Endpoint`]. Dropping it stops accepting streams; the
+/// session is released once its open streams are closed too.
+pub struct PtcpSession {
+    id: SessionId,
+    link: Link,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<PtcpStream>>,
+    lost: Arc<Mutex<Option<SessionError>>>,
+}
+
+impl std::fmt::Debug for PtcpSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PtcpSession").field("id", &self.id).finish()
+    }
+}
+
+impl PtcpSession {
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Open a stream to the peer; returns once the peer's stack has accepted it.
+    pub async fn open_stream(&self) -> Result<PtcpStream, EndpointError> {
+        let id = self.id;
+        self.link.call(|reply| Command::OpenStream { id, reply }).await.map_err(|e| self.explain(e))
+    }
+
+    /// The next stream the peer opened. Fails once the session is lost.
+    pub async fn accept(&self) -> Result<PtcpStream, EndpointError> {
+        let next = self.incoming.lock().await.recv().await;
+        next.ok_or_else(|| self.explain(EndpointError::NoSuchSession(self.id)))
+    }
+
+    /// Send datagrams to `peer` from now on (see [`Endpoint::set_peer_addr`]).
+    pub async fn set_peer_addr(&self, peer: SocketAddr) -> Result<(), EndpointError> {
+        self.set_path(Path::Direct(peer)).await
+    }
+
+    /// Send datagrams along `path` from now on.
+    pub async fn set_path(&self, path: Path) -> Result<(), EndpointError> {
+        let id = self.id;
+        self.link
+            .call(|reply| Command::SetPath { id, path, reply })
+            .await
+            .map_err(|e| self.explain(e))
+    }
+
+    /// The session's counters and estimates (RTT, congestion window, retransmissions).
+    pub async fn stats(&self) -> Result<Stats, EndpointError> {
+        let id = self.id;
+        self.link.call(|reply| Command::Stats { id, reply }).await.map_err(|e| self.explain(e))
+    }
+
+    /// Why the session ended, if it did.
+    pub fn error(&self) -> Option<SessionError> {
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn explain(&self, e: EndpointError) -> EndpointError {
+        match (e, self.error()) {
+            (EndpointError::NoSuchSession(_), Some(lost)) => EndpointError::SessionLost(lost),
+            (e, _) => e,
+        }
+    }
+}
+
+// ---- the driver ------------------------------------------------------------------------
+
+/// A weak link the driver gives to the handles it creates (a strong one would keep its own
+/// command channel open forever).
+struct WeakLink {
+    cmds: mpsc::WeakSender<Command>,
+    wake: Arc<DriverWake>,
+}
+
+impl Link {
+    fn downgrade(self) -> WeakLink {
+        WeakLink { cmds: self.cmds.downgrade(), wake: self.wake }
+    }
+}
+
+impl WeakLink {
+    fn upgrade(&self) -> Option<Link> {
+        Some(Link { cmds: self.cmds.upgrade()?, wake: self.wake.clone() })
+    }
+}
+
+struct SessionState {
+    session: Session,
+    path: Path,
+    streams: HashMap<StreamId, Arc<Pipes>>,
+    /// Streams being opened, answered on `Connected` or `Reset`.
+    opening: HashMap<StreamId, oneshot::Sender<Result<PtcpStream, EndpointError>>>,
+    incoming: mpsc::Sender<PtcpStream>,
+    lost: Arc<Mutex<Option<SessionError>>>,
+    /// Needs a transmit/event pass.
+    touched: bool,
+    deadline: Option<Instant>,
+}
+
+struct Driver {
+    socket: UdpSocket,
+    cmds: mpsc::Receiver<Command>,
+    cmds_open: bool,
+    wake: Arc<DriverWake>,
+    self_link: WeakLink,
+    side: mpsc::Sender<SideDatagram>,
+    stats: Arc<EndpointStats>,
+    sessions: HashMap<SessionId, SessionState>,
+    start: tokio::time::Instant,
+    /// The datagram being built.
+    out: Vec<u8>,
+    /// A datagram the socket would not take yet (send buffer full): nothing else is sent
+    /// until it went.
+    stalled: Option<(SocketAddr, Vec<u8>)>,
+    dirty: Vec<Arc<Pipes>>,
+    scratch: Vec<u8>,
+    accept_backlog: usize,
+}
+
+/// Datagrams read from the socket per wakeup before the sessions are polled.
+const RECV_BATCH: usize = 64;
+/// Commands taken per pass.
+const CMD_BATCH: usize = 64;
+
+impl Driver {
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    fn to_tokio(&self, t: Instant) -> tokio::time::Instant {
+        self.start + std::time::Duration::from_micros(t.total_micros().max(0) as u64)
+    }
+
+    async fn run(mut self) {
+        let far = self.start + std::time::Duration::from_secs(86400 * 365);
+        let sleep = tokio::time::sleep_until(far);
+        tokio::pin!(sleep);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            self.service();
+            if !self.cmds_open && self.sessions.is_empty() {
+                debug!("PTCP endpoint driver done");
+                break;
+            }
+            let deadline = self
+                .sessions
+                .values()
+                .filter_map(|s| s.deadline)
+                .min()
+                .map_or(far, |t| self.to_tokio(t));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            let stalled = self.stalled.is_some();
+            tokio::select! {
+                r = self.socket.readable(), if !stalled => {
+                    if let Err(e) = r {
+                        warn!(error = %e, "PTCP socket failed");
+                        break;
+                    }
+                    self.recv_batch(&mut buf);
+                }
+                r = self.socket.writable(), if stalled => {
+                    if r.is_err() { break; }
+                    self.flush_stalled();
+                }
+                cmd = self.cmds.recv(), if self.cmds_open && !stalled => match cmd {
+                    Some(c) => self.command(c),
+                    None => self.cmds_open = false,
+                },
+                _ = self.wake.notify.notified() => {}
+                _ = &mut sleep => {}
+            }
+        }
+        for s in self.sessions.values() {
+            for p in s.streams.values() {
+                p.fail(StreamFailure::EndpointGone);
+            }
+        }
+    }
+
+    fn recv_batch(&mut self, buf: &mut [u8]) {
+        for _ in 0..RECV_BATCH {
+            match self.socket.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    let now = self.now();
+                    self.on_datagram(now, from, &buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors for earlier sends surface here on some systems: not fatal.
+                Err(e) => {
+                    trace!(error = %e, "recv error");
+                    bump(&self.stats.send_errors);
+                }
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        bump(&self.stats.received);
+        match Datagram::parse(data) {
+            Err(_) => bump(&self.stats.malformed),
+            Ok(Datagram::Other(kind)) => {
+                let d = SideDatagram { from, kind, data: data.to_vec() };
+                match self.side.try_send(d) {
+                    Ok(()) => bump(&self.stats.side),
+                    Err(_) => bump(&self.stats.side_dropped),
+                }
+            }
+            Ok(d) => {
+                let Some(sid) = d.session() else { return };
+                match self.sessions.get_mut(&sid) {
+                    Some(s) => {
+                        if s.session.handle(now, d).is_err() {
+                            bump(&self.stats.malformed);
+                        }
+                        s.touched = true;
+                    }
+                    None => bump(&self.stats.unknown_session),
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::NewSession { id, side, path, config, reply } => {
+                let r = self.new_session(id, side, path, config);
+                let _ = reply.send(r);
+            }
+            Command::SetPath { id, path, reply } => {
+                let r = match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        debug!(session = %id, path = ?path, "path changed");
+                        s.path = path;
+                        s.touched = true;
+                        Ok(())
+                    }
+                    None => Err(EndpointError::NoSuchSession(id)),
+                };
+                let _ = reply.send(r);
+            }
+            Command::OpenStream { id, reply } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    let _ = reply.send(Err(EndpointError::NoSuchSession(id)));
+                    return;
+                };
+                match s.session.open_stream() {
+                    Ok(stream) => {
+                        s.streams.insert(stream, Pipes::new(id, stream));
+                        s.opening.insert(stream, reply);
+                        s.touched = true;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(EndpointError::Stream(e)));
+                    }
+                }
+            }
+            Command::Stats { id, reply } => {
+                let r = self
+                    .sessions
+                    .get(&id)
+                    .map(|s| s.session.stats())
+                    .ok_or(EndpointError::NoSuchSession(id));
+                let _ = reply.send(r);
+            }
+            Command::Send { to, data } => self.send_to(to, data),
+            Command::Inject { from, data } => {
+                let now = self.now();
+                self.on_datagram(now, from, &data);
+            }
+        }
+    }
+
+    fn new_session(
+        &mut self,
+        id: SessionId,
+        side: Side,
+        path: Path,
+        config: Config,
+    ) -> Result<PtcpSession, EndpointError> {
+        if self.sessions.contains_key(&id) {
+            return Err(EndpointError::SessionExists(id));
+        }
+        let link = self.self_link.upgrade().ok_or(EndpointError::Closed)?;
+        let (tx, rx) = mpsc::channel(self.accept_backlog);
+        let lost = Arc::new(Mutex::new(None));
+        let session = Session::new(id, side, config, self.now());
+        debug!(session = %id, ?side, ?path, "new session");
+        self.sessions.insert(
+            id,
+            SessionState {
+                session,
+                path,
+                streams: HashMap::new(),
+                opening: HashMap::new(),
+                incoming: tx,
+                lost: lost.clone(),
+                touched: true,
+                deadline: None,
+            },
+        );
+        Ok(PtcpSession { id, link, incoming: tokio::sync::Mutex::new(rx), lost })
+    }
+
+    /// Send one datagram now, or keep it as the stalled one.
+    fn send_to(&mut self, to: SocketAddr, data: Vec<u8>) {
+        if self.stalled.is_some() {
+            // Only reachable from `inject`-free paths while stalled; keep order by dropping
+            // nothing: queue behind is not possible, so send anyway and count a failure.
+            bump(&self.stats.send_errors);
+            return;
+        }
+        match self.socket.try_send_to(&data, to) {
+            Ok(_) => bump(&self.stats.sent),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stalled = Some((to, data)),
+            Err(e) => {
+                trace!(error = %e, %to, "send error");
+                bump(&self.stats.send_errors);
+            }
+        }
+    }
+
+    fn flush_stalled(&mut self) {
+        if let Some((to, data)) = self.stalled.take() {
+            self.send_to(to, data);
+        }
+    }
+
+    /// One pass: commands, streams with work, then every session that needs it: transmit,
+    /// events, deadline.
+    fn service(&mut self) {
+        if self.cmds_open && self.stalled.is_none() {
+            for _ in 0..CMD_BATCH {
+                match self.cmds.try_recv() {
+                    Ok(c) => self.command(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.cmds_open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        self.wake.take(&mut dirty);
+        for p in dirty.drain(..) {
+            p.queued.store(false, Ordering::Release);
+            if let Some(s) = self.sessions.get_mut(&p.session) {
+                s.touched = true;
+                pump(s, &p, &mut self.scratch);
+            }
+        }
+        self.dirty = dirty;
+
+        let now = self.now();
+        let ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.touched || s.deadline.is_none_or(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.service_session(id, now);
+        }
+    }
+
+    fn service_session(&mut self, id: SessionId, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        s.touched = false;
+        let link = self.self_link.upgrade();
+        for _ in 0..16 {
+            // Transmit everything that is ready.
+            if self.stalled.is_none() {
+                loop {
+                    self.out.clear();
+                    if let Path::Relay { header, .. } = &s.path {
+                        self.out.extend_from_slice(header);
+                    }
+                    if s.session.poll_transmit(now, &mut self.out).is_none() {
+                        break;
+                    }
+                    let to = s.path.target();
+                    match self.socket.try_send_to(&self.out, to) {
+                        Ok(_) => bump(&self.stats.sent),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.stalled = Some((to, std::mem::take(&mut self.out)));
+                            self.out.reserve(65536);
+                            s.touched = true;
+                            break;
+                        }
+                        Err(e) => {
+                            // The selective-repeat layer resends what is lost.
+                            trace!(error = %e, %to, "send error");
+                            bump(&self.stats.send_errors);
+                        }
+                    }
+                }
+            }
+            let mut any = false;
+            while let Some(ev) = s.session.poll_event() {
+                any = true;
+                on_event(s, ev, link.as_ref(), &mut self.scratch);
+            }
+            if !any {
+                break;
+            }
+        }
+        s.deadline = s.session.poll_timeout();
+        if s.deadline.is_none() {
+            // Lost: every stream already got `TimedOut`.
+            let err = s.session.error();
+            debug!(session = %id, error = ?err, "session removed");
+            self.sessions.remove(&id);
+        } else if s.incoming.is_closed() && s.streams.is_empty() {
+            debug!(session = %id, "session released");
+            self.sessions.remove(&id);
+        }
+    }
+}
+
+/// Act on one session event.
+fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut [u8]) {
+    trace!(session = %s.session.id(), event = ?ev, "event");
+    match ev {
+        Event::Incoming => {
+            while let Some(stream) = s.session.accept() {
+                let sid = s.session.id();
+                let Some(link) = link else {
+                    let _ = s.session.abort(stream);
+                    continue;
+                };
+                let pipes = Pipes::new(sid, stream);
+                let handle = PtcpStream::new(pipes.clone(), link.clone());
+                s.streams.insert(stream, pipes.clone());
+                if s.incoming.try_send(handle).is_err() {
+                    // Backlog full or nobody accepts: refuse. The handle just dropped
+                    // marked the pipes; the abort wins.
+                    let _ = s.session.abort(stream);
+                    s.streams.remove(&stream);
+                } else {
+                    pump(s, &pipes, scratch);
+                }
+            }
+        }
+        Event::Connected(stream) => {
+            if let Some(reply) = s.opening.remove(&stream) {
+                let pipes = s.streams.get(&stream).cloned();
+                match (pipes, link) {
+                    (Some(pipes), Some(link)) => {
+                        let handle = PtcpStream::new(pipes.clone(), link.clone());
+                        if let Err(Ok(h)) = reply.send(Ok(handle)) {
+                            // The opener went away: dropping the handle closes the stream.
+                            drop(h);
+                        }
+                        pump(s, &pipes, scratch);
+                    }
+                    _ => {
+                        let _ = s.session.abort(stream);
+                    }
+                }
+            }
+        }
+        Event::Readable(stream) | Event::Writable(stream) | Event::Finished(stream) => {
+            if let Some(p) = s.streams.get(&stream).cloned() {
+                pump(s, &p, scratch);
+            }
+        }
+        Event::Reset(stream) => {
+            if let Some(reply) = s.opening.remove(&stream) {
+                let _ = reply.send(Err(EndpointError::Refused(StreamFailure::Refused)));
+            }
+            if let Some(p) = s.streams.get(&stream) {
+                p.fail(StreamFailure::Reset);
+            }
+            // Release it in the session.
+            let _ = s.session.abort(stream);
+        }
+        Event::TimedOut(stream) => {
+            let ms = match s.session.error() {
+                Some(SessionError::TimedOut(ms)) => ms,
+                None => s.session.config().idle_timeout.total_millis(),
+            };
+            if let Some(reply) = s.opening.remove(&stream) {
+                let _ = reply.send(Err(EndpointError::Refused(StreamFailure::TimedOut(ms))));
+            }
+            if let Some(p) = s.streams.remove(&stream) {
+                p.fail(StreamFailure::TimedOut(ms));
+            }
+        }
+        Event::Closed(stream) => {
+            if let Some(reply) = s.opening.remove(&stream) {
+                let _ = reply.send(Err(EndpointError::Refused(StreamFailure::Reset)));
+            }
+            if let Some(p) = s.streams.remove(&stream) {
+                let mut st = p.lock();
+                if !st.rx_eof && st.error.is_none() && !st.dropped {
+                    st.rx_eof = true;
+                }
+                wake_both(&mut st);
+            }
+        }
+        Event::SessionLost(err) => {
+            *s.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            for (_, reply) in s.opening.drain() {
+                let _ = reply.send(Err(EndpointError::SessionLost(err)));
+            }
+            for (_, p) in s.streams.drain() {
+                let SessionError::TimedOut(ms) = err;
+                p.fail(StreamFailure::TimedOut(ms));
+            }
+            // Closing the accept channel ends `accept()` with the reason in `lost`.
+            let (closed, _) = mpsc::channel(1);
+            s.incoming = closed;
+        }
+    }
+}
+
+/// Move bytes between a stream's pipes and its session, both ways, and carry out a
+/// shutdown or abort the handle asked for.
+fn pump(s: &mut SessionState, p: &Arc<Pipes>, scratch: &mut [u8]) {
+    let id = p.stream;
+    if s.opening.contains_key(&id) {
+        return;
+    }
+    let session = &mut s.session;
+    let mut st = p.lock();
+    if st.abort {
+        if s.streams.remove(&id).is_some() {
+            let _ = session.abort(id);
+        }
+        return;
+    }
+    if st.error.is_some() && !st.dropped {
+        return;
+    }
+    // Session → reader.
+    let mut woke_reader = false;
+    loop {
+        let room = if st.dropped { scratch.len() } else { super::stream::PIPE_BYTES - st.rx.len() };
+        if room == 0 {
+            st.rx_stalled = true;
+            break;
+        }
+        let want = room.min(scratch.len());
+        match session.recv(id, &mut scratch[..want]) {
+            Ok(0) => {
+                st.rx_eof = true;
+                woke_reader = true;
+                break;
+            }
+            Ok(n) => {
+                if !st.dropped {
+                    st.rx.extend(&scratch[..n]);
+                    woke_reader = true;
+                }
+            }
+            Err(StreamError::Blocked) => break,
+            Err(StreamError::Reset) => {
+                st.error.get_or_insert(StreamFailure::Reset);
+                woke_reader = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    if woke_reader && let Some(w) = st.read_waker.take() {
+        w.wake();
+    }
+    // Writer → session.
+    let before = st.tx.len();
+    while !st.tx.is_empty() {
+        let (a, _) = st.tx.as_slices();
+        match session.send(id, a) {
+            Ok(0) => break,
+            Ok(n) => {
+                st.tx.drain(..n);
+            }
+            Err(StreamError::Reset) => {
+                st.error.get_or_insert(StreamFailure::Reset);
+                st.tx.clear();
+                break;
+            }
+            Err(_) => {
+                st.tx.clear();
+                break;
+            }
+        }
+    }
+    if st.tx.is_empty() && st.shutdown && !st.fin_sent {
+        let _ = session.close(id);
+        st.fin_sent = true;
+    }
+    if (st.tx.len() < before || st.fin_sent)
+        && let Some(w) = st.write_waker.take()
+    {
+        w.wake();
+    }
+}

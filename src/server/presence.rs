@@ -1,0 +1,80 @@
+//! Who is online for what: the services each logged-in address listens for, and the control
+//! connection to reach it by. Presence lives exactly as long as that connection.
+
+use crate::address::{Q2qAddress, ServiceName};
+use crate::amp::PeerHandle;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// One `listen` of one connection.
+#[derive(Clone)]
+pub struct Listener {
+    pub conn: u64,
+    pub description: String,
+    pub handle: PeerHandle,
+}
+
+/// Why a callee cannot be asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Absent {
+    /// Not logged in for any service.
+    Offline,
+    /// Online, but not for this service.
+    NoSuchService,
+}
+
+/// The registry of listeners.
+#[derive(Default)]
+pub struct Presence {
+    inner: Mutex<HashMap<Q2qAddress, HashMap<ServiceName, Listener>>>,
+}
+
+/// Most services one address may listen for.
+pub const MAX_SERVICES: usize = 256;
+
+impl Presence {
+    /// Record that `address` listens for `service` on connection `conn` (replacing an older
+    /// listen of the same service: the newest connection wins). False if over the limit.
+    pub fn listen(&self, address: &Q2qAddress, service: ServiceName, listener: Listener) -> bool {
+        let Ok(mut map) = self.inner.lock() else { return false };
+        let services = map.entry(address.clone()).or_default();
+        if services.len() >= MAX_SERVICES && !services.contains_key(&service) {
+            return false;
+        }
+        services.insert(service, listener);
+        true
+    }
+
+    pub fn unlisten(&self, address: &Q2qAddress, service: &ServiceName, conn: u64) {
+        if let Ok(mut map) = self.inner.lock()
+            && let Some(services) = map.get_mut(address)
+        {
+            services.retain(|s, l| !(s == service && l.conn == conn));
+            if services.is_empty() {
+                map.remove(address);
+            }
+        }
+    }
+
+    /// Forget everything connection `conn` listened for.
+    pub fn drop_connection(&self, conn: u64) {
+        if let Ok(mut map) = self.inner.lock() {
+            map.retain(|_, services| {
+                services.retain(|_, l| l.conn != conn);
+                !services.is_empty()
+            });
+        }
+    }
+
+    /// The listener for `service` of `address`.
+    pub fn find(&self, address: &Q2qAddress, service: &ServiceName) -> Result<Listener, Absent> {
+        let map = self.inner.lock().map_err(|_| Absent::Offline)?;
+        let services = map.get(address).ok_or(Absent::Offline)?;
+        services.get(service).cloned().ok_or(Absent::NoSuchService)
+    }
+
+    /// Counts for status: (addresses online, listeners).
+    pub fn counts(&self) -> (usize, usize) {
+        self.inner.lock().map_or((0, 0), |m| (m.len(), m.values().map(HashMap::len).sum()))
+    }
+}
