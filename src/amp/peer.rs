@@ -99,7 +99,9 @@ where
     });
 
     let reader_pending = pending.clone();
-    let reader_writes = writes.clone();
+    // Weak: the connection lives while a handle or an unanswered request does; when the
+    // last is dropped the writer ends, shuts its half down, and the other end sees EOF.
+    let reader_writes = writes.downgrade();
     tokio::spawn(async move {
         let mut reader = AmpReader::new(read_half);
         let end = loop {
@@ -124,7 +126,8 @@ where
                 let _ = waiter.send(result);
             } else {
                 let tag = b.get(ASK).map(<[u8]>::to_vec);
-                let incoming = Incoming { request: b, tag, writes: reader_writes.clone() };
+                let Some(writes) = reader_writes.upgrade() else { continue };
+                let incoming = Incoming { request: b, tag, writes };
                 if incoming_tx.send(incoming).await.is_err() {
                     // Nobody takes requests any more; dropping `incoming` answers UNKNOWN.
                 }
@@ -135,7 +138,6 @@ where
             p.clear();
         }
         let _ = closed_tx.send(true);
-        drop(reader_writes);
         writer.abort();
     });
 
@@ -237,6 +239,16 @@ mod tests {
         assert_eq!(err.code(), Some("UNKNOWN"));
         let too_big = AmpBox::command("x").with("v", vec![0u8; 70000]);
         assert!(matches!(hb.call(too_big).await, Err(CallError::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_closes_the_connection() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ha, ia) = spawn(a);
+        let (hb, _ib) = spawn(b);
+        drop((ha, ia));
+        tokio::time::timeout(std::time::Duration::from_secs(5), hb.closed()).await.unwrap();
+        assert!(hb.is_closed());
     }
 
     #[tokio::test]

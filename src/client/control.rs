@@ -199,8 +199,30 @@ impl ServerConn {
         Err(ClientError::Unreachable { domain: domain.clone(), tried: tried.join("; ") })
     }
 
+    /// The handle for calls from other tasks.
+    pub fn handle(&self) -> PeerHandle {
+        self.peer.clone()
+    }
+
+    /// A call through a shared reference (the connection may be shared between tasks).
+    pub async fn peer_call(&self, request: AmpBox) -> Result<AmpBox, ClientError> {
+        self.call_inner(request).await
+    }
+
+    /// Send a box that wants no answer (a relayed datagram).
+    pub async fn peer_tell(&self, request: AmpBox) -> Result<(), ClientError> {
+        self.peer
+            .tell(request)
+            .await
+            .map_err(|source| ClientError::Call { domain: self.domain.clone(), source })
+    }
+
     /// One call with a timeout; error boxes become [`ClientError::Refused`].
     pub async fn call(&mut self, request: AmpBox) -> Result<AmpBox, ClientError> {
+        self.call_inner(request).await
+    }
+
+    async fn call_inner(&self, request: AmpBox) -> Result<AmpBox, ClientError> {
         match tokio::time::timeout(CALL_TIMEOUT, self.peer.call(request)).await {
             Err(_) => Err(ClientError::Timeout {
                 domain: self.domain.clone(),

@@ -1,0 +1,232 @@
+//! Presence on loopback at the control-protocol level: login by certificate, listen,
+//! inbound with consent and candidates, relay over UDP and over TCP, federation.
+
+mod common;
+
+use common::{TestServer, addr, loopback_config};
+use q2q::amp::AmpBox;
+use q2q::client::{self, ConnectOptions, Home, ServerConn};
+use q2q::proto::code;
+use q2q::server::Registration;
+use std::sync::Arc;
+
+const PW: &str = "correct horse battery";
+
+/// Register `who` and return a logged-in connection to its server.
+async fn login(srv: &TestServer, home: &Home, who: &str) -> ServerConn {
+    let a = addr(who);
+    client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
+    let id = Arc::new(home.identity(&a).unwrap());
+    let opts = ConnectOptions { login: Some(id), ..srv.opts() };
+    ServerConn::connect(home, &a.domain, &opts).await.unwrap()
+}
+
+fn udp_relay(token_hex: &str, inner: &[u8]) -> Vec<u8> {
+    let token: [u8; 16] = hex::decode(token_hex).unwrap().try_into().unwrap();
+    q2q::server::relay::encode(&token, inner)
+}
+
+#[tokio::test]
+async fn inbound_exchange_consent_and_relay() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let mut alice = login(&srv, &home, "alice@example.com").await;
+    let mut bob = login(&srv, &home, "bob@example.com").await;
+
+    // Not logged in: refused with a reason.
+    let mut anon =
+        ServerConn::connect(&home, &addr("x@example.com").domain, &srv.opts()).await.unwrap();
+    let err = anon.call(AmpBox::command("listen").with("service", "echo")).await.unwrap_err();
+    assert_eq!(err.code(), Some(code::NOT_LOGGED_IN));
+
+    alice
+        .call(AmpBox::command("listen").with("service", "echo").with("description", "echo"))
+        .await
+        .unwrap();
+    // Alice's side answers inbound: bob is authorized, carol is not.
+    let mut incoming = alice.incoming.take().unwrap();
+    let alice_side = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(req) = incoming.recv().await {
+            let from = req.request.get_str("from").unwrap_or("").to_string();
+            let token = req.request.get_str("relay_token").unwrap_or("").to_string();
+            if from == "bob@example.com" {
+                seen.push(token);
+                req.respond(Ok(AmpBox::new().with("candidates", "127.0.0.1:9,192.168.1.2:4000")))
+                    .await;
+            } else {
+                req.respond(Err((
+                    code::NOT_AUTHORIZED.into(),
+                    format!("{from} is not authorized"),
+                )))
+                .await;
+            }
+            if seen.len() == 1 {
+                return seen;
+            }
+        }
+        seen
+    });
+
+    let ask = |to: &str, service: &str| {
+        AmpBox::command("inbound")
+            .with("to", to)
+            .with("service", service)
+            .with("candidates", "127.0.0.1:5555")
+    };
+    let err = bob.call(ask("nobody@example.com", "echo")).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.to_string().as_str()),
+        (Some(code::OFFLINE), "nobody@example.com is offline")
+    );
+    let err = bob.call(ask("alice@example.com", "tcp/22")).await.unwrap_err();
+    assert_eq!(err.to_string(), "alice@example.com does not offer service tcp/22");
+    let err = bob.call(ask("alice@other.example", "echo")).await.unwrap_err();
+    assert_eq!(err.code(), Some(code::WRONG_DOMAIN));
+
+    let mut carol = login(&srv, &home, "carol@example.com").await;
+    let err = carol.call(ask("alice@example.com", "echo")).await.unwrap_err();
+    assert_eq!(err.code(), Some(code::NOT_AUTHORIZED), "{err}");
+
+    let answer = bob.call(ask("alice@example.com", "echo")).await.unwrap();
+    assert_eq!(answer.get_str("peer"), Some("alice@example.com"));
+    assert_eq!(answer.get_str("candidates"), Some("127.0.0.1:9,192.168.1.2:4000"));
+    assert_eq!(answer.get_str("session").unwrap().len(), 16);
+    assert_eq!(answer.get_str("probe_key").unwrap().len(), 32);
+    let bob_token = answer.get_str("relay_token").unwrap().to_string();
+    let alice_token = alice_side.await.unwrap().pop().unwrap();
+    assert_ne!(bob_token, alice_token);
+
+    // Relay over UDP: each side binds, then datagrams cross under the other's token.
+    let relay = srv.running.as_ref().unwrap().udp_addr;
+    let a_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    a_sock.send_to(&udp_relay(&alice_token, b""), relay).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    b_sock.send_to(&udp_relay(&bob_token, b"hello alice"), relay).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, from) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), a_sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(from, relay);
+    assert_eq!(&buf[..n], &udp_relay(&alice_token, b"hello alice")[..]);
+    // A forged token goes nowhere.
+    b_sock.send_to(&udp_relay(&"00".repeat(16), b"forged"), relay).await.unwrap();
+    // Back the other way.
+    a_sock.send_to(&udp_relay(&alice_token, b"hello bob"), relay).await.unwrap();
+    let (n, _) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), b_sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(&buf[..n], &udp_relay(&bob_token, b"hello bob")[..]);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), a_sock.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn relay_over_tcp_when_udp_is_blocked() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let mut alice = login(&srv, &home, "alice@example.com").await;
+    let bob = login(&srv, &home, "bob@example.com").await;
+    alice.call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    let mut incoming = alice.incoming.take().unwrap();
+    let req = tokio::spawn(async move {
+        let req = incoming.recv().await.unwrap();
+        let token = req.request.get_str("relay_token").unwrap().to_string();
+        req.respond(Ok(AmpBox::new().with("candidates", ""))).await;
+        // Then the relayed datagram arrives on the control connection.
+        let relayed = incoming.recv().await.unwrap();
+        (token, relayed.request.clone())
+    });
+    let answer = bob
+        .peer_call(
+            AmpBox::command("inbound").with("to", "alice@example.com").with("service", "echo"),
+        )
+        .await
+        .unwrap();
+    let bob_token = answer.get_str("relay_token").unwrap().to_string();
+    bob.peer_tell(AmpBox::command("relay").with("token", &bob_token).with("data", "over tcp"))
+        .await
+        .unwrap();
+    let (alice_token, relayed) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), req).await.unwrap().unwrap();
+    assert_eq!(relayed.get_str("token"), Some(alice_token.as_str()));
+    assert_eq!(relayed.get_str("data"), Some("over tcp"));
+}
+
+#[tokio::test]
+async fn presence_ends_with_the_connection() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = login(&srv, &home, "alice@example.com").await;
+    let mut bob = login(&srv, &home, "bob@example.com").await;
+    alice.peer_call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let err = bob
+        .call(AmpBox::command("inbound").with("to", "alice@example.com").with("service", "echo"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(code::OFFLINE));
+}
+
+#[tokio::test]
+async fn federation_caller_from_another_domain() {
+    let a = TestServer::start("a.example", loopback_config(Registration::Open)).await;
+    let b = TestServer::start("b.example", loopback_config(Registration::Open)).await;
+    // b.example learns where a.example's server is from its federation config.
+    let fed = b.data_dir().join("federation");
+    std::fs::create_dir_all(&fed).unwrap();
+    std::fs::write(
+        fed.join("config.toml"),
+        format!("[servers]\n\"a.example\" = \"{}\"\n", a.addr()),
+    )
+    .unwrap();
+
+    let (_d, home) = common::home();
+    let mut bob = login(&b, &home, "bob@b.example").await;
+    bob.call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    let mut incoming = bob.incoming.take().unwrap();
+    let callee = tokio::spawn(async move {
+        let req = incoming.recv().await.unwrap();
+        let from = req.request.get_str("from").unwrap().to_string();
+        req.respond(Ok(AmpBox::new().with("candidates", ""))).await;
+        from
+    });
+
+    // alice@a.example registers at home, then talks to b.example's server herself.
+    let alice_addr = addr("alice@a.example");
+    client::register(&home, &alice_addr, PW, None, false, &a.opts()).await.unwrap();
+    let id = Arc::new(home.identity(&alice_addr).unwrap());
+    let opts = ConnectOptions { login: Some(id), ..b.opts() };
+    let mut alice = ServerConn::connect(&home, &addr("bob@b.example").domain, &opts).await.unwrap();
+    let answer = alice
+        .call(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
+        .await
+        .unwrap();
+    assert_eq!(answer.get_str("peer"), Some("bob@b.example"));
+    assert_eq!(callee.await.unwrap(), "alice@a.example");
+    assert!(fed.join("known_cas/a.example.pem").exists(), "a.example's CA is pinned by b.example");
+
+    // A certificate from a CA that is not a.example's (a rogue server for a.example) fails.
+    let rogue = TestServer::start("a.example", loopback_config(Registration::Open)).await;
+    let (_d2, home2) = common::home();
+    let mallory = addr("alice@a.example");
+    client::register(&home2, &mallory, PW, None, false, &rogue.opts()).await.unwrap();
+    let id = Arc::new(home2.identity(&mallory).unwrap());
+    let opts = ConnectOptions { login: Some(id), ..b.opts() };
+    let mut fake = ServerConn::connect(&home2, &addr("bob@b.example").domain, &opts).await.unwrap();
+    let err = fake
+        .call(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(code::BAD_CERTIFICATE), "{err}");
+    assert!(err.to_string().contains("not signed by a.example's CA"), "{err}");
+}
