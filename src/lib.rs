@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod fsutil;
 pub mod identity;
+pub mod presence;
 pub mod proto;
 pub mod ptcp;
 pub mod server;

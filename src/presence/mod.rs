@@ -1,0 +1,5 @@
+//! The client side of presence: candidates, authenticated hole-punching probes, and (with
+//! the PTCP driver) connecting to and listening as an address.
+
+pub mod candidates;
+pub mod probe;
