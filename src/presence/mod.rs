@@ -2,4 +2,5 @@
 //! the PTCP driver) connecting to and listening as an address.
 
 pub mod candidates;
+pub mod node;
 pub mod probe;

@@ -86,16 +86,42 @@ impl State {
     }
 }
 
+/// Counters of a running server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Addresses online (listening for at least one service).
+    pub online: usize,
+    /// Services listened for, over all addresses.
+    pub listeners: usize,
+    pub relay_sessions: usize,
+    pub relayed_bytes: u64,
+}
+
 /// A running server; dropping it does not stop it, [`Running::shutdown`] does.
 pub struct Running {
     pub tcp_addr: SocketAddr,
     pub udp_addr: SocketAddr,
     pub domain: Domain,
+    state: Arc<State>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
 impl Running {
+    pub fn stats(&self) -> Stats {
+        let (online, listeners) = self.state.presence.counts();
+        Stats {
+            online,
+            listeners,
+            relay_sessions: self.state.relay.sessions(),
+            relayed_bytes: self
+                .state
+                .relay
+                .relayed_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Stop listening, close every connection, and wait for the tasks to end.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -150,7 +176,8 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     let mut tasks = JoinSet::new();
     tasks.spawn(accept_loop(state.clone(), tcp, acceptor, stopped.clone()));
     tasks.spawn(udp_loop(state.clone(), stopped));
-    Ok(Running { tcp_addr, udp_addr, domain, stop, tasks })
+    let state = state.clone();
+    Ok(Running { tcp_addr, udp_addr, domain, state, stop, tasks })
 }
 
 async fn bind(listen: SocketAddr) -> Result<(TcpListener, UdpSocket), ServerError> {

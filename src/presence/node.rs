@@ -1,0 +1,687 @@
+//! A node: one person's presence on the q2q network, the heir of Vertex's
+//! `listenQ2Q`/`connectQ2Q`. It logs in to its home server with its certificate, listens for
+//! services, and connects to other addresses, giving mutually authenticated streams.
+//!
+//! ```text
+//!              control (AMP/TLS, logged in) ── home server ── other domains' servers
+//!                       │ inbound, relay over TCP
+//!  Node ── side channel ┤ who-am-i replies, probes, relayed datagrams (one UDP socket)
+//!                       │
+//!        Endpoint (PTCP driver) ── sessions ── streams ── TLS (q2q identities) ── app
+//! ```
+//!
+//! A connection starts relayed and probes the peer's candidates at the same time; the first
+//! authenticated probe or reply from a candidate moves the session to that direct path
+//! without disturbing its streams. While relayed, a node keeps probing now and then.
+
+use super::candidates;
+use super::probe::{ProbeKey, Role};
+use crate::address::{Q2qAddress, ServiceName};
+use crate::amp::{AmpBox, Incoming};
+use crate::client::{ClientError, ConnectOptions, Home, ServerConn, StoredIdentity};
+use crate::proto::{self, code, command};
+use crate::ptcp::{
+    Endpoint, EndpointConfig, EndpointError, Path, PtcpSession, PtcpStream, SessionId, Side,
+};
+use crate::server::relay;
+use q2q_netstack::wire::Kind;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// Why connecting or listening failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    #[error("PTCP: {0}")]
+    Ptcp(#[from] EndpointError),
+    #[error("cannot open the UDP socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(String),
+    #[error("the server sent an invalid answer: {0}")]
+    BadAnswer(String),
+}
+
+/// How a session's datagrams travel now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathKind {
+    Direct(SocketAddr),
+    UdpRelay(SocketAddr),
+    TcpRelay,
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathKind::Direct(a) => write!(f, "direct {a}"),
+            PathKind::UdpRelay(a) => write!(f, "UDP relay {a}"),
+            PathKind::TcpRelay => write!(f, "TCP relay"),
+        }
+    }
+}
+
+/// One peer as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub peer: Q2qAddress,
+    pub service: ServiceName,
+    pub session: u64,
+    pub path: PathKind,
+    pub why: String,
+}
+
+/// Who may use a service: the default-deny allow list.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub allowed: Vec<Q2qAddress>,
+}
+
+impl Policy {
+    pub fn allow(peers: impl IntoIterator<Item = Q2qAddress>) -> Policy {
+        Policy { allowed: peers.into_iter().collect() }
+    }
+
+    pub fn permits(&self, who: &Q2qAddress) -> bool {
+        self.allowed.contains(who)
+    }
+}
+
+/// Settings of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Local address of the UDP socket (PTCP, who-am-i, probes, relay).
+    pub bind: SocketAddr,
+    /// Offer loopback host candidates (two nodes on one machine).
+    pub include_loopback: bool,
+    /// How to reach the home server.
+    pub server: ConnectOptions,
+    pub netstack: q2q_netstack::Config,
+    /// How long to probe before settling for the relay.
+    pub probe_for: Duration,
+    /// While relayed, probe again this often.
+    pub reprobe_every: Duration,
+    /// Wait this long before the first probes (0: probe at once, with the relay).
+    pub probe_after: Duration,
+    /// Look for direct paths at all (false: relay only).
+    pub direct: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            include_loopback: false,
+            server: ConnectOptions::default(),
+            netstack: q2q_netstack::Config::default(),
+            probe_for: Duration::from_secs(5),
+            reprobe_every: Duration::from_secs(30),
+            probe_after: Duration::ZERO,
+            direct: true,
+        }
+    }
+}
+
+/// An accepted stream of a listened service.
+pub struct Accepted {
+    pub peer: Q2qAddress,
+    pub stream: PtcpStream,
+    pub session: Arc<PtcpSession>,
+}
+
+/// A connection made by [`Node::connect`].
+pub struct Connection {
+    pub peer: Q2qAddress,
+    pub stream: PtcpStream,
+    pub session: Arc<PtcpSession>,
+}
+
+struct Probing {
+    key: ProbeKey,
+    role: Role,
+    session: Arc<PtcpSession>,
+    found: Option<SocketAddr>,
+}
+
+struct Listening {
+    policy: Policy,
+    accepted: mpsc::Sender<Accepted>,
+}
+
+struct Inner {
+    me: Q2qAddress,
+    home: Home,
+    identity: Arc<StoredIdentity>,
+    config: NodeConfig,
+    endpoint: Endpoint,
+    home_server: Arc<ServerConn>,
+    /// Logged-in connections to other domains' servers, by domain.
+    foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, Arc<ServerConn>>>,
+    listening: Mutex<HashMap<ServiceName, Listening>>,
+    whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
+    probing: Mutex<HashMap<u64, Probing>>,
+    peers: Mutex<HashMap<u64, PeerStatus>>,
+}
+
+/// A logged-in presence.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl Node {
+    /// Log in as `me` (whose identity is stored in `home`) and start serving.
+    pub async fn start(
+        home: Home,
+        me: Q2qAddress,
+        mut config: NodeConfig,
+    ) -> Result<Node, NodeError> {
+        let identity = Arc::new(home.identity(&me).map_err(ClientError::from)?);
+        if config.server.server.is_none() {
+            config.server.server = identity.server.clone();
+        }
+        config.server.login = Some(identity.clone());
+        let mut home_server = ServerConn::connect(&home, &me.domain, &config.server).await?;
+        let incoming = home_server.incoming.take();
+        let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
+        let side = endpoint.take_side_channel();
+        let inner = Arc::new(Inner {
+            me,
+            home,
+            identity,
+            config,
+            endpoint,
+            home_server: Arc::new(home_server),
+            foreign: Default::default(),
+            listening: Default::default(),
+            whoami: Default::default(),
+            probing: Default::default(),
+            peers: Default::default(),
+        });
+        let node = Node { inner };
+        if let Some(side) = side {
+            tokio::spawn(node.clone().side_loop(side));
+        }
+        if let Some(incoming) = incoming {
+            tokio::spawn(node.clone().control_loop(incoming));
+        }
+        Ok(node)
+    }
+
+    pub fn address(&self) -> &Q2qAddress {
+        &self.inner.me
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// Offer `service` to the peers `policy` allows; accepted streams arrive on the
+    /// returned queue.
+    pub async fn listen(
+        &self,
+        service: &ServiceName,
+        description: &str,
+        policy: Policy,
+    ) -> Result<mpsc::Receiver<Accepted>, NodeError> {
+        let (tx, rx) = mpsc::channel(64);
+        self.inner
+            .listening
+            .lock()
+            .map_err(|_| NodeError::BadAnswer("lock".into()))?
+            .insert(service.clone(), Listening { policy, accepted: tx });
+        self.inner
+            .home_server
+            .peer_call(
+                AmpBox::command(command::LISTEN)
+                    .with("service", service.as_str())
+                    .with("description", description),
+            )
+            .await?;
+        Ok(rx)
+    }
+
+    /// The address the home server sees this node's UDP socket as (its NAT mapping).
+    pub async fn reflexive(&self) -> Option<SocketAddr> {
+        let server = self.home_udp().await?;
+        let nonce: [u8; 8] = rand::random();
+        let (tx, rx) = oneshot::channel();
+        self.inner.whoami.lock().ok()?.insert(nonce, tx);
+        let request = crate::proto::whoami::request(nonce).to_vec();
+        let mut rx = rx;
+        for _ in 0..3 {
+            self.inner.endpoint.send_datagram(server, request.clone()).await.ok()?;
+            match tokio::time::timeout(Duration::from_millis(700), &mut rx).await {
+                Ok(Ok(seen)) => return Some(seen),
+                Ok(Err(_)) => return None,
+                Err(_) => continue,
+            }
+        }
+        if let Ok(mut w) = self.inner.whoami.lock() {
+            w.remove(&nonce);
+        }
+        None
+    }
+
+    async fn home_udp(&self) -> Option<SocketAddr> {
+        tokio::net::lookup_host(self.inner.home_server.server.as_str()).await.ok()?.next()
+    }
+
+    /// Peers and their paths.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<_> =
+            self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        v.sort_by_key(|p| p.session);
+        v
+    }
+
+    /// Connect to `to`'s `service`: through `to`'s domain server, relayed at first and direct
+    /// as soon as a hole is punched.
+    pub async fn connect(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Connection, NodeError> {
+        let server = self.server_for(&to.domain).await?;
+        let reflexive = self.reflexive().await;
+        let mine = candidates::gather(
+            self.local_addr().port(),
+            reflexive,
+            self.inner.config.include_loopback,
+        );
+        let answer = server
+            .peer_call(
+                AmpBox::command(command::INBOUND)
+                    .with("to", to.to_string())
+                    .with("service", service.as_str())
+                    .with("candidates", proto::format_candidates(&mine)),
+            )
+            .await?;
+        let setup = Setup::parse(&answer, server.server.as_str()).await?;
+        let session =
+            self.open_session(&setup, Side::Initiator, Role::Caller, to, service, &server).await?;
+        let stream = session.open_stream().await?;
+        Ok(Connection { peer: to.clone(), stream, session })
+    }
+
+    async fn server_for(
+        &self,
+        domain: &crate::address::Domain,
+    ) -> Result<Arc<ServerConn>, NodeError> {
+        if *domain == self.inner.me.domain {
+            return Ok(self.inner.home_server.clone());
+        }
+        let mut foreign = self.inner.foreign.lock().await;
+        if let Some(c) = foreign.get(domain)
+            && !c.handle().is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let opts =
+            ConnectOptions { login: Some(self.inner.identity.clone()), ..Default::default() };
+        let mut conn = ServerConn::connect(&self.inner.home, domain, &opts).await?;
+        if let Some(incoming) = conn.incoming.take() {
+            tokio::spawn(self.clone().control_loop(incoming));
+        }
+        let conn = Arc::new(conn);
+        foreign.insert(domain.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Create the session of `setup`, bind the relay, and start probing.
+    async fn open_session(
+        &self,
+        setup: &Setup,
+        side: Side,
+        role: Role,
+        peer: &Q2qAddress,
+        service: &ServiceName,
+        server: &ServerConn,
+    ) -> Result<Arc<PtcpSession>, NodeError> {
+        let header: Arc<[u8]> = relay::encode(&setup.relay_token, &[]).into();
+        let path = Path::Relay { server: setup.relay, header: header.clone() };
+        let session = Arc::new(
+            self.inner
+                .endpoint
+                .new_session(
+                    SessionId(setup.session),
+                    side,
+                    path,
+                    self.inner.config.netstack.clone(),
+                )
+                .await?,
+        );
+        // Bind our end of the relay: over UDP, and over TCP as well in case UDP is blocked.
+        self.inner.endpoint.send_datagram(setup.relay, header.to_vec()).await?;
+        let _ = server
+            .peer_tell(
+                AmpBox::command(command::RELAY)
+                    .with("token", hex::encode(setup.relay_token))
+                    .with("data", ""),
+            )
+            .await;
+        if let Ok(mut p) = self.inner.peers.lock() {
+            p.insert(
+                setup.session,
+                PeerStatus {
+                    peer: peer.clone(),
+                    service: service.clone(),
+                    session: setup.session,
+                    path: PathKind::UdpRelay(setup.relay),
+                    why: "probing for a direct path".into(),
+                },
+            );
+        }
+        if let Ok(mut p) = self.inner.probing.lock() {
+            p.insert(
+                setup.session,
+                Probing {
+                    key: ProbeKey::new(&setup.probe_key),
+                    role,
+                    session: session.clone(),
+                    found: None,
+                },
+            );
+        }
+        tokio::spawn(self.clone().probe_loop(
+            setup.session,
+            setup.candidates.clone(),
+            setup.relay,
+            header,
+        ));
+        Ok(session)
+    }
+
+    /// Probe `candidates` every 100 ms for `probe_for`, then, while still relayed, a short
+    /// burst every `reprobe_every`; keep the relay binding alive meanwhile. Bounded: at most
+    /// 32 candidates × 10 probes a second.
+    async fn probe_loop(
+        self,
+        session: u64,
+        candidates: Vec<SocketAddr>,
+        relay: SocketAddr,
+        header: Arc<[u8]>,
+    ) {
+        let role =
+            match self.inner.probing.lock().ok().and_then(|p| p.get(&session).map(|s| s.role)) {
+                Some(r) => r,
+                None => return,
+            };
+        let rounds = (self.inner.config.probe_for.as_millis() / 100).max(1) as u32;
+        let direct = self.inner.config.direct;
+        if !self.inner.config.probe_after.is_zero() {
+            tokio::time::sleep(self.inner.config.probe_after).await;
+        }
+        loop {
+            if !direct {
+                if let Ok(mut peers) = self.inner.peers.lock()
+                    && let Some(p) = peers.get_mut(&session)
+                {
+                    p.why = "direct paths disabled by configuration".into();
+                }
+                // Only keep the relay binding alive.
+                loop {
+                    let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    let alive = self
+                        .inner
+                        .probing
+                        .lock()
+                        .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()));
+                    if !matches!(alive, Ok(true)) {
+                        return;
+                    }
+                }
+            }
+            for round in 0..rounds {
+                let (packet, done) = {
+                    let Ok(p) = self.inner.probing.lock() else { return };
+                    let Some(s) = p.get(&session) else { return };
+                    (s.key.encode(false, session, u64::from(round), role), s.found.is_some())
+                };
+                if done {
+                    return;
+                }
+                for c in &candidates {
+                    let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
+                }
+                if round % 50 == 0 {
+                    let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Ok(mut peers) = self.inner.peers.lock()
+                && let Some(p) = peers.get_mut(&session)
+                && !matches!(p.path, PathKind::Direct(_))
+            {
+                p.why = format!(
+                    "no direct path: none of {} candidates answered probes",
+                    candidates.len()
+                );
+            }
+            // Relayed: keep the relay binding fresh and try again later.
+            let mut waited = Duration::ZERO;
+            while waited < self.inner.config.reprobe_every {
+                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                waited += Duration::from_secs(10);
+                let alive = self
+                    .inner
+                    .probing
+                    .lock()
+                    .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()));
+                if !matches!(alive, Ok(true)) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Datagrams of other kinds than PTCP on our socket.
+    async fn side_loop(self, mut side: mpsc::Receiver<crate::ptcp::SideDatagram>) {
+        while let Some(d) = side.recv().await {
+            match d.kind {
+                Kind::WhoAmIReply => {
+                    if let Ok((nonce, seen)) = proto::whoami::parse_reply(&d.data)
+                        && let Some(tx) =
+                            self.inner.whoami.lock().ok().and_then(|mut w| w.remove(&nonce))
+                    {
+                        let _ = tx.send(seen);
+                    }
+                }
+                Kind::Probe | Kind::ProbeReply => self.on_probe(&d.data, d.from).await,
+                Kind::Relay => {
+                    if let Some((_, inner)) = relay::decode(&d.data)
+                        && !inner.is_empty()
+                    {
+                        let _ = self.inner.endpoint.inject(d.from, inner.to_vec()).await;
+                    }
+                }
+                _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
+            }
+        }
+    }
+
+    async fn on_probe(&self, data: &[u8], from: SocketAddr) {
+        let session = match data.get(2..10).and_then(|b| b.try_into().ok()) {
+            Some(b) => u64::from_be_bytes(b),
+            None => return,
+        };
+        let (reply, switch) = {
+            let Ok(mut p) = self.inner.probing.lock() else { return };
+            let Some(s) = p.get_mut(&session) else { return };
+            let Some(probe) = s.key.verify(data, s.role.other()) else {
+                debug!(%from, "dropped a probe that does not verify");
+                return;
+            };
+            let reply = (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role));
+            let switch = if s.found.is_none() {
+                s.found = Some(from);
+                Some(s.session.clone())
+            } else {
+                None
+            };
+            (reply, switch)
+        };
+        if let Some(r) = reply {
+            let _ = self.inner.endpoint.send_datagram(from, r.to_vec()).await;
+        }
+        if let Some(session_handle) = switch {
+            if session_handle.set_peer_addr(from).await.is_ok() {
+                info!(session = format!("{session:016x}"), %from, "direct path found");
+                if let Ok(mut peers) = self.inner.peers.lock()
+                    && let Some(p) = peers.get_mut(&session)
+                {
+                    p.path = PathKind::Direct(from);
+                    p.why = "hole punched".into();
+                }
+            }
+        }
+    }
+
+    /// Requests from a server: `inbound` (someone wants one of our services) and relayed
+    /// datagrams over TCP.
+    async fn control_loop(self, mut incoming: mpsc::Receiver<Incoming>) {
+        while let Some(req) = incoming.recv().await {
+            match req.command() {
+                command::RELAY => {
+                    let data = req.request.get("data").unwrap_or_default().to_vec();
+                    if !data.is_empty() {
+                        let _ = self
+                            .inner
+                            .endpoint
+                            .inject(SocketAddr::from(([0, 0, 0, 0], 0)), data)
+                            .await;
+                    }
+                    req.respond(Ok(AmpBox::new())).await;
+                }
+                command::INBOUND => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let result = node.inbound(&req.request).await;
+                        req.respond(result).await;
+                    });
+                }
+                other => {
+                    let other = other.to_string();
+                    req.respond(Err((
+                        code::UNHANDLED.into(),
+                        format!("unknown command `{other}`"),
+                    )))
+                    .await;
+                }
+            }
+        }
+        warn!("control connection to the server ended");
+    }
+
+    /// Someone asks for one of our services: default deny unless the policy names them.
+    async fn inbound(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
+        let from = b
+            .get_str("from")
+            .and_then(|f| Q2qAddress::parse(f).ok())
+            .ok_or_else(|| bad("bad `from`"))?;
+        let service = b
+            .get_str("service")
+            .and_then(|s| ServiceName::parse(s).ok())
+            .ok_or_else(|| bad("bad `service`"))?;
+        let accepted = {
+            let l = self.inner.listening.lock().map_err(|_| bad("lock"))?;
+            match l.get(&service) {
+                None => {
+                    return Err((
+                        code::NO_SUCH_SERVICE.into(),
+                        format!("{} does not offer service {service}", self.inner.me),
+                    ));
+                }
+                Some(l) if !l.policy.permits(&from) => {
+                    info!(%from, %service, "refused: not authorized");
+                    return Err((
+                        code::NOT_AUTHORIZED.into(),
+                        format!("{from} is not authorized for {service} of {}", self.inner.me),
+                    ));
+                }
+                Some(l) => l.accepted.clone(),
+            }
+        };
+        let setup = Setup::parse(b, self.inner.home_server.server.as_str())
+            .await
+            .map_err(|e| bad(&e.to_string()))?;
+        let reflexive = self.reflexive().await;
+        let mine = candidates::gather(
+            self.local_addr().port(),
+            reflexive,
+            self.inner.config.include_loopback,
+        );
+        let home = self.inner.home_server.clone();
+        let session = self
+            .open_session(&setup, Side::Responder, Role::Callee, &from, &service, &home)
+            .await
+            .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
+        tokio::spawn(async move {
+            loop {
+                match session.accept().await {
+                    Ok(stream) => {
+                        let a = Accepted { peer: from.clone(), stream, session: session.clone() };
+                        if accepted.send(a).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => return debug!(error = %e, "session ended"),
+                }
+            }
+        });
+        Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))
+    }
+}
+
+/// What the server's `inbound` box says about a session.
+struct Setup {
+    session: u64,
+    probe_key: [u8; 16],
+    relay_token: relay::Token,
+    relay: SocketAddr,
+    candidates: Vec<SocketAddr>,
+}
+
+impl Setup {
+    /// Parse an `inbound` answer (caller) or request (callee); the relay is the server at
+    /// `server` (host:port of the control connection) on `relay_port`.
+    async fn parse(b: &AmpBox, server: &str) -> Result<Setup, NodeError> {
+        let bad = |what: &str| NodeError::BadAnswer(format!("`{what}` missing or malformed"));
+        let session = b
+            .get_str("session")
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or_else(|| bad("session"))?;
+        let probe_key = b
+            .get_str("probe_key")
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("probe_key"))?;
+        let relay_token = b
+            .get_str("relay_token")
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("relay_token"))?;
+        let port: u16 = b
+            .get_str("relay_port")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad("relay_port"))?;
+        let candidates = proto::parse_candidates(b.get_str("candidates").unwrap_or(""))
+            .map_err(NodeError::BadAnswer)?;
+        let host =
+            tokio::net::lookup_host(server).await?.next().ok_or_else(|| bad("server address"))?;
+        Ok(Setup {
+            session,
+            probe_key,
+            relay_token,
+            relay: SocketAddr::new(host.ip(), port),
+            candidates,
+        })
+    }
+}

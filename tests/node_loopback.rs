@@ -1,0 +1,97 @@
+//! Two nodes on loopback reaching each other by address through one server: relayed, direct,
+//! and moved from relay to direct in the middle of a transfer.
+
+mod common;
+
+use common::{TestServer, addr, loopback_config};
+use q2q::address::ServiceName;
+use q2q::client::{self, ConnectOptions};
+use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use q2q::server::Registration;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PW: &str = "correct horse battery";
+
+async fn node(srv: &TestServer, home: &q2q::client::Home, who: &str, config: NodeConfig) -> Node {
+    let a = addr(who);
+    client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
+    let config = NodeConfig {
+        include_loopback: true,
+        server: ConnectOptions { server: Some(srv.addr()), ..Default::default() },
+        ..config
+    };
+    Node::start(home.clone(), a, config).await.unwrap()
+}
+
+/// Bob connects to alice's echo service and moves `len` bytes through it, checking them.
+async fn echo_round_trip(srv: &TestServer, config: NodeConfig, len: usize) -> (Node, Node) {
+    let (_d, home) = common::home();
+    let alice = node(srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(srv, &home, "bob@example.com", config).await;
+    let echo = ServiceName::parse("echo").unwrap();
+    let mut accepted =
+        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(a) = accepted.recv().await {
+            assert_eq!(a.peer, addr("bob@example.com"));
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(a.stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    assert_eq!(conn.peer, addr("alice@example.com"));
+    let (mut r, mut w) = tokio::io::split(conn.stream);
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(len);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert!(back == data, "echoed data differs");
+    drop(_d);
+    (alice, bob)
+}
+
+#[tokio::test]
+async fn direct_when_a_hole_can_be_punched() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_alice, bob) = echo_round_trip(&srv, NodeConfig::default(), 1 << 20).await;
+    let status = bob.status();
+    assert_eq!(status.len(), 1);
+    assert!(matches!(status[0].path, PathKind::Direct(_)), "{:?}", status[0]);
+}
+
+#[tokio::test]
+async fn relayed_when_direct_is_off() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let config = NodeConfig { direct: false, ..Default::default() };
+    let (_alice, bob) = echo_round_trip(&srv, config, 1 << 20).await;
+    let status = bob.status();
+    assert!(matches!(status[0].path, PathKind::UdpRelay(_)), "{:?}", status[0]);
+    assert!(status[0].why.contains("disabled"), "{:?}", status[0]);
+    // Every byte went through the server: 1 MiB each way, plus headers and ACKs.
+    assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 2 << 20);
+}
+
+#[tokio::test]
+async fn relay_to_direct_in_the_middle_of_a_transfer() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let config = NodeConfig { probe_after: Duration::from_millis(1500), ..Default::default() };
+    let len = 48 << 20;
+    let (_alice, bob) = echo_round_trip(&srv, config, len).await;
+    let status = bob.status();
+    assert!(matches!(status[0].path, PathKind::Direct(_)), "{:?}", status[0]);
+    // Part of the transfer went through the relay, the rest direct; the stream never broke.
+    let relayed = srv.running.as_ref().unwrap().stats().relayed_bytes;
+    eprintln!("relayed {relayed} of {} bytes", 2 * len);
+    assert!(relayed > 64 << 10 && relayed < (2 * len) as u64, "relayed {relayed}");
+}
