@@ -95,3 +95,56 @@ async fn relay_to_direct_in_the_middle_of_a_transfer() {
     eprintln!("relayed {relayed} of {} bytes", 2 * len);
     assert!(relayed > 64 << 10 && relayed < (2 * len) as u64, "relayed {relayed}");
 }
+
+#[tokio::test]
+async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
+    let echo = ServiceName::parse("echo").unwrap();
+    let mut accepted =
+        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(a) = accepted.recv().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(a.stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    let mut stream = conn.stream;
+    let mut buf = [0u8; 5];
+    // Wait for the direct path, then take the server away.
+    for _ in 0..100 {
+        if matches!(bob.status()[0].path, PathKind::Direct(_)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(bob.status()[0].path, PathKind::Direct(_)));
+    srv.restart().await;
+    stream.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"hello", "the direct stream survived the server restart");
+    // Both log back in by themselves; a new connection works.
+    let mut ok = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(c) = bob.connect(&addr("alice@example.com"), &echo).await {
+            let mut s = c.stream;
+            s.write_all(b"again").await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            ok = &buf == b"again";
+            break;
+        }
+    }
+    assert!(ok, "nodes did not log back in after the server restarted");
+}

@@ -149,6 +149,7 @@ struct Probing {
 
 struct Listening {
     policy: Policy,
+    description: String,
     accepted: mpsc::Sender<Accepted>,
 }
 
@@ -158,7 +159,8 @@ struct Inner {
     identity: Arc<StoredIdentity>,
     config: NodeConfig,
     endpoint: Endpoint,
-    home_server: Arc<ServerConn>,
+    /// The logged-in connection to the home server; replaced when the node logs back in.
+    home_server: Mutex<Arc<ServerConn>>,
     /// Logged-in connections to other domains' servers, by domain.
     foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, Arc<ServerConn>>>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
@@ -195,7 +197,7 @@ impl Node {
             identity,
             config,
             endpoint,
-            home_server: Arc::new(home_server),
+            home_server: Mutex::new(Arc::new(home_server)),
             foreign: Default::default(),
             listening: Default::default(),
             whoami: Default::default(),
@@ -209,7 +211,85 @@ impl Node {
         if let Some(incoming) = incoming {
             tokio::spawn(node.clone().control_loop(incoming));
         }
+        tokio::spawn(node.clone().stay_logged_in());
         Ok(node)
+    }
+
+    /// The current connection to the home server.
+    fn home(&self) -> Arc<ServerConn> {
+        match self.inner.home_server.lock() {
+            Ok(h) => h.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Keep the home connection alive: a ping every 25 s (below common NAT TCP and UDP
+    /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s)
+    /// and listen again for every service. Established sessions are untouched: they need
+    /// no server once set up.
+    async fn stay_logged_in(self) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let home = self.home();
+            let handle = home.handle();
+            tokio::select! {
+                _ = handle.closed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(25)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), home.peer_call(AmpBox::command(command::PING))).await;
+                    if let Some(udp) = self.home_udp().await {
+                        // Also refresh the NAT's UDP mapping towards the server.
+                        let _ = self.inner.endpoint.send_datagram(udp, proto::whoami::request(rand::random()).to_vec()).await;
+                    }
+                    continue;
+                }
+            }
+            warn!(server = %home.server, "lost the connection to the home server; logging back in");
+            loop {
+                tokio::time::sleep(backoff).await;
+                match ServerConn::connect(
+                    &self.inner.home,
+                    &self.inner.me.domain,
+                    &self.inner.config.server,
+                )
+                .await
+                {
+                    Ok(mut conn) => {
+                        let incoming = conn.incoming.take();
+                        let conn = Arc::new(conn);
+                        let services: Vec<(ServiceName, String)> = self
+                            .inner
+                            .listening
+                            .lock()
+                            .map(|l| {
+                                l.iter().map(|(s, l)| (s.clone(), l.description.clone())).collect()
+                            })
+                            .unwrap_or_default();
+                        for (service, description) in services {
+                            let _ = conn
+                                .peer_call(
+                                    AmpBox::command(command::LISTEN)
+                                        .with("service", service.as_str())
+                                        .with("description", description),
+                                )
+                                .await;
+                        }
+                        if let Some(incoming) = incoming {
+                            tokio::spawn(self.clone().control_loop(incoming));
+                        }
+                        if let Ok(mut h) = self.inner.home_server.lock() {
+                            *h = conn;
+                        }
+                        info!("logged back in");
+                        backoff = Duration::from_secs(1);
+                        break;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "log-in failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
     }
 
     pub fn address(&self) -> &Q2qAddress {
@@ -229,13 +309,11 @@ impl Node {
         policy: Policy,
     ) -> Result<mpsc::Receiver<Accepted>, NodeError> {
         let (tx, rx) = mpsc::channel(64);
-        self.inner
-            .listening
-            .lock()
-            .map_err(|_| NodeError::BadAnswer("lock".into()))?
-            .insert(service.clone(), Listening { policy, accepted: tx });
-        self.inner
-            .home_server
+        self.inner.listening.lock().map_err(|_| NodeError::BadAnswer("lock".into()))?.insert(
+            service.clone(),
+            Listening { policy, description: description.to_string(), accepted: tx },
+        );
+        self.home()
             .peer_call(
                 AmpBox::command(command::LISTEN)
                     .with("service", service.as_str())
@@ -268,7 +346,7 @@ impl Node {
     }
 
     async fn home_udp(&self) -> Option<SocketAddr> {
-        tokio::net::lookup_host(self.inner.home_server.server.as_str()).await.ok()?.next()
+        tokio::net::lookup_host(self.home().server.as_str()).await.ok()?.next()
     }
 
     /// Peers and their paths.
@@ -313,7 +391,7 @@ impl Node {
         domain: &crate::address::Domain,
     ) -> Result<Arc<ServerConn>, NodeError> {
         if *domain == self.inner.me.domain {
-            return Ok(self.inner.home_server.clone());
+            return Ok(self.home());
         }
         let mut foreign = self.inner.foreign.lock().await;
         if let Some(c) = foreign.get(domain)
@@ -609,16 +687,15 @@ impl Node {
                 Some(l) => l.accepted.clone(),
             }
         };
-        let setup = Setup::parse(b, self.inner.home_server.server.as_str())
-            .await
-            .map_err(|e| bad(&e.to_string()))?;
+        let setup =
+            Setup::parse(b, self.home().server.as_str()).await.map_err(|e| bad(&e.to_string()))?;
         let reflexive = self.reflexive().await;
         let mine = candidates::gather(
             self.local_addr().port(),
             reflexive,
             self.inner.config.include_loopback,
         );
-        let home = self.inner.home_server.clone();
+        let home = self.home();
         let session = self
             .open_session(&setup, Side::Responder, Role::Callee, &from, &service, &home)
             .await
