@@ -5,6 +5,7 @@ pub mod address;
 pub mod amp;
 pub mod cli;
 pub mod client;
+pub mod daemon;
 pub mod fsutil;
 pub mod identity;
 pub mod presence;

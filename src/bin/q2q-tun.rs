@@ -2,9 +2,12 @@
 
 use clap::{Parser, Subcommand};
 use q2q::address::{Domain, Q2qAddress};
+use q2q::amp::AmpBox;
 use q2q::cli::{format_time, read_password};
 use q2q::client::{self, ConnectOptions, Home, ServerConn};
+use q2q::daemon;
 use q2q::identity::Fingerprint;
+use q2q::presence::node::{Node, NodeConfig};
 use std::path::PathBuf;
 
 /// The q2q client: networking addressed to people (alice@example.com), not machines.
@@ -79,6 +82,53 @@ enum Command {
     },
     /// Forget the CA pinned for a domain (the next contact pins whatever it presents).
     ForgetCa { domain: String },
+    /// Go online: log in to the home server with your certificate, stay logged in, answer
+    /// `ping`, and serve `status`/`ping`/`down` on a local control socket.
+    Up {
+        /// The identity to run as (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+        /// Stay in the foreground (logs on stderr) instead of detaching.
+        #[arg(long)]
+        foreground: bool,
+        /// Run without the TUN device (presence, ping and status only). The TUN device is
+        /// not built yet, so this is currently required.
+        #[arg(long)]
+        no_tun: bool,
+        /// Local UDP address for PTCP, who-am-i, probes and relay.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        bind: std::net::SocketAddr,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Do not answer the built-in `ping` service.
+        #[arg(long)]
+        no_ping: bool,
+        /// Never look for direct paths: always use the server's relay.
+        #[arg(long)]
+        relay_only: bool,
+        /// Also offer loopback addresses as candidates (peers on the same machine).
+        #[arg(long)]
+        loopback_candidates: bool,
+    },
+    /// Stop the running daemon.
+    Down,
+    /// Show each peer of the running daemon, its path (direct ip:port, UDP relay, TCP
+    /// relay) and why.
+    Status,
+    /// Reach an address's `ping` service: time to connect, round trips, and the path.
+    Ping {
+        /// Who to ping, like bob@example.com.
+        address: String,
+        /// How many round trips.
+        #[arg(short = 'c', long, default_value_t = 4)]
+        count: u32,
+        /// The identity to ping from when no daemon runs (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+        /// Never look for direct paths (when no daemon runs).
+        #[arg(long)]
+        relay_only: bool,
+    },
 }
 
 #[tokio::main]
@@ -177,6 +227,166 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("no CA was pinned for {domain}");
             }
         }
+        Command::Up {
+            as_address,
+            foreground,
+            no_tun,
+            bind,
+            server,
+            no_ping,
+            relay_only,
+            loopback_candidates,
+        } => {
+            if !no_tun {
+                anyhow::bail!(
+                    "the TUN device (q2q0) is not built yet: run `q2q-tun up --no-tun` for presence, ping and status"
+                );
+            }
+            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
+            let me = daemon::choose_identity(&home, wanted.as_ref())?;
+            if std::os::unix::net::UnixStream::connect(daemon::socket_path(&home)).is_ok() {
+                anyhow::bail!(
+                    "q2q-tun is already up for {}: `q2q-tun status` shows it",
+                    home.root().display()
+                );
+            }
+            if !foreground {
+                return detach(&home);
+            }
+            let config = NodeConfig {
+                bind,
+                include_loopback: loopback_candidates,
+                server: server.options(),
+                direct: !relay_only,
+                ..Default::default()
+            };
+            daemon::run(home, me, config, !no_ping).await?;
+        }
+        Command::Down => {
+            daemon::ask(&home, AmpBox::command("shutdown")).await?;
+            for _ in 0..50 {
+                if !daemon::socket_path(&home).exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            println!("q2q-tun is down");
+        }
+        Command::Status => {
+            let b = daemon::ask(&home, AmpBox::command("status")).await?;
+            println!(
+                "{} (UDP {})",
+                b.get_str("address").unwrap_or("?"),
+                b.get_str("udp").unwrap_or("?")
+            );
+            let peers = b.get_str("peers").unwrap_or("");
+            if peers.is_empty() {
+                println!("no peers yet");
+            } else {
+                println!("{:<28} {:<10} {:<32} why", "peer", "service", "path");
+                for line in peers.lines() {
+                    let f: Vec<&str> = line.split('\t').collect();
+                    if let [peer, service, path, why] = f.as_slice() {
+                        println!("{peer:<28} {service:<10} {path:<32} {why}");
+                    }
+                }
+            }
+        }
+        Command::Ping { address, count, as_address, relay_only } => {
+            let to = Q2qAddress::parse(&address)?;
+            let report = if daemon::socket_path(&home).exists() {
+                let b = daemon::ask(
+                    &home,
+                    AmpBox::command("ping")
+                        .with("to", to.to_string())
+                        .with("count", count.to_string()),
+                )
+                .await?;
+                PrintedPing::from_box(&b)
+            } else {
+                let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
+                let me = daemon::choose_identity(&home, wanted.as_ref())?;
+                let config = NodeConfig { direct: !relay_only, ..Default::default() };
+                let node = Node::start(home.clone(), me, config).await?;
+                let r = node.ping(&to, count, std::time::Duration::from_millis(200)).await?;
+                PrintedPing::from_box(&daemon::report_box(&r))
+            };
+            report.print();
+        }
     }
     Ok(())
+}
+
+/// Start `q2q-tun up --foreground` in the background, logging to $Q2Q_HOME/q2q-tun.log,
+/// and return once its control socket answers.
+fn detach(home: &Home) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    q2q::fsutil::create_private_dir(home.root())?;
+    let log_path = home.root().join("q2q-tun.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .env("Q2Q_HOME", home.root())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last =
+                text.lines().rev().find(|l| l.starts_with("error:")).unwrap_or("see the log");
+            anyhow::bail!("q2q-tun up failed ({status}): {}", last.trim_start_matches("error: "));
+        }
+        if std::os::unix::net::UnixStream::connect(daemon::socket_path(home)).is_ok() {
+            println!("q2q-tun is up (pid {}); log: {}", child.id(), log_path.display());
+            return Ok(());
+        }
+    }
+    anyhow::bail!("q2q-tun up did not come up within 10 s; see {}", log_path.display())
+}
+
+/// A ping report as printed.
+struct PrintedPing {
+    peer: String,
+    connect_ms: f64,
+    rtts_ms: Vec<f64>,
+    path: String,
+    why: String,
+}
+
+impl PrintedPing {
+    fn from_box(b: &AmpBox) -> PrintedPing {
+        let us = |s: &str| s.parse::<f64>().map(|v| v / 1000.0).unwrap_or(f64::NAN);
+        PrintedPing {
+            peer: b.get_str("peer").unwrap_or("?").to_string(),
+            connect_ms: us(b.get_str("connect_us").unwrap_or("")),
+            rtts_ms: b
+                .get_str("rtts_us")
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(us)
+                .collect(),
+            path: b.get_str("path").unwrap_or("?").to_string(),
+            why: b.get_str("why").unwrap_or("").to_string(),
+        }
+    }
+
+    fn print(&self) {
+        println!("PING {}: connected in {:.1} ms", self.peer, self.connect_ms);
+        for (i, rtt) in self.rtts_ms.iter().enumerate() {
+            println!("reply {} from {}: time={rtt:.2} ms", i + 1, self.peer);
+        }
+        let n = self.rtts_ms.len().max(1) as f64;
+        let min = self.rtts_ms.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = self.rtts_ms.iter().cloned().fold(0.0, f64::max);
+        let avg = self.rtts_ms.iter().sum::<f64>() / n;
+        println!("{} replies, min/avg/max = {min:.2}/{avg:.2}/{max:.2} ms", self.rtts_ms.len());
+        println!("path: {} ({})", self.path, self.why);
+    }
 }

@@ -75,20 +75,37 @@ pub struct PeerStatus {
     pub why: String,
 }
 
-/// Who may use a service: the default-deny allow list.
+/// Who may use a service: default deny, an allow list.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     pub allowed: Vec<Q2qAddress>,
+    /// Every authenticated address (only for harmless services such as `ping`).
+    pub anyone: bool,
 }
 
 impl Policy {
     pub fn allow(peers: impl IntoIterator<Item = Q2qAddress>) -> Policy {
-        Policy { allowed: peers.into_iter().collect() }
+        Policy { allowed: peers.into_iter().collect(), anyone: false }
+    }
+
+    pub fn anyone() -> Policy {
+        Policy { allowed: vec![], anyone: true }
     }
 
     pub fn permits(&self, who: &Q2qAddress) -> bool {
-        self.allowed.contains(who)
+        self.anyone || self.allowed.contains(who)
     }
+}
+
+/// What [`Node::ping`] measured.
+#[derive(Debug, Clone)]
+pub struct PingReport {
+    pub peer: Q2qAddress,
+    /// From asking the server to an open stream.
+    pub connect: Duration,
+    pub rtts: Vec<Duration>,
+    pub path: PathKind,
+    pub why: String,
 }
 
 /// Settings of a node.
@@ -357,6 +374,70 @@ impl Node {
         v
     }
 
+    /// Offer the built-in `ping` service (an echo of 8-byte probes) to every authenticated
+    /// address: it tells no more than presence does.
+    pub async fn serve_ping(&self) -> Result<(), NodeError> {
+        let mut accepted = self.listen(&ping_service(), "q2q ping", Policy::anyone()).await?;
+        tokio::spawn(async move {
+            while let Some(a) = accepted.recv().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut s = a.stream;
+                    let mut buf = [0u8; 8];
+                    // At most 10 000 echoes per stream: every loop is bounded.
+                    for _ in 0..10_000 {
+                        if s.read_exact(&mut buf).await.is_err() || s.write_all(&buf).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// Connect to `to`'s `ping` service and time `count` round trips, `interval` apart.
+    pub async fn ping(
+        &self,
+        to: &Q2qAddress,
+        count: u32,
+        interval: Duration,
+    ) -> Result<PingReport, NodeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let start = std::time::Instant::now();
+        let conn = self.connect(to, &ping_service()).await?;
+        let connect = start.elapsed();
+        let mut s = conn.stream;
+        let mut rtts = Vec::new();
+        for i in 0..count.min(10_000) {
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            let t = std::time::Instant::now();
+            let mut buf = u64::from(i).to_be_bytes();
+            s.write_all(&buf).await?;
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.map_err(
+                |_| {
+                    NodeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no echo within 10 s",
+                    ))
+                },
+            )??;
+            rtts.push(t.elapsed());
+        }
+        let _ = s.shutdown().await;
+        let id = conn.session.id().0;
+        let (path, why) = self
+            .status()
+            .into_iter()
+            .find(|p| p.session == id)
+            .map(|p| (p.path, p.why))
+            .unwrap_or((PathKind::TcpRelay, String::new()));
+        Ok(PingReport { peer: to.clone(), connect, rtts, path, why })
+    }
+
     /// Connect to `to`'s `service`: through `to`'s domain server, relayed at first and direct
     /// as soon as a hole is punched.
     pub async fn connect(
@@ -585,6 +666,9 @@ impl Node {
     }
 
     async fn on_probe(&self, data: &[u8], from: SocketAddr) {
+        if !self.inner.config.direct {
+            return; // relay only: neither answer probes nor move to a direct path
+        }
         let session = match data.get(2..10).and_then(|b| b.try_into().ok()) {
             Some(b) => u64::from_be_bytes(b),
             None => return,
@@ -761,4 +845,9 @@ impl Setup {
             candidates,
         })
     }
+}
+
+/// The built-in echo service `q2q-tun ping` talks to.
+pub fn ping_service() -> ServiceName {
+    ServiceName::parse("ping").expect("`ping` is a valid service name")
 }

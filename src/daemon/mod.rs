@@ -1,0 +1,189 @@
+//! The client daemon behind `q2q-tun up`: a [`Node`] that stays logged in, serves the
+//! built-in `ping`, and answers the other `q2q-tun` verbs on a local control socket.
+//!
+//! The control socket is `$Q2Q_HOME/q2q.sock` (mode 0600 in a 0700 directory: only the
+//! owner, root for `/var/lib/q2q`, can use it) and speaks AMP boxes, like the servers:
+//! `status`, `ping` (`to`, `count`), `shutdown`.
+
+use crate::address::Q2qAddress;
+use crate::amp::{self, AmpBox};
+use crate::client::{Home, HomeError};
+use crate::presence::node::{Node, NodeConfig, NodeError, PingReport};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+/// Why the daemon could not start or be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("a q2q-tun daemon is already running for {0} (control socket {1})")]
+    AlreadyRunning(String, String),
+    #[error("no q2q-tun daemon is running for {0}: start it with `q2q-tun up`")]
+    NotRunning(String),
+    #[error("control socket {0}: {1}")]
+    Socket(String, std::io::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("which identity? {0} are stored here: pass --as ADDRESS")]
+    WhichIdentity(String),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// The control socket of `home`.
+pub fn socket_path(home: &Home) -> PathBuf {
+    home.root().join("q2q.sock")
+}
+
+/// The identity to run as: `wanted`, or the only one stored.
+pub fn choose_identity(
+    home: &Home,
+    wanted: Option<&Q2qAddress>,
+) -> Result<Q2qAddress, DaemonError> {
+    if let Some(w) = wanted {
+        return Ok(home.identity(w)?.address);
+    }
+    let ids = home.identities()?;
+    match ids.as_slice() {
+        [one] => Ok(one.address.clone()),
+        [] => Err(HomeError::Invalid {
+            path: home.root().display().to_string(),
+            reason: "no identity: run `q2q-tun register you@domain` first".into(),
+        }
+        .into()),
+        many => Err(DaemonError::WhichIdentity(
+            many.iter().map(|i| i.address.to_string()).collect::<Vec<_>>().join(", "),
+        )),
+    }
+}
+
+/// Run the daemon until `shutdown` or a signal: log in, serve ping, answer the control socket.
+pub async fn run(
+    home: Home,
+    me: Q2qAddress,
+    config: NodeConfig,
+    ping: bool,
+) -> Result<(), DaemonError> {
+    let path = socket_path(&home);
+    let shown = path.display().to_string();
+    if UnixStream::connect(&path).await.is_ok() {
+        return Err(DaemonError::AlreadyRunning(me.to_string(), shown));
+    }
+    // A socket left by a killed daemon: nothing answers it, so it is safe to replace.
+    let _ = std::fs::remove_file(&path);
+    crate::fsutil::create_private_dir(home.root())
+        .map_err(|e| DaemonError::Socket(shown.clone(), e))?;
+    let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Socket(shown.clone(), e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DaemonError::Socket(shown.clone(), e))?;
+
+    let node = Node::start(home.clone(), me.clone(), config).await?;
+    if ping {
+        node.serve_ping().await?;
+    }
+    info!(address = %me, udp = %node.local_addr(), control = %shown, "q2q-tun is up");
+    println!("q2q-tun up as {me}: UDP {} ; control socket {shown}", node.local_addr());
+
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let result = loop {
+        tokio::select! {
+            _ = stop_rx.recv() => break Ok(()),
+            _ = signal() => break Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_control(node.clone(), stream, stop_tx.clone()));
+                }
+                Err(e) => warn!(error = %e, "control socket accept failed"),
+            },
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    info!("q2q-tun is down");
+    result
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn serve_control(node: Node, stream: UnixStream, stop: tokio::sync::mpsc::Sender<()>) {
+    let (_handle, mut incoming) = amp::peer::spawn(stream);
+    while let Some(req) = incoming.recv().await {
+        let result = match req.command() {
+            "status" => Ok(status_box(&node)),
+            "ping" => ping(&node, &req.request).await,
+            "shutdown" => {
+                let _ = stop.send(()).await;
+                Ok(AmpBox::new())
+            }
+            other => Err(("UNHANDLED".to_string(), format!("unknown command `{other}`"))),
+        };
+        req.respond(result).await;
+    }
+}
+
+fn status_box(node: &Node) -> AmpBox {
+    let lines: Vec<String> = node
+        .status()
+        .into_iter()
+        .map(|p| format!("{}\t{}\t{}\t{}", p.peer, p.service, p.path, p.why))
+        .collect();
+    AmpBox::new()
+        .with("address", node.address().to_string())
+        .with("udp", node.local_addr().to_string())
+        .with("peers", lines.join("\n"))
+}
+
+async fn ping(node: &Node, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+    let bad = |e: String| ("BAD_REQUEST".to_string(), e);
+    let to = Q2qAddress::parse(b.get_str("to").unwrap_or("")).map_err(|e| bad(e.to_string()))?;
+    let count: u32 = b.get_str("count").and_then(|c| c.parse().ok()).unwrap_or(4).clamp(1, 1000);
+    let report = node
+        .ping(&to, count, Duration::from_millis(200))
+        .await
+        .map_err(|e| ("PING_FAILED".to_string(), e.to_string()))?;
+    Ok(report_box(&report))
+}
+
+/// A ping report as a box (for the control socket).
+pub fn report_box(r: &PingReport) -> AmpBox {
+    let rtts: Vec<String> = r.rtts.iter().map(|d| d.as_micros().to_string()).collect();
+    AmpBox::new()
+        .with("peer", r.peer.to_string())
+        .with("connect_us", r.connect.as_micros().to_string())
+        .with("rtts_us", rtts.join(","))
+        .with("path", r.path.to_string())
+        .with("why", &r.why)
+}
+
+/// Ask the running daemon of `home` (`status`, `ping`, `shutdown`).
+pub async fn ask(home: &Home, request: AmpBox) -> Result<AmpBox, DaemonError> {
+    let path = socket_path(home);
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|_| DaemonError::NotRunning(home.root().display().to_string()))?;
+    let (handle, _incoming) = amp::peer::spawn(stream);
+    match handle.call(request).await {
+        Ok(b) => Ok(b),
+        Err(amp::CallError::Remote { description, .. }) => Err(DaemonError::Refused(description)),
+        Err(e) => Err(DaemonError::Socket(
+            path.display().to_string(),
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
