@@ -202,12 +202,14 @@ async fn changed_ca_stops_the_client_until_accepted_deliberately() {
     );
 
     // A wrong fingerprint up front is refused; the right one is accepted and re-pins.
-    let wrong = ConnectOptions { server: Some(srv2.addr()), ca_fingerprint: Some(old) };
+    let wrong =
+        ConnectOptions { server: Some(srv2.addr()), ca_fingerprint: Some(old), login: None };
     assert!(matches!(
         ServerConn::connect(&home, &domain, &wrong).await.err().unwrap(),
         ClientError::CaNotExpected { .. }
     ));
-    let right = ConnectOptions { server: Some(srv2.addr()), ca_fingerprint: Some(new) };
+    let right =
+        ConnectOptions { server: Some(srv2.addr()), ca_fingerprint: Some(new), login: None };
     assert!(ServerConn::connect(&home, &domain, &right).await.unwrap().newly_pinned);
     assert!(!ServerConn::connect(&home, &domain, &srv2.opts()).await.unwrap().newly_pinned);
     assert!(ServerConn::connect(&home, &domain, &srv1.opts()).await.is_err());
@@ -262,7 +264,11 @@ async fn unreachable_server_names_what_was_tried() {
     let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
     drop(sock);
-    let opts = ConnectOptions { server: Some(format!("127.0.0.1:{port}")), ca_fingerprint: None };
+    let opts = ConnectOptions {
+        server: Some(format!("127.0.0.1:{port}")),
+        ca_fingerprint: None,
+        login: None,
+    };
     let err = ServerConn::connect(&home, &addr("a@example.com").domain, &opts).await.err().unwrap();
     let msg = err.to_string();
     assert!(msg.starts_with("example.com's server is unreachable (tried 127.0.0.1:"), "{msg}");

@@ -35,7 +35,7 @@ impl TestServer {
     }
 
     pub fn opts(&self) -> ConnectOptions {
-        ConnectOptions { server: Some(self.addr()), ca_fingerprint: None }
+        ConnectOptions { server: Some(self.addr()), ..Default::default() }
     }
 
     /// Stop and start again from the same data directory, on the same port.

@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let d = DataDir::init(&dir.path().join("srv"), &"bench.example".parse()?, &config)?;
     let running = server::start(d, config).await?;
-    let opts = ConnectOptions { server: Some(running.tcp_addr.to_string()), ca_fingerprint: None };
+    let opts = ConnectOptions { server: Some(running.tcp_addr.to_string()), ..Default::default() };
     println!(
         "identity server on {} ({} cores), {n} operations per row",
         running.tcp_addr,
