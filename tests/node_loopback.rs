@@ -148,3 +148,14 @@ async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
     }
     assert!(ok, "nodes did not log back in after the server restarted");
 }
+
+#[tokio::test]
+async fn relayed_over_tcp_when_udp_to_the_server_is_blocked() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let config = NodeConfig { direct: false, tcp_relay_only: true, ..Default::default() };
+    let (_alice, bob) = echo_round_trip(&srv, config, 1 << 20).await;
+    let status = bob.status();
+    assert_eq!(status[0].path, PathKind::TcpRelay, "{:?}", status[0]);
+    assert!(status[0].why.contains("blocked"), "{:?}", status[0]);
+    assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 2 << 20);
+}

@@ -126,6 +126,8 @@ pub struct NodeConfig {
     pub probe_after: Duration,
     /// Look for direct paths at all (false: relay only).
     pub direct: bool,
+    /// Relay over the control connection even if UDP works (for tests and odd networks).
+    pub tcp_relay_only: bool,
 }
 
 impl Default for NodeConfig {
@@ -139,6 +141,7 @@ impl Default for NodeConfig {
             reprobe_every: Duration::from_secs(30),
             probe_after: Duration::ZERO,
             direct: true,
+            tcp_relay_only: false,
         }
     }
 }
@@ -184,6 +187,10 @@ struct Inner {
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
     probing: Mutex<HashMap<u64, Probing>>,
     peers: Mutex<HashMap<u64, PeerStatus>>,
+    /// The TCP relay: sessions whose UDP cannot reach the server send their relay datagrams
+    /// to this loopback socket, and a task frames them over the control connection.
+    tcp_relay: SocketAddr,
+    tcp_relay_routes: Mutex<HashMap<relay::Token, Arc<ServerConn>>>,
 }
 
 /// A logged-in presence.
@@ -208,7 +215,10 @@ impl Node {
         let incoming = home_server.incoming.take();
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
+        let bridge = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let inner = Arc::new(Inner {
+            tcp_relay: bridge.local_addr()?,
+            tcp_relay_routes: Default::default(),
             me,
             home,
             identity,
@@ -229,6 +239,7 @@ impl Node {
             tokio::spawn(node.clone().control_loop(incoming));
         }
         tokio::spawn(node.clone().stay_logged_in());
+        tokio::spawn(node.clone().tcp_relay_loop(bridge));
         Ok(node)
     }
 
@@ -342,6 +353,9 @@ impl Node {
 
     /// The address the home server sees this node's UDP socket as (its NAT mapping).
     pub async fn reflexive(&self) -> Option<SocketAddr> {
+        if self.inner.config.tcp_relay_only {
+            return None;
+        }
         let server = self.home_udp().await?;
         let nonce: [u8; 8] = rand::random();
         let (tx, rx) = oneshot::channel();
@@ -461,8 +475,17 @@ impl Node {
             )
             .await?;
         let setup = Setup::parse(&answer, server.server.as_str()).await?;
-        let session =
-            self.open_session(&setup, Side::Initiator, Role::Caller, to, service, &server).await?;
+        let session = self
+            .open_session(
+                &setup,
+                Side::Initiator,
+                Role::Caller,
+                to,
+                service,
+                &server,
+                reflexive.is_some(),
+            )
+            .await?;
         let stream = session.open_stream().await?;
         Ok(Connection { peer: to.clone(), stream, session })
     }
@@ -499,10 +522,26 @@ impl Node {
         role: Role,
         peer: &Q2qAddress,
         service: &ServiceName,
-        server: &ServerConn,
+        server: &Arc<ServerConn>,
+        udp_ok: bool,
     ) -> Result<Arc<PtcpSession>, NodeError> {
         let header: Arc<[u8]> = relay::encode(&setup.relay_token, &[]).into();
-        let path = Path::Relay { server: setup.relay, header: header.clone() };
+        // Without UDP to the server (who-am-i got no answer), relay over the control
+        // connection instead.
+        let (path, kind) = if udp_ok {
+            (
+                Path::Relay { server: setup.relay, header: header.clone() },
+                PathKind::UdpRelay(setup.relay),
+            )
+        } else {
+            if let Ok(mut r) = self.inner.tcp_relay_routes.lock() {
+                r.insert(setup.relay_token, server.clone());
+            }
+            (
+                Path::Relay { server: self.inner.tcp_relay, header: header.clone() },
+                PathKind::TcpRelay,
+            )
+        };
         let session = Arc::new(
             self.inner
                 .endpoint
@@ -530,8 +569,12 @@ impl Node {
                     peer: peer.clone(),
                     service: service.clone(),
                     session: setup.session,
-                    path: PathKind::UdpRelay(setup.relay),
-                    why: "probing for a direct path".into(),
+                    why: if udp_ok {
+                        "relayed while probing for a direct path".into()
+                    } else {
+                        "UDP to the server is blocked: relayed over TCP".into()
+                    },
+                    path: kind,
                 },
             );
         }
@@ -579,6 +622,7 @@ impl Node {
             if !direct {
                 if let Ok(mut peers) = self.inner.peers.lock()
                     && let Some(p) = peers.get_mut(&session)
+                    && matches!(p.path, PathKind::UdpRelay(_))
                 {
                     p.why = "direct paths disabled by configuration".into();
                 }
@@ -615,7 +659,7 @@ impl Node {
             }
             if let Ok(mut peers) = self.inner.peers.lock()
                 && let Some(p) = peers.get_mut(&session)
-                && !matches!(p.path, PathKind::Direct(_))
+                && matches!(p.path, PathKind::UdpRelay(_))
             {
                 p.why = format!(
                     "no direct path: none of {} candidates answered probes",
@@ -636,6 +680,28 @@ impl Node {
                 if !matches!(alive, Ok(true)) {
                     return;
                 }
+            }
+        }
+    }
+
+    /// Frame the relay datagrams of TCP-relayed sessions over their server's control
+    /// connection. Only our own endpoint sends here (loopback), and only known tokens pass.
+    async fn tcp_relay_loop(self, bridge: tokio::net::UdpSocket) {
+        let mut buf = vec![0u8; 65536];
+        let own = self.local_addr().port();
+        loop {
+            let Ok((n, from)) = bridge.recv_from(&mut buf).await else { return };
+            if !from.ip().is_loopback() || from.port() != own {
+                continue;
+            }
+            let Some((token, inner)) = relay::decode(&buf[..n]) else { continue };
+            let server =
+                self.inner.tcp_relay_routes.lock().ok().and_then(|r| r.get(&token).cloned());
+            if let Some(server) = server {
+                let b = AmpBox::command(command::RELAY)
+                    .with("token", hex::encode(token))
+                    .with("data", inner);
+                let _ = server.peer_tell(b).await;
             }
         }
     }
@@ -781,7 +847,15 @@ impl Node {
         );
         let home = self.home();
         let session = self
-            .open_session(&setup, Side::Responder, Role::Callee, &from, &service, &home)
+            .open_session(
+                &setup,
+                Side::Responder,
+                Role::Callee,
+                &from,
+                &service,
+                &home,
+                reflexive.is_some(),
+            )
             .await
             .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
         tokio::spawn(async move {
