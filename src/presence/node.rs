@@ -518,13 +518,16 @@ impl Node {
     async fn open_session(
         &self,
         setup: &Setup,
-        side: Side,
         role: Role,
         peer: &Q2qAddress,
         service: &ServiceName,
         server: &Arc<ServerConn>,
         udp_ok: bool,
     ) -> Result<Arc<PtcpSession>, NodeError> {
+        let side = match role {
+            Role::Caller => Side::Initiator,
+            Role::Callee => Side::Responder,
+        };
         let header: Arc<[u8]> = relay::encode(&setup.relay_token, &[]).into();
         // Without UDP to the server (who-am-i got no answer), relay over the control
         // connection instead.
