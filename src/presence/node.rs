@@ -476,15 +476,7 @@ impl Node {
             .await?;
         let setup = Setup::parse(&answer, server.server.as_str()).await?;
         let session = self
-            .open_session(
-                &setup,
-                Side::Initiator,
-                Role::Caller,
-                to,
-                service,
-                &server,
-                reflexive.is_some(),
-            )
+            .open_session(&setup, Role::Caller, to, service, &server, reflexive.is_some())
             .await?;
         let stream = session.open_stream().await?;
         Ok(Connection { peer: to.clone(), stream, session })
@@ -850,15 +842,7 @@ impl Node {
         );
         let home = self.home();
         let session = self
-            .open_session(
-                &setup,
-                Side::Responder,
-                Role::Callee,
-                &from,
-                &service,
-                &home,
-                reflexive.is_some(),
-            )
+            .open_session(&setup, Role::Callee, &from, &service, &home, reflexive.is_some())
             .await
             .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
         tokio::spawn(async move {
