@@ -191,7 +191,11 @@ struct Inner {
     /// to this loopback socket, and a task frames them over the control connection.
     tcp_relay: SocketAddr,
     tcp_relay_routes: Mutex<HashMap<relay::Token, Arc<ServerConn>>>,
+    reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
 }
+
+/// How long a who-am-i answer (or its absence) is trusted.
+const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -219,6 +223,7 @@ impl Node {
         let inner = Arc::new(Inner {
             tcp_relay: bridge.local_addr()?,
             tcp_relay_routes: Default::default(),
+            reflexive_cache: Default::default(),
             me,
             home,
             identity,
@@ -240,6 +245,8 @@ impl Node {
         }
         tokio::spawn(node.clone().stay_logged_in());
         tokio::spawn(node.clone().tcp_relay_loop(bridge));
+        // Learn the NAT mapping (or that UDP is blocked) before the first connection.
+        node.reflexive().await;
         Ok(node)
     }
 
@@ -264,9 +271,10 @@ impl Node {
                 _ = handle.closed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(25)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(10), home.peer_call(AmpBox::command(command::PING))).await;
-                    if let Some(udp) = self.home_udp().await {
-                        // Also refresh the NAT's UDP mapping towards the server.
-                        let _ = self.inner.endpoint.send_datagram(udp, proto::whoami::request(rand::random()).to_vec()).await;
+                    // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
+                    let seen = self.ask_reflexive().await;
+                    if let Ok(mut c) = self.inner.reflexive_cache.lock() {
+                        *c = Some((std::time::Instant::now(), seen));
                     }
                     continue;
                 }
@@ -356,6 +364,22 @@ impl Node {
         if self.inner.config.tcp_relay_only {
             return None;
         }
+        // Asked recently: the answer (or the silence of blocked UDP) is still good, and a
+        // connection should not wait 2 s for a who-am-i timeout each time.
+        if let Ok(c) = self.inner.reflexive_cache.lock()
+            && let Some((at, seen)) = *c
+            && at.elapsed() < REFLEXIVE_FRESH
+        {
+            return seen;
+        }
+        let seen = self.ask_reflexive().await;
+        if let Ok(mut c) = self.inner.reflexive_cache.lock() {
+            *c = Some((std::time::Instant::now(), seen));
+        }
+        seen
+    }
+
+    async fn ask_reflexive(&self) -> Option<SocketAddr> {
         let server = self.home_udp().await?;
         let nonce: [u8; 8] = rand::random();
         let (tx, rx) = oneshot::channel();
