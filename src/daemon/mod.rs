@@ -72,6 +72,12 @@ pub async fn run(
     if UnixStream::connect(&path).await.is_ok() {
         return Err(DaemonError::AlreadyRunning(me.to_string(), shown));
     }
+    let node = Node::start(home.clone(), me.clone(), config).await?;
+    if ping {
+        node.serve_ping().await?;
+    }
+    // The control socket appears only once the node is online and listening, so whoever
+    // waits for it (scripts, `q2q-tun up` itself) can use the daemon right away.
     // A socket left by a killed daemon: nothing answers it, so it is safe to replace.
     let _ = std::fs::remove_file(&path);
     crate::fsutil::create_private_dir(home.root())
@@ -81,10 +87,6 @@ pub async fn run(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| DaemonError::Socket(shown.clone(), e))?;
 
-    let node = Node::start(home.clone(), me.clone(), config).await?;
-    if ping {
-        node.serve_ping().await?;
-    }
     info!(address = %me, udp = %node.local_addr(), control = %shown, "q2q-tun is up");
     println!("q2q-tun up as {me}: UDP {} ; control socket {shown}", node.local_addr());
 
