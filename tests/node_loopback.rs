@@ -159,3 +159,28 @@ async fn relayed_over_tcp_when_udp_to_the_server_is_blocked() {
     assert!(status[0].why.contains("blocked"), "{:?}", status[0]);
     assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 2 << 20);
 }
+
+#[tokio::test]
+async fn unauthorized_caller_is_refused_before_any_stream() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let carol = node(&srv, &home, "carol@example.com", NodeConfig::default()).await;
+    let echo = ServiceName::parse("echo").unwrap();
+    let _accepted =
+        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
+    let err = carol.connect(&addr("alice@example.com"), &echo).await.err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "carol@example.com is not authorized for echo of alice@example.com"
+    );
+    let err = carol
+        .connect(&addr("alice@example.com"), &ServiceName::parse("tcp/22").unwrap())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.to_string(), "alice@example.com does not offer service tcp/22");
+    let err = carol.connect(&addr("nobody@example.com"), &echo).await.err().unwrap();
+    assert_eq!(err.to_string(), "nobody@example.com is offline");
+    assert!(carol.status().is_empty(), "no session was set up");
+}

@@ -148,15 +148,20 @@ impl Default for NodeConfig {
 
 /// An accepted stream of a listened service.
 pub struct Accepted {
+    /// The caller, as its certificate proved in the TLS handshake.
     pub peer: Q2qAddress,
-    pub stream: PtcpStream,
+    pub stream: PeerStream,
     pub session: Arc<PtcpSession>,
 }
 
+/// A stream between two q2q identities: TLS 1.3, both certificates verified, over PTCP.
+pub type PeerStream = tokio_rustls::TlsStream<PtcpStream>;
+
 /// A connection made by [`Node::connect`].
 pub struct Connection {
+    /// The callee, as its certificate proved in the TLS handshake.
     pub peer: Q2qAddress,
-    pub stream: PtcpStream,
+    pub stream: PeerStream,
     pub session: Arc<PtcpSession>,
 }
 
@@ -192,6 +197,8 @@ struct Inner {
     tcp_relay: SocketAddr,
     tcp_relay_routes: Mutex<HashMap<relay::Token, Arc<ServerConn>>>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
+    /// Our certificate and key for TLS on peer streams.
+    tls_identity: crate::ptcp::tls::Identity,
 }
 
 /// How long a who-am-i answer (or its absence) is trusted.
@@ -211,6 +218,15 @@ impl Node {
         mut config: NodeConfig,
     ) -> Result<Node, NodeError> {
         let identity = Arc::new(home.identity(&me).map_err(ClientError::from)?);
+        let tls_identity = {
+            let bad = |e: crate::identity::CertError| {
+                NodeError::Tls(format!("stored identity of {me}: {e}"))
+            };
+            let cert = crate::identity::cert_from_pem(&identity.cert_pem).map_err(bad)?;
+            let key = crate::identity::key_from_pem(&identity.key_pem).map_err(bad)?;
+            crate::ptcp::tls::Identity::new(vec![cert], key)
+                .map_err(|e| NodeError::Tls(e.to_string()))?
+        };
         if config.server.server.is_none() {
             config.server.server = identity.server.clone();
         }
@@ -224,6 +240,7 @@ impl Node {
             tcp_relay: bridge.local_addr()?,
             tcp_relay_routes: Default::default(),
             reflexive_cache: Default::default(),
+            tls_identity,
             me,
             home,
             identity,
@@ -503,7 +520,32 @@ impl Node {
             .open_session(&setup, Role::Caller, to, service, &server, reflexive.is_some())
             .await?;
         let stream = session.open_stream().await?;
-        Ok(Connection { peer: to.clone(), stream, session })
+        // End to end: the server vouched for nobody; TLS proves both identities.
+        let stream = crate::ptcp::tls::connect(
+            stream,
+            &self.inner.tls_identity,
+            to,
+            server.ca.clone(),
+            crate::ptcp::tls::no_revocation(),
+        )
+        .await
+        .map_err(|e| NodeError::Tls(format!("{to}: {e}")))?;
+        Ok(Connection { peer: to.clone(), stream: stream.into(), session })
+    }
+
+    /// The CA of `domain`: our own domain's (pinned when we logged in), or another
+    /// domain's, pinned on first contact with its server.
+    async fn ca_for(
+        &self,
+        domain: &crate::address::Domain,
+    ) -> Result<rustls_pki_types::CertificateDer<'static>, NodeError> {
+        if *domain == self.inner.me.domain {
+            return Ok(self.home().ca.clone());
+        }
+        if let Some(ca) = self.inner.home.pinned_ca(domain).map_err(ClientError::from)? {
+            return Ok(ca);
+        }
+        Ok(self.server_for(domain).await?.ca.clone())
     }
 
     async fn server_for(
@@ -792,38 +834,45 @@ impl Node {
 
     /// Requests from a server: `inbound` (someone wants one of our services) and relayed
     /// datagrams over TCP.
-    async fn control_loop(self, mut incoming: mpsc::Receiver<Incoming>) {
-        while let Some(req) = incoming.recv().await {
-            match req.command() {
-                command::RELAY => {
-                    let data = req.request.get("data").unwrap_or_default().to_vec();
-                    if !data.is_empty() {
-                        let _ = self
-                            .inner
-                            .endpoint
-                            .inject(SocketAddr::from(([0, 0, 0, 0], 0)), data)
-                            .await;
+    // A named, boxed future: `inbound` can reach `server_for`, which starts another control
+    // loop, and an opaque recursive future cannot be proven `Send`.
+    fn control_loop(
+        self,
+        mut incoming: mpsc::Receiver<Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            while let Some(req) = incoming.recv().await {
+                match req.command() {
+                    command::RELAY => {
+                        let data = req.request.get("data").unwrap_or_default().to_vec();
+                        if !data.is_empty() {
+                            let _ = self
+                                .inner
+                                .endpoint
+                                .inject(SocketAddr::from(([0, 0, 0, 0], 0)), data)
+                                .await;
+                        }
+                        req.respond(Ok(AmpBox::new())).await;
                     }
-                    req.respond(Ok(AmpBox::new())).await;
-                }
-                command::INBOUND => {
-                    let node = self.clone();
-                    tokio::spawn(async move {
-                        let result = node.inbound(&req.request).await;
-                        req.respond(result).await;
-                    });
-                }
-                other => {
-                    let other = other.to_string();
-                    req.respond(Err((
-                        code::UNHANDLED.into(),
-                        format!("unknown command `{other}`"),
-                    )))
-                    .await;
+                    command::INBOUND => {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let result = node.inbound(&req.request).await;
+                            req.respond(result).await;
+                        });
+                    }
+                    other => {
+                        let other = other.to_string();
+                        req.respond(Err((
+                            code::UNHANDLED.into(),
+                            format!("unknown command `{other}`"),
+                        )))
+                        .await;
+                    }
                 }
             }
-        }
-        warn!("control connection to the server ended");
+            warn!("control connection to the server ended");
+        })
     }
 
     /// Someone asks for one of our services: default deny unless the policy names them.
@@ -858,6 +907,9 @@ impl Node {
         };
         let setup =
             Setup::parse(b, self.home().server.as_str()).await.map_err(|e| bad(&e.to_string()))?;
+        let caller_ca = self.ca_for(&from.domain).await.map_err(|e| {
+            (code::NOT_AUTHORIZED.to_string(), format!("cannot verify {from}: {e}"))
+        })?;
         let reflexive = self.reflexive().await;
         let mine = candidates::gather(
             self.local_addr().port(),
@@ -869,17 +921,35 @@ impl Node {
             .open_session(&setup, Role::Callee, &from, &service, &home, reflexive.is_some())
             .await
             .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
+        let identity = self.inner.tls_identity.clone();
+        let trust: Arc<dyn crate::ptcp::tls::Trust> =
+            Arc::new(crate::ptcp::tls::TrustMap::new().with_ca(from.domain.clone(), caller_ca));
         tokio::spawn(async move {
             loop {
-                match session.accept().await {
-                    Ok(stream) => {
-                        let a = Accepted { peer: from.clone(), stream, session: session.clone() };
-                        if accepted.send(a).await.is_err() {
-                            return;
-                        }
-                    }
+                let stream = match session.accept().await {
+                    Ok(s) => s,
                     Err(e) => return debug!(error = %e, "session ended"),
-                }
+                };
+                let (identity, trust, session, accepted, from) = (
+                    identity.clone(),
+                    trust.clone(),
+                    session.clone(),
+                    accepted.clone(),
+                    from.clone(),
+                );
+                tokio::spawn(async move {
+                    match crate::ptcp::tls::accept(stream, &identity, trust).await {
+                        // The caller proved an identity; it must be the one the server announced.
+                        Ok((tls, caller)) if caller == from => {
+                            let a = Accepted { peer: caller, stream: tls.into(), session };
+                            let _ = accepted.send(a).await;
+                        }
+                        Ok((_, caller)) => {
+                            warn!(%caller, announced = %from, "refused a stream: not the announced caller")
+                        }
+                        Err(e) => warn!(%from, error = %e, "refused a stream: TLS failed"),
+                    }
+                });
             }
         });
         Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))

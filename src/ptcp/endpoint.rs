@@ -1,7 +1,7 @@
 //! The endpoint: one UDP socket, the driver task that owns it and every session on it, and
 //! the handles that reach the driver ([`Endpoint`], [`PtcpSession`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +182,7 @@ pub(crate) enum Command {
         from: SocketAddr,
         data: Vec<u8>,
     },
+    Shutdown,
 }
 
 /// What a handle holds to reach the driver.
@@ -234,10 +235,14 @@ impl Endpoint {
         let (side_tx, side_rx) = mpsc::channel(config.side_channel.max(1));
         let wake = Arc::new(DriverWake { dirty: Mutex::new(Vec::new()), notify: Notify::new() });
         let stats = Arc::new(EndpointStats::default());
+        let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+        debug!(gso = udp.max_gso_segments(), gro = udp.gro_segments(), "PTCP socket offloads");
         let driver = Driver {
+            udp,
             socket,
             cmds: cmd_rx,
             cmds_open: true,
+            shutdown: false,
             wake: wake.clone(),
             self_link: Link { cmds: cmd_tx.clone(), wake: wake.clone() }.downgrade(),
             side: side_tx,
@@ -245,7 +250,7 @@ impl Endpoint {
             sessions: HashMap::new(),
             start: tokio::time::Instant::now(),
             out: Vec::with_capacity(65536),
-            stalled: None,
+            stalled: VecDeque::new(),
             dirty: Vec::new(),
             scratch: vec![0u8; 64 << 10],
             accept_backlog: config.accept_backlog.max(1),
@@ -284,6 +289,12 @@ impl Endpoint {
     /// datagram of a relayed one).
     pub async fn inject(&self, from: SocketAddr, data: Vec<u8>) -> Result<(), EndpointError> {
         self.link.cmds.send(Command::Inject { from, data }).await.map_err(|_| EndpointError::Closed)
+    }
+
+    /// Stop the driver now: every stream fails with "PTCP endpoint shut down", sessions end
+    /// without notice to their peers (which time out), and the socket is closed.
+    pub async fn shutdown(&self) {
+        let _ = self.link.cmds.send(Command::Shutdown).await;
     }
 
     /// Start a session as the initiator, sending to `peer`.
@@ -435,8 +446,12 @@ struct SessionState {
 
 struct Driver {
     socket: UdpSocket,
+    /// quinn-udp's view of the socket: GSO sends, recvmmsg + GRO receives.
+    udp: quinn_udp::UdpSocketState,
     cmds: mpsc::Receiver<Command>,
     cmds_open: bool,
+    /// Asked to stop.
+    shutdown: bool,
     wake: Arc<DriverWake>,
     self_link: WeakLink,
     side: mpsc::Sender<SideDatagram>,
@@ -445,16 +460,21 @@ struct Driver {
     start: tokio::time::Instant,
     /// The datagram being built.
     out: Vec<u8>,
-    /// A datagram the socket would not take yet (send buffer full): nothing else is sent
-    /// until it went.
-    stalled: Option<(SocketAddr, Vec<u8>)>,
+    /// Batches the socket would not take yet (send buffer full): nothing else is sent
+    /// until they went. At most one session's ready datagrams plus a few raw ones.
+    stalled: VecDeque<Batch>,
     dirty: Vec<Arc<Pipes>>,
     scratch: Vec<u8>,
     accept_backlog: usize,
 }
 
-/// Datagrams read from the socket per wakeup before the sessions are polled.
-const RECV_BATCH: usize = 64;
+/// recvmmsg calls per wakeup before the sessions are polled (each takes up to
+/// `quinn_udp::BATCH_SIZE` buffers, each holding one datagram or, with GRO, several).
+const RECV_BATCH: usize = 4;
+/// Bytes of one receive buffer: a GRO super-datagram is at most 64 KiB.
+const RECV_SLOT: usize = 64 << 10;
+/// Largest GSO batch (the UDP length field and the kernel's limit).
+const GSO_BYTES: usize = 65000;
 /// Commands taken per pass.
 const CMD_BATCH: usize = 64;
 
@@ -471,10 +491,10 @@ impl Driver {
         let far = self.start + std::time::Duration::from_secs(86400 * 365);
         let sleep = tokio::time::sleep_until(far);
         tokio::pin!(sleep);
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; RECV_SLOT * quinn_udp::BATCH_SIZE];
         loop {
             self.service();
-            if !self.cmds_open && self.sessions.is_empty() {
+            if self.shutdown || (!self.cmds_open && self.sessions.is_empty()) {
                 debug!("PTCP endpoint driver done");
                 break;
             }
@@ -487,7 +507,7 @@ impl Driver {
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
-            let stalled = self.stalled.is_some();
+            let stalled = !self.stalled.is_empty();
             tokio::select! {
                 r = self.socket.readable(), if !stalled => {
                     if let Err(e) = r {
@@ -508,19 +528,36 @@ impl Driver {
                 _ = &mut sleep => {}
             }
         }
-        for s in self.sessions.values() {
+        for s in self.sessions.values_mut() {
             for p in s.streams.values() {
                 p.fail(StreamFailure::EndpointGone);
+            }
+            for (_, reply) in s.opening.drain() {
+                let _ = reply.send(Err(EndpointError::Closed));
             }
         }
     }
 
     fn recv_batch(&mut self, buf: &mut [u8]) {
+        let mut meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         for _ in 0..RECV_BATCH {
-            match self.socket.try_recv_from(buf) {
-                Ok((n, from)) => {
+            let mut slices: Vec<std::io::IoSliceMut<'_>> =
+                buf.chunks_mut(RECV_SLOT).map(std::io::IoSliceMut::new).collect();
+            let (socket, udp) = (&self.socket, &self.udp);
+            let r = socket.try_io(tokio::io::Interest::READABLE, || {
+                udp.recv(socket.into(), &mut slices, &mut meta)
+            });
+            drop(slices);
+            match r {
+                Ok(n) => {
                     let now = self.now();
-                    self.on_datagram(now, from, &buf[..n]);
+                    for (m, slot) in meta.iter().zip(buf.chunks(RECV_SLOT)).take(n) {
+                        let data = slot.get(..m.len).unwrap_or(slot);
+                        // With GRO one buffer holds several datagrams of `stride` bytes.
+                        for d in data.chunks(m.stride.max(1)) {
+                            self.on_datagram(now, m.addr, d);
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP errors for earlier sends surface here on some systems: not fatal.
@@ -605,6 +642,7 @@ impl Driver {
                 let now = self.now();
                 self.on_datagram(now, from, &data);
             }
+            Command::Shutdown => self.shutdown = true,
         }
     }
 
@@ -639,34 +677,29 @@ impl Driver {
         Ok(PtcpSession { id, link, incoming: tokio::sync::Mutex::new(rx), lost })
     }
 
-    /// Send one datagram now, or keep it as the stalled one.
+    /// Send one raw datagram now, or after the stalled ones.
     fn send_to(&mut self, to: SocketAddr, data: Vec<u8>) {
-        if self.stalled.is_some() {
-            // Only reachable from `inject`-free paths while stalled; keep order by dropping
-            // nothing: queue behind is not possible, so send anyway and count a failure.
-            bump(&self.stats.send_errors);
-            return;
-        }
-        match self.socket.try_send_to(&data, to) {
-            Ok(_) => bump(&self.stats.sent),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stalled = Some((to, data)),
-            Err(e) => {
-                trace!(error = %e, %to, "send error");
-                bump(&self.stats.send_errors);
-            }
+        let io = Io { socket: &self.socket, udp: &self.udp, stats: &self.stats };
+        let seg = data.len().max(1);
+        if !self.stalled.is_empty() || !io.send(to, &data, seg) {
+            self.stalled.push_back(Batch { to, data, seg });
         }
     }
 
     fn flush_stalled(&mut self) {
-        if let Some((to, data)) = self.stalled.take() {
-            self.send_to(to, data);
+        let io = Io { socket: &self.socket, udp: &self.udp, stats: &self.stats };
+        while let Some(b) = self.stalled.front() {
+            if !io.send(b.to, &b.data, b.seg) {
+                return;
+            }
+            self.stalled.pop_front();
         }
     }
 
     /// One pass: commands, streams with work, then every session that needs it: transmit,
     /// events, deadline.
     fn service(&mut self) {
-        if self.cmds_open && self.stalled.is_none() {
+        if self.cmds_open && self.stalled.is_empty() {
             for _ in 0..CMD_BATCH {
                 match self.cmds.try_recv() {
                     Ok(c) => self.command(c),
@@ -702,41 +735,19 @@ impl Driver {
     }
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
-        let Some(s) = self.sessions.get_mut(&id) else { return };
-        s.touched = false;
         let link = self.self_link.upgrade();
+        let Driver { sessions, socket, udp, stats, stalled, out, scratch, .. } = self;
+        let Some(s) = sessions.get_mut(&id) else { return };
+        s.touched = false;
+        let io = Io { socket, udp, stats };
         for _ in 0..16 {
-            // Transmit everything that is ready.
-            if self.stalled.is_none() {
-                loop {
-                    self.out.clear();
-                    if let Path::Relay { header, .. } = &s.path {
-                        self.out.extend_from_slice(header);
-                    }
-                    if s.session.poll_transmit(now, &mut self.out).is_none() {
-                        break;
-                    }
-                    let to = s.path.target();
-                    match self.socket.try_send_to(&self.out, to) {
-                        Ok(_) => bump(&self.stats.sent),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.stalled = Some((to, std::mem::take(&mut self.out)));
-                            self.out.reserve(65536);
-                            s.touched = true;
-                            break;
-                        }
-                        Err(e) => {
-                            // The selective-repeat layer resends what is lost.
-                            trace!(error = %e, %to, "send error");
-                            bump(&self.stats.send_errors);
-                        }
-                    }
-                }
+            if stalled.is_empty() {
+                io.transmit_session(s, now, out, stalled);
             }
             let mut any = false;
             while let Some(ev) = s.session.poll_event() {
                 any = true;
-                on_event(s, ev, link.as_ref(), &mut self.scratch);
+                on_event(s, ev, link.as_ref(), scratch);
             }
             if !any {
                 break;
@@ -747,11 +758,120 @@ impl Driver {
             // Lost: every stream already got `TimedOut`.
             let err = s.session.error();
             debug!(session = %id, error = ?err, "session removed");
-            self.sessions.remove(&id);
+            sessions.remove(&id);
         } else if s.incoming.is_closed() && s.streams.is_empty() {
             debug!(session = %id, "session released");
-            self.sessions.remove(&id);
+            sessions.remove(&id);
         }
+    }
+}
+
+/// A batch of datagrams to one address: `seg`-byte datagrams, the last may be shorter.
+struct Batch {
+    to: SocketAddr,
+    data: Vec<u8>,
+    seg: usize,
+}
+
+/// The socket, borrowed for sending.
+struct Io<'a> {
+    socket: &'a UdpSocket,
+    udp: &'a quinn_udp::UdpSocketState,
+    stats: &'a EndpointStats,
+}
+
+impl Io<'_> {
+    /// Send a batch in one system call where the kernel can segment it (GSO). `false`: the
+    /// socket is full, try again when it is writable.
+    fn send(&self, to: SocketAddr, data: &[u8], seg: usize) -> bool {
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: (data.len() > seg).then_some(seg),
+            src_ip: None,
+        };
+        let (socket, udp) = (self.socket, self.udp);
+        match socket.try_io(tokio::io::Interest::WRITABLE, || udp.send(socket.into(), &t)) {
+            Ok(()) => {
+                let n = data.len().div_ceil(seg.max(1)) as u64;
+                self.stats.sent.fetch_add(n, Ordering::Relaxed);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                // quinn-udp reports only "would block" (other errors are logged there); the
+                // selective-repeat layer resends whatever is lost.
+                trace!(error = %e, %to, "send error");
+                bump(&self.stats.send_errors);
+                true
+            }
+        }
+    }
+
+    /// Send `out[..upto]` as one batch (or keep it in `stalled`) and remove it from `out`.
+    fn flush(
+        &self,
+        to: SocketAddr,
+        out: &mut Vec<u8>,
+        seg: usize,
+        upto: usize,
+        stalled: &mut VecDeque<Batch>,
+    ) {
+        if upto == 0 {
+            return;
+        }
+        if !stalled.is_empty() || !self.send(to, &out[..upto], seg) {
+            stalled.push_back(Batch { to, data: out[..upto].to_vec(), seg });
+        }
+        out.drain(..upto);
+    }
+
+    /// Take every datagram the session has ready and send them in batches of equal-sized
+    /// datagrams to one destination.
+    fn transmit_session(
+        &self,
+        s: &mut SessionState,
+        now: Instant,
+        out: &mut Vec<u8>,
+        stalled: &mut VecDeque<Batch>,
+    ) {
+        let to = s.path.target();
+        let max_segs = self.udp.max_gso_segments().clamp(1, 64);
+        let header: &[u8] = match &s.path {
+            Path::Relay { header, .. } => header,
+            Path::Direct(_) => &[],
+        };
+        out.clear();
+        let (mut seg, mut count) = (0usize, 0usize);
+        while stalled.is_empty() {
+            let start = out.len();
+            out.extend_from_slice(header);
+            if s.session.poll_transmit(now, out).is_none() {
+                out.truncate(start);
+                break;
+            }
+            let len = out.len() - start;
+            let fits = count < max_segs && out.len() <= GSO_BYTES;
+            if count > 0 && len == seg && fits {
+                count += 1;
+            } else if count > 0 && len < seg && fits {
+                // A shorter datagram ends a batch.
+                self.flush(to, out, seg, out.len(), stalled);
+                count = 0;
+                continue;
+            } else {
+                // The first of a batch, or one that does not fit: start a new batch.
+                self.flush(to, out, seg, start, stalled);
+                (seg, count) = (len, 1);
+            }
+            if count >= max_segs {
+                self.flush(to, out, seg, out.len(), stalled);
+                count = 0;
+            }
+        }
+        // What is left (after a stall, too) is kept in order.
+        self.flush(to, out, seg.max(1), out.len(), stalled);
     }
 }
 
