@@ -1,0 +1,107 @@
+//! Connecting by address on loopback, in one run: connect time cold (first connection to a
+//! peer: server round trips, session, TLS) and warm (again, same nodes), and throughput of
+//! one stream relayed through the server vs direct. Run with `tools/bench/run connect`.
+
+use q2q::address::{Q2qAddress, ServiceName};
+use q2q::client::{self, ConnectOptions, Home};
+use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use q2q::server::{self, DataDir, Registration, ServerConfig};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PW: &str = "benchmark password";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let dir = tempfile::tempdir()?;
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        registration: Registration::Open,
+        ..Default::default()
+    };
+    let d = DataDir::init(&dir.path().join("srv"), &"example.com".parse()?, &config)?;
+    let running = server::start(d, config).await?;
+    let opts = ConnectOptions { server: Some(running.tcp_addr.to_string()), ..Default::default() };
+    let home = Home::new(dir.path().join("home"));
+    for who in ["alice", "bob", "carol", "dave"] {
+        client::register(
+            &home,
+            &Q2qAddress::parse(&format!("{who}@example.com"))?,
+            PW,
+            None,
+            false,
+            &opts,
+        )
+        .await?;
+    }
+    let start = |who: &str, direct: bool| {
+        let home = home.clone();
+        let opts = opts.clone();
+        let who = Q2qAddress::parse(&format!("{who}@example.com"));
+        async move {
+            let config =
+                NodeConfig { include_loopback: true, server: opts, direct, ..Default::default() };
+            Ok::<_, anyhow::Error>(Node::start(home, who?, config).await?)
+        }
+    };
+    let sink = ServiceName::parse("sink")?;
+    println!("loopback, one server; {mib} MiB per throughput run");
+
+    for (label, direct, callee, caller) in
+        [("direct", true, "alice", "bob"), ("relayed (UDP)", false, "carol", "dave")]
+    {
+        let a = start(callee, direct).await?;
+        let b = start(caller, direct).await?;
+        let mut accepted = a.listen(&sink, "sink", Policy::anyone()).await?;
+        tokio::spawn(async move {
+            while let Some(acc) = accepted.recv().await {
+                tokio::spawn(async move {
+                    let mut s = acc.stream;
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut n = 0u64;
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        let target = a.address().clone();
+        let t = Instant::now();
+        let mut c = b.connect(&target, &sink).await?;
+        let cold = t.elapsed();
+        c.stream.shutdown().await?;
+        let t = Instant::now();
+        let mut w = b.connect(&target, &sink).await?;
+        let warm = t.elapsed();
+        w.stream.shutdown().await?;
+        // Throughput: once the path settled (direct found, or relay only).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut conn = b.connect(&target, &sink).await?;
+        let chunk = vec![0x5au8; 1 << 16];
+        let t = Instant::now();
+        for _ in 0..(mib * 16) {
+            conn.stream.write_all(&chunk).await?;
+        }
+        conn.stream.shutdown().await?;
+        let mut got = [0u8; 8];
+        conn.stream.read_exact(&mut got).await?;
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = u64::from_be_bytes(got);
+        anyhow::ensure!(bytes == (mib as u64) << 20, "sink got {bytes} bytes");
+        let path = b.status().last().map(|p| p.path.clone()).unwrap_or(PathKind::TcpRelay);
+        println!(
+            "{label:<14} connect cold {:>7.2} ms, warm {:>7.2} ms; throughput {:>8.1} Mbit/s (path: {path})",
+            cold.as_secs_f64() * 1e3,
+            warm.as_secs_f64() * 1e3,
+            bytes as f64 * 8.0 / secs / 1e6
+        );
+    }
+    running.shutdown().await;
+    Ok(())
+}
