@@ -1,11 +1,12 @@
 //! `q2q-tun`: the q2q client.
 
 use clap::{Parser, Subcommand};
-use q2q::address::{Domain, Q2qAddress};
+use q2q::address::{Domain, Q2qAddress, ServiceName};
 use q2q::amp::AmpBox;
 use q2q::cli::{format_time, read_password};
 use q2q::client::{self, ConnectOptions, Home, ServerConn};
 use q2q::daemon;
+use q2q::daemon::services::Services;
 use q2q::identity::Fingerprint;
 use q2q::presence::node::{Node, NodeConfig};
 use std::path::PathBuf;
@@ -112,6 +113,37 @@ enum Command {
     },
     /// Stop the running daemon.
     Down,
+    /// Offer a service, forwarded to a local address (tcp/N goes to 127.0.0.1:N unless
+    /// --to says otherwise). Offered to nobody until you `authorize` someone.
+    Expose {
+        /// The service name, like tcp/22.
+        service: String,
+        /// Where streams of this service go on this machine.
+        #[arg(long)]
+        to: Option<std::net::SocketAddr>,
+    },
+    /// Stop offering a service.
+    Unexpose { service: String },
+    /// Let an address use one of your exposed services.
+    Authorize {
+        /// Who, like bob@b.example.
+        address: String,
+        /// Which service, like tcp/22.
+        service: String,
+    },
+    /// Take an address's permission for a service away.
+    Deauthorize { address: String, service: String },
+    /// List the services you expose, where they go, and who may use them.
+    Services,
+    /// Connect to an address's service and join it to stdin/stdout (for ssh's ProxyCommand:
+    /// `ssh -o ProxyCommand='q2q-tun connect alice@example.com tcp/22' alice`).
+    Connect {
+        address: String,
+        service: String,
+        /// The identity to connect as (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+    },
     /// Show each peer of the running daemon, its path (direct ip:port, UDP relay, TCP
     /// relay) and why.
     Status,
@@ -262,6 +294,74 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             daemon::run(home, me, config, !no_ping).await?;
         }
+        Command::Expose { service, to } => {
+            let service = ServiceName::parse(&service)?;
+            let mut s = Services::load(&home)?;
+            let to = s.expose(&service, to)?;
+            s.save(&home)?;
+            println!(
+                "exposed {service} (forwarded to {to}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
+            );
+            reloaded(&home).await?;
+        }
+        Command::Unexpose { service } => {
+            let service = ServiceName::parse(&service)?;
+            let mut s = Services::load(&home)?;
+            if !s.unexpose(&service) {
+                anyhow::bail!("{service} is not exposed");
+            }
+            s.save(&home)?;
+            println!("{service} is no longer offered");
+            reloaded(&home).await?;
+        }
+        Command::Authorize { address, service } => {
+            let (who, service) = (Q2qAddress::parse(&address)?, ServiceName::parse(&service)?);
+            let mut s = Services::load(&home)?;
+            s.authorize(&who, &service)?;
+            s.save(&home)?;
+            println!("{who} may now use {service}");
+            reloaded(&home).await?;
+        }
+        Command::Deauthorize { address, service } => {
+            let (who, service) = (Q2qAddress::parse(&address)?, ServiceName::parse(&service)?);
+            let mut s = Services::load(&home)?;
+            if !s.deauthorize(&who, &service)? {
+                anyhow::bail!("{who} was not authorized for {service}");
+            }
+            s.save(&home)?;
+            println!("{who} may no longer use {service}");
+            reloaded(&home).await?;
+        }
+        Command::Services => {
+            let s = Services::load(&home)?;
+            if s.services.is_empty() {
+                println!("no services exposed (q2q-tun expose tcp/22)");
+            }
+            for (name, e) in &s.services {
+                let who =
+                    if e.allow.is_empty() { "nobody yet".to_string() } else { e.allow.join(", ") };
+                println!("{name:<12} -> {:<22} allowed: {who}", e.to.to_string());
+            }
+        }
+        Command::Connect { address, service, as_address } => {
+            let to = Q2qAddress::parse(&address)?;
+            let service = ServiceName::parse(&service)?;
+            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
+            let me = daemon::choose_identity(&home, wanted.as_ref())?;
+            let node = Node::start(home.clone(), me, NodeConfig::default()).await?;
+            let conn = node.connect(&to, &service).await?;
+            let (mut r, mut w) = tokio::io::split(conn.stream);
+            // stdin to the peer; when stdin ends, half-close and keep reading.
+            let up = tokio::spawn(async move {
+                let mut stdin = tokio::io::stdin();
+                let _ = tokio::io::copy(&mut stdin, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+            let mut stdout = tokio::io::stdout();
+            let _ = tokio::io::copy(&mut r, &mut stdout).await;
+            let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
+            up.abort();
+        }
         Command::Down => {
             daemon::ask(&home, AmpBox::command("shutdown")).await?;
             for _ in 0..50 {
@@ -313,6 +413,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             report.print();
         }
+    }
+    Ok(())
+}
+
+/// Tell a running daemon to apply the services file again.
+async fn reloaded(home: &Home) -> anyhow::Result<()> {
+    if daemon::reload(home).await? {
+        println!("the running daemon applied the change");
     }
     Ok(())
 }

@@ -5,10 +5,14 @@
 //! owner, root for `/var/lib/q2q`, can use it) and speaks AMP boxes, like the servers:
 //! `status`, `ping` (`to`, `count`), `shutdown`.
 
+pub mod services;
+
 use crate::address::Q2qAddress;
 use crate::amp::{self, AmpBox};
 use crate::client::{Home, HomeError};
+use crate::presence::node::Policy;
 use crate::presence::node::{Node, NodeConfig, NodeError, PingReport};
+use services::Services;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
@@ -76,6 +80,7 @@ pub async fn run(
     if ping {
         node.serve_ping().await?;
     }
+    apply_services(&node, &home).await?;
     // The control socket appears only once the node is online and listening, so whoever
     // waits for it (scripts, `q2q-tun up` itself) can use the daemon right away.
     // A socket left by a killed daemon: nothing answers it, so it is safe to replace.
@@ -97,7 +102,7 @@ pub async fn run(
             _ = signal() => break Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_control(node.clone(), stream, stop_tx.clone()));
+                    tokio::spawn(serve_control(node.clone(), home.clone(), stream, stop_tx.clone()));
                 }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
@@ -106,6 +111,52 @@ pub async fn run(
     let _ = std::fs::remove_file(&path);
     info!("q2q-tun is down");
     result
+}
+
+/// Listen for every exposed service with its allow list, forwarding accepted streams to
+/// the local target; stop listening for services no longer exposed.
+async fn apply_services(node: &Node, home: &Home) -> Result<(), DaemonError> {
+    let services = Services::load(home)?.parsed();
+    for old in node.listening() {
+        if old != crate::presence::node::ping_service()
+            && !services.iter().any(|(s, _, _)| *s == old)
+        {
+            node.unlisten(&old).await?;
+        }
+    }
+    for (service, to, allow) in services {
+        let mut accepted =
+            node.listen(&service, &format!("forwarded to {to}"), Policy::allow(allow)).await?;
+        tokio::spawn(async move {
+            while let Some(a) = accepted.recv().await {
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let mut peer = a.stream;
+                    match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::TcpStream::connect(to),
+                    )
+                    .await
+                    {
+                        Ok(Ok(mut local)) => {
+                            info!(peer = %a.peer, %service, %to, "forwarding");
+                            let _ = tokio::io::copy_bidirectional(&mut peer, &mut local).await;
+                        }
+                        _ => warn!(peer = %a.peer, %service, %to, "local target unreachable"),
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Tell a running daemon to apply services.toml again (no daemon: nothing to do).
+pub async fn reload(home: &Home) -> Result<bool, DaemonError> {
+    if !socket_path(home).exists() {
+        return Ok(false);
+    }
+    ask(home, AmpBox::command("reload")).await.map(|_| true)
 }
 
 async fn signal() {
@@ -123,12 +174,21 @@ async fn signal() {
     }
 }
 
-async fn serve_control(node: Node, stream: UnixStream, stop: tokio::sync::mpsc::Sender<()>) {
+async fn serve_control(
+    node: Node,
+    home: Home,
+    stream: UnixStream,
+    stop: tokio::sync::mpsc::Sender<()>,
+) {
     let (_handle, mut incoming) = amp::peer::spawn(stream);
     while let Some(req) = incoming.recv().await {
         let result = match req.command() {
             "status" => Ok(status_box(&node)),
             "ping" => ping(&node, &req.request).await,
+            "reload" => match apply_services(&node, &home).await {
+                Ok(()) => Ok(AmpBox::new()),
+                Err(e) => Err(("RELOAD_FAILED".to_string(), e.to_string())),
+            },
             "shutdown" => {
                 let _ = stop.send(()).await;
                 Ok(AmpBox::new())

@@ -376,6 +376,22 @@ impl Node {
         Ok(rx)
     }
 
+    /// Stop offering `service`.
+    pub async fn unlisten(&self, service: &ServiceName) -> Result<(), NodeError> {
+        if let Ok(mut l) = self.inner.listening.lock() {
+            l.remove(service);
+        }
+        self.home()
+            .peer_call(AmpBox::command(command::UNLISTEN).with("service", service.as_str()))
+            .await?;
+        Ok(())
+    }
+
+    /// The services listened for now.
+    pub fn listening(&self) -> Vec<ServiceName> {
+        self.inner.listening.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default()
+    }
+
     /// The address the home server sees this node's UDP socket as (its NAT mapping).
     pub async fn reflexive(&self) -> Option<SocketAddr> {
         if self.inner.config.tcp_relay_only {
