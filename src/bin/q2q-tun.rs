@@ -8,7 +8,8 @@ use q2q::client::{self, ConnectOptions, Home, ServerConn};
 use q2q::daemon;
 use q2q::daemon::services::Services;
 use q2q::identity::Fingerprint;
-use q2q::presence::node::{Node, NodeConfig};
+use q2q::presence::node::{Node, NodeConfig, Policy};
+use q2q::transfer;
 use std::path::PathBuf;
 
 /// The q2q client: networking addressed to people (alice@example.com), not machines.
@@ -135,6 +136,36 @@ enum Command {
     Deauthorize { address: String, service: String },
     /// List the services you expose, where they go, and who may use them.
     Services,
+    /// Send files and directories to a person. They must consent: be running
+    /// `q2q-tun receive`, or have authorized you for `file` (their daemon's inbox).
+    Send {
+        /// Who, like bob@b.example.
+        address: String,
+        /// Files and directories (directories go whole; symbolic links are refused).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The identity to send as (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+    },
+    /// Wait for files and accept them: from anyone who sends, or only from --from.
+    Receive {
+        /// Accept only from these addresses (repeatable).
+        #[arg(long)]
+        from: Vec<String>,
+        /// Where files go (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Replace existing files with other content (never done otherwise).
+        #[arg(long)]
+        overwrite: bool,
+        /// Keep receiving after the first transfer.
+        #[arg(long)]
+        keep: bool,
+        /// The identity to receive as (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+    },
     /// Connect to an address's service and join it to stdin/stdout (for ssh's ProxyCommand:
     /// `ssh -o ProxyCommand='q2q-tun connect alice@example.com tcp/22' alice`).
     Connect {
@@ -299,8 +330,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut s = Services::load(&home)?;
             let to = s.expose(&service, to)?;
             s.save(&home)?;
+            let target = to.map_or_else(
+                || format!("the inbox {}", home.root().join("inbox").display()),
+                |t| t.to_string(),
+            );
             println!(
-                "exposed {service} (forwarded to {to}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
+                "exposed {service} (to {target}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
             );
             reloaded(&home).await?;
         }
@@ -340,7 +375,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for (name, e) in &s.services {
                 let who =
                     if e.allow.is_empty() { "nobody yet".to_string() } else { e.allow.join(", ") };
-                println!("{name:<12} -> {:<22} allowed: {who}", e.to.to_string());
+                let to = e.to.map_or_else(|| "inbox".to_string(), |t| t.to_string());
+                println!("{name:<12} -> {to:<22} allowed: {who}");
             }
         }
         Command::Connect { address, service, as_address } => {
@@ -361,6 +397,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = tokio::io::copy(&mut r, &mut stdout).await;
             let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
             up.abort();
+        }
+        Command::Send { address, files, as_address } => {
+            let to = Q2qAddress::parse(&address)?;
+            let files = transfer::collect(&files)?;
+            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
+            let me = daemon::choose_identity(&home, wanted.as_ref())?;
+            let node = Node::start(home.clone(), me, NodeConfig::default()).await?;
+            let conn = node.connect(&to, &ServiceName::parse("file")?).await?;
+            let started = std::time::Instant::now();
+            let summary = transfer::send(conn.stream, &files, &mut Bar::new("sending")).await?;
+            let path = node.status().last().map(|p| p.path.to_string()).unwrap_or_default();
+            println!(
+                "sent {} files ({} bytes, {} sent{}{}) to {to} in {:.1} s over {path}",
+                summary.files,
+                summary.bytes,
+                summary.transferred,
+                if summary.resumed > 0 {
+                    format!(", {} resumed", summary.resumed)
+                } else {
+                    String::new()
+                },
+                if summary.skipped > 0 {
+                    format!(", {} already there", summary.skipped)
+                } else {
+                    String::new()
+                },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Command::Receive { from, dir, overwrite, keep, as_address } => {
+            let from: Vec<Q2qAddress> =
+                from.iter().map(|f| Q2qAddress::parse(f)).collect::<Result<_, _>>()?;
+            let policy =
+                if from.is_empty() { Policy::anyone() } else { Policy::allow(from.clone()) };
+            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
+            let me = daemon::choose_identity(&home, wanted.as_ref())?;
+            let node = Node::start(home.clone(), me.clone(), NodeConfig::default()).await?;
+            let mut refused = node.refusals();
+            let mut accepted =
+                node.listen(&ServiceName::parse("file")?, "q2q-tun receive", policy).await?;
+            let who = if from.is_empty() {
+                "anyone".to_string()
+            } else {
+                from.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
+            eprintln!(
+                "{me} is waiting for files from {who} into {} (Ctrl-C to stop)",
+                dir.display()
+            );
+            loop {
+                tokio::select! {
+                    Ok((peer, service)) = refused.recv() => eprintln!("refused {peer}: not authorized for {service}"),
+                    a = accepted.recv() => {
+                        let Some(a) = a else { break };
+                        let opts = transfer::ReceiveOptions { dir: dir.clone(), overwrite };
+                        let started = std::time::Instant::now();
+                        match transfer::receive(a.stream, &opts, &mut Bar::new("receiving")).await {
+                            Ok(s) => println!(
+                                "received {} files ({} bytes, {} transferred) from {} in {:.1} s into {}",
+                                s.files, s.bytes, s.transferred, a.peer, started.elapsed().as_secs_f64(), dir.display()
+                            ),
+                            Err(e) => eprintln!("error: transfer from {} failed: {e}", a.peer),
+                        }
+                        if !keep {
+                            break;
+                        }
+                    }
+                }
+            }
         }
         Command::Down => {
             daemon::ask(&home, AmpBox::command("shutdown")).await?;
@@ -415,6 +520,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new(verb: &str) -> Bar {
+        use std::io::IsTerminal;
+        let target = if std::io::stderr().is_terminal() {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        };
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
+        let style = indicatif::ProgressStyle::with_template(&format!(
+            "{verb} {{msg}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} {{eta}} left"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        Bar(bar)
+    }
+}
+
+impl transfer::Progress for Bar {
+    fn start(&mut self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn file(&mut self, name: &str) {
+        self.0.set_message(name.to_string());
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 /// Tell a running daemon to apply the services file again.

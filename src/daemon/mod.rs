@@ -125,6 +125,28 @@ async fn apply_services(node: &Node, home: &Home) -> Result<(), DaemonError> {
         }
     }
     for (service, to, allow) in services {
+        let Some(to) = to else {
+            let inbox = home.root().join("inbox");
+            let mut accepted = node.listen(&service, "inbox", Policy::allow(allow)).await?;
+            tokio::spawn(async move {
+                while let Some(a) = accepted.recv().await {
+                    // One folder per sender: nobody's files land among another's.
+                    let dir = inbox.join(a.peer.to_string());
+                    let opts = crate::transfer::ReceiveOptions { dir, overwrite: false };
+                    tokio::spawn(async move {
+                        match crate::transfer::receive(a.stream, &opts, &mut crate::transfer::Quiet)
+                            .await
+                        {
+                            Ok(s) => {
+                                info!(from = %a.peer, files = s.files, bytes = s.transferred, "received into the inbox")
+                            }
+                            Err(e) => warn!(from = %a.peer, error = %e, "transfer failed"),
+                        }
+                    });
+                }
+            });
+            continue;
+        };
         let mut accepted =
             node.listen(&service, &format!("forwarded to {to}"), Policy::allow(allow)).await?;
         tokio::spawn(async move {

@@ -18,8 +18,10 @@ use std::net::SocketAddr;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Exposed {
-    /// The local TCP address a stream of this service is forwarded to.
-    pub to: SocketAddr,
+    /// The local TCP address a stream of this service is forwarded to (none for `file`,
+    /// which goes to the inbox, `$Q2Q_HOME/inbox`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<SocketAddr>,
     /// Who may use it.
     #[serde(default)]
     pub allow: Vec<String>,
@@ -79,7 +81,12 @@ impl Services {
         &mut self,
         service: &ServiceName,
         to: Option<SocketAddr>,
-    ) -> Result<SocketAddr, ServicesError> {
+    ) -> Result<Option<SocketAddr>, ServicesError> {
+        if service.as_str() == "file" {
+            self.services.entry("file".into()).or_insert(Exposed { to: None, allow: vec![] }).to =
+                None;
+            return Ok(None);
+        }
         let to = match to {
             Some(t) => t,
             None => service
@@ -89,10 +96,12 @@ impl Services {
                 .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
                 .ok_or_else(|| ServicesError::NoTarget(service.clone()))?,
         };
-        let entry =
-            self.services.entry(service.to_string()).or_insert(Exposed { to, allow: vec![] });
-        entry.to = to;
-        Ok(to)
+        let entry = self
+            .services
+            .entry(service.to_string())
+            .or_insert(Exposed { to: Some(to), allow: vec![] });
+        entry.to = Some(to);
+        Ok(Some(to))
     }
 
     pub fn unexpose(&mut self, service: &ServiceName) -> bool {
@@ -104,6 +113,10 @@ impl Services {
         who: &Q2qAddress,
         service: &ServiceName,
     ) -> Result<(), ServicesError> {
+        if service.as_str() == "file" {
+            // The inbox needs no target: authorizing a sender is consent enough.
+            self.expose(service, None)?;
+        }
         let e = self
             .services
             .get_mut(service.as_str())
@@ -129,7 +142,7 @@ impl Services {
     }
 
     /// The exposed services, parsed (entries that do not parse are skipped).
-    pub fn parsed(&self) -> Vec<(ServiceName, SocketAddr, Vec<Q2qAddress>)> {
+    pub fn parsed(&self) -> Vec<(ServiceName, Option<SocketAddr>, Vec<Q2qAddress>)> {
         self.services
             .iter()
             .filter_map(|(name, e)| {
@@ -153,7 +166,7 @@ mod tests {
         let bob = Q2qAddress::parse("bob@b.example").unwrap();
         let mut s = Services::load(&home).unwrap();
         assert!(matches!(s.authorize(&bob, &ssh), Err(ServicesError::NotExposed(_))));
-        assert_eq!(s.expose(&ssh, None).unwrap(), "127.0.0.1:22".parse().unwrap());
+        assert_eq!(s.expose(&ssh, None).unwrap(), Some("127.0.0.1:22".parse().unwrap()));
         assert!(s.parsed()[0].2.is_empty(), "exposed to nobody yet");
         s.authorize(&bob, &ssh).unwrap();
         s.authorize(&bob, &ssh).unwrap();
@@ -161,9 +174,12 @@ mod tests {
         let again = Services::load(&home).unwrap();
         assert_eq!(again.parsed()[0].2, vec![bob.clone()]);
         assert!(matches!(
-            again.clone().expose(&ServiceName::parse("file").unwrap(), None),
+            again.clone().expose(&ServiceName::parse("tcp/x").unwrap(), None),
             Err(ServicesError::NoTarget(_))
         ));
+        let mut with_inbox = again.clone();
+        with_inbox.authorize(&bob, &ServiceName::parse("file").unwrap()).unwrap();
+        assert_eq!(with_inbox.services["file"].to, None);
         let mut again = again;
         assert!(again.deauthorize(&bob, &ssh).unwrap());
         assert!(again.unexpose(&ssh));

@@ -199,6 +199,8 @@ struct Inner {
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
     /// Our certificate and key for TLS on peer streams.
     tls_identity: crate::ptcp::tls::Identity,
+    /// Callers refused by a service's policy (for programs that show it).
+    refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
 }
 
 /// How long a who-am-i answer (or its absence) is trusted.
@@ -241,6 +243,7 @@ impl Node {
             tcp_relay_routes: Default::default(),
             reflexive_cache: Default::default(),
             tls_identity,
+            refusals: tokio::sync::broadcast::channel(16).0,
             me,
             home,
             identity,
@@ -374,6 +377,11 @@ impl Node {
             )
             .await?;
         Ok(rx)
+    }
+
+    /// Callers refused by a service's policy, as they happen.
+    pub fn refusals(&self) -> tokio::sync::broadcast::Receiver<(Q2qAddress, ServiceName)> {
+        self.inner.refusals.subscribe()
     }
 
     /// Stop offering `service`.
@@ -913,6 +921,7 @@ impl Node {
                 }
                 Some(l) if !l.policy.permits(&from) => {
                     info!(%from, %service, "refused: not authorized");
+                    let _ = self.inner.refusals.send((from.clone(), service.clone()));
                     return Err((
                         code::NOT_AUTHORIZED.into(),
                         format!("{from} is not authorized for {service} of {}", self.inner.me),

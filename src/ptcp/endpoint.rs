@@ -509,7 +509,8 @@ impl Driver {
             }
             let stalled = !self.stalled.is_empty();
             tokio::select! {
-                r = self.socket.readable(), if !stalled => {
+                // Reading goes on while sends are stalled: ACKs are what frees the peer.
+                r = self.socket.readable() => {
                     if let Err(e) = r {
                         warn!(error = %e, "PTCP socket failed");
                         break;
@@ -553,6 +554,9 @@ impl Driver {
                     let now = self.now();
                     for (m, slot) in meta.iter().zip(buf.chunks(RECV_SLOT)).take(n) {
                         let data = slot.get(..m.len).unwrap_or(slot);
+                        if data.is_empty() {
+                            self.on_datagram(now, m.addr, data);
+                        }
                         // With GRO one buffer holds several datagrams of `stride` bytes.
                         for d in data.chunks(m.stride.max(1)) {
                             self.on_datagram(now, m.addr, d);

@@ -1,0 +1,520 @@
+//! The answerer: DNS query bytes in, response bytes out. No sockets, no clock.
+//!
+//! | question                                   | answer                                       |
+//! |--------------------------------------------|----------------------------------------------|
+//! | `A`/`AAAA`/`ANY` for a known person        | the pool's addresses, TTL [`ShimConfig::ttl`] |
+//! | other types for a known person             | NOERROR, no data, SOA                         |
+//! | an unknown person or a malformed `*.q2q`   | NXDOMAIN with the `q2q.` SOA (negative TTL)   |
+//! | identity server unsure, no mapping yet     | SERVFAIL (the resolver retries)               |
+//! | `PTR` for a mapped pool address            | `alice.example.com.q2q.`                      |
+//! | an unmapped pool address                   | NXDOMAIN                                      |
+//! | anything else (`example.com`, other arpa)  | REFUSED: never answered as ours               |
+//! | unparseable query with a header            | FORMERR; a response or < 12 bytes: nothing   |
+//!
+//! Whether a person exists is asked of an [`Exists`] (the daemon asks the identity server,
+//! with its own cache). The answerer may call it once per query.
+
+use super::names::{self, Names, Parsed};
+use super::pool::Pool;
+use crate::address::Q2qAddress;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::SystemTime;
+
+/// What the identity service says about an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existence {
+    /// Registered: answer with addresses.
+    Known,
+    /// Not registered (or its domain has no q2q server): NXDOMAIN.
+    Unknown,
+    /// No answer right now (server unreachable, still asking): use an existing mapping if
+    /// there is one, else SERVFAIL.
+    Unsure,
+}
+
+/// Whether a person exists. Synchronous: the server calls it off the async runtime, but it
+/// should answer quickly (from a cache) since queries wait for it one at a time.
+pub trait Exists {
+    fn exists(&mut self, address: &Q2qAddress) -> Existence;
+}
+
+impl<F: FnMut(&Q2qAddress) -> Existence> Exists for F {
+    fn exists(&mut self, address: &Q2qAddress) -> Existence {
+        self(address)
+    }
+}
+
+/// Answer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShimConfig {
+    /// TTL of positive answers (short: mappings outlive it by far).
+    pub ttl: u32,
+    /// TTL of negative answers (SOA minimum), so a newly registered user appears quickly.
+    pub negative_ttl: u32,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig { ttl: 5, negative_ttl: 5 }
+    }
+}
+
+/// Largest UDP response we offer to send with EDNS (the DNS flag day 2020 value).
+const EDNS_PAYLOAD: u16 = 1232;
+
+/// The sans-IO resolver shim: names, pool and the existence oracle.
+pub struct Shim<E> {
+    names: Names,
+    pool: Pool,
+    exists: E,
+    config: ShimConfig,
+}
+
+/// What a question is about.
+enum Subject {
+    Forward(Parsed),
+    /// A full reverse name for an address inside the pool, with its zone (the name cut at
+    /// the pool prefix, rounded to a label boundary).
+    Reverse(IpAddr, Name),
+    NotOurs,
+}
+
+impl<E: Exists> Shim<E> {
+    pub fn new(names: Names, pool: Pool, exists: E, config: ShimConfig) -> Shim<E> {
+        Shim { names, pool, exists, config }
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// For the daemon: `touch` on traffic, saving, `whois`.
+    pub fn pool_mut(&mut self) -> &mut Pool {
+        &mut self.pool
+    }
+
+    pub fn exists_mut(&mut self) -> &mut E {
+        &mut self.exists
+    }
+
+    /// Answer a query that came over UDP: the response fits the client's advertised size
+    /// (512 bytes, or its EDNS payload up to 1232), else it is truncated with TC set.
+    /// `None` means send nothing.
+    pub fn answer(&mut self, query: &[u8], now: SystemTime) -> Option<Vec<u8>> {
+        self.respond(query, now, true)
+    }
+
+    /// Answer a query that came over TCP (no size limit but the 64 KiB frame).
+    pub fn answer_tcp(&mut self, query: &[u8], now: SystemTime) -> Option<Vec<u8>> {
+        self.respond(query, now, false)
+    }
+
+    fn respond(&mut self, query: &[u8], now: SystemTime, udp: bool) -> Option<Vec<u8>> {
+        let header = query.get(..12)?;
+        // QR set: a response, perhaps reflected at us. Never answer it.
+        if header[2] & 0x80 != 0 {
+            return None;
+        }
+        let Ok(msg) = Message::from_vec(query) else { return Some(form_err(header)) };
+        if msg.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let mut resp = Message::response(msg.metadata.id, msg.metadata.op_code);
+        resp.metadata.recursion_desired = msg.metadata.recursion_desired;
+        resp.metadata.checking_disabled = msg.metadata.checking_disabled;
+        if msg.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(EDNS_PAYLOAD);
+            resp.set_edns(edns);
+        }
+        if msg.metadata.op_code != OpCode::Query {
+            resp.metadata.response_code = ResponseCode::NotImp;
+        } else if let [q] = msg.queries.as_slice() {
+            resp.add_query(q.clone());
+            self.answer_question(q, now, &mut resp);
+        } else {
+            resp.metadata.response_code = ResponseCode::FormErr;
+        }
+        let bytes = resp.to_vec().ok()?;
+        let limit = usize::from(msg.max_payload().min(EDNS_PAYLOAD));
+        if udp && bytes.len() > limit {
+            return resp.truncate().to_vec().ok();
+        }
+        Some(bytes)
+    }
+
+    fn answer_question(&mut self, q: &Query, now: SystemTime, resp: &mut Message) {
+        if q.query_class != DNSClass::IN {
+            resp.metadata.response_code = ResponseCode::Refused;
+            return;
+        }
+        match self.classify(&q.name) {
+            Subject::NotOurs => resp.metadata.response_code = ResponseCode::Refused,
+            Subject::Forward(parsed) => {
+                resp.metadata.authoritative = true;
+                self.forward(q, parsed, now, resp);
+            }
+            Subject::Reverse(ip, zone) => {
+                resp.metadata.authoritative = true;
+                match self.pool.whois(ip) {
+                    Some(who) => {
+                        if matches!(q.query_type, RecordType::PTR | RecordType::ANY) {
+                            let target = names::dns_name(who);
+                            let rdata = RData::PTR(PTR(target));
+                            resp.add_answer(Record::from_rdata(
+                                q.name.clone(),
+                                self.config.ttl,
+                                rdata,
+                            ));
+                        } else {
+                            resp.add_authority(self.soa(zone));
+                        }
+                    }
+                    None => {
+                        resp.metadata.response_code = ResponseCode::NXDomain;
+                        resp.add_authority(self.soa(zone));
+                    }
+                }
+            }
+        }
+    }
+
+    fn forward(&mut self, q: &Query, parsed: Parsed, now: SystemTime, resp: &mut Message) {
+        let apex = names::apex();
+        let address = match parsed {
+            Parsed::NotOurs => {
+                resp.metadata.authoritative = false;
+                resp.metadata.response_code = ResponseCode::Refused;
+                return;
+            }
+            Parsed::Apex => {
+                if matches!(q.query_type, RecordType::SOA | RecordType::ANY) {
+                    let mut soa = self.soa(apex);
+                    soa.name = q.name.clone();
+                    resp.add_answer(soa);
+                } else {
+                    resp.add_authority(self.soa(apex));
+                }
+                return;
+            }
+            Parsed::Malformed => {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+                resp.add_authority(self.soa(apex));
+                return;
+            }
+            Parsed::Address(a) => a,
+        };
+        let mapping = match self.exists.exists(&address) {
+            Existence::Unknown => {
+                tracing::debug!(%address, "unknown: NXDOMAIN");
+                resp.metadata.response_code = ResponseCode::NXDomain;
+                resp.add_authority(self.soa(apex));
+                return;
+            }
+            Existence::Unsure => match self.pool.get(&address) {
+                Some(m) => {
+                    self.pool.touch(IpAddr::V4(m.ipv4), now);
+                    m
+                }
+                None => {
+                    tracing::debug!(%address, "existence unsure, no mapping: SERVFAIL");
+                    resp.metadata.response_code = ResponseCode::ServFail;
+                    return;
+                }
+            },
+            Existence::Known => {
+                let wants_addresses =
+                    matches!(q.query_type, RecordType::A | RecordType::AAAA | RecordType::ANY);
+                if !wants_addresses {
+                    resp.add_authority(self.soa(apex));
+                    return;
+                }
+                match self.pool.lookup(&address, now) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%address, error = %e, "no virtual address: SERVFAIL");
+                        resp.metadata.response_code = ResponseCode::ServFail;
+                        return;
+                    }
+                }
+            }
+        };
+        let ttl = self.config.ttl;
+        let name = q.name.clone();
+        let mut any = false;
+        if matches!(q.query_type, RecordType::A | RecordType::ANY) {
+            resp.add_answer(Record::from_rdata(name.clone(), ttl, RData::A(A(mapping.ipv4))));
+            any = true;
+        }
+        if matches!(q.query_type, RecordType::AAAA | RecordType::ANY) {
+            resp.add_answer(Record::from_rdata(name, ttl, RData::AAAA(AAAA(mapping.ipv6))));
+            any = true;
+        }
+        if !any {
+            resp.add_authority(self.soa(apex));
+        }
+    }
+
+    fn soa(&self, zone: Name) -> Record {
+        let apex = names::apex();
+        let rname = Name::from_labels([&b"hostmaster"[..], names::TLD.as_bytes()])
+            .unwrap_or_else(|_| apex.clone());
+        let n = self.config.negative_ttl;
+        let soa = SOA::new(apex, rname, 1, 3600, 600, 86400, n);
+        Record::from_rdata(zone, n, RData::SOA(soa))
+    }
+
+    fn classify(&self, name: &Name) -> Subject {
+        let labels: Vec<&[u8]> = name.iter().collect();
+        match labels.as_slice() {
+            [rest @ .., a, b] if b.eq_ignore_ascii_case(b"arpa") => {
+                let v4 = a.eq_ignore_ascii_case(b"in-addr");
+                let v6 = a.eq_ignore_ascii_case(b"ip6");
+                let ip = if v4 {
+                    reverse_v4(rest).map(IpAddr::V4)
+                } else if v6 {
+                    reverse_v6(rest).map(IpAddr::V6)
+                } else {
+                    None
+                };
+                let Some(ip) = ip.filter(|ip| self.pool.contains(*ip)) else {
+                    return Subject::NotOurs;
+                };
+                // The zone keeps the labels covering the pool prefix (rounded up).
+                let keep = match ip {
+                    IpAddr::V4(_) => usize::from(self.pool.config().ipv4.len()).div_ceil(8),
+                    IpAddr::V6(_) => usize::from(self.pool.config().ipv6.len()).div_ceil(4),
+                };
+                let zone_labels = rest.len().saturating_sub(keep);
+                let zone = Name::from_labels(labels[zone_labels..].iter().copied())
+                    .unwrap_or_else(|_| name.clone());
+                Subject::Reverse(ip, zone)
+            }
+            _ => Subject::Forward(self.names.parse_labels(labels.iter().copied())),
+        }
+    }
+}
+
+/// `w.z.y.x` labels (least significant first) of `x.y.z.w`, canonical decimal only.
+fn reverse_v4(labels: &[&[u8]]) -> Option<Ipv4Addr> {
+    let [d, c, b, a] = labels else { return None };
+    let octet = |l: &[u8]| -> Option<u8> {
+        let canonical = !l.is_empty()
+            && l.len() <= 3
+            && l.iter().all(u8::is_ascii_digit)
+            && (l.len() == 1 || l[0] != b'0');
+        if !canonical {
+            return None;
+        }
+        std::str::from_utf8(l).ok()?.parse().ok()
+    };
+    Some(Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?))
+}
+
+/// 32 nibble labels, least significant first.
+fn reverse_v6(labels: &[&[u8]]) -> Option<Ipv6Addr> {
+    if labels.len() != 32 {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for l in labels.iter().rev() {
+        let [c] = l else { return None };
+        let nibble = (*c as char).to_digit(16)?;
+        v = (v << 4) | u128::from(nibble);
+    }
+    Some(Ipv6Addr::from(v))
+}
+
+/// A bare FORMERR header echoing the query's id, opcode and RD bit.
+fn form_err(header: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; 12];
+    out[..2].copy_from_slice(&header[..2]);
+    out[2] = 0x80 | (header[2] & 0x79); // QR, opcode, RD
+    out[3] = 1; // FORMERR
+    out
+}
+
+/// The reverse name of an address (`4.3.2.1.in-addr.arpa.`, nibbles for IPv6).
+pub fn reverse_name(ip: IpAddr) -> Name {
+    let mut labels: Vec<String> = match ip {
+        IpAddr::V4(v4) => v4.octets().iter().rev().map(u8::to_string).collect(),
+        IpAddr::V6(v6) => {
+            let v = u128::from(v6);
+            (0..32).map(|i| format!("{:x}", (v >> (4 * i)) & 0xf)).collect()
+        }
+    };
+    labels.push(if ip.is_ipv4() { "in-addr" } else { "ip6" }.into());
+    labels.push("arpa".into());
+    Name::from_labels(labels.iter().map(|l| l.as_bytes())).unwrap_or_else(|_| Name::root())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::Domain;
+    use crate::dns::pool::PoolConfig;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn shim() -> Shim<impl Exists> {
+        let names = Names::new(Domain::parse("home.example").unwrap());
+        let pool = Pool::new(PoolConfig::default()).unwrap();
+        let exists = |a: &Q2qAddress| match a.user.as_str() {
+            "alice" | "bob" => Existence::Known,
+            "maybe" => Existence::Unsure,
+            _ => Existence::Unknown,
+        };
+        Shim::new(names, pool, exists, ShimConfig::default())
+    }
+
+    fn t() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_000_000)
+    }
+
+    fn ask(s: &mut Shim<impl Exists>, name: &str, ty: RecordType) -> Message {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
+        let r = s.answer(&m.to_vec().unwrap(), t()).expect("an answer");
+        let r = Message::from_vec(&r).unwrap();
+        assert_eq!(r.metadata.id, m.metadata.id);
+        assert_eq!(r.metadata.message_type, MessageType::Response);
+        assert_eq!(r.queries, m.queries);
+        r
+    }
+
+    #[test]
+    fn forward_reverse_and_negative() {
+        let mut s = shim();
+        let r = ask(&mut s, "Alice.q2q.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.metadata.authoritative);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].ttl, 5);
+        assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(100, 64, 0, 2))));
+        let r = ask(&mut s, "alice.home.example.q2q.", RecordType::AAAA);
+        assert_eq!(r.answers[0].data, RData::AAAA(AAAA("fd71:7132::2".parse().unwrap())));
+
+        let ptr = ask(&mut s, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(
+            ptr.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("alice.home.example.q2q.").unwrap()))
+        );
+        let v6 = reverse_name("fd71:7132::2".parse().unwrap());
+        let ptr6 = ask(&mut s, &v6.to_ascii(), RecordType::PTR);
+        assert_eq!(ptr6.answers.len(), 1);
+        let unmapped = ask(&mut s, "9.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(unmapped.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(unmapped.authorities[0].name.to_ascii(), "64.100.in-addr.arpa.");
+
+        for (name, code) in [
+            ("carol.q2q.", ResponseCode::NXDomain),
+            ("a..b.q2q.", ResponseCode::NXDomain),
+            ("_ssh._tcp.alice.q2q.", ResponseCode::NXDomain),
+            ("maybe.q2q.", ResponseCode::ServFail),
+            ("example.com.", ResponseCode::Refused),
+            ("alice.q2q.example.com.", ResponseCode::Refused),
+            ("8.8.8.8.in-addr.arpa.", ResponseCode::Refused),
+            ("0.64.100.in-addr.arpa.", ResponseCode::Refused),
+            ("02.0.64.100.in-addr.arpa.", ResponseCode::Refused),
+        ] {
+            let r = ask(&mut s, name, RecordType::A);
+            assert_eq!(r.metadata.response_code, code, "{name}");
+            assert!(r.answers.is_empty(), "{name}");
+            if code == ResponseCode::NXDomain {
+                assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+            }
+        }
+        // Known, other type: NODATA.
+        let r = ask(&mut s, "bob.q2q.", RecordType::MX);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        assert!(s.pool().get(&Q2qAddress::parse("bob@home.example").unwrap()).is_none());
+        // Apex SOA.
+        let r = ask(&mut s, "q2q.", RecordType::SOA);
+        assert_eq!(r.answers[0].record_type(), RecordType::SOA);
+        // ANY gives both families.
+        let r = ask(&mut s, "bob.q2q.", RecordType::ANY);
+        assert_eq!(r.answers.len(), 2);
+    }
+
+    #[test]
+    fn unsure_uses_existing_mapping() {
+        let flip = std::rc::Rc::new(std::cell::Cell::new(Existence::Known));
+        let names = Names::new(Domain::parse("home.example").unwrap());
+        let pool = Pool::new(PoolConfig::default()).unwrap();
+        let f = flip.clone();
+        let mut s = Shim::new(names, pool, move |_: &Q2qAddress| f.get(), ShimConfig::default());
+        let first = ask(&mut s, "dave.q2q.", RecordType::A);
+        flip.set(Existence::Unsure);
+        let again = ask(&mut s, "dave.q2q.", RecordType::A);
+        assert_eq!(first.answers, again.answers);
+        let r = ask(&mut s, "erin.q2q.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        flip.set(Existence::Unknown);
+        let r = ask(&mut s, "dave.q2q.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn hostile_packets() {
+        let mut s = shim();
+        assert_eq!(s.answer(b"", t()), None);
+        assert_eq!(s.answer(&[0; 11], t()), None);
+        // Garbage with a query header: FORMERR echoing the id.
+        let r = s.answer(&[0xab, 0xcd, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff], t()).unwrap();
+        assert_eq!(r, [0xab, 0xcd, 0x81, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // A response is never answered.
+        let mut m = Message::response(7, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii("alice.q2q.").unwrap(), RecordType::A));
+        assert_eq!(s.answer(&m.to_vec().unwrap(), t()), None);
+        // Two questions: FORMERR; no questions: FORMERR; other opcodes: NOTIMP.
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii("alice.q2q.").unwrap(), RecordType::A));
+        m.add_query(Query::query(Name::from_ascii("bob.q2q.").unwrap(), RecordType::A));
+        let r = Message::from_vec(&s.answer(&m.to_vec().unwrap(), t()).unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        let m = Message::query();
+        let r = Message::from_vec(&s.answer(&m.to_vec().unwrap(), t()).unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        let mut m = Message::new(9, MessageType::Query, OpCode::Update);
+        m.add_query(Query::query(Name::from_ascii("alice.q2q.").unwrap(), RecordType::A));
+        let r = Message::from_vec(&s.answer(&m.to_vec().unwrap(), t()).unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+        // CHAOS class: refused.
+        let mut m = Message::query();
+        let mut q = Query::query(Name::from_ascii("alice.q2q.").unwrap(), RecordType::TXT);
+        q.set_query_class(DNSClass::CH);
+        m.add_query(q);
+        let r = Message::from_vec(&s.answer(&m.to_vec().unwrap(), t()).unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn edns_echoed() {
+        let mut s = shim();
+        let mut m = Message::query();
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        m.set_edns(e);
+        m.add_query(Query::query(Name::from_ascii("alice.q2q.").unwrap(), RecordType::A));
+        let r = Message::from_vec(&s.answer(&m.to_vec().unwrap(), t()).unwrap()).unwrap();
+        assert_eq!(r.edns.map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+    }
+
+    #[test]
+    fn reverse_names() {
+        assert_eq!(
+            reverse_name("100.64.0.2".parse().unwrap()).to_ascii(),
+            "2.0.64.100.in-addr.arpa."
+        );
+        let n = reverse_name("fd71:7132::2".parse().unwrap()).to_ascii();
+        assert!(n.starts_with("2.0.0.0.") && n.ends_with("2.3.1.7.1.7.d.f.ip6.arpa."), "{n}");
+    }
+}
