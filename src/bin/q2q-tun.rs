@@ -446,24 +446,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{me} is waiting for files from {who} into {} (Ctrl-C to stop)",
                 dir.display()
             );
+            // Transfers run side by side: one whose sender vanished (and which only times
+            // out after the session does) never holds up the next, e.g. its resumption.
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(16);
             loop {
                 tokio::select! {
                     Ok((peer, service)) = refused.recv() => eprintln!("refused {peer}: not authorized for {service}"),
                     a = accepted.recv() => {
                         let Some(a) = a else { break };
                         let opts = transfer::ReceiveOptions { dir: dir.clone(), overwrite };
-                        let started = std::time::Instant::now();
-                        match transfer::receive(a.stream, &opts, &mut Bar::new("receiving")).await {
-                            Ok(s) => println!(
-                                "received {} files ({} bytes, {} transferred) from {} in {:.1} s into {}",
-                                s.files, s.bytes, s.transferred, a.peer, started.elapsed().as_secs_f64(), dir.display()
-                            ),
-                            Err(e) => eprintln!("error: transfer from {} failed: {e}", a.peer),
-                        }
-                        if !keep {
-                            break;
-                        }
+                        let done_tx = done_tx.clone();
+                        tokio::spawn(async move {
+                            let started = std::time::Instant::now();
+                            let result = transfer::receive(a.stream, &opts, &mut Bar::new("receiving")).await;
+                            let _ = done_tx.send((a.peer, result, started.elapsed())).await;
+                        });
                     }
+                    Some((peer, result, took)) = done_rx.recv() => match result {
+                        Ok(s) => {
+                            println!(
+                                "received {} files ({} bytes, {} transferred) from {peer} in {:.1} s into {}",
+                                s.files, s.bytes, s.transferred, took.as_secs_f64(), dir.display()
+                            );
+                            if !keep {
+                                break;
+                            }
+                        }
+                        Err(e) => eprintln!("error: transfer from {peer} failed: {e}"),
+                    },
                 }
             }
         }

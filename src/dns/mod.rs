@@ -1,10 +1,13 @@
 //! The `*.q2q` resolver shim: `ssh alice.q2q` resolves to a virtual IP the netstack answers.
 //!
 //! ```text
-//!   system resolver ──(~q2q only)──▶ server (UDP+TCP, tokio) ──▶ shim (sans-IO)
-//!                                                                 ├─ names: alice.example.com.q2q → alice@example.com
-//!                                                                 ├─ Exists: is alice registered? (daemon, identity server)
-//!                                                                 └─ pool: alice@example.com ↔ 100.64.0.2 / fd71:7132::2
+//!  system resolver ──(~q2q only)──▶ server (UDP+TCP, tokio; sockets and clock)
+//!                                      │ query bytes, now
+//!                                      ▼
+//!                                    shim (sans-IO) ──▶ names: alice.example.com.q2q → alice@example.com
+//!                                      │            ──▶ Exists: is alice registered? (the daemon asks)
+//!                                      ▼
+//!                                    pool: alice@example.com ↔ 100.64.0.2 + fd71:7132::2
 //! ```
 //!
 //! * [`names`]: which DNS names are ours and whom they name.

@@ -65,8 +65,8 @@ impl Names {
         let domain = if domain.is_empty() {
             self.own_domain.clone()
         } else {
-            // Labels are joined with '.', so a label holding a '.' would change the structure;
-            // Domain::parse rejects '.' inside labels only by way of the split, so check here.
+            // The labels are joined with '.' for Domain::parse, so a label that itself holds a
+            // '.' would silently become two labels: refuse it.
             if domain.iter().any(|l| l.contains(&b'.')) {
                 return Parsed::Malformed;
             }

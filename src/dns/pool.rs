@@ -94,7 +94,7 @@ impl Ipv4Prefix {
     pub fn network(&self) -> Ipv4Addr {
         self.network
     }
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
     /// Number of addresses (2^(32-len)).
@@ -129,7 +129,7 @@ impl Ipv6Prefix {
     pub fn network(&self) -> Ipv6Addr {
         self.network
     }
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
     fn index_of(&self, ip: Ipv6Addr) -> Option<u128> {
@@ -456,7 +456,8 @@ impl Pool {
                 })
                 .collect(),
         };
-        let body = toml::to_string(&state).unwrap_or_default();
+        let body = toml::to_string(&state)
+            .expect("strings, integers and addresses always serialize as TOML");
         format!("# q2q virtual address mappings; written by q2q-tun, safe to delete.\n{body}")
     }
 
@@ -467,7 +468,7 @@ impl Pool {
         let mut pool = Pool::new(config)?;
         let mut saved = state.mappings;
         // Most recently used first, so the cap keeps those.
-        saved.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        saved.sort_by_key(|s| std::cmp::Reverse(s.last_used));
         for s in saved {
             let Ok(address) = Q2qAddress::parse(&s.address) else {
                 tracing::warn!(address = %s.address, "dropping saved mapping: not an address");
@@ -588,7 +589,8 @@ mod tests {
         assert!("fd00::1/64".parse::<Ipv6Prefix>().is_err());
         assert!("fd00::/129".parse::<Ipv6Prefix>().is_err());
         assert!(matches!(Pool::new(small(31)), Err(PoolError::Ipv4TooSmall(31))));
-        let mut c = small(16);
+        let mut c = small(29);
+        c.ipv4 = "10.9.0.0/16".parse().unwrap();
         c.ipv6 = "fd00::/120".parse().unwrap();
         assert!(matches!(Pool::new(c), Err(PoolError::Ipv6TooSmall { .. })));
         let text = toml::to_string(&PoolConfig::default()).unwrap();
@@ -611,8 +613,7 @@ mod tests {
         let mc = q.lookup(&a("carol@c.example"), t(7)).unwrap();
         assert_eq!(mc.ipv4, Ipv4Addr::new(100, 64, 0, 4));
         // A changed prefix drops what no longer fits.
-        let mut other = PoolConfig::default();
-        other.ipv4 = "100.100.0.0/16".parse().unwrap();
+        let other = PoolConfig { ipv4: "100.100.0.0/16".parse().unwrap(), ..PoolConfig::default() };
         assert!(Pool::from_toml(other, &text).unwrap().is_empty());
         // Hand-edited junk: bad entries dropped, the rest kept.
         let junk = format!(

@@ -1,0 +1,260 @@
+//! The resolver shim over real UDP and TCP on loopback, and `dig` when it is installed.
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
+use hickory_proto::rr::{Name, RData, RecordType};
+use proptest::prelude::*;
+use q2q::address::{Domain, Q2qAddress};
+use q2q::dns::server::{self, Server, ServerConfig, SharedShim};
+use q2q::dns::shim::reverse_name;
+use q2q::dns::{Existence, Names, Pool, PoolConfig, Shim, ShimConfig, framing};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+type Oracle = fn(&Q2qAddress) -> Existence;
+
+/// alice and bob exist anywhere; everyone else does not.
+fn oracle(a: &Q2qAddress) -> Existence {
+    match a.user.as_str() {
+        "alice" | "bob" => Existence::Known,
+        _ => Existence::Unknown,
+    }
+}
+
+fn new_shim(pool: PoolConfig) -> Shim<Oracle> {
+    let names = Names::new(Domain::parse("example.com").unwrap());
+    Shim::new(names, Pool::new(pool).unwrap(), oracle as Oracle, ShimConfig::default())
+}
+
+async fn start(pool: PoolConfig) -> (SocketAddr, SharedShim<Oracle>) {
+    let shim = Arc::new(Mutex::new(new_shim(pool)));
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let srv = Server::bind(addr, shim.clone(), ServerConfig::default()).await.unwrap();
+    let addr = srv.local_addr().unwrap();
+    tokio::spawn(srv.run());
+    (addr, shim)
+}
+
+fn query(name: &str, ty: RecordType) -> Message {
+    let mut m = Message::query();
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
+    m
+}
+
+async fn udp(server: SocketAddr, q: &Message) -> Message {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&q.to_vec().unwrap(), server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(r.metadata.id, q.metadata.id);
+    assert_eq!(r.queries, q.queries);
+    r
+}
+
+async fn tcp(stream: &mut TcpStream, q: &Message) -> Message {
+    stream.write_all(&framing::encode(&q.to_vec().unwrap()).unwrap()).await.unwrap();
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut body).await.unwrap();
+    let r = Message::from_vec(&body).unwrap();
+    assert_eq!(r.metadata.id, q.metadata.id);
+    r
+}
+
+fn only_a(r: &Message) -> Ipv4Addr {
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1, "{r:?}");
+    assert!(r.answers[0].ttl <= 10);
+    match &r.answers[0].data {
+        RData::A(A(ip)) => *ip,
+        other => panic!("not an A record: {other:?}"),
+    }
+}
+
+fn only_aaaa(r: &Message) -> Ipv6Addr {
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1, "{r:?}");
+    match &r.answers[0].data {
+        RData::AAAA(AAAA(ip)) => *ip,
+        other => panic!("not an AAAA record: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn udp_and_tcp_answers_are_stable_and_reverse() {
+    let (addr, shim) = start(PoolConfig::default()).await;
+    let short = only_a(&udp(addr, &query("alice.q2q.", RecordType::A)).await);
+    let long = only_a(&udp(addr, &query("ALICE.Example.Com.q2q.", RecordType::A)).await);
+    assert_eq!(short, long, "alice.q2q is alice at our own domain");
+    assert!(PoolConfig::default().ipv4.contains(short));
+    assert_ne!(short, server::lock(&shim).pool().node_ipv4());
+    let bob = only_a(&udp(addr, &query("bob.b.example.q2q.", RecordType::A)).await);
+    assert_ne!(bob, short);
+    let v6 = only_aaaa(&udp(addr, &query("alice.q2q.", RecordType::AAAA)).await);
+    assert!(PoolConfig::default().ipv6.contains(v6));
+
+    // Over TCP, several queries on one connection: the same answers.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            only_a(&tcp(&mut s, &query("alice.example.com.q2q.", RecordType::A)).await),
+            short
+        );
+        assert_eq!(only_aaaa(&tcp(&mut s, &query("alice.q2q.", RecordType::AAAA)).await), v6);
+    }
+
+    // PTR maps both families back to the canonical name.
+    let want = RData::PTR(PTR(Name::from_ascii("alice.example.com.q2q.").unwrap()));
+    for ip in [IpAddr::V4(short), IpAddr::V6(v6)] {
+        let r = udp(addr, &query(&reverse_name(ip).to_ascii(), RecordType::PTR)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.answers[0].data, want);
+        let r = tcp(&mut s, &query(&reverse_name(ip).to_ascii(), RecordType::PTR)).await;
+        assert_eq!(r.answers[0].data, want);
+    }
+    // whois, as the daemon would ask it.
+    let who = server::lock(&shim).pool().whois(IpAddr::V4(bob)).cloned();
+    assert_eq!(who, Some(Q2qAddress::parse("bob@b.example").unwrap()));
+
+    // Survives a restart through the saved state.
+    let saved = server::lock(&shim).pool().to_toml();
+    let restored = Pool::from_toml(PoolConfig::default(), &saved).unwrap();
+    assert_eq!(restored.get(&Q2qAddress::parse("alice@example.com").unwrap()).unwrap().ipv4, short);
+}
+
+#[tokio::test]
+async fn unknown_malformed_and_foreign_names() {
+    let (addr, _shim) = start(PoolConfig::default()).await;
+    let r = udp(addr, &query("carol.q2q.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert!(r.answers.is_empty());
+    assert_eq!(r.authorities[0].record_type(), RecordType::SOA, "negative answers are cacheable");
+    let r = udp(addr, &query("_ssh._tcp.alice.q2q.", RecordType::SRV)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+
+    for foreign in
+        ["example.com.", "alice.example.com.", "q2q.example.com.", "1.1.1.1.in-addr.arpa."]
+    {
+        let r = udp(addr, &query(foreign, RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{foreign}");
+        assert!(r.answers.is_empty() && !r.metadata.authoritative, "{foreign}");
+    }
+    // An unmapped pool address.
+    let r = udp(addr, &query("77.0.64.100.in-addr.arpa.", RecordType::PTR)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[tokio::test]
+async fn configured_pool_is_used() {
+    let c = PoolConfig {
+        ipv4: "100.100.0.0/16".parse().unwrap(),
+        ipv6: "fd00:abcd::/64".parse().unwrap(),
+        ..PoolConfig::default()
+    };
+    let (addr, _shim) = start(c).await;
+    let ip = only_a(&udp(addr, &query("alice.q2q.", RecordType::A)).await);
+    assert_eq!(ip, Ipv4Addr::new(100, 100, 0, 2));
+    let ip6 = only_aaaa(&udp(addr, &query("alice.q2q.", RecordType::AAAA)).await);
+    assert_eq!(ip6, "fd00:abcd::2".parse::<Ipv6Addr>().unwrap());
+}
+
+#[tokio::test]
+async fn garbage_does_not_crash_it() {
+    let (addr, _shim) = start(PoolConfig::default()).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for junk in [
+        &b""[..],
+        b"\x00",
+        &[0xff; 12],
+        &[0x12, 0x34, 0x01, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 9],
+        &[0; 5000],
+    ] {
+        sock.send_to(junk, addr).await.unwrap();
+    }
+    // Garbage over TCP: a zero-length frame, a short frame then hang-up, an oversized length.
+    for junk in [&b"\x00\x00"[..], b"\x00\x10abc", b"\xff\xff"] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        drop(s);
+    }
+    // Still answering.
+    only_a(&udp(addr, &query("alice.q2q.", RecordType::A)).await);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    only_a(&tcp(&mut s, &query("alice.q2q.", RecordType::A)).await);
+}
+
+#[tokio::test]
+async fn dig_resolves_alice() {
+    let has_dig = std::process::Command::new("dig").arg("-v").output().is_ok();
+    if !has_dig {
+        println!("skipping: dig is not installed (apt-get install dnsutils)");
+        return;
+    }
+    let (addr, _shim) = start(PoolConfig::default()).await;
+    let port = addr.port().to_string();
+    let dig = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("dig").args(args).output().unwrap()
+        })
+    };
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["@127.0.0.1", "-p", port.as_str(), "+time=3", "+tries=1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let out = dig(base(&["alice.q2q", "A", "+short"])).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ip: Ipv4Addr = text.parse().unwrap_or_else(|_| panic!("dig said {text:?}"));
+    assert_eq!(ip, Ipv4Addr::new(100, 64, 0, 2));
+    let out = dig(base(&["alice.q2q", "A", "+short", "+tcp"])).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), text);
+    let out = dig(base(&["-x", &text, "+short"])).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice.example.com.q2q.");
+    let out = dig(base(&["carol.q2q", "A"])).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("status: NXDOMAIN"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut s = new_shim(PoolConfig::default());
+        let _ = s.answer(&bytes, SystemTime::now());
+        let _ = s.answer_tcp(&bytes, SystemTime::now());
+    }
+
+    #[test]
+    fn mutated_queries_never_panic(
+        name in "[a-zA-Z0-9._-]{1,40}\\.q2q\\.",
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+        cut in any::<usize>(),
+    ) {
+        let mut s = new_shim(PoolConfig::default());
+        let Ok(n) = Name::from_ascii(&name) else { return Ok(()) };
+        let mut m = Message::query();
+        m.add_query(Query::query(n, RecordType::A));
+        let mut bytes = m.to_vec().unwrap();
+        for (i, b) in flips {
+            let len = bytes.len();
+            bytes[i % len] ^= b;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        if let Some(r) = s.answer(&bytes, SystemTime::now()) {
+            prop_assert!(r.len() <= 512);
+            prop_assert!(r.len() >= 12);
+        }
+    }
+}
