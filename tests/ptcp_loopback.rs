@@ -69,6 +69,7 @@ async fn many_concurrent_streams_both_ways_hashed() {
 async fn fin_reads_as_eof_after_all_data_both_halves() {
     let (_a, sa, _b, sb) = pair(Config::default()).await;
     let mut x = sa.open_stream().await.unwrap();
+    x.set_nodelay(true);
     let mut y = sb.accept().await.unwrap();
     x.write_all(b"hello").await.unwrap();
     x.shutdown().await.unwrap();
@@ -129,9 +130,11 @@ async fn abort_resets_the_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_peer_ends_streams_with_timeout() {
-    let mut config = Config::default();
-    config.idle_timeout = q2q_netstack::Duration::from_millis(600);
-    config.keepalive = q2q_netstack::Duration::from_millis(100);
+    let config = Config {
+        idle_timeout: q2q_netstack::Duration::from_millis(600),
+        keepalive: q2q_netstack::Duration::from_millis(100),
+        ..Config::default()
+    };
     let (a, sa, b, sb) = pair(config).await;
     let mut x = sa.open_stream().await.unwrap();
     x.write_all(b"ping").await.unwrap();
@@ -166,9 +169,26 @@ async fn relay_to_direct_mid_transfer_breaks_no_stream() {
     let mut x = sa.open_stream().await.unwrap();
     let sender = tokio::spawn(async move { send_all(&mut x, 5, LEN).await });
     let mut y = sb.accept().await.unwrap();
-    let receiver = tokio::spawn(async move { recv_all(&mut y).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(!sender.is_finished(), "transfer too short to switch paths in the middle");
+    // A slow reader (at most ~70 MB/s) keeps the transfer going while the path changes.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p2 = progress.clone();
+    let receiver = tokio::spawn(async move {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            let n = y.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (p2.load(Ordering::Relaxed), ctx.finish().as_ref().to_vec());
+            }
+            ctx.update(&buf[..n]);
+            p2.fetch_add(n as u64, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    while progress.load(Ordering::Relaxed) < 4 << 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(progress.load(Ordering::Relaxed) < LEN / 2, "switching paths too late");
     sa.set_peer_addr(b.local_addr()).await.unwrap();
     sb.set_peer_addr(a.local_addr()).await.unwrap();
     relay.stop();

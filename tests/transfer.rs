@@ -39,7 +39,7 @@ async fn a_tree_arrives_identical() {
     let src = t.path().join("project");
     tree(&src);
     let dst = t.path().join("inbox");
-    let (sent, got) = run(&[src.clone()], &dst, false).await;
+    let (sent, got) = run(std::slice::from_ref(&src), &dst, false).await;
     let sent = sent.unwrap();
     assert_eq!((sent.files, sent.transferred), (3, 1_000_008));
     assert_eq!(got.unwrap().files, 3);
@@ -47,7 +47,7 @@ async fn a_tree_arrives_identical() {
         same(&src.join(f), &dst.join("project").join(f));
     }
     // Sending again: identical files are skipped, nothing crosses.
-    let (sent, _) = run(&[src.clone()], &dst, false).await;
+    let (sent, _) = run(std::slice::from_ref(&src), &dst, false).await;
     let sent = sent.unwrap();
     assert_eq!((sent.skipped, sent.transferred), (3, 0));
 }
@@ -111,7 +111,7 @@ async fn an_interrupted_transfer_resumes_where_it_stopped() {
     assert!(recv.await.unwrap().is_err());
     assert!(!dst.join("big.bin").exists(), "nothing appears under its name half-written");
 
-    let (sent, got) = run(&[src.clone()], &dst, false).await;
+    let (sent, got) = run(std::slice::from_ref(&src), &dst, false).await;
     let sent = sent.unwrap();
     got.unwrap();
     assert_eq!(sent.resumed, 1);
@@ -130,10 +130,10 @@ async fn existing_files_are_not_overwritten_unless_asked() {
     let dst = t.path().join("inbox");
     std::fs::create_dir_all(&dst).unwrap();
     std::fs::write(dst.join("note.txt"), b"old").unwrap();
-    let (sent, _) = run(&[src.clone()], &dst, false).await;
+    let (sent, _) = run(std::slice::from_ref(&src), &dst, false).await;
     assert!(sent.unwrap_err().to_string().contains("exists with other content"));
     assert_eq!(std::fs::read(dst.join("note.txt")).unwrap(), b"old");
-    let (sent, _) = run(&[src.clone()], &dst, true).await;
+    let (sent, _) = run(std::slice::from_ref(&src), &dst, true).await;
     sent.unwrap();
     assert_eq!(std::fs::read(dst.join("note.txt")).unwrap(), b"new");
 }

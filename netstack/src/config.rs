@@ -61,6 +61,13 @@ pub struct Config {
     pub accept_backlog: usize,
     /// Concurrent streams per session, both directions together (default 16384).
     pub max_streams: usize,
+    /// The in-flight cap is computed as if the path's minimum RTT were at least this
+    /// (default 1 ms). A driver's timers and wakeups are coarse (tokio: 1 ms), so on a LAN
+    /// or loopback, where the RTT is tens of microseconds, ACKs arrive in bursts a driver
+    /// tick apart; a cap of 2 × (bandwidth × 30 µs) would then idle the sender for most of
+    /// each tick, the measured bandwidth would fall with it, and the session settle at one
+    /// window per tick. No effect on paths whose RTT is above it.
+    pub cwnd_rtt_floor: Duration,
 }
 
 impl Default for Config {
@@ -82,6 +89,7 @@ impl Default for Config {
             keepalive: Duration::from_secs(10),
             accept_backlog: 1024,
             max_streams: 16384,
+            cwnd_rtt_floor: Duration::from_millis(1),
         }
     }
 }

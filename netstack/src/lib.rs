@@ -65,6 +65,7 @@ mod device;
 pub mod session;
 pub mod sim;
 pub mod sr;
+pub mod tun;
 pub mod wire;
 
 pub use config::Config;

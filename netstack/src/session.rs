@@ -246,7 +246,7 @@ impl Session {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(local), 24));
         });
         let now_us = micros(now);
-        let sender = Sender::new(
+        let mut sender = Sender::new(
             id,
             config.link_payload as u64,
             config.initial_cwnd_packets,
@@ -256,6 +256,7 @@ impl Session {
             dur_us(config.min_rto),
             dur_us(config.max_ack_delay),
         );
+        sender.cc.rtt_floor = dur_us(config.cwnd_rtt_floor);
         let receiver = Receiver::new(
             id,
             config.window_packets.clamp(16, 1 << 30),

@@ -991,6 +991,9 @@ fn pump(s: &mut SessionState, p: &Arc<Pipes>, scratch: &mut [u8]) {
         }
         return;
     }
+    if let Some(nodelay) = st.nodelay.take() {
+        let _ = session.set_nodelay(id, nodelay);
+    }
     if st.error.is_some() && !st.dropped {
         return;
     }
@@ -1042,6 +1045,9 @@ fn pump(s: &mut SessionState, p: &Arc<Pipes>, scratch: &mut [u8]) {
                 break;
             }
             Err(_) => {
+                // The stream's sending half is gone (closed, released): say so rather than
+                // drop the bytes silently.
+                st.error.get_or_insert(StreamFailure::WriteAfterShutdown);
                 st.tx.clear();
                 break;
             }

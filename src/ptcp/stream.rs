@@ -88,6 +88,8 @@ pub(crate) struct PipeState {
     pub abort: bool,
     /// The handle is gone: received bytes are discarded.
     pub dropped: bool,
+    /// A Nagle setting for the driver to apply (`true` = no delay).
+    pub nodelay: Option<bool>,
     /// Why the stream ended, if it did.
     pub error: Option<StreamFailure>,
 }
@@ -184,6 +186,13 @@ impl PtcpStream {
             st.rx.clear();
             wake_both(&mut st);
         }
+        self.link.wake.schedule(&self.pipes);
+    }
+
+    /// Turn Nagle's algorithm off (`true`) for an interactive stream (a shell, RPC), or
+    /// back on. New streams follow `Config::nodelay` (default: Nagle on, for bulk).
+    pub fn set_nodelay(&self, nodelay: bool) {
+        self.pipes.lock().nodelay = Some(nodelay);
         self.link.wake.schedule(&self.pipes);
     }
 

@@ -67,6 +67,8 @@ pub(crate) struct Bbr {
     pub loss_ewma: f64,
     queue_seen: bool,
     queue_rounds: u8,
+    /// The in-flight cap uses at least this RTT (µs); see `Config::cwnd_rtt_floor`.
+    pub rtt_floor: i64,
 }
 
 impl Bbr {
@@ -94,6 +96,7 @@ impl Bbr {
             loss_ewma: 0.0,
             queue_seen: false,
             queue_rounds: 0,
+            rtt_floor: 0,
         }
     }
 
@@ -205,8 +208,10 @@ impl Bbr {
             }
             _ => {}
         }
-        // In-flight cap.
-        let target = match bdp {
+        // In-flight cap, with the RTT floored for coarse drivers (`Config::cwnd_rtt_floor`).
+        let floor = (self.min_rtt != i64::MAX && self.min_rtt < self.rtt_floor)
+            .then(|| self.bandwidth() * self.rtt_floor as f64 / 1e6);
+        let target = match bdp.map(|b| floor.map_or(b, |f| b.max(f))) {
             Some(b) => (self.cwnd_gain * b) as u64 + 4 * self.mss,
             None => u64::MAX,
         };

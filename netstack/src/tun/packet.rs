@@ -1,0 +1,210 @@
+//! What a packet from the kernel is, seen with etherparse before smoltcp sees it, and the
+//! few packets the stack builds itself (RSTs, UDP, echo replies).
+
+use std::net::{IpAddr, SocketAddr};
+
+use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpAddress, Ipv4Packet, TcpPacket, UdpPacket};
+
+use super::config::Config;
+
+/// Hop limit of the packets the stack builds.
+const HOP_LIMIT: u8 = 64;
+
+/// A packet from the kernel, classified.
+#[derive(Debug)]
+pub(crate) enum Inbound<'a> {
+    /// TCP to a virtual address.
+    Tcp {
+        /// The app's endpoint.
+        src: SocketAddr,
+        /// The virtual endpoint it dialled.
+        dst: SocketAddr,
+        /// A connection request: SYN without ACK.
+        syn: bool,
+        /// The RST flag.
+        rst: bool,
+    },
+    /// UDP to a virtual address.
+    Udp { src: SocketAddr, dst: SocketAddr, payload: &'a [u8] },
+    /// ICMP or ICMPv6 echo request to a virtual address.
+    Echo { src: IpAddr, dst: IpAddr, ident: u16, seq_no: u16, payload: &'a [u8] },
+}
+
+/// Why a packet from the kernel was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drop {
+    /// It does not parse as IPv4/IPv6, a checksum checked here is wrong, or its addresses
+    /// or ports are impossible.
+    Malformed,
+    /// Its destination is not a virtual address.
+    NotInPool,
+    /// A protocol, ICMP type or IP fragment the stack does not carry.
+    Unsupported,
+}
+
+fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+    }
+}
+
+/// Classify a packet read from the TUN device. Never panics. Checksums are checked for
+/// what becomes an event (SYN, UDP, echo): a corrupt packet must not make the daemon dial a
+/// peer. smoltcp checks every other TCP segment itself.
+pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<'a>, Drop> {
+    let sliced = SlicedPacket::from_ip(packet).map_err(|_| Drop::Malformed)?;
+    let (src, dst, fragmented, transport) = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let header = Ipv4Packet::new_checked(packet).map_err(|_| Drop::Malformed)?;
+            if !header.verify_checksum() {
+                return Err(Drop::Malformed);
+            }
+            (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+                ip.is_payload_fragmented(),
+                ip.payload().payload,
+            )
+        }
+        Some(NetSlice::Ipv6(ip)) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+            ip.is_payload_fragmented(),
+            ip.payload().payload,
+        ),
+        _ => return Err(Drop::Malformed),
+    };
+    if !unicast(src) {
+        return Err(Drop::Malformed);
+    }
+    if !config.is_virtual(dst) {
+        return Err(Drop::NotInPool);
+    }
+    if fragmented {
+        return Err(Drop::Unsupported);
+    }
+    let (s, d) = (IpAddress::from(src), IpAddress::from(dst));
+    match sliced.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            if t.source_port() == 0 || t.destination_port() == 0 {
+                return Err(Drop::Malformed);
+            }
+            let syn = t.syn() && !t.ack() && !t.rst();
+            if syn && !TcpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d)) {
+                return Err(Drop::Malformed);
+            }
+            Ok(Inbound::Tcp {
+                src: SocketAddr::new(src, t.source_port()),
+                dst: SocketAddr::new(dst, t.destination_port()),
+                syn,
+                rst: t.rst(),
+            })
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let checked =
+                UdpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d));
+            if u.source_port() == 0 || u.destination_port() == 0 || !checked {
+                return Err(Drop::Malformed);
+            }
+            Ok(Inbound::Udp {
+                src: SocketAddr::new(src, u.source_port()),
+                dst: SocketAddr::new(dst, u.destination_port()),
+                payload: u.payload(),
+            })
+        }
+        Some(TransportSlice::Icmpv4(i)) => match i.icmp_type() {
+            Icmpv4Type::EchoRequest(e) if src.is_ipv4() => {
+                if !Icmpv4Packet::new_checked(transport).is_ok_and(|p| p.verify_checksum()) {
+                    return Err(Drop::Malformed);
+                }
+                Ok(Inbound::Echo { src, dst, ident: e.id, seq_no: e.seq, payload: i.payload() })
+            }
+            _ => Err(Drop::Unsupported),
+        },
+        Some(TransportSlice::Icmpv6(i)) => match i.icmp_type() {
+            Icmpv6Type::EchoRequest(e) => {
+                let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src, dst) else {
+                    return Err(Drop::Malformed);
+                };
+                if !Icmpv6Packet::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s6, &d6))
+                {
+                    return Err(Drop::Malformed);
+                }
+                Ok(Inbound::Echo { src, dst, ident: e.id, seq_no: e.seq, payload: i.payload() })
+            }
+            _ => Err(Drop::Unsupported),
+        },
+        _ => Err(Drop::Unsupported),
+    }
+}
+
+/// The sequence number and segment length (SYN and FIN count one each) of a TCP packet.
+pub(crate) fn tcp_seq_len(packet: &[u8]) -> Option<(u32, u32)> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let Some(TransportSlice::Tcp(t)) = sliced.transport else { return None };
+    let len = t.payload().len() as u32 + u32::from(t.syn()) + u32::from(t.fin());
+    Some((t.sequence_number(), len))
+}
+
+/// Start a packet from `src` to `dst` (same family, checked by the caller).
+fn ip(src: IpAddr, dst: IpAddr) -> Option<etherparse::PacketBuilderStep<etherparse::IpHeaders>> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            Some(PacketBuilder::ipv4(s.octets(), d.octets(), HOP_LIMIT))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Some(PacketBuilder::ipv6(s.octets(), d.octets(), HOP_LIMIT))
+        }
+        _ => None,
+    }
+}
+
+/// The RST|ACK that refuses the connection request `syn` (from the app to a virtual
+/// endpoint): the kernel then fails `connect` with ECONNREFUSED.
+pub(crate) fn refuse(syn: &[u8], app: SocketAddr, vip: SocketAddr) -> Option<Vec<u8>> {
+    let (seq, len) = tcp_seq_len(syn)?;
+    let b =
+        ip(vip.ip(), app.ip())?.tcp(vip.port(), app.port(), 0, 0).rst().ack(seq.wrapping_add(len));
+    let mut out = Vec::with_capacity(b.size(0));
+    b.write(&mut out, &[]).ok()?;
+    Some(out)
+}
+
+/// A UDP packet.
+pub(crate) fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let b = ip(src.ip(), dst.ip())?.udp(src.port(), dst.port());
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).ok()?;
+    Some(out)
+}
+
+/// An echo reply from `vip` to `app`.
+pub(crate) fn echo_reply(
+    vip: IpAddr,
+    app: IpAddr,
+    ident: u16,
+    seq_no: u16,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let b = ip(vip, app)?;
+    let mut out = Vec::with_capacity(echo_overhead(vip) + payload.len());
+    if vip.is_ipv4() {
+        b.icmpv4_echo_reply(ident, seq_no).write(&mut out, payload).ok()?;
+    } else {
+        b.icmpv6_echo_reply(ident, seq_no).write(&mut out, payload).ok()?;
+    }
+    Some(out)
+}
+
+/// Bytes of IP and transport headers in front of a UDP payload.
+pub(crate) fn udp_overhead(ip: IpAddr) -> usize {
+    8 + if ip.is_ipv4() { 20 } else { 40 }
+}
+
+/// Bytes of IP and ICMP headers in front of an echo payload.
+pub(crate) fn echo_overhead(ip: IpAddr) -> usize {
+    8 + if ip.is_ipv4() { 20 } else { 40 }
+}
