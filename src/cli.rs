@@ -57,3 +57,14 @@ pub fn format_time(secs: i64) -> String {
         })
         .unwrap_or_else(|_| secs.to_string())
 }
+
+/// The exit of a binary: success, or `error: …` (the whole chain, one line) and failure.
+pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -108,13 +108,7 @@ enum CertCommand {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     q2q::cli::init_logging("info");
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    q2q::cli::exit(run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

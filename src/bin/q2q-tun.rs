@@ -197,13 +197,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     q2q::cli::init_logging("warn");
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    q2q::cli::exit(run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -203,6 +203,9 @@ struct Inner {
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
 }
 
+/// How often a relayed session refreshes its relay binding (below NAT UDP timeouts).
+const RELAY_BIND_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
 
@@ -712,18 +715,8 @@ impl Node {
                     p.why = "direct paths disabled by configuration".into();
                 }
                 // Only keep the relay binding alive.
-                loop {
-                    let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    let alive = self
-                        .inner
-                        .probing
-                        .lock()
-                        .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()));
-                    if !matches!(alive, Ok(true)) {
-                        return;
-                    }
-                }
+                while self.keep_relay_bound(session, relay, &header).await {}
+                return;
             }
             for round in 0..rounds {
                 let (packet, done) = {
@@ -754,17 +747,10 @@ impl Node {
             // Relayed: keep the relay binding fresh and try again later.
             let mut waited = Duration::ZERO;
             while waited < self.inner.config.reprobe_every {
-                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                waited += Duration::from_secs(10);
-                let alive = self
-                    .inner
-                    .probing
-                    .lock()
-                    .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()));
-                if !matches!(alive, Ok(true)) {
+                if !self.keep_relay_bound(session, relay, &header).await {
                     return;
                 }
+                waited += RELAY_BIND_EVERY;
             }
         }
     }
@@ -789,6 +775,18 @@ impl Node {
                 let _ = server.peer_tell(b).await;
             }
         }
+    }
+
+    /// Refresh this session's relay binding (and the NAT mapping to the relay), wait one
+    /// period; false once the session is gone.
+    async fn keep_relay_bound(&self, session: u64, relay: SocketAddr, header: &[u8]) -> bool {
+        let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+        tokio::time::sleep(RELAY_BIND_EVERY).await;
+        self.inner
+            .probing
+            .lock()
+            .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()))
+            .unwrap_or(false)
     }
 
     /// Datagrams of other kinds than PTCP on our socket.
