@@ -3,7 +3,7 @@
 //! NAT mapping PTCP will get).
 //!
 //! ```text
-//! request: version kind=0x10 | nonce (8)
+//! request: version kind=0x10 | nonce (8) | zero padding to 32 bytes
 //! reply:   version kind=0x11 | nonce (8) | family (4 or 6) | port (2, BE) | address (4 or 16)
 //! ```
 
@@ -11,22 +11,25 @@ use q2q_netstack::wire::{Kind, Prefix, WireError};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Length of a request.
-pub const REQUEST_LEN: usize = Prefix::LEN + 8;
+/// Length of a request: padded to at least the longest reply (29 bytes), so the server never
+/// sends more than it received (no amplification for a spoofed source address).
+pub const REQUEST_LEN: usize = 32;
 
 /// The request datagram for `nonce`.
 pub fn request(nonce: [u8; 8]) -> [u8; REQUEST_LEN] {
     let mut out = [0u8; REQUEST_LEN];
     out[0] = q2q_netstack::wire::VERSION;
     out[1] = Kind::WhoAmIRequest as u8;
-    out[2..].copy_from_slice(&nonce);
+    out[2..10].copy_from_slice(&nonce);
     out
 }
 
 /// The nonce of a request datagram (already known to be of kind `WhoAmIRequest`).
 pub fn parse_request(datagram: &[u8]) -> Result<[u8; 8], WireError> {
-    let nonce = datagram
-        .get(Prefix::LEN..REQUEST_LEN)
-        .ok_or(WireError::Truncated { len: datagram.len(), need: REQUEST_LEN })?;
+    if datagram.len() < REQUEST_LEN {
+        return Err(WireError::Truncated { len: datagram.len(), need: REQUEST_LEN });
+    }
+    let nonce = &datagram[Prefix::LEN..Prefix::LEN + 8];
     let mut out = [0u8; 8];
     out.copy_from_slice(nonce);
     Ok(out)
@@ -87,6 +90,11 @@ mod tests {
             let seen: SocketAddr = seen.parse().unwrap();
             assert_eq!(parse_reply(&reply(n, seen)).unwrap(), (n, seen));
         }
+        assert!(
+            parse_request(&request(n)[..REQUEST_LEN - 1]).is_err(),
+            "unpadded requests get no answer"
+        );
+        assert!(reply(n, "[fd00::1]:9".parse().unwrap()).len() <= REQUEST_LEN);
         let r = reply(n, "198.51.100.2:4000".parse().unwrap());
         for cut in 0..r.len() {
             assert!(parse_reply(&r[..cut]).is_err());
