@@ -185,3 +185,71 @@ async fn hostile_names_are_refused() {
     assert!(sent.unwrap_err().to_string().contains("outside the target directory"));
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }
+
+/// Fails every read after `left` bytes: the receiver "killed" halfway.
+struct ReadCut<S> {
+    inner: S,
+    left: usize,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadCut<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "killed")));
+        }
+        let me = &mut *self;
+        let mut tmp = vec![0u8; buf.remaining().min(me.left)];
+        let mut limited = tokio::io::ReadBuf::new(&mut tmp);
+        let r = Pin::new(&mut me.inner).poll_read(cx, &mut limited);
+        let n = limited.filled().len();
+        buf.put_slice(&tmp[..n]);
+        me.left -= n;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadCut<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_killed_receiver_resumes_too() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("big.bin");
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let dst = t.path().join("inbox");
+    let files = transfer::collect(std::slice::from_ref(&src)).unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let opts = ReceiveOptions { dir: dst.clone(), overwrite: false };
+    // The receiver dies after reading about 1.5 MB.
+    let cut = ReadCut { inner: b, left: 1_500_000 };
+    let recv = tokio::spawn(async move { transfer::receive(cut, &opts, &mut Quiet).await });
+    let sent = transfer::send(a, &files, &mut Quiet).await;
+    assert!(recv.await.unwrap().is_err());
+    assert!(sent.is_err(), "the sender notices the receiver is gone");
+    assert!(!dst.join("big.bin").exists(), "nothing under its name");
+
+    let (sent, got) = run(std::slice::from_ref(&src), &dst, false).await;
+    got.unwrap();
+    let sent = sent.unwrap();
+    assert_eq!(sent.resumed, 1);
+    assert!(sent.transferred < 3_000_000, "only the rest was sent: {}", sent.transferred);
+    same(&src, &dst.join("big.bin"));
+}
