@@ -701,8 +701,11 @@ fn echo_request_event_and_answer() {
             _ => unreachable!(),
         }
         // A ping outside the pool is not ours.
-        let outside: IpAddr =
-            if app.is_ipv4() { "8.8.8.8".parse().unwrap() } else { "2001:db8::1".parse().unwrap() };
+        let outside: IpAddr = if app.is_ipv4() {
+            "192.0.2.99".parse().unwrap()
+        } else {
+            "2001:db8::1".parse().unwrap()
+        };
         stack.handle_packet(now, &echo_request(app, outside, 1, 1, b""));
         assert!(stack.poll_event().is_none());
         assert_eq!(stack.stats().not_in_pool, 1);

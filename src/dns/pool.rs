@@ -540,7 +540,7 @@ mod tests {
         assert_eq!(p.whois(m1.ipv4.into()), Some(&a("alice@example.com")));
         assert_eq!(p.whois(m1.ipv6.into()), Some(&a("alice@example.com")));
         assert_eq!(p.whois(p.node_ipv4().into()), None);
-        assert_eq!(p.whois("8.8.8.8".parse().unwrap()), None);
+        assert_eq!(p.whois("192.0.2.99".parse().unwrap()), None);
         assert_eq!(p.get(&a("bob@b.example")), Some(m2));
         assert!(p.take_dirty());
         assert!(!p.take_dirty());
@@ -597,7 +597,7 @@ mod tests {
         assert!(text.contains("\"100.64.0.0/10\""), "{text}");
         assert_eq!(toml::from_str::<PoolConfig>(&text).unwrap(), PoolConfig::default());
         assert_eq!(toml::from_str::<PoolConfig>("").unwrap(), PoolConfig::default());
-        assert!(toml::from_str::<PoolConfig>("ipv4 = \"1.2.3.4/8\"").is_err());
+        assert!(toml::from_str::<PoolConfig>("ipv4 = \"192.0.2.4/8\"").is_err());
     }
 
     #[test]
