@@ -32,6 +32,13 @@
 //! retransmits, and does its own congestion control because TCP no longer sees losses. See
 //! [`sr`] for the design and [`Config`] for every tunable and its reason.
 //!
+//! ## TUN termination
+//! [`tun::Stack`] is the other half of the crate: a second smoltcp interface (`any_ip`) fed
+//! with the IP packets of a TUN device, terminating the TCP flows, UDP datagrams and pings
+//! that unmodified programs send to virtual IPs. A SYN is held until the driver has reached
+//! the person behind the address (`accept_flow`) or not (`refuse_flow`: an RST), so a
+//! program's connect completes only when the far side accepted.
+//!
 //! ## Wire: one UDP socket, many datagram kinds
 //! Every datagram on a q2q UDP socket starts with the same two bytes, `version` and `kind`
 //! (see [`wire`]), so PTCP data, who-am-i, probes and relay traffic can share one socket
