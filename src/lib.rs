@@ -1,4 +1,25 @@
-//! q2q: networking addressed to people.
+//! # q2q: networking addressed to people
+//!
+//! A person has an address, `alice@example.com`, and a certificate for it from the identity
+//! server of `example.com`. Anyone reaches her by that name; both ends are authenticated, and
+//! the path is direct through both NATs when a hole can be punched, relayed otherwise.
+//!
+//! ```text
+//!  q2q-tun (bin) ─ daemon/ ─┬─ presence/ Node: listen(service) / connect(address, service)
+//!                           │     │ control: client/ ── AMP (amp/, proto/) over TLS 1.3 (tls.rs)
+//!                           │     │            ──▶ server/ (q2q-server): identity, presence,
+//!                           │     │                relay, federation; SQLite, domain CA
+//!                           │     │ data: ptcp/ Endpoint (one UDP socket, one owner task)
+//!                           │     │        └─ q2q-netstack sessions (smoltcp TCP over selective
+//!                           │     │           repeat) ── streams ── TLS between identities
+//!                           ├─ transfer/  send / receive over a `file` stream
+//!                           └─ services.toml: what is exposed, to whom (default deny)
+//!  identity/: CA, certificates, verification  ·  address.rs: parsed names  ·  dns/: *.q2q
+//! ```
+//!
+//! Protocol cores take `now` and bytes (q2q-netstack, the AMP codec, the rate limiter, the
+//! DNS answerer); the tokio tasks here own sockets and timers, one task per state machine,
+//! reached through bounded channels.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod address;
