@@ -203,6 +203,13 @@ struct Inner {
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
 }
 
+/// Probe rounds (100 ms each) before trying the birthday technique.
+const BIRTHDAY_AFTER_ROUNDS: u32 = 10;
+/// Extra sockets (mappings) a symmetric side opens for the birthday technique.
+const BIRTHDAY_SOCKETS: usize = 256;
+/// Most probes a cone side sprays at random ports.
+const BIRTHDAY_PROBES: u32 = 2500;
+
 /// How often a relayed session refreshes its relay binding (below NAT UDP timeouts).
 const RELAY_BIND_EVERY: Duration = Duration::from_secs(10);
 
@@ -730,6 +737,9 @@ impl Node {
                 for c in &candidates {
                     let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
                 }
+                if round == BIRTHDAY_AFTER_ROUNDS {
+                    self.maybe_birthday(session, &candidates);
+                }
                 if round % 50 == 0 {
                     let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
                 }
@@ -751,6 +761,193 @@ impl Node {
                     return;
                 }
                 waited += RELAY_BIND_EVERY;
+            }
+        }
+    }
+
+    /// Plain probing cannot pair a port-restricted cone NAT with a symmetric one: the cone
+    /// side drops the symmetric side's packets until it has sent to the very port the
+    /// symmetric NAT picked, which nobody can predict. The birthday technique (after
+    /// Tailscale's and the "NAT traversal" literature): the symmetric side opens
+    /// [`BIRTHDAY_SOCKETS`] extra sockets, each probing the cone side's public address and so
+    /// holding its own random mapping; the cone side sprays probes at random ports of the
+    /// symmetric side's public address. With 256 mappings and 2000 probes a hit is all but
+    /// certain (1 - e^(-256·2000/64512) ≈ 99.96 %). Bounded in count and rate.
+    ///
+    /// A side is taken as symmetric when its reflexive port differs from its host port
+    /// (NATs that keep ports are the cone kind); both sides read the same facts from the
+    /// candidates, so they agree on their roles without another message.
+    fn maybe_birthday(&self, session: u64, peer: &[SocketAddr]) {
+        let local = self.local_addr().port();
+        let mine = self.inner.reflexive_cache.lock().ok().and_then(|c| c.and_then(|(_, r)| r));
+        let Some(mine) = mine else { return };
+        let me_symmetric = mine.port() != local;
+        // The peer's list is its reflexive address, then host addresses (its local port).
+        let (Some(peer_ref), Some(peer_host)) = (peer.first(), peer.get(1)) else { return };
+        if !peer_ref.is_ipv4() || peer_ref.ip() == mine.ip() {
+            return;
+        }
+        let peer_symmetric = peer_ref.port() != peer_host.port();
+        match (me_symmetric, peer_symmetric) {
+            (true, false) => {
+                tokio::spawn(self.clone().birthday_listen(session, *peer_ref));
+            }
+            (false, true) => {
+                tokio::spawn(self.clone().birthday_spray(session, *peer_ref));
+            }
+            _ => {}
+        }
+    }
+
+    /// The cone side: probes from our main socket to random ports of the peer's address,
+    /// 500 a second, at most [`BIRTHDAY_PROBES`]. A hit answers on the main socket, where
+    /// `on_probe` moves the session.
+    async fn birthday_spray(self, session: u64, peer: SocketAddr) {
+        debug!(session = format!("{session:016x}"), %peer, "birthday: spraying probes");
+        for i in 0..BIRTHDAY_PROBES {
+            let packet = {
+                let Ok(p) = self.inner.probing.lock() else { return };
+                let Some(s) = p.get(&session) else { return };
+                if s.found.is_some() {
+                    return;
+                }
+                s.key.encode(false, session, u64::from(i), s.role)
+            };
+            let port = rand::random_range(1024..=65535u16);
+            let _ = self
+                .inner
+                .endpoint
+                .send_datagram(SocketAddr::new(peer.ip(), port), packet.to_vec())
+                .await;
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// The symmetric side: many sockets, each holding a mapping towards the peer. The one
+    /// that hears a verified probe becomes the session's path: datagrams go out through it
+    /// (via a loopback bridge from the endpoint) and what it receives is handed to the
+    /// endpoint.
+    async fn birthday_listen(self, session: u64, peer: SocketAddr) {
+        debug!(session = format!("{session:016x}"), %peer, "birthday: opening mappings");
+        let mut sockets = Vec::new();
+        for _ in 0..BIRTHDAY_SOCKETS {
+            if let Ok(s) = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await {
+                sockets.push(Arc::new(s));
+            }
+        }
+        let (won_tx, mut won_rx) =
+            mpsc::channel::<(Arc<tokio::net::UdpSocket>, SocketAddr, Vec<u8>)>(1);
+        let mut listeners = tokio::task::JoinSet::new();
+        for s in &sockets {
+            let (s, won_tx) = (s.clone(), won_tx.clone());
+            listeners.spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                    if matches!(buf.first(), Some(&q2q_netstack::wire::VERSION))
+                        && matches!(
+                            buf.get(1).copied().and_then(Kind::from_u8),
+                            Some(Kind::Probe | Kind::ProbeReply)
+                        )
+                    {
+                        let _ = won_tx.send((s.clone(), from, buf[..n].to_vec())).await;
+                        return;
+                    }
+                }
+            });
+        }
+        drop(won_tx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+        let mut nonce = 0u64;
+        let winner = loop {
+            let packet = {
+                let Ok(p) = self.inner.probing.lock() else { return };
+                let Some(s) = p.get(&session) else { return };
+                if s.found.is_some() {
+                    return;
+                }
+                nonce += 1;
+                s.key.encode(false, session, nonce, s.role)
+            };
+            for s in &sockets {
+                let _ = s.send_to(&packet, peer).await;
+            }
+            match tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(250)),
+                won_rx.recv(),
+            )
+            .await
+            {
+                Ok(Some(w)) => break w,
+                Ok(None) => return,
+                Err(_) if tokio::time::Instant::now() >= deadline => return,
+                Err(_) => continue,
+            }
+        };
+        listeners.abort_all();
+        let (socket, from, data) = winner;
+        // Verify before trusting the port; answer a probe on the winning socket.
+        let (reply, handle) = {
+            let Ok(mut p) = self.inner.probing.lock() else { return };
+            let Some(s) = p.get_mut(&session) else { return };
+            let Some(probe) = s.key.verify(&data, s.role.other()) else { return };
+            if s.found.is_some() {
+                return;
+            }
+            s.found = Some(from);
+            (
+                (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role)),
+                s.session.clone(),
+            )
+        };
+        if let Some(r) = reply {
+            let _ = socket.send_to(&r, from).await;
+        }
+        let Ok(bridge) = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await
+        else {
+            return;
+        };
+        let Ok(bridge_addr) = bridge.local_addr() else { return };
+        if handle
+            .set_path(Path::Relay { server: bridge_addr, header: Arc::from(&[][..]) })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        info!(session = format!("{session:016x}"), %from, port = socket.local_addr().map(|a| a.port()).unwrap_or(0), "direct path found (birthday)");
+        if let Ok(mut peers) = self.inner.peers.lock()
+            && let Some(p) = peers.get_mut(&session)
+        {
+            p.path = PathKind::Direct(from);
+            p.why = "hole punched (birthday probing)".into();
+        }
+        let own = self.local_addr().port();
+        let endpoint = self.inner.endpoint.clone();
+        let out = socket.clone();
+        // Endpoint → bridge → winning socket → peer.
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, src)) = bridge.recv_from(&mut buf).await {
+                if src.ip().is_loopback() && src.port() == own {
+                    let _ = out.send_to(&buf[..n], from).await;
+                }
+            }
+        });
+        // Peer → winning socket → endpoint; ends with the session.
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf)).await {
+                Ok(Ok((n, src))) if src == from => {
+                    if endpoint.inject(src, buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+                Err(_) if handle.error().is_some() => return,
+                Err(_) => {}
             }
         }
     }
