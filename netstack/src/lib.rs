@@ -72,6 +72,7 @@ mod device;
 pub mod session;
 pub mod sim;
 pub mod sr;
+mod tcp_io;
 pub mod tun;
 pub mod wire;
 

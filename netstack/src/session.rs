@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::device::LinkDevice;
 use crate::sr::receiver::{Receiver, ReceiverStats};
 use crate::sr::sender::{Next, Sender, SenderStats};
+use crate::tcp_io;
 use crate::wire::{Datagram, Kind, SessionId, WireError};
 
 /// The TCP port every stream is opened to and accepted on, on both sides. Streams are told
@@ -745,27 +746,11 @@ impl Session {
     /// an [`Event::Writable`] follows when there is room).
     pub fn send(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         let (st, sock) = self.stream_socket(id)?;
-        if st.reset {
-            return Err(StreamError::Reset);
+        let n = tcp_io::send(sock, data, st.reset, HANDSHAKING, &mut st.want_write)?;
+        if n > 0 {
+            self.need_poll = true;
         }
-        match sock.send_slice(data) {
-            Ok(n) => {
-                if n < data.len() {
-                    st.want_write = true;
-                }
-                if n > 0 {
-                    self.need_poll = true;
-                }
-                Ok(n)
-            }
-            Err(tcp::SendError::InvalidState) => match sock.state() {
-                tcp::State::SynSent | tcp::State::SynReceived => {
-                    st.want_write = true;
-                    Ok(0)
-                }
-                _ => Err(StreamError::Closed),
-            },
-        }
+        Ok(n)
     }
 
     /// Read bytes from a stream: `Ok(n > 0)` data, `Ok(0)` the end of the stream (the peer
@@ -773,28 +758,12 @@ impl Session {
     /// follows).
     pub fn recv(&mut self, id: StreamId, buf: &mut [u8]) -> Result<usize, StreamError> {
         let (st, sock) = self.stream_socket(id)?;
-        match sock.recv_slice(buf) {
-            Ok(0) if !buf.is_empty() => {
-                st.want_read = true;
-                Err(StreamError::Blocked)
-            }
-            Ok(n) => {
-                // Freed receive buffer may open the window: let smoltcp say so.
-                self.need_poll = true;
-                Ok(n)
-            }
-            Err(tcp::RecvError::Finished) => Ok(0),
-            Err(tcp::RecvError::InvalidState) => {
-                if st.reset {
-                    Err(StreamError::Reset)
-                } else if matches!(sock.state(), tcp::State::SynSent | tcp::State::SynReceived) {
-                    st.want_read = true;
-                    Err(StreamError::Blocked)
-                } else {
-                    Ok(0)
-                }
-            }
+        let n = tcp_io::recv(sock, buf, st.reset, HANDSHAKING, &mut st.want_read)?;
+        if n > 0 {
+            // Freed receive buffer may open the window: let smoltcp say so.
+            self.need_poll = true;
         }
+        Ok(n)
     }
 
     /// Bytes waiting to be read on a stream.
@@ -866,4 +835,17 @@ fn syn_to_accept_port(p: &[u8]) -> Option<u16> {
     let dst = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
     let flags = *tcp.get(13)?;
     (dst == ACCEPT_PORT && flags & 0x02 != 0 && flags & 0x10 == 0).then_some(src)
+}
+
+/// States in which a stream cannot move data yet (its handshake is under way).
+const HANDSHAKING: &[tcp::State] = &[tcp::State::SynSent, tcp::State::SynReceived];
+
+impl From<tcp_io::IoError> for StreamError {
+    fn from(e: tcp_io::IoError) -> StreamError {
+        match e {
+            tcp_io::IoError::Blocked => StreamError::Blocked,
+            tcp_io::IoError::Closed => StreamError::Closed,
+            tcp_io::IoError::Reset => StreamError::Reset,
+        }
+    }
 }

@@ -81,6 +81,8 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tracing::{debug, trace};
 
+use crate::tcp_io;
+
 pub use config::Config;
 pub use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
 
@@ -777,27 +779,11 @@ impl Stack {
     /// or the handshake is not done yet: an [`Event::Writable`] follows when there is room).
     pub fn send(&mut self, id: FlowId, data: &[u8]) -> Result<usize, FlowError> {
         let (f, sock) = self.flow_socket(id)?;
-        if f.reset {
-            return Err(FlowError::Reset);
+        let n = tcp_io::send(sock, data, f.reset, HANDSHAKING, &mut f.want_write)?;
+        if n > 0 {
+            self.need_poll = true;
         }
-        match sock.send_slice(data) {
-            Ok(n) => {
-                if n < data.len() {
-                    f.want_write = true;
-                }
-                if n > 0 {
-                    self.need_poll = true;
-                }
-                Ok(n)
-            }
-            Err(tcp::SendError::InvalidState) => match sock.state() {
-                tcp::State::SynReceived | tcp::State::Listen => {
-                    f.want_write = true;
-                    Ok(0)
-                }
-                _ => Err(FlowError::Closed),
-            },
-        }
+        Ok(n)
     }
 
     /// Read bytes the app sent: `Ok(n > 0)` data, `Ok(0)` the end of the flow (the app
@@ -805,24 +791,8 @@ impl Stack {
     /// follows).
     pub fn recv(&mut self, id: FlowId, buf: &mut [u8]) -> Result<usize, FlowError> {
         let (f, sock) = self.flow_socket(id)?;
-        let r = match sock.recv_slice(buf) {
-            Ok(0) if !buf.is_empty() => {
-                f.want_read = true;
-                Err(FlowError::Blocked)
-            }
-            Ok(n) => Ok(n),
-            Err(tcp::RecvError::Finished) => Ok(0),
-            Err(tcp::RecvError::InvalidState) => {
-                if f.reset {
-                    Err(FlowError::Reset)
-                } else if matches!(sock.state(), tcp::State::SynReceived | tcp::State::Listen) {
-                    f.want_read = true;
-                    Err(FlowError::Blocked)
-                } else {
-                    Ok(0)
-                }
-            }
-        };
+        let r = tcp_io::recv(sock, buf, f.reset, HANDSHAKING, &mut f.want_read)
+            .map_err(FlowError::from);
         let time_wait = f.released && sock.state() == tcp::State::TimeWait;
         if matches!(r, Ok(n) if n > 0) {
             // Freed receive buffer may open the window: let smoltcp say so.
@@ -937,5 +907,18 @@ impl Stack {
             return Err(SendError::QueueFull);
         }
         Ok(())
+    }
+}
+
+/// States in which a flow cannot move data yet (its handshake is under way).
+const HANDSHAKING: &[tcp::State] = &[tcp::State::SynReceived, tcp::State::Listen];
+
+impl From<crate::tcp_io::IoError> for FlowError {
+    fn from(e: crate::tcp_io::IoError) -> FlowError {
+        match e {
+            crate::tcp_io::IoError::Blocked => FlowError::Blocked,
+            crate::tcp_io::IoError::Closed => FlowError::Closed,
+            crate::tcp_io::IoError::Reset => FlowError::Reset,
+        }
     }
 }

@@ -1,0 +1,69 @@
+//! Reading and writing a smoltcp TCP socket with the contract both of this crate's stacks
+//! (PTCP [`crate::session`] and TUN termination [`crate::tun`]) offer: `Ok(0)` from `send`
+//! while the handshake is still under way, `Blocked` from `recv` when nothing has arrived
+//! yet, and a reset reported as such.
+
+use smoltcp::socket::tcp;
+
+/// Why a read or write did not move bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IoError {
+    /// Nothing to read now.
+    Blocked,
+    /// The sending half is closed.
+    Closed,
+    /// The other end reset the connection.
+    Reset,
+}
+
+/// Queue `data`; `want_write` is set when more could not be taken (the caller then reports
+/// writability), and `handshaking` are the states in which the socket cannot take data yet.
+pub(crate) fn send(
+    sock: &mut tcp::Socket<'_>,
+    data: &[u8],
+    reset: bool,
+    handshaking: &[tcp::State],
+    want_write: &mut bool,
+) -> Result<usize, IoError> {
+    if reset {
+        return Err(IoError::Reset);
+    }
+    match sock.send_slice(data) {
+        Ok(n) => {
+            if n < data.len() {
+                *want_write = true;
+            }
+            Ok(n)
+        }
+        Err(tcp::SendError::InvalidState) if handshaking.contains(&sock.state()) => {
+            *want_write = true;
+            Ok(0)
+        }
+        Err(tcp::SendError::InvalidState) => Err(IoError::Closed),
+    }
+}
+
+/// Read into `buf`: `Ok(0)` at the end of the stream, `Blocked` (and `want_read` set) when
+/// nothing has arrived yet.
+pub(crate) fn recv(
+    sock: &mut tcp::Socket<'_>,
+    buf: &mut [u8],
+    reset: bool,
+    handshaking: &[tcp::State],
+    want_read: &mut bool,
+) -> Result<usize, IoError> {
+    match sock.recv_slice(buf) {
+        Ok(0) if !buf.is_empty() => {
+            *want_read = true;
+            Err(IoError::Blocked)
+        }
+        Ok(n) => Ok(n),
+        Err(tcp::RecvError::Finished) => Ok(0),
+        Err(tcp::RecvError::InvalidState) if reset => Err(IoError::Reset),
+        Err(tcp::RecvError::InvalidState) if handshaking.contains(&sock.state()) => {
+            *want_read = true;
+            Err(IoError::Blocked)
+        }
+        Err(tcp::RecvError::InvalidState) => Ok(0),
+    }
+}
