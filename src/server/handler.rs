@@ -31,6 +31,14 @@ fn refuse(code: &str, description: impl Into<String>) -> Refusal {
     Refusal { code: code.to_string(), description: description.into() }
 }
 
+/// A database call whose every failure is an internal error for the client.
+async fn db<T: Send + 'static>(
+    state: &Arc<State>,
+    f: impl FnOnce(&mut super::db::Db) -> Result<T, DbError> + Send + 'static,
+) -> Result<T, Refusal> {
+    state.with_db(f).await.map_err(internal)?.map_err(internal)
+}
+
 fn internal(e: impl std::fmt::Display) -> Refusal {
     warn!(error = %e, "internal error");
     refuse(code::INTERNAL, "internal server error")
@@ -250,12 +258,7 @@ impl Conn {
         self.check_rate(&keys, &address)?;
 
         let user = address.user.to_string();
-        let hash = self
-            .state
-            .with_db(move |db| db.password_hash(&user))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let hash = db(&self.state, move |db| db.password_hash(&user)).await?;
         let Some(hash) = hash else {
             self.fail(&[&ip_key]);
             warn!(%address, peer = %self.peer, "sign for an unknown user");
@@ -287,11 +290,7 @@ impl Conn {
             not_after: issued.info.not_after,
             revoked: false,
         };
-        self.state
-            .with_db(move |db| db.record_certificate(&record))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        db(&self.state, move |db| db.record_certificate(&record)).await?;
         info!(%address, serial = %issued.info.serial, peer = %self.peer, "certificate issued");
         Ok(AmpBox::new().with("certificate", issued.pem))
     }
@@ -324,12 +323,7 @@ impl Conn {
             .map_err(|e| bad(e.to_string()))?;
         if claimed.domain == self.state.domain {
             let serial = info.serial.clone();
-            let revoked = self
-                .state
-                .with_db(move |db| db.is_revoked(&serial))
-                .await
-                .map_err(internal)?
-                .map_err(internal)?;
+            let revoked = db(&self.state, move |db| db.is_revoked(&serial)).await?;
             if revoked {
                 return Err(bad(format!("the certificate of {claimed} has been revoked")));
             }
