@@ -30,6 +30,7 @@ pub mod daemon;
 pub mod dns;
 pub mod fsutil;
 pub mod identity;
+pub(crate) mod pipe;
 pub mod presence;
 pub mod proto;
 pub mod ptcp;

@@ -12,11 +12,12 @@ use q2q_netstack::{
     Config, Event, Instant, Session, SessionError, Side, Stats, StreamError, StreamId,
 };
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace, warn};
 
-use super::stream::{Pipes, PtcpStream, StreamFailure, wake_both};
+use super::stream::{Key, Pipes, PtcpStream, StreamFailure};
 use super::sys;
+use crate::pipe::{IoError, StreamIo, wake_both};
 
 /// Where a session's datagrams go. The driver routes *incoming* datagrams by session id
 /// only, so changing the path never disturbs a stream.
@@ -131,27 +132,8 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// How stream handles wake the driver: a list of streams with work, and a notification.
-/// The list holds each stream at most once (the `queued` flag), so it is bounded by the
-/// number of streams.
-pub(crate) struct DriverWake {
-    dirty: Mutex<Vec<Arc<Pipes>>>,
-    notify: Notify,
-}
-
-impl DriverWake {
-    pub fn schedule(&self, pipes: &Arc<Pipes>) {
-        if !pipes.queued.swap(true, Ordering::AcqRel) {
-            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).push(pipes.clone());
-            self.notify.notify_one();
-        }
-    }
-
-    fn take(&self, into: &mut Vec<Arc<Pipes>>) {
-        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::swap(&mut *d, into);
-    }
-}
+/// How stream handles wake the driver (see [`crate::pipe`]).
+pub(crate) type DriverWake = crate::pipe::DriverWake<Key>;
 
 pub(crate) enum Command {
     NewSession {
@@ -233,7 +215,7 @@ impl Endpoint {
         let local = socket.local_addr()?;
         let (cmd_tx, cmd_rx) = mpsc::channel(config.commands.max(1));
         let (side_tx, side_rx) = mpsc::channel(config.side_channel.max(1));
-        let wake = Arc::new(DriverWake { dirty: Mutex::new(Vec::new()), notify: Notify::new() });
+        let wake = DriverWake::new();
         let stats = Arc::new(EndpointStats::default());
         let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
         debug!(gso = udp.max_gso_segments(), gro = udp.gro_segments(), "PTCP socket offloads");
@@ -624,7 +606,7 @@ impl Driver {
                 };
                 match s.session.open_stream() {
                     Ok(stream) => {
-                        s.streams.insert(stream, Pipes::new(id, stream));
+                        s.streams.insert(stream, Pipes::new((id, stream)));
                         s.opening.insert(stream, reply);
                         s.touched = true;
                     }
@@ -719,7 +701,7 @@ impl Driver {
         self.wake.take(&mut dirty);
         for p in dirty.drain(..) {
             p.queued.store(false, Ordering::Release);
-            if let Some(s) = self.sessions.get_mut(&p.session) {
+            if let Some(s) = self.sessions.get_mut(&p.key.0) {
                 s.touched = true;
                 pump(s, &p, &mut self.scratch);
             }
@@ -890,7 +872,7 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
                     let _ = s.session.abort(stream);
                     continue;
                 };
-                let pipes = Pipes::new(sid, stream);
+                let pipes = Pipes::new((sid, stream));
                 let handle = PtcpStream::new(pipes.clone(), link.clone());
                 s.streams.insert(stream, pipes.clone());
                 if s.incoming.try_send(handle).is_err() {
@@ -976,90 +958,49 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
     }
 }
 
-/// Move bytes between a stream's pipes and its session, both ways, and carry out a
-/// shutdown or abort the handle asked for.
+/// Move bytes between a stream's pipes and its session (see [`crate::pipe::pump`]).
 fn pump(s: &mut SessionState, p: &Arc<Pipes>, scratch: &mut [u8]) {
-    let id = p.stream;
+    let id = p.key.1;
     if s.opening.contains_key(&id) {
         return;
     }
-    let session = &mut s.session;
-    let mut st = p.lock();
-    if st.abort {
-        if s.streams.remove(&id).is_some() {
-            let _ = session.abort(id);
-        }
-        return;
+    crate::pipe::pump(&mut SessionStream { s, id }, p, scratch);
+}
+
+/// One stream of a session, as the pipes see it.
+struct SessionStream<'a> {
+    s: &'a mut SessionState,
+    id: StreamId,
+}
+
+impl StreamIo for SessionStream<'_> {
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, IoError> {
+        self.s.session.recv(self.id, buf).map_err(io_error)
     }
-    if let Some(nodelay) = st.nodelay.take() {
-        let _ = session.set_nodelay(id, nodelay);
+
+    fn send(&mut self, data: &[u8]) -> Result<usize, IoError> {
+        self.s.session.send(self.id, data).map_err(io_error)
     }
-    if st.error.is_some() && !st.dropped {
-        return;
+
+    fn close(&mut self) {
+        let _ = self.s.session.close(self.id);
     }
-    // Session → reader.
-    let mut woke_reader = false;
-    loop {
-        let room = if st.dropped { scratch.len() } else { super::stream::PIPE_BYTES - st.rx.len() };
-        if room == 0 {
-            st.rx_stalled = true;
-            break;
-        }
-        let want = room.min(scratch.len());
-        match session.recv(id, &mut scratch[..want]) {
-            Ok(0) => {
-                st.rx_eof = true;
-                woke_reader = true;
-                break;
-            }
-            Ok(n) => {
-                if !st.dropped {
-                    st.rx.extend(&scratch[..n]);
-                    woke_reader = true;
-                }
-            }
-            Err(StreamError::Blocked) => break,
-            Err(StreamError::Reset) => {
-                st.error.get_or_insert(StreamFailure::Reset);
-                woke_reader = true;
-                break;
-            }
-            Err(_) => break,
+
+    fn abort(&mut self) {
+        if self.s.streams.remove(&self.id).is_some() {
+            let _ = self.s.session.abort(self.id);
         }
     }
-    if woke_reader && let Some(w) = st.read_waker.take() {
-        w.wake();
+
+    fn set_nodelay(&mut self, nodelay: bool) {
+        let _ = self.s.session.set_nodelay(self.id, nodelay);
     }
-    // Writer → session.
-    let before = st.tx.len();
-    while !st.tx.is_empty() {
-        let (a, _) = st.tx.as_slices();
-        match session.send(id, a) {
-            Ok(0) => break,
-            Ok(n) => {
-                st.tx.drain(..n);
-            }
-            Err(StreamError::Reset) => {
-                st.error.get_or_insert(StreamFailure::Reset);
-                st.tx.clear();
-                break;
-            }
-            Err(_) => {
-                // The stream's sending half is gone (closed, released): say so rather than
-                // drop the bytes silently.
-                st.error.get_or_insert(StreamFailure::WriteAfterShutdown);
-                st.tx.clear();
-                break;
-            }
-        }
-    }
-    if st.tx.is_empty() && st.shutdown && !st.fin_sent {
-        let _ = session.close(id);
-        st.fin_sent = true;
-    }
-    if (st.tx.len() < before || st.fin_sent)
-        && let Some(w) = st.write_waker.take()
-    {
-        w.wake();
+}
+
+fn io_error(e: StreamError) -> IoError {
+    match e {
+        StreamError::Blocked => IoError::Blocked,
+        StreamError::Reset => IoError::Reset,
+        _ => IoError::Closed,
     }
 }
