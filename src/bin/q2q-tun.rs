@@ -93,10 +93,24 @@ enum Command {
         /// Stay in the foreground (logs on stderr) instead of detaching.
         #[arg(long)]
         foreground: bool,
-        /// Run without the TUN device (presence, ping and status only). The TUN device is
-        /// not built yet, so this is currently required.
+        /// Run without the TUN device and resolver shim (no root needed): presence, ping,
+        /// send and connect only.
         #[arg(long)]
         no_tun: bool,
+        /// Name of the TUN device.
+        #[arg(long, default_value = "q2q0")]
+        tun_name: String,
+        /// IPv4 virtual address pool (the node takes the first address, people the rest).
+        #[arg(long, default_value = "100.64.0.0/10")]
+        pool_v4: q2q::dns::pool::Ipv4Prefix,
+        /// IPv6 virtual address pool (a ULA; at least as many host bits as --pool-v4).
+        #[arg(long, default_value = "fd71:7132::/64")]
+        pool_v6: q2q::dns::pool::Ipv6Prefix,
+        /// How *.q2q names reach the shim: systemd-resolved per link (~q2q), a nameserver
+        /// line in /etc/resolv.conf that `down` removes, or not at all; auto picks
+        /// resolved where it runs.
+        #[arg(long, value_enum, default_value = "auto", env = "Q2Q_DNS_MODE")]
+        dns: q2q::daemon::resolver::Wanted,
         /// Local UDP address for PTCP, who-am-i, probes and relay.
         #[arg(long, default_value = "0.0.0.0:0")]
         bind: std::net::SocketAddr,
@@ -112,8 +126,16 @@ enum Command {
         #[arg(long)]
         loopback_candidates: bool,
     },
-    /// Stop the running daemon.
+    /// Stop the running daemon: the TUN device goes, the resolver settings are restored.
+    /// Also repairs what a killed daemon left behind.
     Down,
+    /// Name the address behind a virtual IP, like 100.64.0.2.
+    Whois { ip: std::net::IpAddr },
+    /// Check this machine's set-up.
+    Doctor {
+        #[command(subcommand)]
+        what: Doctor,
+    },
     /// Offer a service, forwarded to a local address (tcp/N goes to 127.0.0.1:N unless
     /// --to says otherwise). Offered to nobody until you `authorize` someone.
     Expose {
@@ -191,6 +213,16 @@ enum Command {
         /// Never look for direct paths (when no daemon runs).
         #[arg(long)]
         relay_only: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Doctor {
+    /// Which resolver mode is in use, and whether *.q2q names resolve through the system
+    /// resolver and straight from the shim.
+    Dns {
+        /// The name to look up (default: your own, like alice.q2q).
+        name: Option<String>,
     },
 }
 
@@ -288,17 +320,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             as_address,
             foreground,
             no_tun,
+            tun_name,
+            pool_v4,
+            pool_v6,
+            dns,
             bind,
             server,
             no_ping,
             relay_only,
             loopback_candidates,
         } => {
-            if !no_tun {
-                anyhow::bail!(
-                    "the TUN device (q2q0) is not built yet: run `q2q-tun up --no-tun` for presence, ping and status"
-                );
-            }
             let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
             let me = daemon::choose_identity(&home, wanted.as_ref())?;
             if std::os::unix::net::UnixStream::connect(daemon::socket_path(&home)).is_ok() {
@@ -317,7 +348,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 direct: !relay_only,
                 ..Default::default()
             };
-            daemon::run(home, me, config, !no_ping).await?;
+            let tun = (!no_tun).then(|| daemon::tun::TunConfig {
+                name: tun_name,
+                pool: q2q::dns::pool::PoolConfig {
+                    ipv4: pool_v4,
+                    ipv6: pool_v6,
+                    ..Default::default()
+                },
+                dns,
+                ..Default::default()
+            });
+            daemon::run(home, me, config, !no_ping, tun).await?;
         }
         Command::Expose { service, to } => {
             let service = ServiceName::parse(&service)?;
@@ -472,14 +513,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Down => {
-            daemon::ask(&home, AmpBox::command("shutdown")).await?;
-            for _ in 0..50 {
-                if !daemon::socket_path(&home).exists() {
+            let was_up = match daemon::ask(&home, AmpBox::command("shutdown")).await {
+                Ok(_) => true,
+                Err(daemon::DaemonError::NotRunning(_)) => false,
+                Err(e) => return Err(e.into()),
+            };
+            for _ in 0..100 {
+                if !was_up || !daemon::socket_path(&home).exists() {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            println!("q2q-tun is down");
+            // A killed daemon leaves its resolver settings (and control socket) behind.
+            let paths = daemon::tun::resolver_paths(&home);
+            let repaired = daemon::resolver::restore(&paths)?;
+            if !was_up {
+                let _ = std::fs::remove_file(daemon::socket_path(&home));
+            }
+            match (was_up, repaired) {
+                (true, _) => println!("q2q-tun is down"),
+                (false, Some(what)) => {
+                    println!("q2q-tun was not running; repaired what it left: {what}")
+                }
+                (false, None) => println!("q2q-tun is not running; nothing to repair"),
+            }
+        }
+        Command::Whois { ip } => {
+            let b = daemon::ask(&home, AmpBox::command("whois").with("ip", ip.to_string())).await?;
+            println!("{}", b.get_str("address").unwrap_or("?"));
+        }
+        Command::Doctor { what: Doctor::Dns { name } } => {
+            let status = daemon::ask(&home, AmpBox::command("status")).await.ok();
+            let me = status
+                .as_ref()
+                .and_then(|b| b.get_str("address"))
+                .and_then(|a| Q2qAddress::parse(a).ok());
+            let name = match (name, &me) {
+                (Some(n), _) => n,
+                (None, Some(me)) => format!("{}.q2q", me.user),
+                (None, None) => anyhow::bail!(
+                    "no q2q-tun daemon is running for {}: start it with `sudo q2q-tun up`, or name a lookup to try",
+                    home.root().display()
+                ),
+            };
+            let tun = status.as_ref().and_then(|b| b.get_str("tun")).unwrap_or("");
+            if tun.is_empty() {
+                println!("not ok - the daemon runs without the TUN device and shim (--no-tun)");
+            }
+            let field = |k: &str| status.as_ref().and_then(|b| b.get_str(k)).unwrap_or("");
+            let shim_addr = match field("dns").parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    let pool = q2q::dns::pool::Pool::new(Default::default())?;
+                    std::net::SocketAddr::from((pool.node_ipv4(), 53))
+                }
+            };
+            let paths = daemon::tun::resolver_paths(&home);
+            let link = match field("tun_device") {
+                "" => "q2q0".to_string(),
+                d => d.to_string(),
+            };
+            let checks = daemon::resolver::doctor(&paths, &link, &name, shim_addr).await;
+            let mut bad = 0;
+            for c in &checks {
+                println!("{} - {}", if c.ok { "ok" } else { "not ok" }, c.what);
+                bad += usize::from(!c.ok);
+            }
+            if bad > 0 {
+                anyhow::bail!("{bad} of {} DNS checks failed", checks.len());
+            }
         }
         Command::Status => {
             let b = daemon::ask(&home, AmpBox::command("status")).await?;
@@ -488,6 +590,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 b.get_str("address").unwrap_or("?"),
                 b.get_str("udp").unwrap_or("?")
             );
+            match b.get_str("tun") {
+                Some(t) if !t.is_empty() => println!("{t}"),
+                _ => println!("no TUN device (--no-tun)"),
+            }
             let peers = b.get_str("peers").unwrap_or("");
             if peers.is_empty() {
                 println!("no peers yet");

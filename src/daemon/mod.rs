@@ -5,7 +5,10 @@
 //! owner, root for `/var/lib/q2q`, can use it) and speaks AMP boxes, like the servers:
 //! `status`, `ping` (`to`, `count`), `shutdown`.
 
+pub mod datagram;
+pub mod resolver;
 pub mod services;
+pub mod tun;
 
 use crate::address::Q2qAddress;
 use crate::amp::{self, AmpBox};
@@ -13,7 +16,9 @@ use crate::client::{Home, HomeError};
 use crate::presence::node::Policy;
 use crate::presence::node::{Node, NodeConfig, NodeError, PingReport};
 use services::Services;
+
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
@@ -35,6 +40,8 @@ pub enum DaemonError {
     Home(#[from] HomeError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Tun(#[from] tun::TunError),
 }
 
 /// The control socket of `home`.
@@ -70,6 +77,7 @@ pub async fn run(
     me: Q2qAddress,
     config: NodeConfig,
     ping: bool,
+    tun: Option<tun::TunConfig>,
 ) -> Result<(), DaemonError> {
     let path = socket_path(&home);
     let shown = path.display().to_string();
@@ -81,6 +89,10 @@ pub async fn run(
         node.serve_ping().await?;
     }
     apply_services(&node, &home).await?;
+    let tun = match tun {
+        Some(t) => Some(Arc::new(tun::start(node.clone(), &home, t).await?)),
+        None => None,
+    };
     // The control socket appears only once the node is online and listening, so whoever
     // waits for it (scripts, `q2q-tun up` itself) can use the daemon right away.
     // A socket left by a killed daemon: nothing answers it, so it is safe to replace.
@@ -94,6 +106,9 @@ pub async fn run(
 
     info!(address = %me, udp = %node.local_addr(), control = %shown, "q2q-tun is up");
     println!("q2q-tun up as {me}: UDP {} ; control socket {shown}", node.local_addr());
+    if let Some(t) = &tun {
+        println!("{}", t.summary);
+    }
 
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let result = loop {
@@ -102,13 +117,21 @@ pub async fn run(
             _ = signal() => break Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_control(node.clone(), home.clone(), stream, stop_tx.clone()));
+                    let ctl = Control { node: node.clone(), home: home.clone(), tun: tun.clone() };
+                    tokio::spawn(serve_control(ctl, stream, stop_tx.clone()));
                 }
                 Err(e) => warn!(error = %e, "control socket accept failed"),
             },
         }
     };
     let _ = std::fs::remove_file(&path);
+    if let Some(t) = tun {
+        // The control tasks may still hold a handle; they end with their connections.
+        match Arc::try_unwrap(t) {
+            Ok(t) => t.stop().await,
+            Err(t) => t.restore_now(),
+        }
+    }
     info!("q2q-tun is down");
     result
 }
@@ -149,9 +172,19 @@ async fn apply_services(node: &Node, home: &Home) -> Result<(), DaemonError> {
         };
         let mut accepted =
             node.listen(&service, &format!("forwarded to {to}"), Policy::allow(allow)).await?;
+        let udp = service.as_str().starts_with("udp/");
         tokio::spawn(async move {
             while let Some(a) = accepted.recv().await {
                 let service = service.clone();
+                if udp {
+                    tokio::spawn(async move {
+                        info!(peer = %a.peer, %service, %to, "forwarding datagrams");
+                        if let Err(e) = datagram::serve(a.stream, to).await {
+                            warn!(peer = %a.peer, %service, %to, error = %e, "UDP flow ended");
+                        }
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let mut peer = a.stream;
                     match tokio::time::timeout(
@@ -196,16 +229,20 @@ async fn signal() {
     }
 }
 
-async fn serve_control(
+/// What a control connection can reach.
+struct Control {
     node: Node,
     home: Home,
-    stream: UnixStream,
-    stop: tokio::sync::mpsc::Sender<()>,
-) {
+    tun: Option<Arc<tun::Running>>,
+}
+
+async fn serve_control(ctl: Control, stream: UnixStream, stop: tokio::sync::mpsc::Sender<()>) {
+    let Control { node, home, tun } = ctl;
     let (_handle, mut incoming) = amp::peer::spawn(stream);
     while let Some(req) = incoming.recv().await {
         let result = match req.command() {
-            "status" => Ok(status_box(&node)),
+            "status" => Ok(status_box(&node, tun.as_deref())),
+            "whois" => whois(tun.as_deref(), &req.request),
             "ping" => ping(&node, &req.request).await,
             "reload" => match apply_services(&node, &home).await {
                 Ok(()) => Ok(AmpBox::new()),
@@ -221,7 +258,22 @@ async fn serve_control(
     }
 }
 
-fn status_box(node: &Node) -> AmpBox {
+fn whois(tun: Option<&tun::Running>, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+    let Some(tun) = tun else {
+        return Err(("NO_TUN".into(), "this daemon runs without the TUN device (--no-tun)".into()));
+    };
+    let ip: std::net::IpAddr = b
+        .get_str("ip")
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| ("BAD_REQUEST".to_string(), "not an IP address".to_string()))?;
+    match tun.whois(ip) {
+        Some(who) => Ok(AmpBox::new().with("address", who.to_string())),
+        None => Err(("UNKNOWN".into(), format!("{ip} stands for no one"))),
+    }
+}
+
+fn status_box(node: &Node, tun: Option<&tun::Running>) -> AmpBox {
     let lines: Vec<String> = node
         .status()
         .into_iter()
@@ -231,6 +283,9 @@ fn status_box(node: &Node) -> AmpBox {
         .with("address", node.address().to_string())
         .with("udp", node.local_addr().to_string())
         .with("peers", lines.join("\n"))
+        .with("tun", tun.map(|t| t.summary.clone()).unwrap_or_default())
+        .with("tun_device", tun.map(|t| t.device.clone()).unwrap_or_default())
+        .with("dns", tun.map(|t| t.dns_addr.to_string()).unwrap_or_default())
 }
 
 async fn ping(node: &Node, b: &AmpBox) -> Result<AmpBox, (String, String)> {

@@ -42,7 +42,9 @@ pub enum ServicesError {
     Home(#[from] HomeError),
     #[error("{0} is not exposed: `q2q-tun expose {0}` first")]
     NotExposed(ServiceName),
-    #[error("say where {0} goes locally with --to HOST:PORT (only tcp/N defaults to 127.0.0.1:N)")]
+    #[error(
+        "say where {0} goes locally with --to HOST:PORT (only tcp/N and udp/N default to 127.0.0.1:N)"
+    )]
     NoTarget(ServiceName),
 }
 
@@ -75,7 +77,8 @@ impl Services {
         crate::fsutil::write_atomic(&p, text.as_bytes(), 0o600).map_err(io)
     }
 
-    /// Offer `service`, forwarded to `to` (tcp/N defaults to 127.0.0.1:N). Keeps who is
+    /// Offer `service`, forwarded to `to` (tcp/N and udp/N default to 127.0.0.1:N; a
+    /// `udp/` service carries datagrams). Keeps who is
     /// authorized if it was exposed before.
     pub fn expose(
         &mut self,
@@ -92,6 +95,7 @@ impl Services {
             None => service
                 .as_str()
                 .strip_prefix("tcp/")
+                .or_else(|| service.as_str().strip_prefix("udp/"))
                 .and_then(|p| p.parse::<u16>().ok())
                 .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
                 .ok_or_else(|| ServicesError::NoTarget(service.clone()))?,

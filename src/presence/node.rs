@@ -1222,6 +1222,18 @@ impl Setup {
     }
 }
 
+impl Node {
+    /// Whether `who` is registered, asked of `who`'s domain server (for the `*.q2q`
+    /// resolver: unknown users get NXDOMAIN).
+    pub async fn exists(&self, who: &Q2qAddress) -> Result<bool, NodeError> {
+        let server = self.server_for(&who.domain).await?;
+        let answer = server
+            .peer_call(AmpBox::command(command::EXISTS).with("address", who.to_string()))
+            .await?;
+        Ok(answer.get_str("exists") == Some("true"))
+    }
+}
+
 /// The built-in echo service `q2q-tun ping` talks to.
 pub fn ping_service() -> ServiceName {
     ServiceName::parse("ping").expect("`ping` is a valid service name")

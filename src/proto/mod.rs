@@ -22,6 +22,7 @@
 //! | `unlisten` | `service` | (empty) |
 //! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_port` |
 //! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction |
+//! | `exists` | `address` (of the server's domain) | `exists`: `true` or `false` |
 //!
 //! The server asks the callee `inbound` with `from`, `service`, `candidates`, `session`,
 //! `probe_key`, `relay_token`, `relay_port`, and the callee answers its `candidates` or an
@@ -47,6 +48,9 @@ pub mod command {
     pub const UNLISTEN: &str = "unlisten";
     pub const INBOUND: &str = "inbound";
     pub const RELAY: &str = "relay";
+    /// Whether an address of the server's domain is registered (for the `*.q2q` resolver:
+    /// unknown users get NXDOMAIN). Logged-in callers only.
+    pub const EXISTS: &str = "exists";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.

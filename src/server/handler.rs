@@ -141,6 +141,7 @@ impl Conn {
                 relay_over_tcp(&self.state, b).await;
                 Ok(AmpBox::new())
             }
+            command::EXISTS => self.exists(b).await,
             command::WHO_AM_I => Ok(AmpBox::new()
                 .with("host", self.peer.ip().to_string())
                 .with("port", self.peer.port().to_string())),
@@ -331,6 +332,16 @@ impl Conn {
         info!(address = %claimed, peer = %self.peer, "logged in");
         self.caller = Some(claimed.clone());
         Ok(claimed)
+    }
+
+    /// `exists`: whether `address` (of our domain) is registered. Only for logged-in
+    /// callers, so strangers cannot list the users.
+    async fn exists(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
+        let _ = self.caller().await?;
+        let address = self.our_address(arg(b, "address")?)?;
+        let user = address.user.to_string();
+        let known = db(&self.state, move |db| db.password_hash(&user)).await?.is_some();
+        Ok(AmpBox::new().with("exists", if known { "true" } else { "false" }))
     }
 
     async fn listen(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {

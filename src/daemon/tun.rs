@@ -1,0 +1,785 @@
+//! TUN mode of the daemon: the `q2q0` device, the `*.q2q` resolver shim and the driver that
+//! turns apps' connections to virtual addresses into q2q streams.
+//!
+//! ```text
+//!  app: ssh alice.q2q ──DNS──▶ shim on 100.64.0.1:53 ── alice@example.com ↔ 100.64.0.2
+//!    │ connect 100.64.0.2:22
+//!    ▼
+//!  q2q0 (tun-rs) ──IP packets──▶ driver task ──▶ netstack::tun::Stack (smoltcp, any_ip)
+//!                                    │ Connect{flow, 100.64.0.2:22}: SYN held
+//!                                    ▼
+//!                  flow task: whois 100.64.0.2 = alice ─▶ Node::connect(alice, tcp/22)
+//!                                    │ accepted: accept_flow (SYN-ACK) / refused: RST
+//!                                    ▼
+//!                  bridge task: copy_bidirectional(flow stream, TLS-over-PTCP stream)
+//! ```
+//!
+//! One task owns the stack ([`Driver`]); flow streams reach it through [`crate::pipe`]
+//! (bounded byte pipes with backpressure), everything else through a bounded command
+//! channel. UDP to a virtual address goes to service `udp/<port>` ([`super::datagram`]),
+//! and an ICMP echo is answered only after a round trip to the peer's `ping` service, so
+//! `ping alice.q2q` tells the truth.
+//!
+//! Routes: the device gets the pool's node addresses with the pool prefixes, so the only
+//! routes are the pool's connected routes; never a default route, no firewall rules. The
+//! device is not persistent: it vanishes with the process, also when it is killed.
+
+use super::datagram;
+use super::resolver;
+use crate::address::{Q2qAddress, ServiceName};
+use crate::client::Home;
+use crate::dns::names::Names;
+use crate::dns::pool::{Pool, PoolConfig};
+use crate::dns::server::{self as dns_server, ServerConfig, SharedShim};
+use crate::dns::shim::{Existence, Exists, Shim, ShimConfig};
+use crate::pipe::{DriverWake, IoError, PipeStream, Pipes, StreamFailure, StreamIo};
+use crate::presence::node::{Connection, Node};
+use q2q_netstack::tun::{Config as StackConfig, Echo, Event, FlowError, FlowId, Stack};
+use q2q_netstack::tun::{Ipv4Cidr, Ipv6Cidr};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// Settings of TUN mode.
+#[derive(Debug, Clone)]
+pub struct TunConfig {
+    /// Device name (default `q2q0`).
+    pub name: String,
+    /// Virtual address pool.
+    pub pool: PoolConfig,
+    /// How to hook the shim into the system resolver.
+    pub dns: resolver::Wanted,
+    /// IP MTU of the device.
+    pub mtu: u16,
+}
+
+impl Default for TunConfig {
+    fn default() -> Self {
+        TunConfig {
+            name: "q2q0".into(),
+            pool: PoolConfig::default(),
+            dns: resolver::Wanted::Auto,
+            mtu: 1400,
+        }
+    }
+}
+
+/// Why TUN mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// Creating a TUN device needs CAP_NET_ADMIN.
+    #[error(
+        "creating the TUN device {0} needs CAP_NET_ADMIN: run `sudo q2q-tun up`, or grant the \
+         capability once with `sudo setcap cap_net_admin,cap_net_bind_service+ep $(command -v q2q-tun)`; \
+         `q2q-tun up --no-tun` runs without the device (no `ssh alice.q2q`, only ping/send/connect)"
+    )]
+    NeedCapNetAdmin(String),
+    /// The device could not be created.
+    #[error("cannot create the TUN device {0}: {1}")]
+    Device(String, std::io::Error),
+    /// The pool settings are unusable.
+    #[error("address pool: {0}")]
+    Pool(#[from] crate::dns::pool::PoolError),
+    /// The resolver shim could not bind its address.
+    #[error("resolver shim on {0}: {1}")]
+    Dns(SocketAddr, std::io::Error),
+    /// The system resolver could not be pointed at the shim.
+    #[error("system resolver: {0}")]
+    Resolver(#[from] resolver::ResolverError),
+}
+
+/// A running TUN mode; [`Running::stop`] undoes what [`start`] changed.
+pub struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    driver: tokio::task::JoinHandle<()>,
+    dns: tokio::task::JoinHandle<()>,
+    saver: tokio::task::JoinHandle<()>,
+    shim: SharedShim<Oracle>,
+    pool_file: PathBuf,
+    resolver: resolver::Paths,
+    /// What the status shows: device, node address, resolver mode.
+    pub summary: String,
+    /// The device's name.
+    pub device: String,
+    /// Where the resolver shim answers.
+    pub dns_addr: SocketAddr,
+}
+
+/// The file that keeps the virtual address mappings across restarts.
+pub fn pool_file(home: &Home) -> PathBuf {
+    home.root().join("pool.toml")
+}
+
+/// The resolver paths of this daemon (its state lives in `$Q2Q_HOME`).
+pub fn resolver_paths(home: &Home) -> resolver::Paths {
+    resolver::Paths::system(home.root())
+}
+
+/// Create the device, serve the shim, point the system resolver at it and start the driver.
+pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running, TunError> {
+    config.pool.check()?;
+    let paths = resolver_paths(home);
+    // A daemon killed earlier may have left the resolver pointing at a shim that is gone.
+    if let Some(what) = blocking({
+        let paths = paths.clone();
+        move || resolver::restore(&paths)
+    })
+    .await?
+    {
+        info!(restored = %what, "repaired the resolver settings of a previous run");
+    }
+    let pool_file = pool_file(home);
+    let pool = load_pool(&pool_file, &config.pool)?;
+    let node_v4 = pool.node_ipv4();
+    let node_v6 = pool.node_ipv6();
+
+    let device = tun_rs::DeviceBuilder::new()
+        .name(&config.name)
+        .ipv4(node_v4, config.pool.ipv4.prefix_len(), None)
+        .ipv6(node_v6, config.pool.ipv6.prefix_len())
+        .mtu(config.mtu)
+        .build_async()
+        .map_err(|e| match e {
+            _ if e.kind() == std::io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(nix::errno::Errno::EPERM as i32) =>
+            {
+                TunError::NeedCapNetAdmin(config.name.clone())
+            }
+            _ => TunError::Device(config.name.clone(), e),
+        })?;
+
+    let oracle = Oracle {
+        node: node.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        cache: HashMap::new(),
+    };
+    let shim: SharedShim<Oracle> = Arc::new(Mutex::new(Shim::new(
+        Names::new(node.address().domain.clone()),
+        pool,
+        oracle,
+        ShimConfig::default(),
+    )));
+    let dns_addr = SocketAddr::from((node_v4, 53));
+    let server = dns_server::Server::bind(dns_addr, shim.clone(), ServerConfig::default())
+        .await
+        .map_err(|e| TunError::Dns(dns_addr, e))?;
+    let dns = tokio::spawn(async move {
+        if let Err(e) = server.run().await {
+            warn!(error = %e, "resolver shim stopped");
+        }
+    });
+    let mode = blocking({
+        let (paths, wanted, link) = (paths.clone(), config.dns, config.name.clone());
+        move || resolver::install(&paths, wanted, &link, IpAddr::V4(node_v4))
+    })
+    .await?;
+
+    let stack_config = StackConfig {
+        pool_v4: Ipv4Cidr::new(config.pool.ipv4.network(), config.pool.ipv4.prefix_len()),
+        pool_v6: Some(Ipv6Cidr::new(config.pool.ipv6.network(), config.pool.ipv6.prefix_len())),
+        mtu: usize::from(config.mtu),
+        random_seed: rand::random(),
+        ..StackConfig::default()
+    };
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let ctx = Arc::new(Ctx { node, shim: shim.clone(), cmds: cmd_tx });
+    let driver = Driver::new(device, stack_config, ctx, cmd_rx);
+    let driver = tokio::spawn(driver.run(stop_rx));
+    let saver = tokio::spawn(save_pool_every(shim.clone(), pool_file.clone()));
+    let summary = format!(
+        "TUN {} {node_v4}/{} {node_v6}/{}; resolver shim {dns_addr} ({mode})",
+        config.name,
+        config.pool.ipv4.prefix_len(),
+        config.pool.ipv6.prefix_len()
+    );
+    info!(device = %config.name, %node_v4, %node_v6, %mode, "TUN mode up");
+    Ok(Running {
+        stop: Some(stop_tx),
+        driver,
+        dns,
+        saver,
+        shim,
+        pool_file,
+        resolver: paths,
+        summary,
+        device: config.name,
+        dns_addr,
+    })
+}
+
+impl Running {
+    /// Who is behind a virtual address.
+    pub fn whois(&self, ip: IpAddr) -> Option<Q2qAddress> {
+        dns_server::lock(&self.shim).pool().whois(ip).cloned()
+    }
+
+    /// Restore the resolver and save the pool now (when [`Running::stop`] cannot be used);
+    /// the device goes when the process ends.
+    pub fn restore_now(&self) {
+        if let Err(e) = resolver::restore(&self.resolver) {
+            warn!(error = %e, "could not restore the resolver settings");
+        }
+        save_pool(&self.shim, &self.pool_file, true);
+    }
+
+    /// Restore the resolver, save the pool, and remove the device (closing it does).
+    pub async fn stop(mut self) {
+        let paths = self.resolver.clone();
+        if let Err(e) = blocking(move || resolver::restore(&paths)).await {
+            warn!(error = %e, "could not restore the resolver settings");
+        }
+        self.dns.abort();
+        self.saver.abort();
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.driver).await;
+        save_pool(&self.shim, &self.pool_file, true);
+    }
+}
+
+/// Run a resolver change off the async threads: `resolvectl` may take seconds.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, resolver::ResolverError> + Send + 'static,
+) -> Result<T, resolver::ResolverError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: only when the runtime shuts down.
+        Err(e) => Err(resolver::ResolverError::Spawn {
+            command: "resolver update".into(),
+            error: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Load saved mappings; a file that does not parse is kept aside (never lost) and the pool
+/// starts empty.
+fn load_pool(path: &std::path::Path, config: &PoolConfig) -> Result<Pool, TunError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match Pool::from_toml(config.clone(), &text) {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                let aside = path.with_extension(format!(
+                    "toml.bad-{}",
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                ));
+                warn!(file = %path.display(), kept = %aside.display(), error = %e, "unusable pool file kept aside; starting with an empty pool");
+                let _ = std::fs::rename(path, &aside);
+                Ok(Pool::new(config.clone())?)
+            }
+        },
+        Err(_) => Ok(Pool::new(config.clone())?),
+    }
+}
+
+/// Write the pool atomically if it changed (or `always`).
+fn save_pool(shim: &SharedShim<Oracle>, path: &std::path::Path, always: bool) {
+    let text = {
+        let mut s = dns_server::lock(shim);
+        let dirty = s.pool_mut().take_dirty();
+        if !dirty && !always {
+            return;
+        }
+        s.pool().to_toml()
+    };
+    if let Err(e) = crate::fsutil::write_atomic(path, text.as_bytes(), 0o600) {
+        warn!(file = %path.display(), error = %e, "could not save the address pool");
+    }
+}
+
+async fn save_pool_every(shim: SharedShim<Oracle>, path: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let (shim, path) = (shim.clone(), path.clone());
+        let _ = tokio::task::spawn_blocking(move || save_pool(&shim, &path, false)).await;
+    }
+}
+
+/// Whether a person exists, for the shim: asked of their domain server, remembered briefly.
+pub struct Oracle {
+    node: Node,
+    runtime: tokio::runtime::Handle,
+    cache: HashMap<Q2qAddress, (Existence, Instant)>,
+}
+
+/// How long an answer about existence is remembered (a new registration shows up after the
+/// negative one expires).
+const KNOWN_FOR: Duration = Duration::from_secs(300);
+const UNKNOWN_FOR: Duration = Duration::from_secs(5);
+/// How long a lookup may wait for the domain's server.
+const EXISTS_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Exists for Oracle {
+    fn exists(&mut self, address: &Q2qAddress) -> Existence {
+        let now = Instant::now();
+        if let Some((e, at)) = self.cache.get(address) {
+            let fresh = if *e == Existence::Known { KNOWN_FOR } else { UNKNOWN_FOR };
+            if now.duration_since(*at) < fresh {
+                return *e;
+            }
+        }
+        if self.node.address() == address {
+            return Existence::Known;
+        }
+        // The shim's server calls this on tokio's blocking pool, where blocking is allowed.
+        let node = self.node.clone();
+        let who = address.clone();
+        let answer = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(EXISTS_TIMEOUT, node.exists(&who)).await });
+        let e = match answer {
+            Ok(Ok(true)) => Existence::Known,
+            Ok(Ok(false)) => Existence::Unknown,
+            Ok(Err(e)) => {
+                debug!(%address, error = %e, "existence unknown");
+                // No server for that domain (no such domain) is as good as no such user.
+                if matches!(
+                    e,
+                    crate::presence::node::NodeError::Control(
+                        crate::client::ClientError::Unreachable { .. }
+                    )
+                ) {
+                    Existence::Unknown
+                } else {
+                    Existence::Unsure
+                }
+            }
+            Err(_) => Existence::Unsure,
+        };
+        if e != Existence::Unsure {
+            if self.cache.len() > 10_000 {
+                self.cache.clear();
+            }
+            self.cache.insert(address.clone(), (e, now));
+        }
+        e
+    }
+}
+
+/// What the tasks around the driver share.
+struct Ctx {
+    node: Node,
+    shim: SharedShim<Oracle>,
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl Ctx {
+    /// The person behind a virtual address (and a touch, so the mapping stays).
+    async fn whois(&self, ip: IpAddr) -> Option<Q2qAddress> {
+        let shim = self.shim.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = dns_server::lock(&shim);
+            let who = s.pool().whois(ip).cloned();
+            if who.is_some() {
+                s.pool_mut().touch(ip, SystemTime::now());
+            }
+            who
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// What tasks ask of the driver.
+enum Cmd {
+    /// The peer accepted the stream of a held flow.
+    Accept { flow: FlowId, conn: Box<Connection> },
+    /// The peer is offline, refused, or does not offer the service: RST.
+    Refuse { flow: FlowId },
+    /// A datagram from a peer's UDP service back to the app.
+    Datagram { from: SocketAddr, to: SocketAddr, payload: Vec<u8> },
+    /// The peer answered: reply to the app's echo.
+    EchoReply(Echo),
+}
+
+/// UDP flows and pingers at most (each a task and, while in use, a q2q stream).
+const MAX_UDP_FLOWS: usize = 1024;
+const MAX_PINGERS: usize = 256;
+/// Packets read from the device in one go before the stack is serviced.
+const READ_BATCH: usize = 64;
+
+struct Driver {
+    device: tun_rs::AsyncDevice,
+    stack: Stack,
+    start: tokio::time::Instant,
+    wake: Arc<DriverWake<FlowId>>,
+    flows: HashMap<FlowId, Arc<Pipes<FlowId>>>,
+    dirty: Vec<Arc<Pipes<FlowId>>>,
+    udp: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>,
+    pingers: HashMap<IpAddr, mpsc::Sender<Echo>>,
+    ctx: Arc<Ctx>,
+    cmds: mpsc::Receiver<Cmd>,
+    scratch: Vec<u8>,
+}
+
+/// One flow of the stack, as the pipes see it.
+struct FlowIo<'a> {
+    stack: &'a mut Stack,
+    id: FlowId,
+}
+
+fn flow_error(e: FlowError) -> IoError {
+    match e {
+        FlowError::Blocked | FlowError::Pending => IoError::Blocked,
+        FlowError::Reset => IoError::Reset,
+        _ => IoError::Closed,
+    }
+}
+
+impl StreamIo for FlowIo<'_> {
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, IoError> {
+        self.stack.recv(self.id, buf).map_err(flow_error)
+    }
+    fn send(&mut self, data: &[u8]) -> Result<usize, IoError> {
+        self.stack.send(self.id, data).map_err(flow_error)
+    }
+    fn close(&mut self) {
+        let _ = self.stack.close(self.id);
+    }
+    fn abort(&mut self) {
+        let _ = self.stack.abort(self.id);
+    }
+    // Flows run with Nagle off already: the kernel's TCP coalesces the app's writes.
+    fn set_nodelay(&mut self, _nodelay: bool) {}
+}
+
+impl Driver {
+    fn new(
+        device: tun_rs::AsyncDevice,
+        config: StackConfig,
+        ctx: Arc<Ctx>,
+        cmds: mpsc::Receiver<Cmd>,
+    ) -> Driver {
+        Driver {
+            device,
+            stack: Stack::new(config, q2q_netstack::Instant::from_micros(0)),
+            start: tokio::time::Instant::now(),
+            wake: DriverWake::new(),
+            flows: HashMap::new(),
+            dirty: Vec::new(),
+            udp: HashMap::new(),
+            pingers: HashMap::new(),
+            ctx,
+            cmds,
+            scratch: vec![0u8; 64 << 10],
+        }
+    }
+
+    fn now(&self) -> q2q_netstack::Instant {
+        q2q_netstack::Instant::from_micros(
+            i64::try_from(self.start.elapsed().as_micros()).unwrap_or(i64::MAX),
+        )
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        match self.stack.poll_timeout() {
+            Some(t) => {
+                let micros = u64::try_from(t.total_micros()).unwrap_or(0);
+                self.start + Duration::from_micros(micros)
+            }
+            None => tokio::time::Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            self.service().await;
+            let deadline = self.deadline();
+            tokio::select! {
+                _ = &mut stop => break,
+                r = self.device.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        let now = self.now();
+                        self.stack.handle_packet(now, &buf[..n]);
+                        // Take what else is waiting, bounded, before servicing.
+                        for _ in 0..READ_BATCH {
+                            match self.device.try_recv(&mut buf) {
+                                Ok(n) => self.stack.handle_packet(now, &buf[..n]),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "TUN device read failed; TUN mode stops");
+                        break;
+                    }
+                },
+                _ = self.wake.notify.notified() => {}
+                Some(cmd) = self.cmds.recv() => self.command(cmd),
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        for p in self.flows.values() {
+            p.fail(StreamFailure::EndpointGone);
+        }
+    }
+
+    /// Timers, streams with work, then packets out and events, until quiet (bounded).
+    async fn service(&mut self) {
+        let now = self.now();
+        self.stack.handle_timeout(now);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        self.wake.take(&mut dirty);
+        for p in dirty.drain(..) {
+            p.queued.store(false, std::sync::atomic::Ordering::Release);
+            self.pump(&p);
+        }
+        self.dirty = dirty;
+        for _ in 0..16 {
+            while let Some(packet) = self.stack.poll_transmit(now) {
+                if let Err(e) = self.device.send(&packet).await {
+                    debug!(error = %e, "TUN write failed; packet dropped");
+                }
+            }
+            let mut any = false;
+            while let Some(ev) = self.stack.poll_event() {
+                any = true;
+                self.event(ev);
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn pump(&mut self, p: &Arc<Pipes<FlowId>>) {
+        if !self.flows.contains_key(&p.key) {
+            return;
+        }
+        let mut io = FlowIo { stack: &mut self.stack, id: p.key };
+        crate::pipe::pump(&mut io, p, &mut self.scratch);
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Connect { flow, dst, src } => {
+                debug!(%flow, %src, %dst, "app connects");
+                tokio::spawn(open_flow(self.ctx.clone(), flow, dst));
+            }
+            Event::Established(_) => {}
+            Event::Readable(f) | Event::Writable(f) | Event::Finished(f) => {
+                if let Some(p) = self.flows.get(&f).cloned() {
+                    self.pump(&p);
+                }
+            }
+            Event::Reset(f) => {
+                if let Some(p) = self.flows.get(&f) {
+                    p.fail(StreamFailure::Reset);
+                }
+                let _ = self.stack.abort(f);
+            }
+            Event::Closed(f) => {
+                if let Some(p) = self.flows.remove(&f) {
+                    let clean = {
+                        let st = p.lock();
+                        st.rx_eof && st.fin_sent
+                    };
+                    if !clean {
+                        p.fail(StreamFailure::Reset);
+                    }
+                }
+            }
+            Event::Datagram { src, dst, payload } => self.datagram(src, dst, payload),
+            Event::EchoRequest(echo) => self.echo(echo),
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Accept { flow, conn } => match self.stack.accept_flow(flow) {
+                Ok(()) => {
+                    let pipes = Pipes::new(flow);
+                    self.flows.insert(flow, pipes.clone());
+                    let stream = PipeStream::new(pipes, self.wake.clone(), Box::new(()));
+                    tokio::spawn(bridge(stream, conn));
+                }
+                Err(e) => debug!(%flow, error = %e, "app gave up before the peer answered"),
+            },
+            Cmd::Refuse { flow } => {
+                let _ = self.stack.refuse_flow(flow);
+            }
+            Cmd::Datagram { from, to, payload } => {
+                if let Err(e) = self.stack.send_datagram(from, to, &payload) {
+                    debug!(%from, %to, error = %e, "datagram to the app dropped");
+                }
+            }
+            Cmd::EchoReply(echo) => {
+                let _ = self.stack.answer_echo(&echo);
+            }
+        }
+    }
+
+    fn datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
+        let key = (src, dst);
+        let payload = match self.udp.get(&key) {
+            Some(tx) => match tx.try_send(payload) {
+                // Full: dropped, as a full socket buffer would.
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(p)) => p,
+            },
+            None => payload,
+        };
+        self.udp.retain(|_, tx| !tx.is_closed());
+        if self.udp.len() >= MAX_UDP_FLOWS {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.try_send(payload);
+        self.udp.insert(key, tx);
+        tokio::spawn(udp_flow(self.ctx.clone(), src, dst, rx));
+    }
+
+    fn echo(&mut self, echo: Echo) {
+        let key = echo.dst;
+        let echo = match self.pingers.get(&key) {
+            Some(tx) => match tx.try_send(echo) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(e)) => e,
+            },
+            None => echo,
+        };
+        self.pingers.retain(|_, tx| !tx.is_closed());
+        if self.pingers.len() >= MAX_PINGERS {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx.try_send(echo);
+        self.pingers.insert(key, tx);
+        tokio::spawn(pinger(self.ctx.clone(), key, rx));
+    }
+}
+
+/// Open the peer stream for a held flow and tell the driver the verdict.
+async fn open_flow(ctx: Arc<Ctx>, flow: FlowId, dst: SocketAddr) {
+    let verdict = async {
+        let peer = ctx.whois(dst.ip()).await.ok_or("no one has this virtual address")?;
+        let service =
+            ServiceName::parse(&format!("tcp/{}", dst.port())).map_err(|_| "not a service name")?;
+        match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service)).await
+        {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => {
+                info!(%peer, %service, error = %e, "connection refused");
+                Err("refused")
+            }
+            Err(_) => {
+                info!(%peer, %service, "no answer within 9 s");
+                Err("timed out")
+            }
+        }
+    }
+    .await;
+    let cmd = match verdict {
+        Ok(conn) => Cmd::Accept { flow, conn: Box::new(conn) },
+        Err(why) => {
+            debug!(%flow, %dst, why, "flow refused");
+            Cmd::Refuse { flow }
+        }
+    };
+    let _ = ctx.cmds.send(cmd).await;
+}
+
+/// Copy between the app's flow and the peer stream until both are done.
+async fn bridge(mut flow: PipeStream<FlowId>, conn: Box<Connection>) {
+    let Connection { peer, mut stream, .. } = *conn;
+    // Interactive programs (ssh) must not wait for Nagle; bulk data comes in big writes.
+    stream.get_ref().0.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut flow, &mut stream).await {
+        Ok((up, down)) => debug!(%peer, up, down, "flow done"),
+        Err(e) => {
+            debug!(%peer, error = %e, "flow ended with an error");
+            flow.abort();
+            stream.get_ref().0.abort();
+        }
+    }
+}
+
+/// Carry one app's UDP flow (src → dst) to the peer's `udp/<port>` and the answers back.
+async fn udp_flow(
+    ctx: Arc<Ctx>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let Some(peer) = ctx.whois(dst.ip()).await else { return };
+    let Ok(service) = ServiceName::parse(&format!("udp/{}", dst.port())) else { return };
+    let conn = match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service))
+        .await
+    {
+        Ok(Ok(c)) => c,
+        _ => {
+            debug!(%peer, %service, "UDP flow refused or timed out; its datagrams are dropped");
+            return;
+        }
+    };
+    let (mut r, mut w) = tokio::io::split(conn.stream);
+    loop {
+        tokio::select! {
+            d = tokio::time::timeout(datagram::IDLE, rx.recv()) => match d {
+                Ok(Some(d)) => if datagram::write(&mut w, &d).await.is_err() { break },
+                _ => break,
+            },
+            d = datagram::read(&mut r) => match d {
+                Ok(Some(payload)) => {
+                    if ctx.cmds.send(Cmd::Datagram { from: dst, to: src, payload }).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+        }
+    }
+}
+
+/// Answer an app's pings to `vip` once a round trip to the peer's `ping` service succeeds.
+async fn pinger(ctx: Arc<Ctx>, vip: IpAddr, mut rx: mpsc::Receiver<Echo>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(peer) = ctx.whois(vip).await else { return };
+    let ping = crate::presence::node::ping_service();
+    let mut stream = None;
+    let mut quiet_until = None;
+    let mut seq = 0u64;
+    while let Ok(Some(echo)) = tokio::time::timeout(datagram::IDLE, rx.recv()).await {
+        if quiet_until.is_some_and(|t| Instant::now() < t) {
+            continue;
+        }
+        if stream.is_none() {
+            match tokio::time::timeout(Duration::from_secs(5), ctx.node.connect(&peer, &ping)).await
+            {
+                Ok(Ok(c)) => stream = Some(c.stream),
+                _ => {
+                    // Unreachable: drop echoes for a while rather than reconnect per ping.
+                    quiet_until = Some(Instant::now() + Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        let Some(s) = stream.as_mut() else { continue };
+        seq += 1;
+        let mut buf = seq.to_be_bytes();
+        let round = async {
+            s.write_all(&buf).await?;
+            s.read_exact(&mut buf).await
+        };
+        match tokio::time::timeout(Duration::from_secs(3), round).await {
+            Ok(Ok(_)) => {
+                if ctx.cmds.send(Cmd::EchoReply(echo)).await.is_err() {
+                    return;
+                }
+            }
+            _ => stream = None,
+        }
+    }
+}
