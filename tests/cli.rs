@@ -263,3 +263,35 @@ fn server_found_through_dns_srv() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(&format!("with localhost:{port}")), "{}", stdout(&out));
 }
+
+/// Without CAP_NET_ADMIN, `up` says what is missing and how to run it, before anything else
+/// (no login, no identity needed). As root the capabilities are dropped with setpriv; a
+/// root run without setpriv says it skipped.
+#[test]
+fn up_without_cap_net_admin_says_what_is_missing() {
+    let home = tempfile::tempdir().unwrap();
+    let is_root = nix::unistd::geteuid().is_root();
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if is_root && !setpriv.exists() {
+        eprintln!("SKIPPED: running as root and /usr/bin/setpriv (util-linux) is missing");
+        return;
+    }
+    let mut c = if is_root {
+        let mut c = Command::new(setpriv);
+        c.args(["--inh-caps=-all", "--bounding-set=-all", "--", TUN]);
+        c
+    } else {
+        Command::new(TUN)
+    };
+    let out = c
+        .args(["up", "--foreground", "--server", "127.0.0.1:1"])
+        .env("Q2Q_HOME", home.path())
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("CAP_NET_ADMIN") && err.contains("sudo q2q-tun up"), "{err}");
+    assert!(err.contains("--no-tun"), "{err}");
+}

@@ -330,6 +330,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             relay_only,
             loopback_candidates,
         } => {
+            if !no_tun {
+                // Say what is missing first, not in the detached daemon's log.
+                let probe = daemon::tun::TunConfig { name: tun_name.clone(), ..Default::default() };
+                daemon::tun::check_privileges(&probe)?;
+            }
             let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
             let me = daemon::choose_identity(&home, wanted.as_ref())?;
             if std::os::unix::net::UnixStream::connect(daemon::socket_path(&home)).is_ok() {

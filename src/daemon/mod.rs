@@ -84,6 +84,9 @@ pub async fn run(
     if UnixStream::connect(&path).await.is_ok() {
         return Err(DaemonError::AlreadyRunning(me.to_string(), shown));
     }
+    if let Some(t) = &tun {
+        tun::check_privileges(t)?;
+    }
     let node = Node::start(home.clone(), me.clone(), config).await?;
     if ping {
         node.serve_ping().await?;

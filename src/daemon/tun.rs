@@ -73,9 +73,11 @@ impl Default for TunConfig {
 pub enum TunError {
     /// Creating a TUN device needs CAP_NET_ADMIN.
     #[error(
-        "creating the TUN device {0} needs CAP_NET_ADMIN: run `sudo q2q-tun up`, or grant the \
-         capability once with `sudo setcap cap_net_admin,cap_net_bind_service+ep $(command -v q2q-tun)`; \
-         `q2q-tun up --no-tun` runs without the device (no `ssh alice.q2q`, only ping/send/connect)"
+        "q2q-tun up needs CAP_NET_ADMIN to create the TUN device {0} (and CAP_NET_BIND_SERVICE \
+         for the resolver shim's port 53), which this process lacks: run `sudo q2q-tun up`, or \
+         grant them once with `sudo setcap cap_net_admin,cap_net_bind_service+ep \
+         $(command -v q2q-tun)`; `q2q-tun up --no-tun` runs without the device (no `ssh \
+         alice.q2q`; ping, send and connect work)"
     )]
     NeedCapNetAdmin(String),
     /// The device could not be created.
@@ -107,6 +109,27 @@ pub struct Running {
     pub device: String,
     /// Where the resolver shim answers.
     pub dns_addr: SocketAddr,
+}
+
+/// Fail early, before logging in, when this process cannot create the device (it needs
+/// CAP_NET_ADMIN) or bind the shim's port 53 (CAP_NET_BIND_SERVICE).
+pub fn check_privileges(config: &TunConfig) -> Result<(), TunError> {
+    // Capability numbers from linux/capability.h.
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    const CAP_NET_ADMIN: u32 = 12;
+    let Some(effective) = effective_capabilities() else { return Ok(()) };
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if !has(CAP_NET_ADMIN) || !has(CAP_NET_BIND_SERVICE) {
+        return Err(TunError::NeedCapNetAdmin(config.name.clone()));
+    }
+    Ok(())
+}
+
+/// The effective capability set of this process (`CapEff` in /proc/self/status).
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
 }
 
 /// The file that keeps the virtual address mappings across restarts.
