@@ -645,43 +645,46 @@ impl Driver {
     }
 
     fn datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
-        let key = (src, dst);
-        let payload = match self.udp.get(&key) {
-            Some(tx) => match tx.try_send(payload) {
-                // Full: dropped, as a full socket buffer would.
-                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
-                Err(mpsc::error::TrySendError::Closed(p)) => p,
-            },
-            None => payload,
-        };
-        self.udp.retain(|_, tx| !tx.is_closed());
-        if self.udp.len() >= MAX_UDP_FLOWS {
-            return;
-        }
-        let (tx, rx) = mpsc::channel(64);
-        let _ = tx.try_send(payload);
-        self.udp.insert(key, tx);
-        tokio::spawn(udp_flow(self.ctx.clone(), src, dst, rx));
+        let ctx = self.ctx.clone();
+        dispatch(&mut self.udp, (src, dst), payload, MAX_UDP_FLOWS, 64, |rx| {
+            tokio::spawn(udp_flow(ctx, src, dst, rx));
+        });
     }
 
     fn echo(&mut self, echo: Echo) {
-        let key = echo.dst;
-        let echo = match self.pingers.get(&key) {
-            Some(tx) => match tx.try_send(echo) {
-                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
-                Err(mpsc::error::TrySendError::Closed(e)) => e,
-            },
-            None => echo,
-        };
-        self.pingers.retain(|_, tx| !tx.is_closed());
-        if self.pingers.len() >= MAX_PINGERS {
-            return;
-        }
-        let (tx, rx) = mpsc::channel(16);
-        let _ = tx.try_send(echo);
-        self.pingers.insert(key, tx);
-        tokio::spawn(pinger(self.ctx.clone(), key, rx));
+        let (ctx, vip) = (self.ctx.clone(), echo.dst);
+        dispatch(&mut self.pingers, vip, echo, MAX_PINGERS, 16, |rx| {
+            tokio::spawn(pinger(ctx, vip, rx));
+        });
     }
+}
+
+/// Hand `item` to the task for `key`, starting one (with a queue of `depth`, at most `max`
+/// tasks) when there is none or it ended. A full queue drops the item, as a full socket
+/// buffer would.
+fn dispatch<K: std::hash::Hash + Eq, T>(
+    tasks: &mut HashMap<K, mpsc::Sender<T>>,
+    key: K,
+    item: T,
+    max: usize,
+    depth: usize,
+    start: impl FnOnce(mpsc::Receiver<T>),
+) {
+    let item = match tasks.get(&key) {
+        Some(tx) => match tx.try_send(item) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
+            Err(mpsc::error::TrySendError::Closed(item)) => item,
+        },
+        None => item,
+    };
+    tasks.retain(|_, tx| !tx.is_closed());
+    if tasks.len() >= max {
+        return;
+    }
+    let (tx, rx) = mpsc::channel(depth);
+    let _ = tx.try_send(item);
+    tasks.insert(key, tx);
+    start(rx);
 }
 
 /// Open the peer stream for a held flow and tell the driver the verdict.
