@@ -377,6 +377,15 @@ impl Session {
         }
     }
 
+    /// The driver moved the session off a path that died (e.g. from a direct path back to a
+    /// relay): resend what was in flight on it now, and restart the retransmission timer
+    /// without the backoff the dead path built up.
+    pub fn path_lost(&mut self, now: Instant) {
+        let now = micros(now);
+        self.last_now = self.last_now.max(now);
+        self.sender.on_path_lost(now);
+    }
+
     /// Run timers that are due. [`Session::poll_transmit`] does this too.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.run_timers(micros(now));

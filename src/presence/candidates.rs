@@ -41,9 +41,29 @@ pub fn gather(port: u16, reflexive: Option<SocketAddr>, include_loopback: bool) 
     out
 }
 
+/// A guess from a peer's candidates (reflexive first, then host ones): its public address
+/// with its socket's own port. A NAT that moved the port once (symmetric, or before a
+/// network change) may keep it now, e.g. a cone NAT after a rebinding; the reflexive
+/// address learnt at setup would then be stale, and this is where the peer is.
+pub fn predicted(peer: &[SocketAddr]) -> Option<SocketAddr> {
+    let (reflexive, host) = (peer.first()?, peer.get(1)?);
+    let guess = SocketAddr::new(reflexive.ip(), host.port());
+    (reflexive.port() != host.port() && !peer.contains(&guess)).then_some(guess)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn predicts_the_public_address_with_the_host_port() {
+        let c = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let moved = [c("203.0.113.2:61000"), c("192.168.2.2:4000")];
+        assert_eq!(predicted(&moved), Some(c("203.0.113.2:4000")));
+        let kept = [c("203.0.113.2:4000"), c("192.168.2.2:4000")];
+        assert_eq!(predicted(&kept), None);
+        assert_eq!(predicted(&kept[..1]), None);
+    }
 
     #[test]
     fn loopback_only_when_asked() {

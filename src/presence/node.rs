@@ -13,6 +13,9 @@
 //! A connection starts relayed and probes the peer's candidates at the same time; the first
 //! authenticated probe or reply from a candidate moves the session to that direct path
 //! without disturbing its streams. While relayed, a node keeps probing now and then.
+//! While direct, each side watches the path (`watch_direct`): when it goes silent and
+//! stops answering probes, or the peer's datagrams start coming through the relay, the
+//! session falls back to the relay (streams only pause) and probing resumes.
 
 use super::candidates;
 use super::probe::{ProbeKey, Role};
@@ -170,6 +173,20 @@ struct Probing {
     role: Role,
     session: Arc<PtcpSession>,
     found: Option<SocketAddr>,
+    /// The relay path the session started on, and how `status` shows it: where the session
+    /// falls back to when its direct path dies.
+    relay: (Path, PathKind),
+    /// When the current direct path was found.
+    direct_since: Option<std::time::Instant>,
+    /// The last verified probe or reply from the direct path's address.
+    probe_heard: Option<std::time::Instant>,
+    /// The peer's session datagrams came through the relay while we were direct: it gave
+    /// up on the direct path.
+    peer_relayed: bool,
+    /// Birthday paths: the socket holding the mapping (probes must leave through it) and
+    /// the tasks bridging it, stopped when the path dies.
+    direct_socket: Option<Arc<tokio::net::UdpSocket>>,
+    direct_tasks: Vec<tokio::task::AbortHandle>,
 }
 
 struct Listening {
@@ -215,6 +232,23 @@ const RELAY_BIND_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
+
+/// While direct, how often the path's health is looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// Silence from the direct path (no datagram of the session from the peer's address) after
+/// which we ask it with probes. Well above a round trip and an ACK delay, well below the
+/// session's 30 s idle timeout.
+const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+/// Probes to a suspect path at most this often (2 a second, to one address).
+const SUSPECT_PROBE_EVERY: Duration = Duration::from_millis(500);
+/// A suspect path that neither answers probes nor carries data for this long is dead.
+const DEAD_AFTER: Duration = Duration::from_millis(2500);
+/// A path that answered probes but stays silent is only idle; ask again after this long
+/// (above the session keepalive of 10 s, which should have been heard by then).
+const REASK_IDLE_AFTER: Duration = Duration::from_secs(15);
+/// The peer's relayed datagrams within this long of going direct are stragglers from
+/// before it moved too, not a sign that it gave up on the direct path.
+const DIRECT_GRACE: Duration = Duration::from_secs(3);
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -364,6 +398,11 @@ impl Node {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.endpoint.local_addr()
+    }
+
+    /// The PTCP endpoint on the node's UDP socket (counters; fault injection in tests).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
     }
 
     /// Offer `service` to the peers `policy` allows; accepted streams arrive on the
@@ -643,7 +682,7 @@ impl Node {
                 .new_session(
                     SessionId(setup.session),
                     side,
-                    path,
+                    path.clone(),
                     self.inner.config.netstack.clone(),
                 )
                 .await?,
@@ -669,7 +708,7 @@ impl Node {
                     } else {
                         "UDP to the server is blocked: relayed over TCP".into()
                     },
-                    path: kind,
+                    path: kind.clone(),
                 },
             );
         }
@@ -681,6 +720,12 @@ impl Node {
                     role,
                     session: session.clone(),
                     found: None,
+                    relay: (path, kind),
+                    direct_since: None,
+                    probe_heard: None,
+                    peer_relayed: false,
+                    direct_socket: None,
+                    direct_tasks: Vec::new(),
                 },
             );
         }
@@ -693,9 +738,11 @@ impl Node {
         Ok(session)
     }
 
-    /// Probe `candidates` every 100 ms for `probe_for`, then, while still relayed, a short
-    /// burst every `reprobe_every`; keep the relay binding alive meanwhile. Bounded: at most
-    /// 32 candidates × 10 probes a second.
+    /// The life of a session's path. Relayed: probe `candidates` every 100 ms for
+    /// `probe_for`, then a short burst every `reprobe_every`, keeping the relay binding
+    /// alive. Direct: watch the path ([`Node::watch_direct`]); when it dies, fall back to the
+    /// relay and go on re-probing from there. Bounded: at most 32 candidates × 10 probes a
+    /// second while probing, 2 probes a second to one address while watching.
     async fn probe_loop(
         self,
         session: u64,
@@ -709,36 +756,81 @@ impl Node {
                 None => return,
             };
         let rounds = (self.inner.config.probe_for.as_millis() / 100).max(1) as u32;
-        let direct = self.inner.config.direct;
+        // Appended, so the order `maybe_birthday` reads stays as the peer sent it.
+        let mut candidates = candidates;
+        if let Some(guess) = candidates::predicted(&candidates) {
+            candidates.push(guess);
+        }
         if !self.inner.config.probe_after.is_zero() {
             tokio::time::sleep(self.inner.config.probe_after).await;
         }
-        loop {
-            if !direct {
-                if let Ok(mut peers) = self.inner.peers.lock()
-                    && let Some(p) = peers.get_mut(&session)
-                    && matches!(p.path, PathKind::UdpRelay(_))
-                {
-                    p.why = "direct paths disabled by configuration".into();
-                }
-                // Only keep the relay binding alive.
-                while self.keep_relay_bound(session, relay, &header).await {}
-                return;
+        if !self.inner.config.direct {
+            if let Ok(mut peers) = self.inner.peers.lock()
+                && let Some(p) = peers.get_mut(&session)
+                && matches!(p.path, PathKind::UdpRelay(_))
+            {
+                p.why = "direct paths disabled by configuration".into();
             }
+            // Only keep the relay binding alive.
+            while self.keep_relay_bound(session, relay, &header).await {}
+            return;
+        }
+        // After a fall back, wait a whole period before probing again: a path that died
+        // one way would otherwise be found and lost again every few seconds.
+        let mut wait_first = false;
+        loop {
+            match self.relayed(session, role, rounds, &candidates, relay, &header, wait_first).await
+            {
+                Some(()) => {}
+                None => return,
+            }
+            match self.watch_direct(session, relay, &header).await {
+                Some(why) => self.fall_back(session, &why, relay, &header).await,
+                None => return,
+            }
+            wait_first = true;
+        }
+    }
+
+    /// Relayed: probe rounds, then waits of `reprobe_every`, until a direct path is found
+    /// (`Some`) or the session is gone (`None`).
+    #[allow(clippy::too_many_arguments)]
+    async fn relayed(
+        &self,
+        session: u64,
+        role: Role,
+        rounds: u32,
+        candidates: &[SocketAddr],
+        relay: SocketAddr,
+        header: &[u8],
+        mut wait_first: bool,
+    ) -> Option<()> {
+        loop {
+            if wait_first {
+                // Relayed: keep the relay binding fresh and try again later (or sooner, if
+                // the peer's probes find us meanwhile).
+                if self
+                    .wait_relayed(session, relay, header, self.inner.config.reprobe_every)
+                    .await?
+                {
+                    return Some(());
+                }
+            }
+            wait_first = true;
             for round in 0..rounds {
                 let (packet, done) = {
-                    let Ok(p) = self.inner.probing.lock() else { return };
-                    let Some(s) = p.get(&session) else { return };
+                    let p = self.inner.probing.lock().ok()?;
+                    let s = p.get(&session)?;
                     (s.key.encode(false, session, u64::from(round), role), s.found.is_some())
                 };
                 if done {
-                    return;
+                    return Some(());
                 }
-                for c in &candidates {
+                for c in candidates {
                     let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
                 }
                 if round == BIRTHDAY_AFTER_ROUNDS {
-                    self.maybe_birthday(session, &candidates);
+                    self.maybe_birthday(session, candidates);
                 }
                 if round % 50 == 0 {
                     let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
@@ -754,14 +846,171 @@ impl Node {
                     candidates.len()
                 );
             }
-            // Relayed: keep the relay binding fresh and try again later.
-            let mut waited = Duration::ZERO;
-            while waited < self.inner.config.reprobe_every {
-                if !self.keep_relay_bound(session, relay, &header).await {
-                    return;
+        }
+    }
+
+    /// Wait `period` while relayed, refreshing the relay binding every
+    /// [`RELAY_BIND_EVERY`]: `Some(true)` as soon as a direct path is found, `Some(false)`
+    /// when the time is up, `None` once the session is gone.
+    async fn wait_relayed(
+        &self,
+        session: u64,
+        relay: SocketAddr,
+        header: &[u8],
+        period: Duration,
+    ) -> Option<bool> {
+        let start = tokio::time::Instant::now();
+        let mut bound = start;
+        loop {
+            let found = {
+                let p = self.inner.probing.lock().ok()?;
+                let s = p.get(&session)?;
+                if s.session.error().is_some() {
+                    return None;
                 }
-                waited += RELAY_BIND_EVERY;
+                s.found.is_some()
+            };
+            if found {
+                return Some(true);
             }
+            let now = tokio::time::Instant::now();
+            if now >= start + period {
+                return Some(false);
+            }
+            if now >= bound + RELAY_BIND_EVERY {
+                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                bound = now;
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    }
+
+    /// Direct: watch the path until it dies (`Some(why)`) or the session is gone (`None`).
+    ///
+    /// Each side decides for itself, from what it sees: a path is suspect after
+    /// [`SUSPECT_AFTER`] without a datagram of the session from the peer's address; we then
+    /// probe that address (authenticated, every [`SUSPECT_PROBE_EVERY`]); no answer and no
+    /// data for [`DEAD_AFTER`] more, and it is dead. A sender notices by its ACKs stopping,
+    /// a receiver by its data stopping, an idle session by its keepalives going unanswered.
+    /// A datagram of the session arriving through the relay (after [`DIRECT_GRACE`]) says
+    /// the peer already gave up on the path: follow it at once. No message through the
+    /// server is needed, so this works while the server is away too.
+    ///
+    /// The relay binding is refreshed meanwhile, so the relay is ready when needed.
+    async fn watch_direct(&self, session: u64, relay: SocketAddr, header: &[u8]) -> Option<String> {
+        use std::time::Instant;
+        struct Suspicion {
+            since: Instant,
+            probed: Instant,
+            nonce: u64,
+            answered: Option<Instant>,
+        }
+        let mut suspicion: Option<Suspicion> = None;
+        let mut bound = Instant::now();
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let now = Instant::now();
+            let (handle, addr, socket, probe_heard) = {
+                let mut p = self.inner.probing.lock().ok()?;
+                let s = p.get_mut(&session)?;
+                let addr = s.found?;
+                if s.peer_relayed {
+                    return Some(format!("the peer moved to the relay; {addr} is no longer used"));
+                }
+                (s.session.clone(), addr, s.direct_socket.clone(), s.probe_heard)
+            };
+            let live = handle.liveness(addr).await.ok()?;
+            if now >= bound + RELAY_BIND_EVERY {
+                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                bound = now;
+            }
+            if live.since_heard < SUSPECT_AFTER {
+                suspicion = None;
+                continue;
+            }
+            let probe = |nonce: u64| {
+                let p = self.inner.probing.lock().ok()?;
+                let s = p.get(&session)?;
+                Some(s.key.encode(false, session, nonce, s.role))
+            };
+            match &mut suspicion {
+                None => {
+                    debug!(session = format!("{session:016x}"), %addr, silent_ms = live.since_heard.as_millis() as u64, "direct path silent: probing it");
+                    suspicion =
+                        Some(Suspicion { since: now, probed: now, nonce: 1 << 32, answered: None });
+                }
+                Some(s) => {
+                    // A verified reply from the path since we began asking: alive.
+                    if s.answered.is_none() && probe_heard.is_some_and(|h| h >= s.since) {
+                        s.answered = probe_heard;
+                    }
+                    match s.answered {
+                        Some(at) => {
+                            // Idle, not dead; ask again if we wait for ACKs, or after a while.
+                            let waited = now.saturating_duration_since(at);
+                            if (live.in_flight > 0 && waited >= SUSPECT_AFTER)
+                                || waited >= REASK_IDLE_AFTER
+                            {
+                                suspicion = None;
+                            }
+                            continue;
+                        }
+                        None if now - s.since >= DEAD_AFTER => {
+                            return Some(format!(
+                                "no answer from {addr} for {} ms",
+                                live.since_heard.as_millis()
+                            ));
+                        }
+                        None if now - s.probed < SUSPECT_PROBE_EVERY => continue,
+                        None => {
+                            s.probed = now;
+                            s.nonce += 1;
+                        }
+                    }
+                }
+            }
+            let nonce = suspicion.as_ref().map_or(0, |s| s.nonce);
+            let packet = probe(nonce)?;
+            match &socket {
+                Some(sock) => {
+                    let _ = sock.send_to(&packet, addr).await;
+                }
+                None => {
+                    let _ = self.inner.endpoint.send_datagram(addr, packet.to_vec()).await;
+                }
+            }
+        }
+    }
+
+    /// The direct path of `session` is dead: send its datagrams through the relay again
+    /// (streams see nothing but a pause) and forget the path, so probes can find one anew.
+    async fn fall_back(&self, session: u64, why: &str, relay: SocketAddr, header: &[u8]) {
+        let (handle, path, kind, lost) = {
+            let Ok(mut p) = self.inner.probing.lock() else { return };
+            let Some(s) = p.get_mut(&session) else { return };
+            for t in s.direct_tasks.drain(..) {
+                t.abort();
+            }
+            s.direct_socket = None;
+            s.direct_since = None;
+            s.probe_heard = None;
+            s.peer_relayed = false;
+            let lost = s.found.take();
+            (s.session.clone(), s.relay.0.clone(), s.relay.1.clone(), lost)
+        };
+        if handle.fall_back(path).await.is_err() {
+            return;
+        }
+        // Bind at once: our NAT mapping towards the relay may have changed with the one that
+        // broke the direct path.
+        let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+        let lost = lost.map_or_else(String::new, |a| a.to_string());
+        warn!(session = format!("{session:016x}"), direct = %lost, relay = %kind, why, "direct path lost: back to the relay");
+        if let Ok(mut peers) = self.inner.peers.lock()
+            && let Some(p) = peers.get_mut(&session)
+        {
+            p.path = kind;
+            p.why = format!("direct path {lost} lost ({why}); relayed, probing again later");
         }
     }
 
@@ -896,6 +1145,10 @@ impl Node {
                 return;
             }
             s.found = Some(from);
+            s.direct_since = Some(std::time::Instant::now());
+            s.probe_heard = None;
+            s.peer_relayed = false;
+            s.direct_socket = Some(socket.clone());
             (
                 (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role)),
                 s.session.clone(),
@@ -927,7 +1180,7 @@ impl Node {
         let endpoint = self.inner.endpoint.clone();
         let out = socket.clone();
         // Endpoint → bridge → winning socket → peer.
-        tokio::spawn(async move {
+        let outbound = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, src)) = bridge.recv_from(&mut buf).await {
                 if src.ip().is_loopback() && src.port() == own {
@@ -935,20 +1188,36 @@ impl Node {
                 }
             }
         });
-        // Peer → winning socket → endpoint; ends with the session.
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf)).await {
-                Ok(Ok((n, src))) if src == from => {
-                    if endpoint.inject(src, buf[..n].to_vec()).await.is_err() {
-                        return;
+        // Peer → winning socket → endpoint; ends with the session, or when the path dies
+        // (`fall_back` aborts both).
+        let inbound = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf))
+                    .await
+                {
+                    Ok(Ok((n, src))) if src == from => {
+                        if endpoint.inject(src, buf[..n].to_vec()).await.is_err() {
+                            return;
+                        }
                     }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) if handle.error().is_some() => return,
+                    Err(_) => {}
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return,
-                Err(_) if handle.error().is_some() => return,
-                Err(_) => {}
             }
+        });
+        let mut tasks = vec![outbound.abort_handle(), inbound.abort_handle()];
+        if let Ok(mut p) = self.inner.probing.lock()
+            && let Some(s) = p.get_mut(&session)
+            && s.found == Some(from)
+        {
+            s.direct_tasks.append(&mut tasks);
+        }
+        // Fell back already (or the session is gone): these tasks have no path to serve.
+        for t in tasks {
+            t.abort();
         }
     }
 
@@ -1003,11 +1272,30 @@ impl Node {
                     if let Some((_, inner)) = relay::decode(&d.data)
                         && !inner.is_empty()
                     {
+                        self.note_relayed(inner);
                         let _ = self.inner.endpoint.inject(d.from, inner.to_vec()).await;
                     }
                 }
                 _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
             }
+        }
+    }
+
+    /// A session datagram came through the relay. If that session is direct (for longer
+    /// than a straggler could take), its peer has given up on the direct path: mark it, so
+    /// that `watch_direct` follows at once instead of waiting to notice the silence itself.
+    fn note_relayed(&self, inner: &[u8]) {
+        let Some(id) = q2q_netstack::wire::Datagram::parse(inner).ok().and_then(|d| d.session())
+        else {
+            return;
+        };
+        if let Ok(mut p) = self.inner.probing.lock()
+            && let Some(s) = p.get_mut(&id.0)
+            && s.found.is_some()
+            && !s.peer_relayed
+            && s.direct_since.is_some_and(|t| t.elapsed() >= DIRECT_GRACE)
+        {
+            s.peer_relayed = true;
         }
     }
 
@@ -1029,14 +1317,29 @@ impl Node {
             let reply = (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role));
             let switch = if s.found.is_none() {
                 s.found = Some(from);
+                s.direct_since = Some(std::time::Instant::now());
+                s.probe_heard = None;
+                s.peer_relayed = false;
                 Some(s.session.clone())
             } else {
+                if probe.reply && s.found == Some(from) {
+                    // Answers the watch's probes (`watch_direct`): the path works both ways.
+                    s.probe_heard = Some(std::time::Instant::now());
+                }
                 None
             };
-            (reply, switch)
+            // A birthday path answers through the socket holding its mapping.
+            let via = s.direct_socket.clone().filter(|_| s.found == Some(from));
+            (reply.map(|r| (r, via)), switch)
         };
-        if let Some(r) = reply {
-            let _ = self.inner.endpoint.send_datagram(from, r.to_vec()).await;
+        match reply {
+            Some((r, Some(socket))) => {
+                let _ = socket.send_to(&r, from).await;
+            }
+            Some((r, None)) => {
+                let _ = self.inner.endpoint.send_datagram(from, r.to_vec()).await;
+            }
+            None => {}
         }
         if let Some(session_handle) = switch {
             if session_handle.set_peer_addr(from).await.is_ok() {
@@ -1065,6 +1368,7 @@ impl Node {
                     command::RELAY => {
                         let data = req.request.get("data").unwrap_or_default().to_vec();
                         if !data.is_empty() {
+                            self.note_relayed(&data);
                             let _ = self
                                 .inner
                                 .endpoint

@@ -156,6 +156,18 @@ pub(crate) enum Command {
         id: SessionId,
         reply: oneshot::Sender<Result<Stats, EndpointError>>,
     },
+    /// Like `SetPath`, away from a path that died.
+    PathLost {
+        id: SessionId,
+        path: Path,
+        reply: oneshot::Sender<Result<(), EndpointError>>,
+    },
+    Liveness {
+        id: SessionId,
+        from: SocketAddr,
+        reply: oneshot::Sender<Result<Liveness, EndpointError>>,
+    },
+    DropFrom(Option<DropFilter>),
     Send {
         to: SocketAddr,
         data: Vec<u8>,
@@ -166,6 +178,19 @@ pub(crate) enum Command {
     },
     Shutdown,
 }
+
+/// How alive one path of a session looks (see [`PtcpSession::liveness`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// Time since the last datagram of the session from the watched address (since the
+    /// watch began, if none came yet).
+    pub since_heard: std::time::Duration,
+    /// Bytes sent and not yet acknowledged.
+    pub in_flight: u64,
+}
+
+/// Which source addresses to drop (fault injection, see [`Endpoint::drop_from`]).
+pub type DropFilter = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
 
 /// What a handle holds to reach the driver.
 #[derive(Clone)]
@@ -236,6 +261,7 @@ impl Endpoint {
             dirty: Vec::new(),
             scratch: vec![0u8; 64 << 10],
             accept_backlog: config.accept_backlog.max(1),
+            drop_from: None,
         };
         tokio::spawn(driver.run());
         Ok(Endpoint {
@@ -271,6 +297,14 @@ impl Endpoint {
     /// datagram of a relayed one).
     pub async fn inject(&self, from: SocketAddr, data: Vec<u8>) -> Result<(), EndpointError> {
         self.link.cmds.send(Command::Inject { from, data }).await.map_err(|_| EndpointError::Closed)
+    }
+
+    /// Fault injection for tests: drop every datagram arriving on the socket from an
+    /// address `filter` picks (a NAT mapping that vanished, a path that died), until called
+    /// again with `None`. Injected datagrams are not filtered.
+    #[doc(hidden)]
+    pub async fn drop_from(&self, filter: Option<DropFilter>) {
+        let _ = self.link.cmds.send(Command::DropFrom(filter)).await;
     }
 
     /// Stop the driver now: every stream fails with "PTCP endpoint shut down", sessions end
@@ -379,6 +413,27 @@ impl PtcpSession {
         self.link.call(|reply| Command::Stats { id, reply }).await.map_err(|e| self.explain(e))
     }
 
+    /// Send datagrams along `path` from now on because the current path died: what was in
+    /// flight on it is resent at once along `path` (see [`q2q_netstack::Session::path_lost`]).
+    pub async fn fall_back(&self, path: Path) -> Result<(), EndpointError> {
+        let id = self.id;
+        self.link
+            .call(|reply| Command::PathLost { id, path, reply })
+            .await
+            .map_err(|e| self.explain(e))
+    }
+
+    /// How alive the path from `from` looks: the time since the session last heard from
+    /// that address (datagrams arriving on the socket or injected as from it) and the bytes
+    /// in flight. The first call for an address starts watching it.
+    pub async fn liveness(&self, from: SocketAddr) -> Result<Liveness, EndpointError> {
+        let id = self.id;
+        self.link
+            .call(|reply| Command::Liveness { id, from, reply })
+            .await
+            .map_err(|e| self.explain(e))
+    }
+
     /// Why the session ended, if it did.
     pub fn error(&self) -> Option<SessionError> {
         *self.lost.lock().unwrap_or_else(|e| e.into_inner())
@@ -424,6 +479,8 @@ struct SessionState {
     /// Needs a transmit/event pass.
     touched: bool,
     deadline: Option<Instant>,
+    /// The address whose datagrams [`PtcpSession::liveness`] watches, and when the last came.
+    watch: Option<(SocketAddr, Instant)>,
 }
 
 struct Driver {
@@ -448,6 +505,8 @@ struct Driver {
     dirty: Vec<Arc<Pipes>>,
     scratch: Vec<u8>,
     accept_backlog: usize,
+    /// Fault injection: sources whose datagrams are dropped on arrival.
+    drop_from: Option<DropFilter>,
 }
 
 /// recvmmsg calls per wakeup before the sessions are polled (each takes up to
@@ -535,6 +594,9 @@ impl Driver {
                 Ok(n) => {
                     let now = self.now();
                     for (m, slot) in meta.iter().zip(buf.chunks(RECV_SLOT)).take(n) {
+                        if self.drop_from.as_ref().is_some_and(|f| f(m.addr)) {
+                            continue;
+                        }
                         let data = slot.get(..m.len).unwrap_or(slot);
                         if data.is_empty() {
                             self.on_datagram(now, m.addr, data);
@@ -572,6 +634,10 @@ impl Driver {
                     Some(s) => {
                         if s.session.handle(now, d).is_err() {
                             bump(&self.stats.malformed);
+                        } else if let Some((watched, heard)) = &mut s.watch
+                            && *watched == from
+                        {
+                            *heard = now;
                         }
                         s.touched = true;
                     }
@@ -592,6 +658,7 @@ impl Driver {
                     Some(s) => {
                         debug!(session = %id, path = ?path, "path changed");
                         s.path = path;
+                        s.watch = None;
                         s.touched = true;
                         Ok(())
                     }
@@ -623,6 +690,43 @@ impl Driver {
                     .ok_or(EndpointError::NoSuchSession(id));
                 let _ = reply.send(r);
             }
+            Command::PathLost { id, path, reply } => {
+                let now = self.now();
+                let r = match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        debug!(session = %id, path = ?path, "path lost, changed");
+                        s.path = path;
+                        s.watch = None;
+                        s.session.path_lost(now);
+                        s.touched = true;
+                        Ok(())
+                    }
+                    None => Err(EndpointError::NoSuchSession(id)),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Liveness { id, from, reply } => {
+                let now = self.now();
+                let r = match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        let heard = match s.watch {
+                            Some((a, t)) if a == from => t,
+                            _ => {
+                                s.watch = Some((from, now));
+                                now
+                            }
+                        };
+                        let since = (now - heard).total_micros();
+                        Ok(Liveness {
+                            since_heard: std::time::Duration::from_micros(since),
+                            in_flight: s.session.stats().in_flight,
+                        })
+                    }
+                    None => Err(EndpointError::NoSuchSession(id)),
+                };
+                let _ = reply.send(r);
+            }
+            Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),
             Command::Inject { from, data } => {
                 let now = self.now();
@@ -658,6 +762,7 @@ impl Driver {
                 lost: lost.clone(),
                 touched: true,
                 deadline: None,
+                watch: None,
             },
         );
         Ok(PtcpSession { id, link, incoming: tokio::sync::Mutex::new(rx), lost })

@@ -78,7 +78,8 @@ mod sys;
 pub mod tls;
 
 pub use endpoint::{
-    Endpoint, EndpointConfig, EndpointError, EndpointStats, Path, PtcpSession, SideDatagram,
+    DropFilter, Endpoint, EndpointConfig, EndpointError, EndpointStats, Liveness, Path,
+    PtcpSession, SideDatagram,
 };
 pub use q2q_netstack::wire::SessionId;
 pub use q2q_netstack::{Config, SessionError, Side};

@@ -410,6 +410,16 @@ async fn inbound(
         ));
     }
     let service = service_arg(b)?;
+    state.presence.admit_inbound(caller, &to, Instant::now()).map_err(|wait| {
+        warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "inbound refused: rate limited");
+        refuse(
+            code::RATE_LIMITED,
+            format!(
+                "too many connection requests from {caller} to {to}; try again in {} s",
+                wait.as_millis().div_ceil(1000).max(1)
+            ),
+        )
+    })?;
     let candidates = b.get_str("candidates").unwrap_or("");
     crate::proto::parse_candidates(candidates).map_err(|e| refuse(code::BAD_REQUEST, e))?;
     let listener = state.presence.find(&to, &service).map_err(|a| match a {

@@ -5,6 +5,9 @@ use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::PeerHandle;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::ratelimit::InboundLimiter;
 
 /// One `listen` of one connection.
 #[derive(Clone)]
@@ -27,6 +30,8 @@ pub enum Absent {
 #[derive(Default)]
 pub struct Presence {
     inner: Mutex<HashMap<Q2qAddress, HashMap<ServiceName, Listener>>>,
+    /// How often callers may ask for callees.
+    inbound: Mutex<InboundLimiter>,
 }
 
 /// Most services one address may listen for.
@@ -71,6 +76,19 @@ impl Presence {
         let map = self.inner.lock().map_err(|_| Absent::Offline)?;
         let services = map.get(address).ok_or(Absent::Offline)?;
         services.get(service).cloned().ok_or(Absent::NoSuchService)
+    }
+
+    /// May `caller` ask for `callee` now? `Err(wait)` if it asked too often.
+    pub fn admit_inbound(
+        &self,
+        caller: &Q2qAddress,
+        callee: &Q2qAddress,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        match self.inbound.lock() {
+            Ok(mut l) => l.admit(&caller.to_string(), &callee.to_string(), now),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Counts for status: (addresses online, listeners).

@@ -110,9 +110,125 @@ impl RateLimiter {
     }
 }
 
+/// Token buckets by key: each key may do `burst` things at once, then `per_sec` a second.
+/// Sans-IO like [`RateLimiter`]; memory is bounded the same way.
+#[derive(Debug)]
+pub struct Buckets {
+    burst: f64,
+    per_sec: f64,
+    /// Tokens left and when they were counted.
+    entries: HashMap<String, (f64, Instant)>,
+}
+
+impl Buckets {
+    pub fn new(burst: u32, per_sec: f64) -> Buckets {
+        Buckets {
+            burst: f64::from(burst.max(1)),
+            per_sec: per_sec.max(1e-3),
+            entries: HashMap::new(),
+        }
+    }
+
+    fn tokens(&self, key: &str, now: Instant) -> f64 {
+        self.entries.get(key).map_or(self.burst, |(t, at)| {
+            (t + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst)
+        })
+    }
+
+    /// How long until `key` has a token (zero: it has one now).
+    pub fn wait(&self, key: &str, now: Instant) -> Duration {
+        let missing = 1.0 - self.tokens(key, now);
+        if missing <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(missing / self.per_sec)
+        }
+    }
+
+    /// Spend a token of `key` (call after [`Buckets::wait`] said zero).
+    pub fn take(&mut self, key: &str, now: Instant) {
+        if self.entries.len() >= MAX_KEYS {
+            // A full bucket is the same as no entry: forget those first, then the oldest.
+            let (burst, per_sec) = (self.burst, self.per_sec);
+            self.entries.retain(|_, (t, at)| {
+                *t + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+            if self.entries.len() >= MAX_KEYS {
+                let mut ages: Vec<_> =
+                    self.entries.iter().map(|(k, (_, at))| (*at, k.clone())).collect();
+                ages.sort();
+                for (_, k) in ages.into_iter().take(MAX_KEYS / 10) {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+        let left = self.tokens(key, now) - 1.0;
+        self.entries.insert(key.to_string(), (left, now));
+    }
+}
+
+/// Connection requests (`inbound`): a logged-in caller may ask one callee
+/// [`InboundLimiter::PAIR_BURST`] times at once, then once a second, and all callees
+/// together [`InboundLimiter::CALLER_BURST`] times at once, then 5 times a second. Each
+/// request makes the server ask the callee and set up relay legs: without a limit, one
+/// caller could flood a callee (and the server) with them.
+#[derive(Debug)]
+pub struct InboundLimiter {
+    pair: Buckets,
+    caller: Buckets,
+}
+
+impl Default for InboundLimiter {
+    fn default() -> Self {
+        InboundLimiter {
+            pair: Buckets::new(Self::PAIR_BURST, 1.0),
+            caller: Buckets::new(Self::CALLER_BURST, 5.0),
+        }
+    }
+}
+
+impl InboundLimiter {
+    pub const PAIR_BURST: u32 = 20;
+    pub const CALLER_BURST: u32 = 60;
+
+    /// Admit a request from `caller` to `callee`, or say how long to wait (nothing spent).
+    pub fn admit(&mut self, caller: &str, callee: &str, now: Instant) -> Result<(), Duration> {
+        let pair = format!("{caller} {callee}");
+        let wait = self.pair.wait(&pair, now).max(self.caller.wait(caller, now));
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        self.pair.take(&pair, now);
+        self.caller.take(caller, now);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_requests_are_limited_per_pair_and_per_caller() {
+        let mut l = InboundLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..InboundLimiter::PAIR_BURST {
+            assert_eq!(l.admit("alice@a", "bob@b", t0), Ok(()));
+        }
+        // The burst is spent: the next one waits a second; another callee is still fine.
+        assert_eq!(l.admit("alice@a", "bob@b", t0), Err(Duration::from_secs(1)));
+        assert_eq!(l.admit("alice@a", "carol@b", t0), Ok(()));
+        assert_eq!(l.admit("alice@a", "bob@b", t0 + Duration::from_secs(1)), Ok(()));
+        assert!(l.admit("alice@a", "bob@b", t0 + Duration::from_secs(1)).is_err());
+        // Across callees: at most CALLER_BURST at once, then 5 a second.
+        let mut l = InboundLimiter::default();
+        for i in 0..InboundLimiter::CALLER_BURST {
+            assert_eq!(l.admit("alice@a", &format!("u{i}@b"), t0), Ok(()));
+        }
+        assert_eq!(l.admit("alice@a", "new@b", t0), Err(Duration::from_millis(200)));
+        // Others are not slowed by alice.
+        assert_eq!(l.admit("dave@a", "bob@b", t0), Ok(()));
+    }
 
     #[test]
     fn free_failures_then_doubling_waits() {
