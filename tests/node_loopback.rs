@@ -3,26 +3,12 @@
 
 mod common;
 
-use common::{TestServer, addr, loopback_config};
+use common::{TestServer, addr, loopback_config, node};
 use q2q::address::ServiceName;
-use q2q::client::{self, ConnectOptions};
 use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
 use q2q::server::Registration;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const PW: &str = "correct horse battery";
-
-async fn node(srv: &TestServer, home: &q2q::client::Home, who: &str, config: NodeConfig) -> Node {
-    let a = addr(who);
-    client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
-    let config = NodeConfig {
-        include_loopback: true,
-        server: ConnectOptions { server: Some(srv.addr()), ..Default::default() },
-        ..config
-    };
-    Node::start(home.clone(), a, config).await.unwrap()
-}
 
 /// Bob connects to alice's echo service and moves `len` bytes through it, checking them.
 async fn echo_round_trip(srv: &TestServer, config: NodeConfig, len: usize) -> (Node, Node) {
@@ -85,15 +71,59 @@ async fn relayed_when_direct_is_off() {
 #[tokio::test]
 async fn relay_to_direct_in_the_middle_of_a_transfer() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let config = NodeConfig { probe_after: Duration::from_millis(1500), ..Default::default() };
-    let len = 48 << 20;
-    let (_alice, bob) = echo_round_trip(&srv, config, len).await;
+    let (_d, home) = common::home();
+    let config = NodeConfig {
+        probe_for: Duration::from_secs(1),
+        reprobe_every: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(&srv, &home, "bob@example.com", config).await;
+    // No hole at first: each drops what comes straight from the other, only the relay works.
+    let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
+    alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
+    bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
+    let echo = common::serve_echo(&alice, "bob@example.com").await;
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(conn.stream);
+    let len: u64 = 48 << 20;
+    let writer = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while sent < len {
+            let chunk: Vec<u8> = (sent..sent + (64 << 10)).map(|i| (i % 251) as u8).collect();
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len() as u64;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = 0u64;
+    let mut healed = false;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        for (k, b) in buf[..n].iter().enumerate() {
+            assert_eq!(*b, ((got + k as u64) % 251) as u8, "byte {} corrupted", got + k as u64);
+        }
+        got += n as u64;
+        if !healed && got >= 4 << 20 {
+            assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
+            // The hole opens: the next re-probe finds it, in the middle of the transfer.
+            alice.endpoint().drop_from(None).await;
+            bob.endpoint().drop_from(None).await;
+            healed = true;
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(got, len, "the stream ended early");
     let status = bob.status();
     assert!(matches!(status[0].path, PathKind::Direct(_)), "{:?}", status[0]);
     // Part of the transfer went through the relay, the rest direct; the stream never broke.
     let relayed = srv.running.as_ref().unwrap().stats().relayed_bytes;
     eprintln!("relayed {relayed} of {} bytes", 2 * len);
-    assert!(relayed > 64 << 10 && relayed < (2 * len) as u64, "relayed {relayed}");
+    assert!(relayed > 8 << 20 && relayed < 2 * len, "relayed {relayed}");
 }
 
 #[tokio::test]
@@ -102,17 +132,7 @@ async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
     let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = ServiceName::parse("echo").unwrap();
-    let mut accepted =
-        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(a) = accepted.recv().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(a.stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo = common::serve_echo(&alice, "bob@example.com").await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut stream = conn.stream;
     let mut buf = [0u8; 5];

@@ -7,28 +7,13 @@
 
 mod common;
 
-use common::{TestServer, addr, loopback_config};
-use q2q::address::ServiceName;
-use q2q::client::{self, ConnectOptions};
-use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use common::{TestServer, addr, loopback_config, node};
+use q2q::presence::node::{Node, NodeConfig, PathKind};
 use q2q::server::Registration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const PW: &str = "correct horse battery";
-
-async fn node(srv: &TestServer, home: &q2q::client::Home, who: &str, config: NodeConfig) -> Node {
-    let a = addr(who);
-    client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
-    let config = NodeConfig {
-        include_loopback: true,
-        server: ConnectOptions { server: Some(srv.addr()), ..Default::default() },
-        ..config
-    };
-    Node::start(home.clone(), a, config).await.unwrap()
-}
 
 fn is_direct(n: &Node) -> bool {
     n.status().first().is_some_and(|p| matches!(p.path, PathKind::Direct(_)))
@@ -64,18 +49,7 @@ async fn failover(tcp_relay: bool, one_way: bool) {
     };
     let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
     let bob = node(&srv, &home, "bob@example.com", config).await;
-    let echo = ServiceName::parse("echo").unwrap();
-    let mut accepted =
-        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(a) = accepted.recv().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(a.stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let echo = common::serve_echo(&alice, "bob@example.com").await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     assert!(
         within(Duration::from_secs(10), || is_direct(&alice) && is_direct(&bob)).await.is_some(),
@@ -198,17 +172,7 @@ async fn idle_direct_session_stays_direct() {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
     let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = ServiceName::parse("echo").unwrap();
-    let mut accepted =
-        alice.listen(&echo, "echo", Policy::allow([addr("bob@example.com")])).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(a) = accepted.recv().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(a.stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo = common::serve_echo(&alice, "bob@example.com").await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut s = conn.stream;
     assert!(

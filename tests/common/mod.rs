@@ -59,3 +59,45 @@ pub fn home() -> (tempfile::TempDir, Home) {
 pub fn addr(s: &str) -> Q2qAddress {
     Q2qAddress::parse(s).unwrap()
 }
+
+/// The password of every test identity.
+pub const PW: &str = "correct horse battery";
+
+/// Register `who` with `srv` and bring a node online for it (loopback candidates on, so two
+/// nodes on this machine can go direct).
+pub async fn node(
+    srv: &TestServer,
+    home: &Home,
+    who: &str,
+    config: q2q::presence::node::NodeConfig,
+) -> q2q::presence::node::Node {
+    let a = addr(who);
+    q2q::client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
+    let config = q2q::presence::node::NodeConfig {
+        include_loopback: true,
+        server: ConnectOptions { server: Some(srv.addr()), ..Default::default() },
+        ..config
+    };
+    q2q::presence::node::Node::start(home.clone(), a, config).await.unwrap()
+}
+
+/// `node` offers service `echo` to `allowed` only, echoing every stream (then FIN).
+pub async fn serve_echo(
+    node: &q2q::presence::node::Node,
+    allowed: &str,
+) -> q2q::address::ServiceName {
+    use q2q::presence::node::Policy;
+    let echo = q2q::address::ServiceName::parse("echo").unwrap();
+    let mut accepted = node.listen(&echo, "echo", Policy::allow([addr(allowed)])).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(a) = accepted.recv().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let (mut r, mut w) = tokio::io::split(a.stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    echo
+}

@@ -394,33 +394,12 @@ impl Sender {
         stats.declared_lost += 1;
     }
 
-    /// The path the datagrams took died and the driver moved to another: whatever is in
-    /// flight went into the void. Resend it at once instead of after a timeout that backed
-    /// off while the path was dead, and time the new path afresh. Congestion control keeps
-    /// what the timeouts taught it.
-    pub fn on_path_lost(&mut self, now: i64) {
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.in_flight && !slot.acked {
-                Self::declare_lost(
-                    slot,
-                    self.base + i as u64,
-                    &mut self.in_flight,
-                    &mut self.retx,
-                    &mut self.stats,
-                );
-            }
-        }
-        self.rto_backoff = 0;
-        self.last_sent = now;
-        self.retx.make_contiguous().sort_unstable();
-    }
-
-    /// The retransmission timer fired: every transmission older than the timeout is lost.
-    pub fn on_rto(&mut self, now: i64) {
-        let rto = self.rtt.rto(self.peer_max_ack_delay, self.min_rto) << self.rto_backoff.min(6);
+    /// Declare lost every transmission in flight, not yet acknowledged, that `older`
+    /// picks; whether there was any.
+    fn lose_in_flight(&mut self, older: impl Fn(&Slot) -> bool) -> bool {
         let mut any = false;
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.in_flight && !slot.acked && now - slot.sent >= rto {
+            if slot.in_flight && !slot.acked && older(slot) {
                 Self::declare_lost(
                     slot,
                     self.base + i as u64,
@@ -431,7 +410,24 @@ impl Sender {
                 any = true;
             }
         }
-        if any {
+        any
+    }
+
+    /// The path the datagrams took died and the driver moved to another: whatever is in
+    /// flight went into the void. Resend it at once instead of after a timeout that backed
+    /// off while the path was dead, and time the new path afresh. Congestion control keeps
+    /// what the timeouts taught it.
+    pub fn on_path_lost(&mut self, now: i64) {
+        self.lose_in_flight(|_| true);
+        self.rto_backoff = 0;
+        self.last_sent = now;
+        self.retx.make_contiguous().sort_unstable();
+    }
+
+    /// The retransmission timer fired: every transmission older than the timeout is lost.
+    pub fn on_rto(&mut self, now: i64) {
+        let rto = self.rtt.rto(self.peer_max_ack_delay, self.min_rto) << self.rto_backoff.min(6);
+        if self.lose_in_flight(|slot| now - slot.sent >= rto) {
             self.stats.rtos += 1;
             self.rto_backoff += 1;
             self.cc.on_rto();
