@@ -85,7 +85,13 @@ enum Command {
     /// Forget the CA pinned for a domain (the next contact pins whatever it presents).
     ForgetCa { domain: String },
     /// Go online: log in to the home server with your certificate, stay logged in, answer
-    /// `ping`, and serve `status`/`ping`/`down` on a local control socket.
+    /// `ping`, and serve `status`/`ping`/`whois`/`down` on a local control socket.
+    ///
+    /// Unless --no-tun, also create the TUN device q2q0 and the *.q2q resolver shim (needs
+    /// root or CAP_NET_ADMIN), so that unmodified programs reach people by name:
+    /// `ssh alice.q2q` (alice at your domain), `ssh alice.example.com.q2q`, `ping alice.q2q`.
+    /// TCP port P goes to the person's service tcp/P, UDP to udp/P. `q2q-tun down` removes
+    /// the device and restores the resolver settings.
     Up {
         /// The identity to run as (default: the only one stored).
         #[arg(long = "as")]
