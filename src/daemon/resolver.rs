@@ -900,7 +900,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     const NS: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
-    const ORIGINAL: &[u8] = b"# from DHCP\nnameserver 10.0.0.1\nsearch lan\noptions edns0";
+    const ORIGINAL: &[u8] = b"# from DHCP\nnameserver 192.168.1.1\nsearch lan\noptions edns0";
 
     struct Lab {
         dir: tempfile::TempDir,
@@ -1005,10 +1005,10 @@ mod tests {
     fn a_file_rewritten_by_someone_else_is_left_alone() {
         let lab = Lab::with_file(ORIGINAL);
         install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
-        fs::write(&lab.paths.resolv_conf, b"nameserver 9.9.9.9\n").unwrap();
+        fs::write(&lab.paths.resolv_conf, b"nameserver 127.0.9.9\n").unwrap();
         let what = restore(&lab.paths).unwrap().unwrap();
         assert!(what.contains("someone else"), "{what}");
-        assert_eq!(lab.file(), b"nameserver 9.9.9.9\n");
+        assert_eq!(lab.file(), b"nameserver 127.0.9.9\n");
         lab.nothing_left();
     }
 
@@ -1046,7 +1046,7 @@ mod tests {
             let lab = Lab::with_file(ORIGINAL);
             install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
             if damage {
-                fs::write(lab.paths.backup_file(), b"nameserver 6.6.6.6\n").unwrap();
+                fs::write(lab.paths.backup_file(), b"nameserver 127.0.6.6\n").unwrap();
             } else {
                 fs::remove_file(lab.paths.backup_file()).unwrap();
             }
@@ -1286,8 +1286,8 @@ mod tests {
         assert_eq!(unescape_mount("/a\\b"), "/a\\b");
         assert!(is_mount_point(Path::new("/proc")));
         assert!(!is_mount_point(Path::new("/proc/self")));
-        let t = "nameserver 1.1.1.1\n#nameserver 2.2.2.2\n  nameserver\t3.3.3.3 \nnameserver";
-        assert_eq!(nameservers(t).collect::<Vec<_>>(), ["1.1.1.1", "3.3.3.3"]);
+        let t = "nameserver 127.0.1.1\n#nameserver 127.0.2.2\n  nameserver\t127.0.3.3 \nnameserver";
+        assert_eq!(nameservers(t).collect::<Vec<_>>(), ["127.0.1.1", "127.0.3.3"]);
         assert_eq!(Mode::ResolvConf.as_str(), "resolv-conf");
         use clap::ValueEnum;
         assert_eq!(Wanted::from_str("resolv-conf", false), Ok(Wanted::ResolvConf));
