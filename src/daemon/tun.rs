@@ -150,15 +150,6 @@ pub fn resolver_paths(home: &Home) -> resolver::Paths {
 pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running, TunError> {
     config.pool.check()?;
     let paths = resolver_paths(home);
-    // A daemon killed earlier may have left the resolver pointing at a shim that is gone.
-    if let Some(what) = blocking({
-        let paths = paths.clone();
-        move || resolver::restore(&paths)
-    })
-    .await?
-    {
-        info!(restored = %what, "repaired the resolver settings of a previous run");
-    }
     let pool_file = pool_file(home);
     let pool = load_pool(&pool_file, &config.pool)?;
     let node_v4 = pool.node_ipv4();
@@ -199,6 +190,7 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
             warn!(error = %e, "resolver shim stopped");
         }
     });
+    // `install` first repairs what a daemon killed earlier left in the resolver settings.
     let mode = blocking({
         let (paths, wanted, link) = (paths.clone(), config.dns, config.name.clone());
         move || resolver::install(&paths, wanted, &link, IpAddr::V4(node_v4))

@@ -143,9 +143,11 @@ pub(crate) enum Command {
         config: Config,
         reply: oneshot::Sender<Result<PtcpSession, EndpointError>>,
     },
+    /// `lost`: away from a path that died (what was in flight is resent at once).
     SetPath {
         id: SessionId,
         path: Path,
+        lost: bool,
         reply: oneshot::Sender<Result<(), EndpointError>>,
     },
     OpenStream {
@@ -155,12 +157,6 @@ pub(crate) enum Command {
     Stats {
         id: SessionId,
         reply: oneshot::Sender<Result<Stats, EndpointError>>,
-    },
-    /// Like `SetPath`, away from a path that died.
-    PathLost {
-        id: SessionId,
-        path: Path,
-        reply: oneshot::Sender<Result<(), EndpointError>>,
     },
     Liveness {
         id: SessionId,
@@ -356,7 +352,7 @@ impl Endpoint {
 
     /// Send session `id`'s datagrams along `path` from now on.
     pub async fn set_path(&self, id: SessionId, path: Path) -> Result<(), EndpointError> {
-        self.link.call(|reply| Command::SetPath { id, path, reply }).await
+        self.link.call(|reply| Command::SetPath { id, path, lost: false, reply }).await
     }
 }
 
@@ -402,7 +398,7 @@ impl PtcpSession {
     pub async fn set_path(&self, path: Path) -> Result<(), EndpointError> {
         let id = self.id;
         self.link
-            .call(|reply| Command::SetPath { id, path, reply })
+            .call(|reply| Command::SetPath { id, path, lost: false, reply })
             .await
             .map_err(|e| self.explain(e))
     }
@@ -418,7 +414,7 @@ impl PtcpSession {
     pub async fn fall_back(&self, path: Path) -> Result<(), EndpointError> {
         let id = self.id;
         self.link
-            .call(|reply| Command::PathLost { id, path, reply })
+            .call(|reply| Command::SetPath { id, path, lost: true, reply })
             .await
             .map_err(|e| self.explain(e))
     }
@@ -653,12 +649,16 @@ impl Driver {
                 let r = self.new_session(id, side, path, config);
                 let _ = reply.send(r);
             }
-            Command::SetPath { id, path, reply } => {
+            Command::SetPath { id, path, lost, reply } => {
+                let now = self.now();
                 let r = match self.sessions.get_mut(&id) {
                     Some(s) => {
-                        debug!(session = %id, path = ?path, "path changed");
+                        debug!(session = %id, path = ?path, lost, "path changed");
                         s.path = path;
                         s.watch = None;
+                        if lost {
+                            s.session.path_lost(now);
+                        }
                         s.touched = true;
                         Ok(())
                     }
@@ -688,21 +688,6 @@ impl Driver {
                     .get(&id)
                     .map(|s| s.session.stats())
                     .ok_or(EndpointError::NoSuchSession(id));
-                let _ = reply.send(r);
-            }
-            Command::PathLost { id, path, reply } => {
-                let now = self.now();
-                let r = match self.sessions.get_mut(&id) {
-                    Some(s) => {
-                        debug!(session = %id, path = ?path, "path lost, changed");
-                        s.path = path;
-                        s.watch = None;
-                        s.session.path_lost(now);
-                        s.touched = true;
-                        Ok(())
-                    }
-                    None => Err(EndpointError::NoSuchSession(id)),
-                };
                 let _ = reply.send(r);
             }
             Command::Liveness { id, from, reply } => {
