@@ -8,11 +8,19 @@ use crate::wire::Data;
 /// 1 Gbit/s × 30 ms; the doc of each field says what to change for other paths.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// UDP payload bytes per datagram on the underlay (default 1400: fits a 1500-byte path
-    /// MTU behind IPv6, UDP and a relay's framing). The virtual link's IP MTU is this minus
-    /// the 18-byte [`Data`] header, and smoltcp derives its TCP MSS from that MTU, so TCP
-    /// segments are clamped to what one datagram carries (never fragmented).
+    /// The largest `Data` datagram, in bytes of UDP payload (default 1400: fits a 1500-byte
+    /// path MTU behind IPv6, UDP and a relay's framing). The virtual link's IP MTU is this
+    /// minus the 18-byte [`Data`] header, and smoltcp derives its TCP MSS from that MTU.
+    /// When the path carries less (the PLPMTU found by [`crate::pmtu`], which starts at
+    /// 1200 bytes), the selective-repeat layer sends such a packet as several `Fragment`
+    /// datagrams; the smoltcp MTU never changes during a session.
     pub link_payload: usize,
+    /// Largest PLPMTU the path-MTU search probes for, in bytes of UDP payload (default 1452
+    /// = 1500-byte Ethernet MTU − 20 IPv4 − 8 UDP − 20 of slack for a relay's framing).
+    /// The search starts at [`crate::pmtu::BASE_PLPMTU`] (1200) and climbs to what the
+    /// path carries, up to this (RFC 8899 `MAX_PLPMTU`). Raise it on paths known to carry
+    /// jumbo frames, together with `link_payload`.
+    pub max_plpmtu: usize,
     /// Receive buffer of each TCP stream in bytes (default 4 MiB). It *is* the TCP window
     /// (smoltcp picks the window-scale shift from it), so throughput per stream is at most
     /// `buffer / RTT`: 4 MiB at 20 ms is 1.6 Gbit/s, at 100 ms 320 Mbit/s. Size it to the
@@ -36,6 +44,13 @@ pub struct Config {
     /// Lower bound of the retransmission timeout (default 20 ms; smoltcp's own minimum of
     /// 1 s is what makes plain smoltcp collapse under random loss).
     pub min_rto: Duration,
+    /// Upper bound of the backed-off retransmission timeout (default 5 s). While the peer is
+    /// unreachable the timeout doubles up to this, and each period sends one datagram (the
+    /// oldest packet again); so when the peer comes back, the next retransmission reaches
+    /// it within about this long plus a round trip, and the transfer resumes at the rate
+    /// congestion control had learnt. RFC 6298 allows a cap of at least 60 s; a short one
+    /// costs a datagram every few seconds during an outage and buys a fast resumption.
+    pub max_rto: Duration,
     /// Longest the receiver holds an ACK (default 1 ms). Also told to the sender's RTO.
     pub max_ack_delay: Duration,
     /// Acknowledge at least every this many data packets (default 8). A new hole is
@@ -51,7 +66,10 @@ pub struct Config {
     /// cost TCP a 1 s timeout.
     pub device_queue_packets: usize,
     /// The session ends with [`crate::SessionError::TimedOut`] when nothing arrived from the
-    /// peer for this long (default 30 s).
+    /// peer for this long (default 900 s = 15 min). Streams are meant to outlive outages as
+    /// long as kernel TCP connections do: Linux gives up on unacknowledged data after about
+    /// 15 minutes (`tcp_retries2` = 15, RFC 1122 §4.2.3.5 asks for at least 100 s). Lower it
+    /// to notice a vanished peer sooner at the cost of losing sessions across outages.
     pub idle_timeout: Duration,
     /// Send a keepalive ping when nothing was sent for this long (default 10 s, below
     /// common NAT timeouts of 30 s and more); the peer's ACK keeps `idle_timeout` away.
@@ -74,18 +92,20 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             link_payload: 1400,
+            max_plpmtu: 1452,
             stream_rx_buffer: 4 << 20,
             stream_tx_buffer: 4 << 20,
             nodelay: false,
             window_packets: 16384,
             initial_rtt: Duration::from_millis(100),
             min_rto: Duration::from_millis(20),
+            max_rto: Duration::from_secs(5),
             max_ack_delay: Duration::from_millis(1),
             ack_every: 8,
             initial_cwnd_packets: 32,
             pacing_burst: Duration::from_millis(2),
             device_queue_packets: 256,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(900),
             keepalive: Duration::from_secs(10),
             accept_backlog: 1024,
             max_streams: 16384,

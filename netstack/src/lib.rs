@@ -69,6 +69,7 @@
 
 pub mod config;
 mod device;
+pub mod pmtu;
 pub mod session;
 pub mod sim;
 pub mod sr;

@@ -17,12 +17,14 @@ use crate::device::LinkDevice;
 use crate::sr::receiver::{Receiver, ReceiverStats};
 use crate::sr::sender::{Next, Sender, SenderStats};
 use crate::tcp_io;
-use crate::wire::{Datagram, Kind, SessionId, WireError};
+use crate::wire::{Datagram, Kind, PmtuAck, SessionId, WireError};
 
 /// The TCP port every stream is opened to and accepted on, on both sides. Streams are told
 /// apart by the opener's (ephemeral) port; nothing here ever reaches a kernel.
 pub const ACCEPT_PORT: u16 = 1;
 const EPHEMERAL_FIRST: u16 = 1024;
+/// Probe acknowledgements queued at most; a flood of probes gets no more answers.
+const MAX_QUEUED_PROBE_ACKS: usize = 64;
 
 /// Which end of the session this is. It only picks the overlay addresses (initiator
 /// `100.127.0.1`, responder `100.127.0.2`, from the shared address space no kernel sees
@@ -158,6 +160,10 @@ pub struct Stats {
     pub wrong_session: u64,
     /// Open streams.
     pub streams: usize,
+    /// The current packetization-layer path MTU (RFC 8899): the largest datagram this
+    /// session sends outside probes, in bytes of UDP payload. Packets that would make
+    /// larger `Data` datagrams go out as several `Fragment`s.
+    pub plpmtu: usize,
 }
 
 struct StreamWaker {
@@ -221,6 +227,8 @@ pub struct Session {
     lost: Option<SessionError>,
     malformed: u64,
     wrong_session: u64,
+    /// Probe acknowledgements waiting in `ctrl`.
+    probe_acks: usize,
     /// The latest `now` we were given: deadlines already due are reported as this.
     last_now: i64,
 }
@@ -255,7 +263,9 @@ impl Session {
             config.window_packets.clamp(16, 1 << 30),
             dur_us(config.pacing_burst),
             dur_us(config.min_rto),
+            dur_us(config.max_rto),
             dur_us(config.max_ack_delay),
+            config.max_plpmtu,
         );
         sender.cc.rtt_floor = dur_us(config.cwnd_rtt_floor);
         let receiver = Receiver::new(
@@ -263,6 +273,7 @@ impl Session {
             config.window_packets.clamp(16, 1 << 30),
             config.ack_every,
             dur_us(config.max_ack_delay),
+            mtu,
         );
         Session {
             id,
@@ -291,6 +302,7 @@ impl Session {
             lost: None,
             malformed: 0,
             wrong_session: 0,
+            probe_acks: 0,
             last_now: now_us,
             config,
         }
@@ -328,6 +340,7 @@ impl Session {
             malformed: self.malformed,
             wrong_session: self.wrong_session,
             streams: self.streams.len(),
+            plpmtu: self.sender.pmtu.plpmtu,
         }
     }
 
@@ -368,7 +381,36 @@ impl Session {
                 self.sender.on_ack(now_us, &a, &mut self.device.pool);
                 Ok(())
             }
-            Datagram::Data(_) | Datagram::Ack(_) => {
+            Datagram::Fragment(f) if f.session == self.id => {
+                self.last_rx = now_us;
+                let dev = &mut self.device;
+                let before = dev.rx.len();
+                self.receiver.on_fragment(now_us, &f, &mut dev.pool, |p| dev.rx.push_back(p));
+                if dev.rx.len() != before {
+                    self.need_poll = true;
+                }
+                Ok(())
+            }
+            Datagram::PmtuProbe(p) if p.session == self.id => {
+                self.last_rx = now_us;
+                if self.probe_acks < MAX_QUEUED_PROBE_ACKS {
+                    let mut out = Vec::with_capacity(PmtuAck::LEN);
+                    PmtuAck::emit(self.id, p.id, p.size, &mut out);
+                    self.ctrl.push_back(out);
+                    self.probe_acks += 1;
+                }
+                Ok(())
+            }
+            Datagram::PmtuAck(a) if a.session == self.id => {
+                self.last_rx = now_us;
+                self.sender.on_probe_ack(now_us, a.id, usize::from(a.size));
+                Ok(())
+            }
+            Datagram::Data(_)
+            | Datagram::Ack(_)
+            | Datagram::Fragment(_)
+            | Datagram::PmtuProbe(_)
+            | Datagram::PmtuAck(_) => {
                 self.wrong_session += 1;
                 let got = datagram.session().unwrap_or(SessionId(0));
                 Err(DatagramError::WrongSession { expected: self.id, got })
@@ -384,6 +426,18 @@ impl Session {
         let now = micros(now);
         self.last_now = self.last_now.max(now);
         self.sender.on_path_lost(now);
+    }
+
+    /// The driver moved the session to another path (relay → direct, direct → relay, a new
+    /// address) whose framing adds `overhead` bytes in front of each datagram (0 for a
+    /// direct path, the relay header for a relayed one). The path MTU is unknown again:
+    /// the PLPMTU goes back to [`crate::pmtu::BASE_PLPMTU`] minus `overhead` and the search
+    /// starts over (RFC 8899 §5.2). Call it on every move, and [`Session::path_lost`] as
+    /// well when the old path died.
+    pub fn on_path_change(&mut self, now: Instant, overhead: usize) {
+        let now = micros(now);
+        self.last_now = self.last_now.max(now);
+        self.sender.on_path_change(overhead);
     }
 
     /// Run timers that are due. [`Session::poll_transmit`] does this too.
@@ -404,6 +458,11 @@ impl Session {
         if self.sender.rto_deadline().is_some_and(|d| d <= now) {
             self.sender.on_rto(now);
             trace!(session = %self.id, rto = self.sender.stats.rtos, "retransmission timeout");
+        }
+        let plpmtu = self.sender.pmtu.plpmtu;
+        self.sender.on_pmtu_timer(now);
+        if self.sender.pmtu.plpmtu != plpmtu {
+            debug!(session = %self.id, plpmtu = self.sender.pmtu.plpmtu, "path mtu changed");
         }
         if now - self.last_send >= dur_us(self.config.keepalive) && self.device.tx.is_empty() {
             // An empty Data datagram: sequenced, acknowledged, never handed to smoltcp.
@@ -433,18 +492,36 @@ impl Session {
             return None;
         }
         if self.ctrl.is_empty() && self.receiver.ack_due(now_us) {
-            self.receiver.build_acks(now_us, self.config.link_payload, &mut self.ctrl);
+            // ACKs stay within the path MTU too.
+            let max_len = self.sender.pmtu.plpmtu.min(self.config.link_payload);
+            self.receiver.build_acks(now_us, max_len, &mut self.ctrl);
         }
         if let Some(d) = self.ctrl.pop_front() {
+            if d.get(1) == Some(&(Kind::PmtuAck as u8)) {
+                self.probe_acks = self.probe_acks.saturating_sub(1);
+            }
             out.extend_from_slice(&d);
             return Some(d.len());
+        }
+        let start = out.len();
+        if self.sender.pop_pending(now_us, out) {
+            self.last_send = now_us;
+            return Some(out.len() - start);
+        }
+        if self.sender.next_probe(now_us, out) {
+            if self.sender.bytes_in_flight() == 0 && self.device.tx.is_empty() {
+                // Nothing else would show whether the path is alive while the probe is
+                // out: a keepalive's ACK does (see `pmtu`).
+                self.device.tx.push_back(Vec::new());
+            }
+            self.last_send = now_us;
+            return Some(out.len() - start);
         }
         let mut polled = false;
         if self.iface_wanted(now_us) {
             self.poll_iface(now);
             polled = true;
         }
-        let start = out.len();
         loop {
             match self.sender.next(now_us, &mut self.device.tx, out) {
                 Next::Sent => {
@@ -478,7 +555,11 @@ impl Session {
         if self.lost.is_some() {
             return None;
         }
-        if !self.ctrl.is_empty() || self.need_poll {
+        if !self.ctrl.is_empty()
+            || self.need_poll
+            || self.sender.has_pending()
+            || self.sender.probe_ready()
+        {
             return Some(Instant::from_micros(self.last_now));
         }
         let mut t = self.last_rx + dur_us(self.config.idle_timeout);
@@ -487,6 +568,7 @@ impl Session {
             self.receiver.ack_deadline(),
             self.pacer_wait,
             self.sender.rto_deadline(),
+            self.sender.pmtu.deadline(),
             self.iface_next.filter(|_| self.device.tx.len() <= self.device.tx_limit / 2),
         ];
         for c in candidates.into_iter().flatten() {

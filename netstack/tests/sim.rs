@@ -61,7 +61,8 @@ fn bulk(pair: &mut Pair, streams: usize, bytes: u64, deadline_s: u64) -> f64 {
     let s = pair.a.stats();
     eprintln!(
         "{streams} streams x {} MiB each way: {secs:.2} s virtual, a->b {:.0} Mbit/s; \
-         lost ab {} ba {}, retransmits a {} b {}, rtos a {} b {}",
+         lost ab {} ba {}, retransmits a {} b {}, rtos a {} b {}; plpmtu a {} b {}, \
+         black holes a {} b {}, probes a {}/{} b {}/{}",
         bytes / MIB,
         (bytes * streams as u64) as f64 * 8.0 / secs / 1e6,
         pair.ab.stats.lost(),
@@ -70,6 +71,14 @@ fn bulk(pair: &mut Pair, streams: usize, bytes: u64, deadline_s: u64) -> f64 {
         pair.b.stats().sender.retransmits,
         s.sender.rtos,
         pair.b.stats().sender.rtos,
+        s.plpmtu,
+        pair.b.stats().plpmtu,
+        s.sender.pmtu_black_holes,
+        pair.b.stats().sender.pmtu_black_holes,
+        s.sender.pmtu_probes_acked,
+        s.sender.pmtu_probes_sent,
+        pair.b.stats().sender.pmtu_probes_acked,
+        pair.b.stats().sender.pmtu_probes_sent,
     );
     r.unwrap_or_else(|e| panic!("transfer failed: {e}; errors {:?}", t.errors));
     assert!(t.errors.is_empty(), "{:?}", t.errors);

@@ -1,13 +1,62 @@
 //! The receiving half of the selective-repeat layer: reorders, removes duplicates, hands
 //! packets on in sequence order and acknowledges with complete range lists.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
-use crate::wire::{Ack, Data, SessionId, expand};
+use crate::wire::{Ack, Data, Fragment, SessionId, expand};
 
 /// At most this many ACK datagrams describe one moment's state (lowest ranges first); a
 /// receive window with even more holes reports only its lower part until those fill.
 const MAX_ACK_PARTS: usize = 8;
+
+/// At most this many packets may be partly reassembled at once (each also inside the receive
+/// window and at most the interface MTU long): 4096 × 1400 bytes ≈ 5.5 MiB at worst.
+pub const MAX_PARTIALS: usize = 4096;
+
+/// A partial packet may hold at most this many disjoint pieces; a peer that sends more
+/// (tiny, scattered fragments) has its extra fragments dropped.
+const MAX_PIECES: usize = 16;
+
+/// A packet being reassembled from fragments.
+struct Partial {
+    buf: Vec<u8>,
+    /// Byte ranges held, sorted, disjoint and not touching.
+    have: Vec<(usize, usize)>,
+}
+
+impl Partial {
+    fn new(total: usize) -> Partial {
+        Partial { buf: vec![0; total], have: Vec::new() }
+    }
+
+    /// Copy a piece in; `false` (nothing changed) if it does not fit this packet or would
+    /// make too many pieces.
+    fn add(&mut self, total: usize, offset: u16, bytes: &[u8]) -> bool {
+        if total != self.buf.len() {
+            return false;
+        }
+        let (s, e) = (usize::from(offset), usize::from(offset) + bytes.len());
+        let Some(dst) = self.buf.get_mut(s..e) else { return false };
+        // Ranges that touch or overlap [s, e) merge with it.
+        let first = self.have.partition_point(|r| r.1 < s);
+        let last = self.have.partition_point(|r| r.0 <= e);
+        if first == last && self.have.len() >= MAX_PIECES {
+            return false;
+        }
+        dst.copy_from_slice(bytes);
+        let (mut ns, mut ne) = (s, e);
+        if first < last {
+            ns = ns.min(self.have[first].0);
+            ne = ne.max(self.have[last - 1].1);
+        }
+        self.have.splice(first..last, [(ns, ne)]);
+        true
+    }
+
+    fn complete(&self) -> bool {
+        self.have.first() == Some(&(0, self.buf.len()))
+    }
+}
 
 /// Counters of the receiving side.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,6 +69,13 @@ pub struct ReceiverStats {
     pub beyond_window: u64,
     /// ACK datagrams sent.
     pub acks_sent: u64,
+    /// Fragment datagrams received (duplicates included).
+    pub fragments_received: u64,
+    /// Fragments dropped: bigger than the interface MTU, inconsistent with the other pieces
+    /// of their packet, too scattered, or too many packets partly reassembled.
+    pub fragments_dropped: u64,
+    /// Packets completed from fragments.
+    pub reassembled: u64,
 }
 
 pub(crate) struct Receiver {
@@ -36,11 +92,21 @@ pub(crate) struct Receiver {
     window: u64,
     ack_every: u32,
     max_ack_delay: i64,
+    /// Packets partly reassembled from fragments, by `seq` (all inside the window).
+    partials: BTreeMap<u64, Partial>,
+    /// Largest packet a fragment may build, in bytes (the interface MTU).
+    max_packet: usize,
     pub stats: ReceiverStats,
 }
 
 impl Receiver {
-    pub fn new(session: SessionId, window: u64, ack_every: u32, max_ack_delay_us: i64) -> Receiver {
+    pub fn new(
+        session: SessionId,
+        window: u64,
+        ack_every: u32,
+        max_ack_delay_us: i64,
+        max_packet: usize,
+    ) -> Receiver {
         Receiver {
             session,
             cum: 0,
@@ -55,6 +121,8 @@ impl Receiver {
             window,
             ack_every: ack_every.max(1),
             max_ack_delay: max_ack_delay_us,
+            partials: BTreeMap::new(),
+            max_packet,
             stats: ReceiverStats::default(),
         }
     }
@@ -66,32 +134,98 @@ impl Receiver {
         now: i64,
         data: &Data<'_>,
         pool: &mut Vec<Vec<u8>>,
-        mut deliver: impl FnMut(Vec<u8>),
+        deliver: impl FnMut(Vec<u8>),
     ) {
         self.stats.packets_received += 1;
-        let pn = expand(self.largest_pn.map_or(0, |l| l + 1), data.pn);
+        self.note_pn(now, data.pn);
+        let seq = expand(self.cum, data.seq);
+        let Some(idx) = self.check_seq(seq) else { return };
+        if !self.partials.is_empty() {
+            // A whole retransmission completes what fragments had begun.
+            self.partials.remove(&seq);
+        }
+        let mut copy = pool.pop().unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(data.payload);
+        self.place(now, seq, idx, copy, pool, deliver);
+    }
+
+    /// Take one `Fragment` datagram: its bytes join the partial packet of its `seq` (held
+    /// only inside the receive window, at most [`MAX_PARTIALS`] of them, each at most the
+    /// interface MTU); a completed packet goes on as if it had come whole. Malformed or
+    /// out-of-bounds fragments are dropped and counted.
+    pub fn on_fragment(
+        &mut self,
+        now: i64,
+        frag: &Fragment<'_>,
+        pool: &mut Vec<Vec<u8>>,
+        deliver: impl FnMut(Vec<u8>),
+    ) {
+        self.stats.fragments_received += 1;
+        self.note_pn(now, frag.pn);
+        let seq = expand(self.cum, frag.seq);
+        let Some(idx) = self.check_seq(seq) else { return };
+        let total = usize::from(frag.total);
+        if total > self.max_packet
+            || (!self.partials.contains_key(&seq) && self.partials.len() >= MAX_PARTIALS)
+        {
+            self.stats.fragments_dropped += 1;
+            return;
+        }
+        let partial = self.partials.entry(seq).or_insert_with(|| Partial::new(total));
+        if !partial.add(total, frag.offset, frag.bytes) {
+            self.stats.fragments_dropped += 1;
+            return;
+        }
+        if !partial.complete() {
+            return;
+        }
+        let Some(partial) = self.partials.remove(&seq) else { return };
+        self.stats.reassembled += 1;
+        self.place(now, seq, idx, partial.buf, pool, deliver);
+    }
+
+    fn note_pn(&mut self, now: i64, pn: u32) {
+        let pn = expand(self.largest_pn.map_or(0, |l| l + 1), pn);
         if self.largest_pn.is_none_or(|l| pn > l) {
             self.largest_pn = Some(pn);
             self.largest_pn_at = now;
         }
-        let seq = expand(self.cum, data.seq);
+    }
+
+    /// The index of `seq` in the receive buffer if it is new and inside the window;
+    /// otherwise count it (and re-acknowledge).
+    fn check_seq(&mut self, seq: u64) -> Option<usize> {
         if seq < self.cum {
             self.stats.duplicates += 1;
             self.ack_now = true; // our ACK was lost: say it again
-            return;
+            return None;
         }
         let idx = seq - self.cum;
         if idx >= self.window {
             self.stats.beyond_window += 1;
             self.ack_now = true;
-            return;
+            return None;
         }
         let idx = idx as usize;
         if self.buf.get(idx).is_some_and(Option::is_some) {
             self.stats.duplicates += 1;
             self.ack_now = true;
-            return;
+            return None;
         }
+        Some(idx)
+    }
+
+    /// A whole new packet `seq` (at `idx` in the buffer): acknowledge, buffer, deliver.
+    fn place(
+        &mut self,
+        now: i64,
+        seq: u64,
+        idx: usize,
+        copy: Vec<u8>,
+        pool: &mut Vec<Vec<u8>>,
+        mut deliver: impl FnMut(Vec<u8>),
+    ) {
         self.unacked += 1;
         self.first_unacked_at.get_or_insert(now);
         if self.unacked >= self.ack_every {
@@ -104,9 +238,6 @@ impl Receiver {
         if self.highest_seq.is_none_or(|h| seq > h) {
             self.highest_seq = Some(seq);
         }
-        let mut copy = pool.pop().unwrap_or_default();
-        copy.clear();
-        copy.extend_from_slice(data.payload);
         if idx == 0 {
             if !self.ranges.is_empty() {
                 self.ack_now = true; // a hole filled: let the sender move on
@@ -123,6 +254,9 @@ impl Receiver {
             let cum = self.cum;
             let drop = self.ranges.iter().take_while(|r| r.1 <= cum).count();
             self.ranges.drain(..drop);
+            if self.partials.first_key_value().is_some_and(|(&k, _)| k < cum) {
+                self.partials = self.partials.split_off(&cum);
+            }
         } else {
             if self.buf.len() <= idx {
                 self.buf.resize(idx + 1, None);
@@ -222,7 +356,7 @@ mod tests {
 
     #[test]
     fn reorders_and_reports_ranges() {
-        let mut r = Receiver::new(SessionId(1), 1000, 4, 1000);
+        let mut r = Receiver::new(SessionId(1), 1000, 4, 1000, 1500);
         let mut pool = Vec::new();
         let mut got = Vec::new();
         for seq in [0u64, 2, 3, 5, 1, 9, 4] {

@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 
 use super::bbr::{Bbr, RateSample};
 use super::rtt::Rtt;
-use crate::wire::{Ack, Data, SessionId};
+use crate::pmtu::Pmtud;
+use crate::wire::{Ack, Data, Fragment, PmtuProbe, SessionId};
 
 /// Reordering tolerance at start: a packet is lost once one sent this many transmissions
 /// later arrived (RFC 9002). Doubled, up to [`MAX_PACKET_THRESHOLD`], each time a
@@ -12,6 +13,13 @@ use crate::wire::{Ack, Data, SessionId};
 /// path that reorders stops costing retransmissions.
 const PACKET_THRESHOLD: u64 = 3;
 const MAX_PACKET_THRESHOLD: u64 = 1024;
+
+/// Transmissions allowed after the first retransmission timeout until an ACK shows the path
+/// alive again, and after each further one: the path may be down for minutes, so it is
+/// probed with a retransmission of the oldest packet, not flooded with the whole window
+/// each period (TCP likewise restarts from one segment after a timeout, RFC 5681 §3.1).
+const RTO_FIRST_BUDGET: u32 = 2;
+const RTO_LATER_BUDGET: u32 = 1;
 
 #[derive(Debug)]
 struct Slot {
@@ -22,6 +30,9 @@ struct Slot {
     acked: bool,
     queued: bool,
     retransmitted: bool,
+    /// Largest datagram of its latest transmission, bytes (less than `wire_len` when it
+    /// went out in fragments).
+    dgram: usize,
     // Delivery-rate snapshot at the latest transmission.
     delivered: u64,
     delivered_time: i64,
@@ -50,6 +61,14 @@ pub struct SenderStats {
     pub spurious: u64,
     /// Bytes of data datagrams sent.
     pub bytes_sent: u64,
+    /// Fragment datagrams sent (a packet split in `n` counts `n`).
+    pub fragments_sent: u64,
+    /// Path-MTU probes sent.
+    pub pmtu_probes_sent: u64,
+    /// Path-MTU probes acknowledged.
+    pub pmtu_probes_acked: u64,
+    /// Black holes detected: the PLPMTU fell back to BASE.
+    pub pmtu_black_holes: u64,
 }
 
 /// What [`Sender::next`] did.
@@ -85,7 +104,16 @@ pub(crate) struct Sender {
     rto_backoff: u32,
     reorder_threshold: u64,
     min_rto: i64,
+    /// Longest backed-off retransmission timeout, µs.
+    max_rto: i64,
     peer_max_ack_delay: i64,
+    /// Transmissions left until an ACK, after a retransmission timeout (`None`: no limit).
+    rto_budget: Option<u32>,
+    /// Path MTU discovery: the current PLPMTU and its search.
+    pub pmtu: Pmtud,
+    /// The remaining fragments of the transmission last sent, sent before anything else.
+    pending: VecDeque<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
     pub stats: SenderStats,
 }
 
@@ -99,7 +127,9 @@ impl Sender {
         window: u64,
         burst_us: i64,
         min_rto_us: i64,
+        max_rto_us: i64,
         peer_max_ack_delay_us: i64,
+        max_plpmtu: usize,
     ) -> Sender {
         Sender {
             session,
@@ -124,7 +154,12 @@ impl Sender {
             rto_backoff: 0,
             reorder_threshold: PACKET_THRESHOLD,
             min_rto: min_rto_us,
+            max_rto: max_rto_us,
             peer_max_ack_delay: peer_max_ack_delay_us,
+            rto_budget: None,
+            pmtu: Pmtud::new(max_plpmtu),
+            pending: VecDeque::new(),
+            spare: Vec::new(),
             stats: SenderStats::default(),
         }
     }
@@ -147,12 +182,77 @@ impl Sender {
         }
     }
 
+    /// The retransmission timeout without backoff, µs.
+    fn base_rto(&self) -> i64 {
+        self.rtt.rto(self.peer_max_ack_delay, self.min_rto)
+    }
+
+    /// The retransmission timeout with its exponential backoff, capped at `max_rto` (or the
+    /// unbacked-off timeout if that is larger), µs.
+    fn backed_off_rto(&self) -> i64 {
+        let rto = self.base_rto();
+        rto.saturating_mul(1 << self.rto_backoff.min(20)).min(self.max_rto.max(rto))
+    }
+
     /// The retransmission deadline, if anything is in flight.
     pub fn rto_deadline(&self) -> Option<i64> {
-        (self.in_flight > 0).then(|| {
-            let rto = self.rtt.rto(self.peer_max_ack_delay, self.min_rto);
-            self.last_sent + (rto << self.rto_backoff.min(6))
-        })
+        (self.in_flight > 0).then(|| self.last_sent + self.backed_off_rto())
+    }
+
+    /// Whether fragments of the last transmission wait to be sent.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Append the next waiting fragment to `out`, if any.
+    pub fn pop_pending(&mut self, now: i64, out: &mut Vec<u8>) -> bool {
+        let Some(mut d) = self.pending.pop_front() else { return false };
+        out.extend_from_slice(&d);
+        self.stats.fragments_sent += 1;
+        self.last_sent = now;
+        d.clear();
+        if self.spare.len() < 64 {
+            self.spare.push(d);
+        }
+        true
+    }
+
+    /// Whether a path-MTU probe may go out now.
+    pub fn probe_ready(&self) -> bool {
+        self.pmtu.probe_ready(self.rto_backoff == 0)
+    }
+
+    /// Append a path-MTU probe to `out` if one is due; returns whether it did.
+    pub fn next_probe(&mut self, now: i64, out: &mut Vec<u8>) -> bool {
+        let timeout = self.base_rto();
+        let alive = self.rto_backoff == 0;
+        let Some((id, size)) = self.pmtu.take_probe(now, alive, timeout, self.next_pn) else {
+            return false;
+        };
+        PmtuProbe::emit(self.session, id, size, out);
+        self.stats.pmtu_probes_sent += 1;
+        true
+    }
+
+    /// The peer acknowledged a path-MTU probe.
+    pub fn on_probe_ack(&mut self, now: i64, id: u32, size: usize) {
+        let acked = self.pmtu.probes_acked;
+        self.pmtu.on_probe_ack(now, id, size);
+        if self.pmtu.probes_acked != acked {
+            self.stats.pmtu_probes_acked += 1;
+        }
+    }
+
+    /// Run the path-MTU timers.
+    pub fn on_pmtu_timer(&mut self, now: i64) {
+        let probes = crate::pmtu::probes_for_loss(self.cc.loss_ewma);
+        self.pmtu.on_timer(now, probes);
+    }
+
+    /// A new path, whose framing adds `overhead` bytes in front of each datagram: the
+    /// PLPMTU goes back to BASE and the search starts over.
+    pub fn on_path_change(&mut self, overhead: usize) {
+        self.pmtu.reset(overhead);
     }
 
     /// Send the next datagram if congestion control and pacing allow: retransmissions first,
@@ -176,6 +276,9 @@ impl Sender {
         } else {
             return Next::Idle;
         };
+        if self.rto_budget == Some(0) && self.in_flight > 0 {
+            return Next::Wait(None);
+        }
         if self.in_flight + len > self.cc.cwnd && self.in_flight > 0 {
             return Next::Wait(None);
         }
@@ -215,6 +318,7 @@ impl Sender {
                     acked: false,
                     queued: false,
                     retransmitted: false,
+                    dgram: 0,
                     delivered: 0,
                     delivered_time: 0,
                     first_sent_time: 0,
@@ -236,8 +340,45 @@ impl Sender {
         slot.delivered_time = delivered_time;
         slot.first_sent_time = first_sent_time;
         slot.app_limited = app_limited;
-        Data::emit_header(session, seq, pn, out);
-        out.extend_from_slice(&slot.payload);
+        // While a timeout's recovery lasts, send at BASE: small enough for any path, which
+        // is what black-hole detection needs (see `pmtu`).
+        let plpmtu = if self.rto_budget.is_some() { self.pmtu.base } else { self.pmtu.plpmtu };
+        let total = slot.payload.len();
+        match u16::try_from(total) {
+            Ok(total16) if Data::HEADER_LEN + total > plpmtu => {
+                // Split into equal pieces that each fit the PLPMTU; the first goes out now,
+                // the rest before anything else.
+                let room = plpmtu.saturating_sub(Fragment::HEADER_LEN).max(1);
+                let n = total.div_ceil(room);
+                let piece = total.div_ceil(n);
+                let mut offset = 0;
+                while offset < total {
+                    let end = (offset + piece).min(total);
+                    let bytes = &slot.payload[offset..end];
+                    if offset == 0 {
+                        Fragment::emit(session, seq, pn, 0, total16, bytes, out);
+                    } else {
+                        let mut d = self.spare.pop().unwrap_or_default();
+                        Fragment::emit(session, seq, pn, offset as u16, total16, bytes, &mut d);
+                        self.pending.push_back(d);
+                    }
+                    offset = end;
+                }
+                slot.dgram = Fragment::HEADER_LEN + piece;
+                self.stats.fragments_sent += 1;
+            }
+            _ => {
+                Data::emit_header(session, seq, pn, out);
+                out.extend_from_slice(&slot.payload);
+                slot.dgram = Data::HEADER_LEN + total;
+            }
+        }
+        if let Some(b) = &mut self.rto_budget {
+            *b = b.saturating_sub(1);
+            // Limited by the timeout's budget, not the path: rate samples of this flight
+            // say nothing about the bandwidth.
+            self.app_limited_until = (self.delivered + self.in_flight + len).max(1);
+        }
         self.in_flight += len;
         self.last_sent = now;
         self.pns.push_back((pn, now));
@@ -271,6 +412,9 @@ impl Sender {
             }
         }
         let largest = self.largest_echo.unwrap_or(0);
+        if self.largest_echo.is_some() {
+            self.pmtu.on_largest_acked(largest);
+        }
         let loss_delay = self.rtt.loss_delay();
 
         let mut acked = 0u64;
@@ -296,6 +440,7 @@ impl Sender {
         self.release_acked(pool);
         if acked > 0 {
             self.rto_backoff = 0;
+            self.rto_budget = None;
             self.delivered_time = now;
         }
         if self.app_limited_until > 0 && self.delivered > self.app_limited_until {
@@ -341,6 +486,9 @@ impl Sender {
             return;
         }
         slot.acked = true;
+        if self.pmtu.is_big(slot.dgram) {
+            self.pmtu.on_big_acked();
+        }
         if slot.retransmitted && slot.pn > largest {
             // Acknowledged before its latest transmission can have arrived: an earlier copy
             // was only late, not lost.
@@ -373,7 +521,15 @@ impl Sender {
             return;
         }
         if slot.pn + self.reorder_threshold <= largest || now - slot.sent >= loss_delay {
-            Self::declare_lost(slot, seq, &mut self.in_flight, &mut self.retx, &mut self.stats);
+            Self::declare_lost(
+                slot,
+                seq,
+                &mut self.in_flight,
+                &mut self.retx,
+                &mut self.stats,
+                &self.pmtu,
+                &mut false,
+            );
             *lost += slot.wire_len();
         }
     }
@@ -384,7 +540,10 @@ impl Sender {
         in_flight: &mut u64,
         retx: &mut VecDeque<u64>,
         stats: &mut SenderStats,
+        pmtu: &Pmtud,
+        big: &mut bool,
     ) {
+        *big |= pmtu.is_big(slot.dgram);
         slot.in_flight = false;
         *in_flight -= slot.wire_len();
         if !slot.queued {
@@ -395,9 +554,10 @@ impl Sender {
     }
 
     /// Declare lost every transmission in flight, not yet acknowledged, that `older`
-    /// picks; whether there was any.
-    fn lose_in_flight(&mut self, older: impl Fn(&Slot) -> bool) -> bool {
+    /// picks; whether there was any, and whether any was larger than BASE.
+    fn lose_in_flight(&mut self, older: impl Fn(&Slot) -> bool) -> (bool, bool) {
         let mut any = false;
+        let mut big = false;
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.in_flight && !slot.acked && older(slot) {
                 Self::declare_lost(
@@ -406,11 +566,13 @@ impl Sender {
                     &mut self.in_flight,
                     &mut self.retx,
                     &mut self.stats,
+                    &self.pmtu,
+                    &mut big,
                 );
                 any = true;
             }
         }
-        any
+        (any, big)
     }
 
     /// The path the datagrams took died and the driver moved to another: whatever is in
@@ -419,18 +581,32 @@ impl Sender {
     /// what the timeouts taught it.
     pub fn on_path_lost(&mut self, now: i64) {
         self.lose_in_flight(|_| true);
+        self.pending.clear();
         self.rto_backoff = 0;
+        self.rto_budget = None;
         self.last_sent = now;
         self.retx.make_contiguous().sort_unstable();
     }
 
     /// The retransmission timer fired: every transmission older than the timeout is lost.
+    /// Until an ACK arrives, only [`RTO_FIRST_BUDGET`] transmissions may follow (then
+    /// [`RTO_LATER_BUDGET`] per further timeout), oldest first.
     pub fn on_rto(&mut self, now: i64) {
-        let rto = self.rtt.rto(self.peer_max_ack_delay, self.min_rto) << self.rto_backoff.min(6);
-        if self.lose_in_flight(|slot| now - slot.sent >= rto) {
+        let rto = self.backed_off_rto();
+        let (any, big) = self.lose_in_flight(|slot| now - slot.sent >= rto);
+        if any {
             self.stats.rtos += 1;
-            self.rto_backoff += 1;
+            self.rto_backoff = self.rto_backoff.saturating_add(1);
+            self.rto_budget =
+                Some(if self.rto_backoff == 1 { RTO_FIRST_BUDGET } else { RTO_LATER_BUDGET });
             self.cc.on_rto();
+            if big && self.pmtu.on_big_rto() {
+                // A black hole (see `pmtu`): resend what is still out at larger sizes.
+                self.stats.pmtu_black_holes += 1;
+                let base = self.pmtu.base;
+                self.pending.clear();
+                self.lose_in_flight(|s| s.dgram > base);
+            }
             // Retransmit oldest first.
             self.retx.make_contiguous().sort_unstable();
         } else {

@@ -62,7 +62,7 @@ impl<'a> Data<'a> {
 }
 
 /// Copy a fixed-size big-endian field; the slice lengths are fixed by the callers above.
-fn be<const N: usize>(s: &[u8]) -> [u8; N] {
+pub(super) fn be<const N: usize>(s: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(s);
     a

@@ -12,17 +12,23 @@
 //! [`Prefix::parse`] reads it; unknown versions and kinds are errors the caller counts and
 //! drops, never a panic.
 //!
-//! PTCP's two kinds carry the peer session id right after the prefix, so a driver can route a
+//! PTCP's kinds carry the peer session id right after the prefix, so a driver can route a
 //! datagram to its session with [`Datagram::parse`] without knowing the sender's address:
-//! [`Data`] (one IP packet, numbered for selective repeat) and [`Ack`] (a cumulative point
-//! and the complete list of received ranges).
+//! [`Data`] (one IP packet, numbered for selective repeat), [`Ack`] (a cumulative point
+//! and the complete list of received ranges), [`Fragment`] (a piece of an IP packet whose
+//! `Data` datagram would exceed the path MTU) and the path-MTU probe [`PmtuProbe`] with its
+//! answer [`PmtuAck`] (RFC 8899).
 
 mod ack;
 mod data;
+mod fragment;
+mod pmtu;
 pub mod varint;
 
 pub use ack::{ACK_HEADER_MAX, Ack, AckRanges};
 pub use data::{Data, expand};
+pub use fragment::Fragment;
+pub use pmtu::{PmtuAck, PmtuProbe};
 
 /// The only version of the datagram format this crate speaks.
 pub const VERSION: u8 = 1;
@@ -36,6 +42,12 @@ pub enum Kind {
     Data = 0x01,
     /// PTCP: an acknowledgement of a peer session (selective-repeat range list).
     Ack = 0x02,
+    /// PTCP: a piece of an IP packet too big for the path's current PLPMTU.
+    Fragment = 0x03,
+    /// PTCP: a padded path-MTU probe (RFC 8899).
+    PmtuProbe = 0x04,
+    /// PTCP: the acknowledgement of a path-MTU probe.
+    PmtuAck = 0x05,
     /// Ask the server for the address it sees (like a STUN binding request).
     WhoAmIRequest = 0x10,
     /// The server's answer: the reflexive address of the asker.
@@ -54,6 +66,9 @@ impl Kind {
         Some(match v {
             0x01 => Kind::Data,
             0x02 => Kind::Ack,
+            0x03 => Kind::Fragment,
+            0x04 => Kind::PmtuProbe,
+            0x05 => Kind::PmtuAck,
             0x10 => Kind::WhoAmIRequest,
             0x11 => Kind::WhoAmIReply,
             0x20 => Kind::Probe,
@@ -132,6 +147,12 @@ pub enum Datagram<'a> {
     Data(Data<'a>),
     /// A selective-repeat acknowledgement of a session.
     Ack(Ack<'a>),
+    /// A piece of a numbered IP packet of a session.
+    Fragment(Fragment<'a>),
+    /// A path-MTU probe of a session.
+    PmtuProbe(PmtuProbe),
+    /// The acknowledgement of a path-MTU probe.
+    PmtuAck(PmtuAck),
     /// A known kind that is not PTCP; its body is not parsed here.
     Other(Kind),
 }
@@ -142,6 +163,9 @@ impl<'a> Datagram<'a> {
         Ok(match Prefix::parse(datagram)?.kind {
             Kind::Data => Datagram::Data(Data::parse(datagram)?),
             Kind::Ack => Datagram::Ack(Ack::parse(datagram)?),
+            Kind::Fragment => Datagram::Fragment(Fragment::parse(datagram)?),
+            Kind::PmtuProbe => Datagram::PmtuProbe(PmtuProbe::parse(datagram)?),
+            Kind::PmtuAck => Datagram::PmtuAck(PmtuAck::parse(datagram)?),
             other => Datagram::Other(other),
         })
     }
@@ -151,6 +175,9 @@ impl<'a> Datagram<'a> {
         match self {
             Datagram::Data(d) => Some(d.session),
             Datagram::Ack(a) => Some(a.session),
+            Datagram::Fragment(f) => Some(f.session),
+            Datagram::PmtuProbe(p) => Some(p.session),
+            Datagram::PmtuAck(a) => Some(a.session),
             Datagram::Other(_) => None,
         }
     }
