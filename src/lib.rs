@@ -15,6 +15,7 @@
 //!                           ├─ transfer/  send / receive over a `file` stream
 //!                           └─ services.toml: what is exposed, to whom (default deny)
 //!  identity/: CA, certificates, verification  ·  address.rs: parsed names  ·  dns/: *.q2q
+//!  relay.rs: relay framing (leg tokens, keys, tags), shared by server/ and presence/
 //! ```
 //!
 //! Protocol cores take `now` and bytes (q2q-netstack, the AMP codec, the rate limiter, the
@@ -34,6 +35,7 @@ pub(crate) mod pipe;
 pub mod presence;
 pub mod proto;
 pub mod ptcp;
+pub mod relay;
 pub mod server;
 pub mod tls;
 pub mod transfer;

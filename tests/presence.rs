@@ -7,6 +7,7 @@ use common::{TestServer, addr, loopback_config};
 use q2q::amp::AmpBox;
 use q2q::client::{self, ConnectOptions, Home, ServerConn};
 use q2q::proto::code;
+use q2q::relay::{Key, Leg};
 use q2q::server::Registration;
 use std::sync::Arc;
 
@@ -21,9 +22,17 @@ async fn login(srv: &TestServer, home: &Home, who: &str) -> ServerConn {
     ServerConn::connect(home, &a.domain, &opts).await.unwrap()
 }
 
-fn udp_relay(token_hex: &str, inner: &[u8]) -> Vec<u8> {
-    let token: [u8; 16] = hex::decode(token_hex).unwrap().try_into().unwrap();
-    q2q::server::relay::encode(&token, inner)
+/// The relay leg an `inbound` box grants.
+fn leg(b: &AmpBox) -> Leg {
+    let token: [u8; 16] =
+        hex::decode(b.get_str("relay_token").unwrap()).unwrap().try_into().unwrap();
+    Leg::new(token, Key::from_hex(b.get_str("relay_key").unwrap()).unwrap())
+}
+
+fn sealed(leg: &Leg, inner: &[u8]) -> Vec<u8> {
+    let mut d = Vec::new();
+    leg.seal_into(&mut d, inner);
+    d
 }
 
 #[tokio::test]
@@ -49,9 +58,8 @@ async fn inbound_exchange_consent_and_relay() {
         let mut seen = Vec::new();
         while let Some(req) = incoming.recv().await {
             let from = req.request.get_str("from").unwrap_or("").to_string();
-            let token = req.request.get_str("relay_token").unwrap_or("").to_string();
             if from == "bob@example.com" {
-                seen.push(token);
+                seen.push(req.request.clone());
                 req.respond(Ok(AmpBox::new().with("candidates", "127.0.0.1:9,192.168.1.2:4000")))
                     .await;
             } else {
@@ -93,17 +101,21 @@ async fn inbound_exchange_consent_and_relay() {
     assert_eq!(answer.get_str("candidates"), Some("127.0.0.1:9,192.168.1.2:4000"));
     assert_eq!(answer.get_str("session").unwrap().len(), 16);
     assert_eq!(answer.get_str("probe_key").unwrap().len(), 32);
-    let bob_token = answer.get_str("relay_token").unwrap().to_string();
-    let alice_token = alice_side.await.unwrap().pop().unwrap();
-    assert_ne!(bob_token, alice_token);
+    let asked = alice_side.await.unwrap().pop().unwrap();
+    let (bob_leg, alice_leg) = (leg(&answer), leg(&asked));
+    assert_ne!(bob_leg.token(), alice_leg.token());
+    assert_ne!(answer.get_str("relay_key"), asked.get_str("relay_key"));
+    // Each side learns where the server sees the other from.
+    assert_eq!(answer.get_str("peer_seen"), Some("127.0.0.1"));
+    assert_eq!(asked.get_str("peer_seen"), Some("127.0.0.1"));
 
-    // Relay over UDP: each side binds, then datagrams cross under the other's token.
+    // Relay over UDP: each side binds, then datagrams cross, sealed for the other's leg.
     let relay = srv.running.as_ref().unwrap().udp_addr;
     let a_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let b_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    a_sock.send_to(&udp_relay(&alice_token, b""), relay).await.unwrap();
+    a_sock.send_to(&alice_leg.bind(), relay).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    b_sock.send_to(&udp_relay(&bob_token, b"hello alice"), relay).await.unwrap();
+    b_sock.send_to(&sealed(&bob_leg, b"hello alice"), relay).await.unwrap();
     let mut buf = [0u8; 1500];
     let (n, from) =
         tokio::time::timeout(std::time::Duration::from_secs(5), a_sock.recv_from(&mut buf))
@@ -111,22 +123,47 @@ async fn inbound_exchange_consent_and_relay() {
             .unwrap()
             .unwrap();
     assert_eq!(from, relay);
-    assert_eq!(&buf[..n], &udp_relay(&alice_token, b"hello alice")[..]);
-    // A forged token goes nowhere.
-    b_sock.send_to(&udp_relay(&"00".repeat(16), b"forged"), relay).await.unwrap();
+    assert_eq!(alice_leg.open(&buf[..n]), Ok(&b"hello alice"[..]));
+    // A forged token goes nowhere; nor does alice's token without alice's key, nor one of
+    // alice's datagrams replayed from elsewhere (which would otherwise steal her leg).
+    let stranger = Leg::new([0; 16], Key::random());
+    b_sock.send_to(&sealed(&stranger, b"forged"), relay).await.unwrap();
+    let forger = Leg::new(*alice_leg.token(), Key::random());
+    b_sock.send_to(&sealed(&forger, b"forged"), relay).await.unwrap();
+    let captured = sealed(&alice_leg, b"hello bob");
+    let evil = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // Back the other way.
-    a_sock.send_to(&udp_relay(&alice_token, b"hello bob"), relay).await.unwrap();
+    a_sock.send_to(&captured, relay).await.unwrap();
     let (n, _) =
         tokio::time::timeout(std::time::Duration::from_secs(5), b_sock.recv_from(&mut buf))
             .await
             .unwrap()
             .unwrap();
-    assert_eq!(&buf[..n], &udp_relay(&bob_token, b"hello bob")[..]);
+    assert_eq!(bob_leg.open(&buf[..n]), Ok(&b"hello bob"[..]));
+    evil.send_to(&captured, relay).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Alice's leg stayed with alice: bob's next datagram reaches her, not the thief.
+    b_sock.send_to(&sealed(&bob_leg, b"still yours"), relay).await.unwrap();
+    let (n, _) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), a_sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(alice_leg.open(&buf[..n]), Ok(&b"still yours"[..]));
+    let mut evil_buf = [0u8; 1500];
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), evil.recv_from(&mut evil_buf))
+            .await
+            .is_err()
+    );
+    // Nothing else reached alice (the forgeries, the replay).
     assert!(
         tokio::time::timeout(std::time::Duration::from_millis(200), a_sock.recv_from(&mut buf))
             .await
             .is_err()
     );
+    let stats = srv.running.as_ref().unwrap().stats();
+    assert_eq!(stats.relay_refused, 3);
 }
 
 #[tokio::test]
@@ -152,6 +189,13 @@ async fn relay_over_tcp_when_udp_is_blocked() {
         .await
         .unwrap();
     let bob_token = answer.get_str("relay_token").unwrap().to_string();
+    // Another logged-in connection that learnt bob's token cannot inject with it.
+    let carol = login(&srv, &home, "carol@example.com").await;
+    carol
+        .peer_tell(AmpBox::command("relay").with("token", &bob_token).with("data", "injected"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     bob.peer_tell(AmpBox::command("relay").with("token", &bob_token).with("data", "over tcp"))
         .await
         .unwrap();

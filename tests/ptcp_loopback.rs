@@ -247,15 +247,28 @@ async fn side_channel_gets_other_kinds_and_garbage_is_counted() {
     assert_eq!(st.side.load(Ordering::Relaxed), 2);
 }
 
+/// A framing that writes a fixed 4-byte header in front of each datagram.
+#[derive(Debug)]
+struct Rly;
+
+impl q2q::ptcp::Framing for Rly {
+    fn overhead(&self) -> usize {
+        4
+    }
+
+    fn seal(&self, datagram: &mut [u8]) {
+        datagram[..4].copy_from_slice(b"RLY!");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_path_writes_the_header_in_front() {
-    // A fake relay that strips a 4-byte header and forwards to b.
+async fn relay_path_frames_each_datagram() {
+    // A fake relay that strips the 4-byte header and forwards to b.
     let a = endpoint().await;
     let b = endpoint().await;
     let fake = UdpSocket::bind(lo()).await.unwrap();
     let fake_addr = fake.local_addr().unwrap();
     let b_addr = b.local_addr();
-    let header: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"RLY!"[..]);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, _)) = fake.recv_from(&mut buf).await {
@@ -266,22 +279,46 @@ async fn relay_path_writes_the_header_in_front() {
     });
     let id = SessionId(rand::random());
     let sb = b.accept(id, a.local_addr(), Config::default()).await.unwrap();
-    let sa = a
-        .new_session(
-            id,
-            q2q::ptcp::Side::Initiator,
-            q2q::ptcp::Path::Relay { server: fake_addr, header },
-            Config::default(),
-        )
-        .await
-        .unwrap();
+    let framing: std::sync::Arc<dyn q2q::ptcp::Framing> = std::sync::Arc::new(Rly);
+    let path = q2q::ptcp::Path::Relay { server: fake_addr, framing: framing.clone() };
+    assert_eq!(path, q2q::ptcp::Path::Relay { server: fake_addr, framing });
+    let sa = a.new_session(id, q2q::ptcp::Side::Initiator, path, Config::default()).await.unwrap();
     let mut x = sa.open_stream().await.unwrap();
-    x.write_all(b"via relay").await.unwrap();
+    // Enough for full-sized datagrams sent in GSO batches.
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    x.write_all(&data).await.unwrap();
     x.shutdown().await.unwrap();
     let mut y = sb.accept().await.unwrap();
     let mut got = Vec::new();
     timeout(T, y.read_to_end(&mut got)).await.unwrap().unwrap();
-    assert_eq!(got, b"via relay");
+    assert!(got == data, "corrupted through the framing relay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_path_hands_datagrams_out() {
+    // a's datagrams leave by channel and are handed to b as if from a.
+    let a = endpoint().await;
+    let b = endpoint().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let (b2, a_addr) = (b.clone(), a.local_addr());
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            let _ = b2.inject(a_addr, d).await;
+        }
+    });
+    let id = SessionId(rand::random());
+    let sb = b.accept(id, a.local_addr(), Config::default()).await.unwrap();
+    let path = q2q::ptcp::Path::Channel(tx);
+    assert_eq!(path, path.clone());
+    let sa = a.new_session(id, q2q::ptcp::Side::Initiator, path, Config::default()).await.unwrap();
+    let mut x = sa.open_stream().await.unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    x.write_all(&data).await.unwrap();
+    x.shutdown().await.unwrap();
+    let mut y = sb.accept().await.unwrap();
+    let mut got = Vec::new();
+    timeout(T, y.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert!(got == data, "corrupted through the channel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

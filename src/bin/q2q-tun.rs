@@ -609,11 +609,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if peers.is_empty() {
                 println!("no peers yet");
             } else {
-                println!("{:<28} {:<10} {:<32} why", "peer", "service", "path");
+                // One line per peer session: every stream with that person shares it.
+                println!("{:<28} {:<7} {:<20} {:<32} why", "peer", "streams", "opened", "path");
                 for line in peers.lines() {
                     let f: Vec<&str> = line.split('\t').collect();
-                    if let [peer, service, path, why] = f.as_slice() {
-                        println!("{peer:<28} {service:<10} {path:<32} {why}");
+                    if let [peer, streams, opened, path, why] = f.as_slice() {
+                        println!("{peer:<28} {streams:<7} {opened:<20} {path:<32} {why}");
                     }
                 }
             }

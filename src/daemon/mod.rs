@@ -280,7 +280,11 @@ fn status_box(node: &Node, tun: Option<&tun::Running>) -> AmpBox {
     let lines: Vec<String> = node
         .status()
         .into_iter()
-        .map(|p| format!("{}\t{}\t{}\t{}", p.peer, p.service, p.path, p.why))
+        .map(|p| {
+            let opened: Vec<String> = p.opened.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+            let opened = if opened.is_empty() { "-".to_string() } else { opened.join(",") };
+            format!("{}\t{}\t{}\t{}\t{}", p.peer, p.streams, opened, p.path, p.why)
+        })
         .collect();
     AmpBox::new()
         .with("address", node.address().to_string())

@@ -4,3 +4,5 @@
 pub mod candidates;
 pub mod node;
 pub mod probe;
+pub mod session;
+pub mod table;

@@ -19,6 +19,8 @@
 
 use super::candidates;
 use super::probe::{ProbeKey, Role};
+use super::session::{PeerSession, StreamHeader, Verdict};
+use super::table::{Lookup, Ready, Table};
 use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::{AmpBox, Incoming};
 use crate::client::{ClientError, ConnectOptions, Home, ServerConn, StoredIdentity};
@@ -26,7 +28,7 @@ use crate::proto::{self, code, command};
 use crate::ptcp::{
     Endpoint, EndpointConfig, EndpointError, Path, PtcpSession, PtcpStream, SessionId, Side,
 };
-use crate::server::relay;
+use crate::relay;
 use q2q_netstack::wire::Kind;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +50,15 @@ pub enum NodeError {
     Tls(String),
     #[error("the server sent an invalid answer: {0}")]
     BadAnswer(String),
+    /// The peer refused a stream (not authorized, no such service), with its reason.
+    #[error("{0}")]
+    Refused(String),
+    /// A stream's header or verdict did not arrive whole.
+    #[error(transparent)]
+    Header(#[from] super::session::HeaderError),
+    /// The set-up of a session that several connections waited for failed.
+    #[error(transparent)]
+    Shared(Arc<NodeError>),
 }
 
 /// How a session's datagrams travel now, and why.
@@ -68,14 +79,19 @@ impl std::fmt::Display for PathKind {
     }
 }
 
-/// One peer as `status` shows it.
+/// One peer session as `status` shows it.
 #[derive(Debug, Clone)]
 pub struct PeerStatus {
     pub peer: Q2qAddress,
+    /// The service the session was set up for (its first stream).
     pub service: ServiceName,
     pub session: u64,
     pub path: PathKind,
     pub why: String,
+    /// Streams open now (counted once a second).
+    pub streams: usize,
+    /// Streams opened so far on the session, by service, either direction.
+    pub opened: Vec<(String, u64)>,
 }
 
 /// Who may use a service: default deny, an allow list.
@@ -131,6 +147,9 @@ pub struct NodeConfig {
     pub direct: bool,
     /// Relay over the control connection even if UDP works (for tests and odd networks).
     pub tcp_relay_only: bool,
+    /// A peer session with no stream for this long ends (default 60 s): a close
+    /// message both sides honour. The next connection sets up a new one.
+    pub session_idle: Duration,
 }
 
 impl Default for NodeConfig {
@@ -145,6 +164,7 @@ impl Default for NodeConfig {
             probe_after: Duration::ZERO,
             direct: true,
             tcp_relay_only: false,
+            session_idle: Duration::from_secs(60),
         }
     }
 }
@@ -187,6 +207,11 @@ struct Probing {
     /// the tasks bridging it, stopped when the path dies.
     direct_socket: Option<Arc<tokio::net::UdpSocket>>,
     direct_tasks: Vec<tokio::task::AbortHandle>,
+    /// Look for a direct path at all (false: a relay-only session).
+    direct: bool,
+    /// Probes this session may still send, and when that was computed ([`Node::take_probes`]).
+    budget: f64,
+    budget_at: std::time::Instant,
 }
 
 struct Listening {
@@ -209,15 +234,17 @@ struct Inner {
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
     probing: Mutex<HashMap<u64, Probing>>,
     peers: Mutex<HashMap<u64, PeerStatus>>,
-    /// The TCP relay: sessions whose UDP cannot reach the server send their relay datagrams
-    /// to this loopback socket, and a task frames them over the control connection.
-    tcp_relay: SocketAddr,
-    tcp_relay_routes: Mutex<HashMap<relay::Token, Arc<ServerConn>>>,
+    /// Our relay legs by token, to check the relay datagrams that come back.
+    relay_legs: Mutex<HashMap<relay::Token, Arc<relay::Leg>>>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
     /// Our certificate and key for TLS on peer streams.
     tls_identity: crate::ptcp::tls::Identity,
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
+    /// One session per peer, every stream on it.
+    table: Table<NodeError>,
+    /// Probes and probe replies sent, over all sessions (see [`Node::probes_sent`]).
+    probes_sent: std::sync::atomic::AtomicU64,
 }
 
 /// Probe rounds (100 ms each) before trying the birthday technique.
@@ -227,8 +254,23 @@ const BIRTHDAY_SOCKETS: usize = 256;
 /// Most probes a cone side sprays at random ports.
 const BIRTHDAY_PROBES: u32 = 2500;
 
+/// Datagrams of one TCP-relayed session waiting for the control connection; more are
+/// dropped (selective repeat resends them).
+const TCP_RELAY_QUEUE: usize = 256;
+
 /// How often a relayed session refreshes its relay binding (below NAT UDP timeouts).
 const RELAY_BIND_EVERY: Duration = Duration::from_secs(10);
+
+/// A new stream on a session older than a moment must be accepted within this long, or
+/// the peer is taken to have forgotten the session (restarted) and a new one is set up.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Probes one session may send at once: the first probing (at most 33 candidates × 50
+/// rounds), birthday probing (256 mappings × 48 rounds, or 2500 sprayed) and the path watch
+/// fit in it, and no peer can make us send more.
+const PROBE_BURST: f64 = 16384.0;
+/// Probes a second a session's budget grows back by.
+const PROBE_REFILL: f64 = 8.0;
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
@@ -281,13 +323,13 @@ impl Node {
         let incoming = home_server.incoming.take();
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
-        let bridge = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let inner = Arc::new(Inner {
-            tcp_relay: bridge.local_addr()?,
-            tcp_relay_routes: Default::default(),
+            relay_legs: Default::default(),
             reflexive_cache: Default::default(),
             tls_identity,
             refusals: tokio::sync::broadcast::channel(16).0,
+            table: Table::start(),
+            probes_sent: Default::default(),
             me,
             home,
             identity,
@@ -308,7 +350,6 @@ impl Node {
             tokio::spawn(node.clone().control_loop(incoming));
         }
         tokio::spawn(node.clone().stay_logged_in());
-        tokio::spawn(node.clone().tcp_relay_loop(bridge));
         // Learn the NAT mapping (or that UDP is blocked) before the first connection.
         node.reflexive().await;
         Ok(node)
@@ -494,7 +535,32 @@ impl Node {
         tokio::net::lookup_host(self.home().server.as_str()).await.ok()?.next()
     }
 
-    /// Peers and their paths.
+    /// Probes and probe replies this node sent so far, over all sessions: bounded per
+    /// session, and zero for relay-only sessions.
+    pub fn probes_sent(&self) -> u64 {
+        self.inner.probes_sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Take `n` probes from `session`'s budget (a token bucket: [`PROBE_BURST`], refilled
+    /// at [`PROBE_REFILL`] a second): `false` when it is spent, and nothing may be sent.
+    /// Bounds what any one peer, and any one session, can make us send.
+    fn take_probes(&self, session: u64, n: u64) -> bool {
+        let Ok(mut p) = self.inner.probing.lock() else { return false };
+        let Some(s) = p.get_mut(&session) else { return false };
+        let now = std::time::Instant::now();
+        let refill = now.saturating_duration_since(s.budget_at).as_secs_f64() * PROBE_REFILL;
+        s.budget = (s.budget + refill).min(PROBE_BURST);
+        s.budget_at = now;
+        if s.budget < n as f64 {
+            debug!(session = format!("{session:016x}"), "probe budget spent");
+            return false;
+        }
+        s.budget -= n as f64;
+        self.inner.probes_sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Peer sessions and their paths.
     pub fn status(&self) -> Vec<PeerStatus> {
         let mut v: Vec<_> =
             self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
@@ -566,13 +632,117 @@ impl Node {
         Ok(PingReport { peer: to.clone(), connect, rtts, path, why })
     }
 
-    /// Connect to `to`'s `service`: through `to`'s domain server, relayed at first and direct
-    /// as soon as a hole is punched.
+    /// Connect to `to`'s `service`. The first connection to a peer sets up the peer
+    /// session through `to`'s domain server (relayed at first, direct as soon as a hole is
+    /// punched); every later one, to any service, is a new stream in that session: no
+    /// server round trip, no new punching. A burst of connections sets up one session.
     pub async fn connect(
         &self,
         to: &Q2qAddress,
         service: &ServiceName,
     ) -> Result<Connection, NodeError> {
+        let mut last = None;
+        // A session that ended meanwhile (closed idle, lost, the peer restarted) is set up
+        // anew: at most twice.
+        for _ in 0..3 {
+            let ps = self.session_to(to, service).await?;
+            // A stream on a session that answers nothing within this long: the peer
+            // forgot it (restarted); a fresh session is set up.
+            let limit = if ps.started.elapsed() < Duration::from_secs(2) {
+                Duration::from_secs(10)
+            } else {
+                STREAM_OPEN_TIMEOUT
+            };
+            match tokio::time::timeout(limit, self.open_on(&ps, service)).await {
+                Ok(Ok(stream)) => {
+                    return Ok(Connection { peer: to.clone(), stream, session: ps.ptcp.clone() });
+                }
+                Ok(Err(e)) if !ps.ended() && !matches!(e, NodeError::Ptcp(_)) => return Err(e),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(NodeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{to} did not answer a new stream within {} s", limit.as_secs()),
+                    )))
+                }
+            }
+            self.end_session(&ps, "a new stream could not be opened on it").await;
+        }
+        Err(last.unwrap_or(NodeError::Ptcp(EndpointError::Closed)))
+    }
+
+    /// Open a stream of `service` on `ps`: TLS between the two certificates, the header
+    /// naming the service, and the peer's verdict.
+    async fn open_on(
+        &self,
+        ps: &Arc<PeerSession>,
+        service: &ServiceName,
+    ) -> Result<PeerStream, NodeError> {
+        use tokio::io::AsyncWriteExt;
+        let stream = ps.ptcp.open_stream().await?;
+        // End to end: the server vouched for nobody; TLS proves both identities.
+        let mut tls = crate::ptcp::tls::connect(
+            stream,
+            &self.inner.tls_identity,
+            &ps.peer,
+            ps.ca.clone(),
+            crate::ptcp::tls::no_revocation(),
+        )
+        .await
+        .map_err(|e| NodeError::Tls(format!("{}: {e}", ps.peer)))?;
+        tls.write_all(&StreamHeader::Service(service.clone()).encode()).await?;
+        tls.flush().await?;
+        match Verdict::read(&mut tls).await? {
+            Verdict::Accepted => {
+                ps.note_opened(service);
+                Ok(tls.into())
+            }
+            Verdict::Refused(why) => Err(NodeError::Refused(why)),
+        }
+    }
+
+    /// The live session with `to`, set up if there is none (one set-up for any number of
+    /// callers; see [`Table`]).
+    async fn session_to(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Arc<PeerSession>, NodeError> {
+        for _ in 0..4 {
+            let wait = match self.inner.table.lookup(to, service).await {
+                None => return Err(NodeError::Ptcp(EndpointError::Closed)),
+                Some(Lookup::Live(s)) => return Ok(s),
+                Some(Lookup::Wait(rx)) => rx,
+                Some(Lookup::SetUp(rx)) => {
+                    // On a task of its own: it finishes (and is reported) even if this
+                    // caller gives up, so nobody waits for it forever.
+                    let (node, to, service) = (self.clone(), to.clone(), service.clone());
+                    tokio::spawn(async move {
+                        let result = node.set_up(&to, &service).await.map_err(|e| {
+                            let refused = e.refuses_service();
+                            (Arc::new(e), refused)
+                        });
+                        node.inner.table.done(to, service, result).await;
+                    });
+                    rx
+                }
+            };
+            match wait.await {
+                Ok(Ready::Session(s)) => return Ok(s),
+                Ok(Ready::Failed(e)) => return Err(NodeError::Shared(e)),
+                Ok(Ready::Retry) | Err(_) => continue,
+            }
+        }
+        Err(NodeError::BadAnswer(format!("no session with {to} could be set up")))
+    }
+
+    /// Set up a session with `to` through its domain server, for a first stream of
+    /// `service` (the callee consents to that service, or refuses at once).
+    async fn set_up(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Arc<PeerSession>, NodeError> {
         let server = self.server_for(&to.domain).await?;
         let reflexive = self.reflexive().await;
         let mine = candidates::gather(
@@ -589,21 +759,199 @@ impl Node {
             )
             .await?;
         let setup = Setup::parse(&answer, server.server.as_str()).await?;
+        // No candidates: the callee keeps this session relayed (we are a stranger to it).
+        let relay_only = setup.candidates.is_empty();
         let session = self
-            .open_session(&setup, Role::Caller, to, service, &server, reflexive.is_some())
+            .open_session(
+                &setup,
+                Role::Caller,
+                to,
+                service,
+                &server,
+                reflexive.is_some(),
+                !relay_only,
+            )
             .await?;
-        let stream = session.open_stream().await?;
-        // End to end: the server vouched for nobody; TLS proves both identities.
-        let stream = crate::ptcp::tls::connect(
-            stream,
-            &self.inner.tls_identity,
-            to,
-            server.ca.clone(),
-            crate::ptcp::tls::no_revocation(),
-        )
-        .await
-        .map_err(|e| NodeError::Tls(format!("{to}: {e}")))?;
-        Ok(Connection { peer: to.clone(), stream: stream.into(), session })
+        let ps = Arc::new(PeerSession::new(to.clone(), session, server.ca.clone(), relay_only));
+        self.serve_session(&ps);
+        Ok(ps)
+    }
+
+    /// Run a session's accept loop (streams the peer opens, each checked against our
+    /// policies) and its keeper (stream counts for `status`, the idle close).
+    fn serve_session(&self, ps: &Arc<PeerSession>) {
+        let accept = tokio::spawn(self.clone().accept_loop(ps.clone()));
+        ps.own_task(accept.abort_handle());
+        let keep = tokio::spawn(self.clone().keep_session(ps.clone()));
+        ps.own_task(keep.abort_handle());
+    }
+
+    async fn accept_loop(self, ps: Arc<PeerSession>) {
+        let trust: Arc<dyn crate::ptcp::tls::Trust> = Arc::new(
+            crate::ptcp::tls::TrustMap::new().with_ca(ps.peer.domain.clone(), ps.ca.clone()),
+        );
+        loop {
+            let stream = match ps.ptcp.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(peer = %ps.peer, error = %e, "session ended");
+                    return self.end_session(&ps, "lost").await;
+                }
+            };
+            tokio::spawn(self.clone().accept_stream(ps.clone(), stream, trust.clone()));
+        }
+    }
+
+    /// One stream the peer opened: its TLS must prove the session's peer; its header names
+    /// a service the peer is authorized for (or asks to close the session).
+    async fn accept_stream(
+        self,
+        ps: Arc<PeerSession>,
+        stream: PtcpStream,
+        trust: Arc<dyn crate::ptcp::tls::Trust>,
+    ) {
+        let handshake = async {
+            let (mut tls, caller) =
+                crate::ptcp::tls::accept(stream, &self.inner.tls_identity, trust).await?;
+            let header = StreamHeader::read(&mut tls)
+                .await
+                .map_err(|e| crate::ptcp::tls::TlsError::Io(std::io::Error::other(e)))?;
+            Ok::<_, crate::ptcp::tls::TlsError>((tls, caller, header))
+        };
+        let (mut tls, caller, header) =
+            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    return warn!(peer = %ps.peer, error = %e, "refused a stream: TLS failed");
+                }
+                Err(_) => return debug!(peer = %ps.peer, "a stream's handshake timed out"),
+            };
+        if caller != ps.peer {
+            return warn!(%caller, session_peer = %ps.peer, "refused a stream: not the session's peer");
+        }
+        let me = &self.inner.me;
+        let service = match header {
+            StreamHeader::Close => {
+                ps.closing(true);
+                let busy = ps.count_streams().await.unwrap_or(0) > 0;
+                let verdict = if busy {
+                    Verdict::Refused("streams are open".into())
+                } else {
+                    Verdict::Accepted
+                };
+                let _ = verdict.send(&mut tls).await;
+                ps.closing(false);
+                if !busy {
+                    self.end_session(&ps, "closed by the peer (idle)").await;
+                }
+                return;
+            }
+            StreamHeader::Service(s) => s,
+        };
+        let target = {
+            let Ok(l) = self.inner.listening.lock() else { return };
+            match l.get(&service) {
+                None => Err(format!("{me} does not offer service {service}")),
+                Some(l) if !l.policy.permits(&caller) => {
+                    Err(format!("{caller} is not authorized for {service} of {me}"))
+                }
+                Some(l) => Ok(l.accepted.clone()),
+            }
+        };
+        match target {
+            Ok(accepted) => {
+                if Verdict::Accepted.send(&mut tls).await.is_err() {
+                    return;
+                }
+                ps.note_opened(&service);
+                let a = Accepted { peer: caller, stream: tls.into(), session: ps.ptcp.clone() };
+                let _ = accepted.send(a).await;
+            }
+            Err(why) => {
+                info!(peer = %caller, %service, why, "refused a stream");
+                if why.contains("not authorized") {
+                    let _ = self.inner.refusals.send((caller, service));
+                }
+                let _ = Verdict::Refused(why).send(&mut tls).await;
+            }
+        }
+    }
+
+    /// Count the session's streams once a second (for `status`), and end it when it has
+    /// had none for [`NodeConfig::session_idle`]: ask the peer to close, and forget it.
+    async fn keep_session(self, ps: Arc<PeerSession>) {
+        let idle = self.inner.config.session_idle;
+        let mut idle_since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(open) = ps.count_streams().await else {
+                return self.end_session(&ps, "lost").await;
+            };
+            if let Ok(mut peers) = self.inner.peers.lock()
+                && let Some(p) = peers.get_mut(&ps.id())
+            {
+                p.streams = open;
+                p.opened = ps.opened();
+            }
+            if open > 0 {
+                idle_since = tokio::time::Instant::now();
+                continue;
+            }
+            if idle_since.elapsed() < idle {
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), self.ask_close(&ps)).await {
+                // Busy: the peer opened a stream meanwhile.
+                Ok(Ok(false)) => idle_since = tokio::time::Instant::now(),
+                // Agreed, or no answer: the peer will time out or close on its own.
+                _ => return self.end_session(&ps, "idle").await,
+            }
+        }
+    }
+
+    /// Ask the peer to close the session: `true` if it agreed.
+    async fn ask_close(&self, ps: &Arc<PeerSession>) -> Result<bool, NodeError> {
+        use tokio::io::AsyncWriteExt;
+        ps.closing(true);
+        let result = async {
+            let stream = ps.ptcp.open_stream().await?;
+            let mut tls = crate::ptcp::tls::connect(
+                stream,
+                &self.inner.tls_identity,
+                &ps.peer,
+                ps.ca.clone(),
+                crate::ptcp::tls::no_revocation(),
+            )
+            .await
+            .map_err(|e| NodeError::Tls(e.to_string()))?;
+            tls.write_all(&StreamHeader::Close.encode()).await?;
+            tls.flush().await?;
+            Ok(Verdict::read(&mut tls).await? == Verdict::Accepted)
+        }
+        .await;
+        ps.closing(false);
+        result
+    }
+
+    /// Forget a session: out of the table, its path machinery stopped, its tasks ended.
+    /// Its open streams (if any) live on until they close.
+    async fn end_session(&self, ps: &Arc<PeerSession>, why: &str) {
+        if !ps.end() {
+            return;
+        }
+        let id = ps.id();
+        info!(peer = %ps.peer, session = format!("{id:016x}"), why, "session ended");
+        self.inner.table.remove(&ps.peer, id).await;
+        if let Ok(mut p) = self.inner.probing.lock()
+            && let Some(s) = p.remove(&id)
+        {
+            for t in s.direct_tasks {
+                t.abort();
+            }
+        }
+        if let Ok(mut p) = self.inner.peers.lock() {
+            p.remove(&id);
+        }
     }
 
     /// The CA of `domain`: our own domain's (pinned when we logged in), or another
@@ -646,6 +994,7 @@ impl Node {
     }
 
     /// Create the session of `setup`, bind the relay, and start probing.
+    #[allow(clippy::too_many_arguments)]
     async fn open_session(
         &self,
         setup: &Setup,
@@ -654,27 +1003,25 @@ impl Node {
         service: &ServiceName,
         server: &Arc<ServerConn>,
         udp_ok: bool,
+        probe: bool,
     ) -> Result<Arc<PtcpSession>, NodeError> {
         let side = match role {
             Role::Caller => Side::Initiator,
             Role::Callee => Side::Responder,
         };
-        let header: Arc<[u8]> = relay::encode(&setup.relay_token, &[]).into();
+        let header = Arc::new(relay::Leg::new(setup.relay_token, setup.relay_key.clone()));
+        if let Ok(mut l) = self.inner.relay_legs.lock() {
+            l.insert(setup.relay_token, header.clone());
+        }
         // Without UDP to the server (who-am-i got no answer), relay over the control
         // connection instead.
         let (path, kind) = if udp_ok {
             (
-                Path::Relay { server: setup.relay, header: header.clone() },
+                Path::Relay { server: setup.relay, framing: header.clone() },
                 PathKind::UdpRelay(setup.relay),
             )
         } else {
-            if let Ok(mut r) = self.inner.tcp_relay_routes.lock() {
-                r.insert(setup.relay_token, server.clone());
-            }
-            (
-                Path::Relay { server: self.inner.tcp_relay, header: header.clone() },
-                PathKind::TcpRelay,
-            )
+            (Path::Channel(Self::tcp_relay(server.clone(), setup.relay_token)), PathKind::TcpRelay)
         };
         let session = Arc::new(
             self.inner
@@ -688,7 +1035,7 @@ impl Node {
                 .await?,
         );
         // Bind our end of the relay: over UDP, and over TCP as well in case UDP is blocked.
-        self.inner.endpoint.send_datagram(setup.relay, header.to_vec()).await?;
+        self.inner.endpoint.send_datagram(setup.relay, header.bind()).await?;
         let _ = server
             .peer_tell(
                 AmpBox::command(command::RELAY)
@@ -703,6 +1050,8 @@ impl Node {
                     peer: peer.clone(),
                     service: service.clone(),
                     session: setup.session,
+                    streams: 0,
+                    opened: Vec::new(),
                     why: if udp_ok {
                         "relayed while probing for a direct path".into()
                     } else {
@@ -726,12 +1075,15 @@ impl Node {
                     peer_relayed: false,
                     direct_socket: None,
                     direct_tasks: Vec::new(),
+                    direct: probe,
+                    budget: PROBE_BURST,
+                    budget_at: std::time::Instant::now(),
                 },
             );
         }
         tokio::spawn(self.clone().probe_loop(
             setup.session,
-            setup.candidates.clone(),
+            if probe { setup.candidates.clone() } else { Vec::new() },
             setup.relay,
             header,
         ));
@@ -748,7 +1100,7 @@ impl Node {
         session: u64,
         candidates: Vec<SocketAddr>,
         relay: SocketAddr,
-        header: Arc<[u8]>,
+        header: Arc<relay::Leg>,
     ) {
         let role =
             match self.inner.probing.lock().ok().and_then(|p| p.get(&session).map(|s| s.role)) {
@@ -764,12 +1116,16 @@ impl Node {
         if !self.inner.config.probe_after.is_zero() {
             tokio::time::sleep(self.inner.config.probe_after).await;
         }
-        if !self.inner.config.direct {
+        if !self.inner.config.direct || candidates.is_empty() {
             if let Ok(mut peers) = self.inner.peers.lock()
                 && let Some(p) = peers.get_mut(&session)
                 && matches!(p.path, PathKind::UdpRelay(_))
             {
-                p.why = "direct paths disabled by configuration".into();
+                p.why = if self.inner.config.direct {
+                    "relay only: the callee offers this caller no direct path".into()
+                } else {
+                    "direct paths disabled by configuration".into()
+                };
             }
             // Only keep the relay binding alive.
             while self.keep_relay_bound(session, relay, &header).await {}
@@ -802,7 +1158,7 @@ impl Node {
         rounds: u32,
         candidates: &[SocketAddr],
         relay: SocketAddr,
-        header: &[u8],
+        header: &relay::Leg,
         mut wait_first: bool,
     ) -> Option<()> {
         loop {
@@ -826,14 +1182,16 @@ impl Node {
                 if done {
                     return Some(());
                 }
-                for c in candidates {
-                    let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
+                if self.take_probes(session, candidates.len() as u64) {
+                    for c in candidates {
+                        let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
+                    }
                 }
                 if round == BIRTHDAY_AFTER_ROUNDS {
                     self.maybe_birthday(session, candidates);
                 }
                 if round % 50 == 0 {
-                    let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                    let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -856,7 +1214,7 @@ impl Node {
         &self,
         session: u64,
         relay: SocketAddr,
-        header: &[u8],
+        header: &relay::Leg,
         period: Duration,
     ) -> Option<bool> {
         let start = tokio::time::Instant::now();
@@ -878,7 +1236,7 @@ impl Node {
                 return Some(false);
             }
             if now >= bound + RELAY_BIND_EVERY {
-                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
                 bound = now;
             }
             tokio::time::sleep(WATCH_EVERY).await;
@@ -897,7 +1255,12 @@ impl Node {
     /// server is needed, so this works while the server is away too.
     ///
     /// The relay binding is refreshed meanwhile, so the relay is ready when needed.
-    async fn watch_direct(&self, session: u64, relay: SocketAddr, header: &[u8]) -> Option<String> {
+    async fn watch_direct(
+        &self,
+        session: u64,
+        relay: SocketAddr,
+        header: &relay::Leg,
+    ) -> Option<String> {
         use std::time::Instant;
         struct Suspicion {
             since: Instant,
@@ -921,7 +1284,7 @@ impl Node {
             };
             let live = handle.liveness(addr).await.ok()?;
             if now >= bound + RELAY_BIND_EVERY {
-                let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+                let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
                 bound = now;
             }
             if live.since_heard < SUSPECT_AFTER {
@@ -971,6 +1334,9 @@ impl Node {
             }
             let nonce = suspicion.as_ref().map_or(0, |s| s.nonce);
             let packet = probe(nonce)?;
+            if !self.take_probes(session, 1) {
+                continue;
+            }
             match &socket {
                 Some(sock) => {
                     let _ = sock.send_to(&packet, addr).await;
@@ -984,7 +1350,7 @@ impl Node {
 
     /// The direct path of `session` is dead: send its datagrams through the relay again
     /// (streams see nothing but a pause) and forget the path, so probes can find one anew.
-    async fn fall_back(&self, session: u64, why: &str, relay: SocketAddr, header: &[u8]) {
+    async fn fall_back(&self, session: u64, why: &str, relay: SocketAddr, header: &relay::Leg) {
         let (handle, path, kind, lost) = {
             let Ok(mut p) = self.inner.probing.lock() else { return };
             let Some(s) = p.get_mut(&session) else { return };
@@ -1003,7 +1369,7 @@ impl Node {
         }
         // Bind at once: our NAT mapping towards the relay may have changed with the one that
         // broke the direct path.
-        let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+        let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
         let lost = lost.map_or_else(String::new, |a| a.to_string());
         warn!(session = format!("{session:016x}"), direct = %lost, relay = %kind, why, "direct path lost: back to the relay");
         if let Ok(mut peers) = self.inner.peers.lock()
@@ -1063,6 +1429,9 @@ impl Node {
                 s.key.encode(false, session, u64::from(i), s.role)
             };
             let port = rand::random_range(1024..=65535u16);
+            if !self.take_probes(session, 1) {
+                return;
+            }
             let _ = self
                 .inner
                 .endpoint
@@ -1119,6 +1488,9 @@ impl Node {
                 nonce += 1;
                 s.key.encode(false, session, nonce, s.role)
             };
+            if !self.take_probes(session, sockets.len() as u64) {
+                return;
+            }
             for s in &sockets {
                 let _ = s.send_to(&packet, peer).await;
             }
@@ -1162,11 +1534,7 @@ impl Node {
             return;
         };
         let Ok(bridge_addr) = bridge.local_addr() else { return };
-        if handle
-            .set_path(Path::Relay { server: bridge_addr, header: Arc::from(&[][..]) })
-            .await
-            .is_err()
-        {
+        if handle.set_path(Path::Direct(bridge_addr)).await.is_err() {
             return;
         }
         info!(session = format!("{session:016x}"), %from, port = socket.local_addr().map(|a| a.port()).unwrap_or(0), "direct path found (birthday)");
@@ -1221,32 +1589,26 @@ impl Node {
         }
     }
 
-    /// Frame the relay datagrams of TCP-relayed sessions over their server's control
-    /// connection. Only our own endpoint sends here (loopback), and only known tokens pass.
-    async fn tcp_relay_loop(self, bridge: tokio::net::UdpSocket) {
-        let mut buf = vec![0u8; 65536];
-        let own = self.local_addr().port();
-        loop {
-            let Ok((n, from)) = bridge.recv_from(&mut buf).await else { return };
-            if !from.ip().is_loopback() || from.port() != own {
-                continue;
-            }
-            let Some((token, inner)) = relay::decode(&buf[..n]) else { continue };
-            let server =
-                self.inner.tcp_relay_routes.lock().ok().and_then(|r| r.get(&token).cloned());
-            if let Some(server) = server {
+    /// The TCP relay of one session: the endpoint hands its datagrams to the channel
+    /// returned ([`Path::Channel`]) and a task frames them as AMP `relay` calls on `server`'s
+    /// control connection, under `token`. The task ends with the channel's last sender.
+    fn tcp_relay(server: Arc<ServerConn>, token: relay::Token) -> mpsc::Sender<Vec<u8>> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_RELAY_QUEUE);
+        tokio::spawn(async move {
+            while let Some(inner) = rx.recv().await {
                 let b = AmpBox::command(command::RELAY)
                     .with("token", hex::encode(token))
                     .with("data", inner);
                 let _ = server.peer_tell(b).await;
             }
-        }
+        });
+        tx
     }
 
     /// Refresh this session's relay binding (and the NAT mapping to the relay), wait one
     /// period; false once the session is gone.
-    async fn keep_relay_bound(&self, session: u64, relay: SocketAddr, header: &[u8]) -> bool {
-        let _ = self.inner.endpoint.send_datagram(relay, header.to_vec()).await;
+    async fn keep_relay_bound(&self, session: u64, relay: SocketAddr, header: &relay::Leg) -> bool {
+        let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
         tokio::time::sleep(RELAY_BIND_EVERY).await;
         self.inner
             .probing
@@ -1269,7 +1631,10 @@ impl Node {
                 }
                 Kind::Probe | Kind::ProbeReply => self.on_probe(&d.data, d.from).await,
                 Kind::Relay => {
-                    if let Some((_, inner)) = relay::decode(&d.data)
+                    let leg = relay::parse(&d.data)
+                        .ok()
+                        .and_then(|u| self.inner.relay_legs.lock().ok()?.get(&u.token).cloned());
+                    if let Some(inner) = leg.as_ref().and_then(|l| l.open(&d.data).ok())
                         && !inner.is_empty()
                     {
                         self.note_relayed(inner);
@@ -1310,6 +1675,9 @@ impl Node {
         let (reply, switch) = {
             let Ok(mut p) = self.inner.probing.lock() else { return };
             let Some(s) = p.get_mut(&session) else { return };
+            if !s.direct {
+                return; // relay only: neither answer probes nor move to a direct path
+            }
             let Some(probe) = s.key.verify(data, s.role.other()) else {
                 debug!(%from, "dropped a probe that does not verify");
                 return;
@@ -1332,6 +1700,7 @@ impl Node {
             let via = s.direct_socket.clone().filter(|_| s.found == Some(from));
             (reply.map(|r| (r, via)), switch)
         };
+        let reply = reply.filter(|_| self.take_probes(session, 1));
         match reply {
             Some((r, Some(socket))) => {
                 let _ = socket.send_to(&r, from).await;
@@ -1398,7 +1767,10 @@ impl Node {
         })
     }
 
-    /// Someone asks for one of our services: default deny unless the policy names them.
+    /// Someone asks for one of our services (their first stream): default deny unless the
+    /// policy names them. A caller authorized for none of our services by name (a
+    /// stranger calling `ping`, which anyone may use) gets a relay-only session: no
+    /// candidates revealed, no probes sent.
     async fn inbound(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
         let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
         let from = b
@@ -1409,7 +1781,7 @@ impl Node {
             .get_str("service")
             .and_then(|s| ServiceName::parse(s).ok())
             .ok_or_else(|| bad("bad `service`"))?;
-        let accepted = {
+        let relay_only = {
             let l = self.inner.listening.lock().map_err(|_| bad("lock"))?;
             match l.get(&service) {
                 None => {
@@ -1426,7 +1798,7 @@ impl Node {
                         format!("{from} is not authorized for {service} of {}", self.inner.me),
                     ));
                 }
-                Some(l) => l.accepted.clone(),
+                Some(_) => !l.values().any(|l| l.policy.allowed.contains(&from)),
             }
         };
         let setup =
@@ -1435,48 +1807,48 @@ impl Node {
             (code::NOT_AUTHORIZED.to_string(), format!("cannot verify {from}: {e}"))
         })?;
         let reflexive = self.reflexive().await;
-        let mine = candidates::gather(
-            self.local_addr().port(),
-            reflexive,
-            self.inner.config.include_loopback,
-        );
+        let mine = if relay_only {
+            Vec::new()
+        } else {
+            candidates::gather(
+                self.local_addr().port(),
+                reflexive,
+                self.inner.config.include_loopback,
+            )
+        };
         let home = self.home();
         let session = self
-            .open_session(&setup, Role::Callee, &from, &service, &home, reflexive.is_some())
+            .open_session(
+                &setup,
+                Role::Callee,
+                &from,
+                &service,
+                &home,
+                reflexive.is_some(),
+                !relay_only,
+            )
             .await
             .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
-        let identity = self.inner.tls_identity.clone();
-        let trust: Arc<dyn crate::ptcp::tls::Trust> =
-            Arc::new(crate::ptcp::tls::TrustMap::new().with_ca(from.domain.clone(), caller_ca));
-        tokio::spawn(async move {
-            loop {
-                let stream = match session.accept().await {
-                    Ok(s) => s,
-                    Err(e) => return debug!(error = %e, "session ended"),
-                };
-                let (identity, trust, session, accepted, from) = (
-                    identity.clone(),
-                    trust.clone(),
-                    session.clone(),
-                    accepted.clone(),
-                    from.clone(),
-                );
-                tokio::spawn(async move {
-                    match crate::ptcp::tls::accept(stream, &identity, trust).await {
-                        // The caller proved an identity; it must be the one the server announced.
-                        Ok((tls, caller)) if caller == from => {
-                            let a = Accepted { peer: caller, stream: tls.into(), session };
-                            let _ = accepted.send(a).await;
-                        }
-                        Ok((_, caller)) => {
-                            warn!(%caller, announced = %from, "refused a stream: not the announced caller")
-                        }
-                        Err(e) => warn!(%from, error = %e, "refused a stream: TLS failed"),
-                    }
-                });
-            }
-        });
+        if relay_only {
+            info!(%from, %service, "a caller authorized for no service by name: relay only");
+        }
+        let ps = Arc::new(PeerSession::new(from, session, caller_ca, relay_only));
+        self.serve_session(&ps);
+        self.inner.table.insert(ps).await;
         Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))
+    }
+}
+
+impl NodeError {
+    /// The peer (or its server) refused the service asked for: another may be granted.
+    fn refuses_service(&self) -> bool {
+        match self {
+            NodeError::Control(e) => {
+                matches!(e.code(), Some(code::NOT_AUTHORIZED | code::NO_SUCH_SERVICE))
+            }
+            NodeError::Shared(e) => e.refuses_service(),
+            _ => false,
+        }
     }
 }
 
@@ -1485,6 +1857,7 @@ struct Setup {
     session: u64,
     probe_key: [u8; 16],
     relay_token: relay::Token,
+    relay_key: relay::Key,
     relay: SocketAddr,
     candidates: Vec<SocketAddr>,
 }
@@ -1508,6 +1881,10 @@ impl Setup {
             .and_then(|k| hex::decode(k).ok())
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| bad("relay_token"))?;
+        let relay_key = b
+            .get_str("relay_key")
+            .and_then(relay::Key::from_hex)
+            .ok_or_else(|| bad("relay_key"))?;
         let port: u16 = b
             .get_str("relay_port")
             .and_then(|p| p.parse().ok())
@@ -1520,6 +1897,7 @@ impl Setup {
             session,
             probe_key,
             relay_token,
+            relay_key,
             relay: SocketAddr::new(host.ip(), port),
             candidates,
         })

@@ -20,13 +20,21 @@
 //! |---|---|---|
 //! | `listen` | `service`, `description` | (empty); presence lasts as long as the connection |
 //! | `unlisten` | `service` | (empty) |
-//! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_port` |
-//! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction |
+//! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen` |
+//! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction; only for a leg of this connection |
 //! | `exists` | `address` (of the server's domain) | `exists`: `true` or `false` |
 //!
 //! The server asks the callee `inbound` with `from`, `service`, `candidates`, `session`,
-//! `probe_key`, `relay_token`, `relay_port`, and the callee answers its `candidates` or an
-//! error (`NOT_AUTHORIZED`). `candidates` is a comma-separated list of `ip:port`.
+//! `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen`, and the callee
+//! answers its `candidates` or an error (`NOT_AUTHORIZED`). `candidates` is a
+//! comma-separated list of `ip:port`.
+//!
+//! - `relay_token` (hex, 16 bytes) and `relay_key` (hex, 32 bytes): the receiver's own leg
+//!   of the relayed session. The token names the leg and travels in clear in each relay
+//!   datagram; the key is secret, given only here (inside TLS), and authenticates the
+//!   leg's UDP datagrams both ways ([`crate::relay`]). `relay_port`: the server's UDP port.
+//! - `peer_seen`: the IP address (no port) the server sees the *other* side's control
+//!   connection come from, to check the other side's `candidates` against.
 
 pub mod whoami;
 

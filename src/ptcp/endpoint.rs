@@ -19,33 +19,57 @@ use super::stream::{Key, Pipes, PtcpStream, StreamFailure};
 use super::sys;
 use crate::pipe::{IoError, StreamIo, wake_both};
 
+/// How datagrams sent through a relay are framed (the presence layer's business, e.g.
+/// [`crate::relay::Leg`]): the endpoint reserves [`Framing::overhead`] bytes in front of
+/// each datagram and has [`Framing::seal`] fill them in, in place, so that equal-sized
+/// datagrams stay equal-sized and still go out in one GSO batch.
+pub trait Framing: Send + Sync + std::fmt::Debug {
+    /// Bytes reserved in front of each datagram.
+    fn overhead(&self) -> usize;
+    /// Fill in the framing of one datagram: `datagram[..overhead()]` is reserved (zeros),
+    /// the inner datagram follows. The length must not change.
+    fn seal(&self, datagram: &mut [u8]);
+}
+
 /// Where a session's datagrams go. The driver routes *incoming* datagrams by session id
 /// only, so changing the path never disturbs a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Path {
     /// Straight to the peer's UDP address.
     Direct(SocketAddr),
-    /// Through a relay: every datagram is sent to `server` with `header` written in front of
-    /// it (the relay's framing, defined by the presence layer, e.g. a `Kind::Relay` prefix
-    /// and the peer's relay token). Datagrams coming back through the relay arrive as
-    /// [`Kind::Relay`] on the side channel; the presence layer unwraps them and hands the
-    /// inner datagram back with [`Endpoint::inject`].
+    /// Through a relay: every datagram is framed by `framing` and sent to `server`.
+    /// Datagrams coming back through the relay arrive as [`Kind::Relay`] on the side
+    /// channel; the presence layer checks and unwraps them and hands the inner datagram back
+    /// with [`Endpoint::inject`].
     Relay {
         /// The relay's UDP address.
         server: SocketAddr,
-        /// Bytes put in front of each datagram.
-        header: Arc<[u8]>,
+        /// How each datagram is framed.
+        framing: Arc<dyn Framing>,
     },
+    /// Out of the endpoint by channel, one datagram per message, unframed (e.g. the relay
+    /// over the server's control connection, which frames them itself). A full channel
+    /// drops the datagram (selective repeat resends it); what comes back is handed in with
+    /// [`Endpoint::inject`].
+    Channel(mpsc::Sender<Vec<u8>>),
 }
 
-impl Path {
-    fn target(&self) -> SocketAddr {
-        match self {
-            Path::Direct(a) => *a,
-            Path::Relay { server, .. } => *server,
+/// Paths are equal if they send to the same place the same way: the same framing object
+/// (by pointer) or the same channel.
+impl PartialEq for Path {
+    fn eq(&self, other: &Path) -> bool {
+        match (self, other) {
+            (Path::Direct(a), Path::Direct(b)) => a == b,
+            (Path::Relay { server: a, framing: fa }, Path::Relay { server: b, framing: fb }) => {
+                a == b && std::ptr::addr_eq(Arc::as_ptr(fa), Arc::as_ptr(fb))
+            }
+            (Path::Channel(a), Path::Channel(b)) => a.same_channel(b),
+            _ => false,
         }
     }
 }
+
+impl Eq for Path {}
 
 /// Settings of an [`Endpoint`].
 #[derive(Debug, Clone)]
@@ -124,7 +148,8 @@ pub struct EndpointStats {
     pub side: AtomicU64,
     /// Non-PTCP datagrams dropped because the side channel was full or not taken.
     pub side_dropped: AtomicU64,
-    /// Send errors other than "would block" (e.g. ICMP unreachable reported back).
+    /// Send errors other than "would block" (e.g. ICMP unreachable reported back), and
+    /// datagrams dropped because a [`Path::Channel`] was full or closed.
     pub send_errors: AtomicU64,
 }
 
@@ -162,6 +187,10 @@ pub(crate) enum Command {
         id: SessionId,
         from: SocketAddr,
         reply: oneshot::Sender<Result<Liveness, EndpointError>>,
+    },
+    InUse {
+        id: SessionId,
+        reply: oneshot::Sender<Result<usize, EndpointError>>,
     },
     DropFrom(Option<DropFilter>),
     Send {
@@ -428,6 +457,13 @@ impl PtcpSession {
             .call(|reply| Command::Liveness { id, from, reply })
             .await
             .map_err(|e| self.explain(e))
+    }
+
+    /// Streams in use: opening, or held by a handle the application has not dropped (a
+    /// stream the application closed may linger in TCP's closing states; it is not counted).
+    pub async fn streams_in_use(&self) -> Result<usize, EndpointError> {
+        let id = self.id;
+        self.link.call(|reply| Command::InUse { id, reply }).await.map_err(|e| self.explain(e))
     }
 
     /// Why the session ended, if it did.
@@ -711,6 +747,17 @@ impl Driver {
                 };
                 let _ = reply.send(r);
             }
+            Command::InUse { id, reply } => {
+                let r = self
+                    .sessions
+                    .get(&id)
+                    .map(|s| {
+                        let held = s.streams.values().filter(|p| !p.lock().dropped).count();
+                        held + s.opening.len()
+                    })
+                    .ok_or(EndpointError::NoSuchSession(id));
+                let _ = reply.send(r);
+            }
             Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),
             Command::Inject { from, data } => {
@@ -912,20 +959,24 @@ impl Io<'_> {
         out: &mut Vec<u8>,
         stalled: &mut VecDeque<Batch>,
     ) {
-        let to = s.path.target();
-        let max_segs = self.udp.max_gso_segments().clamp(1, 64);
-        let header: &[u8] = match &s.path {
-            Path::Relay { header, .. } => header,
-            Path::Direct(_) => &[],
+        let (to, framing) = match &s.path {
+            Path::Direct(a) => (*a, None),
+            Path::Relay { server, framing } => (*server, Some(framing.clone())),
+            Path::Channel(tx) => return self.transmit_channel(s, now, out, tx.clone()),
         };
+        let overhead = framing.as_ref().map_or(0, |f| f.overhead());
+        let max_segs = self.udp.max_gso_segments().clamp(1, 64);
         out.clear();
         let (mut seg, mut count) = (0usize, 0usize);
         while stalled.is_empty() {
             let start = out.len();
-            out.extend_from_slice(header);
+            out.resize(start + overhead, 0);
             if s.session.poll_transmit(now, out).is_none() {
                 out.truncate(start);
                 break;
+            }
+            if let Some(f) = &framing {
+                f.seal(&mut out[start..]);
             }
             let len = out.len() - start;
             let fits = count < max_segs && out.len() <= GSO_BYTES;
@@ -948,6 +999,28 @@ impl Io<'_> {
         }
         // What is left (after a stall, too) is kept in order.
         self.flush(to, out, seg.max(1), out.len(), stalled);
+    }
+
+    /// Hand every datagram the session has ready to `tx`, one message each; drop those
+    /// that do not fit (the selective-repeat layer resends what is lost).
+    fn transmit_channel(
+        &self,
+        s: &mut SessionState,
+        now: Instant,
+        out: &mut Vec<u8>,
+        tx: mpsc::Sender<Vec<u8>>,
+    ) {
+        loop {
+            out.clear();
+            if s.session.poll_transmit(now, out).is_none() {
+                break;
+            }
+            match tx.try_send(out.clone()) {
+                Ok(()) => bump(&self.stats.sent),
+                Err(_) => bump(&self.stats.send_errors),
+            }
+        }
+        out.clear();
     }
 }
 

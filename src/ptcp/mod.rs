@@ -52,9 +52,11 @@
 //! [`Endpoint::accept`]) and changed with [`Endpoint::set_peer_addr`] /
 //! [`PtcpSession::set_path`]; incoming datagrams are routed by session id only, so moving
 //! from relay to direct, or a NAT rebinding, is invisible to streams. [`Path::Relay`] is
-//! the seam for relaying: every datagram is written behind a header the presence layer
-//! defines and sent to the relay; relayed datagrams coming back arrive on the side channel
-//! as `Kind::Relay` and are handed back, unwrapped, with [`Endpoint::inject`].
+//! the seam for relaying: every datagram is framed in place by a [`Framing`] the presence
+//! layer gives (the relay's token, counter and tag, [`crate::relay::Leg`]) and sent to the
+//! relay; relayed datagrams coming back arrive on the side channel as `Kind::Relay` and are
+//! handed back, checked and unwrapped, with [`Endpoint::inject`]. [`Path::Channel`] hands
+//! datagrams out by channel instead (the relay over the server's control connection).
 //!
 //! ## Streams and errors
 //! `shutdown` sends FIN after everything written, the peer reads EOF after all data;
@@ -78,7 +80,7 @@ mod sys;
 pub mod tls;
 
 pub use endpoint::{
-    DropFilter, Endpoint, EndpointConfig, EndpointError, EndpointStats, Liveness, Path,
+    DropFilter, Endpoint, EndpointConfig, EndpointError, EndpointStats, Framing, Liveness, Path,
     PtcpSession, SideDatagram,
 };
 pub use q2q_netstack::wire::SessionId;

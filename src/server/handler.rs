@@ -80,8 +80,9 @@ pub(super) async fn serve(
                 Err(r) => request.respond(Err((r.code, r.description))).await,
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
+                    let me = Me { handle, id, seen: peer.ip() };
                     tokio::spawn(async move {
-                        let result = inbound(&state, &caller, &handle, id, &request.request).await;
+                        let result = inbound(&state, &caller, &me, &request.request).await;
                         request.respond(result.map_err(|r| (r.code, r.description))).await;
                     });
                 }
@@ -138,7 +139,7 @@ impl Conn {
             }
             command::RELAY => {
                 let _ = self.caller().await?;
-                relay_over_tcp(&self.state, b).await;
+                relay_over_tcp(&self.state, self.id, b).await;
                 Ok(AmpBox::new())
             }
             command::EXISTS => self.exists(b).await,
@@ -348,7 +349,12 @@ impl Conn {
         let caller = self.caller().await?;
         let service = service_arg(b)?;
         let description = b.get_str("description").unwrap_or("").chars().take(200).collect();
-        let listener = Listener { conn: self.id, description, handle: self.handle.clone() };
+        let listener = Listener {
+            conn: self.id,
+            description,
+            handle: self.handle.clone(),
+            seen: self.peer.ip(),
+        };
         if !self.state.presence.listen(&caller, service.clone(), listener) {
             return Err(refuse(code::BAD_REQUEST, "too many services"));
         }
@@ -388,14 +394,23 @@ fn service_arg(b: &AmpBox) -> Result<ServiceName, Refusal> {
 /// How long the callee has to answer an `inbound`.
 const CALLEE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The caller's control connection, as `inbound` needs it.
+struct Me {
+    handle: amp::PeerHandle,
+    id: u64,
+    /// The IP address its control connection comes from.
+    seen: std::net::IpAddr,
+}
+
 /// `inbound` from `caller`: check the callee listens, set up the relay legs, ask the callee
 /// (which says whether the caller is authorized and gives its candidates), and answer the
 /// caller with the callee's candidates. Both sides start probing when they get their box.
+/// Each side learns its own leg (`relay_token`, `relay_key`) and the IP address the server
+/// sees the other side's control connection come from (`peer_seen`).
 async fn inbound(
     state: &Arc<State>,
     caller: &Q2qAddress,
-    handle: &amp::PeerHandle,
-    conn_id: u64,
+    me: &Me,
     b: &AmpBox,
 ) -> Result<AmpBox, Refusal> {
     let to =
@@ -432,10 +447,10 @@ async fn inbound(
     let probe_key: [u8; 16] = rand::random();
     let now = Instant::now();
     let ends = (
-        End { user: caller.to_string(), conn: conn_id, handle: handle.clone() },
+        End { user: caller.to_string(), conn: me.id, handle: me.handle.clone() },
         End { user: to.to_string(), conn: listener.conn, handle: listener.handle.clone() },
     );
-    let (t_caller, t_callee) = state
+    let (g_caller, g_callee) = state
         .relay
         .create(ends.0, ends.1, now)
         .ok_or_else(|| refuse(code::RELAY_LIMIT, "too many relayed sessions for this user"))?;
@@ -445,16 +460,18 @@ async fn inbound(
         .with("candidates", candidates)
         .with("session", format!("{session:016x}"))
         .with("probe_key", hex::encode(probe_key))
-        .with("relay_token", hex::encode(t_callee))
-        .with("relay_port", state.udp_port.to_string());
+        .with("relay_token", hex::encode(g_callee.token))
+        .with("relay_key", g_callee.key.to_hex())
+        .with("relay_port", state.udp_port.to_string())
+        .with("peer_seen", me.seen.to_string());
     let answer = match tokio::time::timeout(CALLEE_TIMEOUT, listener.handle.call(ask)).await {
         Ok(Ok(a)) => a,
         Ok(Err(amp::CallError::Remote { code, description })) => {
-            state.relay.remove(&t_caller);
+            state.relay.remove(&g_caller.token);
             return Err(Refusal { code, description });
         }
         Ok(Err(_)) | Err(_) => {
-            state.relay.remove(&t_caller);
+            state.relay.remove(&g_caller.token);
             return Err(refuse(code::OFFLINE, format!("{to} did not answer")));
         }
     };
@@ -467,19 +484,24 @@ async fn inbound(
         .with("candidates", theirs)
         .with("session", format!("{session:016x}"))
         .with("probe_key", hex::encode(probe_key))
-        .with("relay_token", hex::encode(t_caller))
-        .with("relay_port", state.udp_port.to_string()))
+        .with("relay_token", hex::encode(g_caller.token))
+        .with("relay_key", g_caller.key.to_hex())
+        .with("relay_port", state.udp_port.to_string())
+        .with("peer_seen", listener.seen.to_string()))
 }
 
-/// A datagram a client relays over its control connection.
-async fn relay_over_tcp(state: &Arc<State>, b: &AmpBox) {
+/// A datagram a client relays over its control connection `conn`: only for a leg that
+/// connection owns.
+async fn relay_over_tcp(state: &Arc<State>, conn: u64, b: &AmpBox) {
     let Some(token) =
         b.get_str("token").and_then(|t| hex::decode(t).ok()).and_then(|t| t.try_into().ok())
     else {
         return;
     };
     let data = b.get("data").unwrap_or_default();
-    if let Some(f) = state.relay.forward(&token, data, None, Instant::now()) {
-        state.send_forward(f).await;
+    match state.relay.forward_tcp(conn, &token, data, Instant::now()) {
+        Ok(Some(f)) => state.send_forward(f).await,
+        Ok(None) => {}
+        Err(e) => debug!(conn, error = %e, "refused a datagram relayed over TCP"),
     }
 }

@@ -5,7 +5,7 @@
 //!  TCP :8788 ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
 //!                                                 ├── Db (SQLite: users, certs, invites)
 //!                                                 └── RateLimiter, Hasher (argon2id)
-//!  UDP :8788 ── who-am-i (and later: probes, relay)
+//!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
 //! ```
 
 pub mod admin;
@@ -95,6 +95,9 @@ pub struct Stats {
     pub listeners: usize,
     pub relay_sessions: usize,
     pub relayed_bytes: u64,
+    /// Relay datagrams refused: malformed, unknown token, bad tag, replayed, or a token
+    /// used over a connection that does not own it.
+    pub relay_refused: u64,
 }
 
 /// A running server; dropping it does not stop it, [`Running::shutdown`] does.
@@ -119,6 +122,7 @@ impl Running {
                 .relay
                 .relayed_bytes
                 .load(std::sync::atomic::Ordering::Relaxed),
+            relay_refused: self.state.relay.refused.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -257,15 +261,13 @@ async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
                 }
                 Err(_) => dropped += 1,
             },
-            Ok(Kind::Relay) => match relay::decode(d) {
-                Some((token, inner)) => {
-                    if let Some(f) =
-                        state.relay.forward(&token, inner, Some(from), std::time::Instant::now())
-                    {
-                        state.send_forward(f).await;
-                    }
+            Ok(Kind::Relay) => match state.relay.forward_udp(d, from, std::time::Instant::now()) {
+                Ok(Some(f)) => state.send_forward(f).await,
+                Ok(None) => {}
+                Err(e) => {
+                    dropped += 1;
+                    tracing::debug!(%from, error = %e, dropped, "refused a relay datagram");
                 }
-                None => dropped += 1,
             },
             _ => {
                 dropped += 1;

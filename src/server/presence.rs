@@ -15,6 +15,8 @@ pub struct Listener {
     pub conn: u64,
     pub description: String,
     pub handle: PeerHandle,
+    /// The IP address the connection comes from (told to callers as `peer_seen`).
+    pub seen: std::net::IpAddr,
 }
 
 /// Why a callee cannot be asked.

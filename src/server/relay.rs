@@ -2,52 +2,39 @@
 //! the two ends, over UDP or framed over the TLS control connection when a side's UDP is
 //! blocked. It sees only what PTCP carries, which is TLS ciphertext.
 //!
-//! Each end of a relayed session holds its own random 128-bit token. A datagram
-//!
-//! ```text
-//! version kind=0x30 | token (16) | inner datagram (a PTCP Data/Ack, or empty = bind)
-//! ```
-//!
-//! arriving from address X binds that end to X (only the end holding the token could send
-//! it) and is forwarded to the other end under the other end's token.
+//! Each end of a relayed session holds its own leg: a token and a secret key, given to
+//! that end only, over TLS (framing in [`crate::relay`]). A UDP datagram on a leg is
+//! forwarded only if its tag verifies with the leg's key and its counter is not a replay;
+//! only a verified datagram newer than any seen on the leg moves the leg to the address it
+//! came from, so a captured datagram replayed from elsewhere moves nothing. What the relay
+//! forwards to an end over UDP it seals with that end's key and its own counter. Over a
+//! control connection (AMP `relay`, inside TLS) there is no tag, and only the connection
+//! that owns a leg may use its token.
 
 use crate::amp::{AmpBox, PeerHandle};
-use q2q_netstack::wire::{Kind, Prefix};
+use crate::proto::command;
+use crate::relay::{self, Direction, Fresh, Key, RelayError, ReplayWindow, Token};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-pub const TOKEN_LEN: usize = 16;
-/// The AMP command carrying a relayed datagram over a control connection (no answer).
-pub const RELAY_COMMAND: &str = "relay";
-
-pub type Token = [u8; TOKEN_LEN];
-
-/// A relay datagram: `token` and `inner`.
-pub fn encode(token: &Token, inner: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(Prefix::LEN + TOKEN_LEN + inner.len());
-    out.extend_from_slice(&[q2q_netstack::wire::VERSION, Kind::Relay as u8]);
-    out.extend_from_slice(token);
-    out.extend_from_slice(inner);
-    out
-}
-
-/// The token and inner datagram of a relay datagram (kind already checked).
-pub fn decode(d: &[u8]) -> Option<(Token, &[u8])> {
-    let token: Token = d.get(Prefix::LEN..Prefix::LEN + TOKEN_LEN)?.try_into().ok()?;
-    Some((token, &d[Prefix::LEN + TOKEN_LEN..]))
-}
 
 /// One end of a relayed session.
 struct Leg {
     partner: Token,
+    key: Key,
     /// The user this end belongs to (for limits and accounting).
     user: String,
-    /// The control connection it came from; the leg ends with it.
+    /// The control connection it came from; the leg ends with it, and only it may use
+    /// the token over TCP.
     conn: u64,
     handle: PeerHandle,
     udp: Option<SocketAddr>,
+    /// Counters of the verified UDP datagrams from this end.
+    window: ReplayWindow,
+    /// The counter of the last datagram sealed to this end.
+    sent: u64,
     last: Instant,
     /// Token bucket, in bytes.
     allowance: f64,
@@ -56,15 +43,20 @@ struct Leg {
 
 /// Where to send a forwarded datagram.
 pub enum Forward {
+    /// A sealed relay datagram, to this UDP address.
     Udp(SocketAddr, Vec<u8>),
+    /// An AMP `relay` box, over this control connection.
     Tcp(PeerHandle, AmpBox),
 }
 
 /// Limits on relaying.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayLimits {
+    /// Relayed sessions one user may take part in at once.
     pub sessions_per_user: usize,
+    /// Rate of one leg (token bucket of one second's worth).
     pub bytes_per_sec: f64,
+    /// A session silent this long ends.
     pub idle: Duration,
 }
 
@@ -78,24 +70,46 @@ impl Default for RelayLimits {
 pub struct Relay {
     legs: Mutex<HashMap<Token, Leg>>,
     limits: RelayLimits,
-    pub relayed_bytes: std::sync::atomic::AtomicU64,
+    /// Inner bytes forwarded, both ways, over all sessions.
+    pub relayed_bytes: AtomicU64,
+    /// Datagrams refused: malformed, unknown token, bad tag, replayed, or a token used by
+    /// a connection that does not own it.
+    pub refused: AtomicU64,
 }
 
 /// An end of a session to set up.
 pub struct End {
+    /// The user's address.
     pub user: String,
+    /// Its control connection.
     pub conn: u64,
+    /// For relaying to it over that connection.
     pub handle: PeerHandle,
 }
 
+/// What one end is given (over TLS) for its leg.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The leg's token (`relay_token`).
+    pub token: Token,
+    /// The leg's key (`relay_key`).
+    pub key: Key,
+}
+
 impl Relay {
+    /// No sessions yet.
     pub fn new(limits: RelayLimits) -> Relay {
-        Relay { legs: Mutex::default(), limits, relayed_bytes: Default::default() }
+        Relay {
+            legs: Mutex::default(),
+            limits,
+            relayed_bytes: AtomicU64::default(),
+            refused: AtomicU64::default(),
+        }
     }
 
-    /// Set up a relayed session between `a` and `b`; their tokens, or None if a user has
+    /// Set up a relayed session between `a` and `b`; their legs, or None if a user has
     /// too many sessions.
-    pub fn create(&self, a: End, b: End, now: Instant) -> Option<(Token, Token)> {
+    pub fn create(&self, a: End, b: End, now: Instant) -> Option<(Grant, Grant)> {
         let mut legs = self.legs.lock().ok()?;
         self.expire(&mut legs, now);
         for user in [&a.user, &b.user] {
@@ -103,36 +117,91 @@ impl Relay {
                 return None;
             }
         }
-        let (ta, tb): (Token, Token) = (rand::random(), rand::random());
-        let leg = |e: End, partner| Leg {
+        let ga = Grant { token: rand::random(), key: Key::random() };
+        let gb = Grant { token: rand::random(), key: Key::random() };
+        let leg = |e: End, key: &Key, partner| Leg {
             partner,
+            key: key.clone(),
             user: e.user,
             conn: e.conn,
             handle: e.handle,
             udp: None,
+            window: ReplayWindow::default(),
+            sent: 0,
             last: now,
             allowance: self.limits.bytes_per_sec,
             bytes: 0,
         };
-        legs.insert(ta, leg(a, tb));
-        legs.insert(tb, leg(b, ta));
-        Some((ta, tb))
+        legs.insert(ga.token, leg(a, &ga.key, gb.token));
+        legs.insert(gb.token, leg(b, &gb.key, ga.token));
+        Some((ga, gb))
     }
 
-    /// A datagram from one end (by UDP from `from`, or over its control connection when
-    /// `from` is None): where to forward it, if anywhere.
-    pub fn forward(
+    /// A relay datagram that came by UDP from `from`: where to forward it, if anywhere
+    /// (`Ok(None)`: a bind, or over the rate). Refused unless its tag verifies with the
+    /// leg's key and its counter is new; the leg moves to `from` only if the counter is
+    /// higher than any seen on it.
+    pub fn forward_udp(
         &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        now: Instant,
+    ) -> Result<Option<Forward>, RelayError> {
+        let r = self.forward_udp_inner(datagram, from, now);
+        if r.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn forward_udp_inner(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        now: Instant,
+    ) -> Result<Option<Forward>, RelayError> {
+        let u = relay::parse(datagram)?;
+        let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
+        let leg = legs.get_mut(&u.token).ok_or(RelayError::UnknownToken)?;
+        let opened = u.verify(&leg.key, Direction::ToServer)?;
+        if leg.window.accept(opened.counter)? == Fresh::Newest {
+            leg.udp = Some(from);
+        }
+        Ok(self.relay(&mut legs, &opened.token, opened.inner, now))
+    }
+
+    /// A datagram relayed over control connection `conn`: where to forward it, if
+    /// anywhere. Refused unless `conn` owns the leg `token`.
+    pub fn forward_tcp(
+        &self,
+        conn: u64,
         token: &Token,
         inner: &[u8],
-        from: Option<SocketAddr>,
+        now: Instant,
+    ) -> Result<Option<Forward>, RelayError> {
+        let r = (|| {
+            let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
+            let leg = legs.get(token).ok_or(RelayError::UnknownToken)?;
+            if leg.conn != conn {
+                return Err(RelayError::NotOwner);
+            }
+            Ok(self.relay(&mut legs, token, inner, now))
+        })();
+        if r.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Account `inner` from leg `token` (known to exist) and build what goes to its partner.
+    fn relay(
+        &self,
+        legs: &mut HashMap<Token, Leg>,
+        token: &Token,
+        inner: &[u8],
         now: Instant,
     ) -> Option<Forward> {
-        let mut legs = self.legs.lock().ok()?;
         let leg = legs.get_mut(token)?;
-        if from.is_some() {
-            leg.udp = from;
-        }
         let elapsed = now.saturating_duration_since(leg.last).as_secs_f64();
         leg.last = now;
         leg.allowance =
@@ -146,17 +215,27 @@ impl Relay {
         leg.allowance -= inner.len() as f64;
         leg.bytes += inner.len() as u64;
         let partner = leg.partner;
-        let other = legs.get(&partner)?;
-        self.relayed_bytes.fetch_add(inner.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let other = legs.get_mut(&partner)?;
+        self.relayed_bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
         Some(match other.udp {
-            Some(addr) => Forward::Udp(addr, encode(&partner, inner)),
+            Some(addr) => {
+                other.sent += 1;
+                let mut out = Vec::with_capacity(relay::OVERHEAD + inner.len());
+                relay::seal(&mut out, &other.key, Direction::ToClient, &partner, other.sent, inner);
+                Forward::Udp(addr, out)
+            }
             None => Forward::Tcp(
                 other.handle.clone(),
-                AmpBox::command(RELAY_COMMAND)
+                AmpBox::command(command::RELAY)
                     .with("token", hex::encode(partner))
                     .with("data", inner),
             ),
         })
+    }
+
+    /// The UDP address leg `token` is bound to, if any.
+    pub fn bound(&self, token: &Token) -> Option<SocketAddr> {
+        self.legs.lock().ok()?.get(token)?.udp
     }
 
     /// End every session a connection took part in.
@@ -182,6 +261,7 @@ impl Relay {
         }
     }
 
+    /// Relayed sessions now.
     pub fn sessions(&self) -> usize {
         self.legs.lock().map_or(0, |l| l.len() / 2)
     }
@@ -196,5 +276,123 @@ impl Relay {
         for t in stale {
             legs.remove(&t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::Leg as ClientLeg;
+
+    /// A relay with one session between conn 1 (alice) and conn 2 (bob), and both clients'
+    /// legs. Within a tokio runtime (the handles' tasks).
+    fn session() -> (Relay, ClientLeg, ClientLeg, Grant, Grant) {
+        let relay = Relay::new(RelayLimits::default());
+        // A handle to nowhere (the other half of the pipe is dropped).
+        let handle = || crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
+        let end = |user: &str, conn| End { user: user.into(), conn, handle: handle() };
+        let (ga, gb) = relay.create(end("alice", 1), end("bob", 2), Instant::now()).unwrap();
+        let a = ClientLeg::new(ga.token, ga.key.clone());
+        let b = ClientLeg::new(gb.token, gb.key.clone());
+        (relay, a, b, ga, gb)
+    }
+
+    fn sealed(leg: &ClientLeg, inner: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        leg.seal_into(&mut d, inner);
+        d
+    }
+
+    const A: &str = "192.0.2.1:1000";
+    const B: &str = "192.0.2.2:2000";
+    const EVIL: &str = "203.0.113.66:6666";
+
+    #[tokio::test]
+    async fn verified_datagrams_are_forwarded_sealed_for_the_other_end() {
+        let (relay, a, b, _, _) = session();
+        let now = Instant::now();
+        assert!(relay.forward_udp(&a.bind(), A.parse().unwrap(), now).unwrap().is_none());
+        let f = relay.forward_udp(&sealed(&b, b"hi alice"), B.parse().unwrap(), now).unwrap();
+        let Some(Forward::Udp(to, d)) = f else { panic!("not forwarded over UDP") };
+        assert_eq!(to, A.parse().unwrap());
+        assert_eq!(a.open(&d), Ok(&b"hi alice"[..]));
+        // Bob cannot read it as his, nor can it be sent back to the relay as alice's.
+        assert!(b.open(&d).is_err());
+        assert_eq!(
+            relay.forward_udp(&d, EVIL.parse().unwrap(), now).err(),
+            Some(RelayError::BadTag)
+        );
+        // And the way back.
+        let Some(Forward::Udp(to, d)) =
+            relay.forward_udp(&sealed(&a, b"hi bob"), A.parse().unwrap(), now).unwrap()
+        else {
+            panic!("not forwarded over UDP")
+        };
+        assert_eq!((to, b.open(&d)), (B.parse().unwrap(), Ok(&b"hi bob"[..])));
+        assert_eq!(relay.relayed_bytes.load(Ordering::Relaxed), 14);
+    }
+
+    #[tokio::test]
+    async fn forged_tags_and_unknown_tokens_are_dropped() {
+        let (relay, a, b, ga, _) = session();
+        let now = Instant::now();
+        relay.forward_udp(&a.bind(), A.parse().unwrap(), now).unwrap();
+        // Knowing the token (it travels in clear) is not enough without the key.
+        let forger = ClientLeg::new(ga.token, Key::random());
+        let r = relay.forward_udp(&sealed(&forger, b"x"), EVIL.parse().unwrap(), now);
+        assert_eq!(r.err(), Some(RelayError::BadTag));
+        assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
+        // A bit flipped on the way.
+        let mut d = sealed(&b, b"hello");
+        d[relay::OVERHEAD] ^= 1;
+        assert_eq!(relay.forward_udp(&d, B.parse().unwrap(), now).err(), Some(RelayError::BadTag));
+        let stranger = ClientLeg::new([0; 16], Key::random());
+        let r = relay.forward_udp(&sealed(&stranger, b"x"), EVIL.parse().unwrap(), now);
+        assert_eq!(r.err(), Some(RelayError::UnknownToken));
+        assert_eq!(
+            relay.forward_udp(b"\x01\x30short", EVIL.parse().unwrap(), now).err(),
+            Some(RelayError::Malformed)
+        );
+        assert_eq!(relay.refused.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_datagram_does_not_move_the_leg() {
+        let (relay, a, b, ga, _) = session();
+        let now = Instant::now();
+        relay.forward_udp(&b.bind(), B.parse().unwrap(), now).unwrap();
+        let captured = sealed(&a, b"data");
+        assert!(relay.forward_udp(&captured, A.parse().unwrap(), now).unwrap().is_some());
+        assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
+        // Replayed from elsewhere: refused, and the leg stays.
+        let r = relay.forward_udp(&captured, EVIL.parse().unwrap(), now);
+        assert_eq!(r.err(), Some(RelayError::Replayed));
+        assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
+        // A late (reordered) datagram is forwarded but moves nothing either.
+        let older = sealed(&a, b"older");
+        let newer = sealed(&a, b"newer");
+        assert!(relay.forward_udp(&newer, A.parse().unwrap(), now).unwrap().is_some());
+        assert!(relay.forward_udp(&older, EVIL.parse().unwrap(), now).unwrap().is_some());
+        assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
+        // The genuine end moving (NAT rebinding): its next datagram moves the leg.
+        let moved: SocketAddr = "192.0.2.1:1001".parse().unwrap();
+        relay.forward_udp(&a.bind(), moved, now).unwrap();
+        assert_eq!(relay.bound(&ga.token), Some(moved));
+    }
+
+    #[tokio::test]
+    async fn only_the_owning_connection_relays_over_tcp() {
+        let (relay, _, _, ga, gb) = session();
+        let now = Instant::now();
+        // Conn 2 (bob) knows alice's token but does not own it; nor does a stranger.
+        assert_eq!(relay.forward_tcp(2, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        assert_eq!(relay.forward_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        assert_eq!(relay.forward_tcp(1, &[0; 16], b"x", now).err(), Some(RelayError::UnknownToken));
+        // Alice over her own connection: to bob, over his (no UDP bound).
+        let f = relay.forward_tcp(1, &ga.token, b"over tcp", now).unwrap();
+        let Some(Forward::Tcp(_, b)) = f else { panic!("not forwarded over TCP") };
+        assert_eq!(b.get_str("token"), Some(hex::encode(gb.token).as_str()));
+        assert_eq!(b.get("data"), Some(&b"over tcp"[..]));
+        assert!(relay.forward_tcp(1, &ga.token, b"", now).unwrap().is_none());
     }
 }

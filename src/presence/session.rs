@@ -1,0 +1,288 @@
+//! Peer sessions: one per pair of people, carrying every stream between them.
+//!
+//! A [`PeerSession`] is set up once through the servers (`inbound`: consent, candidates,
+//! punching) and then carries every stream between the two addresses, any service, either
+//! direction, with no server round trip. Each stream is its own TLS 1.3 connection between
+//! the two certificates (the relay only ever sees ciphertext), and its first bytes, inside
+//! TLS, are a [`StreamHeader`] naming the service; the acceptor checks its policy for that
+//! service and answers a [`Verdict`] before any data moves:
+//!
+//! ```text
+//!  opener                                   acceptor
+//!  PTCP stream (smoltcp SYN) ─────────────▶ accept
+//!  TLS 1.3, both certificates ◀───────────▶ caller == the session's peer?
+//!  header: service "tcp/22" ──────────────▶ authorized for tcp/22?
+//!                           ◀───────────── verdict: accepted | refused + reason
+//!  application bytes       ◀─────────────▶
+//! ```
+//!
+//! A session with no streams for a while ends: one side sends the header `Close` on a
+//! stream of its own; the other agrees unless it has streams open (a race with a new
+//! stream), and both forget the session.
+
+use crate::address::{Q2qAddress, ServiceName};
+use crate::ptcp::PtcpSession;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What the opener of a stream says first, inside TLS: one Rust type per message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamHeader {
+    /// Open a stream to this service.
+    Service(ServiceName),
+    /// End the session: the sender has no streams and wants none.
+    Close,
+}
+
+/// The acceptor's answer to a [`StreamHeader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The stream is accepted (for `Close`: the session ends).
+    Accepted,
+    /// Refused, with the reason for the opener's user (for `Close`: streams are open).
+    Refused(String),
+}
+
+/// Why a header or verdict could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    #[error("stream header: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream header: unknown kind {0}")]
+    UnknownKind(u8),
+    #[error("stream header: bad service name")]
+    BadService,
+}
+
+const KIND_SERVICE: u8 = 1;
+const KIND_CLOSE: u8 = 2;
+const ACCEPTED: u8 = 0;
+const REFUSED: u8 = 1;
+/// Longest refusal reason sent (bytes); longer ones are cut at a character boundary.
+pub const MAX_REASON: usize = 512;
+
+impl StreamHeader {
+    /// `kind (1) | for Service: length (1) | name`.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StreamHeader::Service(s) => {
+                let name = s.as_str().as_bytes();
+                // A ServiceName is at most 64 bytes, so its length fits one byte.
+                let mut out = vec![KIND_SERVICE, name.len() as u8];
+                out.extend_from_slice(name);
+                out
+            }
+            StreamHeader::Close => vec![KIND_CLOSE],
+        }
+    }
+
+    /// Read one header; anything malformed is an error (the stream is then dropped).
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, HeaderError> {
+        match r.read_u8().await? {
+            KIND_SERVICE => {
+                let len = usize::from(r.read_u8().await?);
+                let mut name = vec![0u8; len];
+                r.read_exact(&mut name).await?;
+                let name = std::str::from_utf8(&name).map_err(|_| HeaderError::BadService)?;
+                ServiceName::parse(name)
+                    .map(StreamHeader::Service)
+                    .map_err(|_| HeaderError::BadService)
+            }
+            KIND_CLOSE => Ok(StreamHeader::Close),
+            other => Err(HeaderError::UnknownKind(other)),
+        }
+    }
+}
+
+impl Verdict {
+    /// `0` accepted, or `1 | length (2, BE) | reason (UTF-8)`.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Verdict::Accepted => vec![ACCEPTED],
+            Verdict::Refused(why) => {
+                let mut end = why.len().min(MAX_REASON);
+                while !why.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let mut out = vec![REFUSED];
+                out.extend_from_slice(&(end as u16).to_be_bytes());
+                out.extend_from_slice(&why.as_bytes()[..end]);
+                out
+            }
+        }
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Verdict, HeaderError> {
+        match r.read_u8().await? {
+            ACCEPTED => Ok(Verdict::Accepted),
+            REFUSED => {
+                let len = usize::from(r.read_u16().await?).min(MAX_REASON);
+                let mut why = vec![0u8; len];
+                r.read_exact(&mut why).await?;
+                Ok(Verdict::Refused(String::from_utf8_lossy(&why).into_owned()))
+            }
+            other => Err(HeaderError::UnknownKind(other)),
+        }
+    }
+
+    /// Write the verdict and flush.
+    pub async fn send<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.encode()).await?;
+        w.flush().await
+    }
+}
+
+/// One live session with one peer, shared by the session table, its accept loop and its
+/// keeper. The path state lives with the probing of its PTCP session (see `node`).
+pub struct PeerSession {
+    /// The other person, as the server announced and each stream's TLS proves.
+    pub peer: Q2qAddress,
+    /// The PTCP session (its streams, its path).
+    pub ptcp: Arc<PtcpSession>,
+    /// The CA of the peer's domain, which every stream's certificate must chain to.
+    pub ca: rustls_pki_types::CertificateDer<'static>,
+    /// No direct path is looked for (a caller authorized for none of our services: it
+    /// learns no candidate and gets no probe from us).
+    pub relay_only: bool,
+    pub started: std::time::Instant,
+    /// Streams open now, as the keeper last counted them (less the close handshakes).
+    open: AtomicUsize,
+    /// Close handshakes under way: these streams do not count as use.
+    closing: AtomicUsize,
+    /// Streams opened so far, by service (either direction), for `status`.
+    opened: Mutex<BTreeMap<String, u64>>,
+    ended: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for PeerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSession").field("peer", &self.peer).field("id", &self.id()).finish()
+    }
+}
+
+impl PeerSession {
+    pub fn new(
+        peer: Q2qAddress,
+        ptcp: Arc<PtcpSession>,
+        ca: rustls_pki_types::CertificateDer<'static>,
+        relay_only: bool,
+    ) -> PeerSession {
+        PeerSession {
+            peer,
+            ptcp,
+            ca,
+            relay_only,
+            started: std::time::Instant::now(),
+            open: AtomicUsize::new(0),
+            closing: AtomicUsize::new(0),
+            opened: Mutex::new(BTreeMap::new()),
+            ended: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The PTCP session id.
+    pub fn id(&self) -> u64 {
+        self.ptcp.id().0
+    }
+
+    /// Whether the session was ended (closed or lost).
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire) || self.ptcp.error().is_some()
+    }
+
+    /// Count a stream of `service`.
+    pub fn note_opened(&self, service: &ServiceName) {
+        if let Ok(mut o) = self.opened.lock() {
+            *o.entry(service.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Services used so far and how many streams each, for `status`.
+    pub fn opened(&self) -> Vec<(String, u64)> {
+        self.opened
+            .lock()
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Streams open now (sampled by the keeper).
+    pub fn open_streams(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Count the streams in use from the endpoint: the ones that are not close handshakes.
+    pub async fn count_streams(&self) -> Option<usize> {
+        let n = self.ptcp.streams_in_use().await.ok()?;
+        let n = n.saturating_sub(self.closing.load(Ordering::Relaxed));
+        self.open.store(n, Ordering::Relaxed);
+        Some(n)
+    }
+
+    /// A close handshake starts (`true`) or ends (`false`).
+    pub fn closing(&self, on: bool) {
+        if on {
+            self.closing.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Tasks that live as long as the session (its accept loop, its keeper).
+    pub fn own_task(&self, t: tokio::task::AbortHandle) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(t);
+        }
+    }
+
+    /// Mark the session over and stop its tasks; `true` the first time. Its PTCP session is
+    /// released by the endpoint once its last stream is closed.
+    pub fn end(&self) -> bool {
+        if self.ended.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn headers_and_verdicts_round_trip() {
+        for h in [StreamHeader::Service(ServiceName::parse("tcp/22").unwrap()), StreamHeader::Close]
+        {
+            let bytes = h.encode();
+            assert_eq!(StreamHeader::read(&mut &bytes[..]).await.unwrap(), h);
+        }
+        for v in [Verdict::Accepted, Verdict::Refused("not authorized".into())] {
+            let bytes = v.encode();
+            assert_eq!(Verdict::read(&mut &bytes[..]).await.unwrap(), v);
+        }
+    }
+
+    #[tokio::test]
+    async fn hostile_headers_are_errors() {
+        assert!(StreamHeader::read(&mut &[9u8][..]).await.is_err());
+        assert!(
+            StreamHeader::read(&mut &[1u8, 5, b'.', b'.', b'/', b'x', b'y'][..]).await.is_err()
+        );
+        assert!(StreamHeader::read(&mut &[1u8, 200, b'a'][..]).await.is_err(), "truncated");
+        assert!(StreamHeader::read(&mut &[1u8, 2, 0xff, 0xfe][..]).await.is_err(), "not UTF-8");
+        // A reason longer than the limit is cut, never read past the limit.
+        let long = Verdict::Refused("é".repeat(MAX_REASON));
+        match Verdict::read(&mut &long.encode()[..]).await.unwrap() {
+            Verdict::Refused(r) => assert!(r.len() <= MAX_REASON),
+            v => panic!("{v:?}"),
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Relay framing, shared by the server's relay ([`crate::server::relay`]) and its clients
+//! ([`crate::presence`]). A relayed session has two legs, one per end; each leg has a
+//! token (an id, 16 random bytes, may be seen by anyone on the path) and a leg key (32
+//! random bytes) that the server gives only to that end, over TLS (`relay_token` and
+//! `relay_key` of `inbound`, see [`crate::proto`]). Over UDP every datagram is
+//!
+//! ```text
+//! version kind=0x30 | token (16) | counter (8, BE) | tag (16) | inner datagram
+//! tag = HMAC-SHA256(leg key, direction (1) | token | counter | inner)[..16]
+//! ```
+//!
+//! `inner` is a PTCP datagram, or empty for a bind (which tells the server the leg's UDP
+//! address). `direction` is [`Direction::ToServer`] from a client and
+//! [`Direction::ToClient`] from the server, so nothing can be reflected back to its sender.
+//! Each sender numbers its datagrams per leg from 1 up; receivers refuse counters they have
+//! seen (a sliding [`ReplayWindow`]), and the server moves a leg to a new UDP address only
+//! for a datagram newer than any it has seen on that leg: a captured datagram replayed from
+//! elsewhere cannot steal or black-hole the session.
+//!
+//! Over the TLS control connection (AMP `relay` with `token` and `data`) there is no tag:
+//! TLS protects it, and the server lets only the connection owning a leg use its token.
+
+use q2q_netstack::wire::{Kind, Prefix, VERSION};
+use ring::hmac;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes of a leg token.
+pub const TOKEN_LEN: usize = 16;
+/// Bytes of a leg key.
+pub const KEY_LEN: usize = 32;
+/// Bytes of the (truncated) tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes of the counter.
+pub const COUNTER_LEN: usize = 8;
+/// Bytes the framing adds in front of the inner datagram.
+pub const OVERHEAD: usize = Prefix::LEN + TOKEN_LEN + COUNTER_LEN + TAG_LEN;
+
+const TOKEN_AT: usize = Prefix::LEN;
+const COUNTER_AT: usize = TOKEN_AT + TOKEN_LEN;
+const TAG_AT: usize = COUNTER_AT + COUNTER_LEN;
+
+/// The id of one leg of a relayed session.
+pub type Token = [u8; TOKEN_LEN];
+
+/// The secret key of one leg. Never logged: its `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct Key {
+    raw: [u8; KEY_LEN],
+    mac: hmac::Key,
+}
+
+impl Key {
+    /// A fresh random key.
+    pub fn random() -> Key {
+        Key::from_bytes(&rand::random())
+    }
+
+    /// The key with these bytes.
+    pub fn from_bytes(raw: &[u8; KEY_LEN]) -> Key {
+        Key { raw: *raw, mac: hmac::Key::new(hmac::HMAC_SHA256, raw) }
+    }
+
+    /// Parse the hex form (`relay_key` of `inbound`): exactly [`KEY_LEN`] bytes.
+    pub fn from_hex(s: &str) -> Option<Key> {
+        let raw: [u8; KEY_LEN] = hex::decode(s).ok()?.try_into().ok()?;
+        Some(Key::from_bytes(&raw))
+    }
+
+    /// The hex form, for the `inbound` box (inside TLS only).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.raw)
+    }
+
+    fn tag(&self, dir: Direction, token: &Token, counter: u64, inner: &[u8]) -> [u8; TAG_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.mac);
+        ctx.update(&[dir as u8]);
+        ctx.update(token);
+        ctx.update(&counter.to_be_bytes());
+        ctx.update(inner);
+        let full = ctx.sign();
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(&full.as_ref()[..TAG_LEN]);
+        out
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("relay::Key(..)")
+    }
+}
+
+/// Who sent a datagram: part of what the tag covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A client to the server.
+    ToServer = 1,
+    /// The server to a client.
+    ToClient = 2,
+}
+
+/// Why a relay datagram was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// Not a relay datagram: wrong version or kind, or shorter than the framing.
+    #[error("not a relay datagram")]
+    Malformed,
+    /// No leg has this token.
+    #[error("unknown relay token")]
+    UnknownToken,
+    /// The tag does not verify with the leg's key in this direction.
+    #[error("relay datagram does not verify")]
+    BadTag,
+    /// The counter was seen already, or is too old to tell.
+    #[error("replayed relay datagram")]
+    Replayed,
+    /// Over a control connection: the token belongs to another connection's leg.
+    #[error("relay token of another connection")]
+    NotOwner,
+}
+
+/// A relay datagram whose framing parsed and whose tag is not checked yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unverified<'a> {
+    /// The leg it claims to belong to.
+    pub token: Token,
+    /// The sender's counter.
+    pub counter: u64,
+    tag: [u8; TAG_LEN],
+    inner: &'a [u8],
+}
+
+/// A verified relay datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened<'a> {
+    /// Its leg.
+    pub token: Token,
+    /// The sender's counter (not checked against replays here: see [`ReplayWindow`]).
+    pub counter: u64,
+    /// The inner datagram (empty: a bind).
+    pub inner: &'a [u8],
+}
+
+/// Parse the framing of `d` (a whole UDP datagram). Checks lengths, version and kind.
+pub fn parse(d: &[u8]) -> Result<Unverified<'_>, RelayError> {
+    let prefix = Prefix::parse(d).map_err(|_| RelayError::Malformed)?;
+    if prefix.kind != Kind::Relay {
+        return Err(RelayError::Malformed);
+    }
+    let field = |at: usize, len: usize| d.get(at..at + len).ok_or(RelayError::Malformed);
+    let token: Token = field(TOKEN_AT, TOKEN_LEN)?.try_into().map_err(|_| RelayError::Malformed)?;
+    let counter: [u8; COUNTER_LEN] =
+        field(COUNTER_AT, COUNTER_LEN)?.try_into().map_err(|_| RelayError::Malformed)?;
+    let tag: [u8; TAG_LEN] =
+        field(TAG_AT, TAG_LEN)?.try_into().map_err(|_| RelayError::Malformed)?;
+    let inner = d.get(OVERHEAD..).ok_or(RelayError::Malformed)?;
+    Ok(Unverified { token, counter: u64::from_be_bytes(counter), tag, inner })
+}
+
+impl<'a> Unverified<'a> {
+    /// Check the tag with the leg's `key`, for a datagram sent in direction `dir`.
+    pub fn verify(&self, key: &Key, dir: Direction) -> Result<Opened<'a>, RelayError> {
+        let expected = key.tag(dir, &self.token, self.counter, self.inner);
+        // No early exit: no timing oracle on the tag.
+        if expected.iter().zip(&self.tag).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0 {
+            return Err(RelayError::BadTag);
+        }
+        Ok(Opened { token: self.token, counter: self.counter, inner: self.inner })
+    }
+}
+
+/// Parse and verify `d`, sent in direction `dir`, with the key `key_for` gives for its
+/// token. Replays are not checked here (see [`ReplayWindow`], [`Leg::open`]).
+pub fn open<'a>(
+    d: &'a [u8],
+    dir: Direction,
+    key_for: impl FnOnce(&Token) -> Option<Key>,
+) -> Result<Opened<'a>, RelayError> {
+    let u = parse(d)?;
+    let key = key_for(&u.token).ok_or(RelayError::UnknownToken)?;
+    u.verify(&key, dir)
+}
+
+/// Append to `out` the relay datagram carrying `inner` on leg `token`.
+pub fn seal(
+    out: &mut Vec<u8>,
+    key: &Key,
+    dir: Direction,
+    token: &Token,
+    counter: u64,
+    inner: &[u8],
+) {
+    let start = out.len();
+    out.resize(start + OVERHEAD, 0);
+    out.extend_from_slice(inner);
+    seal_in_place(&mut out[start..], key, dir, token, counter);
+}
+
+/// Write the framing of `datagram` in place: its first [`OVERHEAD`] bytes are reserved, the
+/// inner datagram follows. The length does not change. A `datagram` shorter than
+/// [`OVERHEAD`] is left alone (and will not verify).
+pub fn seal_in_place(datagram: &mut [u8], key: &Key, dir: Direction, token: &Token, counter: u64) {
+    let Some((head, inner)) = datagram.split_at_mut_checked(OVERHEAD) else { return };
+    let tag = key.tag(dir, token, counter, inner);
+    head[0] = VERSION;
+    head[1] = Kind::Relay as u8;
+    head[TOKEN_AT..COUNTER_AT].copy_from_slice(token);
+    head[COUNTER_AT..TAG_AT].copy_from_slice(&counter.to_be_bytes());
+    head[TAG_AT..].copy_from_slice(&tag);
+}
+
+/// The counters seen from one sender on one leg: the highest, and which of the
+/// [`ReplayWindow::SIZE`] below it (a sliding bitmap, as IPsec's anti-replay window).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayWindow {
+    highest: u64,
+    /// Bit `i`: counter `highest - i` was seen.
+    seen: u128,
+}
+
+/// What [`ReplayWindow::accept`] made of a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fresh {
+    /// Higher than any seen before.
+    Newest,
+    /// Not seen before, but lower than the highest (reordered).
+    Late,
+}
+
+impl ReplayWindow {
+    /// How far below the highest counter a late datagram is still taken.
+    pub const SIZE: u64 = 128;
+
+    /// The highest counter accepted so far (0: none).
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// Record `counter` of a verified datagram, or refuse it as a replay (`Err`): seen
+    /// already, 0, or older than the window.
+    pub fn accept(&mut self, counter: u64) -> Result<Fresh, RelayError> {
+        if counter == 0 {
+            return Err(RelayError::Replayed);
+        }
+        if counter > self.highest {
+            let shift = counter - self.highest;
+            self.seen = if shift >= Self::SIZE { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.highest = counter;
+            return Ok(Fresh::Newest);
+        }
+        let back = self.highest - counter;
+        if back >= Self::SIZE {
+            return Err(RelayError::Replayed);
+        }
+        let bit = 1u128 << back;
+        if self.seen & bit != 0 {
+            return Err(RelayError::Replayed);
+        }
+        self.seen |= bit;
+        Ok(Fresh::Late)
+    }
+}
+
+/// A client's end of a relay leg: its token and key, the counter of what it sends and the
+/// window of what the server sent. Its [`crate::ptcp::Framing`] seals each PTCP datagram
+/// of a session relayed over UDP.
+pub struct Leg {
+    token: Token,
+    key: Key,
+    counter: AtomicU64,
+    window: Mutex<ReplayWindow>,
+}
+
+impl Leg {
+    /// The leg the server granted (`relay_token`, `relay_key`).
+    pub fn new(token: Token, key: Key) -> Leg {
+        Leg { token, key, counter: AtomicU64::new(0), window: Mutex::default() }
+    }
+
+    /// Its token.
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
+    }
+
+    /// Append the sealed datagram carrying `inner` to the server.
+    pub fn seal_into(&self, out: &mut Vec<u8>, inner: &[u8]) {
+        seal(out, &self.key, Direction::ToServer, &self.token, self.next(), inner);
+    }
+
+    /// A bind: the sealed empty datagram that tells the server (and the NATs on the way)
+    /// where this leg is.
+    pub fn bind(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(OVERHEAD);
+        self.seal_into(&mut out, &[]);
+        out
+    }
+
+    /// Verify a datagram from the server on this leg and refuse replays; the inner datagram.
+    pub fn open<'a>(&self, d: &'a [u8]) -> Result<&'a [u8], RelayError> {
+        let u = parse(d)?;
+        if u.token != self.token {
+            return Err(RelayError::UnknownToken);
+        }
+        let opened = u.verify(&self.key, Direction::ToClient)?;
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        w.accept(opened.counter)?;
+        Ok(opened.inner)
+    }
+}
+
+impl std::fmt::Debug for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("relay::Leg").field("token", &hex::encode(self.token)).finish()
+    }
+}
+
+impl crate::ptcp::Framing for Leg {
+    fn overhead(&self) -> usize {
+        OVERHEAD
+    }
+
+    fn seal(&self, datagram: &mut [u8]) {
+        seal_in_place(datagram, &self.key, Direction::ToServer, &self.token, self.next());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ptcp::Framing;
+    use proptest::prelude::*;
+
+    fn server_seal(key: &Key, token: &Token, counter: u64, inner: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        seal(&mut out, key, Direction::ToClient, token, counter, inner);
+        out
+    }
+
+    #[test]
+    fn layout_and_round_trip() {
+        let key = Key::from_bytes(&[3; KEY_LEN]);
+        let leg = Leg::new([9; TOKEN_LEN], key.clone());
+        let mut d = Vec::new();
+        leg.seal_into(&mut d, b"inner");
+        assert_eq!(d.len(), OVERHEAD + 5);
+        assert_eq!(OVERHEAD, 42);
+        assert_eq!(&d[..2], &[VERSION, 0x30]);
+        assert_eq!(&d[2..18], &[9; 16]);
+        assert_eq!(&d[18..26], &1u64.to_be_bytes());
+        let o = open(&d, Direction::ToServer, |t| (t == &[9; 16]).then(|| key.clone())).unwrap();
+        assert_eq!((o.token, o.counter, o.inner), ([9; 16], 1, &b"inner"[..]));
+        // The bind is sealed too, with the next counter.
+        let b = leg.bind();
+        let o = open(&b, Direction::ToServer, |_| Some(key.clone())).unwrap();
+        assert_eq!((o.counter, o.inner), (2, &b""[..]));
+        assert_eq!(open(&b, Direction::ToServer, |_| None), Err(RelayError::UnknownToken));
+    }
+
+    #[test]
+    fn framing_seals_in_place_like_seal_into() {
+        let key = Key::from_bytes(&[5; KEY_LEN]);
+        let (a, b) = (Leg::new([1; 16], key.clone()), Leg::new([1; 16], key.clone()));
+        let mut whole = Vec::new();
+        a.seal_into(&mut whole, b"payload");
+        let mut in_place = vec![0u8; b.overhead()];
+        in_place.extend_from_slice(b"payload");
+        b.seal(&mut in_place);
+        assert_eq!(whole, in_place);
+        // Too short to hold the framing: left alone, never a panic.
+        let mut short = vec![0u8; 10];
+        b.seal(&mut short);
+        assert_eq!(short, vec![0u8; 10]);
+    }
+
+    #[test]
+    fn refuses_flipped_bits_wrong_key_wrong_direction_and_replays() {
+        let key = Key::from_bytes(&[7; KEY_LEN]);
+        let token = [4; TOKEN_LEN];
+        let leg = Leg::new(token, key.clone());
+        let d = server_seal(&key, &token, 1, b"hello");
+        for i in 0..d.len() {
+            for bit in 0..8 {
+                let mut bad = d.clone();
+                bad[i] ^= 1 << bit;
+                assert!(leg.open(&bad).is_err(), "bit {bit} of byte {i}");
+            }
+        }
+        // Another key.
+        let other = Leg::new(token, Key::from_bytes(&[8; KEY_LEN]));
+        assert_eq!(other.open(&d), Err(RelayError::BadTag));
+        // A client's own datagram reflected back to it.
+        let mut up = Vec::new();
+        leg.seal_into(&mut up, b"hello");
+        assert_eq!(leg.open(&up), Err(RelayError::BadTag));
+        // The genuine one, once.
+        assert_eq!(leg.open(&d), Ok(&b"hello"[..]));
+        assert_eq!(leg.open(&d), Err(RelayError::Replayed));
+        // Truncated: malformed.
+        assert_eq!(leg.open(&d[..OVERHEAD - 1]), Err(RelayError::Malformed));
+    }
+
+    #[test]
+    fn replay_window_slides() {
+        let mut w = ReplayWindow::default();
+        assert_eq!(w.accept(0), Err(RelayError::Replayed));
+        assert_eq!(w.accept(5), Ok(Fresh::Newest));
+        assert_eq!(w.accept(3), Ok(Fresh::Late));
+        assert_eq!(w.accept(3), Err(RelayError::Replayed));
+        assert_eq!(w.accept(5), Err(RelayError::Replayed));
+        assert_eq!(w.accept(6), Ok(Fresh::Newest));
+        assert_eq!(w.accept(4), Ok(Fresh::Late));
+        assert_eq!(w.accept(6 + ReplayWindow::SIZE - 1), Ok(Fresh::Newest));
+        // 6 is now at the bottom edge of the window and was seen; 7 was not.
+        assert_eq!(w.accept(6), Err(RelayError::Replayed));
+        assert_eq!(w.accept(7), Ok(Fresh::Late));
+        // Below the window: refused.
+        assert_eq!(w.accept(5), Err(RelayError::Replayed));
+        assert_eq!(w.accept(u64::MAX), Ok(Fresh::Newest));
+        assert_eq!(w.accept(u64::MAX), Err(RelayError::Replayed));
+        assert_eq!(w.highest(), u64::MAX);
+    }
+
+    #[test]
+    fn key_hex_and_debug() {
+        let k = Key::random();
+        assert!(Key::from_hex(&k.to_hex()).is_some());
+        assert!(Key::from_hex("00").is_none());
+        assert!(Key::from_hex("zz").is_none());
+        assert!(!format!("{k:?}").contains(&k.to_hex()));
+        assert!(!format!("{:?}", Leg::new([0; 16], k.clone())).contains(&k.to_hex()));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(d in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse(&d);
+            let _ = open(&d, Direction::ToServer, |_| Some(Key::from_bytes(&[1; KEY_LEN])));
+            let _ = Leg::new([0; 16], Key::from_bytes(&[1; KEY_LEN])).open(&d);
+        }
+
+        #[test]
+        fn any_change_is_refused(
+            inner in proptest::collection::vec(any::<u8>(), 0..100),
+            raw in any::<[u8; KEY_LEN]>(),
+            token in any::<Token>(),
+            counter in 1u64..,
+            flip in any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let key = Key::from_bytes(&raw);
+            let d = server_seal(&key, &token, counter, &inner);
+            let leg = Leg::new(token, key.clone());
+            // A flipped bit anywhere.
+            let mut bad = d.clone();
+            bad[flip.index(d.len())] ^= 1 << bit;
+            prop_assert!(leg.open(&bad).is_err());
+            // The wrong direction.
+            prop_assert_eq!(parse(&d).unwrap().verify(&key, Direction::ToServer), Err(RelayError::BadTag));
+            // A wrong key.
+            let mut other = raw;
+            other[0] ^= 1;
+            prop_assert_eq!(Leg::new(token, Key::from_bytes(&other)).open(&d), Err(RelayError::BadTag));
+            // Genuine once, then a replay.
+            prop_assert_eq!(leg.open(&d), Ok(&inner[..]));
+            prop_assert_eq!(leg.open(&d), Err(RelayError::Replayed));
+        }
+    }
+}

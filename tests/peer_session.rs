@@ -1,0 +1,175 @@
+//! One session per pair of people: a burst of connections sets up one session, every later
+//! stream (any service, either direction) rides it with no server round trip, each stream's
+//! service is checked by the callee, idle sessions end on both sides, and a stranger gets a
+//! relay-only session.
+
+mod common;
+
+use common::{TestServer, addr, loopback_config, node, serve_echo};
+use q2q::address::ServiceName;
+use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use q2q::server::Registration;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn echo_once(bob: &Node, to: &str, service: &ServiceName, i: u32) -> Result<(), String> {
+    let conn = bob.connect(&addr(to), service).await.map_err(|e| e.to_string())?;
+    let (mut r, mut w) = tokio::io::split(conn.stream);
+    let msg = format!("hello {i}").into_bytes();
+    w.write_all(&msg).await.map_err(|e| e.to_string())?;
+    w.shutdown().await.map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back))
+        .await
+        .map_err(|_| "no echo".to_string())?
+        .map_err(|e| e.to_string())?;
+    if back == msg { Ok(()) } else { Err(format!("stream {i} echoed {back:?}")) }
+}
+
+fn relay_sessions(srv: &TestServer) -> usize {
+    srv.running.as_ref().unwrap().stats().relay_sessions
+}
+
+/// Wait until `cond` holds, polling every 50 ms; false after `limit`.
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_shares_one_session() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
+    let echo = serve_echo(&alice, "bob@example.com").await;
+
+    // 200 at once, before any session exists: one `inbound`, one relayed session on the
+    // server, every stream echoes.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let (bob, echo) = (bob.clone(), echo.clone());
+        tasks.spawn(async move { echo_once(&bob, "alice@example.com", &echo, i).await });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{} of 200 failed, e.g. {:?}", failures.len(), failures.first());
+    assert_eq!(relay_sessions(&srv), 1, "one set-up through the server");
+    assert_eq!(bob.status().len(), 1, "{:?}", bob.status());
+    // `status` counts streams once a second.
+    let opened = vec![("echo".to_string(), 200)];
+    assert!(
+        eventually(Duration::from_secs(3), || bob.status()[0].opened == opened).await,
+        "{:?}",
+        bob.status()
+    );
+
+    // The next one needs no server: still one set-up, and it is direct from its first
+    // packet (the session already is).
+    assert!(
+        eventually(Duration::from_secs(10), || matches!(bob.status()[0].path, PathKind::Direct(_)))
+            .await
+    );
+    echo_once(&bob, "alice@example.com", &echo, 1000).await.unwrap();
+    assert_eq!(relay_sessions(&srv), 1);
+}
+
+#[tokio::test]
+async fn each_stream_is_authorized_for_its_service_and_either_side_opens() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
+    let echo = serve_echo(&alice, "bob@example.com").await;
+    let secret = ServiceName::parse("secret").unwrap();
+    let _s =
+        alice.listen(&secret, "secret", Policy::allow([addr("carol@example.com")])).await.unwrap();
+    echo_once(&bob, "alice@example.com", &echo, 0).await.unwrap();
+
+    // On the live session: a service bob may not use is refused with the reason, and the
+    // session goes on carrying the ones he may.
+    let err = bob.connect(&addr("alice@example.com"), &secret).await.err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "bob@example.com is not authorized for secret of alice@example.com"
+    );
+    let err = bob.connect(&addr("alice@example.com"), &ServiceName::parse("nope").unwrap()).await;
+    assert_eq!(err.err().unwrap().to_string(), "alice@example.com does not offer service nope");
+    echo_once(&bob, "alice@example.com", &echo, 1).await.unwrap();
+
+    // The callee opens a stream back on the same session: no second set-up.
+    let back = ServiceName::parse("back").unwrap();
+    let mut accepted =
+        bob.listen(&back, "back", Policy::allow([addr("alice@example.com")])).await.unwrap();
+    let conn = alice.connect(&addr("bob@example.com"), &back).await.unwrap();
+    let got =
+        tokio::time::timeout(Duration::from_secs(10), accepted.recv()).await.unwrap().unwrap();
+    assert_eq!(got.peer, addr("alice@example.com"));
+    assert_eq!(conn.session.id(), got.session.id(), "the same session carries both directions");
+    assert_eq!(relay_sessions(&srv), 1);
+    assert_eq!(alice.status().len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_session_ends_on_both_sides() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let config = NodeConfig { session_idle: Duration::from_secs(2), ..NodeConfig::default() };
+    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(&srv, &home, "bob@example.com", config).await;
+    let echo = serve_echo(&alice, "bob@example.com").await;
+    echo_once(&bob, "alice@example.com", &echo, 0).await.unwrap();
+    assert_eq!(alice.status().len(), 1);
+    assert_eq!(bob.status().len(), 1);
+    // A stream kept open keeps the session.
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(bob.status().len(), 1, "a session with an open stream stays");
+    // The open one (and maybe the first, in TIME-WAIT for a moment).
+    assert!(bob.status()[0].streams >= 1);
+    drop(conn);
+    assert!(
+        eventually(Duration::from_secs(10), || alice.status().is_empty()
+            && bob.status().is_empty())
+        .await,
+        "idle session still listed: alice {:?}, bob {:?}",
+        alice.status(),
+        bob.status()
+    );
+    // The next connection sets up a new session.
+    echo_once(&bob, "alice@example.com", &echo, 1).await.unwrap();
+    assert_eq!(bob.status().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stranger_gets_a_relay_only_session() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let carol = node(&srv, &home, "carol@example.com", NodeConfig::default()).await;
+    alice.serve_ping().await.unwrap();
+    // Anyone may ping; carol is named for nothing: she is a stranger.
+    let report =
+        carol.ping(&addr("alice@example.com"), 3, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(report.rtts.len(), 3);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (who, n) in [("carol", &carol), ("alice", &alice)] {
+        let s = n.status();
+        assert_eq!(s.len(), 1, "{who}: {s:?}");
+        assert!(matches!(s[0].path, PathKind::UdpRelay(_)), "{who} is not relayed: {s:?}");
+        assert!(s[0].why.contains("relay only"), "{who}: {}", s[0].why);
+    }
+    // Not one probe went from alice to carol's candidates, nor the other way.
+    assert_eq!(alice.probes_sent(), 0);
+    assert_eq!(carol.probes_sent(), 0);
+}
