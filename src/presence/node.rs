@@ -196,6 +196,8 @@ struct Probing {
     /// The relay path the session started on, and how `status` shows it: where the session
     /// falls back to when its direct path dies.
     relay: (Path, PathKind),
+    /// Our relay leg's token (its entry in `relay_legs` goes with the session).
+    relay_token: relay::Token,
     /// When the current direct path was found.
     direct_since: Option<std::time::Instant>,
     /// The last verified probe or reply from the direct path's address.
@@ -209,6 +211,9 @@ struct Probing {
     direct_tasks: Vec<tokio::task::AbortHandle>,
     /// Look for a direct path at all (false: a relay-only session).
     direct: bool,
+    /// Where the server saw the peer's control connection come from: the only public
+    /// address its candidates may have ([`candidates::probeable`]).
+    seen: Option<std::net::IpAddr>,
     /// Probes this session may still send, and when that was computed ([`Node::take_probes`]).
     budget: f64,
     budget_at: std::time::Instant,
@@ -948,6 +953,9 @@ impl Node {
             for t in s.direct_tasks {
                 t.abort();
             }
+            if let Ok(mut l) = self.inner.relay_legs.lock() {
+                l.remove(&s.relay_token);
+            }
         }
         if let Ok(mut p) = self.inner.peers.lock() {
             p.remove(&id);
@@ -1076,6 +1084,8 @@ impl Node {
                     direct_socket: None,
                     direct_tasks: Vec::new(),
                     direct: probe,
+                    seen: setup.peer_seen,
+                    relay_token: setup.relay_token,
                     budget: PROBE_BURST,
                     budget_at: std::time::Instant::now(),
                 },
@@ -1113,16 +1123,28 @@ impl Node {
         if let Some(guess) = candidates::predicted(&candidates) {
             candidates.push(guess);
         }
+        // Only where the server saw the peer, or on our own networks: never a third party.
+        let seen =
+            self.inner.probing.lock().ok().and_then(|p| p.get(&session).and_then(|s| s.seen));
+        let local = candidates::local_networks(self.inner.config.include_loopback);
+        let targets = candidates::probeable(&candidates, seen, &local);
+        if targets.len() < candidates.len() {
+            debug!(
+                session = format!("{session:016x}"),
+                dropped = candidates.len() - targets.len(),
+                "candidates the server did not see are not probed"
+            );
+        }
         if !self.inner.config.probe_after.is_zero() {
             tokio::time::sleep(self.inner.config.probe_after).await;
         }
-        if !self.inner.config.direct || candidates.is_empty() {
+        if !self.inner.config.direct || targets.is_empty() {
             if let Ok(mut peers) = self.inner.peers.lock()
                 && let Some(p) = peers.get_mut(&session)
                 && matches!(p.path, PathKind::UdpRelay(_))
             {
                 p.why = if self.inner.config.direct {
-                    "relay only: the callee offers this caller no direct path".into()
+                    "relay only: no candidate to probe (a stranger's session, or none where the server saw the peer)".into()
                 } else {
                     "direct paths disabled by configuration".into()
                 };
@@ -1135,7 +1157,9 @@ impl Node {
         // one way would otherwise be found and lost again every few seconds.
         let mut wait_first = false;
         loop {
-            match self.relayed(session, role, rounds, &candidates, relay, &header, wait_first).await
+            match self
+                .relayed(session, role, rounds, (&targets, &candidates), relay, &header, wait_first)
+                .await
             {
                 Some(()) => {}
                 None => return,
@@ -1156,7 +1180,7 @@ impl Node {
         session: u64,
         role: Role,
         rounds: u32,
-        candidates: &[SocketAddr],
+        (candidates, all): (&[SocketAddr], &[SocketAddr]),
         relay: SocketAddr,
         header: &relay::Leg,
         mut wait_first: bool,
@@ -1188,7 +1212,7 @@ impl Node {
                     }
                 }
                 if round == BIRTHDAY_AFTER_ROUNDS {
-                    self.maybe_birthday(session, candidates);
+                    self.maybe_birthday(session, all);
                 }
                 if round % 50 == 0 {
                     let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
@@ -1400,6 +1424,12 @@ impl Node {
         // The peer's list is its reflexive address, then host addresses (its local port).
         let (Some(peer_ref), Some(peer_host)) = (peer.first(), peer.get(1)) else { return };
         if !peer_ref.is_ipv4() || peer_ref.ip() == mine.ip() {
+            return;
+        }
+        // Spray or open mappings only towards where the server saw the peer.
+        let seen =
+            self.inner.probing.lock().ok().and_then(|p| p.get(&session).and_then(|s| s.seen));
+        if seen != Some(peer_ref.ip()) {
             return;
         }
         let peer_symmetric = peer_ref.port() != peer_host.port();
@@ -1860,6 +1890,8 @@ struct Setup {
     relay_key: relay::Key,
     relay: SocketAddr,
     candidates: Vec<SocketAddr>,
+    /// The IP the server saw the peer's control connection come from.
+    peer_seen: Option<std::net::IpAddr>,
 }
 
 impl Setup {
@@ -1900,6 +1932,7 @@ impl Setup {
             relay_key,
             relay: SocketAddr::new(host.ip(), port),
             candidates,
+            peer_seen: b.get_str("peer_seen").and_then(|s| s.parse().ok()),
         })
     }
 }
