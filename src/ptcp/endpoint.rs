@@ -71,6 +71,16 @@ impl PartialEq for Path {
 
 impl Eq for Path {}
 
+impl Path {
+    /// Bytes this path puts in front of each datagram (they count against the path MTU).
+    pub fn overhead(&self) -> usize {
+        match self {
+            Path::Relay { framing, .. } => framing.overhead(),
+            Path::Direct(_) | Path::Channel(_) => 0,
+        }
+    }
+}
+
 /// Settings of an [`Endpoint`].
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
@@ -690,6 +700,8 @@ impl Driver {
                 let r = match self.sessions.get_mut(&id) {
                     Some(s) => {
                         debug!(session = %id, path = ?path, lost, "path changed");
+                        // Another path: its MTU is unknown again (RFC 8899 §5.2).
+                        s.session.on_path_change(now, path.overhead());
                         s.path = path;
                         s.watch = None;
                         if lost {
@@ -781,7 +793,8 @@ impl Driver {
         let link = self.self_link.upgrade().ok_or(EndpointError::Closed)?;
         let (tx, rx) = mpsc::channel(self.accept_backlog);
         let lost = Arc::new(Mutex::new(None));
-        let session = Session::new(id, side, config, self.now());
+        let mut session = Session::new(id, side, config, self.now());
+        session.on_path_change(self.now(), path.overhead());
         debug!(session = %id, ?side, ?path, "new session");
         self.sessions.insert(
             id,
