@@ -34,12 +34,17 @@ pub fn read_password(file: Option<&Path>, prompt: &str, confirm: bool) -> anyhow
     Ok(pw)
 }
 
-/// Log to stderr; `RUST_LOG` overrides `default` (e.g. "info" or "warn").
+/// Log to stderr; `RUST_LOG` overrides `default` (e.g. "info" or "warn"). Colours only on
+/// a terminal: a log file or a pipe gets plain text that grep can read.
 pub fn init_logging(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM UTC`.
