@@ -25,6 +25,9 @@ pub const ACCEPT_PORT: u16 = 1;
 const EPHEMERAL_FIRST: u16 = 1024;
 /// Probe acknowledgements queued at most; a flood of probes gets no more answers.
 const MAX_QUEUED_PROBE_ACKS: usize = 64;
+/// The TCP clock stops when the selective-repeat layer has unacknowledged packets and
+/// nothing arrived from the peer for this long (µs), well below smoltcp's 1 s minimum RTO.
+const TCP_FREEZE_SILENCE_US: i64 = 250_000;
 
 /// Which end of the session this is. It only picks the overlay addresses (initiator
 /// `100.127.0.1`, responder `100.127.0.2`, from the shared address space no kernel sees
@@ -229,6 +232,13 @@ pub struct Session {
     wrong_session: u64,
     /// Probe acknowledgements waiting in `ctrl`.
     probe_acks: usize,
+    /// The TCP clock (what smoltcp is given) runs this many µs behind `now`: the time it
+    /// stood still. See [`Session::tcp_time`].
+    tcp_lag: i64,
+    /// Since when (µs, real time) the TCP clock stands still, if it does.
+    tcp_frozen_since: Option<i64>,
+    /// The last real time the TCP clock was read while running.
+    tcp_read_at: i64,
     /// The latest `now` we were given: deadlines already due are reported as this.
     last_now: i64,
 }
@@ -303,6 +313,9 @@ impl Session {
             malformed: 0,
             wrong_session: 0,
             probe_acks: 0,
+            tcp_lag: 0,
+            tcp_frozen_since: None,
+            tcp_read_at: now_us,
             last_now: now_us,
             config,
         }
@@ -365,6 +378,9 @@ impl Session {
         }
         let now_us = micros(now);
         self.last_now = self.last_now.max(now_us);
+        if datagram.session() == Some(self.id) {
+            self.thaw_tcp(now_us);
+        }
         match datagram {
             Datagram::Data(d) if d.session == self.id => {
                 self.last_rx = now_us;
@@ -459,6 +475,7 @@ impl Session {
             self.sender.on_rto(now);
             trace!(session = %self.id, rto = self.sender.stats.rtos, "retransmission timeout");
         }
+        self.tcp_time(now);
         let plpmtu = self.sender.pmtu.plpmtu;
         self.sender.on_pmtu_timer(now);
         if self.sender.pmtu.plpmtu != plpmtu {
@@ -591,15 +608,69 @@ impl Session {
     fn poll_iface(&mut self, now: Instant) {
         self.need_poll = false;
         self.prepare_listeners();
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
-        self.after_poll();
         let now_us = micros(now);
-        self.iface_next = self.iface.poll_at(now, &self.sockets).map(|t| {
+        let tcp_now = self.tcp_time(now_us);
+        self.iface.poll(tcp_now, &mut self.device, &mut self.sockets);
+        self.after_poll();
+        let tcp_now_us = micros(tcp_now);
+        let frozen = self.tcp_frozen_since.is_some();
+        let lag = self.tcp_lag;
+        self.iface_next = self.iface.poll_at(tcp_now, &self.sockets).and_then(|t| {
             let t = micros(t);
-            // smoltcp says "now" while it has something to send; if the queue still has
-            // room it was not able to, so do not spin on it.
-            if t <= now_us && !self.device.tx_full() { now_us + 100 } else { t }
+            if t <= tcp_now_us {
+                // smoltcp says "now" while it has something to send; if the queue still
+                // has room it was not able to, so do not spin on it.
+                Some(if !self.device.tx_full() { now_us + 100 } else { now_us })
+            } else if frozen {
+                None // TCP timers wait for the clock to run again
+            } else {
+                Some(t + lag)
+            }
         });
+    }
+
+    /// The clock smoltcp's TCP runs on: real time, except that it stands still while the
+    /// selective-repeat layer has packets the peer has not acknowledged and nothing arrives
+    /// from the peer (an outage) or its retransmission timer is backing off.
+    ///
+    /// The link below TCP is reliable, so a TCP retransmission timeout is never needed; and
+    /// after an outage it is harmful: smoltcp rewinds its send sequence to the oldest
+    /// unacknowledged byte on a timeout and stamps its ACKs with that rewound number. When
+    /// both ends of a stream do so while their earlier segments are still on their way
+    /// (held by the selective-repeat layer during the outage), each end later finds the
+    /// other's ACKs below its receive window, drops them (RFC 9293 §3.10.7.4) and the
+    /// stream never moves again. Freezing TCP's clock during outages keeps its timers from
+    /// firing; the selective-repeat layer does the retransmitting.
+    fn tcp_time(&mut self, now: i64) -> Instant {
+        let unacked = self.sender.has_unacked();
+        let silent = now - self.last_rx >= TCP_FREEZE_SILENCE_US;
+        let freeze = unacked && (silent || self.sender.backing_off());
+        match self.tcp_frozen_since {
+            None if freeze => {
+                let from = if silent { self.last_rx + TCP_FREEZE_SILENCE_US } else { now };
+                let from = from.max(self.tcp_read_at).min(now);
+                self.tcp_frozen_since = Some(from);
+            }
+            Some(_) if !freeze => self.thaw_tcp(now),
+            _ => {}
+        }
+        let t = match self.tcp_frozen_since {
+            Some(from) => from,
+            None => {
+                self.tcp_read_at = now;
+                now
+            }
+        };
+        Instant::from_micros(t - self.tcp_lag)
+    }
+
+    fn thaw_tcp(&mut self, now: i64) {
+        if let Some(from) = self.tcp_frozen_since.take() {
+            self.tcp_lag += (now - from).max(0);
+            self.tcp_read_at = now;
+            // Its timers are due again, in real time.
+            self.need_poll = true;
+        }
     }
 
     // ---- accepting --------------------------------------------------------------------

@@ -61,7 +61,15 @@ pub struct LinkConfig {
     pub queue_bytes: usize,
     /// Seed of this link's randomness.
     pub seed: u64,
+    /// IP MTU of the path in bytes (`None`: unlimited). A datagram whose IP packet (its
+    /// length + 28 bytes of IPv4 and UDP headers) is larger vanishes without a word, as in a
+    /// path that drops ICMP: a black hole for large datagrams. Change it mid-run with
+    /// [`Link::set_mtu`].
+    pub mtu: Option<usize>,
 }
+
+/// Bytes of IPv4 and UDP headers in front of a datagram's payload, for [`LinkConfig::mtu`].
+pub const IP_UDP_HEADERS: usize = 28;
 
 impl LinkConfig {
     /// A lossless link with a one-way `delay`, no bandwidth cap.
@@ -76,6 +84,7 @@ impl LinkConfig {
             bandwidth_bps: None,
             queue_bytes: 4 << 20,
             seed,
+            mtu: None,
         }
     }
 }
@@ -93,12 +102,16 @@ pub struct LinkStats {
     pub lost_queue: u64,
     /// Extra copies made.
     pub duplicated: u64,
+    /// Dropped because they exceeded the path MTU.
+    pub lost_mtu: u64,
+    /// Dropped while the link was down.
+    pub lost_down: u64,
 }
 
 impl LinkStats {
     /// All drops.
     pub fn lost(&self) -> u64 {
-        self.lost_random + self.lost_queue
+        self.lost_random + self.lost_queue + self.lost_mtu + self.lost_down
     }
 }
 
@@ -133,6 +146,7 @@ pub struct Link {
     busy_until: f64,
     heap: BinaryHeap<InFlight>,
     n: u64,
+    down: bool,
     /// What it did so far.
     pub stats: LinkStats,
 }
@@ -147,14 +161,34 @@ impl Link {
             busy_until: 0.0,
             heap: BinaryHeap::new(),
             n: 0,
+            down: false,
             stats: LinkStats::default(),
         }
+    }
+
+    /// Change the path MTU (see [`LinkConfig::mtu`]); datagrams already under way arrive.
+    pub fn set_mtu(&mut self, mtu: Option<usize>) {
+        self.cfg.mtu = mtu;
+    }
+
+    /// Take the link down (every datagram offered is dropped, an outage) or up again.
+    /// Datagrams already under way arrive.
+    pub fn set_down(&mut self, down: bool) {
+        self.down = down;
     }
 
     /// Offer a datagram at `now`.
     pub fn send(&mut self, now: Instant, data: Vec<u8>) {
         let now = now.total_micros();
         self.stats.sent += 1;
+        if self.down {
+            self.stats.lost_down += 1;
+            return;
+        }
+        if self.cfg.mtu.is_some_and(|mtu| data.len() + IP_UDP_HEADERS > mtu) {
+            self.stats.lost_mtu += 1;
+            return;
+        }
         let mut depart = now as f64;
         if let Some(bw) = self.cfg.bandwidth_bps {
             let bw = bw.max(1) as f64;
@@ -256,6 +290,18 @@ impl Pair {
         self.retired.push((old_ab, true));
         self.retired.push((old_ba, false));
         self.a_address += 1;
+    }
+
+    /// Set the path MTU of both current links (see [`LinkConfig::mtu`]).
+    pub fn set_path_mtu(&mut self, mtu: Option<usize>) {
+        self.ab.set_mtu(mtu);
+        self.ba.set_mtu(mtu);
+    }
+
+    /// Take both current links down (an outage: everything sent is dropped) or up again.
+    pub fn set_down(&mut self, down: bool) {
+        self.ab.set_down(down);
+        self.ba.set_down(down);
     }
 
     fn flush(&mut self) -> bool {

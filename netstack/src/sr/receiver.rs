@@ -354,6 +354,102 @@ mod tests {
         out
     }
 
+    fn frag(seq: u64, pn: u64, offset: u16, total: u16, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Fragment::emit(SessionId(1), seq, pn, offset, total, bytes, &mut out);
+        out
+    }
+
+    fn feed(r: &mut Receiver, d: &[u8], got: &mut Vec<Vec<u8>>) {
+        let mut pool = Vec::new();
+        r.on_fragment(0, &Fragment::parse(d).unwrap(), &mut pool, |p| got.push(p));
+    }
+
+    #[test]
+    fn reassembles_across_different_splits() {
+        let mut r = Receiver::new(SessionId(1), 100, 4, 1000, 1500);
+        let packet: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut got = Vec::new();
+        // First transmission in two halves, the second half lost; the retransmission is
+        // split in three other pieces, of which only the last arrives: together complete.
+        feed(&mut r, &frag(0, 0, 0, 1000, &packet[..500]), &mut got);
+        assert!(got.is_empty());
+        feed(&mut r, &frag(0, 1, 700, 1000, &packet[700..]), &mut got);
+        assert!(got.is_empty());
+        feed(&mut r, &frag(0, 2, 400, 1000, &packet[400..750]), &mut got);
+        assert_eq!(got, vec![packet.clone()]);
+        assert!(r.partials.is_empty());
+        // Late pieces of a delivered packet are duplicates.
+        feed(&mut r, &frag(0, 1, 0, 1000, &packet[..10]), &mut got);
+        assert_eq!((got.len(), r.stats.duplicates), (1, 1));
+        assert_eq!(r.stats.reassembled, 1);
+    }
+
+    #[test]
+    fn fragment_bounds() {
+        let mut r = Receiver::new(SessionId(1), 100, 4, 1000, 1500);
+        let mut got = Vec::new();
+        // Beyond the window, longer than the interface MTU: dropped, nothing held.
+        feed(&mut r, &frag(100, 0, 0, 1000, &[1]), &mut got);
+        assert_eq!(r.stats.beyond_window, 1);
+        feed(&mut r, &frag(5, 0, 0, 1501, &[1]), &mut got);
+        assert_eq!(r.stats.fragments_dropped, 1);
+        assert!(r.partials.is_empty());
+        // A piece claiming another total than the first is dropped.
+        feed(&mut r, &frag(5, 0, 0, 1000, &[1; 10]), &mut got);
+        feed(&mut r, &frag(5, 0, 10, 1200, &[1; 10]), &mut got);
+        assert_eq!(r.stats.fragments_dropped, 2);
+        // Scattered one-byte pieces: only MAX_PIECES are held.
+        for i in 0..40u16 {
+            feed(&mut r, &frag(6, 0, 2 * i, 1000, &[1]), &mut got);
+        }
+        assert_eq!(r.partials[&6].have.len(), MAX_PIECES);
+        assert_eq!(r.stats.fragments_dropped, 2 + 40 - MAX_PIECES as u64);
+        // Whole packets fill the window in order: the partials below `cum` are freed.
+        let mut pool = Vec::new();
+        for seq in 0..10 {
+            let d = data(seq, &[seq as u8]);
+            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p| got.push(p));
+        }
+        assert!(r.partials.is_empty(), "partials below cum are dropped");
+        assert_eq!(got.len(), 10);
+    }
+
+    #[test]
+    fn partials_are_capped() {
+        let window = 2 * MAX_PARTIALS as u64;
+        let mut r = Receiver::new(SessionId(1), window, 4, 1000, 1500);
+        let mut got = Vec::new();
+        for seq in 1..=MAX_PARTIALS as u64 + 10 {
+            feed(&mut r, &frag(seq, seq, 0, 1000, &[1; 100]), &mut got);
+        }
+        assert_eq!(r.partials.len(), MAX_PARTIALS);
+        assert_eq!(r.stats.fragments_dropped, 10);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_fragments_never_panic(
+            frags in proptest::collection::vec(
+                (0u64..300, 0u16..2000, 1u16..2000, 1usize..600), 0..200)
+        ) {
+            let mut r = Receiver::new(SessionId(1), 256, 4, 1000, 1500);
+            let mut got = Vec::new();
+            for (seq, offset, total, len) in frags {
+                let bytes = vec![7u8; len];
+                let d = frag(seq, seq, offset, total, &bytes);
+                if let Ok(f) = Fragment::parse(&d) {
+                    let mut pool = Vec::new();
+                    r.on_fragment(0, &f, &mut pool, |p| got.push(p));
+                }
+                proptest::prop_assert!(r.partials.len() <= MAX_PARTIALS);
+                proptest::prop_assert!(r.partials.keys().all(|&k| k >= r.cum && k < r.cum + 256));
+                proptest::prop_assert!(r.partials.values().all(|p| p.buf.len() <= 1500));
+            }
+            proptest::prop_assert!(got.iter().all(|p| p.iter().all(|&b| b == 7)));
+        }
+    }
+
     #[test]
     fn reorders_and_reports_ranges() {
         let mut r = Receiver::new(SessionId(1), 1000, 4, 1000, 1500);

@@ -199,6 +199,16 @@ impl Sender {
         (self.in_flight > 0).then(|| self.last_sent + self.backed_off_rto())
     }
 
+    /// Whether any packet is sent or queued and not acknowledged yet.
+    pub fn has_unacked(&self) -> bool {
+        self.base < self.next_seq
+    }
+
+    /// Whether the retransmission timer fired and nothing was acknowledged since.
+    pub fn backing_off(&self) -> bool {
+        self.rto_backoff > 0
+    }
+
     /// Whether fragments of the last transmission wait to be sent.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
