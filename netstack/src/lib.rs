@@ -18,9 +18,12 @@
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ selective repeat: seq/pn numbering, range ACKs,   │  sr/
 //!   │ retransmit on reported gap or RTO, BBR-style      │
-//!   │ pacing + in-flight cap ≈ 2 × BDP                  │
+//!   │ pacing + in-flight cap ≈ 2 × BDP; packets larger  │
+//!   │ than the path MTU split into Fragments            │
+//!   │ path MTU discovery (RFC 8899): padded probes      │  pmtu.rs
 //!   └────┬──────────────────────────────────▲───────────┘
-//!        │ Data / Ack datagrams              │
+//!        │ Data / Ack / Fragment /           │
+//!        │ PmtuProbe / PmtuAck datagrams     │
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ wire: prefix (version, kind), session id, body    │  wire/
 //!   └────┬──────────────────────────────────▲───────────┘
@@ -31,6 +34,12 @@
 //! the selective-repeat layer below it makes the link reliable and in order, so TCP never
 //! retransmits, and does its own congestion control because TCP no longer sees losses. See
 //! [`sr`] for the design and [`Config`] for every tunable and its reason.
+//!
+//! Every session and every path starts at 1200-byte datagrams and searches upward for what
+//! the path carries ([`pmtu`]); nothing relies on ICMP. Sessions outlive outages as long as
+//! kernel TCP connections do (`Config::idle_timeout`, 15 min): the selective-repeat sender
+//! backs off to one datagram every `Config::max_rto` (5 s), and TCP's own clock stands still
+//! meanwhile, so TCP never times out underneath.
 //!
 //! ## TUN termination
 //! [`tun::Stack`] is the other half of the crate: a second smoltcp interface (`any_ip`) fed
@@ -59,9 +68,15 @@
 //! 3. Then drain [`Session::poll_event`]: `Connected`, `Incoming` (→ [`Session::accept`]),
 //!    `Readable`/`Writable` (after `recv` said `Blocked` / `send` took less than offered),
 //!    `Finished`, `Reset`, `TimedOut`, `Closed`, and `SessionLost` at the end.
-//! 4. Sleep until [`Session::poll_timeout`] (a time in the past means at once) or the next
+//! 4. On every move to another path (relay → direct, direct → relay, NAT rebinding):
+//!    [`Session::on_path_change`] with the new path's framing overhead in bytes, so that
+//!    path MTU discovery starts over; and [`Session::path_lost`] as well when the old path
+//!    died, to resend at once what was in flight on it.
+//! 5. Sleep until [`Session::poll_timeout`] (a time in the past means at once) or the next
 //!    input, then call [`Session::handle_timeout`] and go to 2. `None` means the session is
 //!    over.
+//!
+//! [`Stats::plpmtu`] is the current path MTU, for status displays.
 //!
 //! Pacing deadlines are microsecond-precise; a driver whose timers are coarser (tokio: 1 ms)
 //! loses nothing as long as it wakes within [`Config::pacing_burst`].
