@@ -131,6 +131,15 @@ enum Command {
         /// Also offer loopback addresses as candidates (peers on the same machine).
         #[arg(long)]
         loopback_candidates: bool,
+        /// Seconds a peer may stay silent (suspended laptop, Wi-Fi gone) before its session
+        /// and streams fail; like kernel TCP, which gives up on unacknowledged data after
+        /// about 15 minutes. Until then streams only pause, and resume when it is back.
+        #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(5..=86400))]
+        peer_timeout: u64,
+        /// Seconds a peer session with no stream lives on before both sides close it
+        /// (the next connection to that person sets up a new one).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        session_idle: u64,
     },
     /// Stop the running daemon: the TUN device goes, the resolver settings are restored.
     /// Also repairs what a killed daemon left behind.
@@ -335,6 +344,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_ping,
             relay_only,
             loopback_candidates,
+            peer_timeout,
+            session_idle,
         } => {
             if !no_tun {
                 // Say what is missing first, not in the detached daemon's log.
@@ -357,6 +368,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 include_loopback: loopback_candidates,
                 server: server.options(),
                 direct: !relay_only,
+                session_idle: std::time::Duration::from_secs(session_idle),
+                netstack: q2q_netstack::Config {
+                    idle_timeout: q2q_netstack::Duration::from_secs(peer_timeout),
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let tun = (!no_tun).then(|| daemon::tun::TunConfig {

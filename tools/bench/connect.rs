@@ -1,6 +1,8 @@
 //! Connecting by address on loopback, in one run: connect time cold (first connection to a
-//! peer: server round trips, session, TLS) and warm (again, same nodes), and throughput of
-//! one stream relayed through the server vs direct. Run with `tools/bench/run connect`.
+//! peer: server round trips, peer session, TLS), the time to the first byte echoed on a new
+//! stream in the live session (no server round trip), datagrams sent by both nodes per
+//! session set-up, time to the direct path, and throughput of one stream relayed through the
+//! server vs direct. Run with `tools/bench/run connect`.
 
 use q2q::address::{Q2qAddress, ServiceName};
 use q2q::client::{self, ConnectOptions, Home};
@@ -53,7 +55,18 @@ async fn main() -> anyhow::Result<()> {
     {
         let a = start(callee, direct).await?;
         let b = start(caller, direct).await?;
-        let mut accepted = a.listen(&sink, "sink", Policy::anyone()).await?;
+        // Named: a caller named for nothing would get a relay-only session.
+        let mut accepted = a.listen(&sink, "sink", Policy::allow([b.address().clone()])).await?;
+        let echo = ServiceName::parse("echo")?;
+        let mut echoes = a.listen(&echo, "echo", Policy::allow([b.address().clone()])).await?;
+        tokio::spawn(async move {
+            while let Some(acc) = echoes.recv().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(acc.stream);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
         tokio::spawn(async move {
             while let Some(acc) = accepted.recv().await {
                 tokio::spawn(async move {
@@ -72,14 +85,32 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         let target = a.address().clone();
+        let sent = |n: &Node| n.endpoint().stats().sent.load(std::sync::atomic::Ordering::Relaxed);
+        let before = sent(&a) + sent(&b);
         let t = Instant::now();
         let mut c = b.connect(&target, &sink).await?;
         let cold = t.elapsed();
+        let setup_datagrams = sent(&a) + sent(&b) - before;
+        let to_direct = loop {
+            if matches!(b.status().first().map(|p| &p.path), Some(PathKind::Direct(_))) || !direct {
+                break t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break Duration::MAX;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
         c.stream.shutdown().await?;
-        let t = Instant::now();
-        let mut w = b.connect(&target, &sink).await?;
-        let warm = t.elapsed();
-        w.stream.shutdown().await?;
+        // A new stream in the live session, to the first byte echoed back (best of 20).
+        let mut ttfb = Duration::MAX;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let mut e = b.connect(&target, &echo).await?;
+            e.stream.write_all(b"x").await?;
+            let mut one = [0u8; 1];
+            e.stream.read_exact(&mut one).await?;
+            ttfb = ttfb.min(t.elapsed());
+        }
         // Throughput: once the path settled (direct found, or relay only).
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut conn = b.connect(&target, &sink).await?;
@@ -96,9 +127,18 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(bytes == (mib as u64) << 20, "sink got {bytes} bytes");
         let path = b.status().last().map(|p| p.path.clone()).unwrap_or(PathKind::TcpRelay);
         println!(
-            "{label:<14} connect cold {:>7.2} ms, warm {:>7.2} ms; throughput {:>8.1} Mbit/s (path: {path})",
+            "{label:<14} set-up {:>7.2} ms ({setup_datagrams} datagrams sent by both, until the first stream); \
+             new stream in session, first byte echoed {:>6.2} ms; direct after {}; \
+             throughput {:>8.1} Mbit/s (path: {path})",
             cold.as_secs_f64() * 1e3,
-            warm.as_secs_f64() * 1e3,
+            ttfb.as_secs_f64() * 1e3,
+            if !direct {
+                "-".to_string()
+            } else if to_direct == Duration::MAX {
+                "never (10 s)".to_string()
+            } else {
+                format!("{:.1} ms", to_direct.as_secs_f64() * 1e3)
+            },
             bytes as f64 * 8.0 / secs / 1e6
         );
     }
