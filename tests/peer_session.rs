@@ -173,3 +173,22 @@ async fn a_stranger_gets_a_relay_only_session() {
     assert_eq!(alice.probes_sent(), 0);
     assert_eq!(carol.probes_sent(), 0);
 }
+
+#[tokio::test]
+async fn a_node_going_offline_ends_its_sessions_on_the_peer_at_once() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
+    let echo = serve_echo(&alice, "bob@example.com").await;
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    let (mut r, _w) = tokio::io::split(conn.stream);
+    alice.leave().await;
+    // Bob's open stream ends now (not after the 15-minute peer timeout), and the session
+    // is gone from his status.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Err(_)) | Ok(Ok(0))), "stream still open: {read:?}");
+    assert!(eventually(Duration::from_secs(3), || bob.status().is_empty()).await);
+    assert!(alice.status().is_empty());
+}

@@ -128,6 +128,8 @@ pub async fn run(
         }
     };
     let _ = std::fs::remove_file(&path);
+    // Peers in session hear we are going: their streams end now, not after a long silence.
+    node.leave().await;
     if let Some(t) = tun {
         // The control tasks may still hold a handle; they end with their connections.
         match Arc::try_unwrap(t) {

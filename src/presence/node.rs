@@ -683,9 +683,24 @@ impl Node {
         ps: &Arc<PeerSession>,
         service: &ServiceName,
     ) -> Result<PeerStream, NodeError> {
+        match self.exchange(ps, &StreamHeader::Service(service.clone())).await? {
+            (tls, Verdict::Accepted) => {
+                ps.note_opened(service);
+                Ok(tls.into())
+            }
+            (_, Verdict::Refused(why)) => Err(NodeError::Refused(why)),
+        }
+    }
+
+    /// Open a stream on `ps`, prove both identities (TLS 1.3, end to end: the server
+    /// vouched for nobody), send `header`, and read the peer's verdict.
+    async fn exchange(
+        &self,
+        ps: &Arc<PeerSession>,
+        header: &StreamHeader,
+    ) -> Result<(tokio_rustls::client::TlsStream<PtcpStream>, Verdict), NodeError> {
         use tokio::io::AsyncWriteExt;
         let stream = ps.ptcp.open_stream().await?;
-        // End to end: the server vouched for nobody; TLS proves both identities.
         let mut tls = crate::ptcp::tls::connect(
             stream,
             &self.inner.tls_identity,
@@ -695,15 +710,10 @@ impl Node {
         )
         .await
         .map_err(|e| NodeError::Tls(format!("{}: {e}", ps.peer)))?;
-        tls.write_all(&StreamHeader::Service(service.clone()).encode()).await?;
+        tls.write_all(&header.encode()).await?;
         tls.flush().await?;
-        match Verdict::read(&mut tls).await? {
-            Verdict::Accepted => {
-                ps.note_opened(service);
-                Ok(tls.into())
-            }
-            Verdict::Refused(why) => Err(NodeError::Refused(why)),
-        }
+        let verdict = Verdict::read(&mut tls).await?;
+        Ok((tls, verdict))
     }
 
     /// The live session with `to`, set up if there is none (one set-up for any number of
@@ -836,6 +846,11 @@ impl Node {
         }
         let me = &self.inner.me;
         let service = match header {
+            StreamHeader::Leaving => {
+                let _ = Verdict::Accepted.send(&mut tls).await;
+                ps.ptcp.abort().await;
+                return self.end_session(&ps, "the peer went offline").await;
+            }
             StreamHeader::Close => {
                 ps.closing(true);
                 let busy = ps.count_streams().await.unwrap_or(0) > 0;
@@ -905,7 +920,12 @@ impl Node {
             if idle_since.elapsed() < idle {
                 continue;
             }
-            match tokio::time::timeout(Duration::from_secs(5), self.ask_close(&ps)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                self.ask_close(&ps, StreamHeader::Close),
+            )
+            .await
+            {
                 // Busy: the peer opened a stream meanwhile.
                 Ok(Ok(false)) => idle_since = tokio::time::Instant::now(),
                 // Agreed, or no answer: the peer will time out or close on its own.
@@ -914,28 +934,36 @@ impl Node {
         }
     }
 
-    /// Ask the peer to close the session: `true` if it agreed.
-    async fn ask_close(&self, ps: &Arc<PeerSession>) -> Result<bool, NodeError> {
-        use tokio::io::AsyncWriteExt;
+    /// Ask the peer to end the session (`Close` or `Leaving`): `true` if it agreed.
+    async fn ask_close(
+        &self,
+        ps: &Arc<PeerSession>,
+        header: StreamHeader,
+    ) -> Result<bool, NodeError> {
         ps.closing(true);
-        let result = async {
-            let stream = ps.ptcp.open_stream().await?;
-            let mut tls = crate::ptcp::tls::connect(
-                stream,
-                &self.inner.tls_identity,
-                &ps.peer,
-                ps.ca.clone(),
-                crate::ptcp::tls::no_revocation(),
-            )
-            .await
-            .map_err(|e| NodeError::Tls(e.to_string()))?;
-            tls.write_all(&StreamHeader::Close.encode()).await?;
-            tls.flush().await?;
-            Ok(Verdict::read(&mut tls).await? == Verdict::Accepted)
-        }
-        .await;
+        let result = self.exchange(ps, &header).await.map(|(_, v)| v == Verdict::Accepted);
         ps.closing(false);
         result
+    }
+
+    /// Going offline: tell every peer in session (at most 1 s each, side by side), so
+    /// their streams end now and their next connection learns from the server that we
+    /// are offline, instead of waiting on a silent session.
+    pub async fn leave(&self) {
+        let sessions = self.inner.table.list().await;
+        let mut told = tokio::task::JoinSet::new();
+        for ps in sessions {
+            let node = self.clone();
+            told.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    node.ask_close(&ps, StreamHeader::Leaving),
+                )
+                .await;
+                node.end_session(&ps, "we went offline").await;
+            });
+        }
+        while told.join_next().await.is_some() {}
     }
 
     /// Forget a session: out of the table, its path machinery stopped, its tasks ended.

@@ -18,7 +18,10 @@
 //!
 //! A session with no streams for a while ends: one side sends the header `Close` on a
 //! stream of its own; the other agrees unless it has streams open (a race with a new
-//! stream), and both forget the session.
+//! stream), and both forget the session. A node going offline sends `Leaving` on each of
+//! its sessions: the peer ends the session and its streams at once (as a host's kernel
+//! resets its TCP connections when it shuts down), so its next connection asks the server
+//! and learns at once that the node is offline.
 
 use crate::address::{Q2qAddress, ServiceName};
 use crate::ptcp::PtcpSession;
@@ -34,6 +37,8 @@ pub enum StreamHeader {
     Service(ServiceName),
     /// End the session: the sender has no streams and wants none.
     Close,
+    /// The sender goes offline (its daemon stops): end the session and its streams now.
+    Leaving,
 }
 
 /// The acceptor's answer to a [`StreamHeader`].
@@ -58,6 +63,7 @@ pub enum HeaderError {
 
 const KIND_SERVICE: u8 = 1;
 const KIND_CLOSE: u8 = 2;
+const KIND_LEAVING: u8 = 3;
 const ACCEPTED: u8 = 0;
 const REFUSED: u8 = 1;
 /// Longest refusal reason sent (bytes); longer ones are cut at a character boundary.
@@ -75,6 +81,7 @@ impl StreamHeader {
                 out
             }
             StreamHeader::Close => vec![KIND_CLOSE],
+            StreamHeader::Leaving => vec![KIND_LEAVING],
         }
     }
 
@@ -91,6 +98,7 @@ impl StreamHeader {
                     .map_err(|_| HeaderError::BadService)
             }
             KIND_CLOSE => Ok(StreamHeader::Close),
+            KIND_LEAVING => Ok(StreamHeader::Leaving),
             other => Err(HeaderError::UnknownKind(other)),
         }
     }
@@ -259,8 +267,11 @@ mod tests {
 
     #[tokio::test]
     async fn headers_and_verdicts_round_trip() {
-        for h in [StreamHeader::Service(ServiceName::parse("tcp/22").unwrap()), StreamHeader::Close]
-        {
+        for h in [
+            StreamHeader::Service(ServiceName::parse("tcp/22").unwrap()),
+            StreamHeader::Close,
+            StreamHeader::Leaving,
+        ] {
             let bytes = h.encode();
             assert_eq!(StreamHeader::read(&mut &bytes[..]).await.unwrap(), h);
         }

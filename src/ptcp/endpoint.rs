@@ -202,6 +202,9 @@ pub(crate) enum Command {
         id: SessionId,
         reply: oneshot::Sender<Result<usize, EndpointError>>,
     },
+    Abort {
+        id: SessionId,
+    },
     DropFrom(Option<DropFilter>),
     Send {
         to: SocketAddr,
@@ -474,6 +477,12 @@ impl PtcpSession {
     pub async fn streams_in_use(&self) -> Result<usize, EndpointError> {
         let id = self.id;
         self.link.call(|reply| Command::InUse { id, reply }).await.map_err(|e| self.explain(e))
+    }
+
+    /// End the session now: every stream fails with "peer reset the stream" and the session
+    /// is forgotten, without a word to the peer (for a peer known to be gone).
+    pub async fn abort(&self) {
+        let _ = self.link.cmds.send(Command::Abort { id: self.id }).await;
     }
 
     /// Why the session ended, if it did.
@@ -769,6 +778,17 @@ impl Driver {
                     })
                     .ok_or(EndpointError::NoSuchSession(id));
                 let _ = reply.send(r);
+            }
+            Command::Abort { id } => {
+                if let Some(mut s) = self.sessions.remove(&id) {
+                    debug!(session = %id, "session aborted");
+                    for (_, reply) in s.opening.drain() {
+                        let _ = reply.send(Err(EndpointError::Refused(StreamFailure::Reset)));
+                    }
+                    for (_, p) in s.streams.drain() {
+                        p.fail(StreamFailure::Reset);
+                    }
+                }
             }
             Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),
