@@ -18,6 +18,18 @@
 //!  relay.rs: relay framing (leg tokens, keys, tags), shared by server/ and presence/
 //! ```
 //!
+//! ## One session per pair of people
+//!
+//! `Node::connect(bob, service)` asks the session table (`presence/table.rs`, one owner
+//! task) for the peer session with bob. The first caller sets it up through bob's server
+//! (`inbound`: consent, candidates, relay legs, punching); any number of concurrent callers
+//! wait for that one set-up. Every stream after that, to any service and in either
+//! direction, is a new smoltcp connection inside the same PTCP session: TLS 1.3 between the
+//! two certificates, then a stream header naming the service and the callee's verdict
+//! (`presence/session.rs`). A session without streams closes on both sides after a while;
+//! a node going offline tells its peers. Strangers (named for none of our services) get
+//! relay-only sessions.
+//!
 //! Protocol cores take `now` and bytes (q2q-netstack, the AMP codec, the rate limiter, the
 //! DNS answerer); the tokio tasks here own sockets and timers, one task per state machine,
 //! reached through bounded channels.
