@@ -41,6 +41,14 @@
 //! backs off to one datagram every `Config::max_rto` (5 s), and TCP's own clock stands still
 //! meanwhile, so TCP never times out underneath.
 //!
+//! ## Paths
+//! [`path::Paths`] is the sans-IO machine that decides where a session's datagrams go:
+//! direct (found by authenticated probes to the peer's candidates, or birthday probing across
+//! a symmetric NAT), the UDP relay, or the relay over the control connection. It watches the
+//! direct path with every datagram of the session, falls back to the relay, follows NAT
+//! rebinding and searches again, within a per-session probe budget. The driver feeds it
+//! beside the [`Session`] and moves the session when it says so (step 4 below).
+//!
 //! ## TUN termination
 //! [`tun::Stack`] is the other half of the crate: a second smoltcp interface (`any_ip`) fed
 //! with the IP packets of a TUN device, terminating the TCP flows, UDP datagrams and pings
@@ -84,6 +92,7 @@
 
 pub mod config;
 mod device;
+pub mod path;
 pub mod pmtu;
 pub mod session;
 pub mod sim;

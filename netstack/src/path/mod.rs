@@ -1,0 +1,852 @@
+//! The paths of one peer session, as a sans-IO state machine: where the session's datagrams
+//! go (direct to the peer, through the UDP relay, or through the relay over the control
+//! connection), how a direct path is found (authenticated probes to the peer's candidates,
+//! birthday probing across a symmetric NAT), how it is watched, and when the session falls
+//! back to the relay and looks again. Like quinn-proto's path validation: no sockets, no
+//! clock; the driver passes `now` and what arrived, and takes datagrams to send (and from
+//! which socket), the next deadline and events.
+//!
+//! ```text
+//!            verified probe / reply from an address
+//!   Relayed ─────────────────────────────────────────▶ Direct { to, socket }
+//!   (probe candidates 10/s for `probe_for`,                │ silent ≥ suspect_after:
+//!    then a burst every `reprobe_every`;                   │ probe it 2/s; no answer for
+//!    birthday after 10 rounds where the NATs call for it)  │ dead_after more, or the peer's
+//!      ▲                                                   │ datagrams come via the relay
+//!      └──────────── fall back (wait a whole period) ◀─────┘ (≥ direct_grace after moving)
+//!   A verified probe from another address while the direct path is silent: NAT rebinding,
+//!   move there.
+//! ```
+//!
+//! ## Polling contract
+//! The driver owns one [`Paths`] per session (beside its [`crate::Session`]):
+//!
+//! 1. Probes and replies addressed to the session ([`probe::session_of`]):
+//!    [`Paths::handle_probe`] with the socket they arrived on and their source.
+//! 2. Every other datagram of the session that arrived on one of our sockets:
+//!    [`Paths::handle_datagram`] (liveness: data and acks alike); one that came through the
+//!    relay (UDP or control connection): [`Paths::note_relayed`].
+//! 3. When [`Paths::poll_timeout`] has passed: [`Paths::handle_timeout`].
+//! 4. After any input or timer: drain [`Paths::poll_event`] first (open or close birthday
+//!    sockets; on [`PathEvent::Switched`] send the session's datagrams along
+//!    [`Paths::current`], calling [`crate::Session::on_path_change`], and
+//!    [`crate::Session::path_lost`] when `lost`), then [`Paths::poll_transmit`] until `None`.
+//! 5. Sleep until [`Paths::poll_timeout`] or the next input.
+//!
+//! [`Paths::current`] is the one place the path lives; [`Paths::why`] says why, for status
+//! displays.
+//!
+//! ## Bounds
+//! Probes go only to the candidates given (already filtered by the caller to the addresses
+//! the server saw the peer at, or our own networks), to the birthday target the NAT facts
+//! name (the peer's server-observed IP), or as replies to the address a verified probe came
+//! from. Every probe and reply is taken from a token bucket ([`Config::probe_burst`],
+//! refilled at [`Config::probe_refill`] a second): no peer can make a session send more. A
+//! relay-only session sends nothing but relay binds and ignores probes.
+
+pub mod probe;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+
+use tracing::{debug, info, warn};
+
+use crate::sim::Rng;
+use crate::{Duration, Instant};
+pub use probe::{ProbeKey, Role};
+
+/// Timers and bounds of the path machine. The defaults are those q2q runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Probe the candidates this often while searching (100 ms).
+    pub probe_every: Duration,
+    /// How long one search lasts (5 s: 50 rounds).
+    pub probe_for: Duration,
+    /// While relayed, search again this long after the last one ended (30 s); also the wait
+    /// after a fall back before probing again.
+    pub reprobe_every: Duration,
+    /// Wait this long before the first search (0: at once).
+    pub probe_after: Duration,
+    /// Refresh the UDP relay binding this often (10 s, below NAT UDP timeouts).
+    pub relay_bind_every: Duration,
+    /// Search rounds before birthday probing starts (10).
+    pub birthday_after_rounds: u32,
+    /// Extra sockets (mappings) a symmetric side opens (256).
+    pub birthday_sockets: u16,
+    /// A symmetric side probes from every extra socket this often (250 ms)...
+    pub birthday_every: Duration,
+    /// ... for this long (12 s), then closes them.
+    pub birthday_for: Duration,
+    /// Most probes a cone side sprays at random ports (2500)...
+    pub birthday_probes: u32,
+    /// ... this many a second (500).
+    pub birthday_rate: u32,
+    /// A direct path silent this long (no datagram of the session from its address) is
+    /// suspect and gets probed (1 s: well above a round trip and an ACK delay).
+    pub suspect_after: Duration,
+    /// A suspect path is probed at most this often (500 ms).
+    pub suspect_probe_every: Duration,
+    /// A suspect path that neither answers probes nor carries data for this long more is
+    /// dead (2.5 s).
+    pub dead_after: Duration,
+    /// A path that answered probes but stays silent is idle; ask it again after this long
+    /// (15 s, above the session keepalive of 10 s).
+    pub reask_idle_after: Duration,
+    /// The peer's datagrams arriving through the relay within this long of going direct are
+    /// stragglers, not a sign that the peer gave up on the path (3 s).
+    pub direct_grace: Duration,
+    /// Probes (and replies) a session may send at once (16384: a first search over 33
+    /// candidates, birthday probing and the watch fit in it).
+    pub probe_burst: u32,
+    /// Probes a second the budget grows back by (8).
+    pub probe_refill: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            probe_every: Duration::from_millis(100),
+            probe_for: Duration::from_secs(5),
+            reprobe_every: Duration::from_secs(30),
+            probe_after: Duration::ZERO,
+            relay_bind_every: Duration::from_secs(10),
+            birthday_after_rounds: 10,
+            birthday_sockets: 256,
+            birthday_every: Duration::from_millis(250),
+            birthday_for: Duration::from_secs(12),
+            birthday_probes: 2500,
+            birthday_rate: 500,
+            suspect_after: Duration::from_secs(1),
+            suspect_probe_every: Duration::from_millis(500),
+            dead_after: Duration::from_millis(2500),
+            reask_idle_after: Duration::from_secs(15),
+            direct_grace: Duration::from_secs(3),
+            probe_burst: 16384,
+            probe_refill: 8,
+        }
+    }
+}
+
+/// A socket of ours: the endpoint's main socket, or one of the extra sockets a symmetric
+/// side opens for birthday probing (index `0..n` of [`PathEvent::OpenBirthdaySockets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Socket {
+    /// The endpoint's socket (PTCP, who-am-i, relay).
+    Main,
+    /// Extra birthday socket number `i`.
+    Birthday(u16),
+}
+
+/// The relay a session starts on and falls back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayPath {
+    /// The UDP relay at this address (bound with [`Payload::RelayBind`]).
+    Udp(SocketAddr),
+    /// The relay over the control connection (UDP to the server is blocked).
+    Control,
+}
+
+/// How a session's datagrams travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the peer's address `to`, from `socket`.
+    Direct {
+        /// The peer's address (its NAT's mapping).
+        to: SocketAddr,
+        /// Our socket holding the mapping on our side.
+        socket: Socket,
+    },
+    /// Through the UDP relay at this address.
+    UdpRelay(SocketAddr),
+    /// Through the relay over the control connection.
+    ControlRelay,
+}
+
+impl From<RelayPath> for Path {
+    fn from(r: RelayPath) -> Path {
+        match r {
+            RelayPath::Udp(a) => Path::UdpRelay(a),
+            RelayPath::Control => Path::ControlRelay,
+        }
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Direct { to, socket: Socket::Main } => write!(f, "direct {to}"),
+            Path::Direct { to, socket: Socket::Birthday(i) } => {
+                write!(f, "direct {to} (birthday socket {i})")
+            }
+            Path::UdpRelay(a) => write!(f, "UDP relay {a}"),
+            Path::ControlRelay => write!(f, "TCP relay"),
+        }
+    }
+}
+
+/// What to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// A probe or reply, ready as is.
+    Probe([u8; probe::LEN]),
+    /// A bind of our relay leg (the driver frames it: it holds the relay key).
+    RelayBind,
+}
+
+/// One datagram to send: `payload` from `socket` to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Which of our sockets it leaves from.
+    pub socket: Socket,
+    /// Where to.
+    pub to: SocketAddr,
+    /// What.
+    pub payload: Payload,
+}
+
+/// What happened, for the driver to act on ([`Paths::poll_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathEvent {
+    /// The session's datagrams go along `path` from now on. `lost`: the old path died, so
+    /// what was in flight on it is to be resent ([`crate::Session::path_lost`]).
+    Switched {
+        /// The new path (also [`Paths::current`]).
+        path: Path,
+        /// The old path died.
+        lost: bool,
+    },
+    /// Open this many extra UDP sockets, [`Socket::Birthday`] `0..n`, and hand what they
+    /// receive to [`Paths::handle_probe`] / [`Paths::handle_datagram`]. Comes before the
+    /// first transmit from them.
+    OpenBirthdaySockets(u16),
+    /// Close the extra sockets, except `keep` (the one holding the direct path).
+    CloseBirthdaySockets {
+        /// The socket to keep open.
+        keep: Option<u16>,
+    },
+}
+
+/// What each side knows of the NATs, for birthday probing: the reflexive addresses (what
+/// the server saw on the main socket) and the main sockets' own ports. A side whose
+/// reflexive port differs from its host port is taken as symmetric (NATs that keep ports
+/// are the cone kind); both sides read the same facts from the candidates, so they agree
+/// on their roles without another message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatFacts {
+    /// Our reflexive address (`None`: UDP to the server is blocked).
+    pub mine: Option<SocketAddr>,
+    /// Our main socket's port.
+    pub my_port: u16,
+    /// The peer's reflexive address (the first of its candidates).
+    pub peer: Option<SocketAddr>,
+    /// The peer's main socket's port (the port of its host candidates).
+    pub peer_port: Option<u16>,
+    /// The IP the server saw the peer's control connection come from: birthday probing
+    /// only ever goes there.
+    pub peer_seen: Option<IpAddr>,
+}
+
+/// Which birthday role a session plays, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Birthday {
+    /// We are behind a symmetric NAT, the peer behind a cone: open many mappings, each
+    /// probing the peer's reflexive address.
+    Listen(SocketAddr),
+    /// We are behind a cone NAT, the peer behind a symmetric one: spray probes at random
+    /// ports of its IP.
+    Spray(IpAddr),
+}
+
+impl NatFacts {
+    /// The birthday role these facts call for: only across IPv4 NATs with distinct public
+    /// addresses, exactly one side symmetric, and only towards the address the server saw.
+    pub fn birthday(&self) -> Option<Birthday> {
+        let (mine, peer, peer_port) = (self.mine?, self.peer?, self.peer_port?);
+        if !peer.is_ipv4() || peer.ip() == mine.ip() || self.peer_seen != Some(peer.ip()) {
+            return None;
+        }
+        match (mine.port() != self.my_port, peer.port() != peer_port) {
+            (true, false) => Some(Birthday::Listen(peer)),
+            (false, true) => Some(Birthday::Spray(peer.ip())),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a session's paths start from (what the server's `inbound` set up).
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The session id (probes carry it).
+    pub session: u64,
+    /// Our role.
+    pub role: Role,
+    /// The session's probe key.
+    pub key: [u8; 16],
+    /// The relay the session starts on.
+    pub relay: RelayPath,
+    /// The peer's candidates we may probe: already filtered to where the server saw the peer
+    /// and our own networks. Nothing else is ever sent a probe unasked.
+    pub candidates: Vec<SocketAddr>,
+    /// NAT facts for birthday probing.
+    pub nat: NatFacts,
+    /// Look for a direct path at all. `false`: a relay-only session (a stranger's, or direct
+    /// paths disabled): no probe is sent, no probe is answered.
+    pub direct_allowed: bool,
+    /// Seed of the machine's randomness (birthday spray ports).
+    pub seed: u64,
+}
+
+/// Counters of a session's paths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathStats {
+    /// Probes and replies handed out to send.
+    pub probes: u64,
+    /// Relay binds handed out.
+    pub binds: u64,
+    /// Probes that did not verify (wrong key, session, role or shape).
+    pub rejected: u64,
+    /// Moves to a direct path.
+    pub direct: u64,
+    /// Falls back to the relay.
+    pub fell_back: u64,
+}
+
+/// A token bucket in milli-probes.
+#[derive(Debug)]
+struct Budget {
+    milli: u64,
+    at: Instant,
+    burst: u64,
+    refill: u64,
+}
+
+impl Budget {
+    fn take(&mut self, now: Instant, n: u64) -> bool {
+        let dt = (now - self.at.min(now)).total_millis();
+        self.milli = (self.milli + dt.saturating_mul(self.refill)).min(self.burst * 1000);
+        self.at = self.at.max(now);
+        if self.milli < n * 1000 {
+            return false;
+        }
+        self.milli -= n * 1000;
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Suspicion {
+    since: Instant,
+    probed: Instant,
+    answered: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Direct {
+    to: SocketAddr,
+    socket: Socket,
+    since: Instant,
+    heard: Instant,
+    suspicion: Option<Suspicion>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// On the relay; the next search round (`round` of a search) is due at `next` (`None`:
+    /// nothing to search for).
+    Relayed {
+        round: u32,
+        next: Option<Instant>,
+    },
+    Direct(Direct),
+}
+
+#[derive(Debug)]
+enum BirthdayRun {
+    Listen { peer: SocketAddr, next: Instant, until: Instant },
+    Spray { ip: IpAddr, next: Instant, left: u32 },
+}
+
+/// The paths of one session. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Paths {
+    config: Config,
+    session: u64,
+    role: Role,
+    key: ProbeKey,
+    relay: RelayPath,
+    candidates: Vec<SocketAddr>,
+    birthday_role: Option<Birthday>,
+    direct_allowed: bool,
+    rng: Rng,
+    current: Path,
+    why: String,
+    state: State,
+    birthday: Option<BirthdayRun>,
+    next_bind: Option<Instant>,
+    budget: Budget,
+    in_flight: u64,
+    nonce: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PathEvent>,
+    stats: PathStats,
+}
+
+impl Paths {
+    /// The paths of a new session: on the relay, searching for a direct path (after
+    /// [`Config::probe_after`]) unless `setup` makes it relay-only. The first relay bind
+    /// is due at once.
+    pub fn new(now: Instant, config: Config, setup: Setup) -> Paths {
+        let searching = setup.direct_allowed && !setup.candidates.is_empty();
+        let why = match (setup.relay, setup.direct_allowed, searching) {
+            (_, false, _) => "relay only: direct paths disabled for this session".to_string(),
+            (_, true, false) => {
+                "relay only: no candidate to probe (none where the server saw the peer)".into()
+            }
+            (RelayPath::Control, ..) => "UDP to the server is blocked: relayed over TCP".into(),
+            (RelayPath::Udp(_), ..) => "relayed while probing for a direct path".into(),
+        };
+        let next = searching.then(|| now + config.probe_after);
+        Paths {
+            session: setup.session,
+            role: setup.role,
+            key: ProbeKey::new(&setup.key),
+            relay: setup.relay,
+            birthday_role: if setup.direct_allowed { setup.nat.birthday() } else { None },
+            candidates: setup.candidates,
+            direct_allowed: setup.direct_allowed,
+            rng: Rng::new(setup.seed),
+            current: setup.relay.into(),
+            why,
+            state: State::Relayed { round: 0, next },
+            birthday: None,
+            next_bind: matches!(setup.relay, RelayPath::Udp(_)).then_some(now),
+            budget: Budget {
+                milli: u64::from(config.probe_burst) * 1000,
+                at: now,
+                burst: u64::from(config.probe_burst),
+                refill: u64::from(config.probe_refill),
+            },
+            in_flight: 0,
+            nonce: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: PathStats::default(),
+            config,
+        }
+    }
+
+    /// The path the session's datagrams take now: the one place it is kept.
+    pub fn current(&self) -> Path {
+        self.current
+    }
+
+    /// Why the session is on [`Paths::current`], for status displays.
+    pub fn why(&self) -> &str {
+        &self.why
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PathStats {
+        self.stats
+    }
+
+    /// The session id.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Bytes the session has in flight (unacknowledged), as of the last transmit: a
+    /// silent direct path with data in flight is asked again sooner than an idle one.
+    pub fn set_in_flight(&mut self, bytes: u64) {
+        self.in_flight = bytes;
+    }
+
+    /// A probe or reply for this session arrived on `socket` from `from`. Verified ones
+    /// are answered (probes) and may move the session to a direct path: the first while
+    /// relayed, or one from a new address while the direct path is silent (NAT
+    /// rebinding). Returns whether it verified.
+    pub fn handle_probe(
+        &mut self,
+        now: Instant,
+        socket: Socket,
+        from: SocketAddr,
+        d: &[u8],
+    ) -> bool {
+        if !self.direct_allowed {
+            return false;
+        }
+        let Some(p) = self.key.verify(d, self.role.other()).filter(|p| p.session == self.session)
+        else {
+            self.stats.rejected += 1;
+            debug!(session = format!("{:016x}", self.session), %from, "dropped a probe that does not verify");
+            return false;
+        };
+        if !p.reply && self.budget.take(now, 1) {
+            let data = self.key.encode(true, self.session, p.nonce, self.role);
+            self.push(Transmit { socket, to: from, payload: Payload::Probe(data) });
+        }
+        enum Act {
+            Find(&'static str),
+            Rebind(SocketAddr),
+            Nothing,
+        }
+        let act = match &mut self.state {
+            State::Relayed { .. } => match socket {
+                Socket::Birthday(_) => Act::Find("hole punched (birthday probing)"),
+                Socket::Main if matches!(self.birthday, Some(BirthdayRun::Spray { .. })) => {
+                    Act::Find("hole punched (birthday probing)")
+                }
+                Socket::Main => Act::Find("hole punched"),
+            },
+            State::Direct(d) if d.to == from && d.socket == socket => {
+                if let Some(s) = &mut d.suspicion
+                    && p.reply
+                    && s.answered.is_none()
+                {
+                    // Answers the watch's probes: the path works both ways.
+                    s.answered = Some(now);
+                }
+                Act::Nothing
+            }
+            // From another address while the path is silent and unanswered: the peer's
+            // NAT moved it (rebinding).
+            State::Direct(d) if d.suspicion.as_ref().is_some_and(|s| s.answered.is_none()) => {
+                Act::Rebind(d.to)
+            }
+            State::Direct(_) => Act::Nothing,
+        };
+        match act {
+            Act::Find(how) => self.go_direct(now, from, socket, how.to_string(), false),
+            Act::Rebind(old) => {
+                let why = format!("NAT rebinding: the peer moved from {old} to {from}");
+                self.go_direct(now, from, socket, why, true);
+            }
+            Act::Nothing => {}
+        }
+        true
+    }
+
+    /// A datagram of the session (data, ack, anything authenticated as the session's)
+    /// arrived on `socket` from `from`: the direct path from there is alive.
+    pub fn handle_datagram(&mut self, now: Instant, socket: Socket, from: SocketAddr) {
+        if let State::Direct(d) = &mut self.state
+            && d.to == from
+            && d.socket == socket
+        {
+            d.heard = d.heard.max(now);
+        }
+    }
+
+    /// A datagram of the session arrived through the relay. While direct (for longer than a
+    /// straggler could take), the peer has given up on the direct path: follow it.
+    pub fn note_relayed(&mut self, now: Instant) {
+        if let State::Direct(d) = &self.state
+            && now >= d.since + self.config.direct_grace
+        {
+            let why = format!("the peer moved to the relay; {} is no longer used", d.to);
+            self.fall_back(now, &why);
+        }
+    }
+
+    /// Fresh candidates (after a network change, already filtered as for [`Setup`]): while
+    /// relayed, search them at once.
+    pub fn update_candidates(&mut self, now: Instant, candidates: Vec<SocketAddr>) {
+        self.candidates = candidates;
+        if let State::Relayed { round, next } = &mut self.state
+            && self.direct_allowed
+        {
+            *round = 0;
+            *next = (!self.candidates.is_empty()).then_some(now);
+        }
+    }
+
+    /// The next datagram to send (probes, replies, relay binds). `now` is not used to run
+    /// timers (that is [`Paths::handle_timeout`]'s job, so that events always come before
+    /// the transmits that need them); it is taken for symmetry with the session.
+    pub fn poll_transmit(&mut self, _now: Instant) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<PathEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Paths::handle_timeout`] is next due (a time in the past: at once); `None`:
+    /// nothing until the next input.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let c = &self.config;
+        let mut t: Option<Instant> = self.next_bind;
+        let mut at = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(b) = &self.birthday {
+            match b {
+                BirthdayRun::Listen { next, until, .. } => at((*next).min(*until)),
+                BirthdayRun::Spray { next, .. } => at(*next),
+            }
+        }
+        match &self.state {
+            State::Relayed { next, .. } => {
+                if let Some(n) = next {
+                    at(*n)
+                }
+            }
+            State::Direct(d) => match &d.suspicion {
+                None => at(d.heard + c.suspect_after),
+                Some(s) => match s.answered {
+                    Some(a) if self.in_flight > 0 => {
+                        at(a + c.suspect_after.min(c.reask_idle_after))
+                    }
+                    Some(a) => at(a + c.reask_idle_after),
+                    None => at((s.since + c.dead_after).min(s.probed + c.suspect_probe_every)),
+                },
+            },
+        }
+        if !self.transmits.is_empty() {
+            at(Instant::from_micros(0));
+        }
+        t
+    }
+
+    /// Run the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(b) = self.next_bind
+            && b <= now
+            && let RelayPath::Udp(relay) = self.relay
+        {
+            self.bind(relay);
+            self.next_bind = Some(now + self.config.relay_bind_every);
+        }
+        self.search(now);
+        self.run_birthday(now);
+        self.watch(now);
+    }
+
+    fn push(&mut self, t: Transmit) {
+        match t.payload {
+            Payload::Probe(_) => self.stats.probes += 1,
+            Payload::RelayBind => self.stats.binds += 1,
+        }
+        self.transmits.push_back(t);
+    }
+
+    fn bind(&mut self, relay: SocketAddr) {
+        self.push(Transmit { socket: Socket::Main, to: relay, payload: Payload::RelayBind });
+    }
+
+    fn probe(&mut self) -> [u8; probe::LEN] {
+        self.nonce += 1;
+        self.key.encode(false, self.session, self.nonce, self.role)
+    }
+
+    /// Relayed: a search round if one is due.
+    fn search(&mut self, now: Instant) {
+        let State::Relayed { round, next: Some(due) } = self.state else { return };
+        if due > now {
+            return;
+        }
+        let rounds = (self.config.probe_for.total_millis()
+            / self.config.probe_every.total_millis().max(1))
+        .max(1) as u32;
+        let n = self.candidates.len() as u64;
+        if n > 0 && self.budget.take(now, n) {
+            let data = self.probe();
+            for i in 0..self.candidates.len() {
+                let to = self.candidates[i];
+                self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
+            }
+        }
+        if round == self.config.birthday_after_rounds {
+            self.start_birthday(now);
+        }
+        let next_round = round + 1;
+        self.state = if next_round >= rounds {
+            if matches!(self.current, Path::UdpRelay(_)) {
+                self.why = format!(
+                    "no direct path: none of {} candidates answered probes",
+                    self.candidates.len()
+                );
+            }
+            let wait = self.config.probe_every + self.config.reprobe_every;
+            State::Relayed { round: 0, next: Some(now + wait) }
+        } else {
+            State::Relayed { round: next_round, next: Some(now + self.config.probe_every) }
+        };
+    }
+
+    fn start_birthday(&mut self, now: Instant) {
+        if self.birthday.is_some() {
+            return;
+        }
+        match self.birthday_role {
+            Some(Birthday::Listen(peer)) => {
+                debug!(session = format!("{:016x}", self.session), %peer, "birthday: opening mappings");
+                self.events.push_back(PathEvent::OpenBirthdaySockets(self.config.birthday_sockets));
+                self.birthday = Some(BirthdayRun::Listen {
+                    peer,
+                    next: now,
+                    until: now + self.config.birthday_for,
+                });
+            }
+            Some(Birthday::Spray(ip)) => {
+                debug!(session = format!("{:016x}", self.session), %ip, "birthday: spraying probes");
+                self.birthday =
+                    Some(BirthdayRun::Spray { ip, next: now, left: self.config.birthday_probes });
+            }
+            None => {}
+        }
+    }
+
+    fn stop_birthday(&mut self, keep: Option<u16>) {
+        if let Some(BirthdayRun::Listen { .. }) = self.birthday.take() {
+            self.events.push_back(PathEvent::CloseBirthdaySockets { keep });
+        }
+    }
+
+    fn run_birthday(&mut self, now: Instant) {
+        match self.birthday {
+            Some(BirthdayRun::Listen { peer, next, until }) => {
+                if now >= until {
+                    return self.stop_birthday(None);
+                }
+                if next > now {
+                    return;
+                }
+                let n = self.config.birthday_sockets;
+                if !self.budget.take(now, u64::from(n)) {
+                    return self.stop_birthday(None);
+                }
+                let data = self.probe();
+                for i in 0..n {
+                    let t = Transmit {
+                        socket: Socket::Birthday(i),
+                        to: peer,
+                        payload: Payload::Probe(data),
+                    };
+                    self.push(t);
+                }
+                let next = now + self.config.birthday_every;
+                self.birthday = Some(BirthdayRun::Listen { peer, next, until });
+            }
+            Some(BirthdayRun::Spray { ip, next, left }) => {
+                if next > now {
+                    return;
+                }
+                // Steps of 20 ms, each `rate / 50` probes.
+                let step = (self.config.birthday_rate / 50).clamp(1, left.max(1));
+                if left == 0 || !self.budget.take(now, u64::from(step)) {
+                    self.birthday = None;
+                    return;
+                }
+                for _ in 0..step {
+                    let data = self.probe();
+                    let port = 1024 + (self.rng.next_u64() % (65536 - 1024)) as u16;
+                    let to = SocketAddr::new(ip, port);
+                    self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
+                }
+                let left = left - step;
+                self.birthday = (left > 0).then_some(BirthdayRun::Spray {
+                    ip,
+                    next: now + Duration::from_millis(20),
+                    left,
+                });
+            }
+            None => {}
+        }
+    }
+
+    /// Direct: watch the path. Silent for `suspect_after`: probe it every
+    /// `suspect_probe_every`; no answer and no data for `dead_after` more: fall back.
+    fn watch(&mut self, now: Instant) {
+        let c = self.config.clone();
+        let State::Direct(d) = &mut self.state else { return };
+        if now < d.heard + c.suspect_after {
+            d.suspicion = None;
+            return;
+        }
+        let ask = match &mut d.suspicion {
+            None => true,
+            Some(s) => match s.answered {
+                Some(at) => {
+                    let waited = now - at.min(now);
+                    (self.in_flight > 0 && waited >= c.suspect_after)
+                        || waited >= c.reask_idle_after
+                }
+                None if now >= s.since + c.dead_after => {
+                    let why = format!(
+                        "no answer from {} for {} ms",
+                        d.to,
+                        (now - d.heard.min(now)).total_millis()
+                    );
+                    return self.fall_back(now, &why);
+                }
+                None if now >= s.probed + c.suspect_probe_every => {
+                    s.probed = now;
+                    let (to, socket) = (d.to, d.socket);
+                    self.watch_probe(now, to, socket);
+                    return;
+                }
+                None => return,
+            },
+        };
+        if ask {
+            debug!(session = format!("{:016x}", self.session), to = %d.to, "direct path silent: probing it");
+            d.suspicion = Some(Suspicion { since: now, probed: now, answered: None });
+            let (to, socket) = (d.to, d.socket);
+            self.watch_probe(now, to, socket);
+        }
+    }
+
+    fn watch_probe(&mut self, now: Instant, to: SocketAddr, socket: Socket) {
+        if self.budget.take(now, 1) {
+            let data = self.probe();
+            self.push(Transmit { socket, to, payload: Payload::Probe(data) });
+        }
+    }
+
+    fn go_direct(&mut self, now: Instant, to: SocketAddr, socket: Socket, why: String, lost: bool) {
+        let keep = match socket {
+            Socket::Birthday(i) => Some(i),
+            Socket::Main => None,
+        };
+        // Leaving a birthday path (rebinding) closes its socket; a running search stops.
+        if let Path::Direct { socket: Socket::Birthday(_), .. } = self.current
+            && keep.is_none()
+        {
+            self.events.push_back(PathEvent::CloseBirthdaySockets { keep: None });
+        }
+        if matches!(self.birthday, Some(BirthdayRun::Listen { .. })) {
+            self.stop_birthday(keep);
+        } else {
+            self.birthday = None;
+        }
+        info!(session = format!("{:016x}", self.session), %to, ?socket, why, "direct path found");
+        self.current = Path::Direct { to, socket };
+        self.why = why;
+        self.state = State::Direct(Direct { to, socket, since: now, heard: now, suspicion: None });
+        self.stats.direct += 1;
+        self.events.push_back(PathEvent::Switched { path: self.current, lost });
+    }
+
+    fn fall_back(&mut self, now: Instant, why: &str) {
+        let State::Direct(d) = &self.state else { return };
+        let lost = d.to;
+        if let Socket::Birthday(_) = d.socket {
+            self.events.push_back(PathEvent::CloseBirthdaySockets { keep: None });
+        }
+        warn!(session = format!("{:016x}", self.session), direct = %lost, why, "direct path lost: back to the relay");
+        self.current = self.relay.into();
+        self.why = format!("direct path {lost} lost ({why}); relayed, probing again later");
+        // Wait a whole period before probing again: a path that died one way would
+        // otherwise be found and lost again every few seconds.
+        let next = (!self.candidates.is_empty()).then(|| now + self.config.reprobe_every);
+        self.state = State::Relayed { round: 0, next };
+        self.stats.fell_back += 1;
+        self.events.push_back(PathEvent::Switched { path: self.current, lost: true });
+        // Bind at once: our NAT mapping towards the relay may have changed with the one
+        // that broke the direct path.
+        if let RelayPath::Udp(relay) = self.relay {
+            self.bind(relay);
+            self.next_bind = Some(now + self.config.relay_bind_every);
+        }
+    }
+}

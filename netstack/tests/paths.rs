@@ -1,0 +1,778 @@
+//! The path machine ([`q2q_netstack::path::Paths`]) driven through a simulated internet in
+//! virtual time: two hosts behind NATs (address-restricted cone, port-restricted cone,
+//! symmetric with random ports), a server that answers who-am-i and relays, 10 ms between
+//! any two public addresses, and faults: the direct path blocked, the relay down, a whole
+//! outage, a NAT that forgets its mappings (rebinding).
+//!
+//! The machine alone is tested: "session datagrams" are small tagged datagrams each side
+//! sends every 50 ms (or every 10 s when idle) along `Paths::current()`, standing in for
+//! data and acks. Every probe the machine sends is checked against the network rule: to a
+//! candidate it was given, to the birthday target IP, or to an address a verified probe
+//! came from.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use q2q_netstack::path::{
+    Birthday, Config, NatFacts, Path, PathEvent, Paths, Payload, RelayPath, Role, Setup, Socket,
+    probe,
+};
+use q2q_netstack::sim::Rng;
+use q2q_netstack::wire::{Kind, VERSION};
+use q2q_netstack::{Duration, Instant};
+
+const SESSION: u64 = 0x5e55_1011_0000_0001;
+const KEY: [u8; 16] = [42; 16];
+const DELAY: Duration = Duration::from_millis(10);
+const MAIN_PORT: [u16; 2] = [4000, 5000];
+const BIRTHDAY_PORT: u16 = 40000;
+/// Session datagrams: direct, and relayed (to the relay, which forwards them).
+const DATA: u8 = 0xd1;
+const RELAYED: u8 = 0xd2;
+const BIND: u8 = 0xb1;
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn server() -> SocketAddr {
+    SocketAddr::new(ip(192, 0, 2, 1), 3478)
+}
+
+fn relay() -> SocketAddr {
+    SocketAddr::new(ip(192, 0, 2, 1), 3479)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatKind {
+    /// One mapping per socket (port kept if free); inbound from any port of an IP the
+    /// socket sent to.
+    AddressRestricted,
+    /// One mapping per socket (port kept if free); inbound only from an address and port
+    /// the socket sent to.
+    PortRestricted,
+    /// A random port per (socket, destination); inbound only from that destination.
+    Symmetric,
+}
+
+struct Nat {
+    kind: NatKind,
+    public: IpAddr,
+    /// (private source, destination if symmetric) → public port.
+    out: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// public port → (private address, remotes it sent to).
+    inbound: HashMap<u16, (SocketAddr, HashSet<SocketAddr>)>,
+    rng: Rng,
+    /// After a rebinding, ports are no longer kept.
+    keep_ports: bool,
+}
+
+impl Nat {
+    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        let key = (src, (self.kind == NatKind::Symmetric).then_some(dst));
+        let port = match self.out.get(&key) {
+            Some(p) => *p,
+            None => {
+                let mut p = src.port();
+                if self.kind == NatKind::Symmetric
+                    || !self.keep_ports
+                    || self.inbound.contains_key(&p)
+                {
+                    loop {
+                        p = 1024 + (self.rng.next_u64() % (65536 - 1024)) as u16;
+                        if !self.inbound.contains_key(&p) {
+                            break;
+                        }
+                    }
+                }
+                self.out.insert(key, p);
+                self.inbound.insert(p, (src, HashSet::new()));
+                p
+            }
+        };
+        if let Some((_, remotes)) = self.inbound.get_mut(&port) {
+            remotes.insert(dst);
+        }
+        SocketAddr::new(self.public, port)
+    }
+
+    fn inbound(&self, from: SocketAddr, port: u16) -> Option<SocketAddr> {
+        let (private, remotes) = self.inbound.get(&port)?;
+        let ok = match self.kind {
+            NatKind::AddressRestricted => remotes.iter().any(|r| r.ip() == from.ip()),
+            NatKind::PortRestricted | NatKind::Symmetric => remotes.contains(&from),
+        };
+        ok.then_some(*private)
+    }
+
+    /// Forget every mapping; new ones get new ports.
+    fn rebind(&mut self) {
+        self.out.clear();
+        self.inbound.clear();
+        self.keep_ports = false;
+    }
+}
+
+struct Peer {
+    paths: Paths,
+    private: IpAddr,
+    nat: Nat,
+    /// Open birthday sockets.
+    birthday: HashSet<u16>,
+    events: Vec<(Instant, PathEvent)>,
+    next_data: Instant,
+    data_every: Duration,
+    /// Where the machine may send probes: candidates, the birthday IP, verified sources.
+    allowed: HashSet<SocketAddr>,
+    birthday_ip: Option<IpAddr>,
+    probes_sent: u64,
+    binds_sent: u64,
+    data_heard: u64,
+    relayed_heard: u64,
+    first_direct: Option<Instant>,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Packet {
+    at: i64,
+    n: u64,
+    src: SocketAddr,
+    dst: SocketAddr,
+    data: Vec<u8>,
+}
+
+struct World {
+    now: Instant,
+    peers: [Peer; 2],
+    air: BinaryHeap<Reverse<Packet>>,
+    n: u64,
+    /// Relay bindings by side.
+    bound: [Option<SocketAddr>; 2],
+    relay_down: bool,
+    /// Datagrams between the two NATs' public addresses are dropped.
+    direct_blocked: bool,
+    /// Nothing gets anywhere.
+    down: bool,
+    /// Datagrams from the first public IP to the second are dropped.
+    one_way_blocked: Option<(IpAddr, IpAddr)>,
+}
+
+struct Scenario {
+    nats: [NatKind; 2],
+    direct_allowed: [bool; 2],
+    extra_candidates: Vec<SocketAddr>,
+    seed: u64,
+    data_every: Duration,
+}
+
+impl Default for Scenario {
+    fn default() -> Scenario {
+        Scenario {
+            nats: [NatKind::PortRestricted; 2],
+            direct_allowed: [true; 2],
+            extra_candidates: Vec::new(),
+            seed: 1,
+            data_every: Duration::from_millis(50),
+        }
+    }
+}
+
+impl World {
+    fn new(s: Scenario) -> World {
+        let now = Instant::from_millis(0);
+        let publics = [ip(203, 0, 113, 1), ip(198, 51, 100, 2)];
+        let privates = [ip(10, 0, 1, 2), ip(10, 0, 2, 2)];
+        let mut nats: Vec<Nat> = (0..2)
+            .map(|i| Nat {
+                kind: s.nats[i],
+                public: publics[i],
+                out: HashMap::new(),
+                inbound: HashMap::new(),
+                rng: Rng::new(s.seed.wrapping_mul(31).wrapping_add(i as u64)),
+                keep_ports: true,
+            })
+            .collect();
+        // Who-am-i: the server sees each main socket's mapping.
+        let reflexive: Vec<SocketAddr> = (0..2)
+            .map(|i| nats[i].outbound(SocketAddr::new(privates[i], MAIN_PORT[i]), server()))
+            .collect();
+        let mut peers = Vec::new();
+        for i in 0..2 {
+            let j = 1 - i;
+            // The peer's candidates: reflexive, host; the caller filters them to where the
+            // server saw the peer (its public IP), and appends the predicted one.
+            let mut all = vec![reflexive[j], SocketAddr::new(privates[j], MAIN_PORT[j])];
+            all.extend(s.extra_candidates.iter().copied());
+            let guess = SocketAddr::new(reflexive[j].ip(), MAIN_PORT[j]);
+            if guess != reflexive[j] {
+                all.push(guess);
+            }
+            let candidates: Vec<SocketAddr> =
+                all.into_iter().filter(|c| c.ip() == publics[j]).collect();
+            let nat = NatFacts {
+                mine: Some(reflexive[i]),
+                my_port: MAIN_PORT[i],
+                peer: Some(reflexive[j]),
+                peer_port: Some(MAIN_PORT[j]),
+                peer_seen: Some(publics[j]),
+            };
+            let birthday_ip = match nat.birthday() {
+                Some(Birthday::Spray(ip)) => Some(ip),
+                Some(Birthday::Listen(a)) => Some(a.ip()),
+                None => None,
+            };
+            let setup = Setup {
+                session: SESSION,
+                role: if i == 0 { Role::Caller } else { Role::Callee },
+                key: KEY,
+                relay: RelayPath::Udp(relay()),
+                candidates: candidates.clone(),
+                nat,
+                direct_allowed: s.direct_allowed[i],
+                seed: s.seed ^ (0xabc + i as u64),
+            };
+            peers.push(Peer {
+                paths: Paths::new(now, Config::default(), setup),
+                private: privates[i],
+                nat: nats.remove(0),
+                birthday: HashSet::new(),
+                events: Vec::new(),
+                next_data: now,
+                data_every: s.data_every,
+                allowed: candidates.into_iter().collect(),
+                birthday_ip,
+                probes_sent: 0,
+                binds_sent: 0,
+                data_heard: 0,
+                relayed_heard: 0,
+                first_direct: None,
+            });
+        }
+        let [a, b]: [Peer; 2] = peers.try_into().ok().expect("two peers");
+        World {
+            now,
+            peers: [a, b],
+            air: BinaryHeap::new(),
+            n: 0,
+            bound: [None; 2],
+            relay_down: false,
+            direct_blocked: false,
+            down: false,
+            one_way_blocked: None,
+        }
+    }
+
+    /// Send from side `i`'s socket.
+    fn send(&mut self, i: usize, socket: Socket, to: SocketAddr, data: Vec<u8>) {
+        let port = match socket {
+            Socket::Main => MAIN_PORT[i],
+            Socket::Birthday(k) => {
+                assert!(
+                    self.peers[i].birthday.contains(&k),
+                    "sent from closed birthday socket {k}"
+                );
+                BIRTHDAY_PORT + k
+            }
+        };
+        let p = &mut self.peers[i];
+        let src = p.nat.outbound(SocketAddr::new(p.private, port), to);
+        self.launch(src, to, data);
+    }
+
+    fn launch(&mut self, src: SocketAddr, dst: SocketAddr, data: Vec<u8>) {
+        if self.down {
+            return;
+        }
+        let publics = [self.peers[0].nat.public, self.peers[1].nat.public];
+        if self.direct_blocked && publics.contains(&src.ip()) && publics.contains(&dst.ip()) {
+            return;
+        }
+        if self.one_way_blocked == Some((src.ip(), dst.ip())) {
+            return;
+        }
+        self.n += 1;
+        let at = (self.now + DELAY).total_micros();
+        self.air.push(Reverse(Packet { at, n: self.n, src, dst, data }));
+    }
+
+    fn deliver(&mut self, p: Packet) {
+        if self.down {
+            return;
+        }
+        if p.dst == relay() {
+            if self.relay_down {
+                return;
+            }
+            let side = *p.data.get(1).unwrap_or(&9) as usize;
+            match p.data.first() {
+                Some(&BIND) if side < 2 => self.bound[side] = Some(p.src),
+                Some(&RELAYED) if side < 2 => {
+                    if self.bound[side] == Some(p.src)
+                        && let Some(to) = self.bound[1 - side]
+                    {
+                        self.launch(relay(), to, p.data);
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
+        let Some(i) = self.peers.iter().position(|x| x.nat.public == p.dst.ip()) else { return };
+        let Some(private) = self.peers[i].nat.inbound(p.src, p.dst.port()) else { return };
+        let socket = if private.port() == MAIN_PORT[i] {
+            Socket::Main
+        } else {
+            let k = private.port() - BIRTHDAY_PORT;
+            if !self.peers[i].birthday.contains(&k) {
+                return;
+            }
+            Socket::Birthday(k)
+        };
+        let now = self.now;
+        let peer = &mut self.peers[i];
+        match p.data.as_slice() {
+            [VERSION, k, ..]
+                if matches!(Kind::from_u8(*k), Some(Kind::Probe | Kind::ProbeReply))
+                    && probe::session_of(&p.data) == Some(SESSION) =>
+            {
+                let verified = peer.paths.handle_probe(now, socket, p.src, &p.data);
+                verified.then(|| peer.allowed.insert(p.src));
+            }
+            [DATA, ..] => {
+                peer.data_heard += 1;
+                peer.paths.handle_datagram(now, socket, p.src);
+            }
+            [RELAYED, ..] if p.src == relay() => {
+                peer.relayed_heard += 1;
+                peer.paths.note_relayed(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Events, then transmits, then session traffic, for side `i`.
+    fn service(&mut self, i: usize) {
+        let now = self.now;
+        if self.peers[i].paths.poll_timeout().is_some_and(|t| t <= now) {
+            self.peers[i].paths.handle_timeout(now);
+        }
+        while let Some(ev) = self.peers[i].paths.poll_event() {
+            let p = &mut self.peers[i];
+            p.events.push((now, ev));
+            match ev {
+                PathEvent::OpenBirthdaySockets(n) => p.birthday.extend(0..n),
+                PathEvent::CloseBirthdaySockets { keep } => p.birthday.retain(|k| Some(*k) == keep),
+                PathEvent::Switched { path: Path::Direct { .. }, .. } => {
+                    p.first_direct.get_or_insert(now);
+                }
+                PathEvent::Switched { .. } => {}
+            }
+            assert_eq!(
+                matches!(ev, PathEvent::Switched { .. }).then(|| p.paths.current()),
+                match ev {
+                    PathEvent::Switched { path, .. } => Some(path),
+                    _ => None,
+                }
+            );
+        }
+        while let Some(t) = self.peers[i].paths.poll_transmit(now) {
+            let data = match t.payload {
+                Payload::Probe(d) => {
+                    let p = &mut self.peers[i];
+                    assert!(
+                        p.allowed.contains(&t.to) || Some(t.to.ip()) == p.birthday_ip,
+                        "side {i} probed {}, which it was never given",
+                        t.to
+                    );
+                    p.probes_sent += 1;
+                    d.to_vec()
+                }
+                Payload::RelayBind => {
+                    assert_eq!(t.to, relay());
+                    self.peers[i].binds_sent += 1;
+                    vec![BIND, i as u8]
+                }
+            };
+            self.send(i, t.socket, t.to, data);
+        }
+        if self.peers[i].next_data <= now {
+            let p = &mut self.peers[i];
+            p.next_data = now + p.data_every;
+            match p.paths.current() {
+                Path::Direct { to, socket } => self.send(i, socket, to, vec![DATA, i as u8]),
+                Path::UdpRelay(r) => self.send(i, Socket::Main, r, vec![RELAYED, i as u8]),
+                Path::ControlRelay => {}
+            }
+        }
+    }
+
+    /// Run until `end`, or until `stop` holds.
+    fn run(&mut self, end: Instant, mut stop: impl FnMut(&World) -> bool) -> bool {
+        loop {
+            while self.air.peek().is_some_and(|p| p.0.at <= self.now.total_micros()) {
+                let Reverse(p) = self.air.pop().expect("peeked");
+                self.deliver(p);
+            }
+            self.service(0);
+            self.service(1);
+            if stop(self) {
+                return true;
+            }
+            let mut next = end;
+            if let Some(p) = self.air.peek() {
+                next = next.min(Instant::from_micros(p.0.at));
+            }
+            for p in &self.peers {
+                next = next.min(p.next_data);
+                if let Some(t) = p.paths.poll_timeout() {
+                    next = next.min(t);
+                }
+            }
+            if self.now >= end {
+                return false;
+            }
+            self.now = next.max(self.now + Duration::from_micros(1)).min(end);
+        }
+    }
+
+    fn both_direct(&self) -> bool {
+        self.peers.iter().all(|p| matches!(p.paths.current(), Path::Direct { .. }))
+    }
+
+    fn both_relayed(&self) -> bool {
+        self.peers.iter().all(|p| matches!(p.paths.current(), Path::UdpRelay(_)))
+    }
+
+    fn at(&self, secs: f64) -> Instant {
+        self.now + Duration::from_micros((secs * 1e6) as u64)
+    }
+
+    fn datagrams(&self) -> u64 {
+        self.peers.iter().map(|p| p.probes_sent + p.binds_sent).sum()
+    }
+
+    fn switches(&self, i: usize) -> Vec<(Instant, Path, bool)> {
+        self.peers[i]
+            .events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                PathEvent::Switched { path, lost } => Some((*t, *path, *lost)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn direct_world(s: Scenario) -> World {
+    let mut w = World::new(s);
+    assert!(w.run(Instant::from_secs(6), |w| w.both_direct()), "no direct path");
+    // Let the stragglers through.
+    let t = w.at(1.0);
+    w.run(t, |_| false);
+    assert!(w.both_direct());
+    w
+}
+
+#[test]
+fn direct_found_cone_to_cone() {
+    let mut w = World::new(Scenario::default());
+    assert!(w.run(Instant::from_secs(6), |w| w.both_direct()), "no direct path");
+    let t = w.now;
+    let sent = w.datagrams();
+    println!(
+        "cone<->cone: direct after {} ms, {sent} datagrams (probes, replies, binds)",
+        t.total_millis()
+    );
+    assert!(t <= Instant::from_millis(100), "direct only after {t}");
+    assert!(sent <= 10, "{sent} datagrams to set up a direct path");
+    for p in &w.peers {
+        assert_eq!(p.paths.why(), "hole punched");
+    }
+    // Busy: data and acks keep the path alive; no watch probes.
+    let before = w.peers[0].probes_sent + w.peers[1].probes_sent;
+    let end = w.at(60.0);
+    w.run(end, |_| false);
+    assert!(w.both_direct());
+    let watch = w.peers[0].probes_sent + w.peers[1].probes_sent - before;
+    assert!(watch <= 4, "{watch} probes on a busy direct path");
+}
+
+#[test]
+fn direct_path_lost_falls_back_to_the_relay() {
+    let mut w = direct_world(Scenario::default());
+    let t0 = w.now;
+    w.direct_blocked = true;
+    let end = w.at(10.0);
+    assert!(w.run(end, |w| w.both_relayed()), "still direct");
+    let took = w.now - t0;
+    println!("direct path lost: both on the relay after {} ms", took.total_millis());
+    assert!(took <= Duration::from_millis(4000), "{took}");
+    for i in 0..2 {
+        let s = w.switches(i);
+        let (_, path, lost) = *s.last().expect("switched");
+        assert_eq!(path, Path::UdpRelay(relay()));
+        assert!(lost);
+        assert!(w.peers[i].paths.why().contains("lost"), "{}", w.peers[i].paths.why());
+    }
+    // The relay carries the session.
+    let heard = w.peers[0].relayed_heard;
+    let end = w.at(5.0);
+    w.run(end, |_| false);
+    assert!(w.peers[0].relayed_heard > heard + 50);
+    // The direct path comes back: found again by a re-probe, a whole period after the fall
+    // back, not sooner.
+    w.direct_blocked = false;
+    let back = w.now;
+    let end = w.at(40.0);
+    assert!(w.run(end, |w| w.both_direct()), "not direct again");
+    let found = w.now - t0;
+    println!("direct again {} ms after the loss", found.total_millis());
+    assert!(found >= Duration::from_secs(30), "re-found after {found}");
+    assert!(w.now - back <= Duration::from_secs(31));
+}
+
+#[test]
+fn nat_rebinding_moves_the_path() {
+    // Alice behind an address-restricted cone NAT; Bob's port-restricted NAT forgets its
+    // mappings and picks new ports.
+    let s = Scenario {
+        nats: [NatKind::AddressRestricted, NatKind::PortRestricted],
+        ..Default::default()
+    };
+    let mut w = direct_world(s);
+    let old = match w.peers[0].paths.current() {
+        Path::Direct { to, .. } => to,
+        p => panic!("{p:?}"),
+    };
+    let t0 = w.now;
+    w.peers[1].nat.rebind();
+    let end = w.at(10.0);
+    let moved = w.run(end, |w| {
+        w.both_direct()
+            && matches!(w.peers[0].paths.current(), Path::Direct { to, .. } if to != old)
+    });
+    assert!(moved, "alice still sends to {old}: {:?}", w.switches(0));
+    let took = w.now - t0;
+    let new = w.peers[0].paths.current();
+    println!("NAT rebinding: alice moved from {old} to {new} after {} ms", took.total_millis());
+    assert!(took <= Duration::from_secs(3), "{took}");
+    assert!(w.peers[0].paths.why().contains("rebinding"), "{}", w.peers[0].paths.why());
+    // No fall back was needed, and data flows on the new path.
+    assert!(w.switches(0).iter().all(|(_, p, _)| matches!(p, Path::Direct { .. })));
+    let heard = w.peers[0].data_heard;
+    let end = w.at(5.0);
+    w.run(end, |_| false);
+    assert!(w.peers[0].data_heard > heard + 50);
+    assert!(w.both_direct());
+}
+
+#[test]
+fn nat_rebinding_behind_port_restricted_nats_falls_back_then_refinds() {
+    // Both port-restricted: Bob's new mapping is filtered by Alice's NAT, so neither can
+    // reach the other directly until Alice learns of it. The path falls back to the relay
+    // (nothing ends) and a re-probe of fresh candidates finds it again.
+    let mut w = direct_world(Scenario::default());
+    let t0 = w.now;
+    w.peers[1].nat.rebind();
+    let end = w.at(10.0);
+    assert!(w.run(end, |w| w.both_relayed()), "no fall back");
+    println!("rebinding (port-restricted): relayed after {} ms", (w.now - t0).total_millis());
+    // Bob's new reflexive address reaches Alice (e.g. through the server after a network
+    // change): fresh candidates are searched at once.
+    let bob_new =
+        w.peers[1].nat.outbound(SocketAddr::new(w.peers[1].private, MAIN_PORT[1]), server());
+    let now = w.now;
+    w.peers[0].allowed.insert(bob_new);
+    w.peers[0].paths.update_candidates(now, vec![bob_new]);
+    let end = w.at(40.0);
+    assert!(w.run(end, |w| w.both_direct()), "not direct again");
+    println!("rebinding (port-restricted): direct again {} ms after", (w.now - t0).total_millis());
+}
+
+#[test]
+fn relay_lost_changes_nothing() {
+    // While direct: the relay's loss is not even noticed.
+    let mut w = direct_world(Scenario::default());
+    let events = [w.peers[0].events.len(), w.peers[1].events.len()];
+    w.relay_down = true;
+    let end = w.at(60.0);
+    w.run(end, |_| false);
+    assert!(w.both_direct());
+    assert_eq!([w.peers[0].events.len(), w.peers[1].events.len()], events);
+
+    // While relayed (symmetric NATs on both sides: no direct path, no birthday): no event
+    // ends anything; binds go on every 10 s, so the relay is usable once it is back.
+    let s = Scenario { nats: [NatKind::Symmetric; 2], ..Default::default() };
+    let mut w = World::new(s);
+    let end = w.at(10.0);
+    w.run(end, |_| false);
+    assert!(w.both_relayed());
+    w.relay_down = true;
+    let binds = w.peers[0].binds_sent;
+    let end = w.at(60.0);
+    w.run(end, |_| false);
+    assert!(w.both_relayed());
+    assert!(w.peers.iter().all(|p| p.events.is_empty()), "{:?}", w.peers[0].events);
+    assert!(w.peers[0].binds_sent >= binds + 5);
+    w.relay_down = false;
+    let heard = w.peers[0].relayed_heard;
+    let end = w.at(12.0);
+    w.run(end, |_| false);
+    assert!(w.peers[0].relayed_heard > heard + 10, "the relay did not resume");
+    for p in &w.peers {
+        assert!(p.paths.why().contains("no direct path"), "{}", p.paths.why());
+    }
+}
+
+#[test]
+fn five_minute_outage() {
+    let mut w = direct_world(Scenario::default());
+    let t0 = w.now;
+    let probes = [w.peers[0].probes_sent, w.peers[1].probes_sent];
+    w.down = true;
+    let end = w.at(300.0);
+    w.run(end, |_| false);
+    // Fell back once (nothing in the machine ends a session), kept binding and probing
+    // within the budget.
+    for (i, p) in w.peers.iter().enumerate() {
+        let s = w.switches(i);
+        assert_eq!(s.len(), 2, "side {i}: {s:?}"); // found, then lost
+        assert!(s[1].2 && s[1].0 - t0 <= Duration::from_secs(4));
+        let n = p.probes_sent - probes[i];
+        println!("5-minute outage: side {i} sent {n} probes, {} binds", p.binds_sent);
+        // One re-probe burst of 50 rounds × candidates every ~35 s, plus the watch.
+        assert!(n <= 10 * 50 * 2 + 20, "{n} probes during the outage");
+        assert!(p.events.iter().all(|(_, e)| matches!(e, PathEvent::Switched { .. })));
+    }
+    w.down = false;
+    let back = w.now;
+    let end = w.at(40.0);
+    assert!(w.run(end, |w| w.both_direct()), "not direct after the outage");
+    let took = w.now - back;
+    println!("after a 5-minute outage: direct again {} ms after it ended", took.total_millis());
+    assert!(took <= Duration::from_secs(36));
+}
+
+#[test]
+fn idle_direct_path_stays_direct() {
+    let s = Scenario { data_every: Duration::from_secs(10), ..Default::default() };
+    let mut w = direct_world(s);
+    let probes = w.peers[0].probes_sent + w.peers[1].probes_sent;
+    let end = w.at(120.0);
+    w.run(end, |_| false);
+    assert!(w.both_direct());
+    assert_eq!(w.switches(0).len(), 1);
+    let n = w.peers[0].probes_sent + w.peers[1].probes_sent - probes;
+    println!("idle direct path, 2 minutes: {n} watch probes and replies");
+    assert!(n <= 2 * 2 * 14, "{n}");
+}
+
+#[test]
+fn birthday_cone_to_symmetric() {
+    let mut times = Vec::new();
+    for seed in 1..=20 {
+        let s = Scenario {
+            nats: [NatKind::PortRestricted, NatKind::Symmetric],
+            seed,
+            ..Default::default()
+        };
+        let mut w = World::new(s);
+        assert!(w.run(Instant::from_secs(20), |w| w.both_direct()), "seed {seed}: no direct path");
+        times.push(w.now.total_millis());
+        let sent = w.datagrams();
+        assert!(sent <= 2500 + 256 * 48 + 200, "seed {seed}: {sent} datagrams");
+        // Bob (symmetric) keeps only the winning socket; Alice sends from her main one.
+        assert!(matches!(
+            w.peers[1].paths.current(),
+            Path::Direct { socket: Socket::Birthday(_), .. }
+        ));
+        assert!(matches!(w.peers[0].paths.current(), Path::Direct { socket: Socket::Main, .. }));
+        assert_eq!(w.peers[1].birthday.len(), 1);
+        assert!(w.peers[0].paths.why().contains("birthday"), "{}", w.peers[0].paths.why());
+        let end = w.at(10.0);
+        let heard = w.peers[1].data_heard;
+        w.run(end, |_| false);
+        assert!(w.both_direct() && w.peers[1].data_heard > heard + 100, "seed {seed}");
+        if seed == 1 {
+            println!("birthday seed 1: {sent} datagrams to direct");
+        }
+    }
+    times.sort();
+    println!(
+        "birthday cone<->symmetric over 20 seeds: direct after {}..{} ms (median {})",
+        times[0], times[19], times[10]
+    );
+    assert!(times[19] <= 8000, "{times:?}");
+}
+
+#[test]
+fn symmetric_to_symmetric_stays_relayed_within_budget() {
+    let s = Scenario { nats: [NatKind::Symmetric; 2], ..Default::default() };
+    let mut w = World::new(s);
+    let end = w.at(600.0);
+    w.run(end, |_| false);
+    assert!(w.both_relayed());
+    for p in &w.peers {
+        println!("symmetric<->symmetric, 10 min: {} probes", p.probes_sent);
+        assert!(p.probes_sent <= 16384 + 8 * 600);
+        assert!(p.birthday.is_empty());
+    }
+}
+
+#[test]
+fn strangers_candidates_are_never_probed() {
+    // The peer named a third party among its candidates; the caller's filter dropped it,
+    // and the machine never sends it anything (the harness asserts every probe's target).
+    let third = SocketAddr::new(ip(192, 0, 2, 99), 22);
+    let s = Scenario { extra_candidates: vec![third], ..Default::default() };
+    let mut w = World::new(s);
+    assert!(!w.peers[0].allowed.contains(&third));
+    let end = w.at(60.0);
+    w.run(end, |_| false);
+    assert!(w.both_direct());
+    // A forged probe from the third party: no reply, no move.
+    let forged = probe::ProbeKey::new(&[1; 16]).encode(false, SESSION, 1, Role::Callee);
+    let now = w.now;
+    assert!(!w.peers[0].paths.handle_probe(now, Socket::Main, third, &forged));
+    assert!(w.peers[0].paths.poll_transmit(now).is_none());
+    assert_eq!(w.peers[0].paths.stats().rejected, 1);
+}
+
+#[test]
+fn relay_only_session_sends_only_binds() {
+    // Bob is a stranger to Alice: her end is relay-only. His probes reach her and are
+    // ignored; she sends nothing but relay binds.
+    let s = Scenario { direct_allowed: [false, true], ..Default::default() };
+    let mut w = World::new(s);
+    let end = w.at(120.0);
+    w.run(end, |_| false);
+    assert!(w.both_relayed());
+    let a = &w.peers[0];
+    assert_eq!(a.probes_sent, 0);
+    assert_eq!(a.paths.stats().probes, 0);
+    assert!(a.binds_sent >= 12 && a.binds_sent <= 13, "{}", a.binds_sent);
+    assert!(a.events.is_empty());
+    assert!(a.paths.why().contains("relay only"), "{}", a.paths.why());
+    println!(
+        "relay-only, 2 minutes: {} binds, 0 probes; the peer sent {} probes",
+        a.binds_sent, w.peers[1].probes_sent
+    );
+}
+
+#[test]
+fn the_peer_moving_to_the_relay_is_followed() {
+    // Alice → Bob dies one way (a mapping gone on Bob's side): Bob hears nothing, probes,
+    // gets no answer and falls back; Alice still hears Bob directly, but his datagrams now
+    // arrive through the relay, and she follows at once instead of waiting for silence.
+    let mut w = direct_world(Scenario::default());
+    let t0 = w.now;
+    w.one_way_blocked = Some((w.peers[0].nat.public, w.peers[1].nat.public));
+    let end = w.at(10.0);
+    assert!(w.run(end, |w| w.both_relayed()), "not relayed");
+    let took = w.now - t0;
+    println!("one side gave up: both relayed after {} ms", took.total_millis());
+    assert!(took <= Duration::from_secs(4), "{took}");
+    assert!(w.peers[0].paths.why().contains("moved to the relay"), "{}", w.peers[0].paths.why());
+    assert!(w.peers[1].paths.why().contains("no answer"), "{}", w.peers[1].paths.why());
+}
