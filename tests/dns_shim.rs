@@ -5,21 +5,24 @@ use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{Name, RData, RecordType};
 use proptest::prelude::*;
 use q2q::address::{Domain, Q2qAddress};
-use q2q::dns::server::{self, Server, ServerConfig, SharedShim};
+use q2q::dns::server::{self, Lookup, NoLookup, Server, ServerConfig, SharedShim};
 use q2q::dns::shim::reverse_name;
 use q2q::dns::{Existence, Names, Pool, PoolConfig, Shim, ShimConfig, framing};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 type Oracle = fn(&Q2qAddress) -> Existence;
 
-/// alice and bob exist anywhere; everyone else does not.
+/// alice and bob exist anywhere; whether users named slow-… exist must be looked up;
+/// everyone else does not exist.
 fn oracle(a: &Q2qAddress) -> Existence {
     match a.user.as_str() {
         "alice" | "bob" => Existence::Known,
+        u if u.starts_with("slow") => Existence::Ask,
         _ => Existence::Unknown,
     }
 }
@@ -30,9 +33,17 @@ fn new_shim(pool: PoolConfig) -> Shim<Oracle> {
 }
 
 async fn start(pool: PoolConfig) -> (SocketAddr, SharedShim<Oracle>) {
+    start_with(pool, NoLookup, ServerConfig::default()).await
+}
+
+async fn start_with(
+    pool: PoolConfig,
+    lookup: impl Lookup,
+    config: ServerConfig,
+) -> (SocketAddr, SharedShim<Oracle>) {
     let shim = Arc::new(Mutex::new(new_shim(pool)));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let srv = Server::bind(addr, shim.clone(), ServerConfig::default()).await.unwrap();
+    let srv = Server::bind(addr, shim.clone(), lookup, config).await.unwrap();
     let addr = srv.local_addr().unwrap();
     tokio::spawn(srv.run());
     (addr, shim)
@@ -227,6 +238,118 @@ async fn dig_resolves_alice() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice.example.com.q2q.");
     let out = dig(base(&["carol.q2q", "A"])).await.unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("status: NXDOMAIN"));
+}
+
+/// A look-up that takes `delay` and then says the person exists; counts calls and how many
+/// ran at once.
+#[derive(Clone, Default)]
+struct SlowLookup {
+    delay: Duration,
+    calls: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+}
+
+impl Lookup for SlowLookup {
+    async fn lookup(&self, _: &Q2qAddress) -> Existence {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Existence::Known
+    }
+}
+
+/// Send `q` over UDP now; the answer arrives in the returned task.
+fn udp_in_background(
+    server: SocketAddr,
+    q: Message,
+) -> tokio::task::JoinHandle<(Message, Duration)> {
+    tokio::spawn(async move {
+        let t = Instant::now();
+        let r = udp(server, &q).await;
+        (r, t.elapsed())
+    })
+}
+
+#[tokio::test]
+async fn a_slow_lookup_holds_up_nobody_else() {
+    let slow = SlowLookup { delay: Duration::from_millis(1500), ..SlowLookup::default() };
+    let (addr, _shim) =
+        start_with(PoolConfig::default(), slow.clone(), ServerConfig::default()).await;
+    // Two queries about the slow person, over UDP and TCP: one look-up between them.
+    let waiting = udp_in_background(addr, query("slow-dave.far.example.q2q.", RecordType::A));
+    let waiting_tcp = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        tcp(&mut s, &query("slow-dave.far.example.q2q.", RecordType::AAAA)).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(slow.running.load(Ordering::SeqCst), 1, "the look-up is under way");
+
+    // Meanwhile a known name, a foreign name and a PTR are answered at once, UDP and TCP.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let ip = only_a(&udp(addr, &query("alice.q2q.", RecordType::A)).await);
+        let fast = t.elapsed();
+        assert!(fast < Duration::from_millis(50), "alice.q2q took {fast:?} while a look-up waited");
+        println!("alice.q2q answered in {fast:?} while a look-up waited");
+        let t = Instant::now();
+        let r = udp(addr, &query("example.com.", RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        let r = udp(addr, &query(&reverse_name(IpAddr::V4(ip)).to_ascii(), RecordType::PTR)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(only_a(&tcp(&mut s, &query("bob.q2q.", RecordType::A)).await).octets()[0], 100);
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(50), "REFUSED, PTR and TCP took {took:?}");
+    }
+    assert_eq!(slow.running.load(Ordering::SeqCst), 1, "still waiting");
+
+    let (r, took) = waiting.await.unwrap();
+    only_a(&r);
+    assert!(took >= Duration::from_millis(1400), "{took:?}");
+    only_aaaa(&waiting_tcp.await.unwrap());
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 1, "one look-up for both queries");
+}
+
+#[tokio::test]
+async fn lookups_in_flight_are_capped_and_time_out() {
+    let slow = SlowLookup { delay: Duration::from_secs(30), ..SlowLookup::default() };
+    let config = ServerConfig {
+        max_lookups: 4,
+        lookup_timeout: Duration::from_millis(800),
+        ..ServerConfig::default()
+    };
+    let (addr, _shim) = start_with(PoolConfig::default(), slow.clone(), config).await;
+    let t = Instant::now();
+    let waiting: Vec<_> = (0..4)
+        .map(|i| udp_in_background(addr, query(&format!("slow-{i}.q2q."), RecordType::A)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(slow.running.load(Ordering::SeqCst), 4);
+    // Beyond the cap: SERVFAIL at once (a resolver retries), no look-up started.
+    for i in 4..20 {
+        let t = Instant::now();
+        let r = udp(addr, &query(&format!("slow-{i}.q2q."), RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
+    only_a(&udp(addr, &query("alice.q2q.", RecordType::A)).await);
+    assert_eq!(slow.most_at_once.load(Ordering::SeqCst), 4);
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 4);
+    // The look-ups that never answer: SERVFAIL after the timeout, and their places free up.
+    for w in waiting {
+        let (r, took) = w.await.unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
+    }
+    println!("4 look-ups timed out after {:?}", t.elapsed());
+    let again = udp_in_background(addr, query("slow-again.q2q.", RecordType::A));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 5, "a place is free again");
+    let (r, _) = again.await.unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
 }
 
 proptest! {

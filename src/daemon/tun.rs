@@ -30,7 +30,7 @@ use crate::address::{Q2qAddress, ServiceName};
 use crate::client::Home;
 use crate::dns::names::Names;
 use crate::dns::pool::{Pool, PoolConfig};
-use crate::dns::server::{self as dns_server, ServerConfig, SharedShim};
+use crate::dns::server::{self as dns_server, Lookup, ServerConfig, SharedShim};
 use crate::dns::shim::{Existence, Exists, Shim, ShimConfig};
 use crate::pipe::{DriverWake, IoError, PipeStream, Pipes, StreamFailure, StreamIo};
 use crate::presence::node::{Connection, Node};
@@ -170,19 +170,15 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
             _ => TunError::Device(config.name.clone(), e),
         })?;
 
-    let oracle = Oracle {
-        node: node.clone(),
-        runtime: tokio::runtime::Handle::current(),
-        cache: HashMap::new(),
-    };
+    let oracle = Oracle { node: node.clone(), cache: Arc::new(Mutex::new(HashMap::new())) };
     let shim: SharedShim<Oracle> = Arc::new(Mutex::new(Shim::new(
         Names::new(node.address().domain.clone()),
         pool,
-        oracle,
+        oracle.clone(),
         ShimConfig::default(),
     )));
     let dns_addr = SocketAddr::from((node_v4, 53));
-    let server = dns_server::Server::bind(dns_addr, shim.clone(), ServerConfig::default())
+    let server = dns_server::Server::bind(dns_addr, shim.clone(), oracle, ServerConfig::default())
         .await
         .map_err(|e| TunError::Dns(dns_addr, e))?;
     let dns = tokio::spawn(async move {
@@ -325,41 +321,49 @@ async fn save_pool_every(shim: SharedShim<Oracle>, path: PathBuf) {
 }
 
 /// Whether a person exists, for the shim: asked of their domain server, remembered briefly.
+/// The shim reads the memory ([`Exists`], under its lock); the DNS server asks the network
+/// ([`Lookup`], with no lock held) and the answer is remembered here.
+#[derive(Clone)]
 pub struct Oracle {
     node: Node,
-    runtime: tokio::runtime::Handle,
-    cache: HashMap<Q2qAddress, (Existence, Instant)>,
+    cache: Arc<Mutex<HashMap<Q2qAddress, (Existence, Instant)>>>,
 }
 
 /// How long an answer about existence is remembered (a new registration shows up after the
 /// negative one expires).
 const KNOWN_FOR: Duration = Duration::from_secs(300);
 const UNKNOWN_FOR: Duration = Duration::from_secs(5);
-/// How long a lookup may wait for the domain's server.
-const EXISTS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Answers remembered at most (then the memory starts afresh).
+const MAX_REMEMBERED: usize = 10_000;
+
+impl Oracle {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Q2qAddress, (Existence, Instant)>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl Exists for Oracle {
     fn exists(&mut self, address: &Q2qAddress) -> Existence {
-        let now = Instant::now();
-        if let Some((e, at)) = self.cache.get(address) {
-            let fresh = if *e == Existence::Known { KNOWN_FOR } else { UNKNOWN_FOR };
-            if now.duration_since(*at) < fresh {
-                return *e;
-            }
-        }
         if self.node.address() == address {
             return Existence::Known;
         }
-        // The shim's server calls this on tokio's blocking pool, where blocking is allowed.
-        let node = self.node.clone();
-        let who = address.clone();
-        let answer = self
-            .runtime
-            .block_on(async move { tokio::time::timeout(EXISTS_TIMEOUT, node.exists(&who)).await });
-        let e = match answer {
-            Ok(Ok(true)) => Existence::Known,
-            Ok(Ok(false)) => Existence::Unknown,
-            Ok(Err(e)) => {
+        if let Some((e, at)) = self.cache().get(address) {
+            let fresh = if *e == Existence::Known { KNOWN_FOR } else { UNKNOWN_FOR };
+            if at.elapsed() < fresh {
+                return *e;
+            }
+        }
+        Existence::Ask
+    }
+}
+
+impl Lookup for Oracle {
+    async fn lookup(&self, address: &Q2qAddress) -> Existence {
+        // The DNS server bounds the wait (ServerConfig::lookup_timeout).
+        let e = match self.node.exists(address).await {
+            Ok(true) => Existence::Known,
+            Ok(false) => Existence::Unknown,
+            Err(e) => {
                 debug!(%address, error = %e, "existence unknown");
                 // No server for that domain (no such domain) is as good as no such user.
                 if matches!(
@@ -373,13 +377,13 @@ impl Exists for Oracle {
                     Existence::Unsure
                 }
             }
-            Err(_) => Existence::Unsure,
         };
         if e != Existence::Unsure {
-            if self.cache.len() > 10_000 {
-                self.cache.clear();
+            let mut cache = self.cache();
+            if cache.len() >= MAX_REMEMBERED {
+                cache.clear();
             }
-            self.cache.insert(address.clone(), (e, now));
+            cache.insert(address.clone(), (e, Instant::now()));
         }
         e
     }

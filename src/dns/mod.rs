@@ -29,5 +29,5 @@ pub mod shim;
 
 pub use names::{Names, Parsed};
 pub use pool::{Mapping, Pool, PoolConfig, PoolError};
-pub use server::{Server, ServerConfig, SharedShim};
-pub use shim::{Existence, Exists, Shim, ShimConfig};
+pub use server::{Lookup, NoLookup, Server, ServerConfig, SharedShim};
+pub use shim::{Existence, Exists, Pending, Shim, ShimConfig, Step};

@@ -6,13 +6,17 @@
 //! | other types for a known person             | NOERROR, no data, SOA                         |
 //! | an unknown person or a malformed `*.q2q`   | NXDOMAIN with the `q2q.` SOA (negative TTL)   |
 //! | identity server unsure, no mapping yet     | SERVFAIL (the resolver retries)               |
+//! | too many lookups in flight, no mapping yet | SERVFAIL                                      |
 //! | `PTR` for a mapped pool address            | `alice.example.com.q2q.`                      |
 //! | an unmapped pool address                   | NXDOMAIN                                      |
 //! | anything else (`example.com`, other arpa)  | REFUSED: never answered as ours               |
 //! | unparseable query with a header            | FORMERR; a response or < 12 bytes: nothing   |
 //!
-//! Whether a person exists is asked of an [`Exists`] (the daemon asks the identity server,
-//! with its own cache). The answerer may call it once per query.
+//! Whether a person exists is asked of an [`Exists`], which answers at once from what it
+//! knows (the daemon: its cache). When it does not know ([`Existence::Ask`]), the answer
+//! waits: [`Shim::start`] gives back a [`Pending`] query, the server asks the identity
+//! service with no lock held and [`Shim::finish`] completes it. So a slow domain never holds
+//! up an answer about anyone else, and the answerer itself still does no I/O.
 
 use super::names::{self, Names, Parsed};
 use super::pool::Pool;
@@ -33,10 +37,14 @@ pub enum Existence {
     /// No answer right now (server unreachable, still asking): use an existing mapping if
     /// there is one, else SERVFAIL.
     Unsure,
+    /// Not known here: the identity service must be asked (see [`Shim::start`]). Where
+    /// nobody asks (the one-step [`Shim::answer`]) it counts as [`Existence::Unsure`].
+    Ask,
 }
 
-/// Whether a person exists. Synchronous: the server calls it off the async runtime, but it
-/// should answer quickly (from a cache) since queries wait for it one at a time.
+/// Whether a person exists, from what is known now. Called with the shim locked: it must
+/// answer at once (a cache look-up), never wait on the network; [`Existence::Ask`] defers
+/// the question to the server's look-up, made with no lock held.
 pub trait Exists {
     fn exists(&mut self, address: &Q2qAddress) -> Existence;
 }
@@ -73,6 +81,33 @@ pub struct Shim<E> {
     config: ShimConfig,
 }
 
+/// What [`Shim::start`] made of a query.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this (`None`: send nothing).
+    Reply(Option<Vec<u8>>),
+    /// The answer depends on whether this person exists, which nobody here knows yet: ask,
+    /// then [`Shim::finish`].
+    Ask(Pending),
+}
+
+/// A query waiting for an answer about existence.
+#[derive(Debug)]
+pub struct Pending {
+    address: Q2qAddress,
+    question: Query,
+    response: Message,
+    /// The largest response the client takes over UDP; `None` over TCP.
+    udp_limit: Option<usize>,
+}
+
+impl Pending {
+    /// Whom to ask about.
+    pub fn address(&self) -> &Q2qAddress {
+        &self.address
+    }
+}
+
 /// What a question is about.
 enum Subject {
     Forward(Parsed),
@@ -106,25 +141,36 @@ impl<E: Exists> Shim<E> {
 
     /// Answer a query that came over UDP: the response fits the client's advertised size
     /// (512 bytes, or its EDNS payload up to 1232), else it is truncated with TC set.
-    /// `None` means send nothing.
+    /// `None` means send nothing. In one step: [`Existence::Ask`] counts as unsure.
     pub fn answer(&mut self, query: &[u8], now: SystemTime) -> Option<Vec<u8>> {
-        self.respond(query, now, true)
+        let step = self.start(query, now, true);
+        self.settle(step, now)
     }
 
     /// Answer a query that came over TCP (no size limit but the 64 KiB frame).
     pub fn answer_tcp(&mut self, query: &[u8], now: SystemTime) -> Option<Vec<u8>> {
-        self.respond(query, now, false)
+        let step = self.start(query, now, false);
+        self.settle(step, now)
     }
 
-    fn respond(&mut self, query: &[u8], now: SystemTime, udp: bool) -> Option<Vec<u8>> {
-        let header = query.get(..12)?;
+    fn settle(&mut self, step: Step, now: SystemTime) -> Option<Vec<u8>> {
+        match step {
+            Step::Reply(r) => r,
+            Step::Ask(p) => self.finish(p, Existence::Unsure, now),
+        }
+    }
+
+    /// Begin answering a query (`udp`: it came over UDP, see [`Shim::answer`]). Everything
+    /// but a person [`Exists`] does not know yet is answered here and now.
+    pub fn start(&mut self, query: &[u8], now: SystemTime, udp: bool) -> Step {
+        let Some(header) = query.get(..12) else { return Step::Reply(None) };
         // QR set: a response, perhaps reflected at us. Never answer it.
         if header[2] & 0x80 != 0 {
-            return None;
+            return Step::Reply(None);
         }
-        let Ok(msg) = Message::from_vec(query) else { return Some(form_err(header)) };
+        let Ok(msg) = Message::from_vec(query) else { return Step::Reply(Some(form_err(header))) };
         if msg.metadata.message_type != MessageType::Query {
-            return None;
+            return Step::Reply(None);
         }
         let mut resp = Message::response(msg.metadata.id, msg.metadata.op_code);
         resp.metadata.recursion_desired = msg.metadata.recursion_desired;
@@ -134,32 +180,50 @@ impl<E: Exists> Shim<E> {
             edns.set_max_payload(EDNS_PAYLOAD);
             resp.set_edns(edns);
         }
+        let udp_limit = udp.then(|| usize::from(msg.max_payload().min(EDNS_PAYLOAD)));
         if msg.metadata.op_code != OpCode::Query {
             resp.metadata.response_code = ResponseCode::NotImp;
         } else if let [q] = msg.queries.as_slice() {
             resp.add_query(q.clone());
-            self.answer_question(q, now, &mut resp);
+            if let Some(address) = self.answer_question(q, now, &mut resp) {
+                let pending = Pending { address, question: q.clone(), response: resp, udp_limit };
+                return Step::Ask(pending);
+            }
         } else {
             resp.metadata.response_code = ResponseCode::FormErr;
         }
-        let bytes = resp.to_vec().ok()?;
-        let limit = usize::from(msg.max_payload().min(EDNS_PAYLOAD));
-        if udp && bytes.len() > limit {
-            return resp.truncate().to_vec().ok();
-        }
-        Some(bytes)
+        Step::Reply(encode(resp, udp_limit))
     }
 
-    fn answer_question(&mut self, q: &Query, now: SystemTime, resp: &mut Message) {
+    /// Complete a [`Pending`] query with what the identity service said
+    /// ([`Existence::Ask`] again counts as unsure).
+    pub fn finish(
+        &mut self,
+        pending: Pending,
+        existence: Existence,
+        now: SystemTime,
+    ) -> Option<Vec<u8>> {
+        let Pending { address, question, mut response, udp_limit } = pending;
+        self.answer_person(&question, address, existence, now, &mut response);
+        encode(response, udp_limit)
+    }
+
+    /// Fill in `resp`, or return the person whose existence must be asked first.
+    fn answer_question(
+        &mut self,
+        q: &Query,
+        now: SystemTime,
+        resp: &mut Message,
+    ) -> Option<Q2qAddress> {
         if q.query_class != DNSClass::IN {
             resp.metadata.response_code = ResponseCode::Refused;
-            return;
+            return None;
         }
         match self.classify(&q.name) {
             Subject::NotOurs => resp.metadata.response_code = ResponseCode::Refused,
             Subject::Forward(parsed) => {
                 resp.metadata.authoritative = true;
-                self.forward(q, parsed, now, resp);
+                return self.forward(q, parsed, now, resp);
             }
             Subject::Reverse(ip, zone) => {
                 resp.metadata.authoritative = true;
@@ -184,15 +248,22 @@ impl<E: Exists> Shim<E> {
                 }
             }
         }
+        None
     }
 
-    fn forward(&mut self, q: &Query, parsed: Parsed, now: SystemTime, resp: &mut Message) {
+    fn forward(
+        &mut self,
+        q: &Query,
+        parsed: Parsed,
+        now: SystemTime,
+        resp: &mut Message,
+    ) -> Option<Q2qAddress> {
         let apex = names::apex();
         let address = match parsed {
             Parsed::NotOurs => {
                 resp.metadata.authoritative = false;
                 resp.metadata.response_code = ResponseCode::Refused;
-                return;
+                return None;
             }
             Parsed::Apex => {
                 if matches!(q.query_type, RecordType::SOA | RecordType::ANY) {
@@ -202,23 +273,42 @@ impl<E: Exists> Shim<E> {
                 } else {
                     resp.add_authority(self.soa(apex));
                 }
-                return;
+                return None;
             }
             Parsed::Malformed => {
                 resp.metadata.response_code = ResponseCode::NXDomain;
                 resp.add_authority(self.soa(apex));
-                return;
+                return None;
             }
             Parsed::Address(a) => a,
         };
-        let mapping = match self.exists.exists(&address) {
+        match self.exists.exists(&address) {
+            Existence::Ask => Some(address),
+            known => {
+                self.answer_person(q, address, known, now, resp);
+                None
+            }
+        }
+    }
+
+    /// Answer about a person, given whether they exist.
+    fn answer_person(
+        &mut self,
+        q: &Query,
+        address: Q2qAddress,
+        existence: Existence,
+        now: SystemTime,
+        resp: &mut Message,
+    ) {
+        let apex = names::apex();
+        let mapping = match existence {
             Existence::Unknown => {
                 tracing::debug!(%address, "unknown: NXDOMAIN");
                 resp.metadata.response_code = ResponseCode::NXDomain;
                 resp.add_authority(self.soa(apex));
                 return;
             }
-            Existence::Unsure => match self.pool.get(&address) {
+            Existence::Unsure | Existence::Ask => match self.pool.get(&address) {
                 Some(m) => {
                     self.pool.touch(IpAddr::V4(m.ipv4), now);
                     m
@@ -330,6 +420,15 @@ fn reverse_v6(labels: &[&[u8]]) -> Option<Ipv6Addr> {
         v = (v << 4) | u128::from(nibble);
     }
     Some(Ipv6Addr::from(v))
+}
+
+/// The response's bytes; over UDP (`udp_limit`) truncated with TC set when too long.
+fn encode(resp: Message, udp_limit: Option<usize>) -> Option<Vec<u8>> {
+    let bytes = resp.to_vec().ok()?;
+    match udp_limit {
+        Some(limit) if bytes.len() > limit => resp.truncate().to_vec().ok(),
+        _ => Some(bytes),
+    }
 }
 
 /// A bare FORMERR header echoing the query's id, opcode and RD bit.
@@ -466,6 +565,51 @@ mod tests {
         flip.set(Existence::Unknown);
         let r = ask(&mut s, "dave.q2q.", RecordType::A);
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn unknown_to_the_cache_is_asked_in_two_steps() {
+        let names = Names::new(Domain::parse("home.example").unwrap());
+        let pool = Pool::new(PoolConfig::default()).unwrap();
+        let exists = |a: &Q2qAddress| match a.user.as_str() {
+            "alice" => Existence::Known,
+            _ => Existence::Ask,
+        };
+        let mut s = Shim::new(names, pool, exists, ShimConfig::default());
+        let query = |name: &str, ty| {
+            let mut m = Message::query();
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
+            m
+        };
+        // Known, foreign and reverse names never wait.
+        for (name, ty) in [("alice.q2q.", RecordType::A), ("example.com.", RecordType::A)] {
+            let m = query(name, ty);
+            assert!(matches!(s.start(&m.to_vec().unwrap(), t(), true), Step::Reply(Some(_))));
+        }
+        // Someone the cache does not know: a pending query, then the answer.
+        let m = query("dave.far.example.q2q.", RecordType::AAAA);
+        let Step::Ask(p) = s.start(&m.to_vec().unwrap(), t(), true) else { panic!("no ask") };
+        assert_eq!(p.address(), &Q2qAddress::parse("dave@far.example").unwrap());
+        let r = Message::from_vec(&s.finish(p, Existence::Known, t()).unwrap()).unwrap();
+        assert_eq!(r.metadata.id, m.metadata.id);
+        assert_eq!(r.queries, m.queries);
+        assert!(r.metadata.authoritative);
+        assert_eq!(r.answers[0].data, RData::AAAA(AAAA("fd71:7132::3".parse().unwrap())));
+        // Unknown: NXDOMAIN; no answer in time: the mapping made a moment ago, else SERVFAIL.
+        for (name, said, code) in [
+            ("erin.q2q.", Existence::Unknown, ResponseCode::NXDomain),
+            ("dave.far.example.q2q.", Existence::Unsure, ResponseCode::NoError),
+            ("frank.q2q.", Existence::Unsure, ResponseCode::ServFail),
+            ("frank.q2q.", Existence::Ask, ResponseCode::ServFail),
+        ] {
+            let m = query(name, RecordType::A);
+            let Step::Ask(p) = s.start(&m.to_vec().unwrap(), t(), false) else { panic!("{name}") };
+            let r = Message::from_vec(&s.finish(p, said, t()).unwrap()).unwrap();
+            assert_eq!(r.metadata.response_code, code, "{name} {said:?}");
+        }
+        // In one step, a question nobody asks counts as unsure.
+        let r = ask(&mut s, "frank.q2q.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
     }
 
     #[test]
