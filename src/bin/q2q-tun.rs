@@ -193,7 +193,8 @@ enum Command {
         /// Where files go (created if missing).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Replace existing files with other content (never done otherwise).
+        /// Replace existing files with other content (otherwise the new one arrives as
+        /// `name (1).ext`).
         #[arg(long)]
         overwrite: bool,
         /// Keep receiving after the first transfer.
@@ -471,22 +472,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = transfer::send(conn.stream, &files, &mut Bar::new("sending")).await?;
             let path = node.status().last().map(|p| p.path.to_string()).unwrap_or_default();
             println!(
-                "sent {} files ({} bytes, {} sent{}{}) to {to} in {:.1} s over {path}",
-                summary.files,
-                summary.bytes,
-                summary.transferred,
-                if summary.resumed > 0 {
-                    format!(", {} resumed", summary.resumed)
-                } else {
-                    String::new()
-                },
-                if summary.skipped > 0 {
-                    format!(", {} already there", summary.skipped)
-                } else {
-                    String::new()
-                },
+                "sent {} to {to} in {:.1} s over {path}",
+                summary.line("sent"),
                 started.elapsed().as_secs_f64()
             );
+            for (offered, saved) in &summary.renamed {
+                println!("{offered} arrived as {saved} (the name was taken by other content)");
+            }
+            for r in &summary.refused {
+                eprintln!("not sent: {}", r.reason);
+            }
+            if !summary.refused.is_empty() {
+                anyhow::bail!(
+                    "{} of {} refused by the receiver",
+                    summary.refused.len(),
+                    summary.files + summary.dirs
+                );
+            }
         }
         Command::Receive { from, dir, overwrite, keep, as_address } => {
             let from: Vec<Q2qAddress> =
@@ -527,9 +529,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some((peer, result, took)) = done_rx.recv() => match result {
                         Ok(s) => {
                             println!(
-                                "received {} files ({} bytes, {} transferred) from {peer} in {:.1} s into {}",
-                                s.files, s.bytes, s.transferred, took.as_secs_f64(), dir.display()
+                                "received {} from {peer} in {:.1} s into {}",
+                                s.line("transferred"), took.as_secs_f64(), dir.display()
                             );
+                            for (offered, saved) in &s.renamed {
+                                println!("{offered} saved as {saved} (the name was taken by other content)");
+                            }
+                            for r in &s.refused {
+                                eprintln!("refused: {}", r.reason);
+                            }
                             if !keep {
                                 break;
                             }
