@@ -1,6 +1,7 @@
 //! A hostile sender, for the lab's end-to-end test: logs in as a real identity, connects to
-//! a receiver's `file` service, and offers names that try to escape the target directory.
-//! Prints the receiver's answer to each offer; exits 0 if every one was refused.
+//! a receiver's `file` service, and offers names that try to escape the target directory
+//! (`..`, absolute, through a link planted in it). Prints the receiver's answer to each
+//! offer; exits 0 if every one was refused (`refuse` for that file, or `stop`).
 //!
 //! Usage: hostile-send RECEIVER NAME... (with Q2Q_HOME set to the sender's state).
 
@@ -24,24 +25,24 @@ async fn main() -> anyhow::Result<()> {
         let conn = node.connect(&to, &"file".parse()?).await?;
         let mut r = AmpReader::new(conn.stream);
         let hello =
-            AmpBox::command("hello").with("version", "1").with("files", "1").with("bytes", "5");
+            AmpBox::command("hello").with("version", "2").with("files", "1").with("bytes", "5");
         write_box(r.get_mut(), &hello).await?;
         r.read_box().await?;
-        let offer = AmpBox::command("offer")
-            .with("name", &name)
-            .with("size", "5")
-            .with("sha256", "00".repeat(32));
+        let offer = AmpBox::command("offer").with("name", &name).with("size", "5");
         write_box(r.get_mut(), &offer).await?;
         let reply = r.read_box().await?.unwrap_or_default();
         let verdict = reply.get_str("_command").unwrap_or("(closed)");
         println!("{name}: {verdict} {}", reply.get_str("reason").unwrap_or(""));
-        if verdict != "refuse" {
+        if verdict != "refuse" && verdict != "stop" {
             all_refused = false;
             // Try to write anyway, to see whether anything lands.
+            let _ = write_box(r.get_mut(), &AmpBox::command("start").with("offset", "0")).await;
             let chunk = AmpBox::command("chunk")
-                .with("data", "evil\n")
+                .with("len", "5")
                 .with("sha256", ring::digest::digest(&ring::digest::SHA256, b"evil\n").as_ref());
-            let _ = write_box(r.get_mut(), &chunk).await;
+            let mut raw = chunk.encode()?;
+            raw.extend_from_slice(b"evil\n");
+            let _ = tokio::io::AsyncWriteExt::write_all(r.get_mut(), &raw).await;
             let _ = write_box(r.get_mut(), &AmpBox::command("end")).await;
         }
     }
