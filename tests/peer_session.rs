@@ -26,6 +26,24 @@ async fn echo_once(bob: &Node, to: &str, service: &ServiceName, i: u32) -> Resul
     if back == msg { Ok(()) } else { Err(format!("stream {i} echoed {back:?}")) }
 }
 
+/// A server, and alice offering `echo` to bob; both online.
+struct Pair {
+    srv: TestServer,
+    _d: tempfile::TempDir,
+    alice: Node,
+    bob: Node,
+    echo: ServiceName,
+}
+
+async fn pair(config: NodeConfig) -> Pair {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(&srv, &home, "bob@example.com", config).await;
+    let echo = serve_echo(&alice, "bob@example.com").await;
+    Pair { srv, _d, alice, bob, echo }
+}
+
 fn relay_sessions(srv: &TestServer) -> usize {
     srv.running.as_ref().unwrap().stats().relay_sessions
 }
@@ -44,11 +62,7 @@ async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_shares_one_session() {
-    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let (_d, home) = common::home();
-    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
-    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let Pair { srv, _d, alice: _alice, bob, echo } = pair(NodeConfig::default()).await;
 
     // 200 at once, before any session exists: one `inbound`, one relayed session on the
     // server, every stream echoes.
@@ -86,11 +100,7 @@ async fn a_burst_of_connections_shares_one_session() {
 
 #[tokio::test]
 async fn each_stream_is_authorized_for_its_service_and_either_side_opens() {
-    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let (_d, home) = common::home();
-    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
-    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let Pair { srv, _d, alice, bob, echo } = pair(NodeConfig::default()).await;
     let secret = ServiceName::parse("secret").unwrap();
     let _s =
         alice.listen(&secret, "secret", Policy::allow([addr("carol@example.com")])).await.unwrap();
@@ -122,12 +132,8 @@ async fn each_stream_is_authorized_for_its_service_and_either_side_opens() {
 
 #[tokio::test]
 async fn an_idle_session_ends_on_both_sides() {
-    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let (_d, home) = common::home();
     let config = NodeConfig { session_idle: Duration::from_secs(2), ..NodeConfig::default() };
-    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
-    let bob = node(&srv, &home, "bob@example.com", config).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let Pair { srv: _srv, _d, alice, bob, echo } = pair(config).await;
     echo_once(&bob, "alice@example.com", &echo, 0).await.unwrap();
     assert_eq!(alice.status().len(), 1);
     assert_eq!(bob.status().len(), 1);
@@ -176,11 +182,7 @@ async fn a_stranger_gets_a_relay_only_session() {
 
 #[tokio::test]
 async fn a_node_going_offline_ends_its_sessions_on_the_peer_at_once() {
-    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let (_d, home) = common::home();
-    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
-    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let Pair { srv: _srv, _d, alice, bob, echo } = pair(NodeConfig::default()).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let (mut r, _w) = tokio::io::split(conn.stream);
     alice.leave().await;
