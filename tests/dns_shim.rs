@@ -384,3 +384,99 @@ proptest! {
         }
     }
 }
+
+/// A DNS server on `ip` (any port): `_q2q._tcp.far.example SRV 0 0 8788 srv.far.example.`,
+/// NXDOMAIN for anything else; or, `silent`, never a word (a shim stuck on the very look-up
+/// that waits). Counts the queries it gets.
+async fn loopback_dns(ip: &str, silent: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::SRV;
+    let sock = UdpSocket::bind((ip, 0)).await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            if silent {
+                continue;
+            }
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            if let Some(query) = q.queries.first() {
+                r.add_query(query.clone());
+                let ours = query.name.to_ascii().eq_ignore_ascii_case("_q2q._tcp.far.example.");
+                if ours && query.query_type == RecordType::SRV {
+                    let srv = SRV::new(0, 0, 8788, Name::from_ascii("srv.far.example.").unwrap());
+                    r.add_answer(Record::from_rdata(query.name.clone(), 60, RData::SRV(srv)));
+                } else if !ours {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                }
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from).await;
+        }
+    });
+    (addr, count)
+}
+
+/// The daemon's own look-ups of domain servers never ask the shim: resolv.conf as `up`
+/// leaves it (our marker and the shim first), read back the way the daemon reads it.
+#[tokio::test]
+async fn the_daemons_own_lookups_skip_the_shim() {
+    use q2q::client::discover;
+    use q2q::daemon::resolver::{self, Paths, Wanted};
+    let (shim, shim_asked) = loopback_dns("127.0.0.1", true).await;
+    let (dns, dns_asked) = loopback_dns("127.0.0.2", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths {
+        resolv_conf: dir.path().join("resolv.conf"),
+        state_dir: dir.path().join("home"),
+        resolvectl: dir.path().join("resolvectl"),
+        netns_guard: false,
+    };
+    std::fs::write(&paths.resolv_conf, "nameserver 127.0.0.2\noptions timeout:2 attempts:1\n")
+        .unwrap();
+    resolver::install(&paths, Wanted::ResolvConf, "q2q0", shim.ip()).unwrap();
+    let text = std::fs::read(&paths.resolv_conf).unwrap();
+    assert!(text.starts_with(b"# q2q-tun"), "the shim is first");
+    // resolv.conf has no ports: point each address at its loopback server's.
+    let ports = |config: &mut hickory_resolver::config::ResolverConfig| {
+        for ns in &mut config.name_servers {
+            let port = if ns.ip == shim.ip() { shim.port() } else { dns.port() };
+            ns.connections.iter_mut().for_each(|c| c.port = port);
+        }
+    };
+    let far = Domain::parse("far.example").unwrap();
+
+    let (mut config, opts) = discover::settings_without_shim(&text, &[]).unwrap();
+    assert_eq!(config.name_servers().len(), 1);
+    ports(&mut config);
+    let ours = discover::build(config, opts).unwrap();
+    let t = Instant::now();
+    let found = discover::srv_with(&ours, &far).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(found[0].addr, "srv.far.example:8788");
+    assert_eq!(shim_asked.load(Ordering::SeqCst), 0, "the shim was asked");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    println!("SRV through the daemon's resolver in {took:?}, the shim asked 0 times");
+    // Cached: the same question and a negative one again cost nothing.
+    let before = dns_asked.load(Ordering::SeqCst);
+    discover::srv_with(&ours, &far).await.unwrap();
+    let none = Domain::parse("none.example").unwrap();
+    assert!(discover::srv_with(&ours, &none).await.is_err());
+    let asked = dns_asked.load(Ordering::SeqCst);
+    assert!(discover::srv_with(&ours, &none).await.is_err());
+    assert_eq!(dns_asked.load(Ordering::SeqCst), asked, "the negative answer is cached");
+    assert_eq!(asked, before + 1, "the positive answer is cached");
+
+    // The same file read as-is (what the system resolver does) asks the shim.
+    let (mut config, opts) = hickory_resolver::system_conf::parse_resolv_conf(&text).unwrap();
+    ports(&mut config);
+    let plain = discover::build(config, opts).unwrap();
+    let _ = discover::srv_with(&plain, &far).await;
+    assert!(shim_asked.load(Ordering::SeqCst) > 0, "unfiltered, the shim is asked");
+    resolver::restore(&paths).unwrap();
+}

@@ -336,6 +336,9 @@ fn install_resolv_conf(paths: &Paths, link: &str, nameserver: IpAddr) -> Result<
             nameserver,
         });
     }
+    // The file someone rewriting it writes (the namespace's own file, in a lab host): the
+    // one to watch and to write, whatever is mounted over /etc/resolv.conf in this process.
+    let file = mount_source(&file).unwrap_or(file);
     let original = match fs::read(&file) {
         // Our lines with no state to explain them (state directory lost): never stack them.
         Ok(bytes) => Some(strip_ours(&bytes).to_vec()),
@@ -381,6 +384,15 @@ fn strip_ours(content: &[u8]) -> &[u8] {
     } else {
         rest
     }
+}
+
+/// The shim's address in a resolv.conf that carries our lines (the nameserver right after
+/// our marker): what this machine's own look-ups of other names must not ask.
+pub fn shim_nameserver(content: &[u8]) -> Option<IpAddr> {
+    let rest = content.strip_prefix(format!("{MARKER}\n").as_bytes())?;
+    let line = rest.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    line.strip_prefix("nameserver ")?.trim().parse().ok()
 }
 
 fn has_marker(content: &[u8]) -> bool {
@@ -433,6 +445,41 @@ fn is_mount_point(path: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
     let wanted = path.to_string_lossy();
     info.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| unescape_mount(m) == wanted)
+}
+
+/// The file mounted over `path` when it is a bind mount of a file this process can see
+/// (`ip netns exec` mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf), checked to be
+/// the same file. Someone rewriting the namespace's resolver writes that file, maybe by
+/// renaming a new one over it, which this process's mount would never show.
+fn mount_source(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let path = fs::canonicalize(path).ok()?;
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let root = mount_root(&info, &path.to_string_lossy())?;
+    let (a, b) = (fs::metadata(&root).ok()?, fs::metadata(&path).ok()?);
+    (root != path && a.dev() == b.dev() && a.ino() == b.ino()).then_some(root)
+}
+
+/// The root (within its filesystem) of the topmost mount at `mount_point`, from a
+/// /proc/self/mountinfo text; for a bind-mounted file, the file's own path.
+fn mount_root(mountinfo: &str, mount_point: &str) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(' ');
+            let root = fields.nth(3)?;
+            let point = fields.next()?;
+            (unescape_mount(point) == mount_point).then(|| PathBuf::from(unescape_mount(root)))
+        })
+        .next_back()
+        .filter(|root| root != Path::new("/"))
+}
+
+/// The resolv.conf in force for this process's look-ups: links followed, and the file
+/// mounted over it (see [`mount_source`]).
+pub fn live_file(paths: &Paths) -> PathBuf {
+    let file = follow_links(&paths.resolv_conf);
+    mount_source(&file).unwrap_or(file)
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
@@ -567,6 +614,176 @@ fn restore_unreadable(paths: &Paths, why: &str) -> Result<String, ResolverError>
     }
     remove_if_there(&paths.backup_file())?;
     Ok(what)
+}
+
+/// Put our lines back first in resolv.conf if someone else rewrote it (NetworkManager,
+/// dhclient, an admin; in place or by renaming a new file over it) or removed it. What they
+/// wrote becomes the original that `restore` puts back, byte for byte. `Ok(None)` when the
+/// file is as we left it, or we are not in resolv-conf mode; else what was done, in words.
+pub fn repair(paths: &Paths) -> Result<Option<String>, ResolverError> {
+    let Some(Ok(mut state)) = read_state(paths)? else { return Ok(None) };
+    if state.mode != Mode::ResolvConf {
+        return Ok(None);
+    }
+    let file = state.file.clone().unwrap_or_else(|| follow_links(&paths.resolv_conf));
+    let current = match fs::read(&file) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ResolverError::file("read", &file, e)),
+    };
+    let ours_first =
+        current.as_deref().is_some_and(|c| shim_nameserver(c) == Some(state.nameserver));
+    // What the other party wrote (our two lines taken out), None for no file at all.
+    let theirs = current.as_deref().map(|c| strip_ours(c).to_vec());
+    let recorded = if state.created { None } else { backup_if_intact(paths, &state) };
+    let same = match (&theirs, &recorded) {
+        (Some(t), Some(r)) => t == r,
+        (None, None) => state.created,
+        // We created the file and lines were added after ours: theirs now.
+        (Some(t), None) => state.created && t.is_empty(),
+        (None, Some(_)) => false,
+    };
+    if ours_first && same {
+        return Ok(None);
+    }
+    // The new original first, then the file: a crash in between leaves a record that
+    // `restore` understands (a digest that does not match makes it strip our lines instead).
+    let backup = paths.backup_file();
+    match &theirs {
+        Some(bytes) => fsutil::write_atomic(&backup, bytes, 0o600)
+            .map_err(|e| ResolverError::file("write", &backup, e))?,
+        None => remove_if_there(&backup)?,
+    }
+    state.created = theirs.is_none();
+    state.backup_sha256 = theirs.as_deref().map(sha256);
+    state.file = Some(file.clone());
+    write_state(paths, &state)?;
+    if ours_first {
+        return Ok(Some(format!(
+            "{} was changed after our lines: the change is kept for `q2q-tun down`",
+            file.display()
+        )));
+    }
+    let mut text = format!("{MARKER}\nnameserver {}\n", state.nameserver).into_bytes();
+    text.extend_from_slice(theirs.as_deref().unwrap_or_default());
+    write_in_place(&file, &text)?;
+    Ok(Some(match theirs {
+        Some(_) => format!(
+            "{} was rewritten by someone else: nameserver {} is first again (what they wrote \
+             is what `q2q-tun down` puts back)",
+            file.display(),
+            state.nameserver
+        ),
+        None => format!(
+            "{} was removed by someone else: written again with nameserver {}",
+            file.display(),
+            state.nameserver
+        ),
+    }))
+}
+
+/// Keeps our line in resolv.conf while the daemon is up: watches the file's directory
+/// (in-place writes and renames over it alike) and [`repair`]s after each change, once the
+/// writer has been quiet for [`QUIET`]; also every [`RECHECK`], in case a change went
+/// unseen. Dropping it (or [`Keeper::stop`]) ends the watch before `restore` runs.
+pub struct Keeper {
+    watcher: Option<notify::RecommendedWatcher>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long the file must be left alone before it is checked (a writer's truncate and write
+/// are two events).
+pub const QUIET: Duration = Duration::from_millis(100);
+/// Longest wait for a writer to go quiet.
+const QUIET_AT_MOST: Duration = Duration::from_secs(1);
+/// A check even without events.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Start keeping our line in the file `install` wrote (resolv-conf mode; `None` otherwise).
+pub fn keep(paths: &Paths) -> Result<Option<Keeper>, ResolverError> {
+    use notify::Watcher;
+    let Some(Ok(state)) = read_state(paths)? else { return Ok(None) };
+    if state.mode != Mode::ResolvConf {
+        return Ok(None);
+    }
+    let file = state.file.clone().unwrap_or_else(|| follow_links(&paths.resolv_conf));
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { return Ok(None) };
+    let name = name.to_os_string();
+    // Any number of events is one reason to look: a full channel loses nothing.
+    let (events, woken) = std::sync::mpsc::sync_channel::<()>(1);
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            use notify::event::{AccessKind, AccessMode, EventKind};
+            let ours = match &event {
+                // Reading the file (ours too) is no change.
+                Ok(e) if matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write)) => {
+                    false
+                }
+                Ok(e) => e.need_rescan() || e.paths.iter().any(|p| p.file_name() == Some(&name)),
+                Err(_) => true,
+            };
+            if ours {
+                let _ = events.try_send(());
+            }
+        })
+        .map_err(|e| ResolverError::file("watch", dir, io::Error::other(e)))?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| ResolverError::file("watch", dir, io::Error::other(e)))?;
+    let paths = paths.clone();
+    let thread = std::thread::Builder::new()
+        .name("resolv.conf".into())
+        .spawn(move || keep_loop(&paths, &woken))
+        .map_err(|e| ResolverError::file("watch", &file, e))?;
+    tracing::debug!(file = %file.display(), "watching resolv.conf");
+    Ok(Some(Keeper { watcher: Some(watcher), thread: Some(thread) }))
+}
+
+fn keep_loop(paths: &Paths, woken: &std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError::{Disconnected, Timeout};
+    loop {
+        match woken.recv_timeout(RECHECK) {
+            Ok(()) => {
+                // Wait for the writer to finish: quiet for QUIET, at most QUIET_AT_MOST.
+                let deadline = Instant::now() + QUIET_AT_MOST;
+                loop {
+                    match woken.recv_timeout(QUIET) {
+                        Ok(()) if Instant::now() < deadline => {}
+                        Ok(()) | Err(Timeout) => break,
+                        Err(Disconnected) => return,
+                    }
+                }
+            }
+            Err(Timeout) => {}
+            Err(Disconnected) => return,
+        }
+        match repair(paths) {
+            Ok(Some(what)) => tracing::info!(%what, "resolver: our nameserver line"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "resolver: could not put our nameserver back"),
+        }
+    }
+}
+
+impl Keeper {
+    /// End the watch; when this returns, nothing writes resolv.conf any more.
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        // The watcher's callback holds the only sender: the thread ends when it goes.
+        drop(self.watcher.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// How a bounded command ended.
@@ -1277,8 +1494,144 @@ mod tests {
         drop(silent);
     }
 
+    /// Someone else writes the file in place (as `cp` or `cat >` do).
+    fn write_in_place_as_someone_else(p: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new().write(true).truncate(true).open(p).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    /// Someone else renames a new file over it (as NetworkManager and dhclient do).
+    fn rename_over_as_someone_else(p: &Path, bytes: &[u8]) {
+        let tmp = p.with_extension("new");
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(&tmp, p).unwrap();
+    }
+
+    const THEIRS: &[u8] = b"# from NetworkManager\nnameserver 127.0.4.4\nsearch home\n";
+
+    #[test]
+    fn a_rewritten_file_gets_our_line_back_and_down_restores_theirs() {
+        for rewrite in [write_in_place_as_someone_else, rename_over_as_someone_else] {
+            let lab = Lab::with_file(ORIGINAL);
+            install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
+            assert_eq!(repair(&lab.paths).unwrap(), None, "as we left it");
+            rewrite(&lab.paths.resolv_conf, THEIRS);
+            let what = repair(&lab.paths).unwrap().unwrap();
+            assert!(what.contains("someone else"), "{what}");
+            assert_eq!(lab.file(), ours(THEIRS));
+            assert_eq!(repair(&lab.paths).unwrap(), None, "once");
+            // Rewritten again, identically (dhclient on every lease renewal).
+            rewrite(&lab.paths.resolv_conf, THEIRS);
+            assert!(repair(&lab.paths).unwrap().is_some());
+            assert_eq!(lab.file(), ours(THEIRS));
+            let what = restore(&lab.paths).unwrap().unwrap();
+            assert!(what.contains("restored"), "{what}");
+            assert_eq!(lab.file(), THEIRS, "what they wrote last, byte for byte");
+            lab.nothing_left();
+        }
+    }
+
+    #[test]
+    fn lines_added_after_ours_are_kept_and_a_removed_file_comes_back() {
+        let lab = Lab::with_file(ORIGINAL);
+        install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
+        // An edit that keeps our lines first: nothing to write, but `down` keeps the edit.
+        let mut edited = ours(ORIGINAL);
+        edited.extend_from_slice(b"\noptions rotate\n");
+        fs::write(&lab.paths.resolv_conf, &edited).unwrap();
+        let what = repair(&lab.paths).unwrap().unwrap();
+        assert!(what.contains("kept"), "{what}");
+        assert_eq!(lab.file(), edited);
+        // Removed: written again; `down` then removes it, as nobody else has one.
+        fs::remove_file(&lab.paths.resolv_conf).unwrap();
+        assert!(repair(&lab.paths).unwrap().unwrap().contains("removed"));
+        assert_eq!(lab.file(), ours(b""));
+        restore(&lab.paths).unwrap();
+        assert!(!lab.paths.resolv_conf.exists());
+        lab.nothing_left();
+        // A file we created that someone then writes: theirs stays at `down`.
+        install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
+        rename_over_as_someone_else(&lab.paths.resolv_conf, THEIRS);
+        repair(&lab.paths).unwrap().unwrap();
+        restore(&lab.paths).unwrap();
+        assert_eq!(lab.file(), THEIRS);
+        lab.nothing_left();
+        // Other modes: nothing to keep.
+        install(&lab.paths, Wanted::Off, "q2q0", NS).unwrap();
+        assert_eq!(repair(&lab.paths).unwrap(), None);
+        assert!(keep(&lab.paths).unwrap().is_none());
+        restore(&lab.paths).unwrap();
+    }
+
+    /// Polls (bounded) until the file starts with our lines.
+    fn ours_again_within(p: &Path, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if fs::read(p).ok().and_then(|b| shim_nameserver(&b)) == Some(NS) {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    #[test]
+    fn the_keeper_puts_our_line_back_within_a_second() {
+        let lab = Lab::with_file(ORIGINAL);
+        install(&lab.paths, Wanted::ResolvConf, "q2q0", NS).unwrap();
+        let keeper = keep(&lab.paths).unwrap().expect("resolv-conf mode");
+        for (how, rewrite) in [
+            ("in place", write_in_place_as_someone_else as fn(&Path, &[u8])),
+            ("renamed over", rename_over_as_someone_else),
+        ] {
+            rewrite(&lab.paths.resolv_conf, THEIRS);
+            let took = ours_again_within(&lab.paths.resolv_conf, Duration::from_secs(2));
+            let took = took.unwrap_or_else(|| panic!("{how}: our line is not back"));
+            assert!(took < Duration::from_secs(1), "{how}: {took:?}");
+            assert_eq!(lab.file(), ours(THEIRS), "{how}");
+            println!("{how}: our line back after {took:?}");
+        }
+        keeper.stop();
+        // Stopped: nothing writes the file any more, and `down` puts theirs back.
+        rewrite_then_wait(&lab.paths.resolv_conf);
+        assert_eq!(lab.file(), THEIRS);
+        let what = restore(&lab.paths).unwrap().unwrap();
+        assert!(what.contains("still the original"), "{what}");
+        assert_eq!(lab.file(), THEIRS);
+        lab.nothing_left();
+    }
+
+    fn rewrite_then_wait(p: &Path) {
+        write_in_place_as_someone_else(p, THEIRS);
+        std::thread::sleep(QUIET * 5);
+    }
+
+    #[test]
+    fn the_file_under_a_bind_mount_is_found_in_mountinfo() {
+        let info = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+            420 22 8:1 /etc/netns/lt1-host-b/resolv.conf /etc/resolv.conf rw - ext4 /dev/sda1 rw\n\
+            421 22 0:5 / /etc/hosts rw - tmpfs tmpfs rw\n\
+            422 22 8:1 /etc/netns/my\\040ns/resolv.conf /etc/my\\040dir/resolv.conf rw - ext4 x rw\n";
+        assert_eq!(
+            mount_root(info, "/etc/resolv.conf"),
+            Some(PathBuf::from("/etc/netns/lt1-host-b/resolv.conf"))
+        );
+        assert_eq!(mount_root(info, "/etc/hosts"), None, "a filesystem's own root");
+        assert_eq!(mount_root(info, "/etc/passwd"), None);
+        assert_eq!(
+            mount_root(info, "/etc/my dir/resolv.conf"),
+            Some(PathBuf::from("/etc/netns/my ns/resolv.conf"))
+        );
+        // A plain file is its own live file.
+        let lab = Lab::with_file(ORIGINAL);
+        assert_eq!(live_file(&lab.paths), lab.paths.resolv_conf);
+    }
+
     #[test]
     fn helpers() {
+        assert_eq!(shim_nameserver(&ours(ORIGINAL)), Some(NS));
+        assert_eq!(shim_nameserver(ORIGINAL), None);
+        assert_eq!(shim_nameserver(&ORIGINAL[ORIGINAL.len() - 10..]), None);
         assert_eq!(strip_ours(&ours(ORIGINAL)), ORIGINAL);
         assert_eq!(strip_ours(ORIGINAL), ORIGINAL);
         assert_eq!(strip_ours(&ours(b"")), b"");

@@ -107,6 +107,8 @@ pub struct Running {
     shim: SharedShim<Oracle>,
     pool_file: PathBuf,
     resolver: resolver::Paths,
+    /// Puts our resolv.conf line back when someone rewrites the file (resolv-conf mode).
+    keeper: Mutex<Option<resolver::Keeper>>,
     /// What the status shows: device, node address, resolver mode.
     pub summary: String,
     /// The device's name.
@@ -192,6 +194,24 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
         move || resolver::install(&paths, wanted, &link, IpAddr::V4(node_v4))
     })
     .await?;
+    // The daemon's own look-ups of domain servers never ask the shim (they would wait on
+    // themselves); they read the resolv.conf really in force.
+    crate::client::discover::use_system_resolver(
+        resolver::live_file(&paths),
+        vec![IpAddr::V4(node_v4), IpAddr::V6(node_v6)],
+    );
+    let keeper = match blocking({
+        let paths = paths.clone();
+        move || resolver::keep(&paths)
+    })
+    .await
+    {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(error = %e, "resolv.conf is not watched: a rewrite by someone else stays until `down` and `up`");
+            None
+        }
+    };
 
     let stack_config = StackConfig {
         pool_v4: Ipv4Cidr::new(config.pool.ipv4.network(), config.pool.ipv4.prefix_len()),
@@ -221,6 +241,7 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
         shim,
         pool_file,
         resolver: paths,
+        keeper: Mutex::new(keeper),
         summary,
         device: config.name,
         dns_addr,
@@ -236,6 +257,9 @@ impl Running {
     /// Restore the resolver and save the pool now (when [`Running::stop`] cannot be used);
     /// the device goes when the process ends.
     pub fn restore_now(&self) {
+        if let Some(k) = self.take_keeper() {
+            k.stop();
+        }
         if let Err(e) = resolver::restore(&self.resolver) {
             warn!(error = %e, "could not restore the resolver settings");
         }
@@ -245,7 +269,15 @@ impl Running {
     /// Restore the resolver, save the pool, and remove the device (closing it does).
     pub async fn stop(mut self) {
         let paths = self.resolver.clone();
-        if let Err(e) = blocking(move || resolver::restore(&paths)).await {
+        // The watch ends first: nothing may put our line back after the restore.
+        let keeper = self.take_keeper();
+        let restore = move || {
+            if let Some(k) = keeper {
+                k.stop();
+            }
+            resolver::restore(&paths)
+        };
+        if let Err(e) = blocking(restore).await {
             warn!(error = %e, "could not restore the resolver settings");
         }
         self.dns.abort();
@@ -255,6 +287,10 @@ impl Running {
         }
         let _ = (&mut self.driver).await;
         save_pool(&self.shim, &self.pool_file, true);
+    }
+
+    fn take_keeper(&self) -> Option<resolver::Keeper> {
+        self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 

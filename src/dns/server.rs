@@ -234,7 +234,7 @@ async fn serve_udp<E: Exists + Send + 'static, L: Lookup>(
                     let (udp, shim, asker) = (udp.clone(), shim.clone(), asker.clone());
                     tokio::spawn(async move {
                         let existence = asker.ask(pending.address()).await;
-                        let reply = lock(&shim).finish(pending, existence, SystemTime::now());
+                        let reply = lock(&shim).finish(*pending, existence, SystemTime::now());
                         if let Some(resp) = reply {
                             send(&udp, &resp, from).await;
                         }
@@ -242,7 +242,7 @@ async fn serve_udp<E: Exists + Send + 'static, L: Lookup>(
                     });
                     None
                 }
-                None => lock(&shim).finish(pending, Existence::Unsure, SystemTime::now()),
+                None => lock(&shim).finish(*pending, Existence::Unsure, SystemTime::now()),
             },
         };
         if let Some(resp) = reply {
@@ -318,7 +318,7 @@ async fn serve_connection<E: Exists + Send + 'static, L: Lookup>(
                     Some(_permit) => asker.ask(pending.address()).await,
                     None => Existence::Unsure,
                 };
-                lock(&shim).finish(pending, existence, SystemTime::now())
+                lock(&shim).finish(*pending, existence, SystemTime::now())
             }
         };
         let Some(resp) = reply else { return };

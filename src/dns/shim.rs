@@ -88,7 +88,7 @@ pub enum Step {
     Reply(Option<Vec<u8>>),
     /// The answer depends on whether this person exists, which nobody here knows yet: ask,
     /// then [`Shim::finish`].
-    Ask(Pending),
+    Ask(Box<Pending>),
 }
 
 /// A query waiting for an answer about existence.
@@ -156,7 +156,7 @@ impl<E: Exists> Shim<E> {
     fn settle(&mut self, step: Step, now: SystemTime) -> Option<Vec<u8>> {
         match step {
             Step::Reply(r) => r,
-            Step::Ask(p) => self.finish(p, Existence::Unsure, now),
+            Step::Ask(p) => self.finish(*p, Existence::Unsure, now),
         }
     }
 
@@ -187,7 +187,7 @@ impl<E: Exists> Shim<E> {
             resp.add_query(q.clone());
             if let Some(address) = self.answer_question(q, now, &mut resp) {
                 let pending = Pending { address, question: q.clone(), response: resp, udp_limit };
-                return Step::Ask(pending);
+                return Step::Ask(Box::new(pending));
             }
         } else {
             resp.metadata.response_code = ResponseCode::FormErr;
@@ -590,7 +590,7 @@ mod tests {
         let m = query("dave.far.example.q2q.", RecordType::AAAA);
         let Step::Ask(p) = s.start(&m.to_vec().unwrap(), t(), true) else { panic!("no ask") };
         assert_eq!(p.address(), &Q2qAddress::parse("dave@far.example").unwrap());
-        let r = Message::from_vec(&s.finish(p, Existence::Known, t()).unwrap()).unwrap();
+        let r = Message::from_vec(&s.finish(*p, Existence::Known, t()).unwrap()).unwrap();
         assert_eq!(r.metadata.id, m.metadata.id);
         assert_eq!(r.queries, m.queries);
         assert!(r.metadata.authoritative);
@@ -604,7 +604,7 @@ mod tests {
         ] {
             let m = query(name, RecordType::A);
             let Step::Ask(p) = s.start(&m.to_vec().unwrap(), t(), false) else { panic!("{name}") };
-            let r = Message::from_vec(&s.finish(p, said, t()).unwrap()).unwrap();
+            let r = Message::from_vec(&s.finish(*p, said, t()).unwrap()).unwrap();
             assert_eq!(r.metadata.response_code, code, "{name} {said:?}");
         }
         // In one step, a question nobody asks counts as unsure.
