@@ -285,7 +285,8 @@ pub struct Setup {
     /// The relay the session starts on.
     pub relay: RelayPath,
     /// The peer's candidates we may probe: already filtered to where the server saw the peer
-    /// and our own networks. Nothing else is ever sent a probe unasked.
+    /// and our own networks. Nothing else is ever sent a probe unasked (and nothing at all
+    /// when `direct_allowed` is false; they then only tell `why` apart).
     pub candidates: Vec<SocketAddr>,
     /// NAT facts for birthday probing.
     pub nat: NatFacts,
@@ -398,11 +399,14 @@ impl Paths {
     pub fn new(now: Instant, config: Config, setup: Setup) -> Paths {
         let searching = setup.direct_allowed && !setup.candidates.is_empty();
         let why = match (setup.relay, setup.direct_allowed, searching) {
+            (RelayPath::Control, ..) => "UDP to the server is blocked: relayed over TCP".into(),
+            (_, false, _) if setup.candidates.is_empty() => {
+                "relay only: no candidate to probe (a stranger's session, or none where the server saw the peer)".into()
+            }
             (_, false, _) => "relay only: direct paths disabled for this session".to_string(),
             (_, true, false) => {
                 "relay only: no candidate to probe (none where the server saw the peer)".into()
             }
-            (RelayPath::Control, ..) => "UDP to the server is blocked: relayed over TCP".into(),
             (RelayPath::Udp(_), ..) => "relayed while probing for a direct path".into(),
         };
         let next = searching.then(|| now + config.probe_after);
