@@ -969,7 +969,7 @@ impl Node {
     /// Forget a session: out of the table, its path machinery stopped, its tasks ended.
     /// Its open streams (if any) live on until they close.
     async fn end_session(&self, ps: &Arc<PeerSession>, why: &str) {
-        if !ps.end() {
+        if !ps.mark_ended() {
             return;
         }
         let id = ps.id();
@@ -988,6 +988,7 @@ impl Node {
         if let Ok(mut p) = self.inner.peers.lock() {
             p.remove(&id);
         }
+        ps.stop_tasks();
     }
 
     /// The CA of `domain`: our own domain's (pinned when we logged in), or another

@@ -246,18 +246,21 @@ impl PeerSession {
         }
     }
 
-    /// Mark the session over and stop its tasks; `true` the first time. Its PTCP session is
-    /// released by the endpoint once its last stream is closed.
-    pub fn end(&self) -> bool {
-        if self.ended.swap(true, Ordering::AcqRel) {
-            return false;
-        }
+    /// Mark the session over: `true` the first time (that caller cleans up, then calls
+    /// [`PeerSession::stop_tasks`]).
+    pub fn mark_ended(&self) -> bool {
+        !self.ended.swap(true, Ordering::AcqRel)
+    }
+
+    /// Stop the session's tasks. Last, since the caller may be one of them (an aborted
+    /// task stops at its next await). Its PTCP session is released by the endpoint once its
+    /// last stream is closed.
+    pub fn stop_tasks(&self) {
         if let Ok(mut tasks) = self.tasks.lock() {
             for t in tasks.drain(..) {
                 t.abort();
             }
         }
-        true
     }
 }
 
