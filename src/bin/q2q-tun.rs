@@ -460,6 +460,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = tokio::io::copy(&mut r, &mut stdout).await;
             let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
             up.abort();
+            // The peer ends the session now rather than watching it go silent.
+            node.leave().await;
         }
         Command::Send { address, files, as_address } => {
             let to = Q2qAddress::parse(&address)?;
@@ -471,6 +473,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let summary = transfer::send(conn.stream, &files, &mut Bar::new("sending")).await?;
             let path = node.status().last().map(|p| p.path.to_string()).unwrap_or_default();
+            node.leave().await;
             println!(
                 "sent {} to {to} in {:.1} s over {path}",
                 summary.line("sent"),
@@ -660,6 +663,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let config = NodeConfig { direct: !relay_only, ..Default::default() };
                 let node = Node::start(home.clone(), me, config).await?;
                 let r = node.ping(&to, count, std::time::Duration::from_millis(200)).await?;
+                node.leave().await;
                 PrintedPing::from_box(&daemon::report_box(&r))
             };
             report.print();
