@@ -13,12 +13,14 @@
 //! A connection starts relayed and probes the peer's candidates at the same time; the first
 //! authenticated probe or reply from a candidate moves the session to that direct path
 //! without disturbing its streams. While relayed, a node keeps probing now and then.
-//! While direct, each side watches the path (`watch_direct`): when it goes silent and
-//! stops answering probes, or the peer's datagrams start coming through the relay, the
-//! session falls back to the relay (streams only pause) and probing resumes.
+//! While direct, each side watches the path: when it goes silent and stops answering
+//! probes, or the peer's datagrams start coming through the relay, the session falls back
+//! to the relay (streams only pause) and probing resumes. All of that is the session's path
+//! machine ([`q2q_netstack::path`]), which the PTCP endpoint drives; the node only gives it
+//! its set-up (`open_session`) and reads the path back for `status`.
 
 use super::candidates;
-use super::probe::{ProbeKey, Role};
+use super::probe::Role;
 use super::session::{PeerSession, StreamHeader, Verdict};
 use super::table::{Lookup, Ready, Table};
 use crate::address::{Q2qAddress, ServiceName};
@@ -26,9 +28,10 @@ use crate::amp::{AmpBox, Incoming};
 use crate::client::{ClientError, ConnectOptions, Home, ServerConn, StoredIdentity};
 use crate::proto::{self, code, command};
 use crate::ptcp::{
-    Endpoint, EndpointConfig, EndpointError, Path, PtcpSession, PtcpStream, SessionId, Side,
+    Endpoint, EndpointConfig, EndpointError, PathSetup, PtcpSession, PtcpStream, SessionId, Side,
 };
 use crate::relay;
+use q2q_netstack::path::{NatFacts, RelayPath};
 use q2q_netstack::wire::Kind;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,6 +80,21 @@ impl std::fmt::Display for PathKind {
             PathKind::TcpRelay => write!(f, "TCP relay"),
         }
     }
+}
+
+impl From<q2q_netstack::path::Path> for PathKind {
+    fn from(p: q2q_netstack::path::Path) -> PathKind {
+        match p {
+            q2q_netstack::path::Path::Direct { to, .. } => PathKind::Direct(to),
+            q2q_netstack::path::Path::UdpRelay(a) => PathKind::UdpRelay(a),
+            q2q_netstack::path::Path::ControlRelay => PathKind::TcpRelay,
+        }
+    }
+}
+
+/// A `std` duration as netstack's (microseconds).
+fn duration(d: Duration) -> q2q_netstack::Duration {
+    q2q_netstack::Duration::from_micros(d.as_micros().min(u128::from(u64::MAX)) as u64)
 }
 
 /// One peer session as `status` shows it.
@@ -188,37 +206,6 @@ pub struct Connection {
     pub session: Arc<PtcpSession>,
 }
 
-struct Probing {
-    key: ProbeKey,
-    role: Role,
-    session: Arc<PtcpSession>,
-    found: Option<SocketAddr>,
-    /// The relay path the session started on, and how `status` shows it: where the session
-    /// falls back to when its direct path dies.
-    relay: (Path, PathKind),
-    /// Our relay leg's token (its entry in `relay_legs` goes with the session).
-    relay_token: relay::Token,
-    /// When the current direct path was found.
-    direct_since: Option<std::time::Instant>,
-    /// The last verified probe or reply from the direct path's address.
-    probe_heard: Option<std::time::Instant>,
-    /// The peer's session datagrams came through the relay while we were direct: it gave
-    /// up on the direct path.
-    peer_relayed: bool,
-    /// Birthday paths: the socket holding the mapping (probes must leave through it) and
-    /// the tasks bridging it, stopped when the path dies.
-    direct_socket: Option<Arc<tokio::net::UdpSocket>>,
-    direct_tasks: Vec<tokio::task::AbortHandle>,
-    /// Look for a direct path at all (false: a relay-only session).
-    direct: bool,
-    /// Where the server saw the peer's control connection come from: the only public
-    /// address its candidates may have ([`candidates::probeable`]).
-    seen: Option<std::net::IpAddr>,
-    /// Probes this session may still send, and when that was computed ([`Node::take_probes`]).
-    budget: f64,
-    budget_at: std::time::Instant,
-}
-
 struct Listening {
     policy: Policy,
     description: String,
@@ -237,10 +224,9 @@ struct Inner {
     foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, Arc<ServerConn>>>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
-    probing: Mutex<HashMap<u64, Probing>>,
+    /// Each session's path as its endpoint driver shows it (for `status`).
+    paths: Mutex<HashMap<u64, crate::ptcp::PathView>>,
     peers: Mutex<HashMap<u64, PeerStatus>>,
-    /// Our relay legs by token, to check the relay datagrams that come back.
-    relay_legs: Mutex<HashMap<relay::Token, Arc<relay::Leg>>>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
     /// Our certificate and key for TLS on peer streams.
     tls_identity: crate::ptcp::tls::Identity,
@@ -248,54 +234,18 @@ struct Inner {
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
     table: Table<NodeError>,
-    /// Probes and probe replies sent, over all sessions (see [`Node::probes_sent`]).
-    probes_sent: std::sync::atomic::AtomicU64,
 }
-
-/// Probe rounds (100 ms each) before trying the birthday technique.
-const BIRTHDAY_AFTER_ROUNDS: u32 = 10;
-/// Extra sockets (mappings) a symmetric side opens for the birthday technique.
-const BIRTHDAY_SOCKETS: usize = 256;
-/// Most probes a cone side sprays at random ports.
-const BIRTHDAY_PROBES: u32 = 2500;
 
 /// Datagrams of one TCP-relayed session waiting for the control connection; more are
 /// dropped (selective repeat resends them).
 const TCP_RELAY_QUEUE: usize = 256;
 
-/// How often a relayed session refreshes its relay binding (below NAT UDP timeouts).
-const RELAY_BIND_EVERY: Duration = Duration::from_secs(10);
-
 /// A new stream on a session older than a moment must be accepted within this long, or
 /// the peer is taken to have forgotten the session (restarted) and a new one is set up.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Probes one session may send at once: the first probing (at most 33 candidates × 50
-/// rounds), birthday probing (256 mappings × 48 rounds, or 2500 sprayed) and the path watch
-/// fit in it, and no peer can make us send more.
-const PROBE_BURST: f64 = 16384.0;
-/// Probes a second a session's budget grows back by.
-const PROBE_REFILL: f64 = 8.0;
-
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
-
-/// While direct, how often the path's health is looked at.
-const WATCH_EVERY: Duration = Duration::from_millis(250);
-/// Silence from the direct path (no datagram of the session from the peer's address) after
-/// which we ask it with probes. Well above a round trip and an ACK delay, well below the
-/// session's 30 s idle timeout.
-const SUSPECT_AFTER: Duration = Duration::from_secs(1);
-/// Probes to a suspect path at most this often (2 a second, to one address).
-const SUSPECT_PROBE_EVERY: Duration = Duration::from_millis(500);
-/// A suspect path that neither answers probes nor carries data for this long is dead.
-const DEAD_AFTER: Duration = Duration::from_millis(2500);
-/// A path that answered probes but stays silent is only idle; ask again after this long
-/// (above the session keepalive of 10 s, which should have been heard by then).
-const REASK_IDLE_AFTER: Duration = Duration::from_secs(15);
-/// The peer's relayed datagrams within this long of going direct are stragglers from
-/// before it moved too, not a sign that it gave up on the direct path.
-const DIRECT_GRACE: Duration = Duration::from_secs(3);
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -329,12 +279,10 @@ impl Node {
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
         let inner = Arc::new(Inner {
-            relay_legs: Default::default(),
             reflexive_cache: Default::default(),
             tls_identity,
             refusals: tokio::sync::broadcast::channel(16).0,
             table: Table::start(),
-            probes_sent: Default::default(),
             me,
             home,
             identity,
@@ -344,7 +292,7 @@ impl Node {
             foreign: Default::default(),
             listening: Default::default(),
             whoami: Default::default(),
-            probing: Default::default(),
+            paths: Default::default(),
             peers: Default::default(),
         });
         let node = Node { inner };
@@ -543,32 +491,21 @@ impl Node {
     /// Probes and probe replies this node sent so far, over all sessions: bounded per
     /// session, and zero for relay-only sessions.
     pub fn probes_sent(&self) -> u64 {
-        self.inner.probes_sent.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Take `n` probes from `session`'s budget (a token bucket: [`PROBE_BURST`], refilled
-    /// at [`PROBE_REFILL`] a second): `false` when it is spent, and nothing may be sent.
-    /// Bounds what any one peer, and any one session, can make us send.
-    fn take_probes(&self, session: u64, n: u64) -> bool {
-        let Ok(mut p) = self.inner.probing.lock() else { return false };
-        let Some(s) = p.get_mut(&session) else { return false };
-        let now = std::time::Instant::now();
-        let refill = now.saturating_duration_since(s.budget_at).as_secs_f64() * PROBE_REFILL;
-        s.budget = (s.budget + refill).min(PROBE_BURST);
-        s.budget_at = now;
-        if s.budget < n as f64 {
-            debug!(session = format!("{session:016x}"), "probe budget spent");
-            return false;
-        }
-        s.budget -= n as f64;
-        self.inner.probes_sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        true
+        self.inner.endpoint.stats().probes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Peer sessions and their paths.
     pub fn status(&self) -> Vec<PeerStatus> {
         let mut v: Vec<_> =
             self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        if let Ok(paths) = self.inner.paths.lock() {
+            for p in &mut v {
+                if let Some((path, why)) = paths.get(&p.session).map(|v| v.get()) {
+                    p.path = PathKind::from(path);
+                    p.why = why;
+                }
+            }
+        }
         v.sort_by_key(|p| p.session);
         v
     }
@@ -975,15 +912,8 @@ impl Node {
         let id = ps.id();
         info!(peer = %ps.peer, session = format!("{id:016x}"), why, "session ended");
         self.inner.table.remove(&ps.peer, id).await;
-        if let Ok(mut p) = self.inner.probing.lock()
-            && let Some(s) = p.remove(&id)
-        {
-            for t in s.direct_tasks {
-                t.abort();
-            }
-            if let Ok(mut l) = self.inner.relay_legs.lock() {
-                l.remove(&s.relay_token);
-            }
+        if let Ok(mut p) = self.inner.paths.lock() {
+            p.remove(&id);
         }
         if let Ok(mut p) = self.inner.peers.lock() {
             p.remove(&id);
@@ -1046,33 +976,39 @@ impl Node {
             Role::Caller => Side::Initiator,
             Role::Callee => Side::Responder,
         };
-        let header = Arc::new(relay::Leg::new(setup.relay_token, setup.relay_key.clone()));
-        if let Ok(mut l) = self.inner.relay_legs.lock() {
-            l.insert(setup.relay_token, header.clone());
-        }
+        let leg = Arc::new(relay::Leg::new(setup.relay_token, setup.relay_key.clone()));
         // Without UDP to the server (who-am-i got no answer), relay over the control
         // connection instead.
-        let (path, kind) = if udp_ok {
-            (
-                Path::Relay { server: setup.relay, framing: header.clone() },
-                PathKind::UdpRelay(setup.relay),
-            )
+        let (relay_path, control) = if udp_ok {
+            (RelayPath::Udp(setup.relay), None)
         } else {
-            (Path::Channel(Self::tcp_relay(server.clone(), setup.relay_token)), PathKind::TcpRelay)
+            (RelayPath::Control, Some(Self::tcp_relay(server.clone(), setup.relay_token)))
         };
-        let session = Arc::new(
-            self.inner
-                .endpoint
-                .new_session(
-                    SessionId(setup.session),
-                    side,
-                    path.clone(),
-                    self.inner.config.netstack.clone(),
-                )
-                .await?,
-        );
-        // Bind our end of the relay: over UDP, and over TCP as well in case UDP is blocked.
-        self.inner.endpoint.send_datagram(setup.relay, header.bind()).await?;
+        let setup_paths = self.path_setup(setup, role, relay_path, probe);
+        let config = &self.inner.config;
+        let paths = PathSetup {
+            setup: setup_paths,
+            config: q2q_netstack::path::Config {
+                probe_for: duration(config.probe_for),
+                reprobe_every: duration(config.reprobe_every),
+                probe_after: duration(config.probe_after),
+                ..Default::default()
+            },
+            leg,
+            control,
+        };
+        let session = self
+            .inner
+            .endpoint
+            .new_session_with_paths(
+                SessionId(setup.session),
+                side,
+                self.inner.config.netstack.clone(),
+                paths,
+            )
+            .await?;
+        // Bind our end of the relay over TCP as well, in case UDP is blocked (the endpoint
+        // binds it over UDP).
         let _ = server
             .peer_tell(
                 AmpBox::command(command::RELAY)
@@ -1080,6 +1016,12 @@ impl Node {
                     .with("data", ""),
             )
             .await;
+        let (path, why) = session.path().unwrap_or((relay_path.into(), String::new()));
+        if let Some(view) = session.path_view()
+            && let Ok(mut p) = self.inner.paths.lock()
+        {
+            p.insert(setup.session, view);
+        }
         if let Ok(mut p) = self.inner.peers.lock() {
             p.insert(
                 setup.session,
@@ -1089,562 +1031,57 @@ impl Node {
                     session: setup.session,
                     streams: 0,
                     opened: Vec::new(),
-                    why: if udp_ok {
-                        "relayed while probing for a direct path".into()
-                    } else {
-                        "UDP to the server is blocked: relayed over TCP".into()
-                    },
-                    path: kind.clone(),
+                    why,
+                    path: PathKind::from(path),
                 },
             );
         }
-        if let Ok(mut p) = self.inner.probing.lock() {
-            p.insert(
-                setup.session,
-                Probing {
-                    key: ProbeKey::new(&setup.probe_key),
-                    role,
-                    session: session.clone(),
-                    found: None,
-                    relay: (path, kind),
-                    direct_since: None,
-                    probe_heard: None,
-                    peer_relayed: false,
-                    direct_socket: None,
-                    direct_tasks: Vec::new(),
-                    direct: probe,
-                    seen: setup.peer_seen,
-                    relay_token: setup.relay_token,
-                    budget: PROBE_BURST,
-                    budget_at: std::time::Instant::now(),
-                },
-            );
-        }
-        tokio::spawn(self.clone().probe_loop(
-            setup.session,
-            if probe { setup.candidates.clone() } else { Vec::new() },
-            setup.relay,
-            header,
-        ));
-        Ok(session)
+        Ok(Arc::new(session))
     }
 
-    /// The life of a session's path. Relayed: probe `candidates` every 100 ms for
-    /// `probe_for`, then a short burst every `reprobe_every`, keeping the relay binding
-    /// alive. Direct: watch the path ([`Node::watch_direct`]); when it dies, fall back to the
-    /// relay and go on re-probing from there. Bounded: at most 32 candidates × 10 probes a
-    /// second while probing, 2 probes a second to one address while watching.
-    async fn probe_loop(
-        self,
-        session: u64,
-        candidates: Vec<SocketAddr>,
-        relay: SocketAddr,
-        header: Arc<relay::Leg>,
-    ) {
-        let role =
-            match self.inner.probing.lock().ok().and_then(|p| p.get(&session).map(|s| s.role)) {
-                Some(r) => r,
-                None => return,
-            };
-        let rounds = (self.inner.config.probe_for.as_millis() / 100).max(1) as u32;
-        // Appended, so the order `maybe_birthday` reads stays as the peer sent it.
-        let mut candidates = candidates;
-        if let Some(guess) = candidates::predicted(&candidates) {
-            candidates.push(guess);
+    /// What the path machine of the session of `setup` starts from. Probes go only to the
+    /// peer's candidates at the address the server saw it at, or on our own networks
+    /// (never a third party's); birthday probing only towards the server-observed IP.
+    fn path_setup(
+        &self,
+        setup: &Setup,
+        role: Role,
+        relay: RelayPath,
+        probe: bool,
+    ) -> q2q_netstack::path::Setup {
+        // Appended, so the order the NAT facts read stays as the peer sent it.
+        let mut all = setup.candidates.clone();
+        if let Some(guess) = candidates::predicted(&all) {
+            all.push(guess);
         }
-        // Only where the server saw the peer, or on our own networks: never a third party.
-        let seen =
-            self.inner.probing.lock().ok().and_then(|p| p.get(&session).and_then(|s| s.seen));
         let local = candidates::local_networks(self.inner.config.include_loopback);
-        let targets = candidates::probeable(&candidates, seen, &local);
-        if targets.len() < candidates.len() {
+        let direct_allowed = probe && self.inner.config.direct;
+        // Even when direct paths are not allowed (they then only tell `why` apart).
+        let targets = candidates::probeable(&all, setup.peer_seen, &local);
+        if targets.len() < all.len() && direct_allowed {
             debug!(
-                session = format!("{session:016x}"),
-                dropped = candidates.len() - targets.len(),
+                session = format!("{:016x}", setup.session),
+                dropped = all.len() - targets.len(),
                 "candidates the server did not see are not probed"
             );
         }
-        if !self.inner.config.probe_after.is_zero() {
-            tokio::time::sleep(self.inner.config.probe_after).await;
-        }
-        if !self.inner.config.direct || targets.is_empty() {
-            if let Ok(mut peers) = self.inner.peers.lock()
-                && let Some(p) = peers.get_mut(&session)
-                && matches!(p.path, PathKind::UdpRelay(_))
-            {
-                p.why = if self.inner.config.direct {
-                    "relay only: no candidate to probe (a stranger's session, or none where the server saw the peer)".into()
-                } else {
-                    "direct paths disabled by configuration".into()
-                };
-            }
-            // Only keep the relay binding alive.
-            while self.keep_relay_bound(session, relay, &header).await {}
-            return;
-        }
-        // After a fall back, wait a whole period before probing again: a path that died
-        // one way would otherwise be found and lost again every few seconds.
-        let mut wait_first = false;
-        loop {
-            match self
-                .relayed(session, role, rounds, (&targets, &candidates), relay, &header, wait_first)
-                .await
-            {
-                Some(()) => {}
-                None => return,
-            }
-            match self.watch_direct(session, relay, &header).await {
-                Some(why) => self.fall_back(session, &why, relay, &header).await,
-                None => return,
-            }
-            wait_first = true;
-        }
-    }
-
-    /// Relayed: probe rounds, then waits of `reprobe_every`, until a direct path is found
-    /// (`Some`) or the session is gone (`None`).
-    #[allow(clippy::too_many_arguments)]
-    async fn relayed(
-        &self,
-        session: u64,
-        role: Role,
-        rounds: u32,
-        (candidates, all): (&[SocketAddr], &[SocketAddr]),
-        relay: SocketAddr,
-        header: &relay::Leg,
-        mut wait_first: bool,
-    ) -> Option<()> {
-        loop {
-            if wait_first {
-                // Relayed: keep the relay binding fresh and try again later (or sooner, if
-                // the peer's probes find us meanwhile).
-                if self
-                    .wait_relayed(session, relay, header, self.inner.config.reprobe_every)
-                    .await?
-                {
-                    return Some(());
-                }
-            }
-            wait_first = true;
-            for round in 0..rounds {
-                let (packet, done) = {
-                    let p = self.inner.probing.lock().ok()?;
-                    let s = p.get(&session)?;
-                    (s.key.encode(false, session, u64::from(round), role), s.found.is_some())
-                };
-                if done {
-                    return Some(());
-                }
-                if self.take_probes(session, candidates.len() as u64) {
-                    for c in candidates {
-                        let _ = self.inner.endpoint.send_datagram(*c, packet.to_vec()).await;
-                    }
-                }
-                if round == BIRTHDAY_AFTER_ROUNDS {
-                    self.maybe_birthday(session, all);
-                }
-                if round % 50 == 0 {
-                    let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if let Ok(mut peers) = self.inner.peers.lock()
-                && let Some(p) = peers.get_mut(&session)
-                && matches!(p.path, PathKind::UdpRelay(_))
-            {
-                p.why = format!(
-                    "no direct path: none of {} candidates answered probes",
-                    candidates.len()
-                );
-            }
-        }
-    }
-
-    /// Wait `period` while relayed, refreshing the relay binding every
-    /// [`RELAY_BIND_EVERY`]: `Some(true)` as soon as a direct path is found, `Some(false)`
-    /// when the time is up, `None` once the session is gone.
-    async fn wait_relayed(
-        &self,
-        session: u64,
-        relay: SocketAddr,
-        header: &relay::Leg,
-        period: Duration,
-    ) -> Option<bool> {
-        let start = tokio::time::Instant::now();
-        let mut bound = start;
-        loop {
-            let found = {
-                let p = self.inner.probing.lock().ok()?;
-                let s = p.get(&session)?;
-                if s.session.error().is_some() {
-                    return None;
-                }
-                s.found.is_some()
-            };
-            if found {
-                return Some(true);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= start + period {
-                return Some(false);
-            }
-            if now >= bound + RELAY_BIND_EVERY {
-                let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
-                bound = now;
-            }
-            tokio::time::sleep(WATCH_EVERY).await;
-        }
-    }
-
-    /// Direct: watch the path until it dies (`Some(why)`) or the session is gone (`None`).
-    ///
-    /// Each side decides for itself, from what it sees: a path is suspect after
-    /// [`SUSPECT_AFTER`] without a datagram of the session from the peer's address; we then
-    /// probe that address (authenticated, every [`SUSPECT_PROBE_EVERY`]); no answer and no
-    /// data for [`DEAD_AFTER`] more, and it is dead. A sender notices by its ACKs stopping,
-    /// a receiver by its data stopping, an idle session by its keepalives going unanswered.
-    /// A datagram of the session arriving through the relay (after [`DIRECT_GRACE`]) says
-    /// the peer already gave up on the path: follow it at once. No message through the
-    /// server is needed, so this works while the server is away too.
-    ///
-    /// The relay binding is refreshed meanwhile, so the relay is ready when needed.
-    async fn watch_direct(
-        &self,
-        session: u64,
-        relay: SocketAddr,
-        header: &relay::Leg,
-    ) -> Option<String> {
-        use std::time::Instant;
-        struct Suspicion {
-            since: Instant,
-            probed: Instant,
-            nonce: u64,
-            answered: Option<Instant>,
-        }
-        let mut suspicion: Option<Suspicion> = None;
-        let mut bound = Instant::now();
-        loop {
-            tokio::time::sleep(WATCH_EVERY).await;
-            let now = Instant::now();
-            let (handle, addr, socket, probe_heard) = {
-                let mut p = self.inner.probing.lock().ok()?;
-                let s = p.get_mut(&session)?;
-                let addr = s.found?;
-                if s.peer_relayed {
-                    return Some(format!("the peer moved to the relay; {addr} is no longer used"));
-                }
-                (s.session.clone(), addr, s.direct_socket.clone(), s.probe_heard)
-            };
-            let live = handle.liveness(addr).await.ok()?;
-            if now >= bound + RELAY_BIND_EVERY {
-                let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
-                bound = now;
-            }
-            if live.since_heard < SUSPECT_AFTER {
-                suspicion = None;
-                continue;
-            }
-            let probe = |nonce: u64| {
-                let p = self.inner.probing.lock().ok()?;
-                let s = p.get(&session)?;
-                Some(s.key.encode(false, session, nonce, s.role))
-            };
-            match &mut suspicion {
-                None => {
-                    debug!(session = format!("{session:016x}"), %addr, silent_ms = live.since_heard.as_millis() as u64, "direct path silent: probing it");
-                    suspicion =
-                        Some(Suspicion { since: now, probed: now, nonce: 1 << 32, answered: None });
-                }
-                Some(s) => {
-                    // A verified reply from the path since we began asking: alive.
-                    if s.answered.is_none() && probe_heard.is_some_and(|h| h >= s.since) {
-                        s.answered = probe_heard;
-                    }
-                    match s.answered {
-                        Some(at) => {
-                            // Idle, not dead; ask again if we wait for ACKs, or after a while.
-                            let waited = now.saturating_duration_since(at);
-                            if (live.in_flight > 0 && waited >= SUSPECT_AFTER)
-                                || waited >= REASK_IDLE_AFTER
-                            {
-                                suspicion = None;
-                            }
-                            continue;
-                        }
-                        None if now - s.since >= DEAD_AFTER => {
-                            return Some(format!(
-                                "no answer from {addr} for {} ms",
-                                live.since_heard.as_millis()
-                            ));
-                        }
-                        None if now - s.probed < SUSPECT_PROBE_EVERY => continue,
-                        None => {
-                            s.probed = now;
-                            s.nonce += 1;
-                        }
-                    }
-                }
-            }
-            let nonce = suspicion.as_ref().map_or(0, |s| s.nonce);
-            let packet = probe(nonce)?;
-            if !self.take_probes(session, 1) {
-                continue;
-            }
-            match &socket {
-                Some(sock) => {
-                    let _ = sock.send_to(&packet, addr).await;
-                }
-                None => {
-                    let _ = self.inner.endpoint.send_datagram(addr, packet.to_vec()).await;
-                }
-            }
-        }
-    }
-
-    /// The direct path of `session` is dead: send its datagrams through the relay again
-    /// (streams see nothing but a pause) and forget the path, so probes can find one anew.
-    async fn fall_back(&self, session: u64, why: &str, relay: SocketAddr, header: &relay::Leg) {
-        let (handle, path, kind, lost) = {
-            let Ok(mut p) = self.inner.probing.lock() else { return };
-            let Some(s) = p.get_mut(&session) else { return };
-            for t in s.direct_tasks.drain(..) {
-                t.abort();
-            }
-            s.direct_socket = None;
-            s.direct_since = None;
-            s.probe_heard = None;
-            s.peer_relayed = false;
-            let lost = s.found.take();
-            (s.session.clone(), s.relay.0.clone(), s.relay.1.clone(), lost)
-        };
-        if handle.fall_back(path).await.is_err() {
-            return;
-        }
-        // Bind at once: our NAT mapping towards the relay may have changed with the one that
-        // broke the direct path.
-        let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
-        let lost = lost.map_or_else(String::new, |a| a.to_string());
-        warn!(session = format!("{session:016x}"), direct = %lost, relay = %kind, why, "direct path lost: back to the relay");
-        if let Ok(mut peers) = self.inner.peers.lock()
-            && let Some(p) = peers.get_mut(&session)
-        {
-            p.path = kind;
-            p.why = format!("direct path {lost} lost ({why}); relayed, probing again later");
-        }
-    }
-
-    /// Plain probing cannot pair a port-restricted cone NAT with a symmetric one: the cone
-    /// side drops the symmetric side's packets until it has sent to the very port the
-    /// symmetric NAT picked, which nobody can predict. The birthday technique (after
-    /// Tailscale's and the "NAT traversal" literature): the symmetric side opens
-    /// [`BIRTHDAY_SOCKETS`] extra sockets, each probing the cone side's public address and so
-    /// holding its own random mapping; the cone side sprays probes at random ports of the
-    /// symmetric side's public address. With 256 mappings and 2000 probes a hit is all but
-    /// certain (1 - e^(-256·2000/64512) ≈ 99.96 %). Bounded in count and rate.
-    ///
-    /// A side is taken as symmetric when its reflexive port differs from its host port
-    /// (NATs that keep ports are the cone kind); both sides read the same facts from the
-    /// candidates, so they agree on their roles without another message.
-    fn maybe_birthday(&self, session: u64, peer: &[SocketAddr]) {
-        let local = self.local_addr().port();
         let mine = self.inner.reflexive_cache.lock().ok().and_then(|c| c.and_then(|(_, r)| r));
-        let Some(mine) = mine else { return };
-        let me_symmetric = mine.port() != local;
-        // The peer's list is its reflexive address, then host addresses (its local port).
-        let (Some(peer_ref), Some(peer_host)) = (peer.first(), peer.get(1)) else { return };
-        if !peer_ref.is_ipv4() || peer_ref.ip() == mine.ip() {
-            return;
-        }
-        // Spray or open mappings only towards where the server saw the peer.
-        let seen =
-            self.inner.probing.lock().ok().and_then(|p| p.get(&session).and_then(|s| s.seen));
-        if seen != Some(peer_ref.ip()) {
-            return;
-        }
-        let peer_symmetric = peer_ref.port() != peer_host.port();
-        match (me_symmetric, peer_symmetric) {
-            (true, false) => {
-                tokio::spawn(self.clone().birthday_listen(session, *peer_ref));
-            }
-            (false, true) => {
-                tokio::spawn(self.clone().birthday_spray(session, *peer_ref));
-            }
-            _ => {}
-        }
-    }
-
-    /// The cone side: probes from our main socket to random ports of the peer's address,
-    /// 500 a second, at most [`BIRTHDAY_PROBES`]. A hit answers on the main socket, where
-    /// `on_probe` moves the session.
-    async fn birthday_spray(self, session: u64, peer: SocketAddr) {
-        debug!(session = format!("{session:016x}"), %peer, "birthday: spraying probes");
-        for i in 0..BIRTHDAY_PROBES {
-            let packet = {
-                let Ok(p) = self.inner.probing.lock() else { return };
-                let Some(s) = p.get(&session) else { return };
-                if s.found.is_some() {
-                    return;
-                }
-                s.key.encode(false, session, u64::from(i), s.role)
-            };
-            let port = rand::random_range(1024..=65535u16);
-            if !self.take_probes(session, 1) {
-                return;
-            }
-            let _ = self
-                .inner
-                .endpoint
-                .send_datagram(SocketAddr::new(peer.ip(), port), packet.to_vec())
-                .await;
-            if i % 10 == 9 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-
-    /// The symmetric side: many sockets, each holding a mapping towards the peer. The one
-    /// that hears a verified probe becomes the session's path: datagrams go out through it
-    /// (via a loopback bridge from the endpoint) and what it receives is handed to the
-    /// endpoint.
-    async fn birthday_listen(self, session: u64, peer: SocketAddr) {
-        debug!(session = format!("{session:016x}"), %peer, "birthday: opening mappings");
-        let mut sockets = Vec::new();
-        for _ in 0..BIRTHDAY_SOCKETS {
-            if let Ok(s) = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await {
-                sockets.push(Arc::new(s));
-            }
-        }
-        let (won_tx, mut won_rx) =
-            mpsc::channel::<(Arc<tokio::net::UdpSocket>, SocketAddr, Vec<u8>)>(1);
-        let mut listeners = tokio::task::JoinSet::new();
-        for s in &sockets {
-            let (s, won_tx) = (s.clone(), won_tx.clone());
-            listeners.spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                while let Ok((n, from)) = s.recv_from(&mut buf).await {
-                    if matches!(buf.first(), Some(&q2q_netstack::wire::VERSION))
-                        && matches!(
-                            buf.get(1).copied().and_then(Kind::from_u8),
-                            Some(Kind::Probe | Kind::ProbeReply)
-                        )
-                    {
-                        let _ = won_tx.send((s.clone(), from, buf[..n].to_vec())).await;
-                        return;
-                    }
-                }
-            });
-        }
-        drop(won_tx);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-        let mut nonce = 0u64;
-        let winner = loop {
-            let packet = {
-                let Ok(p) = self.inner.probing.lock() else { return };
-                let Some(s) = p.get(&session) else { return };
-                if s.found.is_some() {
-                    return;
-                }
-                nonce += 1;
-                s.key.encode(false, session, nonce, s.role)
-            };
-            if !self.take_probes(session, sockets.len() as u64) {
-                return;
-            }
-            for s in &sockets {
-                let _ = s.send_to(&packet, peer).await;
-            }
-            match tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_millis(250)),
-                won_rx.recv(),
-            )
-            .await
-            {
-                Ok(Some(w)) => break w,
-                Ok(None) => return,
-                Err(_) if tokio::time::Instant::now() >= deadline => return,
-                Err(_) => continue,
-            }
+        let nat = NatFacts {
+            mine,
+            my_port: self.local_addr().port(),
+            peer: setup.candidates.first().copied(),
+            peer_port: setup.candidates.get(1).map(|c| c.port()),
+            peer_seen: setup.peer_seen,
         };
-        listeners.abort_all();
-        let (socket, from, data) = winner;
-        // Verify before trusting the port; answer a probe on the winning socket.
-        let (reply, handle) = {
-            let Ok(mut p) = self.inner.probing.lock() else { return };
-            let Some(s) = p.get_mut(&session) else { return };
-            let Some(probe) = s.key.verify(&data, s.role.other()) else { return };
-            if s.found.is_some() {
-                return;
-            }
-            s.found = Some(from);
-            s.direct_since = Some(std::time::Instant::now());
-            s.probe_heard = None;
-            s.peer_relayed = false;
-            s.direct_socket = Some(socket.clone());
-            (
-                (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role)),
-                s.session.clone(),
-            )
-        };
-        if let Some(r) = reply {
-            let _ = socket.send_to(&r, from).await;
-        }
-        let Ok(bridge) = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await
-        else {
-            return;
-        };
-        let Ok(bridge_addr) = bridge.local_addr() else { return };
-        if handle.set_path(Path::Direct(bridge_addr)).await.is_err() {
-            return;
-        }
-        info!(session = format!("{session:016x}"), %from, port = socket.local_addr().map(|a| a.port()).unwrap_or(0), "direct path found (birthday)");
-        if let Ok(mut peers) = self.inner.peers.lock()
-            && let Some(p) = peers.get_mut(&session)
-        {
-            p.path = PathKind::Direct(from);
-            p.why = "hole punched (birthday probing)".into();
-        }
-        let own = self.local_addr().port();
-        let endpoint = self.inner.endpoint.clone();
-        let out = socket.clone();
-        // Endpoint → bridge → winning socket → peer.
-        let outbound = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, src)) = bridge.recv_from(&mut buf).await {
-                if src.ip().is_loopback() && src.port() == own {
-                    let _ = out.send_to(&buf[..n], from).await;
-                }
-            }
-        });
-        // Peer → winning socket → endpoint; ends with the session, or when the path dies
-        // (`fall_back` aborts both).
-        let inbound = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                match tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf))
-                    .await
-                {
-                    Ok(Ok((n, src))) if src == from => {
-                        if endpoint.inject(src, buf[..n].to_vec()).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(_)) => return,
-                    Err(_) if handle.error().is_some() => return,
-                    Err(_) => {}
-                }
-            }
-        });
-        let mut tasks = vec![outbound.abort_handle(), inbound.abort_handle()];
-        if let Ok(mut p) = self.inner.probing.lock()
-            && let Some(s) = p.get_mut(&session)
-            && s.found == Some(from)
-        {
-            s.direct_tasks.append(&mut tasks);
-        }
-        // Fell back already (or the session is gone): these tasks have no path to serve.
-        for t in tasks {
-            t.abort();
+        q2q_netstack::path::Setup {
+            session: setup.session,
+            role,
+            key: setup.probe_key,
+            relay,
+            candidates: targets,
+            nat,
+            direct_allowed,
+            seed: rand::random(),
         }
     }
 
@@ -1664,18 +1101,6 @@ impl Node {
         tx
     }
 
-    /// Refresh this session's relay binding (and the NAT mapping to the relay), wait one
-    /// period; false once the session is gone.
-    async fn keep_relay_bound(&self, session: u64, relay: SocketAddr, header: &relay::Leg) -> bool {
-        let _ = self.inner.endpoint.send_datagram(relay, header.bind()).await;
-        tokio::time::sleep(RELAY_BIND_EVERY).await;
-        self.inner
-            .probing
-            .lock()
-            .map(|p| p.get(&session).is_some_and(|s| s.session.error().is_none()))
-            .unwrap_or(false)
-    }
-
     /// Datagrams of other kinds than PTCP on our socket.
     async fn side_loop(self, mut side: mpsc::Receiver<crate::ptcp::SideDatagram>) {
         while let Some(d) = side.recv().await {
@@ -1688,96 +1113,9 @@ impl Node {
                         let _ = tx.send(seen);
                     }
                 }
-                Kind::Probe | Kind::ProbeReply => self.on_probe(&d.data, d.from).await,
-                Kind::Relay => {
-                    let leg = relay::parse(&d.data)
-                        .ok()
-                        .and_then(|u| self.inner.relay_legs.lock().ok()?.get(&u.token).cloned());
-                    if let Some(inner) = leg.as_ref().and_then(|l| l.open(&d.data).ok())
-                        && !inner.is_empty()
-                    {
-                        self.note_relayed(inner);
-                        let _ = self.inner.endpoint.inject(d.from, inner.to_vec()).await;
-                    }
-                }
+                // Probes and relayed datagrams of our sessions are the endpoint's (their
+                // path machines); these belong to no session.
                 _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
-            }
-        }
-    }
-
-    /// A session datagram came through the relay. If that session is direct (for longer
-    /// than a straggler could take), its peer has given up on the direct path: mark it, so
-    /// that `watch_direct` follows at once instead of waiting to notice the silence itself.
-    fn note_relayed(&self, inner: &[u8]) {
-        let Some(id) = q2q_netstack::wire::Datagram::parse(inner).ok().and_then(|d| d.session())
-        else {
-            return;
-        };
-        if let Ok(mut p) = self.inner.probing.lock()
-            && let Some(s) = p.get_mut(&id.0)
-            && s.found.is_some()
-            && !s.peer_relayed
-            && s.direct_since.is_some_and(|t| t.elapsed() >= DIRECT_GRACE)
-        {
-            s.peer_relayed = true;
-        }
-    }
-
-    async fn on_probe(&self, data: &[u8], from: SocketAddr) {
-        if !self.inner.config.direct {
-            return; // relay only: neither answer probes nor move to a direct path
-        }
-        let session = match data.get(2..10).and_then(|b| b.try_into().ok()) {
-            Some(b) => u64::from_be_bytes(b),
-            None => return,
-        };
-        let (reply, switch) = {
-            let Ok(mut p) = self.inner.probing.lock() else { return };
-            let Some(s) = p.get_mut(&session) else { return };
-            if !s.direct {
-                return; // relay only: neither answer probes nor move to a direct path
-            }
-            let Some(probe) = s.key.verify(data, s.role.other()) else {
-                debug!(%from, "dropped a probe that does not verify");
-                return;
-            };
-            let reply = (!probe.reply).then(|| s.key.encode(true, session, probe.nonce, s.role));
-            let switch = if s.found.is_none() {
-                s.found = Some(from);
-                s.direct_since = Some(std::time::Instant::now());
-                s.probe_heard = None;
-                s.peer_relayed = false;
-                Some(s.session.clone())
-            } else {
-                if probe.reply && s.found == Some(from) {
-                    // Answers the watch's probes (`watch_direct`): the path works both ways.
-                    s.probe_heard = Some(std::time::Instant::now());
-                }
-                None
-            };
-            // A birthday path answers through the socket holding its mapping.
-            let via = s.direct_socket.clone().filter(|_| s.found == Some(from));
-            (reply.map(|r| (r, via)), switch)
-        };
-        let reply = reply.filter(|_| self.take_probes(session, 1));
-        match reply {
-            Some((r, Some(socket))) => {
-                let _ = socket.send_to(&r, from).await;
-            }
-            Some((r, None)) => {
-                let _ = self.inner.endpoint.send_datagram(from, r.to_vec()).await;
-            }
-            None => {}
-        }
-        if let Some(session_handle) = switch {
-            if session_handle.set_peer_addr(from).await.is_ok() {
-                info!(session = format!("{session:016x}"), %from, "direct path found");
-                if let Ok(mut peers) = self.inner.peers.lock()
-                    && let Some(p) = peers.get_mut(&session)
-                {
-                    p.path = PathKind::Direct(from);
-                    p.why = "hole punched".into();
-                }
             }
         }
     }
@@ -1796,12 +1134,7 @@ impl Node {
                     command::RELAY => {
                         let data = req.request.get("data").unwrap_or_default().to_vec();
                         if !data.is_empty() {
-                            self.note_relayed(&data);
-                            let _ = self
-                                .inner
-                                .endpoint
-                                .inject(SocketAddr::from(([0, 0, 0, 0], 0)), data)
-                                .await;
+                            let _ = self.inner.endpoint.inject_relayed(data).await;
                         }
                         req.respond(Ok(AmpBox::new())).await;
                     }

@@ -15,9 +15,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace, warn};
 
+use super::paths::{PathSetup, PathState, PathView, Via};
 use super::stream::{Key, Pipes, PtcpStream, StreamFailure};
 use super::sys;
 use crate::pipe::{IoError, StreamIo, wake_both};
+use q2q_netstack::path::PathEvent;
 
 /// How datagrams sent through a relay are framed (the presence layer's business, e.g.
 /// [`crate::relay::Leg`]): the endpoint reserves [`Framing::overhead`] bytes in front of
@@ -52,6 +54,14 @@ pub enum Path {
     /// drops the datagram (selective repeat resends it); what comes back is handed in with
     /// [`Endpoint::inject`].
     Channel(mpsc::Sender<Vec<u8>>),
+    /// Straight to the peer's address `to`, but from another socket than the endpoint's
+    /// (a birthday socket holding the NAT mapping of the path), one datagram at a time.
+    Via {
+        /// Our socket.
+        socket: Arc<UdpSocket>,
+        /// The peer's address.
+        to: SocketAddr,
+    },
 }
 
 /// Paths are equal if they send to the same place the same way: the same framing object
@@ -64,6 +74,9 @@ impl PartialEq for Path {
                 a == b && std::ptr::addr_eq(Arc::as_ptr(fa), Arc::as_ptr(fb))
             }
             (Path::Channel(a), Path::Channel(b)) => a.same_channel(b),
+            (Path::Via { socket: a, to: x }, Path::Via { socket: b, to: y }) => {
+                Arc::ptr_eq(a, b) && x == y
+            }
             _ => false,
         }
     }
@@ -76,7 +89,7 @@ impl Path {
     pub fn overhead(&self) -> usize {
         match self {
             Path::Relay { framing, .. } => framing.overhead(),
-            Path::Direct(_) | Path::Channel(_) => 0,
+            Path::Direct(_) | Path::Channel(_) | Path::Via { .. } => 0,
         }
     }
 }
@@ -158,6 +171,8 @@ pub struct EndpointStats {
     pub side: AtomicU64,
     /// Non-PTCP datagrams dropped because the side channel was full or not taken.
     pub side_dropped: AtomicU64,
+    /// Probes and probe replies sent by the sessions' path machines.
+    pub probes: AtomicU64,
     /// Send errors other than "would block" (e.g. ICMP unreachable reported back), and
     /// datagrams dropped because a [`Path::Channel`] was full or closed.
     pub send_errors: AtomicU64,
@@ -176,6 +191,7 @@ pub(crate) enum Command {
         side: Side,
         path: Path,
         config: Config,
+        paths: Option<Box<PathSetup>>,
         reply: oneshot::Sender<Result<PtcpSession, EndpointError>>,
     },
     /// `lost`: away from a path that died (what was in flight is resent at once).
@@ -211,6 +227,17 @@ pub(crate) enum Command {
         data: Vec<u8>,
     },
     Inject {
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// A session datagram that came through the relay over the control connection.
+    InjectRelayed {
+        data: Vec<u8>,
+    },
+    /// A datagram that arrived on a session's birthday socket.
+    Birthday {
+        id: SessionId,
+        socket: u16,
         from: SocketAddr,
         data: Vec<u8>,
     },
@@ -300,6 +327,7 @@ impl Endpoint {
             scratch: vec![0u8; 64 << 10],
             accept_backlog: config.accept_backlog.max(1),
             drop_from: None,
+            relay_tokens: HashMap::new(),
         };
         tokio::spawn(driver.run());
         Ok(Endpoint {
@@ -380,7 +408,43 @@ impl Endpoint {
         path: Path,
         config: Config,
     ) -> Result<PtcpSession, EndpointError> {
-        self.link.call(|reply| Command::NewSession { id, side, path, config, reply }).await
+        self.link
+            .call(|reply| Command::NewSession { id, side, path, config, paths: None, reply })
+            .await
+    }
+
+    /// Create a session whose paths the endpoint runs itself ([`q2q_netstack::path`]): it
+    /// starts on the relay of `paths`, searches for a direct path, watches it, falls back
+    /// and moves as the machine says. Probes, probe replies and relay datagrams for the
+    /// session are handled here, not on the side channel.
+    pub async fn new_session_with_paths(
+        &self,
+        id: SessionId,
+        side: Side,
+        config: Config,
+        paths: PathSetup,
+    ) -> Result<PtcpSession, EndpointError> {
+        let path = match (paths.setup.relay, &paths.control) {
+            (q2q_netstack::path::RelayPath::Udp(server), _) => {
+                Path::Relay { server, framing: paths.leg.clone() }
+            }
+            (q2q_netstack::path::RelayPath::Control, Some(tx)) => Path::Channel(tx.clone()),
+            (q2q_netstack::path::RelayPath::Control, None) => {
+                return Err(EndpointError::NoSuchSession(id));
+            }
+        };
+        let paths = Some(Box::new(paths));
+        self.link.call(|reply| Command::NewSession { id, side, path, config, paths, reply }).await
+    }
+
+    /// Hand the driver a session datagram that came through the relay over the control
+    /// connection (its path machine counts it as the peer using the relay).
+    pub async fn inject_relayed(&self, data: Vec<u8>) -> Result<(), EndpointError> {
+        self.link
+            .cmds
+            .send(Command::InjectRelayed { data })
+            .await
+            .map_err(|_| EndpointError::Closed)
     }
 
     /// Send session `id`'s datagrams to `peer` from now on (relay → direct, NAT rebinding).
@@ -405,6 +469,7 @@ pub struct PtcpSession {
     link: Link,
     incoming: tokio::sync::Mutex<mpsc::Receiver<PtcpStream>>,
     lost: Arc<Mutex<Option<SessionError>>>,
+    path: Option<PathView>,
 }
 
 impl std::fmt::Debug for PtcpSession {
@@ -417,6 +482,17 @@ impl PtcpSession {
     /// The session id.
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// The current path and why, for a session whose paths the endpoint runs
+    /// ([`Endpoint::new_session_with_paths`]).
+    pub fn path(&self) -> Option<(q2q_netstack::path::Path, String)> {
+        self.path.as_ref().map(PathView::get)
+    }
+
+    /// A handle on the session's path as the driver shows it (it outlives this handle).
+    pub fn path_view(&self) -> Option<PathView> {
+        self.path.clone()
     }
 
     /// Open a stream to the peer; returns once the peer's stack has accepted it.
@@ -532,6 +608,8 @@ struct SessionState {
     deadline: Option<Instant>,
     /// The address whose datagrams [`PtcpSession::liveness`] watches, and when the last came.
     watch: Option<(SocketAddr, Instant)>,
+    /// The session's path machine, when the endpoint runs its paths.
+    paths: Option<PathState>,
 }
 
 struct Driver {
@@ -558,6 +636,8 @@ struct Driver {
     accept_backlog: usize,
     /// Fault injection: sources whose datagrams are dropped on arrival.
     drop_from: Option<DropFilter>,
+    /// Sessions by relay token, for relayed datagrams coming back.
+    relay_tokens: HashMap<crate::relay::Token, SessionId>,
 }
 
 /// recvmmsg calls per wakeup before the sessions are polled (each takes up to
@@ -669,39 +749,99 @@ impl Driver {
     }
 
     fn on_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.on_datagram_via(now, from, data, Via::Socket(q2q_netstack::path::Socket::Main));
+    }
+
+    fn on_datagram_via(&mut self, now: Instant, from: SocketAddr, data: &[u8], via: Via) {
         bump(&self.stats.received);
         match Datagram::parse(data) {
             Err(_) => bump(&self.stats.malformed),
             Ok(Datagram::Other(kind)) => {
+                if self.on_path_datagram(now, from, kind, data, via) {
+                    return;
+                }
                 let d = SideDatagram { from, kind, data: data.to_vec() };
                 match self.side.try_send(d) {
                     Ok(()) => bump(&self.stats.side),
                     Err(_) => bump(&self.stats.side_dropped),
                 }
             }
-            Ok(d) => {
-                let Some(sid) = d.session() else { return };
-                match self.sessions.get_mut(&sid) {
-                    Some(s) => {
-                        if s.session.handle(now, d).is_err() {
-                            bump(&self.stats.malformed);
-                        } else if let Some((watched, heard)) = &mut s.watch
-                            && *watched == from
-                        {
-                            *heard = now;
-                        }
-                        s.touched = true;
-                    }
-                    None => bump(&self.stats.unknown_session),
+            Ok(d) => self.on_parsed(now, from, d, via),
+        }
+    }
+
+    /// Probes and relayed datagrams of a session whose paths the endpoint runs: `true` if
+    /// taken here.
+    fn on_path_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        kind: Kind,
+        data: &[u8],
+        via: Via,
+    ) -> bool {
+        match kind {
+            Kind::Probe | Kind::ProbeReply => {
+                let Some(id) = q2q_netstack::path::probe::session_of(data) else { return false };
+                let Some(s) = self.sessions.get_mut(&SessionId(id)) else { return false };
+                let Some(p) = &mut s.paths else { return false };
+                if let Via::Socket(socket) = via {
+                    p.paths.handle_probe(now, socket, from, data);
+                    s.touched = true;
                 }
+                true
             }
+            Kind::Relay if via != Via::Relayed => {
+                let Ok(u) = crate::relay::parse(data) else { return false };
+                let Some(id) = self.relay_tokens.get(&u.token).copied() else { return false };
+                let Some(leg) =
+                    self.sessions.get(&id).and_then(|s| s.paths.as_ref()).map(|p| p.leg.clone())
+                else {
+                    self.relay_tokens.remove(&u.token);
+                    return false;
+                };
+                if let Ok(inner) = leg.open(data)
+                    && !inner.is_empty()
+                {
+                    self.on_datagram_via(now, from, inner, Via::Relayed);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A parsed PTCP datagram: to its session, and to its path machine (liveness, or the
+    /// peer using the relay).
+    fn on_parsed(&mut self, now: Instant, from: SocketAddr, d: Datagram<'_>, via: Via) {
+        let Some(sid) = d.session() else { return };
+        match self.sessions.get_mut(&sid) {
+            Some(s) => {
+                if s.session.handle(now, d).is_err() {
+                    bump(&self.stats.malformed);
+                } else {
+                    if let Some((watched, heard)) = &mut s.watch
+                        && *watched == from
+                    {
+                        *heard = now;
+                    }
+                    if let Some(p) = &mut s.paths {
+                        match via {
+                            Via::Socket(socket) => p.paths.handle_datagram(now, socket, from),
+                            Via::Relayed => p.paths.note_relayed(now),
+                        }
+                    }
+                }
+                s.touched = true;
+            }
+            None => bump(&self.stats.unknown_session),
         }
     }
 
     fn command(&mut self, c: Command) {
         match c {
-            Command::NewSession { id, side, path, config, reply } => {
-                let r = self.new_session(id, side, path, config);
+            Command::NewSession { id, side, path, config, paths, reply } => {
+                let r = self.new_session(id, side, path, config, paths);
                 let _ = reply.send(r);
             }
             Command::SetPath { id, path, lost, reply } => {
@@ -782,6 +922,7 @@ impl Driver {
             Command::Abort { id } => {
                 if let Some(mut s) = self.sessions.remove(&id) {
                     debug!(session = %id, "session aborted");
+                    self.relay_tokens.retain(|_, s| *s != id);
                     for (_, reply) in s.opening.drain() {
                         let _ = reply.send(Err(EndpointError::Refused(StreamFailure::Reset)));
                     }
@@ -796,6 +937,32 @@ impl Driver {
                 let now = self.now();
                 self.on_datagram(now, from, &data);
             }
+            Command::InjectRelayed { data } => {
+                let now = self.now();
+                let from = SocketAddr::from(([0, 0, 0, 0], 0));
+                self.on_datagram_via(now, from, &data, Via::Relayed);
+            }
+            Command::Birthday { id, socket, from, data } => {
+                let now = self.now();
+                if self.drop_from.as_ref().is_some_and(|f| f(from)) {
+                    return;
+                }
+                bump(&self.stats.received);
+                let via = Via::Socket(q2q_netstack::path::Socket::Birthday(socket));
+                match Datagram::parse(&data) {
+                    Ok(Datagram::Other(Kind::Probe | Kind::ProbeReply)) => {
+                        if let Some(s) = self.sessions.get_mut(&id)
+                            && let Some(p) = &mut s.paths
+                        {
+                            let socket = q2q_netstack::path::Socket::Birthday(socket);
+                            p.paths.handle_probe(now, socket, from, &data);
+                            s.touched = true;
+                        }
+                    }
+                    Ok(d) if d.session() == Some(id) => self.on_parsed(now, from, d, via),
+                    _ => bump(&self.stats.malformed),
+                }
+            }
             Command::Shutdown => self.shutdown = true,
         }
     }
@@ -806,6 +973,7 @@ impl Driver {
         side: Side,
         path: Path,
         config: Config,
+        paths: Option<Box<PathSetup>>,
     ) -> Result<PtcpSession, EndpointError> {
         if self.sessions.contains_key(&id) {
             return Err(EndpointError::SessionExists(id));
@@ -815,6 +983,11 @@ impl Driver {
         let lost = Arc::new(Mutex::new(None));
         let mut session = Session::new(id, side, config, self.now());
         session.on_path_change(self.now(), path.overhead());
+        let paths = paths.map(|p| {
+            self.relay_tokens.insert(*p.leg.token(), id);
+            PathState::new(self.now(), *p)
+        });
+        let view = paths.as_ref().map(PathState::view);
         debug!(session = %id, ?side, ?path, "new session");
         self.sessions.insert(
             id,
@@ -828,9 +1001,10 @@ impl Driver {
                 touched: true,
                 deadline: None,
                 watch: None,
+                paths,
             },
         );
-        Ok(PtcpSession { id, link, incoming: tokio::sync::Mutex::new(rx), lost })
+        Ok(PtcpSession { id, link, incoming: tokio::sync::Mutex::new(rx), lost, path: view })
     }
 
     /// Send one raw datagram now, or after the stalled ones.
@@ -892,9 +1066,10 @@ impl Driver {
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
         let link = self.self_link.upgrade();
-        let Driver { sessions, socket, udp, stats, stalled, out, scratch, .. } = self;
+        let Driver { sessions, socket, udp, stats, stalled, out, scratch, relay_tokens, .. } = self;
         let Some(s) = sessions.get_mut(&id) else { return };
         s.touched = false;
+        drive_paths(id, s, now, socket, stats, link.as_ref());
         let io = Io { socket, udp, stats };
         for _ in 0..16 {
             if stalled.is_empty() {
@@ -910,14 +1085,21 @@ impl Driver {
             }
         }
         s.deadline = s.session.poll_timeout();
+        if let (Some(d), Some(p)) =
+            (s.deadline, s.paths.as_ref().and_then(|p| p.paths.poll_timeout()))
+        {
+            s.deadline = Some(d.min(p));
+        }
         if s.deadline.is_none() {
             // Lost: every stream already got `TimedOut`.
             let err = s.session.error();
             debug!(session = %id, error = ?err, "session removed");
             sessions.remove(&id);
+            relay_tokens.retain(|_, s| *s != id);
         } else if s.incoming.is_closed() && s.streams.is_empty() {
             debug!(session = %id, "session released");
             sessions.remove(&id);
+            relay_tokens.retain(|_, s| *s != id);
         }
     }
 }
@@ -996,6 +1178,7 @@ impl Io<'_> {
             Path::Direct(a) => (*a, None),
             Path::Relay { server, framing } => (*server, Some(framing.clone())),
             Path::Channel(tx) => return self.transmit_channel(s, now, out, tx.clone()),
+            Path::Via { socket, to } => return self.transmit_via(s, now, out, socket.clone(), *to),
         };
         let overhead = framing.as_ref().map_or(0, |f| f.overhead());
         let max_segs = self.udp.max_gso_segments().clamp(1, 64);
@@ -1034,6 +1217,29 @@ impl Io<'_> {
         self.flush(to, out, seg.max(1), out.len(), stalled);
     }
 
+    /// Send every datagram the session has ready from `socket` (a birthday socket), one at a
+    /// time; drop those the socket will not take now (selective repeat resends them).
+    fn transmit_via(
+        &self,
+        s: &mut SessionState,
+        now: Instant,
+        out: &mut Vec<u8>,
+        socket: Arc<UdpSocket>,
+        to: SocketAddr,
+    ) {
+        loop {
+            out.clear();
+            if s.session.poll_transmit(now, out).is_none() {
+                break;
+            }
+            match socket.try_send_to(out, to) {
+                Ok(_) => bump(&self.stats.sent),
+                Err(_) => bump(&self.stats.send_errors),
+            }
+        }
+        out.clear();
+    }
+
     /// Hand every datagram the session has ready to `tx`, one message each; drop those
     /// that do not fit (the selective-repeat layer resends what is lost).
     fn transmit_channel(
@@ -1054,6 +1260,55 @@ impl Io<'_> {
             }
         }
         out.clear();
+    }
+}
+
+/// Run a session's path machine: its timers, its events (birthday sockets, moves of the
+/// session's send path) and its transmits (probes, replies, relay binds).
+fn drive_paths(
+    id: SessionId,
+    s: &mut SessionState,
+    now: Instant,
+    main: &UdpSocket,
+    stats: &EndpointStats,
+    link: Option<&Link>,
+) {
+    let SessionState { paths: Some(p), session, path, watch, .. } = s else { return };
+    if p.paths.poll_timeout().is_some_and(|t| t <= now) {
+        p.paths.handle_timeout(now);
+    }
+    while let Some(ev) = p.paths.poll_event() {
+        match ev {
+            PathEvent::OpenBirthdaySockets(n) => {
+                if let (Some(link), Ok(local)) = (link, main.local_addr()) {
+                    p.open_birthday(id, n, local.ip(), &link.cmds);
+                }
+            }
+            PathEvent::CloseBirthdaySockets { keep } => p.close_birthday(keep),
+            PathEvent::Switched { path: to, lost } => {
+                if let Some(ep) = p.endpoint_path(to) {
+                    // Another path: its MTU is unknown again (RFC 8899 §5.2).
+                    session.on_path_change(now, ep.overhead());
+                    if lost {
+                        session.path_lost(now);
+                    }
+                    *path = ep;
+                    *watch = None;
+                }
+            }
+        }
+        p.note_event(id, &ev);
+    }
+    p.paths.set_in_flight(session.stats().in_flight);
+    while let Some(t) = p.paths.poll_transmit(now) {
+        if matches!(t.payload, q2q_netstack::path::Payload::Probe(_)) {
+            bump(&stats.probes);
+        }
+        if p.send(main, t) {
+            bump(&stats.sent);
+        } else {
+            bump(&stats.send_errors);
+        }
     }
 }
 

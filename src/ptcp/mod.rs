@@ -75,6 +75,7 @@
 //! `AsyncRead + AsyncWrite`, `PtcpStream` included.
 
 mod endpoint;
+mod paths;
 mod stream;
 mod sys;
 pub mod tls;
@@ -83,6 +84,7 @@ pub use endpoint::{
     DropFilter, Endpoint, EndpointConfig, EndpointError, EndpointStats, Framing, Liveness, Path,
     PtcpSession, SideDatagram,
 };
+pub use paths::{PathSetup, PathView};
 pub use q2q_netstack::wire::SessionId;
 pub use q2q_netstack::{Config, SessionError, Side};
 pub use stream::{PtcpStream, StreamFailure};
