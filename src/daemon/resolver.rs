@@ -758,7 +758,8 @@ fn keep_loop(paths: &Paths, woken: &std::sync::mpsc::Receiver<()>) {
             Err(Disconnected) => return,
         }
         match repair(paths) {
-            Ok(Some(what)) => tracing::info!(%what, "resolver: our nameserver line"),
+            // Someone else's change to the system resolver: worth a line at the default level.
+            Ok(Some(what)) => tracing::warn!(%what, "resolv.conf changed by someone else"),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "resolver: could not put our nameserver back"),
         }
