@@ -194,3 +194,32 @@ async fn a_node_going_offline_ends_its_sessions_on_the_peer_at_once() {
     assert!(eventually(Duration::from_secs(3), || bob.status().is_empty()).await);
     assert!(alice.status().is_empty());
 }
+
+#[tokio::test]
+async fn fresh_candidates_reach_a_peer_in_session_and_no_one_else() {
+    let Pair { srv, _d, alice, bob, echo } = pair(NodeConfig::default()).await;
+    // Online both (a node listening for nothing cannot be asked anything by its server).
+    bob.serve_ping().await.unwrap();
+    echo_once(&bob, "alice@example.com", &echo, 0).await.unwrap();
+    // After a network change either side gives the other its fresh candidates through the
+    // other's server, and gets the other's back.
+    assert_eq!(bob.refresh_sessions().await, 1);
+    assert_eq!(alice.refresh_sessions().await, 1);
+    echo_once(&bob, "alice@example.com", &echo, 1).await.unwrap();
+    // A logged-in stranger who names a live session (even its real id) cannot feed it
+    // candidates: it is not carol's session.
+    let (_e, home) = common::home();
+    let carol = common::login(&srv, &home, "carol@example.com").await;
+    let id = format!("{:016x}", alice.status()[0].session);
+    let err = carol
+        .peer_call(
+            q2q::amp::AmpBox::command(q2q::proto::command::CANDIDATES)
+                .with("to", "alice@example.com")
+                .with("session", id.as_str())
+                .with("candidates", "198.51.100.99:22"),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(q2q::proto::code::NOT_AUTHORIZED), "{err}");
+}

@@ -5,22 +5,13 @@ mod common;
 
 use common::{TestServer, addr, loopback_config};
 use q2q::amp::AmpBox;
-use q2q::client::{self, ConnectOptions, Home, ServerConn};
+use q2q::client::{self, ConnectOptions, ServerConn};
 use q2q::proto::code;
 use q2q::relay::{Key, Leg};
 use q2q::server::Registration;
 use std::sync::Arc;
 
-const PW: &str = "correct horse battery";
-
-/// Register `who` and return a logged-in connection to its server.
-async fn login(srv: &TestServer, home: &Home, who: &str) -> ServerConn {
-    let a = addr(who);
-    client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
-    let id = Arc::new(home.identity(&a).unwrap());
-    let opts = ConnectOptions { login: Some(id), ..srv.opts() };
-    ServerConn::connect(home, &a.domain, &opts).await.unwrap()
-}
+use common::{PW, login};
 
 /// The relay leg an `inbound` box grants.
 fn leg(b: &AmpBox) -> Leg {

@@ -331,8 +331,15 @@ impl Node {
                     let _ = tokio::time::timeout(Duration::from_secs(10), home.peer_call(AmpBox::command(command::PING))).await;
                     // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
                     let seen = self.ask_reflexive().await;
-                    if let Ok(mut c) = self.inner.reflexive_cache.lock() {
-                        *c = Some((std::time::Instant::now(), seen));
+                    let before = self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
+                        c.replace((std::time::Instant::now(), seen)).map(|(_, r)| r)
+                    });
+                    // The network changed (a new NAT mapping or address): peers in session
+                    // get our fresh candidates, and we theirs.
+                    if before.is_some_and(|b| b != seen) && seen.is_some() {
+                        info!(?before, now = ?seen, "our public address changed: refreshing sessions");
+                        let node = self.clone();
+                        tokio::spawn(async move { node.refresh_sessions().await });
                     }
                     continue;
                 }
@@ -1145,6 +1152,13 @@ impl Node {
                             req.respond(result).await;
                         });
                     }
+                    command::CANDIDATES => {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let result = node.peer_candidates(&req.request).await;
+                            req.respond(result).await;
+                        });
+                    }
                     other => {
                         let other = other.to_string();
                         req.respond(Err((
@@ -1157,6 +1171,98 @@ impl Node {
             }
             warn!("control connection to the server ended");
         })
+    }
+
+    /// A peer in session sends fresh candidates (its network changed): search them, at
+    /// most where the server saw it or on our own networks, and answer ours. Only for a
+    /// live session with exactly that peer and id that is not relay-only.
+    async fn peer_candidates(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
+        let from = b
+            .get_str("from")
+            .and_then(|f| Q2qAddress::parse(f).ok())
+            .ok_or_else(|| bad("bad `from`"))?;
+        let id = b
+            .get_str("session")
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or_else(|| bad("bad `session`"))?;
+        let theirs =
+            proto::parse_candidates(b.get_str("candidates").unwrap_or("")).map_err(|e| bad(&e))?;
+        let seen = b.get_str("peer_seen").and_then(|s| s.parse().ok());
+        let ps = self
+            .inner
+            .table
+            .list()
+            .await
+            .into_iter()
+            .find(|s| s.peer == from && s.id() == id && !s.relay_only)
+            .ok_or_else(|| {
+                (code::NOT_AUTHORIZED.to_string(), format!("no session {id:016x} with {from}"))
+            })?;
+        self.take_candidates(&ps, &theirs, seen).await;
+        Ok(AmpBox::new().with("candidates", proto::format_candidates(&self.candidates().await)))
+    }
+
+    /// Our candidates now: the reflexive address first, then host ones.
+    async fn candidates(&self) -> Vec<SocketAddr> {
+        let reflexive = self.reflexive().await;
+        candidates::gather(self.local_addr().port(), reflexive, self.inner.config.include_loopback)
+    }
+
+    /// Hand a peer's fresh candidates to its session's path machine: only those at the IP
+    /// the server saw it at (`seen`) or on our own networks.
+    async fn take_candidates(
+        &self,
+        ps: &PeerSession,
+        theirs: &[SocketAddr],
+        seen: Option<std::net::IpAddr>,
+    ) {
+        let mut all = theirs.to_vec();
+        if let Some(guess) = candidates::predicted(&all) {
+            all.push(guess);
+        }
+        let local = candidates::local_networks(self.inner.config.include_loopback);
+        let targets = candidates::probeable(&all, seen, &local);
+        info!(peer = %ps.peer, candidates = targets.len(), "fresh candidates from the peer");
+        ps.ptcp.update_candidates(targets).await;
+    }
+
+    /// After a network change: give every peer in session our fresh candidates through the
+    /// server where it is logged in, and search the ones it answers with. Returns how many
+    /// sessions were refreshed. Relay-only sessions are left alone.
+    pub async fn refresh_sessions(&self) -> usize {
+        let mine = proto::format_candidates(&self.candidates().await);
+        let mut done = 0;
+        for ps in self.inner.table.list().await {
+            if ps.relay_only {
+                continue;
+            }
+            let asked = async {
+                let server = self.server_for(&ps.peer.domain).await?;
+                let answer = server
+                    .peer_call(
+                        AmpBox::command(command::CANDIDATES)
+                            .with("to", ps.peer.to_string())
+                            .with("session", format!("{:016x}", ps.id()))
+                            .with("candidates", mine.as_str()),
+                    )
+                    .await?;
+                Ok::<_, NodeError>(answer)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), asked).await {
+                Ok(Ok(answer)) => {
+                    let theirs =
+                        proto::parse_candidates(answer.get_str("candidates").unwrap_or(""))
+                            .unwrap_or_default();
+                    let seen = answer.get_str("peer_seen").and_then(|s| s.parse().ok());
+                    self.take_candidates(&ps, &theirs, seen).await;
+                    done += 1;
+                }
+                Ok(Err(e)) => debug!(peer = %ps.peer, error = %e, "fresh candidates refused"),
+                Err(_) => debug!(peer = %ps.peer, "fresh candidates: no answer"),
+            }
+        }
+        done
     }
 
     /// Someone asks for one of our services (their first stream): default deny unless the

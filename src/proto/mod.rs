@@ -36,6 +36,14 @@
 //! - `peer_seen`: the IP address (no port) the server sees the *other* side's control
 //!   connection come from, to check the other side's `candidates` against.
 
+//!
+//! `candidates` (`to`, `session`, `candidates`): after a network change, a node gives a peer
+//! it has a live session with its fresh candidates, through the server where the peer is
+//! logged in. The server asks the peer the same command with `from`, `session`,
+//! `candidates` and `peer_seen` (the IP it sees the caller's connection come from), and
+//! answers the caller with the peer's `candidates` and `peer_seen`. Either side probes only
+//! candidates at the other's `peer_seen` or on its own networks.
+//!
 pub mod whoami;
 
 /// The control-protocol version this build speaks.
@@ -59,6 +67,9 @@ pub mod command {
     /// Whether an address of the server's domain is registered (for the `*.q2q` resolver:
     /// unknown users get NXDOMAIN). Logged-in callers only.
     pub const EXISTS: &str = "exists";
+    /// Fresh candidates for a live peer session after a network change (see the module
+    /// docs). Logged-in callers only, rate-limited per pair like `inbound`.
+    pub const CANDIDATES: &str = "candidates";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.

@@ -221,6 +221,10 @@ pub(crate) enum Command {
     Abort {
         id: SessionId,
     },
+    Candidates {
+        id: SessionId,
+        candidates: Vec<SocketAddr>,
+    },
     DropFrom(Option<DropFilter>),
     Send {
         to: SocketAddr,
@@ -559,6 +563,12 @@ impl PtcpSession {
     /// is forgotten, without a word to the peer (for a peer known to be gone).
     pub async fn abort(&self) {
         let _ = self.link.cmds.send(Command::Abort { id: self.id }).await;
+    }
+
+    /// Fresh candidates of the peer (after a network change, already filtered to what may be
+    /// probed): the session's path machine searches them at once while relayed.
+    pub async fn update_candidates(&self, candidates: Vec<SocketAddr>) {
+        let _ = self.link.cmds.send(Command::Candidates { id: self.id, candidates }).await;
     }
 
     /// Why the session ended, if it did.
@@ -929,6 +939,15 @@ impl Driver {
                     for (_, p) in s.streams.drain() {
                         p.fail(StreamFailure::Reset);
                     }
+                }
+            }
+            Command::Candidates { id, candidates } => {
+                let now = self.now();
+                if let Some(s) = self.sessions.get_mut(&id)
+                    && let Some(p) = &mut s.paths
+                {
+                    p.paths.update_candidates(now, candidates);
+                    s.touched = true;
                 }
             }
             Command::DropFrom(filter) => self.drop_from = filter,

@@ -75,14 +75,20 @@ pub(super) async fn serve(
         };
         // `inbound` waits for the callee; answer it on its own task so this connection's
         // other requests (relayed datagrams, pings) keep flowing meanwhile.
-        if request.command() == command::INBOUND && conn.hello {
+        // So does `candidates`, which asks the peer too.
+        let asks_peer = [command::INBOUND, command::CANDIDATES].contains(&request.command());
+        if asks_peer && conn.hello {
             match conn.caller().await {
                 Err(r) => request.respond(Err((r.code, r.description))).await,
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
                     let me = Me { handle, id, seen: peer.ip() };
                     tokio::spawn(async move {
-                        let result = inbound(&state, &caller, &me, &request.request).await;
+                        let result = if request.command() == command::INBOUND {
+                            inbound(&state, &caller, &me, &request.request).await
+                        } else {
+                            candidates(&state, &caller, &me, &request.request).await
+                        };
                         request.respond(result.map_err(|r| (r.code, r.description))).await;
                     });
                 }
@@ -400,6 +406,57 @@ struct Me {
     id: u64,
     /// The IP address its control connection comes from.
     seen: std::net::IpAddr,
+}
+
+/// `candidates` from `caller`: fresh candidates for its live session with `to` (after a
+/// network change). Rate-limited per pair like `inbound`; `to` checks the session is one it
+/// has with `caller`, and answers its own candidates. Each side learns the IP the server
+/// sees the other's connection come from (`peer_seen`), the only public address it will
+/// probe.
+async fn candidates(
+    state: &Arc<State>,
+    caller: &Q2qAddress,
+    me: &Me,
+    b: &AmpBox,
+) -> Result<AmpBox, Refusal> {
+    let to =
+        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+    if to.domain != state.domain {
+        return Err(refuse(code::WRONG_DOMAIN, format!("ask {}'s server", to.domain)));
+    }
+    let session = arg(b, "session")?;
+    if session.len() != 16 || u64::from_str_radix(session, 16).is_err() {
+        return Err(refuse(code::BAD_REQUEST, "bad `session`"));
+    }
+    state.presence.admit_inbound(caller, &to, Instant::now()).map_err(|wait| {
+        refuse(
+            code::RATE_LIMITED,
+            format!(
+                "too many requests from {caller} to {to}; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        )
+    })?;
+    let theirs = b.get_str("candidates").unwrap_or("");
+    crate::proto::parse_candidates(theirs).map_err(|e| refuse(code::BAD_REQUEST, e))?;
+    let listener =
+        state.presence.any(&to).ok_or_else(|| refuse(code::OFFLINE, format!("{to} is offline")))?;
+    let ask = AmpBox::command(command::CANDIDATES)
+        .with("from", caller.to_string())
+        .with("session", session)
+        .with("candidates", theirs)
+        .with("peer_seen", me.seen.to_string());
+    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, listener.handle.call(ask)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(amp::CallError::Remote { code, description })) => {
+            return Err(Refusal { code, description });
+        }
+        Ok(Err(_)) | Err(_) => return Err(refuse(code::OFFLINE, format!("{to} did not answer"))),
+    };
+    let mine = answer.get_str("candidates").unwrap_or("");
+    crate::proto::parse_candidates(mine)
+        .map_err(|e| refuse(code::BAD_REQUEST, format!("{to} sent bad candidates: {e}")))?;
+    Ok(AmpBox::new().with("candidates", mine).with("peer_seen", listener.seen.to_string()))
 }
 
 /// `inbound` from `caller`: check the callee listens, set up the relay legs, ask the callee

@@ -74,6 +74,12 @@ impl Presence {
     }
 
     /// The listener for `service` of `address`.
+    /// Any listener of `address` (its connection, to ask it something), if online.
+    pub fn any(&self, address: &Q2qAddress) -> Option<Listener> {
+        let map = self.inner.lock().ok()?;
+        map.get(address)?.values().next().cloned()
+    }
+
     pub fn find(&self, address: &Q2qAddress, service: &ServiceName) -> Result<Listener, Absent> {
         let map = self.inner.lock().map_err(|_| Absent::Offline)?;
         let services = map.get(address).ok_or(Absent::Offline)?;

@@ -101,3 +101,12 @@ pub async fn serve_echo(
     });
     echo
 }
+
+/// Register `who` and return a logged-in control connection to its server.
+pub async fn login(srv: &TestServer, home: &Home, who: &str) -> q2q::client::ServerConn {
+    let a = addr(who);
+    q2q::client::register(home, &a, PW, None, false, &srv.opts()).await.unwrap();
+    let id = std::sync::Arc::new(home.identity(&a).unwrap());
+    let opts = ConnectOptions { login: Some(id), ..srv.opts() };
+    q2q::client::ServerConn::connect(home, &a.domain, &opts).await.unwrap()
+}
