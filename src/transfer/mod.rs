@@ -63,6 +63,8 @@ const VERSION: &str = "2";
 pub const MAX_FILES: usize = 100_000;
 /// Chunks in flight between a disk thread and the stream.
 const PIPELINE: usize = 4;
+/// Bytes written between background flushes to disk.
+const FLUSH_EVERY: usize = 64 << 20;
 /// Most `name (n)` variants tried for a taken name.
 const MAX_NUMBERED: usize = 1000;
 /// Prefix of partial files' names.
@@ -682,6 +684,10 @@ fn write_chunks(
     let mut list = if start == p.offset { p.prefix.clone() } else { Context::new(&SHA256) };
     p.file.set_len(start).map_err(io)?;
     p.file.seek(std::io::SeekFrom::Start(start)).map_err(io)?;
+    // Flush to disk as data arrives, on a thread of its own, so that the final fsync does
+    // not wait for the whole file (the page cache may hold gigabytes).
+    let flushing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut unflushed = 0usize;
     while let Some(c) = rx.blocking_recv() {
         let digest = ring::digest::digest(&SHA256, &c.buf[..c.len]);
         if digest.as_ref() != c.digest {
@@ -692,6 +698,18 @@ fn write_chunks(
         p.file.write_all(&c.buf[..c.len]).map_err(io)?;
         list.update(digest.as_ref());
         let _ = back.send(c.buf);
+        unflushed += c.len;
+        if unflushed >= FLUSH_EVERY
+            && !flushing.swap(true, std::sync::atomic::Ordering::AcqRel)
+            && let Ok(f) = p.file.try_clone()
+        {
+            unflushed = 0;
+            let flushing = flushing.clone();
+            std::thread::spawn(move || {
+                let _ = f.sync_data();
+                flushing.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
     }
     p.file.sync_all().map_err(io)?;
     Ok((list, p))
