@@ -2,14 +2,15 @@
 //! reordering, duplication and a bandwidth cap, verified by SHA-256; many streams; a path
 //! change; a peer that disappears.
 
+mod common;
+
 use std::collections::HashMap;
 
-use q2q_netstack::sim::{Dir, Link, LinkConfig, Pair, Transfer, pattern};
+use common::{MIB, expected_digest, pair_with};
+use q2q_netstack::sim::{Dir, Link, LinkConfig, Pair, Transfer};
 use q2q_netstack::wire::SessionId;
 use q2q_netstack::{Config, Duration, Event, Instant, Session, Side};
 use ring::digest::{Context, SHA256};
-
-const MIB: u64 = 1 << 20;
 
 /// Bytes per direction in the bulk tests. The issue asks for 64 MiB per direction; override
 /// with `Q2Q_SIM_MIB` (e.g. smaller on a slow machine).
@@ -27,26 +28,6 @@ fn link(loss: f64, seed: u64) -> LinkConfig {
     c.bandwidth_bps = Some(500_000_000);
     c.queue_bytes = 1_500_000;
     c
-}
-
-fn pair_with(config: Config, ab: LinkConfig, ba: LinkConfig) -> Pair {
-    let now = Instant::from_millis(0);
-    let a = Session::new(SessionId(0x0123_4567_89ab_cdef), Side::Initiator, config.clone(), now);
-    let b = Session::new(SessionId(0x0123_4567_89ab_cdef), Side::Responder, config, now);
-    Pair::new(a, b, Link::new(ab), Link::new(ba), now)
-}
-
-fn expected_digest(index: u64, dir: Dir, bytes: u64) -> Vec<u8> {
-    let mut ctx = Context::new(&SHA256);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut off = 0;
-    while off < bytes {
-        let n = (bytes - off).min(buf.len() as u64) as usize;
-        pattern(index, dir, off, &mut buf[..n]);
-        ctx.update(&buf[..n]);
-        off += n as u64;
-    }
-    ctx.finish().as_ref().to_vec()
 }
 
 /// Run a both-ways transfer and check every stream's content by hash. Returns virtual secs.
