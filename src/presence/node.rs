@@ -220,8 +220,9 @@ struct Inner {
     endpoint: Endpoint,
     /// The logged-in connection to the home server; replaced when the node logs back in.
     home_server: Mutex<Arc<ServerConn>>,
-    /// Logged-in connections to other domains' servers, by domain.
-    foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, Arc<ServerConn>>>,
+    /// Logged-in connections to other domains' servers: a slot per domain, each with its
+    /// own lock, so that connecting to one domain never waits on another.
+    foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, ForeignSlot>>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
     /// Each session's path as its endpoint driver shows it (for `status`).
@@ -246,6 +247,9 @@ const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
+
+/// The connection to one other domain's server, once made.
+type ForeignSlot = Arc<tokio::sync::Mutex<Option<Arc<ServerConn>>>>;
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -950,8 +954,11 @@ impl Node {
         if *domain == self.inner.me.domain {
             return Ok(self.home());
         }
-        let mut foreign = self.inner.foreign.lock().await;
-        if let Some(c) = foreign.get(domain)
+        // One connect at a time per domain, and a slow or unreachable domain holds up no
+        // other: the map's lock is held only to find the domain's slot.
+        let slot = self.inner.foreign.lock().await.entry(domain.clone()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
             && !c.handle().is_closed()
         {
             return Ok(c.clone());
@@ -963,7 +970,7 @@ impl Node {
             tokio::spawn(self.clone().control_loop(incoming));
         }
         let conn = Arc::new(conn);
-        foreign.insert(domain.clone(), conn.clone());
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 
