@@ -606,11 +606,11 @@ fn restore_unreadable(paths: &Paths, why: &str) -> Result<String, ResolverError>
     let file = follow_links(&paths.resolv_conf);
     let mut what =
         format!("{} was unreadable ({why}), kept as {}", state_file.display(), aside.display());
-    if let Ok(current) = fs::read(&file) {
-        if has_marker(&current) {
-            write_in_place(&file, strip_ours(&current))?;
-            what.push_str(&format!("; removed q2q-tun's two lines from {}", file.display()));
-        }
+    if let Ok(current) = fs::read(&file)
+        && has_marker(&current)
+    {
+        write_in_place(&file, strip_ours(&current))?;
+        what.push_str(&format!("; removed q2q-tun's two lines from {}", file.display()));
     }
     remove_if_there(&paths.backup_file())?;
     Ok(what)
@@ -1086,12 +1086,11 @@ async fn ask_shim(shim: SocketAddr, name: &str) -> Result<Message, String> {
     loop {
         let n = sock.recv(&mut buf).await.map_err(io)?;
         // Anything that is not the answer to this query is ignored until the deadline.
-        if let Ok(m) = Message::from_vec(&buf[..n]) {
-            if m.metadata.id == query.metadata.id
-                && m.metadata.message_type == MessageType::Response
-            {
-                return Ok(m);
-            }
+        if let Ok(m) = Message::from_vec(&buf[..n])
+            && m.metadata.id == query.metadata.id
+            && m.metadata.message_type == MessageType::Response
+        {
+            return Ok(m);
         }
     }
 }

@@ -354,12 +354,12 @@ impl Pool {
     }
 
     fn set_last_used(&mut self, index: u32, now: u64) {
-        if let Some(e) = self.by_index.get_mut(&index) {
-            if e.last_used < now {
-                self.lru.remove(&(e.last_used, index));
-                e.last_used = now;
-                self.lru.insert((now, index));
-            }
+        if let Some(e) = self.by_index.get_mut(&index)
+            && e.last_used < now
+        {
+            self.lru.remove(&(e.last_used, index));
+            e.last_used = now;
+            self.lru.insert((now, index));
         }
     }
 

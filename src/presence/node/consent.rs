@@ -1,0 +1,350 @@
+//! Inbound and consent: the callee's answer to `inbound` (default deny; strangers get a
+//! relay-only session), the path set-up of a new session (candidates we may probe), and
+//! fresh candidates after a network change.
+
+use super::*;
+
+impl Node {
+    /// Create the session of `setup`, bind the relay, and start probing.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn open_session(
+        &self,
+        setup: &Setup,
+        role: Role,
+        peer: &Q2qAddress,
+        service: &ServiceName,
+        server: &Arc<ServerConn>,
+        udp_ok: bool,
+        probe: bool,
+    ) -> Result<Arc<PtcpSession>, NodeError> {
+        let side = match role {
+            Role::Caller => Side::Initiator,
+            Role::Callee => Side::Responder,
+        };
+        let leg = Arc::new(relay::Leg::new(setup.relay_token, setup.relay_key.clone()));
+        // Without UDP to the server (who-am-i got no answer), relay over the control
+        // connection instead.
+        let (relay_path, control) = if udp_ok {
+            (RelayPath::Udp(setup.relay), None)
+        } else {
+            (RelayPath::Control, Some(Self::tcp_relay(server.clone(), setup.relay_token)))
+        };
+        let setup_paths = self.path_setup(setup, role, relay_path, probe);
+        let config = &self.inner.config;
+        let paths = PathSetup {
+            setup: setup_paths,
+            config: q2q_netstack::path::Config {
+                probe_for: duration(config.probe_for),
+                reprobe_every: duration(config.reprobe_every),
+                probe_after: duration(config.probe_after),
+                ..Default::default()
+            },
+            leg,
+            control,
+        };
+        let session = self
+            .inner
+            .endpoint
+            .new_session_with_paths(
+                SessionId(setup.session),
+                side,
+                self.inner.config.netstack.clone(),
+                paths,
+            )
+            .await?;
+        // Bind our end of the relay over TCP as well, in case UDP is blocked (the endpoint
+        // binds it over UDP).
+        let _ = server
+            .peer_tell(
+                AmpBox::command(command::RELAY)
+                    .with("token", hex::encode(setup.relay_token))
+                    .with("data", ""),
+            )
+            .await;
+        let (path, why) = session.path().unwrap_or((relay_path.into(), String::new()));
+        if let Some(view) = session.path_view()
+            && let Ok(mut p) = self.inner.paths.lock()
+        {
+            p.insert(setup.session, view);
+        }
+        if let Ok(mut p) = self.inner.peers.lock() {
+            p.insert(
+                setup.session,
+                PeerStatus {
+                    peer: peer.clone(),
+                    service: service.clone(),
+                    session: setup.session,
+                    streams: 0,
+                    opened: Vec::new(),
+                    why,
+                    path: PathKind::from(path),
+                },
+            );
+        }
+        Ok(Arc::new(session))
+    }
+
+    /// What the path machine of the session of `setup` starts from. Probes go only to the
+    /// peer's candidates at the address the server saw it at, or on our own networks
+    /// (never a third party's); birthday probing only towards the server-observed IP.
+    pub(super) fn path_setup(
+        &self,
+        setup: &Setup,
+        role: Role,
+        relay: RelayPath,
+        probe: bool,
+    ) -> q2q_netstack::path::Setup {
+        // Appended, so the order the NAT facts read stays as the peer sent it.
+        let mut all = setup.candidates.clone();
+        if let Some(guess) = candidates::predicted(&all) {
+            all.push(guess);
+        }
+        let local = candidates::local_networks(self.inner.config.include_loopback);
+        let direct_allowed = probe && self.inner.config.direct;
+        // Even when direct paths are not allowed (they then only tell `why` apart).
+        let targets = candidates::probeable(&all, setup.peer_seen, &local);
+        if targets.len() < all.len() && direct_allowed {
+            debug!(
+                session = format!("{:016x}", setup.session),
+                dropped = all.len() - targets.len(),
+                "candidates the server did not see are not probed"
+            );
+        }
+        let mine = self.inner.reflexive_cache.lock().ok().and_then(|c| c.and_then(|(_, r)| r));
+        let nat = NatFacts {
+            mine,
+            my_port: self.local_addr().port(),
+            peer: setup.candidates.first().copied(),
+            peer_port: setup.candidates.get(1).map(|c| c.port()),
+            peer_seen: setup.peer_seen,
+        };
+        q2q_netstack::path::Setup {
+            session: setup.session,
+            role,
+            key: setup.probe_key,
+            relay,
+            candidates: targets,
+            nat,
+            direct_allowed,
+            seed: rand::random(),
+        }
+    }
+
+    /// A peer in session sends fresh candidates (its network changed): search them, at
+    /// most where the server saw it or on our own networks, and answer ours. Only for a
+    /// live session with exactly that peer and id that is not relay-only.
+    pub(super) async fn peer_candidates(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
+        let from = b
+            .get_str("from")
+            .and_then(|f| Q2qAddress::parse(f).ok())
+            .ok_or_else(|| bad("bad `from`"))?;
+        let id = b
+            .get_str("session")
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or_else(|| bad("bad `session`"))?;
+        let theirs =
+            proto::parse_candidates(b.get_str("candidates").unwrap_or("")).map_err(|e| bad(&e))?;
+        let seen = b.get_str("peer_seen").and_then(|s| s.parse().ok());
+        let ps = self
+            .inner
+            .table
+            .list()
+            .await
+            .into_iter()
+            .find(|s| s.peer == from && s.id() == id && !s.relay_only)
+            .ok_or_else(|| {
+                (code::NOT_AUTHORIZED.to_string(), format!("no session {id:016x} with {from}"))
+            })?;
+        self.take_candidates(&ps, &theirs, seen).await;
+        Ok(AmpBox::new().with("candidates", proto::format_candidates(&self.candidates().await)))
+    }
+
+    /// Our candidates now: the reflexive address first, then host ones.
+    pub(super) async fn candidates(&self) -> Vec<SocketAddr> {
+        let reflexive = self.reflexive().await;
+        candidates::gather(self.local_addr().port(), reflexive, self.inner.config.include_loopback)
+    }
+
+    /// Hand a peer's fresh candidates to its session's path machine: only those at the IP
+    /// the server saw it at (`seen`) or on our own networks.
+    pub(super) async fn take_candidates(
+        &self,
+        ps: &PeerSession,
+        theirs: &[SocketAddr],
+        seen: Option<std::net::IpAddr>,
+    ) {
+        let mut all = theirs.to_vec();
+        if let Some(guess) = candidates::predicted(&all) {
+            all.push(guess);
+        }
+        let local = candidates::local_networks(self.inner.config.include_loopback);
+        let targets = candidates::probeable(&all, seen, &local);
+        info!(peer = %ps.peer, candidates = targets.len(), "fresh candidates from the peer");
+        ps.ptcp.update_candidates(targets).await;
+    }
+
+    /// After a network change: give every peer in session our fresh candidates through the
+    /// server where it is logged in, and search the ones it answers with. Returns how many
+    /// sessions were refreshed. Relay-only sessions are left alone.
+    pub async fn refresh_sessions(&self) -> usize {
+        let mine = proto::format_candidates(&self.candidates().await);
+        let mut done = 0;
+        for ps in self.inner.table.list().await {
+            if ps.relay_only {
+                continue;
+            }
+            let asked = async {
+                let server = self.server_for(&ps.peer.domain).await?;
+                let answer = server
+                    .peer_call(
+                        AmpBox::command(command::CANDIDATES)
+                            .with("to", ps.peer.to_string())
+                            .with("session", format!("{:016x}", ps.id()))
+                            .with("candidates", mine.as_str()),
+                    )
+                    .await?;
+                Ok::<_, NodeError>(answer)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), asked).await {
+                Ok(Ok(answer)) => {
+                    let theirs =
+                        proto::parse_candidates(answer.get_str("candidates").unwrap_or(""))
+                            .unwrap_or_default();
+                    let seen = answer.get_str("peer_seen").and_then(|s| s.parse().ok());
+                    self.take_candidates(&ps, &theirs, seen).await;
+                    done += 1;
+                }
+                Ok(Err(e)) => debug!(peer = %ps.peer, error = %e, "fresh candidates refused"),
+                Err(_) => debug!(peer = %ps.peer, "fresh candidates: no answer"),
+            }
+        }
+        done
+    }
+
+    /// Someone asks for one of our services (their first stream): default deny unless the
+    /// policy names them. A caller authorized for none of our services by name (a
+    /// stranger calling `ping`, which anyone may use) gets a relay-only session: no
+    /// candidates revealed, no probes sent.
+    pub(super) async fn inbound(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
+        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
+        let from = b
+            .get_str("from")
+            .and_then(|f| Q2qAddress::parse(f).ok())
+            .ok_or_else(|| bad("bad `from`"))?;
+        let service = b
+            .get_str("service")
+            .and_then(|s| ServiceName::parse(s).ok())
+            .ok_or_else(|| bad("bad `service`"))?;
+        let relay_only = {
+            let l = self.inner.listening.lock().map_err(|_| bad("lock"))?;
+            match l.get(&service) {
+                None => {
+                    return Err((
+                        code::NO_SUCH_SERVICE.into(),
+                        format!("{} does not offer service {service}", self.inner.me),
+                    ));
+                }
+                Some(l) if !l.policy.permits(&from) => {
+                    info!(%from, %service, "refused: not authorized");
+                    let _ = self.inner.refusals.send((from.clone(), service.clone()));
+                    return Err((
+                        code::NOT_AUTHORIZED.into(),
+                        format!("{from} is not authorized for {service} of {}", self.inner.me),
+                    ));
+                }
+                Some(_) => !l.values().any(|l| l.policy.allowed.contains(&from)),
+            }
+        };
+        let setup =
+            Setup::parse(b, self.home().server.as_str()).await.map_err(|e| bad(&e.to_string()))?;
+        let caller_ca = self.ca_for(&from.domain).await.map_err(|e| {
+            (code::NOT_AUTHORIZED.to_string(), format!("cannot verify {from}: {e}"))
+        })?;
+        let reflexive = self.reflexive().await;
+        let mine = if relay_only {
+            Vec::new()
+        } else {
+            candidates::gather(
+                self.local_addr().port(),
+                reflexive,
+                self.inner.config.include_loopback,
+            )
+        };
+        let home = self.home();
+        let session = self
+            .open_session(
+                &setup,
+                Role::Callee,
+                &from,
+                &service,
+                &home,
+                reflexive.is_some(),
+                !relay_only,
+            )
+            .await
+            .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
+        if relay_only {
+            info!(%from, %service, "a caller authorized for no service by name: relay only");
+        }
+        let ps = Arc::new(PeerSession::new(from, session, caller_ca, relay_only));
+        self.serve_session(&ps);
+        self.inner.table.insert(ps).await;
+        Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))
+    }
+}
+
+/// What the server's `inbound` box says about a session.
+pub(super) struct Setup {
+    pub(super) session: u64,
+    pub(super) probe_key: [u8; 16],
+    pub(super) relay_token: relay::Token,
+    pub(super) relay_key: relay::Key,
+    pub(super) relay: SocketAddr,
+    pub(super) candidates: Vec<SocketAddr>,
+    /// The IP the server saw the peer's control connection come from.
+    pub(super) peer_seen: Option<std::net::IpAddr>,
+}
+
+impl Setup {
+    /// Parse an `inbound` answer (caller) or request (callee); the relay is the server at
+    /// `server` (host:port of the control connection) on `relay_port`.
+    pub(super) async fn parse(b: &AmpBox, server: &str) -> Result<Setup, NodeError> {
+        let bad = |what: &str| NodeError::BadAnswer(format!("`{what}` missing or malformed"));
+        let session = b
+            .get_str("session")
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .ok_or_else(|| bad("session"))?;
+        let probe_key = b
+            .get_str("probe_key")
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("probe_key"))?;
+        let relay_token = b
+            .get_str("relay_token")
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("relay_token"))?;
+        let relay_key = b
+            .get_str("relay_key")
+            .and_then(relay::Key::from_hex)
+            .ok_or_else(|| bad("relay_key"))?;
+        let port: u16 = b
+            .get_str("relay_port")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| bad("relay_port"))?;
+        let candidates = proto::parse_candidates(b.get_str("candidates").unwrap_or(""))
+            .map_err(NodeError::BadAnswer)?;
+        let host =
+            tokio::net::lookup_host(server).await?.next().ok_or_else(|| bad("server address"))?;
+        Ok(Setup {
+            session,
+            probe_key,
+            relay_token,
+            relay_key,
+            relay: SocketAddr::new(host.ip(), port),
+            candidates,
+            peer_seen: b.get_str("peer_seen").and_then(|s| s.parse().ok()),
+        })
+    }
+}

@@ -1,0 +1,272 @@
+//! The node's servers: the home connection and re-login, other domains' servers, our
+//! reflexive address (who-am-i), and the requests servers send us (`inbound`,
+//! `candidates`, relayed datagrams over TCP).
+
+use super::*;
+
+impl Node {
+    /// The current connection to the home server.
+    pub(super) fn home(&self) -> Arc<ServerConn> {
+        match self.inner.home_server.lock() {
+            Ok(h) => h.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Keep the home connection alive: a ping every 25 s (below common NAT TCP and UDP
+    /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s)
+    /// and listen again for every service. Established sessions are untouched: they need
+    /// no server once set up.
+    pub(super) async fn stay_logged_in(self) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let home = self.home();
+            let handle = home.handle();
+            tokio::select! {
+                _ = handle.closed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(25)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), home.peer_call(AmpBox::command(command::PING))).await;
+                    // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
+                    let seen = self.ask_reflexive().await;
+                    let before = self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
+                        c.replace((std::time::Instant::now(), seen)).map(|(_, r)| r)
+                    });
+                    // The network changed (a new NAT mapping or address): peers in session
+                    // get our fresh candidates, and we theirs.
+                    if before.is_some_and(|b| b != seen) && seen.is_some() {
+                        info!(?before, now = ?seen, "our public address changed: refreshing sessions");
+                        let node = self.clone();
+                        tokio::spawn(async move { node.refresh_sessions().await });
+                    }
+                    continue;
+                }
+            }
+            warn!(server = %home.server, "lost the connection to the home server; logging back in");
+            loop {
+                tokio::time::sleep(backoff).await;
+                match ServerConn::connect(
+                    &self.inner.home,
+                    &self.inner.me.domain,
+                    &self.inner.config.server,
+                )
+                .await
+                {
+                    Ok(mut conn) => {
+                        let incoming = conn.incoming.take();
+                        let conn = Arc::new(conn);
+                        let services: Vec<(ServiceName, String)> = self
+                            .inner
+                            .listening
+                            .lock()
+                            .map(|l| {
+                                l.iter().map(|(s, l)| (s.clone(), l.description.clone())).collect()
+                            })
+                            .unwrap_or_default();
+                        for (service, description) in services {
+                            let _ = conn
+                                .peer_call(
+                                    AmpBox::command(command::LISTEN)
+                                        .with("service", service.as_str())
+                                        .with("description", description),
+                                )
+                                .await;
+                        }
+                        if let Some(incoming) = incoming {
+                            tokio::spawn(self.clone().control_loop(incoming));
+                        }
+                        if let Ok(mut h) = self.inner.home_server.lock() {
+                            *h = conn;
+                        }
+                        info!("logged back in");
+                        backoff = Duration::from_secs(1);
+                        break;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "log-in failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The address the home server sees this node's UDP socket as (its NAT mapping).
+    pub async fn reflexive(&self) -> Option<SocketAddr> {
+        if self.inner.config.tcp_relay_only {
+            return None;
+        }
+        // Asked recently: the answer (or the silence of blocked UDP) is still good, and a
+        // connection should not wait 2 s for a who-am-i timeout each time.
+        if let Ok(c) = self.inner.reflexive_cache.lock()
+            && let Some((at, seen)) = *c
+            && at.elapsed() < REFLEXIVE_FRESH
+        {
+            return seen;
+        }
+        let seen = self.ask_reflexive().await;
+        if let Ok(mut c) = self.inner.reflexive_cache.lock() {
+            *c = Some((std::time::Instant::now(), seen));
+        }
+        seen
+    }
+
+    pub(super) async fn ask_reflexive(&self) -> Option<SocketAddr> {
+        let server = self.home_udp().await?;
+        let nonce: [u8; 8] = rand::random();
+        let (tx, rx) = oneshot::channel();
+        self.inner.whoami.lock().ok()?.insert(nonce, tx);
+        let request = crate::proto::whoami::request(nonce).to_vec();
+        let mut rx = rx;
+        for _ in 0..3 {
+            self.inner.endpoint.send_datagram(server, request.clone()).await.ok()?;
+            match tokio::time::timeout(Duration::from_millis(700), &mut rx).await {
+                Ok(Ok(seen)) => return Some(seen),
+                Ok(Err(_)) => return None,
+                Err(_) => continue,
+            }
+        }
+        if let Ok(mut w) = self.inner.whoami.lock() {
+            w.remove(&nonce);
+        }
+        None
+    }
+
+    pub(super) async fn home_udp(&self) -> Option<SocketAddr> {
+        tokio::net::lookup_host(self.home().server.as_str()).await.ok()?.next()
+    }
+
+    /// The CA of `domain`: our own domain's (pinned when we logged in), or another
+    /// domain's, pinned on first contact with its server.
+    pub(super) async fn ca_for(
+        &self,
+        domain: &crate::address::Domain,
+    ) -> Result<rustls_pki_types::CertificateDer<'static>, NodeError> {
+        if *domain == self.inner.me.domain {
+            return Ok(self.home().ca.clone());
+        }
+        if let Some(ca) = self.inner.home.pinned_ca(domain).map_err(ClientError::from)? {
+            return Ok(ca);
+        }
+        Ok(self.server_for(domain).await?.ca.clone())
+    }
+
+    pub(super) async fn server_for(
+        &self,
+        domain: &crate::address::Domain,
+    ) -> Result<Arc<ServerConn>, NodeError> {
+        if *domain == self.inner.me.domain {
+            return Ok(self.home());
+        }
+        // One connect at a time per domain, and a slow or unreachable domain holds up no
+        // other: the map's lock is held only to find the domain's slot.
+        let slot = self.inner.foreign.lock().await.entry(domain.clone()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.handle().is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let opts =
+            ConnectOptions { login: Some(self.inner.identity.clone()), ..Default::default() };
+        let mut conn = ServerConn::connect(&self.inner.home, domain, &opts).await?;
+        if let Some(incoming) = conn.incoming.take() {
+            tokio::spawn(self.clone().control_loop(incoming));
+        }
+        let conn = Arc::new(conn);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The TCP relay of one session: the endpoint hands its datagrams to the channel
+    /// returned ([`Path::Channel`]) and a task frames them as AMP `relay` calls on `server`'s
+    /// control connection, under `token`. The task ends with the channel's last sender.
+    pub(super) fn tcp_relay(server: Arc<ServerConn>, token: relay::Token) -> mpsc::Sender<Vec<u8>> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_RELAY_QUEUE);
+        tokio::spawn(async move {
+            while let Some(inner) = rx.recv().await {
+                let b = AmpBox::command(command::RELAY)
+                    .with("token", hex::encode(token))
+                    .with("data", inner);
+                let _ = server.peer_tell(b).await;
+            }
+        });
+        tx
+    }
+
+    /// Datagrams of other kinds than PTCP on our socket.
+    pub(super) async fn side_loop(self, mut side: mpsc::Receiver<crate::ptcp::SideDatagram>) {
+        while let Some(d) = side.recv().await {
+            match d.kind {
+                Kind::WhoAmIReply => {
+                    if let Ok((nonce, seen)) = proto::whoami::parse_reply(&d.data)
+                        && let Some(tx) =
+                            self.inner.whoami.lock().ok().and_then(|mut w| w.remove(&nonce))
+                    {
+                        let _ = tx.send(seen);
+                    }
+                }
+                // Probes and relayed datagrams of our sessions are the endpoint's (their
+                // path machines); these belong to no session.
+                _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
+            }
+        }
+    }
+
+    /// Requests from a server: `inbound` (someone wants one of our services) and relayed
+    /// datagrams over TCP.
+    // A named, boxed future: `inbound` can reach `server_for`, which starts another control
+    // loop, and an opaque recursive future cannot be proven `Send`.
+    pub(super) fn control_loop(
+        self,
+        mut incoming: mpsc::Receiver<Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            while let Some(req) = incoming.recv().await {
+                match req.command() {
+                    command::RELAY => {
+                        let data = req.request.get("data").unwrap_or_default().to_vec();
+                        if !data.is_empty() {
+                            let _ = self.inner.endpoint.inject_relayed(data).await;
+                        }
+                        req.respond(Ok(AmpBox::new())).await;
+                    }
+                    command::INBOUND => {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let result = node.inbound(&req.request).await;
+                            req.respond(result).await;
+                        });
+                    }
+                    command::CANDIDATES => {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let result = node.peer_candidates(&req.request).await;
+                            req.respond(result).await;
+                        });
+                    }
+                    other => {
+                        let other = other.to_string();
+                        req.respond(Err((
+                            code::UNHANDLED.into(),
+                            format!("unknown command `{other}`"),
+                        )))
+                        .await;
+                    }
+                }
+            }
+            warn!("control connection to the server ended");
+        })
+    }
+}
+
+impl Node {
+    /// Whether `who` is registered, asked of `who`'s domain server (for the `*.q2q`
+    /// resolver: unknown users get NXDOMAIN).
+    pub async fn exists(&self, who: &Q2qAddress) -> Result<bool, NodeError> {
+        let server = self.server_for(&who.domain).await?;
+        let answer = server
+            .peer_call(AmpBox::command(command::EXISTS).with("address", who.to_string()))
+            .await?;
+        Ok(answer.get_str("exists") == Some("true"))
+    }
+}

@@ -1,0 +1,418 @@
+//! The session layer: connecting by address (one session per peer, through the session
+//! table), streams with their service header and verdict, the accept loop, the idle close,
+//! leaving, and `ping`.
+
+use super::*;
+
+impl Node {
+    /// Offer the built-in `ping` service (an echo of 8-byte probes) to every authenticated
+    /// address: it tells no more than presence does.
+    pub async fn serve_ping(&self) -> Result<(), NodeError> {
+        let mut accepted = self.listen(&ping_service(), "q2q ping", Policy::anyone()).await?;
+        tokio::spawn(async move {
+            while let Some(a) = accepted.recv().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut s = a.stream;
+                    let mut buf = [0u8; 8];
+                    // At most 10 000 echoes per stream: every loop is bounded.
+                    for _ in 0..10_000 {
+                        if s.read_exact(&mut buf).await.is_err() || s.write_all(&buf).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// Connect to `to`'s `ping` service and time `count` round trips, `interval` apart.
+    pub async fn ping(
+        &self,
+        to: &Q2qAddress,
+        count: u32,
+        interval: Duration,
+    ) -> Result<PingReport, NodeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let start = std::time::Instant::now();
+        let conn = self.connect(to, &ping_service()).await?;
+        let connect = start.elapsed();
+        let mut s = conn.stream;
+        let mut rtts = Vec::new();
+        for i in 0..count.min(10_000) {
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            let t = std::time::Instant::now();
+            let mut buf = u64::from(i).to_be_bytes();
+            s.write_all(&buf).await?;
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.map_err(
+                |_| {
+                    NodeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no echo within 10 s",
+                    ))
+                },
+            )??;
+            rtts.push(t.elapsed());
+        }
+        let _ = s.shutdown().await;
+        let id = conn.session.id().0;
+        let (path, why) = self
+            .status()
+            .into_iter()
+            .find(|p| p.session == id)
+            .map(|p| (p.path, p.why))
+            .unwrap_or((PathKind::TcpRelay, String::new()));
+        Ok(PingReport { peer: to.clone(), connect, rtts, path, why })
+    }
+
+    /// Connect to `to`'s `service`. The first connection to a peer sets up the peer
+    /// session through `to`'s domain server (relayed at first, direct as soon as a hole is
+    /// punched); every later one, to any service, is a new stream in that session: no
+    /// server round trip, no new punching. A burst of connections sets up one session.
+    pub async fn connect(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Connection, NodeError> {
+        let mut last = None;
+        // A session that ended meanwhile (closed idle, lost, the peer restarted) is set up
+        // anew: at most twice.
+        for _ in 0..3 {
+            let ps = self.session_to(to, service).await?;
+            // A stream on a session that answers nothing within this long: the peer
+            // forgot it (restarted); a fresh session is set up.
+            let limit = if ps.started.elapsed() < Duration::from_secs(2) {
+                Duration::from_secs(10)
+            } else {
+                STREAM_OPEN_TIMEOUT
+            };
+            match tokio::time::timeout(limit, self.open_on(&ps, service)).await {
+                Ok(Ok(stream)) => {
+                    return Ok(Connection { peer: to.clone(), stream, session: ps.ptcp.clone() });
+                }
+                Ok(Err(e)) if !ps.ended() && !matches!(e, NodeError::Ptcp(_)) => return Err(e),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(NodeError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{to} did not answer a new stream within {} s", limit.as_secs()),
+                    )))
+                }
+            }
+            self.end_session(&ps, "a new stream could not be opened on it").await;
+        }
+        Err(last.unwrap_or(NodeError::Ptcp(EndpointError::Closed)))
+    }
+
+    /// Open a stream of `service` on `ps`: TLS between the two certificates, the header
+    /// naming the service, and the peer's verdict.
+    pub(super) async fn open_on(
+        &self,
+        ps: &Arc<PeerSession>,
+        service: &ServiceName,
+    ) -> Result<PeerStream, NodeError> {
+        match self.exchange(ps, &StreamHeader::Service(service.clone())).await? {
+            (tls, Verdict::Accepted) => {
+                ps.note_opened(service);
+                Ok(tls.into())
+            }
+            (_, Verdict::Refused(why)) => Err(NodeError::Refused(why)),
+        }
+    }
+
+    /// Open a stream on `ps`, prove both identities (TLS 1.3, end to end: the server
+    /// vouched for nobody), send `header`, and read the peer's verdict.
+    pub(super) async fn exchange(
+        &self,
+        ps: &Arc<PeerSession>,
+        header: &StreamHeader,
+    ) -> Result<(tokio_rustls::client::TlsStream<PtcpStream>, Verdict), NodeError> {
+        use tokio::io::AsyncWriteExt;
+        let stream = ps.ptcp.open_stream().await?;
+        let mut tls = crate::ptcp::tls::connect(
+            stream,
+            &self.inner.tls_identity,
+            &ps.peer,
+            ps.ca.clone(),
+            crate::ptcp::tls::no_revocation(),
+        )
+        .await
+        .map_err(|e| NodeError::Tls(format!("{}: {e}", ps.peer)))?;
+        tls.write_all(&header.encode()).await?;
+        tls.flush().await?;
+        let verdict = Verdict::read(&mut tls).await?;
+        Ok((tls, verdict))
+    }
+
+    /// The live session with `to`, set up if there is none (one set-up for any number of
+    /// callers; see [`Table`]).
+    pub(super) async fn session_to(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Arc<PeerSession>, NodeError> {
+        for _ in 0..4 {
+            let wait = match self.inner.table.lookup(to, service).await {
+                None => return Err(NodeError::Ptcp(EndpointError::Closed)),
+                Some(Lookup::Live(s)) => return Ok(s),
+                Some(Lookup::Wait(rx)) => rx,
+                Some(Lookup::SetUp(rx)) => {
+                    // On a task of its own: it finishes (and is reported) even if this
+                    // caller gives up, so nobody waits for it forever.
+                    let (node, to, service) = (self.clone(), to.clone(), service.clone());
+                    tokio::spawn(async move {
+                        let result = node.set_up(&to, &service).await.map_err(|e| {
+                            let refused = e.refuses_service();
+                            (Arc::new(e), refused)
+                        });
+                        node.inner.table.done(to, service, result).await;
+                    });
+                    rx
+                }
+            };
+            match wait.await {
+                Ok(Ready::Session(s)) => return Ok(s),
+                Ok(Ready::Failed(e)) => return Err(NodeError::Shared(e)),
+                Ok(Ready::Retry) | Err(_) => continue,
+            }
+        }
+        Err(NodeError::BadAnswer(format!("no session with {to} could be set up")))
+    }
+
+    /// Set up a session with `to` through its domain server, for a first stream of
+    /// `service` (the callee consents to that service, or refuses at once).
+    pub(super) async fn set_up(
+        &self,
+        to: &Q2qAddress,
+        service: &ServiceName,
+    ) -> Result<Arc<PeerSession>, NodeError> {
+        let server = self.server_for(&to.domain).await?;
+        let reflexive = self.reflexive().await;
+        let mine = candidates::gather(
+            self.local_addr().port(),
+            reflexive,
+            self.inner.config.include_loopback,
+        );
+        let answer = server
+            .peer_call(
+                AmpBox::command(command::INBOUND)
+                    .with("to", to.to_string())
+                    .with("service", service.as_str())
+                    .with("candidates", proto::format_candidates(&mine)),
+            )
+            .await?;
+        let setup = Setup::parse(&answer, server.server.as_str()).await?;
+        // No candidates: the callee keeps this session relayed (we are a stranger to it).
+        let relay_only = setup.candidates.is_empty();
+        let session = self
+            .open_session(
+                &setup,
+                Role::Caller,
+                to,
+                service,
+                &server,
+                reflexive.is_some(),
+                !relay_only,
+            )
+            .await?;
+        let ps = Arc::new(PeerSession::new(to.clone(), session, server.ca.clone(), relay_only));
+        self.serve_session(&ps);
+        Ok(ps)
+    }
+
+    /// Run a session's accept loop (streams the peer opens, each checked against our
+    /// policies) and its keeper (stream counts for `status`, the idle close).
+    pub(super) fn serve_session(&self, ps: &Arc<PeerSession>) {
+        let accept = tokio::spawn(self.clone().accept_loop(ps.clone()));
+        ps.own_task(accept.abort_handle());
+        let keep = tokio::spawn(self.clone().keep_session(ps.clone()));
+        ps.own_task(keep.abort_handle());
+    }
+
+    pub(super) async fn accept_loop(self, ps: Arc<PeerSession>) {
+        let trust: Arc<dyn crate::ptcp::tls::Trust> = Arc::new(
+            crate::ptcp::tls::TrustMap::new().with_ca(ps.peer.domain.clone(), ps.ca.clone()),
+        );
+        loop {
+            let stream = match ps.ptcp.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(peer = %ps.peer, error = %e, "session ended");
+                    return self.end_session(&ps, "lost").await;
+                }
+            };
+            tokio::spawn(self.clone().accept_stream(ps.clone(), stream, trust.clone()));
+        }
+    }
+
+    /// One stream the peer opened: its TLS must prove the session's peer; its header names
+    /// a service the peer is authorized for (or asks to close the session).
+    pub(super) async fn accept_stream(
+        self,
+        ps: Arc<PeerSession>,
+        stream: PtcpStream,
+        trust: Arc<dyn crate::ptcp::tls::Trust>,
+    ) {
+        let handshake = async {
+            let (mut tls, caller) =
+                crate::ptcp::tls::accept(stream, &self.inner.tls_identity, trust).await?;
+            let header = StreamHeader::read(&mut tls)
+                .await
+                .map_err(|e| crate::ptcp::tls::TlsError::Io(std::io::Error::other(e)))?;
+            Ok::<_, crate::ptcp::tls::TlsError>((tls, caller, header))
+        };
+        let (mut tls, caller, header) =
+            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    return warn!(peer = %ps.peer, error = %e, "refused a stream: TLS failed");
+                }
+                Err(_) => return debug!(peer = %ps.peer, "a stream's handshake timed out"),
+            };
+        if caller != ps.peer {
+            return warn!(%caller, session_peer = %ps.peer, "refused a stream: not the session's peer");
+        }
+        let me = &self.inner.me;
+        let service = match header {
+            StreamHeader::Leaving => {
+                let _ = Verdict::Accepted.send(&mut tls).await;
+                ps.ptcp.abort().await;
+                return self.end_session(&ps, "the peer went offline").await;
+            }
+            StreamHeader::Close => {
+                ps.closing(true);
+                let busy = ps.count_streams().await.unwrap_or(0) > 0;
+                let verdict = if busy {
+                    Verdict::Refused("streams are open".into())
+                } else {
+                    Verdict::Accepted
+                };
+                let _ = verdict.send(&mut tls).await;
+                ps.closing(false);
+                if !busy {
+                    self.end_session(&ps, "closed by the peer (idle)").await;
+                }
+                return;
+            }
+            StreamHeader::Service(s) => s,
+        };
+        let target = {
+            let Ok(l) = self.inner.listening.lock() else { return };
+            match l.get(&service) {
+                None => Err(format!("{me} does not offer service {service}")),
+                Some(l) if !l.policy.permits(&caller) => {
+                    Err(format!("{caller} is not authorized for {service} of {me}"))
+                }
+                Some(l) => Ok(l.accepted.clone()),
+            }
+        };
+        match target {
+            Ok(accepted) => {
+                if Verdict::Accepted.send(&mut tls).await.is_err() {
+                    return;
+                }
+                ps.note_opened(&service);
+                let a = Accepted { peer: caller, stream: tls.into(), session: ps.ptcp.clone() };
+                let _ = accepted.send(a).await;
+            }
+            Err(why) => {
+                info!(peer = %caller, %service, why, "refused a stream");
+                if why.contains("not authorized") {
+                    let _ = self.inner.refusals.send((caller, service));
+                }
+                let _ = Verdict::Refused(why).send(&mut tls).await;
+            }
+        }
+    }
+
+    /// Count the session's streams once a second (for `status`), and end it when it has
+    /// had none for [`NodeConfig::session_idle`]: ask the peer to close, and forget it.
+    pub(super) async fn keep_session(self, ps: Arc<PeerSession>) {
+        let idle = self.inner.config.session_idle;
+        let mut idle_since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(open) = ps.count_streams().await else {
+                return self.end_session(&ps, "lost").await;
+            };
+            if let Ok(mut peers) = self.inner.peers.lock()
+                && let Some(p) = peers.get_mut(&ps.id())
+            {
+                p.streams = open;
+                p.opened = ps.opened();
+            }
+            if open > 0 {
+                idle_since = tokio::time::Instant::now();
+                continue;
+            }
+            if idle_since.elapsed() < idle {
+                continue;
+            }
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                self.ask_close(&ps, StreamHeader::Close),
+            )
+            .await
+            {
+                // Busy: the peer opened a stream meanwhile.
+                Ok(Ok(false)) => idle_since = tokio::time::Instant::now(),
+                // Agreed, or no answer: the peer will time out or close on its own.
+                _ => return self.end_session(&ps, "idle").await,
+            }
+        }
+    }
+
+    /// Ask the peer to end the session (`Close` or `Leaving`): `true` if it agreed.
+    pub(super) async fn ask_close(
+        &self,
+        ps: &Arc<PeerSession>,
+        header: StreamHeader,
+    ) -> Result<bool, NodeError> {
+        ps.closing(true);
+        let result = self.exchange(ps, &header).await.map(|(_, v)| v == Verdict::Accepted);
+        ps.closing(false);
+        result
+    }
+
+    /// Going offline: tell every peer in session (at most 1 s each, side by side), so
+    /// their streams end now and their next connection learns from the server that we
+    /// are offline, instead of waiting on a silent session.
+    pub async fn leave(&self) {
+        let sessions = self.inner.table.list().await;
+        let mut told = tokio::task::JoinSet::new();
+        for ps in sessions {
+            let node = self.clone();
+            told.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    node.ask_close(&ps, StreamHeader::Leaving),
+                )
+                .await;
+                node.end_session(&ps, "we went offline").await;
+            });
+        }
+        while told.join_next().await.is_some() {}
+    }
+
+    /// Forget a session: out of the table, its path machinery stopped, its tasks ended.
+    /// Its open streams (if any) live on until they close.
+    pub(super) async fn end_session(&self, ps: &Arc<PeerSession>, why: &str) {
+        if !ps.mark_ended() {
+            return;
+        }
+        let id = ps.id();
+        info!(peer = %ps.peer, session = format!("{id:016x}"), why, "session ended");
+        self.inner.table.remove(&ps.peer, id).await;
+        if let Ok(mut p) = self.inner.paths.lock() {
+            p.remove(&id);
+        }
+        if let Ok(mut p) = self.inner.peers.lock() {
+            p.remove(&id);
+        }
+        ps.stop_tasks();
+    }
+}
