@@ -390,6 +390,10 @@ pub struct Paths {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PathEvent>,
     stats: PathStats,
+    /// The next search round is the first after a fall back: it lasts three times as long,
+    /// so that both sides' rounds overlap even when one side noticed the loss seconds after
+    /// the other (a port-restricted NAT only lets the peer's probes in while we probe too).
+    after_loss: bool,
 }
 
 impl Paths {
@@ -435,6 +439,7 @@ impl Paths {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: PathStats::default(),
+            after_loss: false,
             config,
         }
     }
@@ -650,7 +655,8 @@ impl Paths {
         }
         let rounds = (self.config.probe_for.total_millis()
             / self.config.probe_every.total_millis().max(1))
-        .max(1) as u32;
+        .max(1) as u32
+            * if self.after_loss { 3 } else { 1 };
         let n = self.candidates.len() as u64;
         if n > 0 && self.budget.take(now, n) {
             let data = self.probe();
@@ -663,6 +669,9 @@ impl Paths {
             self.start_birthday(now);
         }
         let next_round = round + 1;
+        if next_round >= rounds {
+            self.after_loss = false;
+        }
         self.state = if next_round >= rounds {
             if matches!(self.current, Path::UdpRelay(_)) {
                 self.why = format!(
@@ -844,6 +853,7 @@ impl Paths {
         // otherwise be found and lost again every few seconds.
         let next = (!self.candidates.is_empty()).then(|| now + self.config.reprobe_every);
         self.state = State::Relayed { round: 0, next };
+        self.after_loss = true;
         self.stats.fell_back += 1;
         self.events.push_back(PathEvent::Switched { path: self.current, lost: true });
         // Bind at once: our NAT mapping towards the relay may have changed with the one
