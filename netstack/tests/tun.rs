@@ -1,6 +1,7 @@
 //! The TUN termination stack driven by a second smoltcp interface playing the kernel: the
 //! app's connect waits for the daemon's decision, data flows both ways, refused and
-//! undecided connects fail, UDP and ping reach the daemon, and garbage never panics.
+//! undecided connects fail, UDP and ping reach the daemon, a refused datagram gets ICMP port
+//! unreachable quoting it, and garbage never panics.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -600,7 +601,7 @@ fn udp_round_trip() {
     net.sockets.get_mut::<udp::Socket<'_>>(h).send_slice(b"query", remote).unwrap();
     net.step();
     let (src, payload) = match net.take_events().as_slice() {
-        [Event::Datagram { src, dst: d, payload }] if *d == dst => (*src, payload.clone()),
+        [Event::Datagram { src, dst: d, payload, .. }] if *d == dst => (*src, payload.clone()),
         other => panic!("expected one datagram, got {other:?}"),
     };
     assert_eq!(src, SocketAddr::new(IpAddr::V4(APP_V4), 5000));
@@ -634,6 +635,148 @@ fn datagram_events_are_bounded() {
     assert!(matches!(stack.poll_event(), Some(Event::Datagram { .. })));
     assert!(matches!(stack.poll_event(), Some(Event::Datagram { .. })));
     assert!(stack.poll_event().is_none());
+}
+
+fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let b = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            etherparse::PacketBuilder::ipv4(s.octets(), d.octets(), 61)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            etherparse::PacketBuilder::ipv6(s.octets(), d.octets(), 61)
+        }
+        _ => unreachable!(),
+    };
+    let mut out = Vec::new();
+    b.udp(src.port(), dst.port()).write(&mut out, payload).unwrap();
+    out
+}
+
+/// What a port unreachable error says, parsed back with etherparse, its checksums checked
+/// with smoltcp: (source, destination, the quoted bytes).
+fn parse_port_unreachable(p: &[u8]) -> (IpAddr, IpAddr, Vec<u8>) {
+    use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
+    let sliced = SlicedPacket::from_ip(p).expect("the error parses");
+    let (src, dst) = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = smoltcp::wire::Ipv4Packet::new_checked(p).unwrap();
+            assert!(h.verify_checksum(), "IPv4 header checksum");
+            (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr()))
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr()))
+        }
+        other => panic!("not IP: {other:?}"),
+    };
+    let quoted = match sliced.transport {
+        Some(TransportSlice::Icmpv4(i)) => {
+            assert_eq!(
+                i.icmp_type(),
+                Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
+            );
+            assert_eq!((i.type_u8(), i.code_u8()), (3, 3));
+            let icmp = smoltcp::wire::Icmpv4Packet::new_checked(i.slice()).unwrap();
+            assert!(icmp.verify_checksum(), "ICMPv4 checksum");
+            i.payload().to_vec()
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            assert_eq!(
+                i.icmp_type(),
+                Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
+            );
+            assert_eq!((i.type_u8(), i.code_u8()), (1, 4));
+            let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else { unreachable!() };
+            let icmp = smoltcp::wire::Icmpv6Packet::new_checked(i.slice()).unwrap();
+            assert!(icmp.verify_checksum(&s, &d), "ICMPv6 checksum");
+            i.payload().to_vec()
+        }
+        other => panic!("not ICMP: {other:?}"),
+    };
+    (src, dst, quoted)
+}
+
+#[test]
+fn port_unreachable_quotes_the_datagram_v4_and_v6() {
+    let v6 = |last| IpAddr::V6(Ipv6Addr::new(0xfd71, 0x7132, 0, 0, 0, 0, 0, last));
+    // (app, virtual address, payload size, bytes the error may quote at most)
+    let cases = [
+        (IpAddr::V4(APP_V4), vip(2), 13, 576 - 28),
+        (IpAddr::V4(APP_V4), vip(2), 1200, 576 - 28),
+        (IpAddr::V6(APP_V6), v6(2), 13, 1280 - 48),
+        (IpAddr::V6(APP_V6), v6(2), 1300, 1280 - 48),
+    ];
+    for (app, vip, size, max) in cases {
+        let config = Config { mtu: 1500, ..Config::default() };
+        let mut stack = Stack::new(config, Instant::from_secs(1));
+        let now = Instant::from_secs(2);
+        let (src, dst) = (SocketAddr::new(app, 40000), SocketAddr::new(vip, 5353));
+        let sent = udp_packet(src, dst, &pattern(size as u8, size));
+        stack.handle_packet(now, &sent);
+        let quote = match stack.poll_event() {
+            Some(Event::Datagram { src: s, dst: d, quote, .. }) if (s, d) == (src, dst) => quote,
+            other => panic!("expected the datagram, got {other:?}"),
+        };
+        let want = &sent[..sent.len().min(max)];
+        assert_eq!(quote.as_bytes(), want);
+        stack.port_unreachable(&quote).unwrap();
+        let error = stack.poll_transmit(now).expect("the error is sent");
+        assert_eq!(stack.poll_transmit(now), None, "one error per call");
+        let (from, to, quoted) = parse_port_unreachable(&error);
+        assert_eq!((from, to), (vip, app), "from the virtual address the app sent to");
+        assert_eq!(quoted, want, "the datagram as sent, cut to what an error carries");
+        // RFC 792: the IP header and 8 bytes at least (the UDP header, so the kernel finds
+        // the socket); RFC 1812 / RFC 4443: the error fits 576 / 1280 bytes.
+        assert!(quoted.len() >= if app.is_ipv4() { 28 } else { 48 });
+        assert!(error.len() <= if app.is_ipv4() { 576 } else { 1280 });
+        if size > 1000 {
+            assert_eq!(error.len(), if app.is_ipv4() { 576 } else { 1280 });
+        }
+    }
+}
+
+#[test]
+fn port_unreachable_is_bounded_by_the_transmit_queue() {
+    let config = Config { max_queued_packets: 2, ..Config::default() };
+    let mut stack = Stack::new(config, Instant::from_secs(1));
+    let now = Instant::from_secs(2);
+    let (src, dst) = (SocketAddr::new(IpAddr::V4(APP_V4), 40000), SocketAddr::new(vip(3), 9));
+    stack.handle_packet(now, &udp_packet(src, dst, b"x"));
+    let Some(Event::Datagram { quote, .. }) = stack.poll_event() else { panic!("no datagram") };
+    stack.port_unreachable(&quote).unwrap();
+    stack.port_unreachable(&quote).unwrap();
+    assert_eq!(stack.port_unreachable(&quote), Err(q2q_netstack::tun::SendError::QueueFull));
+    assert_eq!(std::iter::from_fn(|| stack.poll_transmit(now)).count(), 2);
+}
+
+#[test]
+fn the_kernel_side_sees_the_error() {
+    // The "kernel" (smoltcp) sends a datagram to a port nobody offers; the daemon refuses
+    // it and the error that comes back names the kernel's own datagram.
+    let mut net = Net::new(Config::default());
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    );
+    s.bind(5001).unwrap();
+    let h = net.sockets.add(s);
+    let dst = SocketAddr::new(vip(7), 5353);
+    let remote = IpEndpoint::new(IpAddress::from(dst.ip()), 5353);
+    net.sockets.get_mut::<udp::Socket<'_>>(h).send_slice(b"anyone?", remote).unwrap();
+    net.step();
+    let quote = match net.take_events().as_slice() {
+        [Event::Datagram { quote, .. }] => quote.clone(),
+        other => panic!("expected one datagram, got {other:?}"),
+    };
+    let before = net.from_stack.len();
+    net.stack.port_unreachable(&quote).unwrap();
+    net.step();
+    let sent: Vec<_> = net.from_stack[before..].to_vec();
+    assert_eq!(sent.len(), 1);
+    let (from, to, quoted) = parse_port_unreachable(&sent[0]);
+    assert_eq!((from, to), (dst.ip(), IpAddr::V4(APP_V4)));
+    let sliced = etherparse::SlicedPacket::from_ip(&quoted).expect("the quote is the datagram");
+    let Some(etherparse::TransportSlice::Udp(u)) = sliced.transport else { panic!("not UDP") };
+    assert_eq!((u.source_port(), u.destination_port(), u.payload()), (5001, 5353, &b"anyone?"[..]));
 }
 
 fn echo_request(src: IpAddr, dst: IpAddr, ident: u16, seq: u16, payload: &[u8]) -> Vec<u8> {

@@ -34,7 +34,7 @@ use crate::dns::server::{self as dns_server, Lookup, ServerConfig, SharedShim};
 use crate::dns::shim::{Existence, Exists, Shim, ShimConfig};
 use crate::pipe::{DriverWake, IoError, PipeStream, Pipes, StreamFailure, StreamIo};
 use crate::presence::node::{Connection, Node};
-use q2q_netstack::tun::{Config as StackConfig, Echo, Event, FlowError, FlowId, Stack};
+use q2q_netstack::tun::{Config as StackConfig, Echo, Event, FlowError, FlowId, Quote, Stack};
 use q2q_netstack::tun::{Ipv4Cidr, Ipv6Cidr};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -458,6 +458,9 @@ enum Cmd {
     Refuse { flow: FlowId },
     /// A datagram from a peer's UDP service back to the app.
     Datagram { from: SocketAddr, to: SocketAddr, payload: Vec<u8> },
+    /// The peer does not serve `udp/<port>` of `dst` (or is offline, or no one has the
+    /// address): port unreachable for each datagram quoted, and the refusal remembered.
+    UdpRefused { dst: SocketAddr, quotes: Vec<Quote> },
     /// The peer answered: reply to the app's echo.
     EchoReply(Echo),
 }
@@ -468,6 +471,45 @@ const MAX_PINGERS: usize = 256;
 /// Packets read from the device in one go before the stack is serviced.
 const READ_BATCH: usize = 64;
 
+/// Datagrams of one UDP flow waiting for its stream at most; more are dropped.
+const UDP_QUEUE: usize = 64;
+/// How long a refused `udp/<port>` of a virtual address is answered with port unreachable
+/// without asking the peer again (a resolver's retries, a game's probes), and how many
+/// such refusals are remembered at most.
+const UDP_REFUSAL_MEMORY: Duration = Duration::from_secs(10);
+const MAX_UDP_REFUSALS: usize = 4096;
+
+/// A datagram of an app's UDP flow: the payload for the peer, the quote for an error.
+type UdpItem = (Vec<u8>, Quote);
+
+/// Virtual endpoints whose `udp/<port>` was refused lately, each until when. Bounded: when
+/// full of live entries, a new refusal is not remembered (its datagrams still get their
+/// error after asking).
+#[derive(Default)]
+struct UdpRefusals(HashMap<SocketAddr, Instant>);
+
+impl UdpRefusals {
+    fn remember(&mut self, dst: SocketAddr, now: Instant) {
+        if self.0.len() >= MAX_UDP_REFUSALS {
+            self.0.retain(|_, until| *until > now);
+        }
+        if self.0.len() < MAX_UDP_REFUSALS || self.0.contains_key(&dst) {
+            self.0.insert(dst, now + UDP_REFUSAL_MEMORY);
+        }
+    }
+
+    fn refused(&mut self, dst: SocketAddr, now: Instant) -> bool {
+        match self.0.get(&dst) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                self.0.remove(&dst);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 struct Driver {
     device: tun_rs::AsyncDevice,
     stack: Stack,
@@ -475,7 +517,8 @@ struct Driver {
     wake: Arc<DriverWake<FlowId>>,
     flows: HashMap<FlowId, Arc<Pipes<FlowId>>>,
     dirty: Vec<Arc<Pipes<FlowId>>>,
-    udp: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>,
+    udp: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<UdpItem>>,
+    udp_refused: UdpRefusals,
     pingers: HashMap<IpAddr, mpsc::Sender<Echo>>,
     ctx: Arc<Ctx>,
     cmds: mpsc::Receiver<Cmd>,
@@ -528,6 +571,7 @@ impl Driver {
             flows: HashMap::new(),
             dirty: Vec::new(),
             udp: HashMap::new(),
+            udp_refused: UdpRefusals::default(),
             pingers: HashMap::new(),
             ctx,
             cmds,
@@ -650,7 +694,7 @@ impl Driver {
                     }
                 }
             }
-            Event::Datagram { src, dst, payload } => self.datagram(src, dst, payload),
+            Event::Datagram { src, dst, payload, quote } => self.datagram(src, dst, payload, quote),
             Event::EchoRequest(echo) => self.echo(echo),
         }
     }
@@ -677,12 +721,27 @@ impl Driver {
             Cmd::EchoReply(echo) => {
                 let _ = self.stack.answer_echo(&echo);
             }
+            Cmd::UdpRefused { dst, quotes } => {
+                self.udp_refused.remember(dst, Instant::now());
+                for quote in &quotes {
+                    if let Err(e) = self.stack.port_unreachable(quote) {
+                        debug!(%dst, error = %e, "port unreachable to the app dropped");
+                    }
+                }
+            }
         }
     }
 
-    fn datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
+    fn datagram(&mut self, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>, quote: Quote) {
+        if self.udp_refused.refused(dst, Instant::now()) {
+            // Refused moments ago: say so at once rather than ask the peer again.
+            if let Err(e) = self.stack.port_unreachable(&quote) {
+                debug!(%dst, error = %e, "port unreachable to the app dropped");
+            }
+            return;
+        }
         let ctx = self.ctx.clone();
-        dispatch(&mut self.udp, (src, dst), payload, MAX_UDP_FLOWS, 64, |rx| {
+        dispatch(&mut self.udp, (src, dst), (payload, quote), MAX_UDP_FLOWS, UDP_QUEUE, |rx| {
             tokio::spawn(udp_flow(ctx, src, dst, rx));
         });
     }
@@ -769,20 +828,43 @@ async fn bridge(mut flow: PipeStream<FlowId>, conn: Box<Connection>) {
 }
 
 /// Carry one app's UDP flow (src → dst) to the peer's `udp/<port>` and the answers back.
+/// When the stream cannot be opened, every datagram waiting for it gets port unreachable.
 async fn udp_flow(
     ctx: Arc<Ctx>,
     src: SocketAddr,
     dst: SocketAddr,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<UdpItem>,
 ) {
-    let Some(peer) = ctx.whois(dst.ip()).await else { return };
-    let Ok(service) = ServiceName::parse(&format!("udp/{}", dst.port())) else { return };
-    let conn = match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service))
-        .await
-    {
-        Ok(Ok(c)) => c,
-        _ => {
-            debug!(%peer, %service, "UDP flow refused or timed out; its datagrams are dropped");
+    let opened = async {
+        let peer = ctx.whois(dst.ip()).await.ok_or("no one has this virtual address")?;
+        let service =
+            ServiceName::parse(&format!("udp/{}", dst.port())).map_err(|_| "not a service name")?;
+        match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service)).await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => {
+                debug!(%peer, %service, error = %e, "UDP flow refused");
+                Err("refused")
+            }
+            Err(_) => {
+                debug!(%peer, %service, "UDP flow: no answer within 9 s");
+                Err("timed out")
+            }
+        }
+    }
+    .await;
+    let conn = match opened {
+        Ok(c) => c,
+        Err(why) => {
+            // Closed, nothing more lands here unanswered (a datagram that comes before the
+            // driver has the refusal starts a new flow, which asks again). At most UDP_QUEUE.
+            rx.close();
+            let mut quotes = Vec::new();
+            while let Ok((_, quote)) = rx.try_recv() {
+                quotes.push(quote);
+            }
+            debug!(%src, %dst, why, datagrams = quotes.len(), "UDP flow: port unreachable");
+            let _ = ctx.cmds.send(Cmd::UdpRefused { dst, quotes }).await;
             return;
         }
     };
@@ -790,7 +872,7 @@ async fn udp_flow(
     loop {
         tokio::select! {
             d = tokio::time::timeout(datagram::IDLE, rx.recv()) => match d {
-                Ok(Some(d)) => if datagram::write(&mut w, &d).await.is_err() { break },
+                Ok(Some((d, _))) => if datagram::write(&mut w, &d).await.is_err() { break },
                 _ => break,
             },
             d = datagram::read(&mut r) => match d {
@@ -843,5 +925,31 @@ async fn pinger(ctx: Arc<Ctx>, vip: IpAddr, mut rx: mpsc::Receiver<Echo>) {
             }
             _ => stream = None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_refusals_are_remembered_briefly_and_bounded() {
+        let mut r = UdpRefusals::default();
+        let t0 = Instant::now();
+        let a: SocketAddr = "100.64.0.2:5353".parse().unwrap();
+        assert!(!r.refused(a, t0));
+        r.remember(a, t0);
+        assert!(r.refused(a, t0 + Duration::from_secs(9)));
+        assert!(!r.refused(a, t0 + UDP_REFUSAL_MEMORY), "forgotten after the memory");
+        assert!(r.0.is_empty(), "an expired refusal is dropped when looked at");
+        for port in 1..=(MAX_UDP_REFUSALS + 10) as u16 {
+            r.remember(SocketAddr::new(a.ip(), port), t0);
+        }
+        assert_eq!(r.0.len(), MAX_UDP_REFUSALS, "live refusals are capped");
+        // Once they expire, new ones take their place.
+        let later = t0 + UDP_REFUSAL_MEMORY + Duration::from_secs(1);
+        r.remember(a, later);
+        assert_eq!(r.0.len(), 1);
+        assert!(r.refused(a, later));
     }
 }

@@ -43,7 +43,7 @@ pub struct Config {
     /// Datagram and echo events waiting for [`Stack::poll_event`](super::Stack::poll_event)
     /// at most (default 1024); more are dropped and counted, as a full socket would.
     pub max_queued_datagrams: usize,
-    /// Packets made by the stack itself (RSTs, UDP, echo replies) waiting for
+    /// Packets made by the stack itself (RSTs, UDP, echo replies, ICMP errors) waiting for
     /// [`Stack::poll_transmit`](super::Stack::poll_transmit) at most (default 1024).
     pub max_queued_packets: usize,
     /// Seed for TCP initial sequence numbers and ports. The core reads no randomness: the

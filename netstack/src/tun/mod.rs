@@ -15,6 +15,7 @@
 //!   │ classify (etherparse): destination in the pool?    │  packet.rs
 //!   │  TCP SYN ─▶ held; Event::Connect ─▶ accept/refuse  │
 //!   │  UDP ─────▶ Event::Datagram    (send_datagram ◀─)  │
+//!   │             no such service:  port_unreachable ◀─  │
 //!   │  echo ────▶ Event::EchoRequest (answer_echo ◀───)  │
 //!   │  other TCP (and SYNs replayed on accept) ──┐       │
 //!   └────────────────────────────────────────────┼───────┘
@@ -28,6 +29,10 @@
 //!        the daemon copies them to and from        Finished / Reset / Closed
 //!        PTCP streams (service tcp/<port>)
 //! ```
+//!
+//! A datagram nobody takes is refused as a host would: [`Stack::port_unreachable`] answers
+//! it with ICMP (or ICMPv6) port unreachable quoting it ([`Quote`]), so the app's
+//! `recv` fails with "connection refused" at once instead of waiting out its timeout.
 //!
 //! Packets to addresses outside the pool ([`Config::pool_v4`], [`Config::pool_v6`]) are
 //! dropped and counted, as is anything that does not parse: nothing from the kernel panics.
@@ -59,9 +64,10 @@
 //! 2. After any input — packets, a timer, or a flow call (`accept_flow`, `send`, `recv`,
 //!    `close`, `send_datagram`, …) — call [`Stack::poll_transmit`] until it returns `None`,
 //!    writing each packet to the TUN device.
-//! 3. Then drain [`Stack::poll_event`]: `Connect` (→ decide), `Datagram`, `EchoRequest`,
-//!    and per flow `Established`, `Readable` (after `recv` said `Blocked`, and for the first
-//!    data), `Writable` (after `send` took less than offered), `Finished`, `Reset`, `Closed`.
+//! 3. Then drain [`Stack::poll_event`]: `Connect` (→ decide), `Datagram` (→ forward, or
+//!    `port_unreachable`), `EchoRequest`, and per flow `Established`, `Readable` (after
+//!    `recv` said `Blocked`, and for the first data), `Writable` (after `send` took less than
+//!    offered), `Finished`, `Reset`, `Closed`.
 //! 4. Sleep until [`Stack::poll_timeout`] (a time in the past means at once) or the next
 //!    input, then call [`Stack::handle_timeout`] and go to 2.
 
@@ -118,6 +124,38 @@ pub struct Echo {
     pub payload: Vec<u8>,
 }
 
+/// The start of a datagram as the app sent it, IP header on, kept to quote in an ICMP
+/// error ([`Stack::port_unreachable`]): as much as the error may carry (IPv4: the error
+/// fits 576 bytes, RFC 1812; IPv6: it fits 1280, RFC 4443), and so always the IP header
+/// and the UDP header at least. Only the stack makes one, from a datagram it took.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Quote {
+    /// The virtual address the datagram went to: the error comes from it.
+    vip: IpAddr,
+    /// The app's address: the error goes to it.
+    app: IpAddr,
+    bytes: Vec<u8>,
+}
+
+impl Quote {
+    fn new(app: IpAddr, vip: IpAddr, packet: &[u8]) -> Quote {
+        let max = if vip.is_ipv4() { packet::QUOTE_MAX_V4 } else { packet::QUOTE_MAX_V6 };
+        let bytes = packet.get(..max).unwrap_or(packet).to_vec();
+        Quote { vip, app, bytes }
+    }
+
+    /// The quoted bytes: the datagram from its IP header on, cut to what an error carries.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for Quote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Quote({} -> {}, {} bytes)", self.app, self.vip, self.bytes.len())
+    }
+}
+
 /// What happened, for the driver to act on ([`Stack::poll_event`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -148,7 +186,8 @@ pub enum Event {
     /// pending); its id is gone. Reported once for every flow reported by `Connect`.
     Closed(FlowId),
     /// A UDP datagram from an app (`src`) to a virtual endpoint (`dst`). Answer with
-    /// [`Stack::send_datagram`]`(dst, src, ..)`.
+    /// [`Stack::send_datagram`]`(dst, src, ..)`, or refuse it with
+    /// [`Stack::port_unreachable`]`(&quote)` when nothing serves `dst`.
     Datagram {
         /// The app's endpoint.
         src: SocketAddr,
@@ -156,6 +195,8 @@ pub enum Event {
         dst: SocketAddr,
         /// The UDP payload.
         payload: Vec<u8>,
+        /// The datagram's start, for an ICMP error about it.
+        quote: Quote,
     },
     /// A ping to a virtual address: [`Stack::answer_echo`] it when the peer is reachable,
     /// or drop it.
@@ -297,7 +338,7 @@ pub struct Stack {
     dirty: Arc<Mutex<Vec<FlowId>>>,
     events: VecDeque<Event>,
     queued_datagrams: usize,
-    /// Packets made here (RSTs, UDP, echo replies), sent before smoltcp's.
+    /// Packets made here (RSTs, UDP, echo replies, ICMP errors), sent before smoltcp's.
     ctrl: VecDeque<Vec<u8>>,
     need_poll: bool,
     iface_next: Option<i64>,
@@ -379,9 +420,11 @@ impl Stack {
             Err(Drop::NotInPool) => self.stats.not_in_pool += 1,
             Err(Drop::Unsupported) => self.stats.unsupported += 1,
             Ok(Inbound::Tcp { src, dst, syn, rst }) => self.handle_tcp(packet, src, dst, syn, rst),
-            Ok(Inbound::Udp { src, dst, payload }) => {
+            Ok(Inbound::Udp { src, dst, payload, packet }) => {
                 if self.room_for_datagram() {
-                    self.events.push_back(Event::Datagram { src, dst, payload: payload.to_vec() });
+                    let quote = Quote::new(src.ip(), dst.ip(), packet);
+                    let payload = payload.to_vec();
+                    self.events.push_back(Event::Datagram { src, dst, payload, quote });
                 }
             }
             Ok(Inbound::Echo { src, dst, ident, seq_no, payload }) => {
@@ -879,6 +922,18 @@ impl Stack {
     ) -> Result<(), SendError> {
         self.check_out(src.ip(), dst.ip(), packet::udp_overhead(src.ip()) + payload.len())?;
         let p = packet::udp(src, dst, payload).ok_or(SendError::TooLarge)?;
+        self.ctrl.push_back(p);
+        Ok(())
+    }
+
+    /// Refuse a datagram: ICMP destination unreachable / port unreachable (ICMPv6 type 1
+    /// code 4 for IPv6) from the virtual address it went to, quoting it, so the app's
+    /// socket reports "connection refused". Call it at most once per datagram.
+    pub fn port_unreachable(&mut self, quote: &Quote) -> Result<(), SendError> {
+        let len = packet::echo_overhead(quote.vip) + quote.bytes.len();
+        self.check_out(quote.vip, quote.app, len)?;
+        let p = packet::port_unreachable(quote.vip, quote.app, &quote.bytes)
+            .ok_or(SendError::TooLarge)?;
         self.ctrl.push_back(p);
         Ok(())
     }

@@ -1,9 +1,11 @@
 //! What a packet from the kernel is, seen with etherparse before smoltcp sees it, and the
-//! few packets the stack builds itself (RSTs, UDP, echo replies).
+//! few packets the stack builds itself (RSTs, UDP, echo replies, port unreachable).
 
 use std::net::{IpAddr, SocketAddr};
 
-use etherparse::{Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4, icmpv6,
+};
 
 use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpAddress, Ipv4Packet, TcpPacket, UdpPacket};
 
@@ -27,7 +29,13 @@ pub(crate) enum Inbound<'a> {
         rst: bool,
     },
     /// UDP to a virtual address.
-    Udp { src: SocketAddr, dst: SocketAddr, payload: &'a [u8] },
+    Udp {
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &'a [u8],
+        /// The whole IP packet (without bytes past its IP length), to quote in an error.
+        packet: &'a [u8],
+    },
     /// ICMP or ICMPv6 echo request to a virtual address.
     Echo { src: IpAddr, dst: IpAddr, ident: u16, seq_no: u16, payload: &'a [u8] },
 }
@@ -56,7 +64,7 @@ fn unicast(ip: IpAddr) -> bool {
 /// peer. smoltcp checks every other TCP segment itself.
 pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<'a>, Drop> {
     let sliced = SlicedPacket::from_ip(packet).map_err(|_| Drop::Malformed)?;
-    let (src, dst, fragmented, transport) = match &sliced.net {
+    let (src, dst, fragmented, transport, ip_len) = match &sliced.net {
         Some(NetSlice::Ipv4(ip)) => {
             let header = Ipv4Packet::new_checked(packet).map_err(|_| Drop::Malformed)?;
             if !header.verify_checksum() {
@@ -67,6 +75,7 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
                 IpAddr::V4(ip.header().destination_addr()),
                 ip.is_payload_fragmented(),
                 ip.payload().payload,
+                usize::from(ip.header().total_len()),
             )
         }
         Some(NetSlice::Ipv6(ip)) => (
@@ -74,6 +83,7 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
             IpAddr::V6(ip.header().destination_addr()),
             ip.is_payload_fragmented(),
             ip.payload().payload,
+            40 + usize::from(ip.header().payload_length()),
         ),
         _ => return Err(Drop::Malformed),
     };
@@ -113,6 +123,7 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
                 src: SocketAddr::new(src, u.source_port()),
                 dst: SocketAddr::new(dst, u.destination_port()),
                 payload: u.payload(),
+                packet: packet.get(..ip_len).unwrap_or(packet),
             })
         }
         Some(TransportSlice::Icmpv4(i)) => match i.icmp_type() {
@@ -195,6 +206,29 @@ pub(crate) fn echo_reply(
         b.icmpv4_echo_reply(ident, seq_no).write(&mut out, payload).ok()?;
     } else {
         b.icmpv6_echo_reply(ident, seq_no).write(&mut out, payload).ok()?;
+    }
+    Some(out)
+}
+
+/// At most this much of an IPv4 datagram is quoted in an ICMP error: the error then fits
+/// 576 bytes, the size every IPv4 host takes (RFC 1812 4.3.2.3; RFC 792 asks for the IP
+/// header and 8 bytes at least).
+pub(crate) const QUOTE_MAX_V4: usize = 576 - 20 - 8;
+/// At most this much of an IPv6 packet is quoted in an ICMPv6 error: the error then fits
+/// the IPv6 minimum MTU of 1280 bytes (RFC 4443 2.4 (c)).
+pub(crate) const QUOTE_MAX_V6: usize = 1280 - 40 - 8;
+
+/// The destination unreachable / port unreachable error (ICMPv4 type 3 code 3, ICMPv6
+/// type 1 code 4) from `vip` to `app` that carries `quote`, the start of the offending packet.
+pub(crate) fn port_unreachable(vip: IpAddr, app: IpAddr, quote: &[u8]) -> Option<Vec<u8>> {
+    let b = ip(vip, app)?;
+    let mut out = Vec::with_capacity(echo_overhead(vip) + quote.len());
+    if vip.is_ipv4() {
+        let t = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
+        b.icmpv4(t).write(&mut out, quote).ok()?;
+    } else {
+        let t = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
+        b.icmpv6(t).write(&mut out, quote).ok()?;
     }
     Some(out)
 }
