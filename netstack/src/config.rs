@@ -68,7 +68,7 @@ pub struct Config {
     /// The session ends with [`crate::SessionError::TimedOut`] when nothing arrived from the
     /// peer for this long (default 900 s = 15 min). Streams are meant to outlive outages as
     /// long as kernel TCP connections do: Linux gives up on unacknowledged data after about
-    /// 15 minutes (`tcp_retries2` = 15, RFC 1122 §4.2.3.5 asks for at least 100 s). Lower it
+    /// 15 minutes (`tcp_retries2` = 15, RFC 1122 section 4.2.3, item 5, asks for at least 100 s). Lower it
     /// to notice a vanished peer sooner at the cost of losing sessions across outages.
     pub idle_timeout: Duration,
     /// Send a keepalive ping when nothing was sent for this long (default 10 s, below

@@ -638,7 +638,7 @@ impl Session {
     /// unacknowledged byte on a timeout and stamps its ACKs with that rewound number. When
     /// both ends of a stream do so while their earlier segments are still on their way
     /// (held by the selective-repeat layer during the outage), each end later finds the
-    /// other's ACKs below its receive window, drops them (RFC 9293 §3.10.7.4) and the
+    /// other's ACKs below its receive window, drops them (RFC 9293, the segment-arrives rules of section 3.10.7) and the
     /// stream never moves again. Freezing TCP's clock during outages keeps its timers from
     /// firing; the selective-repeat layer does the retransmitting.
     fn tcp_time(&mut self, now: i64) -> Instant {

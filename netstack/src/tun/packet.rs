@@ -211,7 +211,7 @@ pub(crate) fn echo_reply(
 }
 
 /// At most this much of an IPv4 datagram is quoted in an ICMP error: the error then fits
-/// 576 bytes, the size every IPv4 host takes (RFC 1812 4.3.2.3; RFC 792 asks for the IP
+/// 576 bytes, the size every IPv4 host takes (RFC 1812, section 4.3.2, item 3; RFC 792 asks for the IP
 /// header and 8 bytes at least).
 pub(crate) const QUOTE_MAX_V4: usize = 576 - 20 - 8;
 /// At most this much of an IPv6 packet is quoted in an ICMPv6 error: the error then fits
