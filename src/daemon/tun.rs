@@ -782,27 +782,28 @@ fn dispatch<K: std::hash::Hash + Eq, T>(
     start(rx);
 }
 
-/// Open the peer stream for a held flow and tell the driver the verdict.
-async fn open_flow(ctx: Arc<Ctx>, flow: FlowId, dst: SocketAddr) {
-    let verdict = async {
-        let peer = ctx.whois(dst.ip()).await.ok_or("no one has this virtual address")?;
-        let service =
-            ServiceName::parse(&format!("tcp/{}", dst.port())).map_err(|_| "not a service name")?;
-        match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service)).await
-        {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => {
-                info!(%peer, %service, error = %e, "connection refused");
-                Err("refused")
-            }
-            Err(_) => {
-                info!(%peer, %service, "no answer within 9 s");
-                Err("timed out")
-            }
+/// A stream to the person behind virtual address `dst`, service `<proto>/<port>` (at most
+/// 9 s, below the 10 s an app waits at most), or why not.
+async fn connect_vip(ctx: &Ctx, dst: SocketAddr, proto: &str) -> Result<Connection, &'static str> {
+    let peer = ctx.whois(dst.ip()).await.ok_or("no one has this virtual address")?;
+    let service =
+        ServiceName::parse(&format!("{proto}/{}", dst.port())).map_err(|_| "not a service name")?;
+    match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => {
+            info!(%peer, %service, error = %e, "connection refused");
+            Err("refused")
+        }
+        Err(_) => {
+            info!(%peer, %service, "no answer within 9 s");
+            Err("timed out")
         }
     }
-    .await;
-    let cmd = match verdict {
+}
+
+/// Open the peer stream for a held flow and tell the driver the verdict.
+async fn open_flow(ctx: Arc<Ctx>, flow: FlowId, dst: SocketAddr) {
+    let cmd = match connect_vip(&ctx, dst, "tcp").await {
         Ok(conn) => Cmd::Accept { flow, conn: Box::new(conn) },
         Err(why) => {
             debug!(%flow, %dst, why, "flow refused");
@@ -835,25 +836,7 @@ async fn udp_flow(
     dst: SocketAddr,
     mut rx: mpsc::Receiver<UdpItem>,
 ) {
-    let opened = async {
-        let peer = ctx.whois(dst.ip()).await.ok_or("no one has this virtual address")?;
-        let service =
-            ServiceName::parse(&format!("udp/{}", dst.port())).map_err(|_| "not a service name")?;
-        match tokio::time::timeout(Duration::from_secs(9), ctx.node.connect(&peer, &service)).await
-        {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => {
-                debug!(%peer, %service, error = %e, "UDP flow refused");
-                Err("refused")
-            }
-            Err(_) => {
-                debug!(%peer, %service, "UDP flow: no answer within 9 s");
-                Err("timed out")
-            }
-        }
-    }
-    .await;
-    let conn = match opened {
+    let conn = match connect_vip(&ctx, dst, "udp").await {
         Ok(c) => c,
         Err(why) => {
             // Closed, nothing more lands here unanswered (a datagram that comes before the

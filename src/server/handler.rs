@@ -408,6 +408,22 @@ struct Me {
     seen: std::net::IpAddr,
 }
 
+/// The `to` argument: an address of this server's domain.
+fn callee_arg(state: &State, b: &AmpBox) -> Result<Q2qAddress, Refusal> {
+    let to =
+        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+    if to.domain != state.domain {
+        return Err(refuse(
+            code::WRONG_DOMAIN,
+            format!(
+                "this server is for {}, not {}: ask {}'s server",
+                state.domain, to.domain, to.domain
+            ),
+        ));
+    }
+    Ok(to)
+}
+
 /// `candidates` from `caller`: fresh candidates for its live session with `to` (after a
 /// network change). Rate-limited per pair like `inbound`; `to` checks the session is one it
 /// has with `caller`, and answers its own candidates. Each side learns the IP the server
@@ -419,11 +435,7 @@ async fn candidates(
     me: &Me,
     b: &AmpBox,
 ) -> Result<AmpBox, Refusal> {
-    let to =
-        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-    if to.domain != state.domain {
-        return Err(refuse(code::WRONG_DOMAIN, format!("ask {}'s server", to.domain)));
-    }
+    let to = callee_arg(state, b)?;
     let session = arg(b, "session")?;
     if session.len() != 16 || u64::from_str_radix(session, 16).is_err() {
         return Err(refuse(code::BAD_REQUEST, "bad `session`"));
@@ -470,17 +482,7 @@ async fn inbound(
     me: &Me,
     b: &AmpBox,
 ) -> Result<AmpBox, Refusal> {
-    let to =
-        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-    if to.domain != state.domain {
-        return Err(refuse(
-            code::WRONG_DOMAIN,
-            format!(
-                "this server is for {}, not {}: ask {}'s server",
-                state.domain, to.domain, to.domain
-            ),
-        ));
-    }
+    let to = callee_arg(state, b)?;
     let service = service_arg(b)?;
     state.presence.admit_inbound(caller, &to, Instant::now()).map_err(|wait| {
         warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "inbound refused: rate limited");
