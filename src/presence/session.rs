@@ -284,6 +284,20 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a peer sends first, reading it is a header, a verdict or an error.
+        #[test]
+        fn reading_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let _ = StreamHeader::read(&mut &bytes[..]).await;
+                if let Ok(Verdict::Refused(r)) = Verdict::read(&mut &bytes[..]).await {
+                    assert!(r.len() <= MAX_REASON * 3, "a lossy reason stays bounded");
+                }
+            });
+        }
+    }
+
     #[tokio::test]
     async fn hostile_headers_are_errors() {
         assert!(StreamHeader::read(&mut &[9u8][..]).await.is_err());
