@@ -440,15 +440,7 @@ async fn candidates(
     if session.len() != 16 || u64::from_str_radix(session, 16).is_err() {
         return Err(refuse(code::BAD_REQUEST, "bad `session`"));
     }
-    state.presence.admit_inbound(caller, &to, Instant::now()).map_err(|wait| {
-        refuse(
-            code::RATE_LIMITED,
-            format!(
-                "too many requests from {caller} to {to}; try again in {} s",
-                wait.as_secs().max(1)
-            ),
-        )
-    })?;
+    admit(state, caller, &to)?;
     let theirs = b.get_str("candidates").unwrap_or("");
     crate::proto::parse_candidates(theirs).map_err(|e| refuse(code::BAD_REQUEST, e))?;
     let listener =
@@ -458,17 +450,43 @@ async fn candidates(
         .with("session", session)
         .with("candidates", theirs)
         .with("peer_seen", me.seen.to_string());
-    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, listener.handle.call(ask)).await {
+    let mine = ask_callee(&listener.handle, &to, ask).await?;
+    Ok(AmpBox::new().with("candidates", mine).with("peer_seen", listener.seen.to_string()))
+}
+
+/// May `caller` ask `to` now (`inbound` and `candidates` share the per-pair and per-caller
+/// limits)? Otherwise `RATE_LIMITED` with how long to wait.
+fn admit(state: &State, caller: &Q2qAddress, to: &Q2qAddress) -> Result<(), Refusal> {
+    state.presence.admit_inbound(caller, to, Instant::now()).map_err(|wait| {
+        warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "request refused: rate limited");
+        refuse(
+            code::RATE_LIMITED,
+            format!(
+                "too many connection requests from {caller} to {to}; try again in {} s",
+                wait.as_millis().div_ceil(1000).max(1)
+            ),
+        )
+    })
+}
+
+/// Ask the callee's connection `ask` (at most [`CALLEE_TIMEOUT`]) and return the
+/// candidates it answers, checked; its refusal passes through as it is.
+async fn ask_callee(
+    handle: &amp::PeerHandle,
+    to: &Q2qAddress,
+    ask: AmpBox,
+) -> Result<String, Refusal> {
+    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, handle.call(ask)).await {
         Ok(Ok(a)) => a,
         Ok(Err(amp::CallError::Remote { code, description })) => {
             return Err(Refusal { code, description });
         }
         Ok(Err(_)) | Err(_) => return Err(refuse(code::OFFLINE, format!("{to} did not answer"))),
     };
-    let mine = answer.get_str("candidates").unwrap_or("");
-    crate::proto::parse_candidates(mine)
+    let theirs = answer.get_str("candidates").unwrap_or("").to_string();
+    crate::proto::parse_candidates(&theirs)
         .map_err(|e| refuse(code::BAD_REQUEST, format!("{to} sent bad candidates: {e}")))?;
-    Ok(AmpBox::new().with("candidates", mine).with("peer_seen", listener.seen.to_string()))
+    Ok(theirs)
 }
 
 /// `inbound` from `caller`: check the callee listens, set up the relay legs, ask the callee
@@ -484,16 +502,7 @@ async fn inbound(
 ) -> Result<AmpBox, Refusal> {
     let to = callee_arg(state, b)?;
     let service = service_arg(b)?;
-    state.presence.admit_inbound(caller, &to, Instant::now()).map_err(|wait| {
-        warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "inbound refused: rate limited");
-        refuse(
-            code::RATE_LIMITED,
-            format!(
-                "too many connection requests from {caller} to {to}; try again in {} s",
-                wait.as_millis().div_ceil(1000).max(1)
-            ),
-        )
-    })?;
+    admit(state, caller, &to)?;
     let candidates = b.get_str("candidates").unwrap_or("");
     crate::proto::parse_candidates(candidates).map_err(|e| refuse(code::BAD_REQUEST, e))?;
     let listener = state.presence.find(&to, &service).map_err(|a| match a {
@@ -523,20 +532,10 @@ async fn inbound(
         .with("relay_key", g_callee.key.to_hex())
         .with("relay_port", state.udp_port.to_string())
         .with("peer_seen", me.seen.to_string());
-    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, listener.handle.call(ask)).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(amp::CallError::Remote { code, description })) => {
-            state.relay.remove(&g_caller.token);
-            return Err(Refusal { code, description });
-        }
-        Ok(Err(_)) | Err(_) => {
-            state.relay.remove(&g_caller.token);
-            return Err(refuse(code::OFFLINE, format!("{to} did not answer")));
-        }
-    };
-    let theirs = answer.get_str("candidates").unwrap_or("");
-    crate::proto::parse_candidates(theirs)
-        .map_err(|e| refuse(code::BAD_REQUEST, format!("{to} sent bad candidates: {e}")))?;
+    // Refused, silent or nonsense: the legs go at once.
+    let theirs = ask_callee(&listener.handle, &to, ask)
+        .await
+        .inspect_err(|_| state.relay.remove(&g_caller.token))?;
     info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
     Ok(AmpBox::new()
         .with("peer", to.to_string())
