@@ -431,12 +431,7 @@ async fn the_daemons_own_lookups_skip_the_shim() {
     let (shim, shim_asked) = loopback_dns("127.0.0.1", true).await;
     let (dns, dns_asked) = loopback_dns("127.0.0.2", false).await;
     let dir = tempfile::tempdir().unwrap();
-    let paths = Paths {
-        resolv_conf: dir.path().join("resolv.conf"),
-        state_dir: dir.path().join("home"),
-        resolvectl: dir.path().join("resolvectl"),
-        netns_guard: false,
-    };
+    let paths = Paths::sandbox(dir.path());
     std::fs::write(&paths.resolv_conf, "nameserver 127.0.0.2\noptions timeout:2 attempts:1\n")
         .unwrap();
     resolver::install(&paths, Wanted::ResolvConf, "q2q0", shim.ip()).unwrap();

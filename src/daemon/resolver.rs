@@ -115,6 +115,17 @@ impl Paths {
         }
     }
 
+    /// Everything under `dir` (a sandbox for tests): `dir/resolv.conf`, state in
+    /// `dir/home`, a `dir/resolvectl` program, no namespace check.
+    pub fn sandbox(dir: &Path) -> Paths {
+        Paths {
+            resolv_conf: dir.join("resolv.conf"),
+            state_dir: dir.join("home"),
+            resolvectl: dir.join("resolvectl"),
+            netns_guard: false,
+        }
+    }
+
     fn state_file(&self) -> PathBuf {
         self.state_dir.join("resolver.toml")
     }
@@ -1127,12 +1138,7 @@ mod tests {
     impl Lab {
         fn new() -> Lab {
             let dir = tempfile::tempdir().unwrap();
-            let paths = Paths {
-                resolv_conf: dir.path().join("resolv.conf"),
-                state_dir: dir.path().join("home"),
-                resolvectl: dir.path().join("resolvectl"),
-                netns_guard: false,
-            };
+            let paths = Paths::sandbox(dir.path());
             Lab { dir, paths }
         }
 

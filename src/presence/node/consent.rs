@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// A `BAD_REQUEST` error box for a server's request.
+fn bad(why: &str) -> (String, String) {
+    (code::BAD_REQUEST.to_string(), why.to_string())
+}
+
+/// The `from` of a server's request: who asks.
+fn from_arg(b: &AmpBox) -> Result<Q2qAddress, (String, String)> {
+    b.get_str("from").and_then(|f| Q2qAddress::parse(f).ok()).ok_or_else(|| bad("bad `from`"))
+}
+
 impl Node {
     /// Create the session of `setup`, bind the relay, and start probing.
     #[allow(clippy::too_many_arguments)]
@@ -134,11 +144,7 @@ impl Node {
     /// most where the server saw it or on our own networks, and answer ours. Only for a
     /// live session with exactly that peer and id that is not relay-only.
     pub(super) async fn peer_candidates(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
-        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
-        let from = b
-            .get_str("from")
-            .and_then(|f| Q2qAddress::parse(f).ok())
-            .ok_or_else(|| bad("bad `from`"))?;
+        let from = from_arg(b)?;
         let id = b
             .get_str("session")
             .and_then(|s| u64::from_str_radix(s, 16).ok())
@@ -227,11 +233,7 @@ impl Node {
     /// stranger calling `ping`, which anyone may use) gets a relay-only session: no
     /// candidates revealed, no probes sent.
     pub(super) async fn inbound(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
-        let bad = |why: &str| (code::BAD_REQUEST.to_string(), why.to_string());
-        let from = b
-            .get_str("from")
-            .and_then(|f| Q2qAddress::parse(f).ok())
-            .ok_or_else(|| bad("bad `from`"))?;
+        let from = from_arg(b)?;
         let service = b
             .get_str("service")
             .and_then(|s| ServiceName::parse(s).ok())
