@@ -223,3 +223,69 @@ async fn fresh_candidates_reach_a_peer_in_session_and_no_one_else() {
         .unwrap();
     assert_eq!(err.code(), Some(q2q::proto::code::NOT_AUTHORIZED), "{err}");
 }
+
+/// A stranger with a valid certificate of a domain of their own (and a server of their
+/// own) may ping, like anyone, but gets a relay-only session: no candidate of alice's, no
+/// probe from her, and no way to feed her session candidates of their choosing.
+#[tokio::test]
+async fn a_stranger_from_their_own_domain_gets_relay_only_and_cannot_steer_probes() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let evil = TestServer::start("evil.example", loopback_config(Registration::Open)).await;
+    // Each server finds the other domain's server (and so its CA) from its config.
+    for (s, other, at) in [(&srv, "evil.example", &evil), (&evil, "example.com", &srv)] {
+        let fed = s.data_dir().join("federation");
+        std::fs::create_dir_all(&fed).unwrap();
+        std::fs::write(
+            fed.join("config.toml"),
+            format!("[servers]\n\"{other}\" = \"{}\"\n", at.addr()),
+        )
+        .unwrap();
+    }
+    let (_d, home) = common::home();
+    std::fs::create_dir_all(home.root()).unwrap();
+    std::fs::write(
+        home.root().join("config.toml"),
+        format!(
+            "[servers]\n\"example.com\" = \"{}\"\n\"evil.example\" = \"{}\"\n",
+            srv.addr(),
+            evil.addr()
+        ),
+    )
+    .unwrap();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let mallory = node(&evil, &home, "mallory@evil.example", NodeConfig::default()).await;
+    alice.serve_ping().await.unwrap();
+    let report =
+        mallory.ping(&addr("alice@example.com"), 3, Duration::from_millis(50)).await.unwrap();
+    assert_eq!(report.rtts.len(), 3);
+    let s = alice.status();
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert!(matches!(s[0].path, PathKind::UdpRelay(_)), "{s:?}");
+    assert!(s[0].why.contains("relay only"), "{}", s[0].why);
+    assert_eq!(alice.probes_sent(), 0);
+    // Mallory, logged in at alice's server, names her real session with alice and offers a
+    // third party's address.
+    let fake = q2q::client::ServerConn::connect(
+        &home,
+        &addr("alice@example.com").domain,
+        &q2q::client::ConnectOptions {
+            login: Some(std::sync::Arc::new(home.identity(&addr("mallory@evil.example")).unwrap())),
+            ..srv.opts()
+        },
+    )
+    .await
+    .unwrap();
+    let err = fake
+        .peer_call(
+            q2q::amp::AmpBox::command(q2q::proto::command::CANDIDATES)
+                .with("to", "alice@example.com")
+                .with("session", format!("{:016x}", s[0].session))
+                .with("candidates", "198.51.100.99:22"),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(q2q::proto::code::NOT_AUTHORIZED), "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(alice.probes_sent(), 0, "no probe went anywhere");
+}
