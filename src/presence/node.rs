@@ -264,6 +264,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// Our stored identity (certificate and key) as it is now: renewal replaces it, so
+    /// read it here at each use rather than keeping a copy.
+    pub(super) fn stored_identity(&self) -> Arc<StoredIdentity> {
+        self.inner.identity.clone()
+    }
+
+    /// Our certificate and key for TLS with peers, as they are now (see
+    /// [`Node::stored_identity`]).
+    pub(super) fn tls_identity(&self) -> crate::ptcp::tls::Identity {
+        self.inner.tls_identity.clone()
+    }
+
     /// Log in as `me` (whose identity is stored in `home`) and start serving.
     pub async fn start(
         home: Home,

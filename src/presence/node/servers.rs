@@ -166,8 +166,7 @@ impl Node {
         {
             return Ok(c.clone());
         }
-        let opts =
-            ConnectOptions { login: Some(self.inner.identity.clone()), ..Default::default() };
+        let opts = ConnectOptions { login: Some(self.stored_identity()), ..Default::default() };
         let mut conn = ServerConn::connect(&self.inner.home, domain, &opts).await?;
         if let Some(incoming) = conn.incoming.take() {
             tokio::spawn(self.clone().control_loop(incoming));

@@ -135,7 +135,7 @@ impl Node {
         let stream = ps.ptcp.open_stream().await?;
         let mut tls = crate::ptcp::tls::connect(
             stream,
-            &self.inner.tls_identity,
+            &self.tls_identity(),
             &ps.peer,
             ps.ca.clone(),
             crate::ptcp::tls::no_revocation(),
@@ -259,7 +259,7 @@ impl Node {
     ) {
         let handshake = async {
             let (mut tls, caller) =
-                crate::ptcp::tls::accept(stream, &self.inner.tls_identity, trust).await?;
+                crate::ptcp::tls::accept(stream, &self.tls_identity(), trust).await?;
             let header = StreamHeader::read(&mut tls)
                 .await
                 .map_err(|e| crate::ptcp::tls::TlsError::Io(std::io::Error::other(e)))?;
