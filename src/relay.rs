@@ -120,6 +120,12 @@ pub enum RelayError {
     NotOwner,
 }
 
+impl From<q2q_netstack::replay::Replayed> for RelayError {
+    fn from(_: q2q_netstack::replay::Replayed) -> RelayError {
+        RelayError::Replayed
+    }
+}
+
 /// A relay datagram whose framing parsed and whose tag is not checked yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unverified<'a> {
@@ -210,58 +216,7 @@ pub fn seal_in_place(datagram: &mut [u8], key: &Key, dir: Direction, token: &Tok
     head[TAG_AT..].copy_from_slice(&tag);
 }
 
-/// The counters seen from one sender on one leg: the highest, and which of the
-/// [`ReplayWindow::SIZE`] below it (a sliding bitmap, as IPsec's anti-replay window).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReplayWindow {
-    highest: u64,
-    /// Bit `i`: counter `highest - i` was seen.
-    seen: u128,
-}
-
-/// What [`ReplayWindow::accept`] made of a counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fresh {
-    /// Higher than any seen before.
-    Newest,
-    /// Not seen before, but lower than the highest (reordered).
-    Late,
-}
-
-impl ReplayWindow {
-    /// How far below the highest counter a late datagram is still taken.
-    pub const SIZE: u64 = 128;
-
-    /// The highest counter accepted so far (0: none).
-    pub fn highest(&self) -> u64 {
-        self.highest
-    }
-
-    /// Record `counter` of a verified datagram, or refuse it as a replay (`Err`): seen
-    /// already, 0, or older than the window.
-    pub fn accept(&mut self, counter: u64) -> Result<Fresh, RelayError> {
-        if counter == 0 {
-            return Err(RelayError::Replayed);
-        }
-        if counter > self.highest {
-            let shift = counter - self.highest;
-            self.seen = if shift >= Self::SIZE { 0 } else { self.seen << shift };
-            self.seen |= 1;
-            self.highest = counter;
-            return Ok(Fresh::Newest);
-        }
-        let back = self.highest - counter;
-        if back >= Self::SIZE {
-            return Err(RelayError::Replayed);
-        }
-        let bit = 1u128 << back;
-        if self.seen & bit != 0 {
-            return Err(RelayError::Replayed);
-        }
-        self.seen |= bit;
-        Ok(Fresh::Late)
-    }
-}
+pub use q2q_netstack::replay::{Fresh, ReplayWindow};
 
 /// A client's end of a relay leg: its token and key, the counter of what it sends and the
 /// window of what the server sent. Its [`crate::ptcp::Framing`] seals each PTCP datagram
@@ -403,27 +358,6 @@ mod tests {
         assert_eq!(leg.open(&d), Err(RelayError::Replayed));
         // Truncated: malformed.
         assert_eq!(leg.open(&d[..OVERHEAD - 1]), Err(RelayError::Malformed));
-    }
-
-    #[test]
-    fn replay_window_slides() {
-        let mut w = ReplayWindow::default();
-        assert_eq!(w.accept(0), Err(RelayError::Replayed));
-        assert_eq!(w.accept(5), Ok(Fresh::Newest));
-        assert_eq!(w.accept(3), Ok(Fresh::Late));
-        assert_eq!(w.accept(3), Err(RelayError::Replayed));
-        assert_eq!(w.accept(5), Err(RelayError::Replayed));
-        assert_eq!(w.accept(6), Ok(Fresh::Newest));
-        assert_eq!(w.accept(4), Ok(Fresh::Late));
-        assert_eq!(w.accept(6 + ReplayWindow::SIZE - 1), Ok(Fresh::Newest));
-        // 6 is now at the bottom edge of the window and was seen; 7 was not.
-        assert_eq!(w.accept(6), Err(RelayError::Replayed));
-        assert_eq!(w.accept(7), Ok(Fresh::Late));
-        // Below the window: refused.
-        assert_eq!(w.accept(5), Err(RelayError::Replayed));
-        assert_eq!(w.accept(u64::MAX), Ok(Fresh::Newest));
-        assert_eq!(w.accept(u64::MAX), Err(RelayError::Replayed));
-        assert_eq!(w.highest(), u64::MAX);
     }
 
     #[test]

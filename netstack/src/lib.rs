@@ -94,6 +94,8 @@ pub mod config;
 mod device;
 pub mod path;
 pub mod pmtu;
+pub mod replay;
+pub mod seal;
 pub mod session;
 pub mod sim;
 pub mod sr;

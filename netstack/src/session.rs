@@ -14,6 +14,7 @@ use tracing::{debug, trace};
 
 use crate::config::Config;
 use crate::device::LinkDevice;
+use crate::seal::{self, SealError, Sealer, SessionKeys};
 use crate::sr::receiver::{Receiver, ReceiverStats};
 use crate::sr::sender::{Next, Sender, SenderStats};
 use crate::tcp_io;
@@ -93,6 +94,10 @@ pub enum SessionError {
     /// Nothing arrived from the peer for the idle timeout: it is gone or unreachable.
     #[error("peer silent for {0} ms: session timed out")]
     TimedOut(u64),
+    /// More sealed datagrams failed to open than the AEAD's integrity limit allows
+    /// ([`seal::INTEGRITY_LIMIT`]): the keys may no longer be trusted.
+    #[error("too many forged datagrams: session ended")]
+    Forgeries,
 }
 
 /// Why a datagram was not taken by a session. The caller counts and drops it.
@@ -115,6 +120,13 @@ pub enum DatagramError {
     /// The session has ended.
     #[error("session lost")]
     SessionLost,
+    /// A sealed datagram that did not open (forged, replayed, or before our keys).
+    #[error(transparent)]
+    Sealed(#[from] SealError),
+    /// A plain PTCP datagram after the peer's datagrams are sealed: injected by someone
+    /// else.
+    #[error("plain datagram in a sealed session")]
+    Unsealed,
 }
 
 /// Why a stream operation failed.
@@ -163,6 +175,10 @@ pub struct Stats {
     pub wrong_session: u64,
     /// Open streams.
     pub streams: usize,
+    /// Whether the peer's datagrams arrive sealed ([`crate::seal`]).
+    pub sealed: bool,
+    /// Datagrams refused by sealing: forged, replayed, or plain after the switch.
+    pub refused: u64,
     /// The current packetization-layer path MTU (RFC 8899): the largest datagram this
     /// session sends outside probes, in bytes of UDP payload. Packets that would make
     /// larger `Data` datagrams go out as several `Fragment`s.
@@ -230,6 +246,13 @@ pub struct Session {
     lost: Option<SessionError>,
     malformed: u64,
     wrong_session: u64,
+    side: Side,
+    /// The session's keys, once installed ([`Session::install_keys`]).
+    sealer: Option<Sealer>,
+    /// Where sealed datagrams are opened (reused).
+    plain: Vec<u8>,
+    /// Datagrams refused by sealing.
+    refused: u64,
     /// Probe acknowledgements waiting in `ctrl`.
     probe_acks: usize,
     /// The TCP clock (what smoltcp is given) runs this many µs behind `now`: the time it
@@ -312,6 +335,10 @@ impl Session {
             lost: None,
             malformed: 0,
             wrong_session: 0,
+            side,
+            sealer: None,
+            plain: Vec::new(),
+            refused: 0,
             probe_acks: 0,
             tcp_lag: 0,
             tcp_frozen_since: None,
@@ -354,28 +381,99 @@ impl Session {
             wrong_session: self.wrong_session,
             streams: self.streams.len(),
             plpmtu: self.sender.pmtu.plpmtu,
+            sealed: self.sealer.as_ref().is_some_and(|s| s.peer_sealed),
+            refused: self.refused,
         }
+    }
+
+    /// Install the session's keys (taken from the TLS exporter once both identities are
+    /// proven; see [`crate::seal`]). `send_sealed`: seal what we send from now on. The
+    /// side that confirms the handshake passes `false` and starts sealing when the
+    /// peer's first sealed datagram opens; the other side learns from that confirmation
+    /// that its peer has the keys, and passes `true`. Installing twice keeps the first.
+    pub fn install_keys(&mut self, keys: &SessionKeys, send_sealed: bool) {
+        if self.sealer.is_some() {
+            return;
+        }
+        let (tx, rx) = match self.side {
+            Side::Initiator => (&keys.initiator, &keys.responder),
+            Side::Responder => (&keys.responder, &keys.initiator),
+        };
+        self.sealer = Some(Sealer::new(tx, rx, send_sealed));
+        debug!(session = %self.id, send_sealed, "session keys installed");
     }
 
     // ---- datagrams in and out -------------------------------------------------------
 
     /// Take a datagram received from the peer (from whatever address: the session is keyed
     /// by its id only). Errors are for counting; the datagram is dropped.
+    ///
+    /// Once the session has keys, a sealed datagram is opened first (and refused if it
+    /// does not open); once the peer's datagrams arrive sealed, plain ones are refused. Only
+    /// a datagram taken (`Ok`) shows that the peer is alive.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), DatagramError> {
-        match Datagram::parse(datagram) {
-            Ok(d) => self.handle(now, d),
-            Err(e) => {
-                self.malformed += 1;
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Take an already parsed datagram (a driver that routed it by [`Datagram::session`]).
-    pub fn handle(&mut self, now: Instant, datagram: Datagram<'_>) -> Result<(), DatagramError> {
         if self.lost.is_some() {
             return Err(DatagramError::SessionLost);
         }
+        let parsed = match Datagram::parse(datagram) {
+            Ok(d) => d,
+            Err(e) => {
+                self.malformed += 1;
+                return Err(e.into());
+            }
+        };
+        match parsed {
+            Datagram::Sealed(id) if id == self.id => self.handle_sealed(now, datagram),
+            Datagram::Sealed(_) => self.handle(now, parsed, datagram.len()),
+            Datagram::Other(kind) => Err(DatagramError::NotPtcp(kind)),
+            _ if self.sealer.as_ref().is_some_and(|s| s.refuses_plain(micros(now))) => {
+                self.refused += 1;
+                Err(DatagramError::Unsealed)
+            }
+            _ => self.handle(now, parsed, datagram.len()),
+        }
+    }
+
+    fn handle_sealed(&mut self, now: Instant, datagram: &[u8]) -> Result<(), DatagramError> {
+        let Some(sealer) = &mut self.sealer else {
+            self.refused += 1;
+            return Err(SealError::NoKeys.into());
+        };
+        let mut plain = std::mem::take(&mut self.plain);
+        let opened = sealer.open(micros(now), datagram, &mut plain);
+        let forged = sealer.forged;
+        let result = match opened {
+            Err(e) => {
+                self.refused += 1;
+                if forged >= seal::INTEGRITY_LIMIT {
+                    self.lose(SessionError::Forgeries);
+                }
+                Err(e.into())
+            }
+            Ok(()) => match Datagram::parse(&plain) {
+                Ok(Datagram::Sealed(_) | Datagram::Other(_)) => {
+                    self.malformed += 1;
+                    Err(WireError::Malformed("sealed datagram holds no PTCP datagram").into())
+                }
+                Ok(inner) => self.handle(now, inner, datagram.len()),
+                Err(e) => {
+                    self.malformed += 1;
+                    Err(e.into())
+                }
+            },
+        };
+        self.plain = plain;
+        result
+    }
+
+    /// Take a parsed plain datagram (opened already if it came sealed); `wire_len` is the
+    /// length it had on the wire (what a path-MTU probe measured).
+    fn handle(
+        &mut self,
+        now: Instant,
+        datagram: Datagram<'_>,
+        wire_len: usize,
+    ) -> Result<(), DatagramError> {
         let now_us = micros(now);
         self.last_now = self.last_now.max(now_us);
         if datagram.session() == Some(self.id) {
@@ -411,7 +509,7 @@ impl Session {
                 self.last_rx = now_us;
                 if self.probe_acks < MAX_QUEUED_PROBE_ACKS {
                     let mut out = Vec::with_capacity(PmtuAck::LEN);
-                    PmtuAck::emit(self.id, p.id, p.size, &mut out);
+                    PmtuAck::emit(self.id, p.id, wire_len, &mut out);
                     self.ctrl.push_back(out);
                     self.probe_acks += 1;
                 }
@@ -426,7 +524,8 @@ impl Session {
             | Datagram::Ack(_)
             | Datagram::Fragment(_)
             | Datagram::PmtuProbe(_)
-            | Datagram::PmtuAck(_) => {
+            | Datagram::PmtuAck(_)
+            | Datagram::Sealed(_) => {
                 self.wrong_session += 1;
                 let got = datagram.session().unwrap_or(SessionId(0));
                 Err(DatagramError::WrongSession { expected: self.id, got })
@@ -502,7 +601,19 @@ impl Session {
 
     /// Append the next datagram to send to `out` and return its length, or `None` when there
     /// is nothing to send now (call again after [`Session::poll_timeout`] or any input).
+    ///
+    /// Once the session seals ([`Session::install_keys`]), every datagram comes out sealed.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<usize> {
+        let start = out.len();
+        self.poll_plain(now, out)?;
+        if let Some(s) = self.sealer.as_mut().filter(|s| s.sending) {
+            s.seal(out, start);
+        }
+        Some(out.len() - start)
+    }
+
+    /// Append the next plain datagram to `out`.
+    fn poll_plain(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<usize> {
         let now_us = micros(now);
         self.run_timers(now_us);
         if self.lost.is_some() {
@@ -510,7 +621,12 @@ impl Session {
         }
         if self.ctrl.is_empty() && self.receiver.ack_due(now_us) {
             // ACKs stay within the path MTU too.
-            let max_len = self.sender.pmtu.plpmtu.min(self.config.link_payload);
+            let max_len = self
+                .sender
+                .pmtu
+                .plpmtu
+                .min(self.config.link_payload)
+                .saturating_sub(seal::OVERHEAD);
             self.receiver.build_acks(now_us, max_len, &mut self.ctrl);
         }
         if let Some(d) = self.ctrl.pop_front() {
@@ -525,7 +641,8 @@ impl Session {
             self.last_send = now_us;
             return Some(out.len() - start);
         }
-        if self.sender.next_probe(now_us, out) {
+        let sealed = self.sealer.as_ref().is_some_and(|s| s.sending);
+        if self.sender.next_probe(now_us, sealed, out) {
             if self.sender.bytes_in_flight() == 0 && self.device.tx.is_empty() {
                 // Nothing else would show whether the path is alive while the probe is
                 // out: a keepalive's ACK does (see `pmtu`).

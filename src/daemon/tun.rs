@@ -817,13 +817,13 @@ async fn open_flow(ctx: Arc<Ctx>, flow: FlowId, dst: SocketAddr) {
 async fn bridge(mut flow: PipeStream<FlowId>, conn: Box<Connection>) {
     let Connection { peer, mut stream, .. } = *conn;
     // Interactive programs (ssh) must not wait for Nagle; bulk data comes in big writes.
-    stream.get_ref().0.set_nodelay(true);
+    stream.set_nodelay(true);
     match tokio::io::copy_bidirectional(&mut flow, &mut stream).await {
         Ok((up, down)) => debug!(%peer, up, down, "flow done"),
         Err(e) => {
             debug!(%peer, error = %e, "flow ended with an error");
             flow.abort();
-            stream.get_ref().0.abort();
+            stream.abort();
         }
     }
 }

@@ -201,8 +201,9 @@ pub struct Accepted {
     pub session: Arc<PtcpSession>,
 }
 
-/// A stream between two q2q identities: TLS 1.3, both certificates verified, over PTCP.
-pub type PeerStream = tokio_rustls::TlsStream<PtcpStream>;
+/// A stream between two q2q identities: a stream of their peer session, whose datagrams
+/// are sealed with keys from one TLS 1.3 handshake between both certificates.
+pub type PeerStream = PtcpStream;
 
 /// A connection made by [`Node::connect`].
 pub struct Connection {
@@ -250,6 +251,10 @@ const TCP_RELAY_QUEUE: usize = 256;
 /// A new stream on a session older than a moment must be accepted within this long, or
 /// the peer is taken to have forgotten the session (restarted) and a new one is set up.
 const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the caller of a new session has to prove its identity on the session's first
+/// stream.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);

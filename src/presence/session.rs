@@ -2,16 +2,25 @@
 //!
 //! A [`PeerSession`] is set up once through the servers (`inbound`: consent, candidates,
 //! punching) and then carries every stream between the two addresses, any service, either
-//! direction, with no server round trip. Each stream is its own TLS 1.3 connection between
-//! the two certificates (the relay only ever sees ciphertext), and its first bytes, inside
-//! TLS, are a [`StreamHeader`] naming the service; the acceptor checks its policy for that
-//! service and answers a [`Verdict`] before any data moves:
+//! direction, with no server round trip.
+//!
+//! **Authenticated once.** The caller's first stream is TLS 1.3 between the two
+//! certificates (end to end: the servers vouch for nobody). Both ends take the session's
+//! [`SessionSecrets`] from that handshake: keys that seal every PTCP datagram of the
+//! session from then on (`q2q_netstack::seal`: the relay and anyone on the path see only
+//! ciphertext, and cannot inject or replay), and a stream token. That stream then closes.
+//!
+//! **Streams.** Every later stream, opened by either side, starts with the token and a
+//! [`StreamHeader`] naming the service; the acceptor checks its policy for that service
+//! and answers a [`Verdict`] before any data moves:
 //!
 //! ```text
+//!  caller                                   callee
+//!  stream 1: TLS 1.3, both certificates ◀─▶ caller == the session's peer?
+//!            both: keys from the exporter, every datagram sealed from now on
 //!  opener                                   acceptor
 //!  PTCP stream (smoltcp SYN) ─────────────▶ accept
-//!  TLS 1.3, both certificates ◀───────────▶ caller == the session's peer?
-//!  header: service "tcp/22" ──────────────▶ authorized for tcp/22?
+//!  token ‖ header: service "tcp/22" ──────▶ token of this session? authorized for tcp/22?
 //!                           ◀───────────── verdict: accepted | refused + reason
 //!  application bytes       ◀─────────────▶
 //! ```
@@ -25,6 +34,7 @@
 
 use crate::address::{Q2qAddress, ServiceName};
 use crate::ptcp::PtcpSession;
+use crate::ptcp::tls::{STREAM_TOKEN_LEN, SessionSecrets};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -163,6 +173,18 @@ pub struct PeerSession {
     opened: Mutex<BTreeMap<String, u64>>,
     ended: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Whether both identities are proven yet.
+    auth: tokio::sync::watch::Sender<Auth>,
+}
+
+/// How far the session's authentication is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    Pending,
+    /// Proven; the stream token.
+    Done([u8; STREAM_TOKEN_LEN]),
+    /// The session ended first.
+    Ended,
 }
 
 impl std::fmt::Debug for PeerSession {
@@ -189,6 +211,40 @@ impl PeerSession {
             opened: Mutex::new(BTreeMap::new()),
             ended: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            auth: tokio::sync::watch::channel(Auth::Pending).0,
+        }
+    }
+
+    /// Both identities are proven and the session's datagrams are sealed with `secrets`:
+    /// streams may open.
+    pub fn authenticated(&self, secrets: &SessionSecrets) {
+        self.auth.send_replace(Auth::Done(secrets.stream_token));
+    }
+
+    /// The stream token, once the session is authenticated (waits for it; `None` if the
+    /// session ended first).
+    pub async fn stream_token(&self) -> Option<[u8; STREAM_TOKEN_LEN]> {
+        let mut rx = self.auth.subscribe();
+        let auth = rx.wait_for(|a| *a != Auth::Pending).await.ok()?;
+        match *auth {
+            Auth::Done(token) => Some(token),
+            Auth::Pending | Auth::Ended => None,
+        }
+    }
+
+    /// The stream token if the session is authenticated already.
+    pub fn stream_token_now(&self) -> Option<[u8; STREAM_TOKEN_LEN]> {
+        match *self.auth.borrow() {
+            Auth::Done(token) => Some(token),
+            Auth::Pending | Auth::Ended => None,
+        }
+    }
+
+    /// Whether `token` is this session's stream token (compared in constant time).
+    pub fn is_stream_token(&self, token: &[u8; STREAM_TOKEN_LEN]) -> bool {
+        match *self.auth.borrow() {
+            Auth::Done(mine) => mine.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0,
+            Auth::Pending | Auth::Ended => false,
         }
     }
 
@@ -249,6 +305,13 @@ impl PeerSession {
     /// Mark the session over: `true` the first time (that caller cleans up, then calls
     /// [`PeerSession::stop_tasks`]).
     pub fn mark_ended(&self) -> bool {
+        self.auth.send_if_modified(|a| {
+            let pending = *a == Auth::Pending;
+            if pending {
+                *a = Auth::Ended;
+            }
+            pending
+        });
         !self.ended.swap(true, Ordering::AcqRel)
     }
 

@@ -146,7 +146,10 @@ pub enum EndpointError {
     #[error("no session {0}")]
     NoSuchSession(SessionId),
     /// The session ended.
-    #[error("session lost: peer unreachable for {} s", match .0 { SessionError::TimedOut(ms) => ms / 1000 })]
+    #[error("session lost: {}", match .0 {
+        SessionError::TimedOut(ms) => format!("peer unreachable for {} s", ms / 1000),
+        other => other.to_string(),
+    })]
     SessionLost(SessionError),
     /// The stream could not be opened.
     #[error("cannot open stream: {0}")]
@@ -224,6 +227,12 @@ pub(crate) enum Command {
     Candidates {
         id: SessionId,
         candidates: Vec<SocketAddr>,
+    },
+    InstallKeys {
+        id: SessionId,
+        keys: Box<q2q_netstack::seal::SessionKeys>,
+        send_sealed: bool,
+        reply: oneshot::Sender<()>,
     },
     DropFrom(Option<DropFilter>),
     Send {
@@ -571,6 +580,18 @@ impl PtcpSession {
         let _ = self.link.cmds.send(Command::Candidates { id: self.id, candidates }).await;
     }
 
+    /// Seal every datagram of the session from now on with `keys` (taken from the TLS
+    /// exporter once both identities are proven; see [`q2q_netstack::seal`] for the switch
+    /// and what `send_sealed` means). Returns once the driver has them, so a confirmation
+    /// written afterwards is sent after they are in place.
+    pub async fn install_keys(&self, keys: q2q_netstack::seal::SessionKeys, send_sealed: bool) {
+        let (reply, done) = oneshot::channel();
+        let cmd = Command::InstallKeys { id: self.id, keys: Box::new(keys), send_sealed, reply };
+        if self.link.cmds.send(cmd).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// Why the session ended, if it did.
     pub fn error(&self) -> Option<SessionError> {
         *self.lost.lock().unwrap_or_else(|e| e.into_inner())
@@ -776,7 +797,7 @@ impl Driver {
                     Err(_) => bump(&self.stats.side_dropped),
                 }
             }
-            Ok(d) => self.on_parsed(now, from, d, via),
+            Ok(d) => self.on_parsed(now, from, d, data, via),
         }
     }
 
@@ -823,11 +844,13 @@ impl Driver {
 
     /// A parsed PTCP datagram: to its session, and to its path machine (liveness, or the
     /// peer using the relay).
-    fn on_parsed(&mut self, now: Instant, from: SocketAddr, d: Datagram<'_>, via: Via) {
+    fn on_parsed(&mut self, now: Instant, from: SocketAddr, d: Datagram<'_>, raw: &[u8], via: Via) {
         let Some(sid) = d.session() else { return };
         match self.sessions.get_mut(&sid) {
             Some(s) => {
-                if s.session.handle(now, d).is_err() {
+                // Only a datagram the session takes (sealed and opened, once it has keys)
+                // shows the path is alive.
+                if s.session.handle_datagram(now, raw).is_err() {
                     bump(&self.stats.malformed);
                 } else {
                     if let Some((watched, heard)) = &mut s.watch
@@ -941,6 +964,13 @@ impl Driver {
                     }
                 }
             }
+            Command::InstallKeys { id, keys, send_sealed, reply } => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.session.install_keys(&keys, send_sealed);
+                    s.touched = true;
+                }
+                let _ = reply.send(());
+            }
             Command::Candidates { id, candidates } => {
                 let now = self.now();
                 if let Some(s) = self.sessions.get_mut(&id)
@@ -978,7 +1008,7 @@ impl Driver {
                             s.touched = true;
                         }
                     }
-                    Ok(d) if d.session() == Some(id) => self.on_parsed(now, from, d, via),
+                    Ok(d) if d.session() == Some(id) => self.on_parsed(now, from, d, &data, via),
                     _ => bump(&self.stats.malformed),
                 }
             }
@@ -1389,15 +1419,15 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
             let _ = s.session.abort(stream);
         }
         Event::TimedOut(stream) => {
-            let ms = match s.session.error() {
-                Some(SessionError::TimedOut(ms)) => ms,
-                None => s.session.config().idle_timeout.total_millis(),
+            let failure = match s.session.error() {
+                Some(err) => stream_failure(err),
+                None => StreamFailure::TimedOut(s.session.config().idle_timeout.total_millis()),
             };
             if let Some(reply) = s.opening.remove(&stream) {
-                let _ = reply.send(Err(EndpointError::Refused(StreamFailure::TimedOut(ms))));
+                let _ = reply.send(Err(EndpointError::Refused(failure)));
             }
             if let Some(p) = s.streams.remove(&stream) {
-                p.fail(StreamFailure::TimedOut(ms));
+                p.fail(failure);
             }
         }
         Event::Closed(stream) => {
@@ -1418,13 +1448,21 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
                 let _ = reply.send(Err(EndpointError::SessionLost(err)));
             }
             for (_, p) in s.streams.drain() {
-                let SessionError::TimedOut(ms) = err;
-                p.fail(StreamFailure::TimedOut(ms));
+                p.fail(stream_failure(err));
             }
             // Closing the accept channel ends `accept()` with the reason in `lost`.
             let (closed, _) = mpsc::channel(1);
             s.incoming = closed;
         }
+    }
+}
+
+/// What a stream's user is told when its session ended for `err`.
+fn stream_failure(err: SessionError) -> StreamFailure {
+    match err {
+        SessionError::TimedOut(ms) => StreamFailure::TimedOut(ms),
+        // The session ended under attack: its streams are reset.
+        SessionError::Forgeries => StreamFailure::Reset,
     }
 }
 

@@ -226,6 +226,21 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (mut tls, caller) = accept_unconfirmed(io, me, trust).await?;
+    confirm(&mut tls).await?;
+    Ok((tls, caller))
+}
+
+/// [`accept`] without the confirmation the dialer waits for: the caller is verified, and
+/// the acceptor can act on it (install the session's keys) before it [`confirm`]s.
+pub async fn accept_unconfirmed<S>(
+    io: S,
+    me: &Identity,
+    trust: Arc<dyn Trust>,
+) -> Result<(server::TlsStream<S>, Q2qAddress), TlsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let verifier = Arc::new(ClientVerifier {
         trust,
         reason: Mutex::new(None),
@@ -242,7 +257,7 @@ where
     // No resumption: each stream proves both identities afresh.
     config.send_tls13_tickets = 0;
     let acceptor = TlsAcceptor::from(Arc::new(config));
-    let mut tls = match acceptor.accept(io).await {
+    let tls = match acceptor.accept(io).await {
         Ok(t) => t,
         Err(e) => {
             let reason = verifier.reason.lock().ok().and_then(|mut r| r.take());
@@ -251,9 +266,63 @@ where
     };
     let caller =
         verifier.verified.lock().ok().and_then(|mut v| v.take()).ok_or(TlsError::NoCertificate)?;
-    tls.write_all(&[ACCEPTED]).await.map_err(TlsError::Io)?;
-    tls.flush().await.map_err(TlsError::Io)?;
     Ok((tls, caller))
+}
+
+/// Tell the dialer it was accepted (the [`ACCEPTED`] byte its [`connect`] waits for).
+pub async fn confirm<S>(tls: &mut server::TlsStream<S>) -> Result<(), TlsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tls.write_all(&[ACCEPTED]).await.map_err(TlsError::Io)?;
+    tls.flush().await.map_err(TlsError::Io)
+}
+
+/// What both ends of a peer session take from its TLS handshake (RFC 8446 §7.5 exporter,
+/// label [`SESSION_EXPORTER_LABEL`], the session id as context, so the secrets are bound
+/// to both certificates, this handshake and this session).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionSecrets {
+    /// The keys that seal every datagram of the session, one per direction.
+    pub keys: q2q_netstack::seal::SessionKeys,
+    /// Proves, at the start of each later stream, that the stream belongs to this session
+    /// (16 bytes).
+    pub stream_token: [u8; STREAM_TOKEN_LEN],
+}
+
+impl std::fmt::Debug for SessionSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSecrets(..)")
+    }
+}
+
+/// The TLS exporter label of [`SessionSecrets`].
+pub const SESSION_EXPORTER_LABEL: &[u8] = b"EXPORTER-q2q-session-v1";
+
+/// Length of [`SessionSecrets::stream_token`], bytes.
+pub const STREAM_TOKEN_LEN: usize = 16;
+
+/// The secrets of session `session` from a finished handshake (either end: both derive
+/// the same).
+pub fn export_session<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    session: u64,
+) -> Result<SessionSecrets, TlsError> {
+    use q2q_netstack::seal::KEY_LEN;
+    let out = conn
+        .export_keying_material(
+            [0u8; 2 * KEY_LEN + STREAM_TOKEN_LEN],
+            SESSION_EXPORTER_LABEL,
+            Some(&session.to_be_bytes()),
+        )
+        .map_err(TlsError::Tls)?;
+    let mut keys =
+        q2q_netstack::seal::SessionKeys { initiator: [0; KEY_LEN], responder: [0; KEY_LEN] };
+    keys.initiator.copy_from_slice(&out[..KEY_LEN]);
+    keys.responder.copy_from_slice(&out[KEY_LEN..2 * KEY_LEN]);
+    let mut stream_token = [0u8; STREAM_TOKEN_LEN];
+    stream_token.copy_from_slice(&out[2 * KEY_LEN..]);
+    Ok(SessionSecrets { keys, stream_token })
 }
 
 fn from_io(e: io::Error) -> TlsError {

@@ -233,13 +233,17 @@ impl Sender {
     }
 
     /// Append a path-MTU probe to `out` if one is due; returns whether it did.
-    pub fn next_probe(&mut self, now: i64, out: &mut Vec<u8>) -> bool {
+    ///
+    /// The probe's size is what goes on the wire: a probe the session will seal is
+    /// written [`crate::seal::OVERHEAD`] bytes shorter.
+    pub fn next_probe(&mut self, now: i64, sealed: bool, out: &mut Vec<u8>) -> bool {
         let timeout = self.base_rto();
         let alive = self.rto_backoff == 0;
         let Some((id, size)) = self.pmtu.take_probe(now, alive, timeout, self.next_pn) else {
             return false;
         };
-        PmtuProbe::emit(self.session, id, size, out);
+        let seal = if sealed { crate::seal::OVERHEAD } else { 0 };
+        PmtuProbe::emit(self.session, id, size.saturating_sub(seal), out);
         self.stats.pmtu_probes_sent += 1;
         true
     }
@@ -352,7 +356,9 @@ impl Sender {
         slot.app_limited = app_limited;
         // While a timeout's recovery lasts, send at BASE: small enough for any path, which
         // is what black-hole detection needs (see `pmtu`).
+        // Room is kept for sealing (`seal::OVERHEAD`) whether or not the session seals yet.
         let plpmtu = if self.rto_budget.is_some() { self.pmtu.base } else { self.pmtu.plpmtu };
+        let plpmtu = plpmtu.saturating_sub(crate::seal::OVERHEAD);
         let total = slot.payload.len();
         match u16::try_from(total) {
             Ok(total16) if Data::HEADER_LEN + total > plpmtu => {

@@ -17,7 +17,8 @@
 //! [`Data`] (one IP packet, numbered for selective repeat), [`Ack`] (a cumulative point
 //! and the complete list of received ranges), [`Fragment`] (a piece of an IP packet whose
 //! `Data` datagram would exceed the path MTU) and the path-MTU probe [`PmtuProbe`] with its
-//! answer [`PmtuAck`] (RFC 8899).
+//! answer [`PmtuAck`] (RFC 8899). Once a session has keys, each of these travels sealed
+//! inside a [`Kind::Sealed`] datagram ([`crate::seal`]).
 
 mod ack;
 mod data;
@@ -48,6 +49,8 @@ pub enum Kind {
     PmtuProbe = 0x04,
     /// PTCP: the acknowledgement of a path-MTU probe.
     PmtuAck = 0x05,
+    /// PTCP: any of the kinds above, sealed with the session's keys ([`crate::seal`]).
+    Sealed = 0x06,
     /// Ask the server for the address it sees (like a STUN binding request).
     WhoAmIRequest = 0x10,
     /// The server's answer: the reflexive address of the asker.
@@ -69,6 +72,7 @@ impl Kind {
             0x03 => Kind::Fragment,
             0x04 => Kind::PmtuProbe,
             0x05 => Kind::PmtuAck,
+            0x06 => Kind::Sealed,
             0x10 => Kind::WhoAmIRequest,
             0x11 => Kind::WhoAmIReply,
             0x20 => Kind::Probe,
@@ -153,6 +157,9 @@ pub enum Datagram<'a> {
     PmtuProbe(PmtuProbe),
     /// The acknowledgement of a path-MTU probe.
     PmtuAck(PmtuAck),
+    /// One of the kinds above, sealed with the session's keys: only its session id is
+    /// read here ([`crate::seal`] opens it).
+    Sealed(SessionId),
     /// A known kind that is not PTCP; its body is not parsed here.
     Other(Kind),
 }
@@ -166,6 +173,15 @@ impl<'a> Datagram<'a> {
             Kind::Fragment => Datagram::Fragment(Fragment::parse(datagram)?),
             Kind::PmtuProbe => Datagram::PmtuProbe(PmtuProbe::parse(datagram)?),
             Kind::PmtuAck => Datagram::PmtuAck(PmtuAck::parse(datagram)?),
+            Kind::Sealed => {
+                let Some(id) = datagram.get(Prefix::LEN..Prefix::LEN + 8) else {
+                    return Err(WireError::Truncated {
+                        len: datagram.len(),
+                        need: Prefix::LEN + 8,
+                    });
+                };
+                Datagram::Sealed(SessionId(u64::from_be_bytes(data::be(id))))
+            }
             other => Datagram::Other(other),
         })
     }
@@ -178,6 +194,7 @@ impl<'a> Datagram<'a> {
             Datagram::Fragment(f) => Some(f.session),
             Datagram::PmtuProbe(p) => Some(p.session),
             Datagram::PmtuAck(a) => Some(a.session),
+            Datagram::Sealed(s) => Some(*s),
             Datagram::Other(_) => None,
         }
     }

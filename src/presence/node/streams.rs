@@ -108,30 +108,47 @@ impl Node {
         Err(last.unwrap_or(NodeError::Ptcp(EndpointError::Closed)))
     }
 
-    /// Open a stream of `service` on `ps`: TLS between the two certificates, the header
-    /// naming the service, and the peer's verdict.
+    /// Open a stream of `service` on `ps`: the header naming the service, and the peer's
+    /// verdict.
     pub(super) async fn open_on(
         &self,
         ps: &Arc<PeerSession>,
         service: &ServiceName,
     ) -> Result<PeerStream, NodeError> {
         match self.exchange(ps, &StreamHeader::Service(service.clone())).await? {
-            (tls, Verdict::Accepted) => {
+            (stream, Verdict::Accepted) => {
                 ps.note_opened(service);
-                Ok(tls.into())
+                Ok(stream)
             }
             (_, Verdict::Refused(why)) => Err(NodeError::Refused(why)),
         }
     }
 
-    /// Open a stream on `ps`, prove both identities (TLS 1.3, end to end: the server
-    /// vouched for nobody), send `header`, and read the peer's verdict.
+    /// Open a stream on `ps` (once the session is authenticated), send the session's
+    /// stream token and `header`, and read the peer's verdict.
     pub(super) async fn exchange(
         &self,
         ps: &Arc<PeerSession>,
         header: &StreamHeader,
-    ) -> Result<(tokio_rustls::client::TlsStream<PtcpStream>, Verdict), NodeError> {
+    ) -> Result<(PtcpStream, Verdict), NodeError> {
         use tokio::io::AsyncWriteExt;
+        let token = ps.stream_token().await.ok_or(NodeError::Ptcp(EndpointError::Closed))?;
+        let mut stream = ps.ptcp.open_stream().await?;
+        let mut first = token.to_vec();
+        first.extend_from_slice(&header.encode());
+        stream.write_all(&first).await?;
+        stream.flush().await?;
+        let verdict = Verdict::read(&mut stream).await?;
+        Ok((stream, verdict))
+    }
+
+    /// The caller's half of proving both identities, once per session: TLS 1.3 between
+    /// the two certificates on the session's first stream (end to end: the servers vouch
+    /// for nobody), then the session's keys from the handshake. The callee confirmed only
+    /// after installing its keys, so ours seal at once.
+    pub(super) async fn authenticate_dialer(&self, ps: &Arc<PeerSession>) -> Result<(), NodeError> {
+        use tokio::io::AsyncWriteExt;
+        let tls_error = |e: crate::ptcp::tls::TlsError| NodeError::Tls(format!("{}: {e}", ps.peer));
         let stream = ps.ptcp.open_stream().await?;
         let mut tls = crate::ptcp::tls::connect(
             stream,
@@ -141,11 +158,45 @@ impl Node {
             crate::ptcp::tls::no_revocation(),
         )
         .await
-        .map_err(|e| NodeError::Tls(format!("{}: {e}", ps.peer)))?;
-        tls.write_all(&header.encode()).await?;
-        tls.flush().await?;
-        let verdict = Verdict::read(&mut tls).await?;
-        Ok((tls, verdict))
+        .map_err(tls_error)?;
+        let secrets =
+            crate::ptcp::tls::export_session(&**tls.get_ref().1, ps.id()).map_err(tls_error)?;
+        ps.ptcp.install_keys(secrets.keys.clone(), true).await;
+        ps.authenticated(&secrets);
+        let _ = tls.shutdown().await;
+        Ok(())
+    }
+
+    /// The callee's half (see [`Node::authenticate_dialer`]): the session's first stream
+    /// must prove the session's peer; the keys are installed before the dialer is told.
+    pub(super) async fn authenticate_acceptor(
+        &self,
+        ps: &Arc<PeerSession>,
+        trust: Arc<dyn crate::ptcp::tls::Trust>,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let stream = ps.ptcp.accept().await.map_err(|e| e.to_string())?;
+        let (mut tls, caller) =
+            crate::ptcp::tls::accept_unconfirmed(stream, &self.tls_identity(), trust)
+                .await
+                .map_err(|e| format!("TLS failed: {e}"))?;
+        if caller != ps.peer {
+            return Err(format!("{caller} is not the session's peer"));
+        }
+        let secrets = crate::ptcp::tls::export_session(&**tls.get_ref().1, ps.id())
+            .map_err(|e| e.to_string())?;
+        ps.ptcp.install_keys(secrets.keys.clone(), false).await;
+        crate::ptcp::tls::confirm(&mut tls).await.map_err(|e| e.to_string())?;
+        ps.authenticated(&secrets);
+        // The dialer closes this stream; read its end (bounded) so it is released.
+        tokio::spawn(async move {
+            let mut sink = [0u8; 64];
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+        Ok(())
     }
 
     /// The live session with `to`, set up if there is none (one set-up for any number of
@@ -220,6 +271,10 @@ impl Node {
             )
             .await?;
         let ps = Arc::new(PeerSession::new(to.clone(), session, server.ca.clone(), relay_only));
+        if let Err(e) = self.authenticate_dialer(&ps).await {
+            ps.ptcp.abort().await;
+            return Err(e);
+        }
         self.serve_session(&ps);
         Ok(ps)
     }
@@ -237,6 +292,20 @@ impl Node {
         let trust: Arc<dyn crate::ptcp::tls::Trust> = Arc::new(
             crate::ptcp::tls::TrustMap::new().with_ca(ps.peer.domain.clone(), ps.ca.clone()),
         );
+        if ps.stream_token_now().is_none() {
+            // We are the callee: the caller's first stream proves who it is.
+            let auth = self.authenticate_acceptor(&ps, trust.clone());
+            let failed = match tokio::time::timeout(AUTH_TIMEOUT, auth).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(format!("no proof of identity within {} s", AUTH_TIMEOUT.as_secs())),
+            };
+            if let Some(why) = failed {
+                warn!(peer = %ps.peer, why, "session refused: authentication failed");
+                ps.ptcp.abort().await;
+                return self.end_session(&ps, "authentication failed").await;
+            }
+        }
         loop {
             let stream = match ps.ptcp.accept().await {
                 Ok(s) => s,
@@ -245,37 +314,29 @@ impl Node {
                     return self.end_session(&ps, "lost").await;
                 }
             };
-            tokio::spawn(self.clone().accept_stream(ps.clone(), stream, trust.clone()));
+            tokio::spawn(self.clone().accept_stream(ps.clone(), stream));
         }
     }
 
-    /// One stream the peer opened: its TLS must prove the session's peer; its header names
-    /// a service the peer is authorized for (or asks to close the session).
-    pub(super) async fn accept_stream(
-        self,
-        ps: Arc<PeerSession>,
-        stream: PtcpStream,
-        trust: Arc<dyn crate::ptcp::tls::Trust>,
-    ) {
+    /// One stream the peer opened: it must start with the session's stream token (the
+    /// session's datagrams are sealed, so only the peer can open it); its header names a
+    /// service the peer is authorized for (or asks to close the session).
+    pub(super) async fn accept_stream(self, ps: Arc<PeerSession>, mut tls: PtcpStream) {
+        use tokio::io::AsyncReadExt;
         let handshake = async {
-            let (mut tls, caller) =
-                crate::ptcp::tls::accept(stream, &self.tls_identity(), trust).await?;
-            let header = StreamHeader::read(&mut tls)
-                .await
-                .map_err(|e| crate::ptcp::tls::TlsError::Io(std::io::Error::other(e)))?;
-            Ok::<_, crate::ptcp::tls::TlsError>((tls, caller, header))
+            let mut token = [0u8; crate::ptcp::tls::STREAM_TOKEN_LEN];
+            tls.read_exact(&mut token).await.map_err(|e| e.to_string())?;
+            if !ps.is_stream_token(&token) {
+                return Err("not this session's stream token".to_string());
+            }
+            StreamHeader::read(&mut tls).await.map_err(|e| e.to_string())
         };
-        let (mut tls, caller, header) =
-            match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => {
-                    return warn!(peer = %ps.peer, error = %e, "refused a stream: TLS failed");
-                }
-                Err(_) => return debug!(peer = %ps.peer, "a stream's handshake timed out"),
-            };
-        if caller != ps.peer {
-            return warn!(%caller, session_peer = %ps.peer, "refused a stream: not the session's peer");
-        }
+        let header = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return warn!(peer = %ps.peer, error = %e, "refused a stream"),
+            Err(_) => return debug!(peer = %ps.peer, "a stream's header timed out"),
+        };
+        let caller = ps.peer.clone();
         let me = &self.inner.me;
         let service = match header {
             StreamHeader::Leaving => {
@@ -316,7 +377,7 @@ impl Node {
                     return;
                 }
                 ps.note_opened(&service);
-                let a = Accepted { peer: caller, stream: tls.into(), session: ps.ptcp.clone() };
+                let a = Accepted { peer: caller, stream: tls, session: ps.ptcp.clone() };
                 let _ = accepted.send(a).await;
             }
             Err(why) => {
