@@ -24,9 +24,10 @@
 //! task) for the peer session with bob. The first caller sets it up through bob's server
 //! (`inbound`: consent, candidates, relay legs, punching); any number of concurrent callers
 //! wait for that one set-up. Every stream after that, to any service and in either
-//! direction, is a new smoltcp connection inside the same PTCP session: TLS 1.3 between the
-//! two certificates, then a stream header naming the service and the callee's verdict
-//! (`presence/session.rs`). A session without streams closes on both sides after a while;
+//! direction, is a new smoltcp connection inside the same PTCP session, whose datagrams are
+//! sealed with keys from one TLS 1.3 handshake between the two certificates (on the
+//! session's first stream); each stream starts with the session's token and a header
+//! naming the service, and the callee answers its verdict (`presence/session.rs`). A session without streams closes on both sides after a while;
 //! a node going offline tells its peers. Strangers (named for none of our services) get
 //! relay-only sessions.
 //!

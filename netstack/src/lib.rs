@@ -26,6 +26,7 @@
 //!        │ PmtuProbe / PmtuAck datagrams     │
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ wire: prefix (version, kind), session id, body    │  wire/
+//!   │ sealed once keyed: ChaCha20-Poly1305, counter     │  seal.rs
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        ▼ UDP (driver: direct or relayed)   │
 //! ```
@@ -62,6 +63,12 @@
 //! (and so one NAT mapping) and still be told apart without ambiguity. PTCP datagrams then
 //! carry the 64-bit session id: a driver routes by [`wire::Datagram::session`], never by the
 //! sender's address, so a session survives relay → direct moves and NAT rebinding.
+//!
+//! ## Sealing
+//! Once the two peers have proven their identities (TLS 1.3 on the session's first stream,
+//! in the `q2q` crate), [`Session::install_keys`] seals every datagram of the session
+//! ([`seal`]): only datagrams that open count as the peer's, and after the switch plain
+//! ones are refused. Room for the seal is always kept below the path MTU.
 //!
 //! ## Polling contract
 //!

@@ -155,7 +155,7 @@ impl Verdict {
 /// One live session with one peer, shared by the session table, its accept loop and its
 /// keeper. The path state lives with the probing of its PTCP session (see `node`).
 pub struct PeerSession {
-    /// The other person, as the server announced and each stream's TLS proves.
+    /// The other person, as the server announced and the session's TLS handshake proved.
     pub peer: Q2qAddress,
     /// The PTCP session (its streams, its path).
     pub ptcp: Arc<PtcpSession>,

@@ -72,7 +72,9 @@
 //!
 //! ## TLS
 //! [`tls`] runs TLS 1.3 with mutual q2q-certificate authentication over any
-//! `AsyncRead + AsyncWrite`, `PtcpStream` included.
+//! `AsyncRead + AsyncWrite`, `PtcpStream` included. A peer session runs it once, on its
+//! first stream, and takes the keys that seal every datagram of the session from it
+//! ([`tls::export_session`], [`PtcpSession::install_keys`], `q2q_netstack::seal`).
 
 mod endpoint;
 mod paths;
