@@ -74,9 +74,9 @@
 //!
 //! The driver owns one [`Session`] per peer (one task per session):
 //!
-//! 1. On each datagram for the session: [`Session::handle_datagram`] (or
-//!    [`Session::handle`] with the already parsed [`wire::Datagram`]). Errors are for
-//!    counting; the datagram is dropped.
+//! 1. On each datagram for the session (routed by [`wire::Datagram::session`]):
+//!    [`Session::handle_datagram`]. Errors are for counting; the datagram is dropped, and
+//!    only a datagram taken (`Ok`) is a sign of the peer's life.
 //! 2. After any input — datagrams, a timer, or a stream call (`send`, `recv`, `open_stream`,
 //!    `close`, …) — call [`Session::poll_transmit`] until it returns `None`, sending each
 //!    datagram to the peer's current address.
