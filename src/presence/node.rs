@@ -232,9 +232,6 @@ struct Inner {
     foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, ForeignSlot>>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
-    /// Each session's path as its endpoint driver shows it (for `status`).
-    paths: Mutex<HashMap<u64, crate::ptcp::PathView>>,
-    peers: Mutex<HashMap<u64, PeerStatus>>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
     /// Our certificate and key for TLS on peer streams.
     tls_identity: crate::ptcp::tls::Identity,
@@ -319,8 +316,6 @@ impl Node {
             foreign: Default::default(),
             listening: Default::default(),
             whoami: Default::default(),
-            paths: Default::default(),
-            peers: Default::default(),
         });
         let node = Node { inner };
         if let Some(side) = side {
@@ -400,18 +395,26 @@ impl Node {
 
     /// Peer sessions and their paths.
     pub fn status(&self) -> Vec<PeerStatus> {
-        let mut v: Vec<_> =
-            self.inner.peers.lock().map(|p| p.values().cloned().collect()).unwrap_or_default();
-        if let Ok(paths) = self.inner.paths.lock() {
-            for p in &mut v {
-                if let Some((path, why)) = paths.get(&p.session).map(|v| v.get()) {
-                    p.path = PathKind::from(path);
-                    p.why = why;
+        self.inner
+            .table
+            .snapshot()
+            .into_iter()
+            .map(|ps| {
+                let (path, why) = match ps.ptcp.path() {
+                    Some((path, why)) => (PathKind::from(path), why),
+                    None => (PathKind::TcpRelay, String::new()),
+                };
+                PeerStatus {
+                    peer: ps.peer.clone(),
+                    service: ps.service.clone(),
+                    session: ps.id(),
+                    path,
+                    why,
+                    streams: ps.open_streams(),
+                    opened: ps.opened(),
                 }
-            }
-        }
-        v.sort_by_key(|p| p.session);
-        v
+            })
+            .collect()
     }
 }
 

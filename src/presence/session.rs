@@ -157,6 +157,8 @@ impl Verdict {
 pub struct PeerSession {
     /// The other person, as the server announced and the session's TLS handshake proved.
     pub peer: Q2qAddress,
+    /// The service of the stream the session was set up for.
+    pub service: ServiceName,
     /// The PTCP session (its streams, its path).
     pub ptcp: Arc<PtcpSession>,
     /// The CA of the peer's domain, which every stream's certificate must chain to.
@@ -196,12 +198,14 @@ impl std::fmt::Debug for PeerSession {
 impl PeerSession {
     pub fn new(
         peer: Q2qAddress,
+        service: ServiceName,
         ptcp: Arc<PtcpSession>,
         ca: rustls_pki_types::CertificateDer<'static>,
         relay_only: bool,
     ) -> PeerSession {
         PeerSession {
             peer,
+            service,
             ptcp,
             ca,
             relay_only,

@@ -1,13 +1,15 @@
 //! The session table: which [`PeerSession`] carries our streams with each peer. One task
 //! owns the map; everything else asks it through a bounded channel, so a burst of
 //! connections to one peer sets up exactly one session through the servers and every other
-//! connection waits for it.
+//! connection waits for it. The task also publishes every session it knows that has not
+//! ended (the current one per peer, and one superseded while its streams finish) for
+//! `status`, which reads it without asking ([`Table::snapshot`]).
 
 use super::session::PeerSession;
 use crate::address::{Q2qAddress, ServiceName};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// What a waiter learns when the session it waited for is set up, or not.
 pub enum Ready<E> {
@@ -56,11 +58,12 @@ enum Cmd<E> {
 /// A handle to the table's task. The task ends when every handle is dropped.
 pub struct Table<E> {
     tx: mpsc::Sender<Cmd<E>>,
+    sessions: watch::Receiver<Vec<Arc<PeerSession>>>,
 }
 
 impl<E> Clone for Table<E> {
     fn clone(&self) -> Self {
-        Table { tx: self.tx.clone() }
+        Table { tx: self.tx.clone(), sessions: self.sessions.clone() }
     }
 }
 
@@ -71,8 +74,15 @@ impl<E: Send + Sync + 'static> Table<E> {
     /// Start the table's task on the current runtime.
     pub fn start() -> Table<E> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(rx));
-        Table { tx }
+        let (publish, sessions) = watch::channel(Vec::new());
+        tokio::spawn(run(rx, publish));
+        Table { tx, sessions }
+    }
+
+    /// Every session set up and not yet removed, as the table's task last published it
+    /// (sorted by id; the ones that ended meanwhile left out).
+    pub fn snapshot(&self) -> Vec<Arc<PeerSession>> {
+        self.sessions.borrow().iter().filter(|s| !s.ended()).cloned().collect()
     }
 
     /// The session with `peer`, or a wait for it (see [`Lookup`]). `None`: the table is gone.
@@ -115,9 +125,25 @@ impl<E: Send + Sync + 'static> Table<E> {
     }
 }
 
-async fn run<E>(mut rx: mpsc::Receiver<Cmd<E>>) {
+async fn run<E>(mut rx: mpsc::Receiver<Cmd<E>>, publish: watch::Sender<Vec<Arc<PeerSession>>>) {
     let mut slots: HashMap<Q2qAddress, Slot<E>> = HashMap::new();
+    // Every session set up, until removed: what `snapshot` shows.
+    let mut known: Vec<Arc<PeerSession>> = Vec::new();
     while let Some(cmd) = rx.recv().await {
+        let before = known.len();
+        match &cmd {
+            Cmd::Done { result: Ok(s), .. } | Cmd::Insert(s)
+                if !known.iter().any(|k| Arc::ptr_eq(k, s)) =>
+            {
+                known.push(s.clone());
+            }
+            Cmd::Remove { id, .. } => known.retain(|k| k.id() != *id && !k.ended()),
+            _ => {}
+        }
+        if known.len() != before {
+            known.sort_by_key(|s| s.id());
+            publish.send_replace(known.clone());
+        }
         match cmd {
             Cmd::Lookup { peer, service, reply } => match slots.get_mut(&peer) {
                 Some(Slot::Live(s)) if !s.ended() => {

@@ -21,8 +21,6 @@ impl Node {
         &self,
         setup: &Setup,
         role: Role,
-        peer: &Q2qAddress,
-        service: &ServiceName,
         server: &Arc<ServerConn>,
         udp_ok: bool,
         probe: bool,
@@ -71,26 +69,6 @@ impl Node {
                     .with("data", ""),
             )
             .await;
-        let (path, why) = session.path().unwrap_or((relay_path.into(), String::new()));
-        if let Some(view) = session.path_view()
-            && let Ok(mut p) = self.inner.paths.lock()
-        {
-            p.insert(setup.session, view);
-        }
-        if let Ok(mut p) = self.inner.peers.lock() {
-            p.insert(
-                setup.session,
-                PeerStatus {
-                    peer: peer.clone(),
-                    service: service.clone(),
-                    session: setup.session,
-                    streams: 0,
-                    opened: Vec::new(),
-                    why,
-                    path: PathKind::from(path),
-                },
-            );
-        }
         Ok(Arc::new(session))
     }
 
@@ -275,21 +253,13 @@ impl Node {
         };
         let home = self.home();
         let session = self
-            .open_session(
-                &setup,
-                Role::Callee,
-                &from,
-                &service,
-                &home,
-                reflexive.is_some(),
-                !relay_only,
-            )
+            .open_session(&setup, Role::Callee, &home, reflexive.is_some(), !relay_only)
             .await
             .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
         if relay_only {
             info!(%from, %service, "a caller authorized for no service by name: relay only");
         }
-        let ps = Arc::new(PeerSession::new(from, session, caller_ca, relay_only));
+        let ps = Arc::new(PeerSession::new(from, service.clone(), session, caller_ca, relay_only));
         self.serve_session(&ps);
         self.inner.table.insert(ps).await;
         Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))

@@ -260,17 +260,15 @@ impl Node {
         // No candidates: the callee keeps this session relayed (we are a stranger to it).
         let relay_only = setup.candidates.is_empty();
         let session = self
-            .open_session(
-                &setup,
-                Role::Caller,
-                to,
-                service,
-                &server,
-                reflexive.is_some(),
-                !relay_only,
-            )
+            .open_session(&setup, Role::Caller, &server, reflexive.is_some(), !relay_only)
             .await?;
-        let ps = Arc::new(PeerSession::new(to.clone(), session, server.ca.clone(), relay_only));
+        let ps = Arc::new(PeerSession::new(
+            to.clone(),
+            service.clone(),
+            session,
+            server.ca.clone(),
+            relay_only,
+        ));
         if let Err(e) = self.authenticate_dialer(&ps).await {
             ps.ptcp.abort().await;
             return Err(e);
@@ -400,12 +398,6 @@ impl Node {
             let Some(open) = ps.count_streams().await else {
                 return self.end_session(&ps, "lost").await;
             };
-            if let Ok(mut peers) = self.inner.peers.lock()
-                && let Some(p) = peers.get_mut(&ps.id())
-            {
-                p.streams = open;
-                p.opened = ps.opened();
-            }
             if open > 0 {
                 idle_since = tokio::time::Instant::now();
                 continue;
@@ -468,12 +460,6 @@ impl Node {
         let id = ps.id();
         info!(peer = %ps.peer, session = format!("{id:016x}"), why, "session ended");
         self.inner.table.remove(&ps.peer, id).await;
-        if let Ok(mut p) = self.inner.paths.lock() {
-            p.remove(&id);
-        }
-        if let Ok(mut p) = self.inner.peers.lock() {
-            p.remove(&id);
-        }
         ps.stop_tasks();
     }
 }
