@@ -1,9 +1,22 @@
 //! Fuzz the PTCP encapsulation parsers: the prefix, `Data`, `Ack`, `Fragment`, `PmtuProbe`
 //! and `PmtuAck` bodies. Nothing may panic, and whatever parses must re-encode to the same
-//! bytes (the same content, for acks and probes).
+//! bytes (the same content, for acks and probes). A `Sealed` datagram goes to a session that
+//! has keys: it must not panic it, and (without the keys' tag) must never be taken.
 #![no_main]
 
-use q2q_netstack::wire::{Ack, Data, Datagram, Fragment, PmtuAck, PmtuProbe, Prefix};
+use std::cell::RefCell;
+
+use q2q_netstack::seal::SessionKeys;
+use q2q_netstack::wire::{Ack, Data, Datagram, Fragment, PmtuAck, PmtuProbe, Prefix, SessionId};
+use q2q_netstack::{Config, Instant, Session, Side};
+
+thread_local! {
+    static KEYED: RefCell<Session> = RefCell::new({
+        let mut s = Session::new(SessionId(7), Side::Responder, Config::default(), Instant::from_millis(0));
+        s.install_keys(&SessionKeys { initiator: [1; 32], responder: [2; 32] }, true);
+        s
+    });
+}
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = Prefix::parse(data);
@@ -51,6 +64,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let mut out = Vec::new();
             PmtuAck::emit(a.session, a.id, usize::from(a.size), &mut out);
             assert_eq!(out, data);
+        }
+        Ok(Datagram::Sealed(_)) => {
+            KEYED.with(|s| {
+                let mut s = s.borrow_mut();
+                assert!(s.handle_datagram(Instant::from_millis(1), data).is_err(), "a forged sealed datagram was taken");
+            });
         }
         Ok(Datagram::Other(_)) | Err(_) => {}
     }
