@@ -1,4 +1,5 @@
-//! PTCP throughput benchmark, one run, under a minute: PTCP + TLS 1.3, plain PTCP and kernel
+//! PTCP throughput benchmark, one run, under a minute: sealed PTCP (every datagram under the
+//! session's keys, as peer sessions run), PTCP + TLS 1.3 on the stream, plain PTCP and kernel
 //! TCP over loopback moving the same bytes, their ratio, and PTCP goodput in the
 //! virtual-time simulator at 1 Gbit/s, 20 ms RTT with 1 % and 5 % random loss.
 //!
@@ -89,7 +90,22 @@ fn side<T: Send + 'static>(
     })
 }
 
-fn ptcp(bytes: u64, tls: bool) -> Result<f64> {
+/// How the bytes are protected.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protect {
+    /// Nothing: the raw transport.
+    Plain,
+    /// Every datagram sealed with session keys (what a peer session does).
+    Sealed,
+    /// TLS 1.3 on the stream, datagrams plain.
+    Tls,
+}
+
+fn ptcp(bytes: u64, protect: Protect) -> Result<f64> {
+    let tls = protect == Protect::Tls;
+    let keys =
+        q2q_netstack::seal::SessionKeys { initiator: rand::random(), responder: rand::random() };
+    let (akeys, bkeys) = (keys.clone(), keys);
     let ids = Ids::new()?;
     let (ida, idb) = (ids.clone(), ids);
     let id = SessionId(rand::random());
@@ -102,6 +118,9 @@ fn ptcp(bytes: u64, tls: bool) -> Result<f64> {
             btx.send(b.local_addr())?;
             let a_addr = arx.recv()?;
             let sb = b.accept(id, a_addr, Config::default()).await?;
+            if protect == Protect::Sealed {
+                sb.install_keys(bkeys, false).await;
+            }
             let s = sb.accept().await?;
             let n = if tls {
                 let (t, _) = tls::accept(s, &idb.alice, idb.trust.clone()).await?;
@@ -120,6 +139,9 @@ fn ptcp(bytes: u64, tls: bool) -> Result<f64> {
             atx.send(a.local_addr())?;
             let b_addr = brx.recv()?;
             let sa = a.connect(id, b_addr, Config::default()).await?;
+            if protect == Protect::Sealed {
+                sa.install_keys(akeys, true).await;
+            }
             let s = sa.open_stream().await?;
             let start = Instant::now();
             if tls {
@@ -231,14 +253,17 @@ fn main() -> Result<()> {
     let sim_mib: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(64);
     let bytes = mib << 20;
     println!("{mib} MiB, one stream, each side a thread with its own tokio runtime");
-    let with_tls = ptcp(bytes, true)?;
+    let sealed = ptcp(bytes, Protect::Sealed)?;
+    println!("PTCP sealed (ChaCha20-Poly1305), MTU 1400: {sealed:6.2} Gbit/s");
+    let with_tls = ptcp(bytes, Protect::Tls)?;
     println!("PTCP + TLS 1.3, loopback UDP, MTU 1400:  {with_tls:6.2} Gbit/s");
     let shared = ptcp_tls_shared_runtime(bytes)?;
     println!("PTCP + TLS, one shared 2-worker runtime: {shared:6.2} Gbit/s");
-    let plain = ptcp(bytes, false)?;
+    let plain = ptcp(bytes, Protect::Plain)?;
     println!("PTCP (no TLS), loopback UDP, MTU 1400:   {plain:6.2} Gbit/s");
     let tcp = kernel_tcp(bytes)?;
     println!("kernel TCP, loopback:                    {tcp:6.2} Gbit/s");
+    println!("ratio PTCP sealed / kernel TCP:          {:6.2}", sealed / tcp);
     println!("ratio PTCP+TLS / kernel TCP:             {:6.2}", with_tls / tcp);
     println!("ratio PTCP / kernel TCP:                 {:6.2}", plain / tcp);
     for loss in [0.01, 0.05] {
