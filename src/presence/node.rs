@@ -22,7 +22,7 @@
 use super::candidates;
 use super::probe::Role;
 use super::session::{PeerSession, StreamHeader, Verdict};
-use super::table::{Lookup, Ready, Table};
+use super::table::{GetError, ServerTable, SessionTable};
 use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::{AmpBox, Incoming};
 use crate::client::{ClientError, ConnectOptions, Home, ServerConn, StoredIdentity};
@@ -227,9 +227,9 @@ struct Inner {
     endpoint: Endpoint,
     /// The logged-in connection to the home server; replaced when the node logs back in.
     home_server: Mutex<Arc<ServerConn>>,
-    /// Logged-in connections to other domains' servers: a slot per domain, each with its
-    /// own lock, so that connecting to one domain never waits on another.
-    foreign: tokio::sync::Mutex<HashMap<crate::address::Domain, ForeignSlot>>,
+    /// Logged-in connections to other domains' servers, one per domain (a table owned by
+    /// one task: connecting to one domain never waits on another).
+    foreign: ServerTable<NodeError>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
     whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
@@ -238,7 +238,7 @@ struct Inner {
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
-    table: Table<NodeError>,
+    table: SessionTable<NodeError>,
 }
 
 /// Datagrams of one TCP-relayed session waiting for the control connection; more are
@@ -255,9 +255,6 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
-
-/// The connection to one other domain's server, once made.
-type ForeignSlot = Arc<tokio::sync::Mutex<Option<Arc<ServerConn>>>>;
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -306,14 +303,14 @@ impl Node {
             reflexive_cache: Default::default(),
             tls_identity,
             refusals: tokio::sync::broadcast::channel(16).0,
-            table: Table::start(),
+            table: SessionTable::start(),
             me,
             home,
             identity,
             config,
             endpoint,
             home_server: Mutex::new(Arc::new(home_server)),
-            foreign: Default::default(),
+            foreign: ServerTable::start(),
             listening: Default::default(),
             whoami: Default::default(),
         });

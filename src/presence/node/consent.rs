@@ -261,7 +261,7 @@ impl Node {
         }
         let ps = Arc::new(PeerSession::new(from, service.clone(), session, caller_ca, relay_only));
         self.serve_session(&ps);
-        self.inner.table.insert(ps).await;
+        self.inner.table.insert(ps.peer.clone(), ps).await;
         Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))
     }
 }

@@ -158,22 +158,25 @@ impl Node {
             return Ok(self.home());
         }
         // One connect at a time per domain, and a slow or unreachable domain holds up no
-        // other: the map's lock is held only to find the domain's slot.
-        let slot = self.inner.foreign.lock().await.entry(domain.clone()).or_default().clone();
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && !c.handle().is_closed()
-        {
-            return Ok(c.clone());
-        }
-        let opts = ConnectOptions { login: Some(self.stored_identity()), ..Default::default() };
-        let mut conn = ServerConn::connect(&self.inner.home, domain, &opts).await?;
-        if let Some(incoming) = conn.incoming.take() {
-            tokio::spawn(self.clone().control_loop(incoming));
-        }
-        let conn = Arc::new(conn);
-        *slot = Some(conn.clone());
-        Ok(conn)
+        // other: the table of servers is owned by one task.
+        let set_up = || {
+            let (node, domain) = (self.clone(), domain.clone());
+            async move {
+                let opts =
+                    ConnectOptions { login: Some(node.stored_identity()), ..Default::default() };
+                let mut conn = ServerConn::connect(&node.inner.home, &domain, &opts).await?;
+                if let Some(incoming) = conn.incoming.take() {
+                    tokio::spawn(node.clone().control_loop(incoming));
+                }
+                Ok(Arc::new(conn))
+            }
+        };
+        self.inner.foreign.get(domain, (), set_up, |_| false).await.map_err(|e| match e {
+            GetError::Failed(e) => NodeError::Shared(e),
+            GetError::Gone => {
+                NodeError::BadAnswer(format!("no connection to the server of {domain}"))
+            }
+        })
     }
 
     /// The TCP relay of one session: the endpoint hands its datagrams to the channel

@@ -200,38 +200,24 @@ impl Node {
     }
 
     /// The live session with `to`, set up if there is none (one set-up for any number of
-    /// callers; see [`Table`]).
+    /// callers; see [`SessionTable`]).
     pub(super) async fn session_to(
         &self,
         to: &Q2qAddress,
         service: &ServiceName,
     ) -> Result<Arc<PeerSession>, NodeError> {
-        for _ in 0..4 {
-            let wait = match self.inner.table.lookup(to, service).await {
-                None => return Err(NodeError::Ptcp(EndpointError::Closed)),
-                Some(Lookup::Live(s)) => return Ok(s),
-                Some(Lookup::Wait(rx)) => rx,
-                Some(Lookup::SetUp(rx)) => {
-                    // On a task of its own: it finishes (and is reported) even if this
-                    // caller gives up, so nobody waits for it forever.
-                    let (node, to, service) = (self.clone(), to.clone(), service.clone());
-                    tokio::spawn(async move {
-                        let result = node.set_up(&to, &service).await.map_err(|e| {
-                            let refused = e.refuses_service();
-                            (Arc::new(e), refused)
-                        });
-                        node.inner.table.done(to, service, result).await;
-                    });
-                    rx
+        let set_up = || {
+            let (node, to, service) = (self.clone(), to.clone(), service.clone());
+            async move { node.set_up(&to, &service).await }
+        };
+        self.inner.table.get(to, service.clone(), set_up, NodeError::refuses_service).await.map_err(
+            |e| match e {
+                GetError::Failed(e) => NodeError::Shared(e),
+                GetError::Gone => {
+                    NodeError::BadAnswer(format!("no session with {to} could be set up"))
                 }
-            };
-            match wait.await {
-                Ok(Ready::Session(s)) => return Ok(s),
-                Ok(Ready::Failed(e)) => return Err(NodeError::Shared(e)),
-                Ok(Ready::Retry) | Err(_) => continue,
-            }
-        }
-        Err(NodeError::BadAnswer(format!("no session with {to} could be set up")))
+            },
+        )
     }
 
     /// Set up a session with `to` through its domain server, for a first stream of
@@ -459,7 +445,7 @@ impl Node {
         }
         let id = ps.id();
         info!(peer = %ps.peer, session = format!("{id:016x}"), why, "session ended");
-        self.inner.table.remove(&ps.peer, id).await;
+        self.inner.table.remove(&ps.peer, ps).await;
         ps.stop_tasks();
     }
 }
