@@ -225,8 +225,9 @@ struct Inner {
     identity: Arc<StoredIdentity>,
     config: NodeConfig,
     endpoint: Endpoint,
-    /// The logged-in connection to the home server; replaced when the node logs back in.
-    home_server: Mutex<Arc<ServerConn>>,
+    /// The logged-in connection to the home server, as the task that keeps it (and logs
+    /// back in, replacing it) last published it.
+    home_server: tokio::sync::watch::Receiver<Arc<ServerConn>>,
     /// Logged-in connections to other domains' servers, one per domain (a table owned by
     /// one task: connecting to one domain never waits on another).
     foreign: ServerTable<NodeError>,
@@ -297,6 +298,8 @@ impl Node {
         config.server.login = Some(identity.clone());
         let mut home_server = ServerConn::connect(&home, &me.domain, &config.server).await?;
         let incoming = home_server.incoming.take();
+        // The home connection's one owner is `stay_logged_in`; everyone else reads it.
+        let (home_owner, home_server) = tokio::sync::watch::channel(Arc::new(home_server));
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
         let inner = Arc::new(Inner {
@@ -309,7 +312,7 @@ impl Node {
             identity,
             config,
             endpoint,
-            home_server: Mutex::new(Arc::new(home_server)),
+            home_server,
             foreign: ServerTable::start(),
             listening: Default::default(),
             whoami: Default::default(),
@@ -321,7 +324,7 @@ impl Node {
         if let Some(incoming) = incoming {
             tokio::spawn(node.clone().control_loop(incoming));
         }
-        tokio::spawn(node.clone().stay_logged_in());
+        tokio::spawn(node.clone().stay_logged_in(home_owner));
         // Learn the NAT mapping (or that UDP is blocked) before the first connection.
         node.reflexive().await;
         Ok(node)

@@ -7,17 +7,14 @@ use super::*;
 impl Node {
     /// The current connection to the home server.
     pub(super) fn home(&self) -> Arc<ServerConn> {
-        match self.inner.home_server.lock() {
-            Ok(h) => h.clone(),
-            Err(e) => e.into_inner().clone(),
-        }
+        self.inner.home_server.borrow().clone()
     }
 
     /// Keep the home connection alive: a ping every 25 s (below common NAT TCP and UDP
     /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s)
     /// and listen again for every service. Established sessions are untouched: they need
-    /// no server once set up.
-    pub(super) async fn stay_logged_in(self) {
+    /// no server once set up. This task owns the home connection: only it replaces it.
+    pub(super) async fn stay_logged_in(self, owner: tokio::sync::watch::Sender<Arc<ServerConn>>) {
         let mut backoff = Duration::from_secs(1);
         loop {
             let home = self.home();
@@ -74,9 +71,7 @@ impl Node {
                         if let Some(incoming) = incoming {
                             tokio::spawn(self.clone().control_loop(incoming));
                         }
-                        if let Ok(mut h) = self.inner.home_server.lock() {
-                            *h = conn;
-                        }
+                        owner.send_replace(conn);
                         info!("logged back in");
                         backoff = Duration::from_secs(1);
                         break;
