@@ -232,7 +232,9 @@ struct Inner {
     /// one task: connecting to one domain never waits on another).
     foreign: ServerTable<NodeError>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
-    whoami: Mutex<HashMap<[u8; 8], oneshot::Sender<SocketAddr>>>,
+    /// Who-am-i requests waiting for their answer, to the task that owns them (the loop
+    /// taking our socket's non-PTCP datagrams).
+    whoami: mpsc::Sender<WhoAmI>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
     /// Our certificate and key for TLS on peer streams.
     tls_identity: crate::ptcp::tls::Identity,
@@ -256,6 +258,16 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
+
+/// To the owner of the pending who-am-i requests: wait for the answer to `nonce`, or stop
+/// waiting.
+enum WhoAmI {
+    Wait([u8; 8], oneshot::Sender<SocketAddr>),
+    Forget([u8; 8]),
+}
+
+/// Who-am-i requests waiting at most (more are not asked until some are answered).
+const WHOAMI_PENDING: usize = 64;
 
 /// A logged-in presence.
 #[derive(Clone)]
@@ -302,6 +314,7 @@ impl Node {
         let (home_owner, home_server) = tokio::sync::watch::channel(Arc::new(home_server));
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
+        let (whoami_tx, whoami_rx) = mpsc::channel(64);
         let inner = Arc::new(Inner {
             reflexive_cache: Default::default(),
             tls_identity,
@@ -315,11 +328,11 @@ impl Node {
             home_server,
             foreign: ServerTable::start(),
             listening: Default::default(),
-            whoami: Default::default(),
+            whoami: whoami_tx,
         });
         let node = Node { inner };
         if let Some(side) = side {
-            tokio::spawn(node.clone().side_loop(side));
+            tokio::spawn(node.clone().side_loop(side, whoami_rx));
         }
         if let Some(incoming) = incoming {
             tokio::spawn(node.clone().control_loop(incoming));

@@ -109,7 +109,7 @@ impl Node {
         let server = self.home_udp().await?;
         let nonce: [u8; 8] = rand::random();
         let (tx, rx) = oneshot::channel();
-        self.inner.whoami.lock().ok()?.insert(nonce, tx);
+        self.inner.whoami.send(WhoAmI::Wait(nonce, tx)).await.ok()?;
         let request = crate::proto::whoami::request(nonce).to_vec();
         let mut rx = rx;
         for _ in 0..3 {
@@ -120,9 +120,7 @@ impl Node {
                 Err(_) => continue,
             }
         }
-        if let Ok(mut w) = self.inner.whoami.lock() {
-            w.remove(&nonce);
-        }
+        let _ = self.inner.whoami.send(WhoAmI::Forget(nonce)).await;
         None
     }
 
@@ -190,21 +188,43 @@ impl Node {
         tx
     }
 
-    /// Datagrams of other kinds than PTCP on our socket.
-    pub(super) async fn side_loop(self, mut side: mpsc::Receiver<crate::ptcp::SideDatagram>) {
-        while let Some(d) = side.recv().await {
-            match d.kind {
-                Kind::WhoAmIReply => {
-                    if let Ok((nonce, seen)) = proto::whoami::parse_reply(&d.data)
-                        && let Some(tx) =
-                            self.inner.whoami.lock().ok().and_then(|mut w| w.remove(&nonce))
-                    {
-                        let _ = tx.send(seen);
+    /// Datagrams of other kinds than PTCP on our socket. This task owns the who-am-i
+    /// requests waiting for their answer.
+    pub(super) async fn side_loop(
+        self,
+        mut side: mpsc::Receiver<crate::ptcp::SideDatagram>,
+        mut whoami: mpsc::Receiver<WhoAmI>,
+    ) {
+        let mut pending: HashMap<[u8; 8], oneshot::Sender<SocketAddr>> = HashMap::new();
+        loop {
+            tokio::select! {
+                w = whoami.recv() => match w {
+                    Some(WhoAmI::Wait(nonce, tx)) => {
+                        pending.retain(|_, tx| !tx.is_closed());
+                        if pending.len() < WHOAMI_PENDING {
+                            pending.insert(nonce, tx);
+                        }
+                    }
+                    Some(WhoAmI::Forget(nonce)) => {
+                        pending.remove(&nonce);
+                    }
+                    None => return,
+                },
+                d = side.recv() => {
+                    let Some(d) = d else { return };
+                    match d.kind {
+                        Kind::WhoAmIReply => {
+                            if let Ok((nonce, seen)) = proto::whoami::parse_reply(&d.data)
+                                && let Some(tx) = pending.remove(&nonce)
+                            {
+                                let _ = tx.send(seen);
+                            }
+                        }
+                        // Probes and relayed datagrams of our sessions are the endpoint's
+                        // (their path machines); these belong to no session.
+                        _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
                     }
                 }
-                // Probes and relayed datagrams of our sessions are the endpoint's (their
-                // path machines); these belong to no session.
-                _ => debug!(from = %d.from, kind = ?d.kind, "ignored datagram"),
             }
         }
     }
