@@ -255,7 +255,14 @@ impl Node {
             server.ca.clone(),
             relay_only,
         ));
-        if let Err(e) = self.authenticate_dialer(&ps).await {
+        let auth = tokio::time::timeout(AUTH_TIMEOUT, self.authenticate_dialer(&ps)).await;
+        let auth = auth.unwrap_or_else(|_| {
+            Err(NodeError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{to} did not prove its identity within {} s", AUTH_TIMEOUT.as_secs()),
+            )))
+        });
+        if let Err(e) = auth {
             ps.ptcp.abort().await;
             return Err(e);
         }
