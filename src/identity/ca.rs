@@ -44,7 +44,7 @@ pub struct DomainCa {
 /// How long a new CA is valid.
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 86400);
 /// Certificates start a little in the past so clocks slightly behind still accept them.
-const BACKDATE: Duration = Duration::from_secs(300);
+use super::renewal::BACKDATE;
 
 impl DomainCa {
     /// A new CA for `domain`, with a new key.
@@ -114,13 +114,24 @@ impl DomainCa {
     ) -> Result<IssuedCert, CaError> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadRequest)?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, address.to_string());
-        params.subject_alt_names =
-            vec![SanType::URI(address.uri().try_into().map_err(CaError::Rcgen)?)];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
-        self.finish_leaf(params, &csr.public_key, lifetime)
+        self.finish_leaf(user_params(address)?, &csr.public_key, lifetime)
+    }
+
+    /// Renew: a certificate for `address` with a fresh validity, for the public key of
+    /// `current` (DER), a certificate whose holder proved they hold its key. Only the key
+    /// is taken from it; names and validity are made anew, as for [`DomainCa::issue_user`].
+    pub fn renew_user(
+        &self,
+        address: &Q2qAddress,
+        current: &[u8],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(current)
+            .map_err(|e| CaError::BadRequest(rcgen::Error::X509(e.to_string())))?;
+        let key = rcgen::SubjectPublicKeyInfo::from_der(cert.public_key().raw)
+            .map_err(CaError::BadRequest)?;
+        self.finish_leaf(user_params(address)?, &key, lifetime)
     }
 
     /// A TLS server certificate for the identity server itself (DNS name = the domain),
@@ -150,6 +161,17 @@ impl DomainCa {
         let info = CertInfo::parse(&der).map_err(|_| CaError::NotOurCa(self.domain.clone()))?;
         Ok(IssuedCert { pem: cert.pem(), der, info })
     }
+}
+
+/// The names and uses of a user certificate: exactly `address`, client and server auth.
+fn user_params(address: &Q2qAddress) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, address.to_string());
+    params.subject_alt_names =
+        vec![SanType::URI(address.uri().try_into().map_err(CaError::Rcgen)?)];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params)
 }
 
 /// A random positive 128-bit serial (Vertex used one serial for everything).
@@ -188,5 +210,29 @@ mod tests {
             ca.issue_user(&issued.info.address.unwrap(), "garbage", Duration::from_secs(1))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn renewal_keeps_the_key_and_makes_the_rest_anew() {
+        let domain = Domain::parse("example.com").unwrap();
+        let ca = DomainCa::generate(&domain).unwrap();
+        let key = crate::identity::generate_key().unwrap();
+        let csr = crate::identity::signing_request(&key).unwrap();
+        let alice = Q2qAddress::parse("alice@example.com").unwrap();
+        let first = ca.issue_user(&alice, &csr, Duration::from_secs(60)).unwrap();
+        let renewed = ca.renew_user(&alice, &first.der, Duration::from_secs(3600)).unwrap();
+        assert_eq!(renewed.info.address, Some(alice.clone()));
+        assert_ne!(renewed.info.serial, first.info.serial);
+        assert!(renewed.info.not_after >= first.info.not_after + 3600 - 60 - 1);
+        let spki = |der: &[u8]| {
+            use x509_parser::prelude::{FromDer, X509Certificate};
+            X509Certificate::from_der(der).unwrap().1.public_key().raw.to_vec()
+        };
+        assert_eq!(spki(&renewed.der), spki(&first.der));
+        assert_eq!(spki(&renewed.der), rcgen::PublicKeyData::subject_public_key_info(&key));
+        // It verifies as alice, and the key signs for it (a TLS identity accepts the pair).
+        let now = rustls_pki_types::UnixTime::now();
+        crate::identity::verify_identity(&renewed.der, ca.cert_der(), &alice, now).unwrap();
+        assert!(ca.renew_user(&alice, b"garbage", Duration::from_secs(1)).is_err());
     }
 }

@@ -27,6 +27,8 @@ pub struct CertInfo {
     pub not_after: i64,
     pub is_ca: bool,
     pub fingerprint: Fingerprint,
+    /// The subject's public key (its SubjectPublicKeyInfo, DER): renewal keeps it.
+    pub public_key: Vec<u8>,
 }
 
 impl CertInfo {
@@ -52,6 +54,7 @@ impl CertInfo {
             not_after: cert.validity().not_after.timestamp(),
             is_ca: cert.is_ca(),
             fingerprint: Fingerprint::of(der),
+            public_key: cert.public_key().raw.to_vec(),
         })
     }
 }

@@ -8,6 +8,7 @@
 mod ca;
 mod cert;
 mod fingerprint;
+pub mod renewal;
 mod verify;
 
 pub use ca::{CaError, DomainCa, IssuedCert};
