@@ -23,6 +23,13 @@
 //! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen` |
 //! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction; only for a leg of this connection |
 //! | `exists` | `address` (of the server's domain) | `exists`: `true` or `false` |
+//! | `renew` | `certificate`? (PEM; default: the login certificate) | `certificate` (PEM): the same key, a fresh validity |
+//!
+//! `renew` is for callers of the server's own domain only. The certificate renewed must be
+//! for the key the connection logged in with (the TLS handshake proved it is held) and the
+//! caller's address, one the server issued and did not revoke, expired at most 5 minutes
+//! ago (clock skew); the account must exist. Refusals: `BAD_CERTIFICATE`, `UNKNOWN_USER`
+//! (account removed), `RATE_LIMITED` (6 renewals per account per lifetime).
 //!
 //! The server asks the callee `inbound` with `from`, `service`, `candidates`, `session`,
 //! `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen`, and the callee
@@ -70,6 +77,8 @@ pub mod command {
     /// Fresh candidates for a live peer session after a network change (see the module
     /// docs). Logged-in callers only, rate-limited per pair like `inbound`.
     pub const CANDIDATES: &str = "candidates";
+    /// A new certificate for the logged-in key, with a fresh validity (no password).
+    pub const RENEW: &str = "renew";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.

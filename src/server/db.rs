@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE TABLE IF NOT EXISTS renewals (
+    serial TEXT PRIMARY KEY,
+    previous TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS renewals_identity ON renewals(identity, at);
 CREATE TABLE IF NOT EXISTS invites (
     code TEXT PRIMARY KEY,
     created INTEGER NOT NULL,
@@ -203,6 +210,53 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The certificate recorded with `serial`, if any.
+    pub fn certificate(&self, serial: &str) -> Result<Option<CertRecord>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT serial, identity, not_before, not_after, revoked FROM certificates
+                 WHERE serial = ?1",
+                [serial],
+                |r| {
+                    Ok(CertRecord {
+                        serial: r.get(0)?,
+                        identity: r.get(1)?,
+                        not_before: r.get(2)?,
+                        not_after: r.get(3)?,
+                        revoked: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Record `c`, issued by renewing the certificate `previous`, in one transaction.
+    pub fn record_renewal(&mut self, c: &CertRecord, previous: &str) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO certificates(serial, identity, not_before, not_after, issued, revoked)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![c.serial, c.identity, c.not_before, c.not_after, now(), c.revoked],
+        )?;
+        tx.execute(
+            "INSERT INTO renewals(serial, previous, identity, at) VALUES (?1, ?2, ?3, ?4)",
+            params![c.serial, previous, c.identity, now()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many certificates of `identity` were issued by renewal at or after `since`
+    /// (Unix seconds).
+    pub fn renewals_since(&self, identity: &str, since: i64) -> Result<i64, DbError> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM renewals WHERE identity = ?1 AND at >= ?2",
+            params![identity, since],
+            |r| r.get(0),
+        )?)
+    }
+
     pub fn is_revoked(&self, serial: &str) -> Result<bool, DbError> {
         Ok(self
             .conn
@@ -257,6 +311,15 @@ mod tests {
         };
         db.record_certificate(&rec).unwrap();
         assert_eq!(db.list_users("example.com").unwrap()[0].certificates, 1);
+        assert_eq!(db.certificate("01").unwrap(), Some(rec.clone()));
+        assert_eq!(db.certificate("02").unwrap(), None);
+        let renewed = CertRecord { serial: "02".into(), ..rec.clone() };
+        assert_eq!(db.renewals_since("alice@example.com", 0).unwrap(), 0);
+        db.record_renewal(&renewed, "01").unwrap();
+        assert!(db.record_renewal(&renewed, "01").is_err(), "a serial is recorded once");
+        assert_eq!(db.renewals_since("alice@example.com", 0).unwrap(), 1);
+        assert_eq!(db.renewals_since("alice@example.com", now() + 10).unwrap(), 0);
+        assert_eq!(db.list_users("example.com").unwrap()[0].certificates, 2);
         db.remove_user("alice", "alice@example.com").unwrap();
         assert!(db.is_revoked("01").unwrap());
         assert_eq!(db.user_count().unwrap(), 1);

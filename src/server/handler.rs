@@ -18,6 +18,9 @@ use tracing::{debug, info, warn};
 /// A control connection idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Renewals allowed per account within one certificate lifetime: a node renews once or
+/// twice per lifetime; the rest is for a lost answer and a few machines per account.
+const RENEWALS_PER_LIFETIME: i64 = 6;
 /// Longest password accepted (argon2 would hash more, but nobody needs it).
 const MAX_PASSWORD_LEN: usize = 1024;
 
@@ -135,6 +138,7 @@ impl Conn {
             command::IDENTIFY => self.identify(b),
             command::REGISTER => self.register(b).await,
             command::SIGN => self.sign(b).await,
+            command::RENEW => self.renew(b).await,
             command::PING => Ok(AmpBox::new()),
             command::LISTEN => self.listen(b).await,
             command::UNLISTEN => {
@@ -285,7 +289,7 @@ impl Conn {
             l.success(&user_key);
         }
 
-        let lifetime = Duration::from_secs(u64::from(self.state.config.cert_lifetime_days) * 86400);
+        let lifetime = self.state.config.cert_lifetime();
         let issued = self
             .state
             .ca
@@ -300,6 +304,105 @@ impl Conn {
         };
         db(&self.state, move |db| db.record_certificate(&record)).await?;
         info!(%address, serial = %issued.info.serial, peer = %self.peer, "certificate issued");
+        Ok(AmpBox::new().with("certificate", issued.pem))
+    }
+
+    /// `renew`: a new certificate, with a fresh validity, for the key this connection logged
+    /// in with. The certificate renewed is `certificate` (a node that renewed before on this
+    /// connection holds a newer one than it logged in with) or else the login certificate;
+    /// it must be for that same key and the caller's address, chain to our CA, be one we
+    /// issued and did not revoke, and not have expired more than the tolerated clock skew
+    /// ago; the account must exist. A few renewals per account per lifetime.
+    async fn renew(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
+        let caller = self.caller().await?;
+        if caller.domain != self.state.domain {
+            return Err(self.wrong_domain(&caller.domain));
+        }
+        let bad = |why: String| {
+            warn!(address = %caller, peer = %self.peer, reason = %why, "renewal refused");
+            refuse(code::BAD_CERTIFICATE, why)
+        };
+        let login = self.client_cert.clone().ok_or_else(|| bad("no login certificate".into()))?;
+        let current = match b.get_str("certificate") {
+            Some(pem) => crate::identity::cert_from_pem(pem)
+                .map_err(|e| refuse(code::BAD_REQUEST, format!("`certificate`: {e}")))?,
+            None => login.clone(),
+        };
+        let login_key =
+            crate::identity::CertInfo::parse(&login).map_err(|e| bad(e.to_string()))?.public_key;
+        // A node whose clock is behind ours may ask a little late.
+        let skew = crate::identity::renewal::BACKDATE;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let at = rustls_pki_types::UnixTime::since_unix_epoch(now.saturating_sub(skew));
+        let info =
+            crate::identity::verify_identity(&current, self.state.ca.cert_der(), &caller, at)
+                .map_err(|e| bad(e.to_string()))?;
+        if info.public_key != login_key {
+            return Err(bad(
+                "the certificate to renew is not for the key this connection logged in with".into(),
+            ));
+        }
+        let user = caller.user.to_string();
+        if db(&self.state, move |db| db.password_hash(&user)).await?.is_none() {
+            warn!(address = %caller, peer = %self.peer, "renewal for a removed account");
+            return Err(refuse(
+                code::UNKNOWN_USER,
+                format!("{caller} is not registered on {}", self.state.domain),
+            ));
+        }
+        let serial = info.serial.clone();
+        match db(&self.state, move |db| db.certificate(&serial)).await? {
+            None => return Err(bad(format!("{} issued no such certificate", self.state.domain))),
+            Some(r) if r.revoked => {
+                return Err(bad(format!("the certificate of {caller} has been revoked")));
+            }
+            Some(r) if r.identity != caller.to_string() => {
+                return Err(bad(format!("that certificate was not issued to {caller}")));
+            }
+            Some(_) => {}
+        }
+
+        let lifetime = self.state.config.cert_lifetime();
+        let issued = self
+            .state
+            .ca
+            .renew_user(&caller, &current, lifetime)
+            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        let record = CertRecord {
+            serial: issued.info.serial.clone(),
+            identity: caller.to_string(),
+            not_before: issued.info.not_before,
+            not_after: issued.info.not_after,
+            revoked: false,
+        };
+        let since = now.saturating_sub(lifetime).as_secs() as i64;
+        let previous = info.serial.clone();
+        let recorded = db(&self.state, move |db| {
+            if db.renewals_since(&record.identity, since)? >= RENEWALS_PER_LIFETIME {
+                return Ok(false);
+            }
+            db.record_renewal(&record, &previous).map(|()| true)
+        })
+        .await?;
+        if !recorded {
+            warn!(address = %caller, peer = %self.peer, "renewal refused: rate limited");
+            return Err(refuse(
+                code::RATE_LIMITED,
+                format!(
+                    "{caller} renewed {RENEWALS_PER_LIFETIME} times within one certificate \
+                     lifetime already; try again later"
+                ),
+            ));
+        }
+        info!(
+            address = %caller,
+            previous = %info.serial,
+            serial = %issued.info.serial,
+            not_after = issued.info.not_after,
+            peer = %self.peer,
+            "certificate renewed"
+        );
         Ok(AmpBox::new().with("certificate", issued.pem))
     }
 
