@@ -291,6 +291,15 @@ impl ServerConn {
         Ok(self.field(&b, "certificate")?.to_string())
     }
 
+    /// Renew the certificate `current_pem` (for the key this connection logged in with);
+    /// returns the new certificate PEM, unchecked.
+    pub async fn renew(&self, current_pem: &str) -> Result<String, ClientError> {
+        let b = self
+            .peer_call(AmpBox::command(command::RENEW).with("certificate", current_pem))
+            .await?;
+        Ok(self.field(&b, "certificate")?.to_string())
+    }
+
     /// The address the server sees this TCP connection come from.
     pub async fn who_am_i(&mut self) -> Result<SocketAddr, ClientError> {
         let b = self.call(AmpBox::command(command::WHO_AM_I)).await?;

@@ -157,6 +157,26 @@ impl Home {
         Ok(())
     }
 
+    /// Replace the certificate of a stored identity with a renewed one, for the same key:
+    /// the key file is not touched, and the certificate is replaced atomically (the old
+    /// one stays until the new one is complete on disk). Refused when the key on disk is
+    /// no longer `renewed.key_pem` (someone registered the address anew meanwhile).
+    pub fn save_renewed(&self, renewed: &StoredIdentity) -> Result<(), HomeError> {
+        let dir = self.identity_dir(&renewed.address);
+        let key_path = dir.join("key.pem");
+        let on_disk = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        if on_disk != renewed.key_pem {
+            return Err(HomeError::Invalid {
+                path: key_path.display().to_string(),
+                reason: "the key changed on disk since it was loaded (registered anew?); \
+                         not replacing its certificate"
+                    .into(),
+            });
+        }
+        let p = dir.join("cert.pem");
+        fsutil::write_atomic(&p, renewed.cert_pem.as_bytes(), 0o644).map_err(io_err(&p))
+    }
+
     pub fn identity(&self, address: &Q2qAddress) -> Result<StoredIdentity, HomeError> {
         let dir = self.identity_dir(address);
         if !dir.join("cert.pem").exists() {

@@ -59,6 +59,23 @@ pub async fn register(
     })
 }
 
+/// Renew `id`'s certificate over `conn`, a connection to its domain's server logged in
+/// with `id`'s key. The answer is checked (it is `id`'s address, signed by the domain CA
+/// the connection verified, for the same key) and returned as an identity to store;
+/// nothing is written here.
+pub async fn renew(conn: &ServerConn, id: &StoredIdentity) -> Result<StoredIdentity, ClientError> {
+    let cert_pem = conn.renew(&id.cert_pem).await?;
+    let bad = |what: String| ClientError::BadAnswer { domain: id.address.domain.clone(), what };
+    let der = identity::cert_from_pem(&cert_pem).map_err(|e| bad(e.to_string()))?;
+    let info =
+        identity::verify_identity(&der, &conn.ca, &id.address, rustls::pki_types::UnixTime::now())
+            .map_err(|e| bad(format!("the renewed certificate: {e}")))?;
+    if info.public_key != id.info.public_key {
+        return Err(bad("the renewed certificate is for another key".into()));
+    }
+    Ok(StoredIdentity { cert_pem, info, ..id.clone() })
+}
+
 /// Ask the server at `server` over UDP which address it sees; up to 3 tries, 1 s each.
 pub async fn udp_who_am_i(
     socket: &tokio::net::UdpSocket,

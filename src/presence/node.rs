@@ -38,11 +38,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 mod consent;
+mod renewal;
 mod servers;
 mod streams;
+
+pub use renewal::CertificateStatus;
 
 use consent::Setup;
 
@@ -219,10 +222,33 @@ struct Listening {
     accepted: mpsc::Sender<Accepted>,
 }
 
+/// Our identity as it is now: the stored certificate and key, and the same for TLS.
+struct Current {
+    stored: Arc<StoredIdentity>,
+    tls: crate::ptcp::tls::Identity,
+}
+
+impl Current {
+    fn new(stored: StoredIdentity) -> Result<Current, NodeError> {
+        let me = &stored.address;
+        let bad =
+            |e: crate::identity::CertError| NodeError::Tls(format!("stored identity of {me}: {e}"));
+        let cert = crate::identity::cert_from_pem(&stored.cert_pem).map_err(bad)?;
+        let key = crate::identity::key_from_pem(&stored.key_pem).map_err(bad)?;
+        let tls = crate::ptcp::tls::Identity::new(vec![cert], key)
+            .map_err(|e| NodeError::Tls(e.to_string()))?;
+        Ok(Current { stored: Arc::new(stored), tls })
+    }
+}
+
 struct Inner {
     me: Q2qAddress,
     home: Home,
-    identity: Arc<StoredIdentity>,
+    /// Replaced whole when the certificate is renewed; read through
+    /// [`Node::stored_identity`] and [`Node::tls_identity`].
+    identity: std::sync::RwLock<Current>,
+    /// How renewal went (for `status`).
+    renewal: Mutex<renewal::State>,
     config: NodeConfig,
     endpoint: Endpoint,
     /// The logged-in connection to the home server, as the task that keeps it (and logs
@@ -236,8 +262,6 @@ struct Inner {
     /// taking our socket's non-PTCP datagrams).
     whoami: mpsc::Sender<WhoAmI>,
     reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
-    /// Our certificate and key for TLS on peer streams.
-    tls_identity: crate::ptcp::tls::Identity,
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
@@ -279,13 +303,19 @@ impl Node {
     /// Our stored identity (certificate and key) as it is now: renewal replaces it, so
     /// read it here at each use rather than keeping a copy.
     pub(super) fn stored_identity(&self) -> Arc<StoredIdentity> {
-        self.inner.identity.clone()
+        match self.inner.identity.read() {
+            Ok(c) => c.stored.clone(),
+            Err(e) => e.into_inner().stored.clone(),
+        }
     }
 
     /// Our certificate and key for TLS with peers, as they are now (see
     /// [`Node::stored_identity`]).
     pub(super) fn tls_identity(&self) -> crate::ptcp::tls::Identity {
-        self.inner.tls_identity.clone()
+        match self.inner.identity.read() {
+            Ok(c) => c.tls.clone(),
+            Err(e) => e.into_inner().tls.clone(),
+        }
     }
 
     /// Log in as `me` (whose identity is stored in `home`) and start serving.
@@ -294,19 +324,12 @@ impl Node {
         me: Q2qAddress,
         mut config: NodeConfig,
     ) -> Result<Node, NodeError> {
-        let identity = Arc::new(home.identity(&me).map_err(ClientError::from)?);
-        let tls_identity = {
-            let bad = |e: crate::identity::CertError| {
-                NodeError::Tls(format!("stored identity of {me}: {e}"))
-            };
-            let cert = crate::identity::cert_from_pem(&identity.cert_pem).map_err(bad)?;
-            let key = crate::identity::key_from_pem(&identity.key_pem).map_err(bad)?;
-            crate::ptcp::tls::Identity::new(vec![cert], key)
-                .map_err(|e| NodeError::Tls(e.to_string()))?
-        };
+        let current = Current::new(home.identity(&me).map_err(ClientError::from)?)?;
+        let identity = current.stored.clone();
         if config.server.server.is_none() {
             config.server.server = identity.server.clone();
         }
+        // Log-ins after this one take the identity as it is then (renewal replaces it).
         config.server.login = Some(identity.clone());
         let mut home_server = ServerConn::connect(&home, &me.domain, &config.server).await?;
         let incoming = home_server.incoming.take();
@@ -317,12 +340,12 @@ impl Node {
         let (whoami_tx, whoami_rx) = mpsc::channel(64);
         let inner = Arc::new(Inner {
             reflexive_cache: Default::default(),
-            tls_identity,
+            identity: std::sync::RwLock::new(current),
+            renewal: Default::default(),
             refusals: tokio::sync::broadcast::channel(16).0,
             table: SessionTable::start(),
             me,
             home,
-            identity,
             config,
             endpoint,
             home_server,
@@ -338,6 +361,7 @@ impl Node {
             tokio::spawn(node.clone().control_loop(incoming));
         }
         tokio::spawn(node.clone().stay_logged_in(home_owner));
+        tokio::spawn(node.clone().renew_when_due());
         // Learn the NAT mapping (or that UDP is blocked) before the first connection.
         node.reflexive().await;
         Ok(node)

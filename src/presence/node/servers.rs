@@ -41,13 +41,12 @@ impl Node {
             warn!(server = %home.server, "lost the connection to the home server; logging back in");
             loop {
                 tokio::time::sleep(backoff).await;
-                match ServerConn::connect(
-                    &self.inner.home,
-                    &self.inner.me.domain,
-                    &self.inner.config.server,
-                )
-                .await
-                {
+                // With the certificate we hold now: it may have been renewed.
+                let opts = ConnectOptions {
+                    login: Some(self.stored_identity()),
+                    ..self.inner.config.server.clone()
+                };
+                match ServerConn::connect(&self.inner.home, &self.inner.me.domain, &opts).await {
                     Ok(mut conn) => {
                         let incoming = conn.incoming.take();
                         let conn = Arc::new(conn);
