@@ -218,3 +218,49 @@ impl Home {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_renewed_certificate_replaces_only_the_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let home = Home::new(d.path().join("q2q"));
+        let ca =
+            crate::identity::DomainCa::generate(&Domain::parse("example.com").unwrap()).unwrap();
+        let alice = Q2qAddress::parse("alice@example.com").unwrap();
+        let key = crate::identity::generate_key().unwrap();
+        let csr = crate::identity::signing_request(&key).unwrap();
+        let first = ca.issue_user(&alice, &csr, std::time::Duration::from_secs(60)).unwrap();
+        home.save_identity(&alice, &key.serialize_pem(), &first.pem, "127.0.0.1:8788").unwrap();
+        let stored = home.identity(&alice).unwrap();
+
+        let renewed =
+            ca.renew_user(&alice, &first.der, std::time::Duration::from_secs(60)).unwrap();
+        let new = StoredIdentity {
+            cert_pem: renewed.pem.clone(),
+            info: renewed.info.clone(),
+            ..stored.clone()
+        };
+        home.save_renewed(&new).unwrap();
+        let again = home.identity(&alice).unwrap();
+        assert_eq!(again.cert_pem, renewed.pem);
+        assert_eq!(again.key_pem, stored.key_pem);
+        let dir = d.path().join("q2q/identities/alice@example.com");
+        let mode = std::fs::metadata(dir.join("key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["cert.pem", "key.pem", "server"], "no temporary files left");
+
+        // Registered anew meanwhile (another key on disk): the renewal is not written.
+        let other = crate::identity::generate_key().unwrap();
+        std::fs::write(dir.join("key.pem"), other.serialize_pem()).unwrap();
+        assert!(matches!(home.save_renewed(&new), Err(HomeError::Invalid { .. })));
+    }
+}
