@@ -34,6 +34,41 @@ pub struct CertificateStatus {
     pub warning: Option<String>,
 }
 
+impl CertificateStatus {
+    /// What `q2q-tun status` prints of it at `now` (Unix seconds): one line, then the
+    /// warning, if any, on a line of its own that starts with `warning:`.
+    pub fn describe(&self, now: i64) -> Vec<String> {
+        use crate::cli::format_time;
+        let when = |t: i64| {
+            if t > now {
+                format!("{} (in {})", format_time(t), human(Schedule::until(now, t)))
+            } else {
+                format!("{} ({} ago)", format_time(t), human(Schedule::until(t, now)))
+            }
+        };
+        let mut line = format!(
+            "certificate {} (serial {}): expires {}",
+            self.address,
+            self.serial.get(..8).unwrap_or(&self.serial),
+            when(self.not_after)
+        );
+        if self.renew_at > now {
+            line.push_str(&format!("; renews {}", when(self.renew_at)));
+        } else if self.not_after > now {
+            line.push_str("; renewing now");
+        }
+        if let Some(at) = self.renewed_at {
+            line.push_str(&format!("; last renewed {}", when(at)));
+        }
+        if let (None, Some(e)) = (&self.warning, &self.last_error) {
+            line.push_str(&format!("; last attempt failed: {e}"));
+        }
+        let mut lines = vec![line];
+        lines.extend(self.warning.as_ref().map(|w| format!("warning: {w}")));
+        lines
+    }
+}
+
 /// How renewal has gone so far.
 #[derive(Debug, Default)]
 pub(super) struct State {
@@ -182,5 +217,37 @@ impl Node {
             Err(e) => *e.into_inner() = current,
         }
         Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        let mut s = CertificateStatus {
+            address: Q2qAddress::parse("alice@example.com").unwrap(),
+            serial: "55a790653cecf8bd".into(),
+            not_after: 1_000_180,
+            renew_at: 1_000_120,
+            renewed_at: None,
+            last_error: None,
+            warning: None,
+        };
+        let lines = s.describe(1_000_000);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].starts_with("certificate alice@example.com (serial 55a79065): expires "));
+        assert!(lines[0].contains("(in 3 min); renews "), "{}", lines[0]);
+        assert!(lines[0].ends_with("(in 2 min)"), "{}", lines[0]);
+        s.renewed_at = Some(999_990);
+        s.last_error = Some("offline".into());
+        let lines = s.describe(1_000_130);
+        assert!(lines[0].contains("renewing now; last renewed "), "{}", lines[0]);
+        assert!(lines[0].ends_with("(2 min ago); last attempt failed: offline"), "{}", lines[0]);
+        s.warning = Some("the certificate of alice@example.com expires in 45 s".into());
+        let lines = s.describe(1_000_135);
+        assert_eq!(lines[1], "warning: the certificate of alice@example.com expires in 45 s");
+        assert!(!lines[0].contains("offline"));
     }
 }
