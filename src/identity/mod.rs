@@ -4,6 +4,9 @@
 //! Certificates are X.509 v3: random 128-bit serials, a URI SAN `q2q:user@domain` (and CN
 //! the same), both client and server auth EKUs, so one certificate serves both ends of a
 //! mutually authenticated TLS stream.
+//!
+//! [`renewal`] says when a certificate is due for renewal and when it is worth a warning,
+//! and what clock skew is tolerated (pure: it takes `now`).
 
 mod ca;
 mod cert;

@@ -18,6 +18,10 @@
 //! to the relay (streams only pause) and probing resumes. All of that is the session's path
 //! machine ([`q2q_netstack::path`]), which the PTCP endpoint drives; the node only gives it
 //! its set-up (`open_session`) and reads the path back for `status`.
+//!
+//! The node renews its own certificate two thirds into its lifetime (`renewal`), over the
+//! logged-in home connection, and swaps it in: everything reads our identity through
+//! `Node::stored_identity` and `Node::tls_identity`, never a copy.
 
 use super::candidates;
 use super::probe::Role;
