@@ -26,7 +26,7 @@
 //!        │ PmtuProbe / PmtuAck datagrams     │
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ wire: prefix (version, kind), session id, body    │  wire/
-//!   │ sealed once keyed: ChaCha20-Poly1305, counter     │  seal.rs
+//!   │ sealed once keyed: AES-256-GCM, counter, epochs   │  seal.rs
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        ▼ UDP (driver: direct or relayed)   │
 //! ```

@@ -254,7 +254,7 @@ fn main() -> Result<()> {
     let bytes = mib << 20;
     println!("{mib} MiB, one stream, each side a thread with its own tokio runtime");
     let sealed = ptcp(bytes, Protect::Sealed)?;
-    println!("PTCP sealed (ChaCha20-Poly1305), MTU 1400: {sealed:6.2} Gbit/s");
+    println!("PTCP sealed (AES-256-GCM), MTU 1400:      {sealed:6.2} Gbit/s");
     let with_tls = ptcp(bytes, Protect::Tls)?;
     println!("PTCP + TLS 1.3, loopback UDP, MTU 1400:  {with_tls:6.2} Gbit/s");
     let shared = ptcp_tls_shared_runtime(bytes)?;
