@@ -1,4 +1,5 @@
-//! Small pieces the two binaries share: reading passwords, logging set-up.
+//! Small pieces the two binaries share: reading passwords, logging set-up, times, the exit
+//! line, and the transfer progress bar. Colours and bars only on a terminal.
 
 use anyhow::{Context, bail};
 use std::path::Path;
@@ -71,5 +72,43 @@ pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A progress bar on stderr for a file transfer (hidden when stderr is not a terminal):
+/// `sending NAME [=====     ] 12 MiB/64 MiB 40 MiB/s 1s left`.
+pub struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    /// A bar that starts its line with `verb` ("sending", "receiving").
+    pub fn new(verb: &str) -> Bar {
+        use std::io::IsTerminal;
+        let target = if std::io::stderr().is_terminal() {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        };
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
+        let style = indicatif::ProgressStyle::with_template(&format!(
+            "{verb} {{msg}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} {{eta}} left"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        Bar(bar)
+    }
+}
+
+impl crate::transfer::Progress for Bar {
+    fn start(&mut self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn file(&mut self, name: &str) {
+        self.0.set_message(name.to_string());
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
     }
 }

@@ -434,7 +434,7 @@ async fn the_daemons_own_lookups_skip_the_shim() {
     let paths = Paths::sandbox(dir.path());
     std::fs::write(&paths.resolv_conf, "nameserver 127.0.0.2\noptions timeout:2 attempts:1\n")
         .unwrap();
-    resolver::install(&paths, Wanted::ResolvConf, "q2q0", shim.ip()).unwrap();
+    resolver::install(&paths, Wanted::ResolvConf, "q2q0", shim.ip()).await.unwrap();
     let text = std::fs::read(&paths.resolv_conf).unwrap();
     assert!(text.starts_with(b"# q2q-tun"), "the shim is first");
     // resolv.conf has no ports: point each address at its loopback server's.
@@ -473,5 +473,5 @@ async fn the_daemons_own_lookups_skip_the_shim() {
     let plain = discover::build(config, opts).unwrap();
     let _ = discover::srv_with(&plain, &far).await;
     assert!(shim_asked.load(Ordering::SeqCst) > 0, "unfiltered, the shim is asked");
-    resolver::restore(&paths).unwrap();
+    resolver::restore(&paths).await.unwrap();
 }

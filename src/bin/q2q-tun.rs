@@ -2,14 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use q2q::address::{Domain, Q2qAddress, ServiceName};
-use q2q::amp::AmpBox;
 use q2q::cli::{format_time, read_password};
 use q2q::client::{self, ConnectOptions, Home, ServerConn};
-use q2q::daemon;
-use q2q::daemon::services::Services;
+use q2q::daemon::{self, services::Services};
 use q2q::identity::Fingerprint;
-use q2q::presence::node::{Node, NodeConfig, Policy};
-use q2q::transfer;
+use q2q::presence::node::NodeConfig;
 use std::path::PathBuf;
 
 /// The q2q client: networking addressed to people (alice@example.com), not machines.
@@ -47,6 +44,58 @@ impl ServerArgs {
             login: None,
         }
     }
+}
+
+// The options of `up` (its help text is the doc comment of `Command::Up`).
+#[derive(clap::Args)]
+struct UpArgs {
+    /// The identity to run as (default: the only one stored).
+    #[arg(long = "as")]
+    as_address: Option<String>,
+    /// Stay in the foreground (logs on stderr) instead of detaching.
+    #[arg(long)]
+    foreground: bool,
+    /// Run without the TUN device and resolver shim (no root needed): presence, ping,
+    /// send and connect only.
+    #[arg(long)]
+    no_tun: bool,
+    /// Name of the TUN device.
+    #[arg(long, default_value = "q2q0")]
+    tun_name: String,
+    /// IPv4 virtual address pool (the node takes the first address, people the rest).
+    #[arg(long, default_value = "100.64.0.0/10")]
+    pool_v4: q2q::dns::pool::Ipv4Prefix,
+    /// IPv6 virtual address pool (a ULA; at least as many host bits as --pool-v4).
+    #[arg(long, default_value = "fd71:7132::/64")]
+    pool_v6: q2q::dns::pool::Ipv6Prefix,
+    /// How *.q2q names reach the shim: systemd-resolved per link (~q2q), a nameserver
+    /// line in /etc/resolv.conf that `down` removes, or not at all; auto picks
+    /// resolved where it runs.
+    #[arg(long, value_enum, default_value = "auto", env = "Q2Q_DNS_MODE")]
+    dns: q2q::daemon::resolver::Wanted,
+    /// Local UDP address for PTCP, who-am-i, probes and relay.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: std::net::SocketAddr,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Do not answer the built-in `ping` service.
+    #[arg(long)]
+    no_ping: bool,
+    /// Never look for direct paths: always use the server's relay.
+    #[arg(long)]
+    relay_only: bool,
+    /// Also offer loopback addresses as candidates (peers on the same machine).
+    #[arg(long)]
+    loopback_candidates: bool,
+    /// Seconds a peer may stay silent (suspended laptop, Wi-Fi gone) before its session
+    /// and streams fail; like kernel TCP, which gives up on unacknowledged data after
+    /// about 15 minutes. Until then streams only pause, and resume when it is back.
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(5..=86400))]
+    peer_timeout: u64,
+    /// Seconds a peer session with no stream lives on before both sides close it
+    /// (the next connection to that person sets up a new one).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    session_idle: u64,
 }
 
 #[derive(Subcommand)]
@@ -92,55 +141,7 @@ enum Command {
     /// `ssh alice.q2q` (alice at your domain), `ssh alice.example.com.q2q`, `ping alice.q2q`.
     /// TCP port P goes to the person's service tcp/P, UDP to udp/P. `q2q-tun down` removes
     /// the device and restores the resolver settings.
-    Up {
-        /// The identity to run as (default: the only one stored).
-        #[arg(long = "as")]
-        as_address: Option<String>,
-        /// Stay in the foreground (logs on stderr) instead of detaching.
-        #[arg(long)]
-        foreground: bool,
-        /// Run without the TUN device and resolver shim (no root needed): presence, ping,
-        /// send and connect only.
-        #[arg(long)]
-        no_tun: bool,
-        /// Name of the TUN device.
-        #[arg(long, default_value = "q2q0")]
-        tun_name: String,
-        /// IPv4 virtual address pool (the node takes the first address, people the rest).
-        #[arg(long, default_value = "100.64.0.0/10")]
-        pool_v4: q2q::dns::pool::Ipv4Prefix,
-        /// IPv6 virtual address pool (a ULA; at least as many host bits as --pool-v4).
-        #[arg(long, default_value = "fd71:7132::/64")]
-        pool_v6: q2q::dns::pool::Ipv6Prefix,
-        /// How *.q2q names reach the shim: systemd-resolved per link (~q2q), a nameserver
-        /// line in /etc/resolv.conf that `down` removes, or not at all; auto picks
-        /// resolved where it runs.
-        #[arg(long, value_enum, default_value = "auto", env = "Q2Q_DNS_MODE")]
-        dns: q2q::daemon::resolver::Wanted,
-        /// Local UDP address for PTCP, who-am-i, probes and relay.
-        #[arg(long, default_value = "0.0.0.0:0")]
-        bind: std::net::SocketAddr,
-        #[command(flatten)]
-        server: ServerArgs,
-        /// Do not answer the built-in `ping` service.
-        #[arg(long)]
-        no_ping: bool,
-        /// Never look for direct paths: always use the server's relay.
-        #[arg(long)]
-        relay_only: bool,
-        /// Also offer loopback addresses as candidates (peers on the same machine).
-        #[arg(long)]
-        loopback_candidates: bool,
-        /// Seconds a peer may stay silent (suspended laptop, Wi-Fi gone) before its session
-        /// and streams fail; like kernel TCP, which gives up on unacknowledged data after
-        /// about 15 minutes. Until then streams only pause, and resume when it is back.
-        #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(5..=86400))]
-        peer_timeout: u64,
-        /// Seconds a peer session with no stream lives on before both sides close it
-        /// (the next connection to that person sets up a new one).
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
-        session_idle: u64,
-    },
+    Up(UpArgs),
     /// Stop the running daemon: the TUN device goes, the resolver settings are restored.
     /// Also repairs what a killed daemon left behind.
     Down,
@@ -252,460 +253,209 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = cli.home.map_or_else(Home::locate, Home::new);
     match cli.command {
         Command::Register { address, server, password_file, invite, existing } => {
-            let address = Q2qAddress::parse(&address)?;
-            let password = read_password(
-                password_file.as_deref(),
-                &format!("Password for {address}: "),
-                !existing,
-            )?;
-            let r = client::register(
-                &home,
-                &address,
-                &password,
-                invite.as_deref(),
-                existing,
-                &server.options(),
-            )
-            .await?;
-            if r.newly_pinned {
-                println!("pinned the CA of {}: {}", address.domain, r.ca);
-            }
-            println!(
-                "registered {} with {}; certificate valid until {}",
-                r.address,
-                r.server,
-                format_time(r.info.not_after)
-            );
-            println!("stored in {}", home.root().display());
+            register(&home, &address, &server, password_file, invite, existing).await
         }
-        Command::Whoami { reflexive } => {
-            let ids = home.identities()?;
-            if ids.is_empty() {
-                println!(
-                    "no identity in {}: run `q2q-tun register you@domain` first",
-                    home.root().display()
-                );
-            }
-            for id in ids {
-                println!("{}", id.address);
-                println!("  server:      {}", id.server.as_deref().unwrap_or("(unknown)"));
-                println!(
-                    "  certificate: serial {}, valid until {}",
-                    id.info.serial,
-                    format_time(id.info.not_after)
-                );
-                if reflexive {
-                    let opts = ConnectOptions {
-                        server: id.server.clone(),
-                        ca_fingerprint: None,
-                        login: None,
-                    };
-                    let mut conn = ServerConn::connect(&home, &id.address.domain, &opts).await?;
-                    println!("  seen over TCP as {}", conn.who_am_i().await?);
-                    let target = tokio::net::lookup_host(conn.server.as_str())
-                        .await?
-                        .next()
-                        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", conn.server))?;
-                    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-                    let sock = tokio::net::UdpSocket::bind(bind).await?;
-                    println!("  seen over UDP as {}", client::udp_who_am_i(&sock, target).await?);
-                }
-            }
-        }
-        Command::Identify { domain, server } => {
-            let domain = Domain::parse(&domain)?;
-            let mut conn = ServerConn::connect(&home, &domain, &server.options()).await?;
-            let ca = conn.identify(domain.as_str()).await?;
-            println!("{domain} CA: {}", Fingerprint::of(&ca));
-            println!("server: {}", conn.server);
-            if conn.newly_pinned {
-                println!("pinned (first contact): check this fingerprint with {domain}'s admin");
-            } else {
-                println!("matches the pinned CA");
-            }
-        }
-        Command::ForgetCa { domain } => {
-            let domain = Domain::parse(&domain)?;
-            if home.forget_ca(&domain)? {
-                println!("forgot the CA of {domain}");
-            } else {
-                println!("no CA was pinned for {domain}");
-            }
-        }
-        Command::Up {
-            as_address,
-            foreground,
-            no_tun,
-            tun_name,
-            pool_v4,
-            pool_v6,
-            dns,
-            bind,
-            server,
-            no_ping,
-            relay_only,
-            loopback_candidates,
-            peer_timeout,
-            session_idle,
-        } => {
-            if !no_tun {
-                // Say what is missing first, not in the detached daemon's log.
-                let probe = daemon::tun::TunConfig { name: tun_name.clone(), ..Default::default() };
-                daemon::tun::check_privileges(&probe)?;
-            }
-            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
-            let me = daemon::choose_identity(&home, wanted.as_ref())?;
-            if std::os::unix::net::UnixStream::connect(daemon::socket_path(&home)).is_ok() {
-                anyhow::bail!(
-                    "q2q-tun is already up for {}: `q2q-tun status` shows it",
-                    home.root().display()
-                );
-            }
-            if !foreground {
-                return detach(&home);
-            }
-            let config = NodeConfig {
-                bind,
-                include_loopback: loopback_candidates,
-                server: server.options(),
-                direct: !relay_only,
-                session_idle: std::time::Duration::from_secs(session_idle),
-                netstack: q2q_netstack::Config {
-                    idle_timeout: q2q_netstack::Duration::from_secs(peer_timeout),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let tun = (!no_tun).then(|| daemon::tun::TunConfig {
-                name: tun_name,
-                pool: q2q::dns::pool::PoolConfig {
-                    ipv4: pool_v4,
-                    ipv6: pool_v6,
-                    ..Default::default()
-                },
-                dns,
-                ..Default::default()
-            });
-            daemon::run(home, me, config, !no_ping, tun).await?;
-        }
-        Command::Expose { service, to } => {
-            let service = ServiceName::parse(&service)?;
-            let mut s = Services::load(&home)?;
-            let to = s.expose(&service, to)?;
-            s.save(&home)?;
-            let target = to.map_or_else(
-                || format!("the inbox {}", home.root().join("inbox").display()),
-                |t| t.to_string(),
-            );
-            println!(
-                "exposed {service} (to {target}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
-            );
-            reloaded(&home).await?;
-        }
-        Command::Unexpose { service } => {
-            let service = ServiceName::parse(&service)?;
-            let mut s = Services::load(&home)?;
-            if !s.unexpose(&service) {
-                anyhow::bail!("{service} is not exposed");
-            }
-            s.save(&home)?;
-            println!("{service} is no longer offered");
-            reloaded(&home).await?;
-        }
-        Command::Authorize { address, service } => {
-            let (who, service) = (Q2qAddress::parse(&address)?, ServiceName::parse(&service)?);
-            let mut s = Services::load(&home)?;
-            s.authorize(&who, &service)?;
-            s.save(&home)?;
-            println!("{who} may now use {service}");
-            reloaded(&home).await?;
-        }
-        Command::Deauthorize { address, service } => {
-            let (who, service) = (Q2qAddress::parse(&address)?, ServiceName::parse(&service)?);
-            let mut s = Services::load(&home)?;
-            if !s.deauthorize(&who, &service)? {
-                anyhow::bail!("{who} was not authorized for {service}");
-            }
-            s.save(&home)?;
-            println!("{who} may no longer use {service}");
-            reloaded(&home).await?;
-        }
-        Command::Services => {
-            let s = Services::load(&home)?;
-            if s.services.is_empty() {
-                println!("no services exposed (q2q-tun expose tcp/22)");
-            }
-            for (name, e) in &s.services {
-                let who =
-                    if e.allow.is_empty() { "nobody yet".to_string() } else { e.allow.join(", ") };
-                let to = e.to.map_or_else(|| "inbox".to_string(), |t| t.to_string());
-                println!("{name:<12} -> {to:<22} allowed: {who}");
-            }
-        }
+        Command::Whoami { reflexive } => Ok(daemon::whoami::print(&home, reflexive).await?),
+        Command::Identify { domain, server } => identify(&home, &domain, &server).await,
+        Command::ForgetCa { domain } => forget_ca(&home, &domain),
+        Command::Up(up_args) => up(home, up_args).await,
+        Command::Expose { service, to } => expose(&home, &service, to).await,
+        Command::Unexpose { service } => unexpose(&home, &service).await,
+        Command::Authorize { address, service } => authorize(&home, &address, &service).await,
+        Command::Deauthorize { address, service } => deauthorize(&home, &address, &service).await,
+        Command::Services => services(&home),
         Command::Connect { address, service, as_address } => {
-            let to = Q2qAddress::parse(&address)?;
-            let service = ServiceName::parse(&service)?;
-            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
-            let me = daemon::choose_identity(&home, wanted.as_ref())?;
-            let node = Node::start(home.clone(), me, NodeConfig::default()).await?;
-            let conn = node.connect(&to, &service).await?;
-            let (mut r, mut w) = tokio::io::split(conn.stream);
-            // stdin to the peer; when stdin ends, half-close and keep reading.
-            let up = tokio::spawn(async move {
-                let mut stdin = tokio::io::stdin();
-                let _ = tokio::io::copy(&mut stdin, &mut w).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-            });
-            let mut stdout = tokio::io::stdout();
-            let _ = tokio::io::copy(&mut r, &mut stdout).await;
-            let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
-            up.abort();
-            // The peer ends the session now rather than watching it go silent.
-            node.leave().await;
+            let (to, service) = (Q2qAddress::parse(&address)?, ServiceName::parse(&service)?);
+            let me = parse_as(as_address.as_deref())?;
+            Ok(daemon::connect::connect(&home, &to, &service, me.as_ref()).await?)
         }
         Command::Send { address, files, as_address } => {
             let to = Q2qAddress::parse(&address)?;
-            let files = transfer::collect(&files)?;
-            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
-            let me = daemon::choose_identity(&home, wanted.as_ref())?;
-            let node = Node::start(home.clone(), me, NodeConfig::default()).await?;
-            let conn = node.connect(&to, &ServiceName::parse("file")?).await?;
-            let started = std::time::Instant::now();
-            let summary = transfer::send(conn.stream, &files, &mut Bar::new("sending")).await?;
-            let path = node.status().last().map(|p| p.path.to_string()).unwrap_or_default();
-            node.leave().await;
-            println!(
-                "sent {} to {to} in {:.1} s over {path}",
-                summary.line("sent"),
-                started.elapsed().as_secs_f64()
-            );
-            for (offered, saved) in &summary.renamed {
-                println!("{offered} arrived as {saved} (the name was taken by other content)");
-            }
-            for r in &summary.refused {
-                eprintln!("not sent: {}", r.reason);
-            }
-            if !summary.refused.is_empty() {
-                anyhow::bail!(
-                    "{} of {} refused by the receiver",
-                    summary.refused.len(),
-                    summary.files + summary.dirs
-                );
-            }
+            let me = parse_as(as_address.as_deref())?;
+            Ok(daemon::send::send(&home, &to, &files, me.as_ref()).await?)
         }
         Command::Receive { from, dir, overwrite, keep, as_address } => {
-            let from: Vec<Q2qAddress> =
-                from.iter().map(|f| Q2qAddress::parse(f)).collect::<Result<_, _>>()?;
-            let policy =
-                if from.is_empty() { Policy::anyone() } else { Policy::allow(from.clone()) };
-            let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
-            let me = daemon::choose_identity(&home, wanted.as_ref())?;
-            let node = Node::start(home.clone(), me.clone(), NodeConfig::default()).await?;
-            let mut refused = node.refusals();
-            let mut accepted =
-                node.listen(&ServiceName::parse("file")?, "q2q-tun receive", policy).await?;
-            let who = if from.is_empty() {
-                "anyone".to_string()
-            } else {
-                from.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            };
-            eprintln!(
-                "{me} is waiting for files from {who} into {} (Ctrl-C to stop)",
-                dir.display()
-            );
-            // Transfers run side by side: one whose sender vanished (and which only times
-            // out after the session does) never holds up the next, e.g. its resumption.
-            let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(16);
-            loop {
-                tokio::select! {
-                    Ok((peer, service)) = refused.recv() => eprintln!("refused {peer}: not authorized for {service}"),
-                    a = accepted.recv() => {
-                        let Some(a) = a else { break };
-                        let opts = transfer::ReceiveOptions { dir: dir.clone(), overwrite };
-                        let done_tx = done_tx.clone();
-                        tokio::spawn(async move {
-                            let started = std::time::Instant::now();
-                            let result = transfer::receive(a.stream, &opts, &mut Bar::new("receiving")).await;
-                            let _ = done_tx.send((a.peer, result, started.elapsed())).await;
-                        });
-                    }
-                    Some((peer, result, took)) = done_rx.recv() => match result {
-                        Ok(s) => {
-                            println!(
-                                "received {} from {peer} in {:.1} s into {}",
-                                s.line("transferred"), took.as_secs_f64(), dir.display()
-                            );
-                            for (offered, saved) in &s.renamed {
-                                println!("{offered} saved as {saved} (the name was taken by other content)");
-                            }
-                            for r in &s.refused {
-                                eprintln!("refused: {}", r.reason);
-                            }
-                            if !keep {
-                                break;
-                            }
-                        }
-                        Err(e) => eprintln!("error: transfer from {peer} failed: {e}"),
-                    },
-                }
-            }
+            let from = from.iter().map(|f| Q2qAddress::parse(f)).collect::<Result<_, _>>()?;
+            let me = parse_as(as_address.as_deref())?;
+            let opts = daemon::receive::ReceiveOptions { from, dir, overwrite, keep };
+            Ok(daemon::receive::receive(&home, me.as_ref(), opts).await?)
         }
         Command::Down => {
-            let was_up = match daemon::ask(&home, AmpBox::command("shutdown")).await {
-                Ok(_) => true,
-                Err(daemon::DaemonError::NotRunning(_)) => false,
-                Err(e) => return Err(e.into()),
-            };
-            for _ in 0..100 {
-                if !was_up || !daemon::socket_path(&home).exists() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            // A killed daemon leaves its resolver settings (and control socket) behind.
-            let paths = daemon::tun::resolver_paths(&home);
-            let repaired = daemon::resolver::restore(&paths)?;
-            if !was_up {
-                let _ = std::fs::remove_file(daemon::socket_path(&home));
-            }
-            match (was_up, repaired) {
-                (true, _) => println!("q2q-tun is down"),
-                (false, Some(what)) => {
-                    println!("q2q-tun was not running; repaired what it left: {what}")
-                }
-                (false, None) => println!("q2q-tun is not running; nothing to repair"),
-            }
+            println!("{}", daemon::down::down(&home).await?);
+            Ok(())
         }
         Command::Whois { ip } => {
-            let b = daemon::ask(&home, AmpBox::command("whois").with("ip", ip.to_string())).await?;
-            println!("{}", b.get_str("address").unwrap_or("?"));
+            println!("{}", daemon::control::whois_of(&home, ip).await?);
+            Ok(())
         }
         Command::Doctor { what: Doctor::Dns { name } } => {
-            let status = daemon::ask(&home, AmpBox::command("status")).await.ok();
-            let me = status
-                .as_ref()
-                .and_then(|b| b.get_str("address"))
-                .and_then(|a| Q2qAddress::parse(a).ok());
-            let name = match (name, &me) {
-                (Some(n), _) => n,
-                (None, Some(me)) => format!("{}.q2q", me.user),
-                (None, None) => anyhow::bail!(
-                    "no q2q-tun daemon is running for {}: start it with `sudo q2q-tun up`, or name a lookup to try",
-                    home.root().display()
-                ),
-            };
-            let tun = status.as_ref().and_then(|b| b.get_str("tun")).unwrap_or("");
-            if tun.is_empty() {
-                println!("not ok - the daemon runs without the TUN device and shim (--no-tun)");
-            }
-            let field = |k: &str| status.as_ref().and_then(|b| b.get_str(k)).unwrap_or("");
-            let shim_addr = match field("dns").parse() {
-                Ok(a) => a,
-                Err(_) => {
-                    let pool = q2q::dns::pool::Pool::new(Default::default())?;
-                    std::net::SocketAddr::from((pool.node_ipv4(), 53))
-                }
-            };
-            let paths = daemon::tun::resolver_paths(&home);
-            let link = match field("tun_device") {
-                "" => "q2q0".to_string(),
-                d => d.to_string(),
-            };
-            let checks = daemon::resolver::doctor(&paths, &link, &name, shim_addr).await;
-            let mut bad = 0;
-            for c in &checks {
-                println!("{} - {}", if c.ok { "ok" } else { "not ok" }, c.what);
-                bad += usize::from(!c.ok);
-            }
-            if bad > 0 {
-                anyhow::bail!("{bad} of {} DNS checks failed", checks.len());
-            }
+            let report = daemon::doctor::dns(&home, name).await?;
+            print!("{report}");
+            Ok(report.verdict()?)
         }
         Command::Status => {
-            let b = daemon::ask(&home, AmpBox::command("status")).await?;
-            println!(
-                "{} (UDP {})",
-                b.get_str("address").unwrap_or("?"),
-                b.get_str("udp").unwrap_or("?")
-            );
-            match b.get_str("tun") {
-                Some(t) if !t.is_empty() => println!("{t}"),
-                _ => println!("no TUN device (--no-tun)"),
-            }
-            let peers = b.get_str("peers").unwrap_or("");
-            if peers.is_empty() {
-                println!("no peers yet");
-            } else {
-                // One line per peer session: every stream with that person shares it.
-                println!("{:<28} {:<7} {:<20} {:<32} why", "peer", "streams", "opened", "path");
-                for line in peers.lines() {
-                    let f: Vec<&str> = line.split('\t').collect();
-                    if let [peer, streams, opened, path, why] = f.as_slice() {
-                        println!("{peer:<28} {streams:<7} {opened:<20} {path:<32} {why}");
-                    }
-                }
-            }
+            let b = daemon::ask(&home, q2q::amp::AmpBox::command("status")).await?;
+            print!("{}", daemon::status::Status::from_box(&b));
+            Ok(())
         }
         Command::Ping { address, count, as_address, relay_only } => {
             let to = Q2qAddress::parse(&address)?;
-            let report = if daemon::socket_path(&home).exists() {
-                let b = daemon::ask(
-                    &home,
-                    AmpBox::command("ping")
-                        .with("to", to.to_string())
-                        .with("count", count.to_string()),
-                )
-                .await?;
-                PrintedPing::from_box(&b)
-            } else {
-                let wanted = as_address.as_deref().map(Q2qAddress::parse).transpose()?;
-                let me = daemon::choose_identity(&home, wanted.as_ref())?;
-                let config = NodeConfig { direct: !relay_only, ..Default::default() };
-                let node = Node::start(home.clone(), me, config).await?;
-                let r = node.ping(&to, count, std::time::Duration::from_millis(200)).await?;
-                node.leave().await;
-                PrintedPing::from_box(&daemon::report_box(&r))
-            };
-            report.print();
+            let me = parse_as(as_address.as_deref())?;
+            print!("{}", daemon::ping::ping(&home, &to, count, me.as_ref(), relay_only).await?);
+            Ok(())
         }
+    }
+}
+
+/// The identity named by `--as`, parsed.
+fn parse_as(as_address: Option<&str>) -> anyhow::Result<Option<Q2qAddress>> {
+    Ok(as_address.map(Q2qAddress::parse).transpose()?)
+}
+
+async fn register(
+    home: &Home,
+    address: &str,
+    server: &ServerArgs,
+    password_file: Option<PathBuf>,
+    invite: Option<String>,
+    existing: bool,
+) -> anyhow::Result<()> {
+    let address = Q2qAddress::parse(address)?;
+    let prompt = format!("Password for {address}: ");
+    let password = read_password(password_file.as_deref(), &prompt, !existing)?;
+    let r =
+        client::register(home, &address, &password, invite.as_deref(), existing, &server.options())
+            .await?;
+    if r.newly_pinned {
+        println!("pinned the CA of {}: {}", address.domain, r.ca);
+    }
+    println!(
+        "registered {} with {}; certificate valid until {}",
+        r.address,
+        r.server,
+        format_time(r.info.not_after)
+    );
+    println!("stored in {}", home.root().display());
+    Ok(())
+}
+
+async fn identify(home: &Home, domain: &str, server: &ServerArgs) -> anyhow::Result<()> {
+    let domain = Domain::parse(domain)?;
+    let mut conn = ServerConn::connect(home, &domain, &server.options()).await?;
+    let ca = conn.identify(domain.as_str()).await?;
+    println!("{domain} CA: {}", Fingerprint::of(&ca));
+    println!("server: {}", conn.server);
+    if conn.newly_pinned {
+        println!("pinned (first contact): check this fingerprint with {domain}'s admin");
+    } else {
+        println!("matches the pinned CA");
     }
     Ok(())
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-struct Bar(indicatif::ProgressBar);
-
-impl Bar {
-    fn new(verb: &str) -> Bar {
-        use std::io::IsTerminal;
-        let target = if std::io::stderr().is_terminal() {
-            indicatif::ProgressDrawTarget::stderr()
-        } else {
-            indicatif::ProgressDrawTarget::hidden()
-        };
-        let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
-        let style = indicatif::ProgressStyle::with_template(&format!(
-            "{verb} {{msg}} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} {{eta}} left"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        Bar(bar)
+fn forget_ca(home: &Home, domain: &str) -> anyhow::Result<()> {
+    let domain = Domain::parse(domain)?;
+    if home.forget_ca(&domain)? {
+        println!("forgot the CA of {domain}");
+    } else {
+        println!("no CA was pinned for {domain}");
     }
+    Ok(())
 }
 
-impl transfer::Progress for Bar {
-    fn start(&mut self, total: u64) {
-        self.0.set_length(total);
+async fn up(home: Home, a: UpArgs) -> anyhow::Result<()> {
+    if !a.no_tun {
+        // Say what is missing first, not in the detached daemon's log.
+        daemon::platform::device::check_privileges(&a.tun_name)?;
     }
-    fn file(&mut self, name: &str) {
-        self.0.set_message(name.to_string());
+    let me = daemon::choose_identity(&home, parse_as(a.as_address.as_deref())?.as_ref())?;
+    daemon::up::ensure_down(&home)?;
+    if !a.foreground {
+        println!("{}", daemon::up::detach(&home)?);
+        return Ok(());
     }
-    fn advance(&mut self, bytes: u64) {
-        self.0.inc(bytes);
+    let config = NodeConfig {
+        bind: a.bind,
+        include_loopback: a.loopback_candidates,
+        server: a.server.options(),
+        direct: !a.relay_only,
+        session_idle: std::time::Duration::from_secs(a.session_idle),
+        netstack: q2q_netstack::Config {
+            idle_timeout: q2q_netstack::Duration::from_secs(a.peer_timeout),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let tun = (!a.no_tun).then(|| daemon::tun::TunConfig {
+        name: a.tun_name,
+        pool: q2q::dns::pool::PoolConfig { ipv4: a.pool_v4, ipv6: a.pool_v6, ..Default::default() },
+        dns: a.dns,
+        ..Default::default()
+    });
+    Ok(daemon::run(home, me, config, !a.no_ping, tun).await?)
+}
+
+async fn expose(
+    home: &Home,
+    service: &str,
+    to: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let service = ServiceName::parse(service)?;
+    let mut s = Services::load(home)?;
+    let to = s.expose(&service, to)?;
+    s.save(home)?;
+    let target = to.map_or_else(
+        || format!("the inbox {}", home.root().join("inbox").display()),
+        |t| t.to_string(),
+    );
+    println!(
+        "exposed {service} (to {target}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
+    );
+    reloaded(home).await
+}
+
+async fn unexpose(home: &Home, service: &str) -> anyhow::Result<()> {
+    let service = ServiceName::parse(service)?;
+    let mut s = Services::load(home)?;
+    if !s.unexpose(&service) {
+        anyhow::bail!("{service} is not exposed");
     }
-    fn finish(&mut self) {
-        self.0.finish_and_clear();
+    s.save(home)?;
+    println!("{service} is no longer offered");
+    reloaded(home).await
+}
+
+async fn authorize(home: &Home, address: &str, service: &str) -> anyhow::Result<()> {
+    let (who, service) = (Q2qAddress::parse(address)?, ServiceName::parse(service)?);
+    let mut s = Services::load(home)?;
+    s.authorize(&who, &service)?;
+    s.save(home)?;
+    println!("{who} may now use {service}");
+    reloaded(home).await
+}
+
+async fn deauthorize(home: &Home, address: &str, service: &str) -> anyhow::Result<()> {
+    let (who, service) = (Q2qAddress::parse(address)?, ServiceName::parse(service)?);
+    let mut s = Services::load(home)?;
+    if !s.deauthorize(&who, &service)? {
+        anyhow::bail!("{who} was not authorized for {service}");
     }
+    s.save(home)?;
+    println!("{who} may no longer use {service}");
+    reloaded(home).await
+}
+
+fn services(home: &Home) -> anyhow::Result<()> {
+    let s = Services::load(home)?;
+    if s.services.is_empty() {
+        println!("no services exposed (q2q-tun expose tcp/22)");
+    }
+    for (name, e) in &s.services {
+        let who = if e.allow.is_empty() { "nobody yet".to_string() } else { e.allow.join(", ") };
+        let to = e.to.map_or_else(|| "inbox".to_string(), |t| t.to_string());
+        println!("{name:<12} -> {to:<22} allowed: {who}");
+    }
+    Ok(())
 }
 
 /// Tell a running daemon to apply the services file again.
@@ -714,78 +464,4 @@ async fn reloaded(home: &Home) -> anyhow::Result<()> {
         println!("the running daemon applied the change");
     }
     Ok(())
-}
-
-/// Start `q2q-tun up --foreground` in the background, logging to $Q2Q_HOME/q2q-tun.log,
-/// and return once its control socket answers.
-fn detach(home: &Home) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
-    q2q::fsutil::create_private_dir(home.root())?;
-    let log_path = home.root().join("q2q-tun.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    args.push("--foreground".into());
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(&args)
-        .env("Q2Q_HOME", home.root())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()?;
-    for _ in 0..100 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if let Some(status) = child.try_wait()? {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let last =
-                text.lines().rev().find(|l| l.starts_with("error:")).unwrap_or("see the log");
-            anyhow::bail!("q2q-tun up failed ({status}): {}", last.trim_start_matches("error: "));
-        }
-        if std::os::unix::net::UnixStream::connect(daemon::socket_path(home)).is_ok() {
-            println!("q2q-tun is up (pid {}); log: {}", child.id(), log_path.display());
-            return Ok(());
-        }
-    }
-    anyhow::bail!("q2q-tun up did not come up within 10 s; see {}", log_path.display())
-}
-
-/// A ping report as printed.
-struct PrintedPing {
-    peer: String,
-    connect_ms: f64,
-    rtts_ms: Vec<f64>,
-    path: String,
-    why: String,
-}
-
-impl PrintedPing {
-    fn from_box(b: &AmpBox) -> PrintedPing {
-        let us = |s: &str| s.parse::<f64>().map(|v| v / 1000.0).unwrap_or(f64::NAN);
-        PrintedPing {
-            peer: b.get_str("peer").unwrap_or("?").to_string(),
-            connect_ms: us(b.get_str("connect_us").unwrap_or("")),
-            rtts_ms: b
-                .get_str("rtts_us")
-                .unwrap_or("")
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(us)
-                .collect(),
-            path: b.get_str("path").unwrap_or("?").to_string(),
-            why: b.get_str("why").unwrap_or("").to_string(),
-        }
-    }
-
-    fn print(&self) {
-        println!("PING {}: connected in {:.1} ms", self.peer, self.connect_ms);
-        for (i, rtt) in self.rtts_ms.iter().enumerate() {
-            println!("reply {} from {}: time={rtt:.2} ms", i + 1, self.peer);
-        }
-        let n = self.rtts_ms.len().max(1) as f64;
-        let min = self.rtts_ms.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = self.rtts_ms.iter().cloned().fold(0.0, f64::max);
-        let avg = self.rtts_ms.iter().sum::<f64>() / n;
-        println!("{} replies, min/avg/max = {min:.2}/{avg:.2}/{max:.2} ms", self.rtts_ms.len());
-        println!("path: {} ({})", self.path, self.why);
-    }
 }

@@ -25,7 +25,7 @@
 //! device is not persistent: it vanishes with the process, also when it is killed.
 
 use super::datagram;
-use super::resolver;
+use super::platform::{device, resolver};
 use crate::address::{Q2qAddress, ServiceName};
 use crate::client::Home;
 use crate::dns::names::Names;
@@ -117,27 +117,6 @@ pub struct Running {
     pub dns_addr: SocketAddr,
 }
 
-/// Fail early, before logging in, when this process cannot create the device (it needs
-/// CAP_NET_ADMIN) or bind the shim's port 53 (CAP_NET_BIND_SERVICE).
-pub fn check_privileges(config: &TunConfig) -> Result<(), TunError> {
-    // Capability numbers from linux/capability.h.
-    const CAP_NET_BIND_SERVICE: u32 = 10;
-    const CAP_NET_ADMIN: u32 = 12;
-    let Some(effective) = effective_capabilities() else { return Ok(()) };
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if !has(CAP_NET_ADMIN) || !has(CAP_NET_BIND_SERVICE) {
-        return Err(TunError::NeedCapNetAdmin(config.name.clone()));
-    }
-    Ok(())
-}
-
-/// The effective capability set of this process (`CapEff` in /proc/self/status).
-fn effective_capabilities() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
 /// The file that keeps the virtual address mappings across restarts.
 pub fn pool_file(home: &Home) -> PathBuf {
     home.root().join("pool.toml")
@@ -157,20 +136,12 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
     let node_v4 = pool.node_ipv4();
     let node_v6 = pool.node_ipv6();
 
-    let device = tun_rs::DeviceBuilder::new()
-        .name(&config.name)
-        .ipv4(node_v4, config.pool.ipv4.prefix_len(), None)
-        .ipv6(node_v6, config.pool.ipv6.prefix_len())
-        .mtu(config.mtu)
-        .build_async()
-        .map_err(|e| match e {
-            _ if e.kind() == std::io::ErrorKind::PermissionDenied
-                || e.raw_os_error() == Some(nix::errno::Errno::EPERM as i32) =>
-            {
-                TunError::NeedCapNetAdmin(config.name.clone())
-            }
-            _ => TunError::Device(config.name.clone(), e),
-        })?;
+    let device = device::create(&device::DeviceConfig {
+        name: &config.name,
+        ipv4: (node_v4, config.pool.ipv4.prefix_len()),
+        ipv6: (node_v6, config.pool.ipv6.prefix_len()),
+        mtu: config.mtu,
+    })?;
 
     let oracle = Oracle { node: node.clone(), cache: Arc::new(Mutex::new(HashMap::new())) };
     let shim: SharedShim<Oracle> = Arc::new(Mutex::new(Shim::new(
@@ -189,23 +160,14 @@ pub async fn start(node: Node, home: &Home, config: TunConfig) -> Result<Running
         }
     });
     // `install` first repairs what a daemon killed earlier left in the resolver settings.
-    let mode = blocking({
-        let (paths, wanted, link) = (paths.clone(), config.dns, config.name.clone());
-        move || resolver::install(&paths, wanted, &link, IpAddr::V4(node_v4))
-    })
-    .await?;
+    let mode = resolver::install(&paths, config.dns, &config.name, IpAddr::V4(node_v4)).await?;
     // The daemon's own look-ups of domain servers never ask the shim (they would wait on
     // themselves); they read the resolv.conf really in force.
     crate::client::discover::use_system_resolver(
         resolver::live_file(&paths),
         vec![IpAddr::V4(node_v4), IpAddr::V6(node_v6)],
     );
-    let keeper = match blocking({
-        let paths = paths.clone();
-        move || resolver::keep(&paths)
-    })
-    .await
-    {
+    let keeper = match resolver::keep(&paths) {
         Ok(k) => k,
         Err(e) => {
             warn!(error = %e, "resolv.conf is not watched: a rewrite by someone else stays until `down` and `up`");
@@ -256,30 +218,14 @@ impl Running {
 
     /// Restore the resolver and save the pool now (when [`Running::stop`] cannot be used);
     /// the device goes when the process ends.
-    pub fn restore_now(&self) {
-        if let Some(k) = self.take_keeper() {
-            k.stop();
-        }
-        if let Err(e) = resolver::restore(&self.resolver) {
-            warn!(error = %e, "could not restore the resolver settings");
-        }
+    pub async fn restore_now(&self) {
+        self.restore_resolver().await;
         save_pool(&self.shim, &self.pool_file, true);
     }
 
     /// Restore the resolver, save the pool, and remove the device (closing it does).
     pub async fn stop(mut self) {
-        let paths = self.resolver.clone();
-        // The watch ends first: nothing may put our line back after the restore.
-        let keeper = self.take_keeper();
-        let restore = move || {
-            if let Some(k) = keeper {
-                k.stop();
-            }
-            resolver::restore(&paths)
-        };
-        if let Err(e) = blocking(restore).await {
-            warn!(error = %e, "could not restore the resolver settings");
-        }
+        self.restore_resolver().await;
         self.dns.abort();
         self.saver.abort();
         if let Some(s) = self.stop.take() {
@@ -289,23 +235,16 @@ impl Running {
         save_pool(&self.shim, &self.pool_file, true);
     }
 
-    fn take_keeper(&self) -> Option<resolver::Keeper> {
-        self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-/// Run a resolver change off the async threads: `resolvectl` may take seconds.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, resolver::ResolverError> + Send + 'static,
-) -> Result<T, resolver::ResolverError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Cancelled: only when the runtime shuts down.
-        Err(e) => Err(resolver::ResolverError::Spawn {
-            command: "resolver update".into(),
-            error: std::io::Error::other(e.to_string()),
-        }),
+    /// Stop watching resolv.conf, then undo the resolver settings (failures are logged).
+    async fn restore_resolver(&self) {
+        // The watch ends first: nothing may put our line back after the restore.
+        let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(k) = keeper {
+            k.stop();
+        }
+        if let Err(e) = resolver::restore(&self.resolver).await {
+            warn!(error = %e, "could not restore the resolver settings");
+        }
     }
 }
 

@@ -1,0 +1,173 @@
+//! `q2q-tun status`: what the daemon answers (a box of text fields, one tab-separated line
+//! per peer session) and the table it prints as. The lab scripts read the table: its
+//! columns stay as they are.
+
+use super::tun;
+use crate::amp::AmpBox;
+use crate::presence::node::Node;
+use std::fmt;
+
+/// The state of a running daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Who it runs as, like `alice@example.com` (None: the answer lacked it).
+    pub address: Option<String>,
+    /// Its UDP socket, `ip:port`.
+    pub udp: Option<String>,
+    /// TUN mode's summary (device, addresses, resolver); None without the device.
+    pub tun: Option<String>,
+    /// The TUN device's name, like `q2q0`; None without the device.
+    pub tun_device: Option<String>,
+    /// Where the resolver shim answers, `ip:53`; None without the device.
+    pub dns: Option<String>,
+    /// One entry per peer session, oldest first.
+    pub peers: Vec<PeerLine>,
+}
+
+/// One peer session as `status` shows it; every stream with that person shares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLine {
+    /// The other person.
+    pub peer: String,
+    /// Streams open now.
+    pub streams: String,
+    /// Streams opened so far, by service: `tcp/22:3,ping:1`, or `-`.
+    pub opened: String,
+    /// The path: direct ip:port, UDP relay or TCP relay.
+    pub path: String,
+    /// Why that path.
+    pub why: String,
+}
+
+impl Status {
+    /// The state of `node` and its TUN mode, if any.
+    pub fn of(node: &Node, tun: Option<&tun::Running>) -> Status {
+        let peers = node
+            .status()
+            .into_iter()
+            .map(|p| {
+                let opened: Vec<String> =
+                    p.opened.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+                PeerLine {
+                    peer: p.peer.to_string(),
+                    streams: p.streams.to_string(),
+                    opened: if opened.is_empty() { "-".to_string() } else { opened.join(",") },
+                    path: p.path.to_string(),
+                    why: p.why,
+                }
+            })
+            .collect();
+        Status {
+            address: Some(node.address().to_string()),
+            udp: Some(node.local_addr().to_string()),
+            tun: tun.map(|t| t.summary.clone()),
+            tun_device: tun.map(|t| t.device.clone()),
+            dns: tun.map(|t| t.dns_addr.to_string()),
+            peers,
+        }
+    }
+
+    /// As the daemon answers it: every field present, empty when absent; `peers` one line
+    /// per session, its five fields separated by tabs.
+    pub fn to_box(&self) -> AmpBox {
+        let lines: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| format!("{}\t{}\t{}\t{}\t{}", p.peer, p.streams, p.opened, p.path, p.why))
+            .collect();
+        let or_empty = |v: &Option<String>| v.clone().unwrap_or_default();
+        AmpBox::new()
+            .with("address", or_empty(&self.address))
+            .with("udp", or_empty(&self.udp))
+            .with("peers", lines.join("\n"))
+            .with("tun", or_empty(&self.tun))
+            .with("tun_device", or_empty(&self.tun_device))
+            .with("dns", or_empty(&self.dns))
+    }
+
+    /// Read the daemon's answer; empty fields are absent, peer lines without five fields
+    /// are skipped.
+    pub fn from_box(b: &AmpBox) -> Status {
+        let field = |k: &str| b.get_str(k).filter(|v| !v.is_empty()).map(str::to_string);
+        let peers = b
+            .get_str("peers")
+            .unwrap_or("")
+            .lines()
+            .filter_map(|line| match line.split('\t').collect::<Vec<_>>().as_slice() {
+                [peer, streams, opened, path, why] => Some(PeerLine {
+                    peer: peer.to_string(),
+                    streams: streams.to_string(),
+                    opened: opened.to_string(),
+                    path: path.to_string(),
+                    why: why.to_string(),
+                }),
+                _ => None,
+            })
+            .collect();
+        Status {
+            address: field("address"),
+            udp: field("udp"),
+            tun: field("tun"),
+            tun_device: field("tun_device"),
+            dns: field("dns"),
+            peers,
+        }
+    }
+}
+
+/// The printed status: who and where, the device, then a table of peer sessions.
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "?".to_string());
+        writeln!(f, "{} (UDP {})", or_unknown(&self.address), or_unknown(&self.udp))?;
+        match &self.tun {
+            Some(t) => writeln!(f, "{t}")?,
+            None => writeln!(f, "no TUN device (--no-tun)")?,
+        }
+        if self.peers.is_empty() {
+            return writeln!(f, "no peers yet");
+        }
+        writeln!(f, "{:<28} {:<7} {:<20} {:<32} why", "peer", "streams", "opened", "path")?;
+        for p in &self.peers {
+            let PeerLine { peer, streams, opened, path, why } = p;
+            writeln!(f, "{peer:<28} {streams:<7} {opened:<20} {path:<32} {why}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_box_round_trips_and_prints_as_before() {
+        let s = Status {
+            address: Some("bob@example.com".into()),
+            udp: Some("0.0.0.0:4000".into()),
+            tun: None,
+            tun_device: None,
+            dns: None,
+            peers: vec![PeerLine {
+                peer: "alice@example.com".into(),
+                streams: "1".into(),
+                opened: "tcp/22:1".into(),
+                path: "direct 192.0.2.1:5000".into(),
+                why: "probe answered".into(),
+            }],
+        };
+        let b = s.to_box();
+        assert_eq!(b.get_str("tun"), Some(""), "every field is there");
+        assert_eq!(Status::from_box(&b), s);
+        let printed = s.to_string();
+        let lines: Vec<&str> = printed.lines().collect();
+        assert_eq!(lines[0], "bob@example.com (UDP 0.0.0.0:4000)");
+        assert_eq!(lines[1], "no TUN device (--no-tun)");
+        assert!(lines[2].starts_with("peer ") && lines[2].ends_with(" why"), "{printed}");
+        assert_eq!(lines[3].split_whitespace().next(), Some("alice@example.com"));
+        assert_eq!(
+            Status::from_box(&AmpBox::new()).to_string(),
+            "? (UDP ?)\nno TUN device (--no-tun)\nno peers yet\n"
+        );
+    }
+}
