@@ -53,7 +53,7 @@ needs_cargo() {
     return
   fi
   local home
-  home=$(getent passwd "${SUDO_USER:-}" | cut -d: -f6)
+  home=$(getent passwd "${SUDO_USER:-}" | cut -d: -f6) || home=
   if [[ -n ${SUDO_USER:-} && -x $home/.cargo/bin/cargo ]]; then
     runuser -u "$SUDO_USER" -- env HOME="$home" PATH="$home/.cargo/bin:$PATH" cargo "$@"
     return

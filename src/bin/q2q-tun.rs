@@ -294,8 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(report.verdict()?)
         }
         Command::Status => {
-            let b = daemon::ask(&home, q2q::amp::AmpBox::command("status")).await?;
-            print!("{}", daemon::status::Status::from_box(&b));
+            print!("{}", daemon::status::ask(&home).await?);
             Ok(())
         }
         Command::Ping { address, count, as_address, relay_only } => {

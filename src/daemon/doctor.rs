@@ -2,10 +2,8 @@
 //! the running daemon says about itself.
 
 use super::resolver::{self, Check};
-use super::status::Status;
-use super::{control, tun};
+use super::{status, tun};
 use crate::address::Q2qAddress;
-use crate::amp::AmpBox;
 use crate::client::Home;
 use std::fmt;
 use std::net::SocketAddr;
@@ -74,9 +72,7 @@ impl fmt::Display for DnsReport {
 /// [`DoctorError::NoName`] with no daemon and no name; the checks' failures are in the
 /// report ([`DnsReport::verdict`]).
 pub async fn dns(home: &Home, name: Option<String>) -> Result<DnsReport, DoctorError> {
-    let status =
-        control::ask(home, AmpBox::command("status")).await.ok().map(|b| Status::from_box(&b));
-    let status = status.unwrap_or_default();
+    let status = status::ask(home).await.unwrap_or_default();
     let me = status.address.as_deref().and_then(|a| Q2qAddress::parse(a).ok());
     let name = match (name, &me) {
         (Some(n), _) => n,

@@ -2,10 +2,20 @@
 //! per peer session) and the table it prints as. The lab scripts read the table: its
 //! columns stay as they are.
 
-use super::tun;
+use super::{DaemonError, control, tun};
 use crate::amp::AmpBox;
+use crate::client::Home;
 use crate::presence::node::Node;
 use std::fmt;
+
+/// Ask the running daemon of `home` for its status.
+///
+/// # Errors
+/// As [`control::ask`]: [`DaemonError::NotRunning`] when no daemon answers.
+pub async fn ask(home: &Home) -> Result<Status, DaemonError> {
+    let b = control::ask(home, AmpBox::command("status")).await?;
+    Ok(Status::from_box(&b))
+}
 
 /// The state of a running daemon.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
