@@ -245,7 +245,8 @@ enum Doctor {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    q2q::cli::init_logging("warn");
+    // Renewals are worth a line in the log even when all is well.
+    q2q::cli::init_logging("warn,q2q::presence::node::renewal=info");
     q2q::cli::exit(run(Cli::parse()).await)
 }
 

@@ -30,6 +30,9 @@ pub struct Status {
     pub tun_device: Option<String>,
     /// Where the resolver shim answers, `ip:53`; None without the device.
     pub dns: Option<String>,
+    /// The certificate in use: when it expires and renews, and a warning when renewal is
+    /// failing or expiry is near ([`crate::presence::node::CertificateStatus::describe`]).
+    pub certificate: Vec<String>,
     /// One entry per peer session, oldest first.
     pub peers: Vec<PeerLine>,
 }
@@ -67,12 +70,16 @@ impl Status {
                 }
             })
             .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         Status {
             address: Some(node.address().to_string()),
             udp: Some(node.local_addr().to_string()),
             tun: tun.map(|t| t.summary.clone()),
             tun_device: tun.map(|t| t.device.clone()),
             dns: tun.map(|t| t.dns_addr.to_string()),
+            certificate: node.certificate_status().describe(now),
             peers,
         }
     }
@@ -93,6 +100,7 @@ impl Status {
             .with("tun", or_empty(&self.tun))
             .with("tun_device", or_empty(&self.tun_device))
             .with("dns", or_empty(&self.dns))
+            .with("certificate", self.certificate.join("\n"))
     }
 
     /// Read the daemon's answer; empty fields are absent, peer lines without five fields
@@ -120,6 +128,12 @@ impl Status {
             tun: field("tun"),
             tun_device: field("tun_device"),
             dns: field("dns"),
+            certificate: b
+                .get_str("certificate")
+                .unwrap_or("")
+                .lines()
+                .map(str::to_string)
+                .collect(),
             peers,
         }
     }
@@ -133,6 +147,9 @@ impl fmt::Display for Status {
         match &self.tun {
             Some(t) => writeln!(f, "{t}")?,
             None => writeln!(f, "no TUN device (--no-tun)")?,
+        }
+        for line in &self.certificate {
+            writeln!(f, "{line}")?;
         }
         if self.peers.is_empty() {
             return writeln!(f, "no peers yet");
@@ -158,6 +175,11 @@ mod tests {
             tun: None,
             tun_device: None,
             dns: None,
+            certificate: vec![
+                "certificate bob@example.com (serial 6b68a236): expires 2026-12-30 15:22 UTC"
+                    .into(),
+                "warning: the certificate of bob@example.com expires in 6 days".into(),
+            ],
             peers: vec![PeerLine {
                 peer: "alice@example.com".into(),
                 streams: "1".into(),
@@ -173,8 +195,10 @@ mod tests {
         let lines: Vec<&str> = printed.lines().collect();
         assert_eq!(lines[0], "bob@example.com (UDP 0.0.0.0:4000)");
         assert_eq!(lines[1], "no TUN device (--no-tun)");
-        assert!(lines[2].starts_with("peer ") && lines[2].ends_with(" why"), "{printed}");
-        assert_eq!(lines[3].split_whitespace().next(), Some("alice@example.com"));
+        assert!(lines[2].starts_with("certificate bob@example.com"), "{printed}");
+        assert!(lines[3].starts_with("warning: "), "{printed}");
+        assert!(lines[4].starts_with("peer ") && lines[4].ends_with(" why"), "{printed}");
+        assert_eq!(lines[5].split_whitespace().next(), Some("alice@example.com"));
         assert_eq!(
             Status::from_box(&AmpBox::new()).to_string(),
             "? (UDP ?)\nno TUN device (--no-tun)\nno peers yet\n"
