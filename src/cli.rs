@@ -64,6 +64,35 @@ pub fn format_time(secs: i64) -> String {
         .unwrap_or_else(|_| secs.to_string())
 }
 
+/// `println!` for a command's output: when the reader has gone (`q2q-server user list |
+/// head -1`), the program ends quietly with success, as it would by SIGPIPE in a C program,
+/// rather than panicking. Any other write error ends it with a one-line error.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
+/// Write one line of output to stdout (see [`outln!`](crate::outln)).
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written =
+        out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// The exit of a binary: success, or `error: …` (the whole chain, one line) and failure.
 pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {

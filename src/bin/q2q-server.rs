@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use q2q::address::Domain;
 use q2q::cli::{format_time, read_password};
+use q2q::outln;
 use q2q::server::{self, DataDir, Registration, ServerConfig, admin};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,10 +119,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let domain = Domain::parse(&domain)?;
             let config = ServerConfig { registration, listen, ..Default::default() };
             let d = DataDir::init(&dir, &domain, &config)?;
-            println!("initialised {} for {}", dir.display(), d.domain);
-            println!("CA fingerprint: {}", d.ca.fingerprint());
-            println!("config: {}", d.config_path().display());
-            println!("next: q2q-server run --data-dir {}", dir.display());
+            outln!("initialised {} for {}", dir.display(), d.domain);
+            outln!("CA fingerprint: {}", d.ca.fingerprint());
+            outln!("config: {}", d.config_path().display());
+            outln!("next: q2q-server run --data-dir {}", dir.display());
         }
         Command::Run { config, listen } => {
             let d = DataDir::open(&dir)?;
@@ -131,9 +132,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = l;
             }
             let running = server::start(d, config).await?;
-            println!(
+            outln!(
                 "q2q-server for {} listening on {} (tcp) and {} (udp)",
-                running.domain, running.tcp_addr, running.udp_addr
+                running.domain,
+                running.tcp_addr,
+                running.udp_addr
             );
             tokio::select! {
                 _ = running_wait_signal() => {}
@@ -142,16 +145,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(UserCommand::Add { name, password_file }) => {
             let pw = read_password(password_file.as_deref(), "Password for the new user: ", true)?;
-            println!("added {}", admin::add_user(&dir, &name, pw).await?);
+            outln!("added {}", admin::add_user(&dir, &name, pw).await?);
         }
         Command::User(UserCommand::Remove { name }) => {
-            println!("removed {} and revoked their certificates", admin::remove_user(&dir, &name)?);
+            outln!("removed {} and revoked their certificates", admin::remove_user(&dir, &name)?);
         }
         Command::User(UserCommand::List) => {
             let (domain, users) = admin::list_users(&dir)?;
-            println!("{} users on {domain}", users.len());
+            outln!("{} users on {domain}", users.len());
             for u in users {
-                println!(
+                outln!(
                     "{}@{domain}\tregistered {}\t{} certificates",
                     u.name,
                     format_time(u.created),
@@ -161,16 +164,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(UserCommand::Passwd { name, password_file }) => {
             let pw = read_password(password_file.as_deref(), "New password: ", true)?;
-            println!("password of {} changed", admin::set_password(&dir, &name, pw).await?);
+            outln!("password of {} changed", admin::set_password(&dir, &name, pw).await?);
         }
         Command::Invite(InviteCommand::Create { count }) => {
             for _ in 0..count.clamp(1, 1000) {
-                println!("{}", admin::create_invite(&dir)?);
+                outln!("{}", admin::create_invite(&dir)?);
             }
         }
         Command::Invite(InviteCommand::List) => {
             for (code, used) in admin::list_invites(&dir)? {
-                println!(
+                outln!(
                     "{code}\t{}",
                     used.map_or_else(|| "unused".to_string(), |u| format!("used by {u}"))
                 );
@@ -179,23 +182,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert(CertCommand::List { user }) => {
             for c in admin::list_certificates(&dir, user.as_deref())? {
                 let state = if c.revoked { "revoked" } else { "valid" };
-                println!(
-                    "{}\t{}\tuntil {}\t{state}",
-                    c.serial,
-                    c.identity,
-                    format_time(c.not_after)
-                );
+                outln!("{}\t{}\tuntil {}\t{state}", c.serial, c.identity, format_time(c.not_after));
             }
         }
         Command::Cert(CertCommand::Revoke { serial }) => {
             admin::revoke(&dir, &serial)?;
-            println!("revoked {serial}");
+            outln!("revoked {serial}");
         }
         Command::Info => {
             let d = DataDir::open(&dir).context("cannot open the data directory")?;
-            println!("domain: {}", d.domain);
-            println!("CA fingerprint: {}", d.ca.fingerprint());
-            println!("users: {}", d.db.user_count()?);
+            outln!("domain: {}", d.domain);
+            outln!("CA fingerprint: {}", d.ca.fingerprint());
+            outln!("users: {}", d.db.user_count()?);
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ use q2q::cli::{format_time, read_password};
 use q2q::client::{self, ConnectOptions, Home, ServerConn};
 use q2q::daemon::{self, services::Services};
 use q2q::identity::Fingerprint;
+use q2q::outln;
 use q2q::presence::node::NodeConfig;
 use std::path::PathBuf;
 
@@ -282,11 +283,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(daemon::receive::receive(&home, me.as_ref(), opts).await?)
         }
         Command::Down => {
-            println!("{}", daemon::down::down(&home).await?);
+            outln!("{}", daemon::down::down(&home).await?);
             Ok(())
         }
         Command::Whois { ip } => {
-            println!("{}", daemon::control::whois_of(&home, ip).await?);
+            outln!("{}", daemon::control::whois_of(&home, ip).await?);
             Ok(())
         }
         Command::Doctor { what: Doctor::Dns { name } } => {
@@ -327,15 +328,15 @@ async fn register(
         client::register(home, &address, &password, invite.as_deref(), existing, &server.options())
             .await?;
     if r.newly_pinned {
-        println!("pinned the CA of {}: {}", address.domain, r.ca);
+        outln!("pinned the CA of {}: {}", address.domain, r.ca);
     }
-    println!(
+    outln!(
         "registered {} with {}; certificate valid until {}",
         r.address,
         r.server,
         format_time(r.info.not_after)
     );
-    println!("stored in {}", home.root().display());
+    outln!("stored in {}", home.root().display());
     Ok(())
 }
 
@@ -343,12 +344,12 @@ async fn identify(home: &Home, domain: &str, server: &ServerArgs) -> anyhow::Res
     let domain = Domain::parse(domain)?;
     let mut conn = ServerConn::connect(home, &domain, &server.options()).await?;
     let ca = conn.identify(domain.as_str()).await?;
-    println!("{domain} CA: {}", Fingerprint::of(&ca));
-    println!("server: {}", conn.server);
+    outln!("{domain} CA: {}", Fingerprint::of(&ca));
+    outln!("server: {}", conn.server);
     if conn.newly_pinned {
-        println!("pinned (first contact): check this fingerprint with {domain}'s admin");
+        outln!("pinned (first contact): check this fingerprint with {domain}'s admin");
     } else {
-        println!("matches the pinned CA");
+        outln!("matches the pinned CA");
     }
     Ok(())
 }
@@ -356,9 +357,9 @@ async fn identify(home: &Home, domain: &str, server: &ServerArgs) -> anyhow::Res
 fn forget_ca(home: &Home, domain: &str) -> anyhow::Result<()> {
     let domain = Domain::parse(domain)?;
     if home.forget_ca(&domain)? {
-        println!("forgot the CA of {domain}");
+        outln!("forgot the CA of {domain}");
     } else {
-        println!("no CA was pinned for {domain}");
+        outln!("no CA was pinned for {domain}");
     }
     Ok(())
 }
@@ -371,7 +372,7 @@ async fn up(home: Home, a: UpArgs) -> anyhow::Result<()> {
     let me = daemon::choose_identity(&home, parse_as(a.as_address.as_deref())?.as_ref())?;
     daemon::up::ensure_down(&home)?;
     if !a.foreground {
-        println!("{}", daemon::up::detach(&home)?);
+        outln!("{}", daemon::up::detach(&home)?);
         return Ok(());
     }
     let config = NodeConfig {
@@ -408,7 +409,7 @@ async fn expose(
         || format!("the inbox {}", home.root().join("inbox").display()),
         |t| t.to_string(),
     );
-    println!(
+    outln!(
         "exposed {service} (to {target}); nobody may use it until you `q2q-tun authorize ADDRESS {service}`"
     );
     reloaded(home).await
@@ -421,7 +422,7 @@ async fn unexpose(home: &Home, service: &str) -> anyhow::Result<()> {
         anyhow::bail!("{service} is not exposed");
     }
     s.save(home)?;
-    println!("{service} is no longer offered");
+    outln!("{service} is no longer offered");
     reloaded(home).await
 }
 
@@ -430,7 +431,7 @@ async fn authorize(home: &Home, address: &str, service: &str) -> anyhow::Result<
     let mut s = Services::load(home)?;
     s.authorize(&who, &service)?;
     s.save(home)?;
-    println!("{who} may now use {service}");
+    outln!("{who} may now use {service}");
     reloaded(home).await
 }
 
@@ -441,19 +442,19 @@ async fn deauthorize(home: &Home, address: &str, service: &str) -> anyhow::Resul
         anyhow::bail!("{who} was not authorized for {service}");
     }
     s.save(home)?;
-    println!("{who} may no longer use {service}");
+    outln!("{who} may no longer use {service}");
     reloaded(home).await
 }
 
 fn services(home: &Home) -> anyhow::Result<()> {
     let s = Services::load(home)?;
     if s.services.is_empty() {
-        println!("no services exposed (q2q-tun expose tcp/22)");
+        outln!("no services exposed (q2q-tun expose tcp/22)");
     }
     for (name, e) in &s.services {
         let who = if e.allow.is_empty() { "nobody yet".to_string() } else { e.allow.join(", ") };
         let to = e.to.map_or_else(|| "inbox".to_string(), |t| t.to_string());
-        println!("{name:<12} -> {to:<22} allowed: {who}");
+        outln!("{name:<12} -> {to:<22} allowed: {who}");
     }
     Ok(())
 }
@@ -461,7 +462,7 @@ fn services(home: &Home) -> anyhow::Result<()> {
 /// Tell a running daemon to apply the services file again.
 async fn reloaded(home: &Home) -> anyhow::Result<()> {
     if daemon::reload(home).await? {
-        println!("the running daemon applied the change");
+        outln!("the running daemon applied the change");
     }
     Ok(())
 }

@@ -63,12 +63,12 @@ pub async fn receive(
             }
             Some((peer, result, took)) = done_rx.recv() => match result {
                 Ok(s) => {
-                    println!(
+                    crate::outln!(
                         "received {} from {peer} in {:.1} s into {}",
                         s.line("transferred"), took.as_secs_f64(), dir.display()
                     );
                     for (offered, saved) in &s.renamed {
-                        println!("{offered} saved as {saved} (the name was taken by other content)");
+                        crate::outln!("{offered} saved as {saved} (the name was taken by other content)");
                     }
                     for r in &s.refused {
                         eprintln!("refused: {}", r.reason);

@@ -53,13 +53,13 @@ pub async fn send(
     let summary = transfer::send(conn.stream, &files, &mut Bar::new("sending")).await?;
     let path = node.status().last().map(|p| p.path.to_string()).unwrap_or_default();
     node.leave().await;
-    println!(
+    crate::outln!(
         "sent {} to {to} in {:.1} s over {path}",
         summary.line("sent"),
         started.elapsed().as_secs_f64()
     );
     for (offered, saved) in &summary.renamed {
-        println!("{offered} arrived as {saved} (the name was taken by other content)");
+        crate::outln!("{offered} arrived as {saved} (the name was taken by other content)");
     }
     for r in &summary.refused {
         eprintln!("not sent: {}", r.reason);

@@ -31,15 +31,15 @@ pub enum WhoamiError {
 pub async fn print(home: &Home, reflexive: bool) -> Result<(), WhoamiError> {
     let ids = home.identities()?;
     if ids.is_empty() {
-        println!(
+        crate::outln!(
             "no identity in {}: run `q2q-tun register you@domain` first",
             home.root().display()
         );
     }
     for id in ids {
-        println!("{}", id.address);
-        println!("  server:      {}", id.server.as_deref().unwrap_or("(unknown)"));
-        println!(
+        crate::outln!("{}", id.address);
+        crate::outln!("  server:      {}", id.server.as_deref().unwrap_or("(unknown)"));
+        crate::outln!(
             "  certificate: serial {}, valid until {}",
             id.info.serial,
             format_time(id.info.not_after)
@@ -48,8 +48,8 @@ pub async fn print(home: &Home, reflexive: bool) -> Result<(), WhoamiError> {
             let opts =
                 ConnectOptions { server: id.server.clone(), ca_fingerprint: None, login: None };
             let mut conn = ServerConn::connect(home, &id.address.domain, &opts).await?;
-            println!("  seen over TCP as {}", conn.who_am_i().await?);
-            println!("  seen over UDP as {}", seen_over_udp(&conn.server).await?);
+            crate::outln!("  seen over TCP as {}", conn.who_am_i().await?);
+            crate::outln!("  seen over UDP as {}", seen_over_udp(&conn.server).await?);
         }
     }
     Ok(())
