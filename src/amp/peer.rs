@@ -57,11 +57,28 @@ impl Incoming {
             }
             Err((code, description)) => AmpBox::new()
                 .with(ERROR, &tag)
-                .with(ERROR_CODE, code)
-                .with(ERROR_DESCRIPTION, description),
+                .with(ERROR_CODE, truncate(&code, MAX_ERROR_CODE))
+                .with(ERROR_DESCRIPTION, truncate(&description, MAX_ERROR_DESCRIPTION)),
         };
         let _ = self.writes.send(reply).await;
     }
+}
+
+/// Longest `_error_code` and `_error_description` sent: they may echo the request (a
+/// 64 KiB argument must not make an answer too long to encode).
+const MAX_ERROR_CODE: usize = 64;
+const MAX_ERROR_DESCRIPTION: usize = 1024;
+
+/// `s` cut to at most `max` bytes at a character boundary, `…` marking the cut.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 impl Drop for Incoming {
@@ -194,6 +211,15 @@ impl PeerHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(40_000);
+        let cut = truncate(&long, MAX_ERROR_DESCRIPTION);
+        assert!(cut.len() <= MAX_ERROR_DESCRIPTION && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(truncate("abcdef", 4), "a…");
+    }
 
     #[tokio::test]
     async fn both_ends_ask_and_answer_concurrently() {

@@ -2,7 +2,7 @@
 
 use super::ratelimit::RateLimitConfig;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,6 +84,73 @@ impl From<Lifetime> for String {
     }
 }
 
+/// An IP network in CIDR notation (`198.51.100.0/24`, `::1/128`); a bare address is its
+/// own network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Network(pub ipnet::IpNet);
+
+/// Why a network does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a network: give an address and prefix length, like 198.51.100.0/24")]
+pub struct NetworkError(String);
+
+impl Network {
+    pub fn parse(s: &str) -> Result<Network, NetworkError> {
+        let t = s.trim();
+        t.parse::<ipnet::IpNet>()
+            .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map(|n| Network(n.trunc()))
+            .map_err(|_| NetworkError(s.to_string()))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip)
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = NetworkError;
+    fn try_from(s: String) -> Result<Network, NetworkError> {
+        Network::parse(&s)
+    }
+}
+
+impl From<Network> for String {
+    fn from(n: Network) -> String {
+        n.to_string()
+    }
+}
+
+/// How many accounts may be registered: per source address and over all (the
+/// `[registration_limit]` table). Each is a token bucket: `burst` at once, then one every
+/// `every_secs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationLimit {
+    pub per_address_burst: u32,
+    pub per_address_every_secs: u64,
+    pub overall_burst: u32,
+    pub overall_every_secs: u64,
+}
+
+impl Default for RegistrationLimit {
+    fn default() -> Self {
+        RegistrationLimit {
+            per_address_burst: 10,
+            per_address_every_secs: 600,
+            overall_burst: 100,
+            overall_every_secs: 10,
+        }
+    }
+}
+
 /// Every setting, with its default.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -97,7 +164,16 @@ pub struct ServerConfig {
     pub cert_lifetime_days: Option<u32>,
     pub min_password_len: usize,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    /// The share of `max_connections`, in percent, that connections not logged in may hold.
+    pub unauthenticated_percent: u8,
+    pub handshake_timeout_secs: u64,
+    pub login_timeout_secs: u64,
+    /// Networks the server may fetch other domains' CAs from although they are not public
+    /// unicast (loopback, private, documentation…): none by default.
+    pub federation_allow: Vec<Network>,
     pub rate_limit: RateLimitConfig,
+    pub registration_limit: RegistrationLimit,
 }
 
 impl Default for ServerConfig {
@@ -109,7 +185,13 @@ impl Default for ServerConfig {
             cert_lifetime_days: None,
             min_password_len: 8,
             max_connections: 4096,
+            max_connections_per_address: 32,
+            unauthenticated_percent: 50,
+            handshake_timeout_secs: 10,
+            login_timeout_secs: 30,
+            federation_allow: Vec::new(),
             rate_limit: RateLimitConfig::default(),
+            registration_limit: RegistrationLimit::default(),
         }
     }
 }
@@ -148,6 +230,12 @@ impl ServerConfig {
                 reason: "give `cert_lifetime` or the older `cert_lifetime_days`, not both".into(),
             });
         }
+        if config.unauthenticated_percent > 100 {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                reason: "`unauthenticated_percent` is a percentage: 0 to 100".into(),
+            });
+        }
         if config.cert_lifetime_days == Some(0) {
             return Err(ConfigError::Invalid {
                 path: path.display().to_string(),
@@ -167,9 +255,21 @@ impl ServerConfig {
         }
     }
 
+    /// How long a new connection has for its TLS handshake (at least a second).
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// How long a connection may stay open without logging in (at least a second).
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.login_timeout_secs.max(1))
+    }
+
     /// The commented config file `init` writes: every setting, its default and meaning.
     pub fn documented(&self) -> String {
         let r = &self.rate_limit;
+        let g = &self.registration_limit;
+        let allow: Vec<String> = self.federation_allow.iter().map(|n| format!("\"{n}\"")).collect();
         let registration = match self.registration {
             Registration::Open => "open",
             Registration::Closed => "closed",
@@ -197,8 +297,35 @@ cert_lifetime = "{lifetime}"
 # Shortest password accepted at registration. Default 8.
 min_password_len = {minpw}
 
-# Most control connections served at once; more wait. Default 4096.
+# Most control connections served at once; more wait. Never more than the open-file limit
+# allows: the server raises its soft RLIMIT_NOFILE to the hard limit at start, keeps 64
+# descriptors for itself and logs the result. Default 4096.
 max_connections = {maxconn}
+
+# Most connections from one IP address at once; more are closed as soon as they are
+# accepted. Default 32.
+max_connections_per_address = {perip}
+
+# The share of max_connections, in percent, that connections not logged in yet may hold;
+# new connections beyond it are closed at once, so strangers holding connections open
+# leave room for clients that log in. A client logs in by presenting its certificate
+# (certificates of this domain count at once). Default 50.
+unauthenticated_percent = {unauth}
+
+# Seconds a new connection has to finish its TLS handshake. Default 10.
+handshake_timeout_secs = {handshake}
+
+# Seconds a connection may stay open without logging in (time enough to register and get
+# a certificate). Logged-in connections stay while they are used. Default 30.
+login_timeout_secs = {login}
+
+# The CA of another domain is fetched from that domain's server (its `[servers]` entry in
+# federation/config.toml, else DNS SRV _q2q._tcp.DOMAIN, else DOMAIN:8788) only at public
+# unicast addresses: loopback, private (RFC 1918, fc00::/7), link-local, shared
+# (100.64.0.0/10), documentation, benchmarking, multicast, unspecified and broadcast
+# addresses are refused unless listed here, in CIDR notation, e.g.
+# ["198.51.100.0/24", "127.0.0.0/8"]. Default [] (public addresses only).
+federation_allow = [{allow}]
 
 # Password guessing is slowed per user and per source address.
 [rate_limit]
@@ -210,11 +337,31 @@ base_delay_ms = {base}
 max_delay_secs = {max}
 # Failures are forgotten after this many seconds without one. Default 900.
 forget_after_secs = {forget}
+
+# Registrations (each costs a password hash and a database row): per source address and
+# over all, `burst` at once, then one every `every_secs` seconds. More are refused with
+# RATE_LIMITED.
+[registration_limit]
+# Default 10 at once, then one every 600 s.
+per_address_burst = {gpb}
+per_address_every_secs = {gpe}
+# Default 100 at once, then one every 10 s.
+overall_burst = {gob}
+overall_every_secs = {goe}
 "#,
             listen = self.listen,
             lifetime = Lifetime(self.cert_lifetime()),
             minpw = self.min_password_len,
             maxconn = self.max_connections,
+            perip = self.max_connections_per_address,
+            unauth = self.unauthenticated_percent,
+            handshake = self.handshake_timeout_secs,
+            login = self.login_timeout_secs,
+            allow = allow.join(", "),
+            gpb = g.per_address_burst,
+            gpe = g.per_address_every_secs,
+            gob = g.overall_burst,
+            goe = g.overall_every_secs,
             free = r.free_failures,
             base = r.base_delay_ms,
             max = r.max_delay_secs,
@@ -232,6 +379,10 @@ mod tests {
         let c = ServerConfig {
             registration: Registration::Invite,
             cert_lifetime: Some(Lifetime::from_days(30)),
+            federation_allow: vec![
+                Network::parse("198.51.100.0/24").unwrap(),
+                Network::parse("::1").unwrap(),
+            ],
             ..Default::default()
         };
         assert_eq!(toml::from_str::<ServerConfig>(&c.documented()).unwrap(), c);
@@ -242,6 +393,21 @@ mod tests {
             toml::from_str::<ServerConfig>(&d.documented()).unwrap().cert_lifetime(),
             d.cert_lifetime()
         );
+    }
+
+    #[test]
+    fn networks() {
+        let n = |s: &str| Network::parse(s).map(|n| n.to_string());
+        assert_eq!(n("198.51.100.0/24").unwrap(), "198.51.100.0/24");
+        assert_eq!(n("198.51.100.7/24").unwrap(), "198.51.100.0/24");
+        assert_eq!(n("127.0.0.1").unwrap(), "127.0.0.1/32");
+        assert_eq!(n("2001:db8::/32").unwrap(), "2001:db8::/32");
+        for bad in ["", "10.0.0.0/33", "example.com", "10.0.0/8"] {
+            assert!(Network::parse(bad).is_err(), "{bad}");
+        }
+        let c: ServerConfig = toml::from_str("federation_allow = [\"127.0.0.0/8\"]").unwrap();
+        assert!(c.federation_allow[0].contains("127.0.0.2".parse().unwrap()));
+        assert!(toml::from_str::<ServerConfig>("federation_allow = [\"nonsense\"]").is_err());
     }
 
     #[test]

@@ -1,43 +1,430 @@
 //! Other domains' CAs, for verifying callers from other domains: learned from that domain's
-//! server through `identify` on first need and pinned (trust on first use), in the data
+//! server through a TLS handshake on first need and pinned (trust on first use), in the data
 //! directory's `federation/` folder, which has the client's layout: `known_cas/<domain>.pem`
 //! (pre-seed it, or pin up front, to skip trust on first use) and `config.toml` with
 //! `[servers]` overrides.
+//!
+//! A stranger picks the domain (a self-signed certificate for `x@their.domain` is enough),
+//! so a fetch is a connection to an address of the stranger's choosing. It is made only
+//!
+//! - for a well-formed q2q certificate of that domain (one `q2q:` address, not a CA, not
+//!   self-signed, valid now),
+//! - to public unicast addresses ([`public_unicast`]) or networks the operator allows
+//!   (`federation_allow`): the name is resolved first and the address checked is the one
+//!   connected to, so DNS cannot swap it in between,
+//! - within a rate per source address and over all ([`Buckets`]), and not again for
+//!   [`FAILED_FOR`] after a failure (a bounded negative cache).
+//!
+//! Whatever failed, the client hears one sentence, [`CannotVerify`]: never the connect
+//! error, the state of a port or the name another server presents. The log has the reason.
 
+use super::config::Network;
+use super::ratelimit::Buckets;
 use crate::address::Domain;
 use crate::client::{ConnectOptions, Home, ServerConn};
+use ipnet::IpNet;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
+/// How long a domain whose CA could not be fetched is not tried again.
+pub const FAILED_FOR: Duration = Duration::from_secs(60);
+/// Most domains remembered as failed; past this the oldest are forgotten.
+const MAX_FAILED: usize = 4096;
+/// Fetches one source address may cause: this many at once, then one a minute.
+const PER_SOURCE: (u32, f64) = (5, 1.0 / 60.0);
+/// Fetches over all sources: this many at once, then one a second.
+const OVERALL: (u32, f64) = (30, 1.0);
+/// The longest a fetch may take, resolving and every address tried included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Clock skew tolerated when checking a certificate's validity before a fetch.
+const SKEW: i64 = 300;
+
+/// What the client hears when the CA of a domain cannot be had, whatever the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot verify domain {domain}")]
+pub struct CannotVerify {
+    pub domain: Domain,
+    /// Why, for the log only.
+    pub reason: Reason,
+}
+
+/// Why a domain's CA could not be had (logged, never sent).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    /// The certificate is not one a q2q CA of that domain issues.
+    #[error("not a well-formed q2q certificate: {0}")]
+    NotWellFormed(&'static str),
+    /// A fetch for this domain failed less than [`FAILED_FOR`] ago.
+    #[error("failed a moment ago")]
+    FailedRecently,
+    /// The source address, or all sources together, caused too many fetches.
+    #[error("too many fetches")]
+    RateLimited,
+    /// Every address the domain's server has is one the policy refuses.
+    #[error("no address allowed to connect to (refused {0})")]
+    NotPublic(String),
+    /// No allowed address answered as the domain's server.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The data directory's federation folder could not be read.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Which addresses the server may connect to for a fetch.
+#[derive(Debug, Clone, Default)]
+pub struct AddressPolicy {
+    /// Networks allowed although not public unicast.
+    pub allow: Vec<Network>,
+}
+
+impl AddressPolicy {
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|n| n.contains(ip)) || public_unicast(ip)
+    }
+}
+
+/// Networks that are not public unicast: unspecified, "this network", loopback, private
+/// (RFC 1918, ULA), link-local, shared (RFC 6598), IETF protocol assignments, documentation,
+/// benchmarking, reserved, multicast, broadcast, discard-only.
+const NOT_PUBLIC: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "100::/64",
+    "2001:db8::/32",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+];
+
+static NOT_PUBLIC_NETS: LazyLock<Vec<IpNet>> = LazyLock::new(|| {
+    NOT_PUBLIC.iter().map(|s| s.parse().expect("NOT_PUBLIC holds CIDR literals")).collect()
+});
+
+/// Whether `ip` is a public unicast address. IPv4 addresses embedded in IPv6 (mapped,
+/// NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are judged by the IPv4 address.
+pub fn public_unicast(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    if let IpAddr::V6(v6) = ip {
+        let s = v6.segments();
+        let embedded = match s {
+            [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(v6.octets()[12..16].try_into()),
+            [0x2002, ..] => Some(v6.octets()[2..6].try_into()),
+            _ => None,
+        };
+        if let Some(v4) = embedded {
+            return v4.is_ok_and(|o: [u8; 4]| public_unicast(IpAddr::from(o)));
+        }
+    }
+    !NOT_PUBLIC_NETS.iter().any(|n| n.contains(&ip))
+}
+
+/// Whether `cert` is one a q2q CA of `domain` would issue, as far as can be told without
+/// that CA: one `q2q:` address of `domain`, not a CA, not self-signed, valid at `now`
+/// (seconds since the epoch, with [`SKEW`] either way).
+pub fn well_formed(cert: &[u8], domain: &Domain, now: i64) -> Result<(), Reason> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let info =
+        crate::identity::CertInfo::parse(cert).map_err(|_| Reason::NotWellFormed("not X.509"))?;
+    match &info.address {
+        Some(a) if a.domain == *domain => {}
+        _ => return Err(Reason::NotWellFormed("no q2q address of that domain")),
+    }
+    if info.is_ca {
+        return Err(Reason::NotWellFormed("a CA certificate"));
+    }
+    if now + SKEW < info.not_before || now - SKEW > info.not_after {
+        return Err(Reason::NotWellFormed("not valid now"));
+    }
+    let (_, x) = X509Certificate::from_der(cert).map_err(|_| Reason::NotWellFormed("not X.509"))?;
+    if x.issuer() == x.subject() {
+        return Err(Reason::NotWellFormed("self-signed"));
+    }
+    Ok(())
+}
+
+/// The federated CAs a server knows, and the limits on learning more.
 pub struct Federation {
     home: Home,
+    policy: AddressPolicy,
     cache: Mutex<HashMap<Domain, CertificateDer<'static>>>,
+    failed: Mutex<HashMap<Domain, Instant>>,
+    per_source: Mutex<Buckets>,
+    overall: Mutex<Buckets>,
 }
 
 impl Federation {
-    pub fn new(home: Home) -> Federation {
-        Federation { home, cache: Mutex::default() }
+    pub fn new(home: Home, policy: AddressPolicy) -> Federation {
+        Federation {
+            home,
+            policy,
+            cache: Mutex::default(),
+            failed: Mutex::default(),
+            per_source: Mutex::new(Buckets::new(PER_SOURCE.0, PER_SOURCE.1)),
+            overall: Mutex::new(Buckets::new(OVERALL.0, OVERALL.1)),
+        }
     }
 
-    /// The CA of `domain`: cached, pinned, or fetched from its server and pinned.
-    pub async fn ca_for(&self, domain: &Domain) -> Result<CertificateDer<'static>, String> {
+    /// The CA of `domain`, to check `cert` (a certificate presented from `source`): cached,
+    /// pinned, or fetched from its server and pinned.
+    pub async fn ca_for(
+        &self,
+        domain: &Domain,
+        cert: &[u8],
+        source: IpAddr,
+    ) -> Result<CertificateDer<'static>, CannotVerify> {
+        let fail = |reason: Reason| {
+            tracing::warn!(%domain, %source, %reason, "cannot verify a federated domain");
+            CannotVerify { domain: domain.clone(), reason }
+        };
         if let Some(ca) = self.cache.lock().ok().and_then(|c| c.get(domain).cloned()) {
             return Ok(ca);
         }
-        let ca = match self.home.pinned_ca(domain).map_err(|e| e.to_string())? {
+        let ca = match self
+            .home
+            .pinned_ca(domain)
+            .map_err(|e| fail(Reason::Local(e.to_string())))?
+        {
             Some(ca) => ca,
             None => {
-                let conn = ServerConn::connect(&self.home, domain, &ConnectOptions::default())
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                well_formed(cert, domain, now).map_err(fail)?;
+                self.admit(domain, source, Instant::now()).map_err(fail)?;
+                let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(domain))
                     .await
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(%domain, ca = %crate::identity::Fingerprint::of(&conn.ca), "pinned a federated domain's CA");
-                conn.ca.clone()
+                    .unwrap_or_else(|_| Err(Reason::Unreachable("timed out".into())));
+                match fetched {
+                    Ok(ca) => {
+                        tracing::info!(%domain, ca = %crate::identity::Fingerprint::of(&ca), "pinned a federated domain's CA");
+                        ca
+                    }
+                    Err(reason) => {
+                        self.remember_failure(domain, Instant::now());
+                        return Err(fail(reason));
+                    }
+                }
             }
         };
         if let Ok(mut c) = self.cache.lock() {
             c.insert(domain.clone(), ca.clone());
         }
         Ok(ca)
+    }
+
+    /// May `source` cause a fetch for `domain` now? Spends a token of its bucket and the
+    /// overall one.
+    fn admit(&self, domain: &Domain, source: IpAddr, now: Instant) -> Result<(), Reason> {
+        if let Ok(mut f) = self.failed.lock()
+            && let Some(at) = f.get(domain)
+        {
+            if now.saturating_duration_since(*at) < FAILED_FOR {
+                return Err(Reason::FailedRecently);
+            }
+            f.remove(domain);
+        }
+        let key = source.to_canonical().to_string();
+        let (Ok(mut per_source), Ok(mut overall)) = (self.per_source.lock(), self.overall.lock())
+        else {
+            return Err(Reason::RateLimited);
+        };
+        if !per_source.wait(&key, now).is_zero() || !overall.wait("", now).is_zero() {
+            return Err(Reason::RateLimited);
+        }
+        per_source.take(&key, now);
+        overall.take("", now);
+        Ok(())
+    }
+
+    fn remember_failure(&self, domain: &Domain, now: Instant) {
+        let Ok(mut f) = self.failed.lock() else { return };
+        if f.len() >= MAX_FAILED {
+            f.retain(|_, at| now.saturating_duration_since(*at) < FAILED_FOR);
+        }
+        if f.len() >= MAX_FAILED
+            && let Some(oldest) = f.iter().min_by_key(|(_, at)| **at).map(|(d, _)| d.clone())
+        {
+            f.remove(&oldest);
+        }
+        f.insert(domain.clone(), now);
+    }
+
+    /// Find `domain`'s server as a client would (config, SRV, default port), resolve each
+    /// place, and connect only to the addresses the policy permits.
+    async fn fetch(&self, domain: &Domain) -> Result<CertificateDer<'static>, Reason> {
+        let config = self.home.config().map_err(|e| Reason::Local(e.to_string()))?;
+        let candidates = crate::client::discover::locate(domain, None, &config).await;
+        let (mut refused, mut failures) = (Vec::<SocketAddr>::new(), Vec::new());
+        for candidate in candidates {
+            let addrs: Vec<SocketAddr> =
+                match tokio::net::lookup_host(candidate.addr.as_str()).await {
+                    Ok(a) => a.collect(),
+                    Err(e) => {
+                        failures.push(format!("{} ({}): {e}", candidate.addr, candidate.source));
+                        continue;
+                    }
+                };
+            for addr in addrs {
+                if !self.policy.permits(addr.ip()) {
+                    refused.push(addr);
+                    continue;
+                }
+                let opts = ConnectOptions { server: Some(addr.to_string()), ..Default::default() };
+                match ServerConn::connect(&self.home, domain, &opts).await {
+                    Ok(conn) => return Ok(conn.ca),
+                    Err(e) => failures.push(format!("{addr}: {e}")),
+                }
+            }
+        }
+        if failures.is_empty() && !refused.is_empty() {
+            let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+            return Err(Reason::NotPublic(list.join(", ")));
+        }
+        Err(Reason::Unreachable(failures.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_public_unicast_unless_allowed() {
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.255",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.9",
+            "198.18.0.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+        ] {
+            assert!(!public_unicast(ip(bad)), "{bad} is not public");
+            assert!(!AddressPolicy::default().permits(ip(bad)), "{bad} refused by default");
+        }
+        for good in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::101:101",
+        ] {
+            assert!(public_unicast(ip(good)), "{good} is public");
+        }
+        let lab = AddressPolicy {
+            allow: vec![
+                Network::parse("198.51.100.0/24").unwrap(),
+                Network::parse("127.0.0.0/8").unwrap(),
+            ],
+        };
+        assert!(lab.permits(ip("198.51.100.1")));
+        assert!(lab.permits(ip("127.0.0.1")));
+        assert!(lab.permits(ip("::ffff:127.0.0.1")));
+        assert!(!lab.permits(ip("192.0.2.1")));
+        assert!(!lab.permits(ip("::1")));
+        assert!(lab.permits(ip("1.1.1.1")));
+    }
+
+    #[test]
+    fn only_well_formed_certificates() {
+        use crate::address::Q2qAddress;
+        use crate::identity::{DomainCa, generate_key, signing_request};
+        let d = Domain::parse("a.example").unwrap();
+        let ca = DomainCa::generate(&d).unwrap();
+        let alice = Q2qAddress::parse("alice@a.example").unwrap();
+        let csr = signing_request(&generate_key().unwrap()).unwrap();
+        let cert = ca.issue_user(&alice, &csr, Duration::from_secs(3600)).unwrap().der;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+                as i64;
+        assert_eq!(well_formed(&cert, &d, now), Ok(()));
+        let other = Domain::parse("b.example").unwrap();
+        assert!(well_formed(&cert, &other, now).is_err(), "another domain's address");
+        assert!(well_formed(&cert, &d, now + 7200).is_err(), "expired");
+        assert!(well_formed(&cert, &d, now - 7200).is_err(), "not yet valid");
+        assert!(well_formed(ca.cert_der(), &d, now).is_err(), "a CA");
+        assert!(well_formed(b"garbage", &d, now).is_err());
+        // Self-signed, with a q2q address.
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "alice@a.example");
+        params.subject_alt_names =
+            vec![rcgen::SanType::URI("q2q:alice@a.example".try_into().unwrap())];
+        let key = generate_key().unwrap();
+        let selfsigned = params.self_signed(&key).unwrap();
+        assert_eq!(
+            well_formed(selfsigned.der(), &d, now),
+            Err(Reason::NotWellFormed("self-signed"))
+        );
+    }
+
+    #[tokio::test]
+    async fn fetches_are_limited_and_failures_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Federation::new(Home::new(dir.path().join("f")), AddressPolicy::default());
+        let t0 = Instant::now();
+        let src = ip("192.0.2.7");
+        let domains: Vec<Domain> =
+            (0..10).map(|i| Domain::parse(&format!("d{i}.example")).unwrap()).collect();
+        for d in &domains[..PER_SOURCE.0 as usize] {
+            assert_eq!(f.admit(d, src, t0), Ok(()));
+        }
+        assert_eq!(f.admit(&domains[9], src, t0), Err(Reason::RateLimited));
+        assert_eq!(f.admit(&domains[9], ip("192.0.2.8"), t0), Ok(()), "another source");
+        assert_eq!(f.admit(&domains[9], src, t0 + Duration::from_secs(60)), Ok(()));
+        // A failed domain is not tried again for a while, by anyone.
+        f.remember_failure(&domains[0], t0);
+        assert_eq!(f.admit(&domains[0], ip("192.0.2.9"), t0), Err(Reason::FailedRecently));
+        assert_eq!(f.admit(&domains[0], ip("192.0.2.9"), t0 + FAILED_FOR), Ok(()));
+        // The negative cache stays bounded.
+        for i in 0..MAX_FAILED + 10 {
+            f.remember_failure(&Domain::parse(&format!("x{i}.example")).unwrap(), t0);
+        }
+        assert!(f.failed.lock().unwrap().len() <= MAX_FAILED);
     }
 }

@@ -1,6 +1,7 @@
 //! One control connection: TLS, then AMP boxes answered one at a time.
 
 use super::State;
+use super::admission::Ticket;
 use super::config::Registration;
 use super::db::{CertRecord, DbError};
 use super::presence::{Absent, Listener};
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-/// A control connection idle this long is closed.
+/// A logged-in control connection idle this long is closed (one not logged in goes after
+/// `login_timeout_secs`).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Renewals allowed per account within one certificate lifetime: a node renews once or
 /// twice per lifetime; the rest is for a lost answer and a few machines per account.
 const RENEWALS_PER_LIFETIME: i64 = 6;
@@ -52,8 +53,11 @@ pub(super) async fn serve(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    ticket: Ticket,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let login_deadline = tokio::time::Instant::now() + state.config.login_timeout();
+    let handshake = state.config.handshake_timeout();
+    let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
@@ -62,13 +66,37 @@ pub(super) async fn serve(
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
     let (handle, mut incoming) = amp::peer::spawn(tls);
     let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let mut conn =
-        Conn { state: state.clone(), peer, hello: false, client_cert, caller: None, handle, id };
+    let mut conn = Conn {
+        state: state.clone(),
+        peer,
+        hello: false,
+        client_cert,
+        caller: None,
+        handle,
+        id,
+        ticket,
+    };
+    // A certificate of our own domain logs in at once (no network needed to check it).
+    if conn.claims_our_domain() {
+        let _ = conn.caller().await;
+    }
     loop {
-        let request = match tokio::time::timeout(IDLE_TIMEOUT, incoming.recv()).await {
+        let deadline = match conn.caller {
+            Some(_) => tokio::time::Instant::now() + IDLE_TIMEOUT,
+            None => login_deadline,
+        };
+        let request = match tokio::time::timeout_at(deadline, incoming.recv()).await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 debug!(%peer, "connection closed");
+                break;
+            }
+            // Not logged in by now: a certificate that checks out still counts.
+            Err(_) if conn.caller.is_none() => {
+                if conn.client_cert.is_some() && conn.caller().await.is_ok() {
+                    continue;
+                }
+                debug!(%peer, "connection closed: not logged in in time");
                 break;
             }
             Err(_) => {
@@ -119,6 +147,8 @@ struct Conn {
     /// For asking this client things (presence notifications).
     handle: amp::PeerHandle,
     id: u64,
+    /// Its place in the admission counts.
+    ticket: Ticket,
 }
 
 fn arg<'a>(b: &'a AmpBox, key: &str) -> Result<&'a str, Refusal> {
@@ -237,6 +267,7 @@ impl Conn {
                 format!("the password must be {min} to {MAX_PASSWORD_LEN} characters long"),
             ));
         }
+        self.admit_registration()?;
         let hash = self.state.hasher.hash(password).await.map_err(internal)?;
         let user = address.user.to_string();
         let invite = invite.filter(|_| self.state.config.registration == Registration::Invite);
@@ -269,21 +300,19 @@ impl Conn {
         let keys = [user_key.as_str(), ip_key.as_str()];
         self.check_rate(&keys, &address)?;
 
+        // An unknown user and a wrong password get the same answer after the same work
+        // (a dummy hash is checked), so `sign` does not tell who has an account.
         let user = address.user.to_string();
         let hash = db(&self.state, move |db| db.password_hash(&user)).await?;
-        let Some(hash) = hash else {
-            self.fail(&[&ip_key]);
-            warn!(%address, peer = %self.peer, "sign for an unknown user");
-            return Err(refuse(
-                code::UNKNOWN_USER,
-                format!("{address} is not registered on {}", self.state.domain),
-            ));
-        };
+        let known = hash.is_some();
         if !self.state.hasher.verify(password, hash).await.map_err(internal)? {
             self.fail(&keys);
             // Never the password itself.
-            warn!(%address, peer = %self.peer, "wrong password");
-            return Err(refuse(code::WRONG_PASSWORD, format!("wrong password for {address}")));
+            warn!(%address, peer = %self.peer, known, "wrong user or password");
+            return Err(refuse(
+                code::WRONG_PASSWORD,
+                format!("{address}: no such user or wrong password"),
+            ));
         }
         if let Ok(mut l) = self.state.limiter.lock() {
             l.success(&user_key);
@@ -425,9 +454,11 @@ impl Conn {
         let ca = if claimed.domain == self.state.domain {
             self.state.ca.cert_der().clone()
         } else {
-            self.state.federation.ca_for(&claimed.domain).await.map_err(|e| {
-                bad(format!("cannot learn the CA of {} to check {claimed}: {e}", claimed.domain))
-            })?
+            self.state
+                .federation
+                .ca_for(&claimed.domain, cert, self.peer.ip())
+                .await
+                .map_err(|e| bad(e.to_string()))?
         };
         let now = rustls_pki_types::UnixTime::now();
         let info = crate::identity::verify_identity(cert, &ca, &claimed, now)
@@ -440,15 +471,41 @@ impl Conn {
             }
         }
         info!(address = %claimed, peer = %self.peer, "logged in");
+        self.ticket.logged_in();
         self.caller = Some(claimed.clone());
         Ok(claimed)
     }
 
+    /// Whether the client certificate names an address of our domain.
+    fn claims_our_domain(&self) -> bool {
+        self.client_cert
+            .as_ref()
+            .and_then(|c| crate::identity::CertInfo::parse(c).ok())
+            .and_then(|i| i.address)
+            .is_some_and(|a| a.domain == self.state.domain)
+    }
+
     /// `exists`: whether `address` (of our domain) is registered. Only for logged-in
-    /// callers, so strangers cannot list the users.
+    /// callers, so strangers cannot list the users, and at a limited rate per caller.
     async fn exists(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let _ = self.caller().await?;
+        let caller = self.caller().await?;
         let address = self.our_address(arg(b, "address")?)?;
+        let key = caller.to_string();
+        let wait = match self.state.exists_limit.lock() {
+            Ok(mut l) => {
+                let now = Instant::now();
+                let wait = l.wait(&key, now);
+                if wait.is_zero() {
+                    l.take(&key, now);
+                }
+                wait
+            }
+            Err(_) => Duration::ZERO,
+        };
+        if !wait.is_zero() {
+            warn!(%caller, peer = %self.peer, "exists refused: rate limited");
+            return Err(rate_limited(&format!("too many questions from {caller}"), wait));
+        }
         let user = address.user.to_string();
         let known = db(&self.state, move |db| db.password_hash(&user)).await?.is_some();
         Ok(AmpBox::new().with("exists", if known { "true" } else { "false" }))
@@ -478,15 +535,31 @@ impl Conn {
         };
         verdict.map_err(|wait| {
             warn!(%address, peer = %self.peer, wait_ms = wait.as_millis() as u64, "attempt refused: rate limited");
-            refuse(
-                code::RATE_LIMITED,
-                format!(
-                    "too many failed attempts for {address} or from {}; try again in {} s",
-                    self.peer.ip(),
-                    wait.as_millis().div_ceil(1000).max(1)
-                ),
+            rate_limited(
+                &format!("too many failed attempts for {address} or from {}", self.peer.ip()),
+                wait,
             )
         })
+    }
+
+    /// Spend a registration of this source address and of the overall budget, or say
+    /// how long to wait.
+    fn admit_registration(&self) -> Result<(), Refusal> {
+        let Ok(mut l) = self.state.registrations.lock() else { return Ok(()) };
+        let (per_address, overall) = &mut *l;
+        let now = Instant::now();
+        let ip = self.peer.ip().to_canonical().to_string();
+        let (mine, all) = (per_address.wait(&ip, now), overall.wait("", now));
+        if mine.is_zero() && all.is_zero() {
+            per_address.take(&ip, now);
+            overall.take("", now);
+            return Ok(());
+        }
+        warn!(peer = %self.peer, wait_ms = mine.max(all).as_millis() as u64, "registration refused: rate limited");
+        Err(rate_limited(
+            &format!("too many registrations on {}", self.state.domain),
+            mine.max(all),
+        ))
     }
 
     fn fail(&self, keys: &[&str]) {
@@ -494,6 +567,14 @@ impl Conn {
             l.failure(keys, Instant::now());
         }
     }
+}
+
+/// `RATE_LIMITED`: `what`, and how long to wait.
+fn rate_limited(what: &str, wait: Duration) -> Refusal {
+    refuse(
+        code::RATE_LIMITED,
+        format!("{what}; try again in {} s", wait.as_millis().div_ceil(1000).max(1)),
+    )
 }
 
 fn service_arg(b: &AmpBox) -> Result<ServiceName, Refusal> {
@@ -562,13 +643,7 @@ async fn candidates(
 fn admit(state: &State, caller: &Q2qAddress, to: &Q2qAddress) -> Result<(), Refusal> {
     state.presence.admit_inbound(caller, to, Instant::now()).map_err(|wait| {
         warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "request refused: rate limited");
-        refuse(
-            code::RATE_LIMITED,
-            format!(
-                "too many connection requests from {caller} to {to}; try again in {} s",
-                wait.as_millis().div_ceil(1000).max(1)
-            ),
-        )
+        rate_limited(&format!("too many connection requests from {caller} to {to}"), wait)
     })
 }
 

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod datadir;
 pub mod db;
@@ -41,6 +42,10 @@ pub enum ServerError {
     Tls(String),
 }
 
+/// `exists` questions a caller may ask at once, then so many a second.
+pub const EXISTS_BURST: u32 = 30;
+const EXISTS_PER_SEC: f64 = 1.0;
+
 /// Lifetime of the TLS certificate the server makes for itself at each start.
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(400 * 86400);
 
@@ -51,6 +56,10 @@ pub(crate) struct State {
     pub db: Mutex<db::Db>,
     pub config: ServerConfig,
     pub limiter: Mutex<ratelimit::RateLimiter>,
+    /// Registrations per source address and over all.
+    pub registrations: Mutex<(ratelimit::Buckets, ratelimit::Buckets)>,
+    /// `exists` questions per caller.
+    pub exists_limit: Mutex<ratelimit::Buckets>,
     pub hasher: password::Hasher,
     pub presence: presence::Presence,
     pub relay: relay::Relay,
@@ -159,8 +168,36 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
 
     let domain = dir.domain.clone();
     let udp = Arc::new(udp);
-    let federation =
-        federation::Federation::new(crate::client::Home::new(dir.path.join("federation")));
+    let federation = federation::Federation::new(
+        crate::client::Home::new(dir.path.join("federation")),
+        federation::AddressPolicy { allow: config.federation_allow.clone() },
+    );
+    let nofile = admission::raise_fd_limit();
+    let (max_connections, limits) = admission::Limits::new(
+        config.max_connections,
+        config.max_connections_per_address,
+        config.unauthenticated_percent,
+        nofile.map(|(soft, _)| soft),
+    );
+    match nofile {
+        Some((soft, hard)) => info!(
+            open_files = soft,
+            hard_limit = hard,
+            max_connections,
+            per_address = limits.per_address,
+            not_logged_in = limits.unauthenticated,
+            "connection limits"
+        ),
+        None => warn!(max_connections, "cannot read the open-file limit"),
+    }
+    let g = &config.registration_limit;
+    let every = |secs: u64| 1.0 / secs.max(1) as f64;
+    let registrations = (
+        ratelimit::Buckets::new(g.per_address_burst, every(g.per_address_every_secs)),
+        ratelimit::Buckets::new(g.overall_burst, every(g.overall_every_secs)),
+    );
+    // The dummy hash that answers for unknown users is made before the first is needed.
+    tokio::task::spawn_blocking(password::warm_up);
     let state = Arc::new(State {
         presence: presence::Presence::default(),
         relay: relay::Relay::new(relay::RelayLimits::default()),
@@ -171,6 +208,8 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         ca: dir.ca,
         db: Mutex::new(dir.db),
         limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
+        registrations: Mutex::new(registrations),
+        exists_limit: Mutex::new(ratelimit::Buckets::new(EXISTS_BURST, EXISTS_PER_SEC)),
         hasher: password::Hasher::default(),
         config,
     });
@@ -178,7 +217,14 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    tasks.spawn(accept_loop(state.clone(), tcp, acceptor, stopped.clone()));
+    let admission = admission::Admission::new(limits);
+    tasks.spawn(accept_loop(
+        state.clone(),
+        tcp,
+        acceptor,
+        (max_connections, admission),
+        stopped.clone(),
+    ));
     tasks.spawn(udp_loop(state.clone(), stopped));
     let state = state.clone();
     Ok(Running { tcp_addr, udp_addr, domain, state, stop, tasks })
@@ -206,10 +252,12 @@ async fn accept_loop(
     state: Arc<State>,
     tcp: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    (max_connections, admission): (usize, Arc<admission::Admission>),
     mut stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(max_connections));
     let mut conns = JoinSet::new();
+    let mut refused: u64 = 0;
     loop {
         let permit = tokio::select! {
             _ = stopped.changed() => break,
@@ -226,10 +274,22 @@ async fn accept_loop(
                 }
             },
         };
+        let ticket = match admission.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                refused += 1;
+                // Logged now and then: a flood must not flood the log too.
+                if refused.is_power_of_two() {
+                    warn!(%peer, reason = %why, refused, "connection refused");
+                }
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (state, acceptor) = (state.clone(), acceptor.clone());
         conns.spawn(async move {
-            handler::serve(state, acceptor, stream, peer).await;
+            handler::serve(state, acceptor, stream, peer, ticket).await;
             drop(permit);
         });
         while conns.try_join_next().is_some() {}

@@ -13,8 +13,15 @@ pub struct TestServer {
     pub config: ServerConfig,
 }
 
+/// A server on 127.0.0.1 that may fetch other domains' CAs from loopback servers (a real
+/// server refuses loopback by default: `federation_allow`).
 pub fn loopback_config(registration: Registration) -> ServerConfig {
-    ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), registration, ..Default::default() }
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        registration,
+        federation_allow: vec![server::config::Network::parse("127.0.0.0/8").unwrap()],
+        ..Default::default()
+    }
 }
 
 impl TestServer {

@@ -13,9 +13,17 @@ const PW: &str = "benchmark password";
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200);
     let dir = tempfile::tempdir()?;
+    // Every client comes from 127.0.0.1: lift the per-address limits.
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         registration: Registration::Open,
+        max_connections_per_address: 4096,
+        registration_limit: server::config::RegistrationLimit {
+            per_address_burst: 1_000_000,
+            per_address_every_secs: 1,
+            overall_burst: 1_000_000,
+            overall_every_secs: 1,
+        },
         ..Default::default()
     };
     let d = DataDir::init(&dir.path().join("srv"), &"bench.example".parse()?, &config)?;
