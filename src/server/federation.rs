@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 pub const FAILED_FOR: Duration = Duration::from_secs(60);
 /// Most domains remembered as failed; past this the oldest are forgotten.
 const MAX_FAILED: usize = 4096;
+/// Most CAs kept in memory.
+const MAX_CACHED: usize = 4096;
 /// Fetches one source address may cause: this many at once, then one a minute.
 const PER_SOURCE: (u32, f64) = (5, 1.0 / 60.0);
 /// Fetches over all sources: this many at once, then one a second.
@@ -227,6 +229,10 @@ impl Federation {
             }
         };
         if let Ok(mut c) = self.cache.lock() {
+            // Bounded: the pinned files stay, and are read again when needed.
+            if c.len() >= MAX_CACHED {
+                c.clear();
+            }
             c.insert(domain.clone(), ca.clone());
         }
         Ok(ca)
