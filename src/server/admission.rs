@@ -1,18 +1,21 @@
-//! Which control connections the server takes: at most so many per source address, and
-//! connections not logged in yet only up to a share of the connection budget, so that
-//! strangers holding connections open (idle TLS, or not even that) leave room for clients
-//! that log in. The budget itself is bounded by the open-file limit, which the server
-//! raises to its hard limit at start ([`raise_fd_limit`]).
+//! Which control connections the server takes: at most so many per source address (per
+//! /64 for IPv6, which any host has plenty of addresses in), and connections not logged in
+//! yet only up to a share of the connection budget: when that share is full, a new
+//! connection closes the oldest one not logged in. Strangers holding connections open
+//! (idle TLS, or not even that) so leave room for clients that log in, whose connections
+//! log in within a few round trips. The budget itself is bounded by the open-file limit,
+//! which the server raises to its hard limit at start ([`raise_fd_limit`]).
 //!
 //! ```text
-//!  accept ── admit(ip) ──▶ Ticket (counted: per address, not logged in)
-//!                             │ logged_in(): no longer counted as not logged in
+//!  accept ── admit(ip) ──▶ Ticket (counted per address; waiting, oldest evicted first)
+//!                             │ logged_in(): no longer waiting
 //!                             ▼ drop: uncounted
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 /// File descriptors kept for everything but control connections: the listening sockets,
 /// the database, federation fetches, logs.
@@ -24,9 +27,6 @@ pub enum Refused {
     /// Its source address has the most connections allowed already.
     #[error("too many connections from this address")]
     PerAddress,
-    /// Connections not logged in hold their whole share of the budget.
-    #[error("too many connections not logged in")]
-    Unauthenticated,
 }
 
 /// The limits: connections per source address, and connections not logged in.
@@ -57,7 +57,9 @@ impl Limits {
 #[derive(Debug, Default)]
 struct Counts {
     per_address: HashMap<IpAddr, usize>,
-    unauthenticated: usize,
+    /// Connections not logged in, oldest first, with what tells each to close.
+    waiting: BTreeMap<u64, Arc<Notify>>,
+    next: u64,
 }
 
 /// The connection counts of a server.
@@ -72,26 +74,40 @@ impl Admission {
         Arc::new(Admission { limits, counts: Mutex::default() })
     }
 
-    /// Count a new connection from `ip`, not logged in, or refuse it.
+    /// Count a new connection from `ip`, not logged in, or refuse it. When the share of
+    /// connections not logged in is full, the oldest of them is told to close
+    /// ([`Ticket::evicted`]).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
-        let ip = ip.to_canonical();
+        let key = source_key(ip);
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let from_ip = c.per_address.get(&ip).copied().unwrap_or(0);
+        let from_ip = c.per_address.get(&key).copied().unwrap_or(0);
         if from_ip >= self.limits.per_address {
             return Err(Refused::PerAddress);
         }
-        if c.unauthenticated >= self.limits.unauthenticated {
-            return Err(Refused::Unauthenticated);
+        while c.waiting.len() >= self.limits.unauthenticated {
+            let Some((_, oldest)) = c.waiting.pop_first() else { break };
+            oldest.notify_one();
         }
-        c.per_address.insert(ip, from_ip + 1);
-        c.unauthenticated += 1;
-        Ok(Ticket { admission: self.clone(), ip, logged_in: false })
+        c.per_address.insert(key, from_ip + 1);
+        let seq = c.next;
+        c.next += 1;
+        let evict = Arc::new(Notify::new());
+        c.waiting.insert(seq, evict.clone());
+        Ok(Ticket { admission: self.clone(), key, seq, evict, logged_in: false })
     }
 
-    /// Connections from `ip` and connections not logged in, now.
+    /// Connections from `ip` (its /64 for IPv6) and connections not logged in, now.
     pub fn counts(&self, ip: IpAddr) -> (usize, usize) {
         let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        (c.per_address.get(&ip.to_canonical()).copied().unwrap_or(0), c.unauthenticated)
+        (c.per_address.get(&source_key(ip)).copied().unwrap_or(0), c.waiting.len())
+    }
+}
+
+/// What the per-address cap counts: the IPv4 address, or the /64 of an IPv6 address.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
     }
 }
 
@@ -99,35 +115,42 @@ impl Admission {
 #[derive(Debug)]
 pub struct Ticket {
     admission: Arc<Admission>,
-    ip: IpAddr,
+    key: IpAddr,
+    seq: u64,
+    evict: Arc<Notify>,
     logged_in: bool,
 }
 
 impl Ticket {
-    /// The connection logged in: it no longer takes from the share of those that did not.
+    /// The connection logged in: it no longer takes from the share of those that did not,
+    /// and is never evicted.
     pub fn logged_in(&mut self) {
         if !self.logged_in {
             self.logged_in = true;
             let mut c = self.admission.counts.lock().unwrap_or_else(|p| p.into_inner());
-            c.unauthenticated = c.unauthenticated.saturating_sub(1);
+            c.waiting.remove(&self.seq);
         }
     }
 
     pub fn is_logged_in(&self) -> bool {
         self.logged_in
     }
+
+    /// Completes when newer connections evicted this one (not logged in, the oldest while
+    /// the share was full): it must close.
+    pub fn evicted(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut c = self.admission.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.logged_in {
-            c.unauthenticated = c.unauthenticated.saturating_sub(1);
-        }
-        if let Some(n) = c.per_address.get_mut(&self.ip) {
+        c.waiting.remove(&self.seq);
+        if let Some(n) = c.per_address.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                c.per_address.remove(&self.ip);
+                c.per_address.remove(&self.key);
             }
         }
     }
@@ -172,22 +195,44 @@ mod tests {
         );
     }
 
-    #[test]
-    fn per_address_and_unauthenticated_caps() {
+    /// Whether `t` was told to close.
+    async fn was_evicted(t: &Ticket) -> bool {
+        let evict = t.evicted();
+        tokio::time::timeout(std::time::Duration::from_millis(10), evict.notified()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn per_address_cap_and_the_oldest_not_logged_in_evicted() {
         let a = Admission::new(Limits { per_address: 2, unauthenticated: 3 });
         let t1 = a.admit(ip("192.0.2.1")).unwrap();
         let mut t2 = a.admit(ip("192.0.2.1")).unwrap();
         assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refused::PerAddress);
         assert_eq!(a.admit(ip("::ffff:192.0.2.1")).unwrap_err(), Refused::PerAddress);
         let t3 = a.admit(ip("192.0.2.2")).unwrap();
-        assert_eq!(a.admit(ip("192.0.2.3")).unwrap_err(), Refused::Unauthenticated);
         // A connection that logs in makes room for one that has not yet.
         t2.logged_in();
         assert!(t2.is_logged_in());
         let t4 = a.admit(ip("192.0.2.3")).unwrap();
         assert_eq!(a.counts(ip("192.0.2.1")), (2, 3));
-        drop((t1, t2, t3, t4));
+        assert!(!was_evicted(&t1).await);
+        // The share is full: the next one evicts the oldest not logged in (t1), never t2.
+        let t5 = a.admit(ip("192.0.2.4")).unwrap();
+        assert!(was_evicted(&t1).await);
+        assert!(!was_evicted(&t2).await && !was_evicted(&t3).await);
+        assert_eq!(a.counts(ip("192.0.2.1")), (2, 3), "t1 still counts for its address");
+        drop(t1);
+        assert_eq!(a.counts(ip("192.0.2.1")), (1, 3));
+        drop((t2, t3, t4, t5));
         assert_eq!(a.counts(ip("192.0.2.1")), (0, 0));
         assert!(a.counts.lock().unwrap().per_address.is_empty());
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let a = Admission::new(Limits { per_address: 2, unauthenticated: 10 });
+        let _t1 = a.admit(ip("2001:db8:1:2::1")).unwrap();
+        let _t2 = a.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(a.admit(ip("2001:db8:1:2::3")).unwrap_err(), Refused::PerAddress);
+        assert!(a.admit(ip("2001:db8:1:3::1")).is_ok());
     }
 }

@@ -302,14 +302,14 @@ min_password_len = {minpw}
 # descriptors for itself and logs the result. Default 4096.
 max_connections = {maxconn}
 
-# Most connections from one IP address at once; more are closed as soon as they are
-# accepted. Default 32.
+# Most connections from one IP address (an IPv6 /64) at once; more are closed as soon as
+# they are accepted. Default 32.
 max_connections_per_address = {perip}
 
 # The share of max_connections, in percent, that connections not logged in yet may hold;
-# new connections beyond it are closed at once, so strangers holding connections open
-# leave room for clients that log in. A client logs in by presenting its certificate
-# (certificates of this domain count at once). Default 50.
+# when it is full, a new connection closes the oldest of them, so strangers holding
+# connections open leave room for clients that log in. A client logs in by presenting
+# its certificate (one of this domain counts at once). Default 50.
 unauthenticated_percent = {unauth}
 
 # Seconds a new connection has to finish its TLS handshake. Default 10.

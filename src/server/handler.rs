@@ -57,10 +57,15 @@ pub(super) async fn serve(
 ) {
     let login_deadline = tokio::time::Instant::now() + state.config.login_timeout();
     let handshake = state.config.handshake_timeout();
-    let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+    // Told to close when newer connections need the room and this one has not logged in.
+    let evicted = ticket.evicted();
+    let tls = tokio::select! {
+        r = tokio::time::timeout(handshake, acceptor.accept(tcp)) => match r {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => return debug!(%peer, "TLS handshake timed out"),
+        },
+        _ = evicted.notified() => return debug!(%peer, "closed for newer connections"),
     };
     let client_cert =
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
@@ -85,7 +90,14 @@ pub(super) async fn serve(
             Some(_) => tokio::time::Instant::now() + IDLE_TIMEOUT,
             None => login_deadline,
         };
-        let request = match tokio::time::timeout_at(deadline, incoming.recv()).await {
+        let next = tokio::select! {
+            r = tokio::time::timeout_at(deadline, incoming.recv()) => r,
+            _ = evicted.notified(), if !conn.ticket.is_logged_in() => {
+                debug!(%peer, "closed for newer connections: not logged in");
+                break;
+            }
+        };
+        let request = match next {
             Ok(Some(r)) => r,
             Ok(None) => {
                 debug!(%peer, "connection closed");
