@@ -258,3 +258,121 @@ async fn a_long_argument_gets_a_short_error() {
     assert!(err.to_string().len() <= 1024);
     conn.call(AmpBox::command("ping")).await.unwrap();
 }
+
+/// A DNS server on loopback answering `name SRV 0 0 port localhost.` (NXDOMAIN for
+/// anything else) and counting the questions.
+fn srv_dns(name: &'static str, port: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::SRV;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.authoritative = true;
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            if let Some(query) = q.queries.first() {
+                r.add_query(query.clone());
+                let wanted = query.name.to_ascii().eq_ignore_ascii_case(name);
+                if wanted && query.query_type == RecordType::SRV {
+                    let srv = SRV::new(0, 0, port, Name::from_ascii("localhost.").unwrap());
+                    r.add_answer(Record::from_rdata(query.name.clone(), 60, RData::SRV(srv)));
+                } else if !wanted {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                }
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    (addr, asked)
+}
+
+/// A child process, killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The scan through DNS, as in the issue: `SRV _q2q._tcp.p17000.scan.test → localhost`.
+/// `q2q-server` with the config `init` writes (asking a DNS server on loopback) looks the
+/// record up, and connects nowhere.
+#[tokio::test]
+async fn a_default_server_does_not_follow_srv_to_loopback() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    const SERVER: &str = env!("CARGO_BIN_EXE_q2q-server");
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("srv");
+    let data = data.to_str().unwrap();
+    let init = Command::new(SERVER)
+        .args(["--data-dir", data, "init", "--domain", "example.com"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let (trap, connections) = counting_listener().await;
+    let (dns, asked) = srv_dns("_q2q._tcp.p17000.scan.test.", trap.port());
+    let start = || {
+        let mut child = Child(
+            Command::new(SERVER)
+                .args(["--data-dir", data, "run", "--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "off")
+                .env("Q2Q_DNS_SERVER", dns.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        std::io::BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "q2q-server for example.com listening on 127.0.0.1:PORT (tcp) and ..."
+        let server = line.split_whitespace().nth(5).unwrap_or_else(|| panic!("{line}"));
+        (server.to_string(), child)
+    };
+    let (_d, home) = common::home();
+    let stranger = addr("x@p17000.scan.test");
+    let ask = |server: String| {
+        let home = home.clone();
+        let stranger = stranger.clone();
+        async move {
+            let opts = stranger_identity(&home, &stranger, &server);
+            let mut conn =
+                ServerConn::connect(&home, &addr("bob@example.com").domain, &opts).await.unwrap();
+            conn.call(AmpBox::command("exists").with("address", "bob@example.com"))
+                .await
+                .unwrap_err()
+        }
+    };
+
+    let (server, child) = start();
+    let err = ask(server).await;
+    assert_eq!(err.code(), Some(code::BAD_CERTIFICATE), "{err}");
+    assert_eq!(err.to_string(), "cannot verify domain p17000.scan.test");
+    assert!(asked.load(Ordering::SeqCst) >= 1, "the server looked the SRV record up");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "the server connected to loopback");
+    drop(child);
+
+    // The control: where the operator allows loopback, the same record is followed (to a
+    // port that is no q2q server), and the answer is the same.
+    let config = std::path::Path::new(data).join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let allowed = text.replace("federation_allow = []", "federation_allow = [\"127.0.0.0/8\"]");
+    assert_ne!(text, allowed);
+    std::fs::write(&config, allowed).unwrap();
+    let (server, _child) = start();
+    let err = ask(server).await;
+    assert_eq!(err.to_string(), "cannot verify domain p17000.scan.test");
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "allowed: the server connected");
+}

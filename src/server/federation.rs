@@ -275,11 +275,16 @@ impl Federation {
         f.insert(domain.clone(), now);
     }
 
-    /// Find `domain`'s server as a client would (config, SRV, default port), resolve each
-    /// place, and connect only to the addresses the policy permits.
+    /// Find `domain`'s server as a client would (config, SRV, default port; but not the
+    /// default port when there are SRV records), resolve each place, and connect only to
+    /// the addresses the policy permits.
     async fn fetch(&self, domain: &Domain) -> Result<CertificateDer<'static>, Reason> {
         let config = self.home.config().map_err(|e| Reason::Local(e.to_string()))?;
-        let candidates = crate::client::discover::locate(domain, None, &config).await;
+        let mut candidates = crate::client::discover::locate(domain, None, &config).await;
+        // With SRV records, the domain's own name is not a server (RFC 2782): not tried.
+        if candidates.iter().any(|c| c.source == "DNS SRV") {
+            candidates.retain(|c| c.source == "DNS SRV");
+        }
         let (mut refused, mut failures) = (Vec::<SocketAddr>::new(), Vec::new());
         for candidate in candidates {
             let addrs: Vec<SocketAddr> =
