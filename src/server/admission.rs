@@ -103,8 +103,9 @@ impl Admission {
     }
 }
 
-/// What the per-address cap counts: the IPv4 address, or the /64 of an IPv6 address.
-fn source_key(ip: IpAddr) -> IpAddr {
+/// What per-address limits count (connections, registrations, federation fetches): the
+/// IPv4 address, or the /64 of an IPv6 address.
+pub fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
         v4 => v4,

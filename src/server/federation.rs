@@ -249,7 +249,7 @@ impl Federation {
             }
             f.remove(domain);
         }
-        let key = source.to_canonical().to_string();
+        let key = super::admission::source_key(source).to_string();
         let (Ok(mut per_source), Ok(mut overall)) = (self.per_source.lock(), self.overall.lock())
         else {
             return Err(Reason::RateLimited);

@@ -560,7 +560,7 @@ impl Conn {
         let Ok(mut l) = self.state.registrations.lock() else { return Ok(()) };
         let (per_address, overall) = &mut *l;
         let now = Instant::now();
-        let ip = self.peer.ip().to_canonical().to_string();
+        let ip = super::admission::source_key(self.peer.ip()).to_string();
         let (mine, all) = (per_address.wait(&ip, now), overall.wait("", now));
         if mine.is_zero() && all.is_zero() {
             per_address.take(&ip, now);

@@ -2,9 +2,11 @@
 //! signs their certificate requests, and tells clients the address it sees them from.
 //!
 //! ```text
-//!  TCP :8788 ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
-//!                                                 ├── Db (SQLite: users, certs, invites)
-//!                                                 └── RateLimiter, Hasher (argon2id)
+//!  TCP :8788 ── admission ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
+//!  (per-address cap, room for                                 ├── Db (SQLite: users, certs, invites)
+//!   clients that log in)                                      ├── RateLimiter, Buckets, Hasher (argon2id)
+//!                                                             └── Federation (other domains' CAs,
+//!                                                                 public addresses only)
 //!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
 //! ```
 
