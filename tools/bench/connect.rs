@@ -20,6 +20,8 @@ async fn main() -> anyhow::Result<()> {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         registration: Registration::Open,
+        // Loopback, like every server of the bench (a real server refuses it for federation).
+        federation_allow: vec![server::config::Network::parse("127.0.0.0/8")?],
         ..Default::default()
     };
     let d = DataDir::init(&dir.path().join("srv"), &"example.com".parse()?, &config)?;

@@ -17,6 +17,8 @@ async fn main() -> anyhow::Result<()> {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         registration: Registration::Open,
+        // Loopback, like every server of the bench (a real server refuses it for federation).
+        federation_allow: vec![server::config::Network::parse("127.0.0.0/8")?],
         max_connections_per_address: 4096,
         registration_limit: server::config::RegistrationLimit {
             per_address_burst: 1_000_000,
