@@ -223,6 +223,27 @@ async fn sign_does_not_tell_who_has_an_account() {
     assert!(unknown * 3 > wrong, "unknown user {unknown:?}, wrong password {wrong:?}");
 }
 
+/// A control connection to `srv` from the loopback address `from`, logged in as `id`.
+async fn connect_from(
+    from: &str,
+    srv: &TestServer,
+    id: Arc<q2q::client::home::StoredIdentity>,
+) -> q2q::amp::PeerHandle {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let tcp = s.connect(srv.addr().parse().unwrap()).await.unwrap();
+    let domain = id.address.domain.clone();
+    let verifier = Arc::new(q2q::tls::CaPinVerifier::new(domain.clone(), None));
+    let cert = q2q::identity::cert_from_pem(&id.cert_pem).unwrap();
+    let key = q2q::identity::key_from_pem(&id.key_pem).unwrap();
+    let config = q2q::tls::client_config(verifier, Some((vec![cert], key))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(domain.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (peer, _incoming) = q2q::amp::peer::spawn(tls);
+    peer.call(AmpBox::command("hello").with("version", q2q::proto::VERSION)).await.unwrap();
+    peer
+}
+
 #[tokio::test]
 async fn exists_is_limited_per_caller() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
@@ -234,8 +255,12 @@ async fn exists_is_limited_per_caller() {
     }
     let err = alice.call(exists()).await.unwrap_err();
     assert_eq!(err.code(), Some(code::RATE_LIMITED), "{err}");
-    // Another caller is not slowed by alice.
+    // Another caller from another address is not slowed by alice; from hers, it is (a
+    // stranger's domain has callers at will).
     let mut bob = common::login(&srv, &home, "bob@example.com").await;
+    assert_eq!(bob.call(exists()).await.unwrap_err().code(), Some(code::RATE_LIMITED));
+    let bob_id = Arc::new(home.identity(&addr("bob@example.com")).unwrap());
+    let bob = connect_from("127.0.0.3", &srv, bob_id).await;
     assert_eq!(bob.call(exists()).await.unwrap().get_str("exists"), Some("true"));
 }
 

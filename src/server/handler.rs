@@ -498,17 +498,23 @@ impl Conn {
     }
 
     /// `exists`: whether `address` (of our domain) is registered. Only for logged-in
-    /// callers, so strangers cannot list the users, and at a limited rate per caller.
+    /// callers, so strangers cannot list the users, and at a limited rate per caller and
+    /// per source address.
     async fn exists(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
         let caller = self.caller().await?;
         let address = self.our_address(arg(b, "address")?)?;
-        let key = caller.to_string();
+        // Per caller, and per source address: a stranger with a domain of their own can
+        // make callers at will.
+        let keys = [
+            format!("caller:{caller}"),
+            format!("ip:{}", super::admission::source_key(self.peer.ip())),
+        ];
         let wait = match self.state.exists_limit.lock() {
             Ok(mut l) => {
                 let now = Instant::now();
-                let wait = l.wait(&key, now);
+                let wait = keys.iter().map(|k| l.wait(k, now)).max().unwrap_or_default();
                 if wait.is_zero() {
-                    l.take(&key, now);
+                    keys.iter().for_each(|k| l.take(k, now));
                 }
                 wait
             }

@@ -44,7 +44,8 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// `exists` questions a caller may ask at once, then so many a second.
+/// `exists` questions a caller (and a source address) may ask at once, then so many a
+/// second.
 pub const EXISTS_BURST: u32 = 30;
 const EXISTS_PER_SEC: f64 = 1.0;
 
