@@ -52,18 +52,24 @@ async fn a_thousand_idle_connections_under_a_low_fd_limit_leave_room_for_a_clien
     let share = (NOFILE as usize - 64) / 4;
     let server: SocketAddr = srv.addr().parse().unwrap();
     let mut held = Vec::new();
-    for _ in 0..20 {
-        for _ in 0..50 {
+    for _ in 0..40 {
+        for _ in 0..25 {
             let s = TcpSocket::new_v4().unwrap();
             s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
             held.push(s.connect(server).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         held = still_open(held).await;
+        // A round's evictions may lag by a round on a busy machine.
         assert!(held.len() <= share + 50, "{} held", held.len());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    held = still_open(held).await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = still_open(held).await;
+        if held.len() <= share {
+            break;
+        }
+    }
     assert!(held.len() <= share, "{} connections not logged in held", held.len());
     assert!(held.len() >= share / 2, "the attack held only {}", held.len());
 
