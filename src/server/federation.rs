@@ -195,7 +195,14 @@ impl Federation {
         source: IpAddr,
     ) -> Result<CertificateDer<'static>, CannotVerify> {
         let fail = |reason: Reason| {
-            tracing::warn!(%domain, %source, %reason, "cannot verify a federated domain");
+            match reason {
+                // Fetches that failed (rate-limited themselves): worth the operator's eye.
+                Reason::NotPublic(_) | Reason::Unreachable(_) | Reason::Local(_) => {
+                    tracing::warn!(%domain, %source, %reason, "cannot verify a federated domain")
+                }
+                // Refused before any fetch: as often as a stranger likes, so not loud.
+                _ => tracing::debug!(%domain, %source, %reason, "cannot verify a federated domain"),
+            }
             CannotVerify { domain: domain.clone(), reason }
         };
         if let Some(ca) = self.cache.lock().ok().and_then(|c| c.get(domain).cloned()) {
