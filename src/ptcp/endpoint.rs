@@ -1179,7 +1179,7 @@ impl Io<'_> {
             src_ip: None,
         };
         let (socket, udp) = (self.socket, self.udp);
-        match socket.try_io(tokio::io::Interest::WRITABLE, || udp.send(socket.into(), &t)) {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || udp.try_send(socket.into(), &t)) {
             Ok(()) => {
                 let n = data.len().div_ceil(seg.max(1)) as u64;
                 self.stats.sent.fetch_add(n, Ordering::Relaxed);
@@ -1187,8 +1187,9 @@ impl Io<'_> {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                // quinn-udp reports only "would block" (other errors are logged there); the
-                // selective-repeat layer resends whatever is lost.
+                // Unreachable networks, EMSGSIZE for a path-MTU probe larger than the
+                // interface: counted and dropped; the selective-repeat layer resends
+                // whatever is lost.
                 trace!(error = %e, %to, "send error");
                 bump(&self.stats.send_errors);
                 true
