@@ -1,6 +1,8 @@
 //! The binaries as a person uses them: exit codes, one-line errors, DNS SRV discovery, and a
 //! server that refuses to start without its CA.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -214,39 +216,6 @@ fn help_teaches() {
     }
 }
 
-/// A DNS server on loopback answering `_q2q._tcp.example.com SRV 0 0 PORT localhost.` and
-/// NXDOMAIN for anything else; serves `max` queries then stops.
-fn dns_server(port: u16, max: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::SRV;
-    use hickory_proto::rr::{Name, RData, Record, RecordType};
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
-    let addr = sock.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        for _ in 0..max {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else { return };
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-            r.metadata.authoritative = true;
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            if let Some(query) = q.queries.first() {
-                r.add_query(query.clone());
-                let wanted = query.name.to_ascii().eq_ignore_ascii_case("_q2q._tcp.example.com.");
-                if wanted && query.query_type == RecordType::SRV {
-                    let srv = SRV::new(0, 0, port, Name::from_ascii("localhost.").unwrap());
-                    r.add_answer(Record::from_rdata(query.name.clone(), 60, RData::SRV(srv)));
-                } else if !wanted {
-                    r.metadata.response_code = ResponseCode::NXDomain;
-                }
-            }
-            let _ = sock.send_to(&r.to_vec().unwrap(), from);
-        }
-    });
-    (addr, h)
-}
-
 #[test]
 fn server_found_through_dns_srv() {
     let t = tempfile::tempdir().unwrap();
@@ -254,7 +223,7 @@ fn server_found_through_dns_srv() {
     assert!(init(&data, "example.com").status.success());
     let srv = ServerProcess::start(&data);
     let port: u16 = srv.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let (dns, _h) = dns_server(port, 8);
+    let (dns, _asked) = common::srv_dns("_q2q._tcp.example.com.", port);
     let out = run(
         TUN,
         &["register", "alice@example.com"],

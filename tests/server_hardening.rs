@@ -284,41 +284,6 @@ async fn a_long_argument_gets_a_short_error() {
     conn.call(AmpBox::command("ping")).await.unwrap();
 }
 
-/// A DNS server on loopback answering `name SRV 0 0 port localhost.` (NXDOMAIN for
-/// anything else) and counting the questions.
-fn srv_dns(name: &'static str, port: u16) -> (SocketAddr, Arc<AtomicUsize>) {
-    use hickory_proto::op::{Message, ResponseCode};
-    use hickory_proto::rr::rdata::SRV;
-    use hickory_proto::rr::{Name, RData, Record, RecordType};
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let addr = sock.local_addr().unwrap();
-    let asked = Arc::new(AtomicUsize::new(0));
-    let count = asked.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
-            r.metadata.authoritative = true;
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            if let Some(query) = q.queries.first() {
-                r.add_query(query.clone());
-                let wanted = query.name.to_ascii().eq_ignore_ascii_case(name);
-                if wanted && query.query_type == RecordType::SRV {
-                    let srv = SRV::new(0, 0, port, Name::from_ascii("localhost.").unwrap());
-                    r.add_answer(Record::from_rdata(query.name.clone(), 60, RData::SRV(srv)));
-                } else if !wanted {
-                    r.metadata.response_code = ResponseCode::NXDomain;
-                }
-            }
-            let _ = sock.send_to(&r.to_vec().unwrap(), from);
-        }
-    });
-    (addr, asked)
-}
-
 /// A child process, killed on drop.
 struct Child(std::process::Child);
 
@@ -347,7 +312,7 @@ async fn a_default_server_does_not_follow_srv_to_loopback() {
         .unwrap();
     assert!(init.status.success());
     let (trap, connections) = counting_listener().await;
-    let (dns, asked) = srv_dns("_q2q._tcp.p17000.scan.test.", trap.port());
+    let (dns, asked) = common::srv_dns("_q2q._tcp.p17000.scan.test.", trap.port());
     let start = || {
         let mut child = Child(
             Command::new(SERVER)

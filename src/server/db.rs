@@ -35,6 +35,19 @@ pub struct CertRecord {
     pub revoked: bool,
 }
 
+impl CertRecord {
+    /// A row of `SELECT serial, identity, not_before, not_after, revoked FROM certificates`.
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
+        Ok(CertRecord {
+            serial: r.get(0)?,
+            identity: r.get(1)?,
+            not_before: r.get(2)?,
+            not_after: r.get(3)?,
+            revoked: r.get(4)?,
+        })
+    }
+}
+
 /// One user as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -198,15 +211,7 @@ impl Db {
             "SELECT serial, identity, not_before, not_after, revoked FROM certificates
              WHERE ?1 IS NULL OR identity = ?1 ORDER BY issued, serial",
         )?;
-        let rows = st.query_map([identity], |r| {
-            Ok(CertRecord {
-                serial: r.get(0)?,
-                identity: r.get(1)?,
-                not_before: r.get(2)?,
-                not_after: r.get(3)?,
-                revoked: r.get(4)?,
-            })
-        })?;
+        let rows = st.query_map([identity], CertRecord::from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -218,15 +223,7 @@ impl Db {
                 "SELECT serial, identity, not_before, not_after, revoked FROM certificates
                  WHERE serial = ?1",
                 [serial],
-                |r| {
-                    Ok(CertRecord {
-                        serial: r.get(0)?,
-                        identity: r.get(1)?,
-                        not_before: r.get(2)?,
-                        not_after: r.get(3)?,
-                        revoked: r.get(4)?,
-                    })
-                },
+                CertRecord::from_row,
             )
             .optional()?)
     }

@@ -117,3 +117,41 @@ pub async fn login(srv: &TestServer, home: &Home, who: &str) -> q2q::client::Ser
     let opts = ConnectOptions { login: Some(id), ..srv.opts() };
     q2q::client::ServerConn::connect(home, &a.domain, &opts).await.unwrap()
 }
+
+/// A DNS server on loopback answering `name SRV 0 0 port localhost.` (NXDOMAIN for
+/// anything else) and counting the questions.
+pub fn srv_dns(
+    name: &'static str,
+    port: u16,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::SRV;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = asked.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.authoritative = true;
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            if let Some(query) = q.queries.first() {
+                r.add_query(query.clone());
+                let wanted = query.name.to_ascii().eq_ignore_ascii_case(name);
+                if wanted && query.query_type == RecordType::SRV {
+                    let srv = SRV::new(0, 0, port, Name::from_ascii("localhost.").unwrap());
+                    r.add_answer(Record::from_rdata(query.name.clone(), 60, RData::SRV(srv)));
+                } else if !wanted {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                }
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    (addr, asked)
+}
