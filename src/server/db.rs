@@ -36,6 +36,20 @@ pub struct CertRecord {
 }
 
 impl CertRecord {
+    /// The record of a certificate just issued to `identity`.
+    pub fn issued(
+        identity: &crate::address::Q2qAddress,
+        info: &crate::identity::CertInfo,
+    ) -> CertRecord {
+        CertRecord {
+            serial: info.serial.clone(),
+            identity: identity.to_string(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            revoked: false,
+        }
+    }
+
     /// A row of `SELECT serial, identity, not_before, not_after, revoked FROM certificates`.
     fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
         Ok(CertRecord {

@@ -336,13 +336,7 @@ impl Conn {
             .ca
             .issue_user(&address, &csr, lifetime)
             .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-        let record = CertRecord {
-            serial: issued.info.serial.clone(),
-            identity: address.to_string(),
-            not_before: issued.info.not_before,
-            not_after: issued.info.not_after,
-            revoked: false,
-        };
+        let record = CertRecord::issued(&address, &issued.info);
         db(&self.state, move |db| db.record_certificate(&record)).await?;
         info!(%address, serial = %issued.info.serial, peer = %self.peer, "certificate issued");
         Ok(AmpBox::new().with("certificate", issued.pem))
@@ -410,13 +404,7 @@ impl Conn {
             .ca
             .renew_user(&caller, &current, lifetime)
             .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-        let record = CertRecord {
-            serial: issued.info.serial.clone(),
-            identity: caller.to_string(),
-            not_before: issued.info.not_before,
-            not_after: issued.info.not_after,
-            revoked: false,
-        };
+        let record = CertRecord::issued(&caller, &issued.info);
         let since = now.saturating_sub(lifetime).as_secs() as i64;
         let previous = info.serial.clone();
         let recorded = db(&self.state, move |db| {
