@@ -41,15 +41,17 @@
 //! Disk reads, writes and hashing run on blocking threads with a few chunks in flight
 //! (bounded channels); the async side only moves buffers between disk and stream.
 
+mod direct;
 pub mod names;
 pub mod root;
 pub mod wire;
 
 use crate::amp::AmpBox;
+use direct::AlignedBuf;
 use names::{NameError, SafeName};
 use ring::digest::{Context, SHA256};
 use root::{Parent, Root, StoreError};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -64,7 +66,7 @@ pub const MAX_FILES: usize = 100_000;
 /// Chunks in flight between a disk thread and the stream.
 const PIPELINE: usize = 4;
 /// Bytes written between background flushes to disk.
-const FLUSH_EVERY: usize = 64 << 20;
+const FLUSH_EVERY: u64 = 64 << 20;
 /// Most `name (n)` variants tried for a taken name.
 const MAX_NUMBERED: usize = 1000;
 /// Prefix of partial files' names.
@@ -272,7 +274,7 @@ async fn blocking<T: Send + 'static>(
 
 /// A chunk between a disk thread and the stream.
 struct Chunk {
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     len: usize,
     digest: [u8; 32],
 }
@@ -417,7 +419,7 @@ where
     }
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(PIPELINE);
-    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<AlignedBuf>();
     let (path, size, shown) = (f.path.clone(), f.size, f.name.as_str().to_string());
     let reader = tokio::task::spawn_blocking(move || {
         read_chunks(&path, &shown, start, size, list, &tx, &back_rx)
@@ -436,7 +438,7 @@ where
                     .with("len", c.len.to_string())
                     .with("sha256", c.digest.as_ref());
                 wire::put(w, &head).await?;
-                w.write_all(&c.buf[..c.len]).await.map_err(|e| wire::lost(&e))?;
+                w.write_all(c.buf.get(c.len)).await.map_err(|e| wire::lost(&e))?;
                 summary.transferred += c.len as u64;
                 progress.advance(c.len as u64);
                 let _ = back_tx.send(c.buf);
@@ -469,21 +471,21 @@ fn read_chunks(
     size: u64,
     mut list: Context,
     tx: &tokio::sync::mpsc::Sender<Chunk>,
-    back: &std::sync::mpsc::Receiver<Vec<u8>>,
+    back: &std::sync::mpsc::Receiver<AlignedBuf>,
 ) -> std::io::Result<Context> {
     let mut file = std::fs::File::open(path)?;
     file.seek(std::io::SeekFrom::Start(start))?;
     let mut left = size - start;
     while left > 0 {
         let len = chunk_len(left);
-        let mut buf = back.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-        file.read_exact(&mut buf[..len]).map_err(|e| match e.kind() {
+        let mut buf = back.try_recv().unwrap_or_else(|_| AlignedBuf::new());
+        file.read_exact(buf.get_mut(len)).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => {
                 std::io::Error::other(format!("{shown} became shorter while it was being sent"))
             }
             _ => std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
         })?;
-        let digest = ring::digest::digest(&SHA256, &buf[..len]);
+        let digest = ring::digest::digest(&SHA256, buf.get(len));
         list.update(digest.as_ref());
         let digest = digest.as_ref().try_into().expect("a SHA-256 digest is 32 bytes");
         if tx.blocking_send(Chunk { buf, len, digest }).is_err() {
@@ -673,37 +675,38 @@ fn open_partial(parent: &Parent, file: &Incoming) -> Result<Partial, StoreError>
 }
 
 /// The disk side of receiving a file: check each chunk's hash, write it, hash the list.
+/// Whole chunks bypass the page cache ([`direct`]); what goes through it is flushed to disk
+/// in the background as it comes, so that the final fsync does not wait for all of it.
 fn write_chunks(
     mut p: Partial,
     start: u64,
     shown: &str,
     mut rx: tokio::sync::mpsc::Receiver<Chunk>,
-    back: &tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    back: &tokio::sync::mpsc::UnboundedSender<AlignedBuf>,
 ) -> Result<(Context, Partial), StoreError> {
     let io = |e: std::io::Error| root::describe_io(&e, shown);
     let mut list = if start == p.offset { p.prefix.clone() } else { Context::new(&SHA256) };
     p.file.set_len(start).map_err(io)?;
     p.file.seek(std::io::SeekFrom::Start(start)).map_err(io)?;
-    // Flush to disk as data arrives, on a thread of its own, so that the final fsync does
-    // not wait for the whole file (the page cache may hold gigabytes).
+    let mut out = direct::DirectWriter::new(&p.file, start.is_multiple_of(direct::ALIGN as u64));
     let flushing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut unflushed = 0usize;
+    let mut flushed = 0u64;
     while let Some(c) = rx.blocking_recv() {
-        let digest = ring::digest::digest(&SHA256, &c.buf[..c.len]);
+        let data = c.buf.get(c.len);
+        let digest = ring::digest::digest(&SHA256, data);
         if digest.as_ref() != c.digest {
             return Err(StoreError::ThisFile(format!(
                 "{shown}: a chunk failed its integrity check (SHA-256 differs); send it again"
             )));
         }
-        p.file.write_all(&c.buf[..c.len]).map_err(io)?;
+        out.write_all(data).map_err(io)?;
         list.update(digest.as_ref());
         let _ = back.send(c.buf);
-        unflushed += c.len;
-        if unflushed >= FLUSH_EVERY
+        if out.buffered - flushed >= FLUSH_EVERY
             && !flushing.swap(true, std::sync::atomic::Ordering::AcqRel)
-            && let Ok(f) = p.file.try_clone()
+            && let Ok(f) = out.file().try_clone()
         {
-            unflushed = 0;
+            flushed = out.buffered;
             let flushing = flushing.clone();
             std::thread::spawn(move || {
                 let _ = f.sync_data();
@@ -711,6 +714,9 @@ fn write_chunks(
             });
         }
     }
+    tracing::debug!(name = shown, direct = out.is_direct(), buffered = out.buffered, "file stored");
+    drop(out);
+    // Also what the device holds in its own cache after the direct writes.
     p.file.sync_all().map_err(io)?;
     Ok((list, p))
 }
@@ -777,7 +783,7 @@ where
     progress.advance(start);
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(PIPELINE);
-    let (back_tx, mut back_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (back_tx, mut back_rx) = tokio::sync::mpsc::unbounded_channel::<AlignedBuf>();
     let shown2 = shown.clone();
     let mut writer = Some(tokio::task::spawn_blocking(move || {
         write_chunks(partial, start, &shown2, rx, &back_tx)
@@ -807,8 +813,8 @@ where
                 let _ = wire::send(w, &AmpBox::command("stop").with("reason", &why)).await;
                 return Err(protocol(why));
             }
-            let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-            r.read_exact(&mut buf[..len]).await?;
+            let mut buf = back_rx.try_recv().unwrap_or_else(|_| AlignedBuf::new());
+            r.read_exact(buf.get_mut(len)).await?;
             got += len as u64;
             progress.advance(len as u64);
             if failed.is_some() {
