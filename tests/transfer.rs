@@ -164,7 +164,10 @@ async fn hostile(name: &str) -> (String, tempfile::TempDir) {
     let mut r = AmpReader::new(a);
     write_box(
         r.get_mut(),
-        &AmpBox::command("hello").with("version", "2").with("files", "1").with("bytes", "4"),
+        &AmpBox::command("hello")
+            .with("version", transfer::VERSION)
+            .with("files", "1")
+            .with("bytes", "4"),
     )
     .await
     .unwrap();
@@ -220,7 +223,10 @@ async fn a_symlinked_parent_is_never_followed() {
     let opts = ReceiveOptions { dir: dst.clone(), overwrite: true };
     let recv = tokio::spawn(async move { transfer::receive(b, &opts, &mut Quiet).await });
     let mut r = AmpReader::new(a);
-    let hello = AmpBox::command("hello").with("version", "2").with("files", "1").with("bytes", "0");
+    let hello = AmpBox::command("hello")
+        .with("version", transfer::VERSION)
+        .with("files", "1")
+        .with("bytes", "0");
     write_box(r.get_mut(), &hello).await.unwrap();
     r.read_box().await.unwrap();
     for name in ["lnk/sub/deeper/x", "lnk"] {

@@ -12,21 +12,21 @@
 //!                                     ◀──  done | refuse {reason} | stop {reason}
 //! offer {name, size}                  ──▶  (name checked: relative, no `..`; then every
 //!                                          component opened beneath the root, no links)
-//!                                     ◀──  compare {sha256…}   (same-size files there)
+//!                                     ◀──  compare {hash…}     (same-size files there)
 //! same {index} | differ               ──▶
 //!                                     ◀──  skip | refuse {reason} | stop {reason}
-//!                                          | resume {offset, sha256 of what it has}
+//!                                          | resume {offset, hash of what it has}
 //! start {offset}                      ──▶  (the offset, or 0 if the prefix differs)
-//! chunk {len, sha256} + len bytes ... ──▶  each chunk's hash checked as it is written;
+//! chunk {len, hash} + len bytes ...   ──▶  each chunk's hash checked as it is written;
 //!                                     ◀──  (refuse | stop may come early: the sender
 //!                                           stops sending data and sends end)
-//! end {sha256}                        ──▶  the whole file's hash checked, fsync, rename
+//! end {hash}                          ──▶  the whole file's hash checked, fsync, rename
 //!                                     ◀──  done {as} | refuse {reason} | stop {reason}
 //! ... next offer ... bye              ──▶
 //! ```
 //!
-//! A file's SHA-256 is the SHA-256 of its chunks' SHA-256s, in order (as Dropbox's content
-//! hash): each byte is hashed once per side, and a resumed prefix is checked by the same
+//! A file's hash is the BLAKE3 of its chunks' BLAKE3 hashes, in order (as Dropbox's content
+//! hash, with BLAKE3 for SHA-256): each byte is hashed once per side, and a resumed prefix is checked by the same
 //! function. `refuse` concerns one file (a name this file system cannot hold, a file over the
 //! size limit): the rest goes on. `stop` ends the transfer (disk full, no permission).
 //!
@@ -49,7 +49,6 @@ pub mod wire;
 use crate::amp::AmpBox;
 use direct::AlignedBuf;
 use names::{NameError, SafeName};
-use ring::digest::{Context, SHA256};
 use root::{Parent, Root, StoreError};
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -60,7 +59,8 @@ use wire::{Reader, WireError, cmd};
 
 /// Bytes of file data per chunk; resume offsets are whole chunks.
 pub const CHUNK: usize = 1 << 20;
-const VERSION: &str = "2";
+/// The transfer protocol version (`hello {version}`): 3 hashes with BLAKE3, 2 with SHA-256.
+pub const VERSION: &str = "3";
 /// Most files one transfer may offer.
 pub const MAX_FILES: usize = 100_000;
 /// Chunks in flight between a disk thread and the stream.
@@ -244,16 +244,27 @@ fn walk(
     Ok(())
 }
 
+/// The running content hash of a file: BLAKE3 over its chunks' hashes, in order
+/// ([`chunk_hash`]); `finalize` gives the file's hash.
+type ListHash = blake3::Hasher;
+
+/// The hash of one chunk: BLAKE3 (32 bytes). BLAKE3 rather than SHA-256: on these machines
+/// it hashes 1 MiB chunks about four times as fast (3 against 0.8 GB/s a core, under load),
+/// and the sender and the receiver each hash every byte once.
+fn chunk_hash(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
 /// The content hash of the first `len` bytes of `file` (from its current position): the
-/// SHA-256 of its chunks' SHA-256s. Returns the running state, to go on from.
-fn chunk_hashes(file: &mut std::fs::File, len: u64) -> std::io::Result<Context> {
-    let mut list = Context::new(&SHA256);
+/// hash of its chunks' hashes. Returns the running state, to go on from.
+fn chunk_hashes(file: &mut std::fs::File, len: u64) -> std::io::Result<ListHash> {
+    let mut list = ListHash::new();
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
     while left > 0 {
         let want = chunk_len(left);
         file.read_exact(&mut buf[..want])?;
-        list.update(ring::digest::digest(&SHA256, &buf[..want]).as_ref());
+        list.update(&chunk_hash(&buf[..want]));
         left -= want as u64;
     }
     Ok(list)
@@ -370,13 +381,13 @@ where
     wire::send(w, &offer).await?;
     let mut reply = r.expect_box().await?;
     if cmd(&reply) == "compare" {
-        let theirs = reply.get("sha256").unwrap_or_default().to_vec();
+        let theirs = reply.get("hash").unwrap_or_default().to_vec();
         let (path, size) = (f.path.clone(), f.size);
         let mine = blocking(move || {
-            chunk_hashes(&mut std::fs::File::open(path)?, size).map(Context::finish)
+            chunk_hashes(&mut std::fs::File::open(path)?, size).map(|h| h.finalize())
         })
         .await??;
-        let answer = match theirs.chunks(32).position(|h| h == mine.as_ref()) {
+        let answer = match theirs.chunks(32).position(|h| h == mine.as_bytes()) {
             Some(i) => AmpBox::command("same").with("index", i.to_string()),
             None => AmpBox::command("differ"),
         };
@@ -404,13 +415,13 @@ where
         let path = f.path.clone();
         let prefix =
             blocking(move || chunk_hashes(&mut std::fs::File::open(path)?, offset)).await??;
-        if reply.get("sha256") == Some(prefix.clone().finish().as_ref()) {
+        if reply.get("hash") == Some(prefix.finalize().as_bytes().as_slice()) {
             (offset, prefix)
         } else {
-            (0, Context::new(&SHA256))
+            (0, ListHash::new())
         }
     } else {
-        (0, Context::new(&SHA256))
+        (0, ListHash::new())
     };
     wire::send(w, &AmpBox::command("start").with("offset", start.to_string())).await?;
     if start > 0 {
@@ -436,7 +447,7 @@ where
                 let Some(c) = c else { break };
                 let head = AmpBox::command("chunk")
                     .with("len", c.len.to_string())
-                    .with("sha256", c.digest.as_ref());
+                    .with("hash", c.digest.as_slice());
                 wire::put(w, &head).await?;
                 w.write_all(c.buf.get(c.len)).await.map_err(|e| wire::lost(&e))?;
                 summary.transferred += c.len as u64;
@@ -455,8 +466,9 @@ where
             b
         }
         None => {
-            let whole = read??.finish();
-            wire::send(w, &AmpBox::command("end").with("sha256", whole.as_ref())).await?;
+            let whole = read??.finalize();
+            wire::send(w, &AmpBox::command("end").with("hash", whole.as_bytes().as_slice()))
+                .await?;
             r.expect_box().await?
         }
     };
@@ -469,10 +481,10 @@ fn read_chunks(
     shown: &str,
     start: u64,
     size: u64,
-    mut list: Context,
+    mut list: ListHash,
     tx: &tokio::sync::mpsc::Sender<Chunk>,
     back: &std::sync::mpsc::Receiver<AlignedBuf>,
-) -> std::io::Result<Context> {
+) -> std::io::Result<ListHash> {
     let mut file = std::fs::File::open(path)?;
     file.seek(std::io::SeekFrom::Start(start))?;
     let mut left = size - start;
@@ -485,9 +497,8 @@ fn read_chunks(
             }
             _ => std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
         })?;
-        let digest = ring::digest::digest(&SHA256, buf.get(len));
-        list.update(digest.as_ref());
-        let digest = digest.as_ref().try_into().expect("a SHA-256 digest is 32 bytes");
+        let digest = chunk_hash(buf.get(len));
+        list.update(&digest);
         if tx.blocking_send(Chunk { buf, len, digest }).is_err() {
             // The stream side stopped (the receiver refused the file): nothing more to do.
             break;
@@ -610,7 +621,7 @@ struct Incoming {
 struct Place {
     parent: Parent,
     /// Names of same-size files there, with their content hashes.
-    candidates: Vec<(String, ring::digest::Digest)>,
+    candidates: Vec<(String, blake3::Hash)>,
     /// The first free `name (n)` (or the name itself with overwrite).
     free: usize,
 }
@@ -633,7 +644,7 @@ fn place(root: &Root, file: &Incoming, overwrite: bool) -> Result<Place, StoreEr
         if Parent::is_file(&st) && u64::try_from(st.st_size).ok() == Some(file.size) {
             let mut f = parent.open_read(&candidate).map_err(|e| root::describe(e, shown))?;
             let hash = chunk_hashes(&mut f, file.size).map_err(|e| root::describe_io(&e, shown))?;
-            candidates.push((candidate, hash.finish()));
+            candidates.push((candidate, hash.finalize()));
         } else if overwrite && !Parent::is_file(&st) {
             return Err(StoreError::ThisFile(format!(
                 "{shown} exists at the receiver and is not a regular file"
@@ -657,16 +668,16 @@ struct Partial {
     name: String,
     file: std::fs::File,
     offset: u64,
-    prefix: Context,
+    prefix: ListHash,
 }
 
 fn open_partial(parent: &Parent, file: &Incoming) -> Result<Partial, StoreError> {
     let shown = file.name.as_str();
-    let mut key = Context::new(&SHA256);
+    let mut key = blake3::Hasher::new();
     key.update(file.name.as_str().as_bytes());
     key.update(&[0]);
     key.update(&file.size.to_be_bytes());
-    let name = format!("{PARTIAL_PREFIX}{}", hex::encode(&key.finish().as_ref()[..16]));
+    let name = format!("{PARTIAL_PREFIX}{}", hex::encode(&key.finalize().as_bytes()[..16]));
     let mut f = parent.open_write(&name).map_err(|e| root::describe(e, shown))?;
     let have = f.metadata().map_err(|e| root::describe_io(&e, shown))?.len();
     let offset = (have.min(file.size) / CHUNK as u64) * CHUNK as u64;
@@ -683,9 +694,9 @@ fn write_chunks(
     shown: &str,
     mut rx: tokio::sync::mpsc::Receiver<Chunk>,
     back: &tokio::sync::mpsc::UnboundedSender<AlignedBuf>,
-) -> Result<(Context, Partial), StoreError> {
+) -> Result<(ListHash, Partial), StoreError> {
     let io = |e: std::io::Error| root::describe_io(&e, shown);
-    let mut list = if start == p.offset { p.prefix.clone() } else { Context::new(&SHA256) };
+    let mut list = if start == p.offset { p.prefix.clone() } else { ListHash::new() };
     p.file.set_len(start).map_err(io)?;
     p.file.seek(std::io::SeekFrom::Start(start)).map_err(io)?;
     let mut out = direct::DirectWriter::new(&p.file, start.is_multiple_of(direct::ALIGN as u64));
@@ -693,14 +704,14 @@ fn write_chunks(
     let mut flushed = 0u64;
     while let Some(c) = rx.blocking_recv() {
         let data = c.buf.get(c.len);
-        let digest = ring::digest::digest(&SHA256, data);
-        if digest.as_ref() != c.digest {
+        let digest = chunk_hash(data);
+        if digest != c.digest {
             return Err(StoreError::ThisFile(format!(
-                "{shown}: a chunk failed its integrity check (SHA-256 differs); send it again"
+                "{shown}: a chunk failed its integrity check (its hash differs); send it again"
             )));
         }
         out.write_all(data).map_err(io)?;
-        list.update(digest.as_ref());
+        list.update(&digest);
         let _ = back.send(c.buf);
         if out.buffered - flushed >= FLUSH_EVERY
             && !flushing.swap(true, std::sync::atomic::Ordering::AcqRel)
@@ -742,8 +753,8 @@ where
     };
     if !place.candidates.is_empty() {
         let hashes: Vec<u8> =
-            place.candidates.iter().flat_map(|(_, h)| h.as_ref().to_vec()).collect();
-        wire::send(w, &AmpBox::command("compare").with("sha256", hashes)).await?;
+            place.candidates.iter().flat_map(|(_, h)| h.as_bytes().to_vec()).collect();
+        wire::send(w, &AmpBox::command("compare").with("hash", hashes)).await?;
         let answer = r.expect_box().await?;
         match cmd(&answer) {
             "same" => {
@@ -770,7 +781,7 @@ where
     };
     let resume = AmpBox::command("resume")
         .with("offset", partial.offset.to_string())
-        .with("sha256", partial.prefix.clone().finish().as_ref());
+        .with("hash", partial.prefix.finalize().as_bytes().as_slice());
     wire::send(w, &resume).await?;
     let start_box = r.expect_box().await?;
     let start = match (cmd(&start_box), parse_u64(&start_box, "offset")) {
@@ -797,7 +808,7 @@ where
             let b = r.expect_box().await?;
             match cmd(&b) {
                 "chunk" => {}
-                "end" => return Ok(b.get("sha256").map(<[u8]>::to_vec)),
+                "end" => return Ok(b.get("hash").map(<[u8]>::to_vec)),
                 other => return Err(protocol(format!("unexpected `{other}` in a file"))),
             }
             let len = parse_u64(&b, "len")
@@ -805,9 +816,9 @@ where
                 .filter(|l| *l <= CHUNK)
                 .ok_or_else(|| protocol("a chunk without a valid length"))?;
             let digest: [u8; 32] = b
-                .get("sha256")
+                .get("hash")
                 .and_then(|d| d.try_into().ok())
-                .ok_or_else(|| protocol("a chunk without a SHA-256"))?;
+                .ok_or_else(|| protocol("a chunk without a hash"))?;
             if got + len as u64 > file.size {
                 let why = format!("{shown}: the sender sent more data than it announced");
                 let _ = wire::send(w, &AmpBox::command("stop").with("reason", &why)).await;
@@ -879,11 +890,11 @@ where
     };
     let partial_name = partial.name.clone();
     drop(partial);
-    if got != file.size || sent_hash.as_deref() != Some(list.finish().as_ref()) {
+    if got != file.size || sent_hash.as_deref() != Some(list.finalize().as_bytes().as_slice()) {
         let p2 = parent.clone();
         let _ = blocking(move || p2.remove(&partial_name)).await;
         return Ok(Err(StoreError::ThisFile(format!(
-            "{shown}: integrity check failed (SHA-256 differs); the partial file was removed, \
+            "{shown}: integrity check failed (the hash differs); the partial file was removed, \
              send it again"
         ))));
     }
