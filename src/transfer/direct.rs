@@ -1,9 +1,9 @@
 //! Writing received files around the page cache (`O_DIRECT`), with buffers aligned for it.
 //!
 //! Why: a received file is written once and not read back soon, and copying it into the page
-//! cache was the largest single cost of receiving (about a fifth of both cores at 1 Gbit/s in
-//! the lab, more on a virtual machine whose fresh memory is slow to touch: 1 GiB took 4–5 s to
-//! write buffered there, 0.7 s with `O_DIRECT`). With `O_DIRECT` the device reads our buffer
+//! cache was the largest single cost of receiving (a fifth of all CPU samples of a lab send,
+//! `perf record -a`; on these virtual machines, fresh memory is slow to touch: `dd` wrote
+//! 1 GiB in 4–5 s buffered, 0.7 s with `O_DIRECT`). With `O_DIRECT` the device reads our buffer
 //! itself. Linux requires the buffer, the length and the file offset of such a write to be
 //! aligned to the device's logical block size; [`ALIGN`] (4096 bytes) covers the usual 512
 //! and 4096. Whole chunks are multiples of it and start at multiples of it; the last, shorter
