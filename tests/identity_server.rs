@@ -37,7 +37,8 @@ async fn register_survives_restart() {
     // The pinned CA still matches after the restart (no CA regeneration).
     let again = client::register(&home, &alice, PW, None, true, &srv.opts()).await.unwrap();
     assert!(!again.newly_pinned);
-    let certs = q2q::server::admin::list_certificates(&srv.data_dir(), Some("alice")).unwrap();
+    let certs =
+        q2q::server::admin::list_certificates(&srv.data_dir(), Some("alice")).await.unwrap();
     assert_eq!(certs.len(), 2);
     assert_ne!(certs[0].serial, certs[1].serial);
 }
@@ -136,10 +137,10 @@ async fn hundred_concurrent_registrations_are_consistent() {
         }
     }
     assert_eq!((serials.len(), taken), (101, 1));
-    let (_, users) = q2q::server::admin::list_users(&srv.data_dir()).unwrap();
+    let (_, users) = q2q::server::admin::list_users(&srv.data_dir()).await.unwrap();
     assert_eq!(users.len(), 101);
     assert!(users.iter().all(|u| u.certificates == 1));
-    let certs = q2q::server::admin::list_certificates(&srv.data_dir(), None).unwrap();
+    let certs = q2q::server::admin::list_certificates(&srv.data_dir(), None).await.unwrap();
     assert_eq!(certs.len(), 101);
 }
 
@@ -244,7 +245,7 @@ async fn registration_policies() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(code::BAD_INVITE));
-    let code_ = q2q::server::admin::create_invite(&invite.data_dir()).unwrap();
+    let code_ = q2q::server::admin::create_invite(&invite.data_dir()).await.unwrap();
     client::register(&home2, &alice, PW, Some(&code_), false, &invite.opts()).await.unwrap();
     let err =
         client::register(&home2, &addr("bob@example.com"), PW, Some(&code_), false, &invite.opts())

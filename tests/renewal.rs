@@ -120,7 +120,7 @@ async fn renews_at_two_thirds_and_the_new_certificate_is_used() {
     assert_eq!(exists.get_str("exists"), Some("true"));
 
     // The server recorded every renewal like any issued certificate.
-    let certs = admin::list_certificates(&srv.data_dir(), Some("alice")).unwrap();
+    let certs = admin::list_certificates(&srv.data_dir(), Some("alice")).await.unwrap();
     assert!(certs.len() >= 3, "registration and at least two renewals: {certs:?}");
     assert!(certs.iter().any(|c| c.serial == alice.certificate_status().serial));
 }
@@ -174,7 +174,7 @@ async fn renewal_refused_once_revoked_or_removed_and_rate_limited() {
     let srv = short_lived_server("1h").await;
     let (_d, home) = common::home();
     let (alice, cert) = logged_in(&srv, &home, "alice@example.com").await;
-    admin::revoke(&srv.data_dir(), &info(&cert).serial).unwrap();
+    admin::revoke(&srv.data_dir(), &info(&cert).serial).await.unwrap();
     let e = alice.renew(&cert).await.unwrap_err();
     assert_eq!(e.code(), Some(code::BAD_CERTIFICATE), "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
@@ -187,7 +187,7 @@ async fn renewal_refused_once_revoked_or_removed_and_rate_limited() {
     assert_eq!(e.code(), Some(code::RATE_LIMITED), "{e}");
 
     let (carol, cert) = logged_in(&srv, &home, "carol@example.com").await;
-    admin::remove_user(&srv.data_dir(), "carol").unwrap();
+    admin::remove_user(&srv.data_dir(), "carol").await.unwrap();
     let e = carol.renew(&cert).await.unwrap_err();
     assert!([code::UNKNOWN_USER, code::BAD_CERTIFICATE].contains(&e.code().unwrap_or("")), "{e}");
 }
@@ -198,7 +198,7 @@ async fn a_node_whose_account_was_removed_warns_and_keeps_its_certificate() {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
     let (_, cert0, _) = on_disk(&home, "alice@example.com");
-    admin::remove_user(&srv.data_dir(), "alice").unwrap();
+    admin::remove_user(&srv.data_dir(), "alice").await.unwrap();
     let first = info(&cert0);
     // Past three quarters of the lifetime: refused attempts, and a warning.
     let deadline = unix_now() + 30;

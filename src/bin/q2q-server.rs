@@ -21,6 +21,12 @@ struct Cli {
     /// The server's data directory (CA, database, config.toml).
     #[arg(long, global = true, env = "Q2Q_SERVER_DIR", default_value = "/var/lib/q2q-server")]
     data_dir: PathBuf,
+    /// Where the state lives, overriding config.toml's `database`: `sqlite` (the data
+    /// directory's file) or a PostgreSQL URL shared by several instances of the domain
+    /// (`postgres://user@host:port/db`). With `init`, written to config.toml; the admin
+    /// verbs follow config.toml.
+    #[arg(long, global = true, env = "Q2Q_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,17 +123,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { domain, registration, listen } => {
             let domain = Domain::parse(&domain)?;
-            let config = ServerConfig { registration, listen, ..Default::default() };
-            let d = DataDir::init(&dir, &domain, &config)?;
+            let database = cli.database.filter(|d| d != "sqlite");
+            let config = ServerConfig { registration, listen, database, ..Default::default() };
+            let d = DataDir::init_at(&dir, &domain, &config).await?;
             outln!("initialised {} for {}", dir.display(), d.domain);
             outln!("CA fingerprint: {}", d.ca.fingerprint());
             outln!("config: {}", d.config_path().display());
             outln!("next: q2q-server run --data-dir {}", dir.display());
         }
         Command::Run { config, listen } => {
-            let d = DataDir::open(&dir)?;
-            let path = config.unwrap_or_else(|| d.config_path());
+            let path = config.unwrap_or_else(|| dir.join(server::datadir::CONFIG_FILE));
             let mut config = ServerConfig::load(&path)?;
+            if let Some(d) = cli.database {
+                config.database = Some(d);
+            }
+            let d = DataDir::open_at(&dir, config.database.as_deref()).await?;
             if let Some(l) = listen {
                 config.listen = l;
             }
@@ -148,10 +158,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("added {}", admin::add_user(&dir, &name, pw).await?);
         }
         Command::User(UserCommand::Remove { name }) => {
-            outln!("removed {} and revoked their certificates", admin::remove_user(&dir, &name)?);
+            outln!(
+                "removed {} and revoked their certificates",
+                admin::remove_user(&dir, &name).await?
+            );
         }
         Command::User(UserCommand::List) => {
-            let (domain, users) = admin::list_users(&dir)?;
+            let (domain, users) = admin::list_users(&dir).await?;
             outln!("{} users on {domain}", users.len());
             for u in users {
                 outln!(
@@ -168,11 +181,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Invite(InviteCommand::Create { count }) => {
             for _ in 0..count.clamp(1, 1000) {
-                outln!("{}", admin::create_invite(&dir)?);
+                outln!("{}", admin::create_invite(&dir).await?);
             }
         }
         Command::Invite(InviteCommand::List) => {
-            for (code, used) in admin::list_invites(&dir)? {
+            for (code, used) in admin::list_invites(&dir).await? {
                 outln!(
                     "{code}\t{}",
                     used.map_or_else(|| "unused".to_string(), |u| format!("used by {u}"))
@@ -180,20 +193,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Cert(CertCommand::List { user }) => {
-            for c in admin::list_certificates(&dir, user.as_deref())? {
+            for c in admin::list_certificates(&dir, user.as_deref()).await? {
                 let state = if c.revoked { "revoked" } else { "valid" };
                 outln!("{}\t{}\tuntil {}\t{state}", c.serial, c.identity, format_time(c.not_after));
             }
         }
         Command::Cert(CertCommand::Revoke { serial }) => {
-            admin::revoke(&dir, &serial)?;
+            admin::revoke(&dir, &serial).await?;
             outln!("revoked {serial}");
         }
         Command::Info => {
-            let d = DataDir::open(&dir).context("cannot open the data directory")?;
+            let d = DataDir::open_at(&dir, cli.database.as_deref())
+                .await
+                .context("cannot open the data directory")?;
             outln!("domain: {}", d.domain);
             outln!("CA fingerprint: {}", d.ca.fingerprint());
-            outln!("users: {}", d.db.user_count()?);
+            outln!("users: {}", d.store.user_count().await?);
         }
     }
     Ok(())

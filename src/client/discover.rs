@@ -1,5 +1,7 @@
 //! Where a domain's identity server is: `--server`, then the client config, then DNS SRV
-//! `_q2q._tcp.<domain>`, then `<domain>:8788`.
+//! `_q2q._tcp.<domain>`, then `<domain>:8788`. `--server` and the config may list several
+//! instances of the domain, comma-separated (`a.example.com:8788, b.example.com:8788`),
+//! as SRV may name several targets: they are tried in order.
 //!
 //! The SRV look-up never goes through our own `*.q2q` shim: in resolv-conf mode the shim is
 //! the first nameserver, and the daemon asks these questions *while the shim waits for the
@@ -68,10 +70,10 @@ pub async fn locate(
     config: &super::home::ClientConfig,
 ) -> Vec<Candidate> {
     if let Some(s) = flag {
-        return vec![Candidate { addr: s.to_string(), source: "--server" }];
+        return list(s, "--server");
     }
     if let Some(s) = config.servers.get(domain.as_str()) {
-        return vec![Candidate { addr: s.clone(), source: "config" }];
+        return list(s, "config");
     }
     let mut out = match tokio::time::timeout(SRV_TIMEOUT, srv(domain)).await {
         Ok(Ok(list)) => list,
@@ -87,6 +89,15 @@ pub async fn locate(
     };
     out.push(Candidate { addr: format!("{domain}:{DEFAULT_PORT}"), source: "default port" });
     out
+}
+
+/// The `host:port`s of a comma-separated list, in order.
+fn list(s: &str, source: &'static str) -> Vec<Candidate> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| Candidate { addr: a.to_string(), source })
+        .collect()
 }
 
 /// What the process's own DNS look-ups use: the resolv.conf actually in force and the

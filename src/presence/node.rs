@@ -330,12 +330,15 @@ impl Node {
     ) -> Result<Node, NodeError> {
         let current = Current::new(home.identity(&me).map_err(ClientError::from)?)?;
         let identity = current.stored.clone();
-        if config.server.server.is_none() {
-            config.server.server = identity.server.clone();
-        }
         // Log-ins after this one take the identity as it is then (renewal replaces it).
         config.server.login = Some(identity.clone());
-        let mut home_server = ServerConn::connect(&home, &me.domain, &config.server).await?;
+        // The servers given (perhaps several instances of the domain) are kept for logging
+        // back in; without any, the one the identity came from, then discovery.
+        let first = ConnectOptions {
+            server: config.server.server.clone().or_else(|| identity.server.clone()),
+            ..config.server.clone()
+        };
+        let mut home_server = ServerConn::connect(&home, &me.domain, &first).await?;
         let incoming = home_server.incoming.take();
         // The home connection's one owner is `stay_logged_in`; everyone else reads it.
         let (home_owner, home_server) = tokio::sync::watch::channel(Arc::new(home_server));

@@ -1,5 +1,6 @@
-//! Admin verbs of `q2q-server`, working on the data directory (safe while the server runs:
-//! SQLite serialises writers).
+//! Admin verbs of `q2q-server`, working on the data directory and its store (the SQLite
+//! file, or the PostgreSQL database its config.toml names; safe while the server runs:
+//! both serialise writers).
 
 use super::datadir::DataDir;
 use super::db::{CertRecord, DbError, UserRecord};
@@ -7,8 +8,8 @@ use crate::address::{Q2qAddress, User};
 use anyhow::{Context, bail};
 use std::path::Path;
 
-fn open(dir: &Path) -> anyhow::Result<DataDir> {
-    Ok(DataDir::open(dir)?)
+async fn open(dir: &Path) -> anyhow::Result<DataDir> {
+    Ok(DataDir::open_at(dir, None).await?)
 }
 
 fn user(name: &str, dir: &DataDir) -> anyhow::Result<(User, Q2qAddress)> {
@@ -30,21 +31,21 @@ fn check_len(password: &str, dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn add_user(dir: &Path, name: &str, password: String) -> anyhow::Result<Q2qAddress> {
-    let mut d = open(dir)?;
+    let d = open(dir).await?;
     let (user, address) = user(name, &d)?;
     check_len(&password, dir)?;
     let hash = super::password::Hasher::default().hash(password).await?;
-    match d.db.add_user(user.as_str(), &hash, None) {
+    match d.store.add_user(user.as_str(), &hash, None).await {
         Err(DbError::UserExists) => bail!("{address} exists already"),
         r => r.context("cannot add the user")?,
     }
     Ok(address)
 }
 
-pub fn remove_user(dir: &Path, name: &str) -> anyhow::Result<Q2qAddress> {
-    let mut d = open(dir)?;
+pub async fn remove_user(dir: &Path, name: &str) -> anyhow::Result<Q2qAddress> {
+    let d = open(dir).await?;
     let (user, address) = user(name, &d)?;
-    match d.db.remove_user(user.as_str(), &address.to_string()) {
+    match d.store.remove_user(user.as_str(), &address.to_string()).await {
         Err(DbError::NoSuchUser) => bail!("{address} is not registered"),
         r => r.context("cannot remove the user")?,
     }
@@ -52,44 +53,44 @@ pub fn remove_user(dir: &Path, name: &str) -> anyhow::Result<Q2qAddress> {
 }
 
 pub async fn set_password(dir: &Path, name: &str, password: String) -> anyhow::Result<Q2qAddress> {
-    let d = open(dir)?;
+    let d = open(dir).await?;
     let (user, address) = user(name, &d)?;
     check_len(&password, dir)?;
     let hash = super::password::Hasher::default().hash(password).await?;
-    match d.db.set_password_hash(user.as_str(), &hash) {
+    match d.store.set_password_hash(user.as_str(), &hash).await {
         Err(DbError::NoSuchUser) => bail!("{address} is not registered"),
         r => r.context("cannot set the password")?,
     }
     Ok(address)
 }
 
-pub fn list_users(dir: &Path) -> anyhow::Result<(String, Vec<UserRecord>)> {
-    let d = open(dir)?;
-    let users = d.db.list_users(d.domain.as_str())?;
+pub async fn list_users(dir: &Path) -> anyhow::Result<(String, Vec<UserRecord>)> {
+    let d = open(dir).await?;
+    let users = d.store.list_users(d.domain.as_str()).await?;
     Ok((d.domain.to_string(), users))
 }
 
 /// A new random 128-bit invite code, stored unused.
-pub fn create_invite(dir: &Path) -> anyhow::Result<String> {
-    let d = open(dir)?;
+pub async fn create_invite(dir: &Path) -> anyhow::Result<String> {
+    let d = open(dir).await?;
     let code = hex::encode(rand::random::<[u8; 16]>());
-    d.db.create_invite(&code)?;
+    d.store.create_invite(&code).await?;
     Ok(code)
 }
 
-pub fn list_invites(dir: &Path) -> anyhow::Result<Vec<(String, Option<String>)>> {
-    Ok(open(dir)?.db.invites()?)
+pub async fn list_invites(dir: &Path) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    Ok(open(dir).await?.store.invites().await?)
 }
 
-pub fn list_certificates(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<CertRecord>> {
-    let d = open(dir)?;
+pub async fn list_certificates(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<CertRecord>> {
+    let d = open(dir).await?;
     let identity = name.map(|n| user(n, &d).map(|(_, a)| a.to_string())).transpose()?;
-    Ok(d.db.certificates(identity.as_deref())?)
+    Ok(d.store.certificates(identity.as_deref()).await?)
 }
 
-pub fn revoke(dir: &Path, serial: &str) -> anyhow::Result<()> {
-    let d = open(dir)?;
-    match d.db.revoke(&serial.to_ascii_lowercase()) {
+pub async fn revoke(dir: &Path, serial: &str) -> anyhow::Result<()> {
+    let d = open(dir).await?;
+    match d.store.revoke(&serial.to_ascii_lowercase()).await {
         Err(DbError::NoSuchCertificate) => bail!("no certificate with serial {serial}"),
         r => Ok(r?),
     }

@@ -174,6 +174,14 @@ pub struct ServerConfig {
     pub federation_allow: Vec<Network>,
     pub rate_limit: RateLimitConfig,
     pub registration_limit: RegistrationLimit,
+    /// Where the state lives: None (or `sqlite`) for the data directory's SQLite file, or a
+    /// PostgreSQL URL shared by several instances of the domain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The address other instances of the domain tell callers to reach this instance's
+    /// relay at (with PostgreSQL); default: the listen address, if it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_host: Option<IpAddr>,
 }
 
 impl Default for ServerConfig {
@@ -192,6 +200,8 @@ impl Default for ServerConfig {
             federation_allow: Vec::new(),
             rate_limit: RateLimitConfig::default(),
             registration_limit: RegistrationLimit::default(),
+            database: None,
+            relay_host: None,
         }
     }
 }
@@ -265,8 +275,22 @@ impl ServerConfig {
         Duration::from_secs(self.login_timeout_secs.max(1))
     }
 
+    /// The IP address callers reach this instance's relay at, as other instances tell
+    /// them: `relay_host`, else the listen address unless it is unspecified.
+    pub fn relay_host(&self) -> Option<IpAddr> {
+        self.relay_host.or(Some(self.listen.ip()).filter(|ip| !ip.is_unspecified()))
+    }
+
     /// The commented config file `init` writes: every setting, its default and meaning.
     pub fn documented(&self) -> String {
+        let database = match &self.database {
+            Some(d) => format!("database = {}", toml::Value::from(d.as_str())),
+            None => "# database = \"postgres://q2q@127.0.0.1/q2q\"".to_string(),
+        };
+        let relay_host = match &self.relay_host {
+            Some(h) => format!("relay_host = \"{h}\""),
+            None => "# relay_host = \"198.51.100.7\"".to_string(),
+        };
         let r = &self.rate_limit;
         let g = &self.registration_limit;
         let allow: Vec<String> = self.federation_allow.iter().map(|n| format!("\"{n}\"")).collect();
@@ -327,6 +351,21 @@ login_timeout_secs = {login}
 # ["198.51.100.0/24", "127.0.0.0/8"]. Default [] (public addresses only).
 federation_allow = [{allow}]
 
+# Where users, certificates, invites and the CA fingerprint live: "sqlite" (the file
+# q2q.db in the data directory; one instance per domain) or a PostgreSQL URL
+# ("postgres://user@host:port/db", or libpq's "host=/run/postgresql dbname=q2q") that
+# several instances of the domain share, each with a copy of this data directory (the CA
+# key file). Instances then also find each other's logged-in users through the database.
+# No TLS to the database: use a Unix socket or a trusted network. With a password in the
+# URL, keep this file mode 0600. `--database` overrides. Default "sqlite".
+{database}
+
+# With PostgreSQL: the IP address callers reach this instance's relay (UDP, same port as
+# `listen`) at, told them when their own instance sets up a session with a user logged in
+# here. Default: the listen address, unless it is 0.0.0.0 or ::, in which case callers
+# try their own instance's address.
+{relay_host}
+
 # Password guessing is slowed per user and per source address.
 [rate_limit]
 # Failed attempts allowed before each further attempt must wait. Default 3.
@@ -358,6 +397,8 @@ overall_every_secs = {goe}
             handshake = self.handshake_timeout_secs,
             login = self.login_timeout_secs,
             allow = allow.join(", "),
+            database = database,
+            relay_host = relay_host,
             gpb = g.per_address_burst,
             gpe = g.per_address_every_secs,
             gob = g.overall_burst,
@@ -383,6 +424,8 @@ mod tests {
                 Network::parse("198.51.100.0/24").unwrap(),
                 Network::parse("::1").unwrap(),
             ],
+            database: Some("postgres://q2q@127.0.0.1:5432/q2q".into()),
+            relay_host: Some("192.0.2.1".parse().unwrap()),
             ..Default::default()
         };
         assert_eq!(toml::from_str::<ServerConfig>(&c.documented()).unwrap(), c);

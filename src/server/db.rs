@@ -1,5 +1,6 @@
 //! The identity server's state: users, invites and every issued certificate, in an
 //! embedded SQLite database (WAL, synchronous=FULL: a committed change survives a crash).
+//! The default store; [`super::postgres`] is the one several instances share.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -11,6 +12,12 @@ pub enum DbError {
     /// SQLite failed (disk full, corrupt file, locked too long).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (unreachable, refused, a statement failed).
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The blocking task running a SQLite call failed (a panic, a poisoned lock).
+    #[error("database task failed: {0}")]
+    Task(String),
     /// The user name is taken.
     #[error("the user exists already")]
     UserExists,
@@ -70,7 +77,8 @@ pub struct UserRecord {
     pub certificates: i64,
 }
 
-/// The open database.
+/// The open SQLite database (blocking: [`super::store::Store`] runs it off the async
+/// threads).
 pub struct Db {
     conn: Connection,
 }
@@ -105,7 +113,7 @@ CREATE TABLE IF NOT EXISTS invites (
 );
 ";
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 

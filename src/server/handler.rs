@@ -36,11 +36,8 @@ fn refuse(code: &str, description: impl Into<String>) -> Refusal {
 }
 
 /// A database call whose every failure is an internal error for the client.
-async fn db<T: Send + 'static>(
-    state: &Arc<State>,
-    f: impl FnOnce(&mut super::db::Db) -> Result<T, DbError> + Send + 'static,
-) -> Result<T, Refusal> {
-    state.with_db(f).await.map_err(internal)?.map_err(internal)
+async fn db<T>(call: impl std::future::Future<Output = Result<T, DbError>>) -> Result<T, Refusal> {
+    call.await.map_err(internal)
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
@@ -283,12 +280,7 @@ impl Conn {
         let hash = self.state.hasher.hash(password).await.map_err(internal)?;
         let user = address.user.to_string();
         let invite = invite.filter(|_| self.state.config.registration == Registration::Invite);
-        match self
-            .state
-            .with_db(move |db| db.add_user(&user, &hash, invite.as_deref()))
-            .await
-            .map_err(internal)?
-        {
+        match self.state.store.add_user(&user, &hash, invite.as_deref()).await {
             Ok(()) => {
                 info!(%address, peer = %self.peer, "registered");
                 Ok(AmpBox::new())
@@ -315,7 +307,7 @@ impl Conn {
         // An unknown user and a wrong password get the same answer after the same work
         // (a dummy hash is checked), so `sign` does not tell who has an account.
         let user = address.user.to_string();
-        let hash = db(&self.state, move |db| db.password_hash(&user)).await?;
+        let hash = db(self.state.store.password_hash(&user)).await?;
         let known = hash.is_some();
         if !self.state.hasher.verify(password, hash).await.map_err(internal)? {
             self.fail(&keys);
@@ -337,7 +329,7 @@ impl Conn {
             .issue_user(&address, &csr, lifetime)
             .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
         let record = CertRecord::issued(&address, &issued.info);
-        db(&self.state, move |db| db.record_certificate(&record)).await?;
+        db(self.state.store.record_certificate(&record)).await?;
         info!(%address, serial = %issued.info.serial, peer = %self.peer, "certificate issued");
         Ok(AmpBox::new().with("certificate", issued.pem))
     }
@@ -379,7 +371,7 @@ impl Conn {
             ));
         }
         let user = caller.user.to_string();
-        if db(&self.state, move |db| db.password_hash(&user)).await?.is_none() {
+        if db(self.state.store.password_hash(&user)).await?.is_none() {
             warn!(address = %caller, peer = %self.peer, "renewal for a removed account");
             return Err(refuse(
                 code::UNKNOWN_USER,
@@ -387,7 +379,7 @@ impl Conn {
             ));
         }
         let serial = info.serial.clone();
-        match db(&self.state, move |db| db.certificate(&serial)).await? {
+        match db(self.state.store.certificate(&serial)).await? {
             None => return Err(bad(format!("{} issued no such certificate", self.state.domain))),
             Some(r) if r.revoked => {
                 return Err(bad(format!("the certificate of {caller} has been revoked")));
@@ -407,12 +399,12 @@ impl Conn {
         let record = CertRecord::issued(&caller, &issued.info);
         let since = now.saturating_sub(lifetime).as_secs() as i64;
         let previous = info.serial.clone();
-        let recorded = db(&self.state, move |db| {
-            if db.renewals_since(&record.identity, since)? >= RENEWALS_PER_LIFETIME {
-                return Ok(false);
-            }
-            db.record_renewal(&record, &previous).map(|()| true)
-        })
+        let recorded = db(self.state.store.record_renewal_limited(
+            &record,
+            &previous,
+            since,
+            RENEWALS_PER_LIFETIME,
+        ))
         .await?;
         if !recorded {
             warn!(address = %caller, peer = %self.peer, "renewal refused: rate limited");
@@ -465,7 +457,7 @@ impl Conn {
             .map_err(|e| bad(e.to_string()))?;
         if claimed.domain == self.state.domain {
             let serial = info.serial.clone();
-            let revoked = db(&self.state, move |db| db.is_revoked(&serial)).await?;
+            let revoked = db(self.state.store.is_revoked(&serial)).await?;
             if revoked {
                 return Err(bad(format!("the certificate of {claimed} has been revoked")));
             }
@@ -513,7 +505,7 @@ impl Conn {
             return Err(rate_limited(&format!("too many questions from {caller}"), wait));
         }
         let user = address.user.to_string();
-        let known = db(&self.state, move |db| db.password_hash(&user)).await?.is_some();
+        let known = db(self.state.store.password_hash(&user)).await?.is_some();
         Ok(AmpBox::new().with("exists", if known { "true" } else { "false" }))
     }
 
@@ -633,8 +625,13 @@ async fn candidates(
     admit(state, caller, &to)?;
     let theirs = b.get_str("candidates").unwrap_or("");
     crate::proto::parse_candidates(theirs).map_err(|e| refuse(code::BAD_REQUEST, e))?;
-    let listener =
-        state.presence.any(&to).ok_or_else(|| refuse(code::OFFLINE, format!("{to} is offline")))?;
+    let Some(listener) = state.presence.any(&to) else {
+        if state.cluster.is_some() {
+            let ask = super::cluster::ask_candidates(caller, &to, session, theirs, me.seen);
+            return remote(state, ask).await;
+        }
+        return Err(refuse(code::OFFLINE, format!("{to} is offline")));
+    };
     let ask = AmpBox::command(command::CANDIDATES)
         .with("from", caller.to_string())
         .with("session", session)
@@ -677,7 +674,8 @@ async fn ask_callee(
 /// (which says whether the caller is authorized and gives its candidates), and answer the
 /// caller with the callee's candidates. Both sides start probing when they get their box.
 /// Each side learns its own leg (`relay_token`, `relay_key`) and the IP address the server
-/// sees the other side's control connection come from (`peer_seen`).
+/// sees the other side's control connection come from (`peer_seen`). A callee logged in at
+/// another instance of the domain is asked through it ([`super::cluster`]).
 async fn inbound(
     state: &Arc<State>,
     caller: &Q2qAddress,
@@ -689,22 +687,64 @@ async fn inbound(
     admit(state, caller, &to)?;
     let candidates = b.get_str("candidates").unwrap_or("");
     crate::proto::parse_candidates(candidates).map_err(|e| refuse(code::BAD_REQUEST, e))?;
-    let listener = state.presence.find(&to, &service).map_err(|a| match a {
+    let listener = match state.presence.find(&to, &service) {
+        Ok(l) => l,
+        Err(Absent::Offline) if state.cluster.is_some() => {
+            return remote(
+                state,
+                super::cluster::ask_inbound(caller, &to, &service, candidates, me.seen),
+            )
+            .await;
+        }
+        Err(a) => return Err(absent(a, &to, &service)),
+    };
+    let end = End { user: caller.to_string(), conn: me.id, handle: Some(me.handle.clone()) };
+    set_up(state, caller, end, me.seen, &to, &service, listener, candidates, None).await
+}
+
+/// Why `to` cannot be asked for `service`.
+fn absent(a: Absent, to: &Q2qAddress, service: &ServiceName) -> Refusal {
+    match a {
         Absent::Offline => refuse(code::OFFLINE, format!("{to} is offline")),
         Absent::NoSuchService => {
             refuse(code::NO_SUCH_SERVICE, format!("{to} does not offer service {service}"))
         }
-    })?;
+    }
+}
+
+/// Ask the instance where the callee of `ask` is logged in (see [`super::cluster`]); its
+/// refusal passes through.
+async fn remote(state: &Arc<State>, ask: AmpBox) -> Result<AmpBox, Refusal> {
+    let Some(cluster) = &state.cluster else {
+        return Err(refuse(code::OFFLINE, "offline"));
+    };
+    cluster.ask(ask).await.map_err(|(code, description)| Refusal { code, description })
+}
+
+/// Set up a session between `caller` (its relay end `caller_end`, its control connection
+/// seen from `caller_seen`) and `to`'s `listener` on this instance: the relay legs here, the
+/// callee asked, the caller's answer returned. `relay_host` tells a caller logged in at
+/// another instance where this instance's relay is.
+#[allow(clippy::too_many_arguments)]
+async fn set_up(
+    state: &Arc<State>,
+    caller: &Q2qAddress,
+    caller_end: End,
+    caller_seen: std::net::IpAddr,
+    to: &Q2qAddress,
+    service: &ServiceName,
+    listener: Listener,
+    candidates: &str,
+    relay_host: Option<std::net::IpAddr>,
+) -> Result<AmpBox, Refusal> {
     let session: u64 = rand::random();
     let probe_key: [u8; 16] = rand::random();
     let now = Instant::now();
-    let ends = (
-        End { user: caller.to_string(), conn: me.id, handle: me.handle.clone() },
-        End { user: to.to_string(), conn: listener.conn, handle: listener.handle.clone() },
-    );
+    let callee_end =
+        End { user: to.to_string(), conn: listener.conn, handle: Some(listener.handle.clone()) };
     let (g_caller, g_callee) = state
         .relay
-        .create(ends.0, ends.1, now)
+        .create(caller_end, callee_end, now)
         .ok_or_else(|| refuse(code::RELAY_LIMIT, "too many relayed sessions for this user"))?;
     let ask = AmpBox::command(command::INBOUND)
         .with("from", caller.to_string())
@@ -715,13 +755,13 @@ async fn inbound(
         .with("relay_token", hex::encode(g_callee.token))
         .with("relay_key", g_callee.key.to_hex())
         .with("relay_port", state.udp_port.to_string())
-        .with("peer_seen", me.seen.to_string());
+        .with("peer_seen", caller_seen.to_string());
     // Refused, silent or nonsense: the legs go at once.
-    let theirs = ask_callee(&listener.handle, &to, ask)
+    let theirs = ask_callee(&listener.handle, to, ask)
         .await
         .inspect_err(|_| state.relay.remove(&g_caller.token))?;
     info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
-    Ok(AmpBox::new()
+    let mut answer = AmpBox::new()
         .with("peer", to.to_string())
         .with("candidates", theirs)
         .with("session", format!("{session:016x}"))
@@ -729,7 +769,58 @@ async fn inbound(
         .with("relay_token", hex::encode(g_caller.token))
         .with("relay_key", g_caller.key.to_hex())
         .with("relay_port", state.udp_port.to_string())
-        .with("peer_seen", listener.seen.to_string()))
+        .with("peer_seen", listener.seen.to_string());
+    if let Some(host) = relay_host {
+        answer.insert("relay_host", host.to_string());
+    }
+    Ok(answer)
+}
+
+/// What another instance of the domain asks this one for a caller logged in there
+/// ([`super::cluster`]): `inbound` for a callee logged in here (both relay legs here; the
+/// caller's reached over UDP only, at this instance's `relay_host`), or `candidates`.
+pub(super) async fn answer_remote(
+    state: &Arc<State>,
+    b: &AmpBox,
+) -> Result<AmpBox, (String, String)> {
+    let r = async {
+        let caller = Q2qAddress::parse(arg(b, "from")?)
+            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+        let to = callee_arg(state, b)?;
+        let seen: std::net::IpAddr = arg(b, "peer_seen")?
+            .parse()
+            .map_err(|_| refuse(code::BAD_REQUEST, "bad `peer_seen`"))?;
+        let candidates = b.get_str("candidates").unwrap_or("");
+        match b.get_str(amp::COMMAND).unwrap_or("") {
+            command::INBOUND => {
+                let service = service_arg(b)?;
+                let listener =
+                    state.presence.find(&to, &service).map_err(|a| absent(a, &to, &service))?;
+                let end =
+                    End { user: caller.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
+                let host = state.config.relay_host();
+                set_up(state, &caller, end, seen, &to, &service, listener, candidates, host).await
+            }
+            command::CANDIDATES => {
+                let listener = state
+                    .presence
+                    .any(&to)
+                    .ok_or_else(|| refuse(code::OFFLINE, format!("{to} is offline")))?;
+                let ask = AmpBox::command(command::CANDIDATES)
+                    .with("from", caller.to_string())
+                    .with("session", arg(b, "session")?)
+                    .with("candidates", candidates)
+                    .with("peer_seen", seen.to_string());
+                let mine = ask_callee(&listener.handle, &to, ask).await?;
+                Ok(AmpBox::new()
+                    .with("candidates", mine)
+                    .with("peer_seen", listener.seen.to_string()))
+            }
+            other => Err(refuse(code::UNHANDLED, format!("unknown command `{other}`"))),
+        }
+    }
+    .await;
+    r.map_err(|r| (r.code, r.description))
 }
 
 /// A datagram a client relays over its control connection `conn`: only for a leg that

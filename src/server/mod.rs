@@ -12,15 +12,18 @@
 
 pub mod admin;
 pub mod admission;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod db;
 pub mod federation;
 mod handler;
 pub mod password;
+pub mod postgres;
 pub mod presence;
 pub mod ratelimit;
 pub mod relay;
+pub mod store;
 
 pub use config::{Registration, ServerConfig};
 pub use datadir::{DataDir, DataDirError};
@@ -56,7 +59,9 @@ const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(400 * 86400);
 pub(crate) struct State {
     pub domain: Domain,
     pub ca: DomainCa,
-    pub db: Mutex<db::Db>,
+    pub store: store::Store,
+    /// The other instances of the domain, when the store is PostgreSQL.
+    pub cluster: Option<cluster::Cluster>,
     pub config: ServerConfig,
     pub limiter: Mutex<ratelimit::RateLimiter>,
     /// Registrations per source address and over all.
@@ -82,19 +87,6 @@ impl State {
                 let _ = handle.tell(b).await;
             }
         }
-    }
-
-    /// Run `f` on the database on the blocking pool.
-    pub async fn with_db<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut db::Db) -> Result<T, db::DbError> + Send + 'static,
-    ) -> anyhow::Result<Result<T, db::DbError>> {
-        let state = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut db = state.db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
-            Ok::<_, anyhow::Error>(f(&mut db))
-        })
-        .await?
     }
 }
 
@@ -201,15 +193,24 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     );
     // The dummy hash that answers for unknown users is made before the first is needed.
     tokio::task::spawn_blocking(password::warm_up);
+    let store = dir.store;
+    let (cluster, presence, cluster_tasks) = match store.postgres() {
+        Some(pg) => {
+            let (c, changes, tasks) = cluster::Cluster::new(pg.clone());
+            (Some(c), presence::Presence::mirrored(changes), Some(tasks))
+        }
+        None => (None, presence::Presence::default(), None),
+    };
     let state = Arc::new(State {
-        presence: presence::Presence::default(),
+        presence,
+        cluster,
+        store,
         relay: relay::Relay::new(relay::RelayLimits::default()),
         federation,
         udp: udp.clone(),
         udp_port: udp_addr.port(),
         domain: dir.domain,
         ca: dir.ca,
-        db: Mutex::new(dir.db),
         limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
         registrations: Mutex::new(registrations),
         exists_limit: Mutex::new(ratelimit::Buckets::new(EXISTS_BURST, EXISTS_PER_SEC)),
@@ -228,6 +229,9 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         (max_connections, admission),
         stopped.clone(),
     ));
+    if let Some(t) = cluster_tasks {
+        tasks.spawn(cluster::run(state.clone(), t, stopped.clone()));
+    }
     tasks.spawn(udp_loop(state.clone(), stopped));
     let state = state.clone();
     Ok(Running { tcp_addr, udp_addr, domain, state, stop, tasks })

@@ -1,5 +1,7 @@
 //! Who is online for what: the services each logged-in address listens for, and the control
-//! connection to reach it by. Presence lives exactly as long as that connection.
+//! connection to reach it by. Presence lives exactly as long as that connection. With
+//! several instances of a domain, each change is also sent, in order, to be mirrored into
+//! the shared database ([`super::cluster`]).
 
 use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::PeerHandle;
@@ -7,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::cluster::Change;
 use super::ratelimit::InboundLimiter;
 
 /// One `listen` of one connection.
@@ -34,12 +37,25 @@ pub struct Presence {
     inner: Mutex<HashMap<Q2qAddress, HashMap<ServiceName, Listener>>>,
     /// How often callers may ask for callees.
     inbound: Mutex<InboundLimiter>,
+    /// Where changes go to be mirrored for other instances, if any.
+    changes: Option<tokio::sync::mpsc::UnboundedSender<Change>>,
 }
 
 /// Most services one address may listen for.
 pub const MAX_SERVICES: usize = 256;
 
 impl Presence {
+    /// An empty registry whose changes also go to `changes` (see [`super::cluster`]).
+    pub fn mirrored(changes: tokio::sync::mpsc::UnboundedSender<Change>) -> Presence {
+        Presence { changes: Some(changes), ..Default::default() }
+    }
+
+    fn mirror(&self, change: impl FnOnce() -> Change) {
+        if let Some(tx) = &self.changes {
+            let _ = tx.send(change());
+        }
+    }
+
     /// Record that `address` listens for `service` on connection `conn` (replacing an older
     /// listen of the same service: the newest connection wins). False if over the limit.
     pub fn listen(&self, address: &Q2qAddress, service: ServiceName, listener: Listener) -> bool {
@@ -48,6 +64,12 @@ impl Presence {
         if services.len() >= MAX_SERVICES && !services.contains_key(&service) {
             return false;
         }
+        let conn = listener.conn;
+        self.mirror(|| Change::Listen {
+            address: address.to_string(),
+            service: service.to_string(),
+            conn,
+        });
         services.insert(service, listener);
         true
     }
@@ -61,6 +83,11 @@ impl Presence {
                 map.remove(address);
             }
         }
+        self.mirror(|| Change::Unlisten {
+            address: address.to_string(),
+            service: service.to_string(),
+            conn,
+        });
     }
 
     /// Forget everything connection `conn` listened for.
@@ -71,6 +98,7 @@ impl Presence {
                 !services.is_empty()
             });
         }
+        self.mirror(|| Change::Closed { conn });
     }
 
     /// The listener for `service` of `address`.

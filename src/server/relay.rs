@@ -29,7 +29,9 @@ struct Leg {
     /// The control connection it came from; the leg ends with it, and only it may use
     /// the token over TCP.
     conn: u64,
-    handle: PeerHandle,
+    /// None for an end whose control connection is at another instance of the domain:
+    /// reached over UDP only.
+    handle: Option<PeerHandle>,
     udp: Option<SocketAddr>,
     /// Counters of the verified UDP datagrams from this end.
     window: ReplayWindow,
@@ -77,14 +79,19 @@ pub struct Relay {
     pub refused: AtomicU64,
 }
 
+/// The `conn` of an end whose control connection is at another instance (connection ids
+/// start at 1): no local connection owns its leg.
+pub const REMOTE_CONN: u64 = 0;
+
 /// An end of a session to set up.
 pub struct End {
     /// The user's address.
     pub user: String,
-    /// Its control connection.
+    /// Its control connection ([`REMOTE_CONN`] for one at another instance).
     pub conn: u64,
-    /// For relaying to it over that connection.
-    pub handle: PeerHandle,
+    /// For relaying to it over that connection; None when the connection is at another
+    /// instance of the domain (the end is then reached over UDP only).
+    pub handle: Option<PeerHandle>,
 }
 
 /// What one end is given (over TLS) for its leg.
@@ -217,20 +224,22 @@ impl Relay {
         let partner = leg.partner;
         let other = legs.get_mut(&partner)?;
         self.relayed_bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
-        Some(match other.udp {
-            Some(addr) => {
+        match (other.udp, &other.handle) {
+            (Some(addr), _) => {
                 other.sent += 1;
                 let mut out = Vec::with_capacity(relay::OVERHEAD + inner.len());
                 relay::seal(&mut out, &other.key, Direction::ToClient, &partner, other.sent, inner);
-                Forward::Udp(addr, out)
+                Some(Forward::Udp(addr, out))
             }
-            None => Forward::Tcp(
-                other.handle.clone(),
+            (None, Some(handle)) => Some(Forward::Tcp(
+                handle.clone(),
                 AmpBox::command(command::RELAY)
                     .with("token", hex::encode(partner))
                     .with("data", inner),
-            ),
-        })
+            )),
+            // A remote end that has not bound its leg by UDP yet: dropped, PTCP recovers.
+            (None, None) => None,
+        }
     }
 
     /// The UDP address leg `token` is bound to, if any.
@@ -290,7 +299,7 @@ mod tests {
         let relay = Relay::new(RelayLimits::default());
         // A handle to nowhere (the other half of the pipe is dropped).
         let handle = || crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
-        let end = |user: &str, conn| End { user: user.into(), conn, handle: handle() };
+        let end = |user: &str, conn| End { user: user.into(), conn, handle: Some(handle()) };
         let (ga, gb) = relay.create(end("alice", 1), end("bob", 2), Instant::now()).unwrap();
         let a = ClientLeg::new(ga.token, ga.key.clone());
         let b = ClientLeg::new(gb.token, gb.key.clone());

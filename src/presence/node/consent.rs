@@ -279,8 +279,9 @@ pub(super) struct Setup {
 }
 
 impl Setup {
-    /// Parse an `inbound` answer (caller) or request (callee); the relay is the server at
-    /// `server` (host:port of the control connection) on `relay_port`.
+    /// Parse an `inbound` answer (caller) or request (callee); the relay is at `relay_host`
+    /// (given when the callee is logged in at another instance of the domain) or else the
+    /// server at `server` (host:port of the control connection), on `relay_port`.
     pub(super) async fn parse(b: &AmpBox, server: &str) -> Result<Setup, NodeError> {
         let bad = |what: &str| NodeError::BadAnswer(format!("`{what}` missing or malformed"));
         let session = b
@@ -307,14 +308,20 @@ impl Setup {
             .ok_or_else(|| bad("relay_port"))?;
         let candidates = proto::parse_candidates(b.get_str("candidates").unwrap_or(""))
             .map_err(NodeError::BadAnswer)?;
-        let host =
-            tokio::net::lookup_host(server).await?.next().ok_or_else(|| bad("server address"))?;
+        let host = match b.get_str("relay_host") {
+            Some(h) => h.parse::<std::net::IpAddr>().map_err(|_| bad("relay_host"))?,
+            None => tokio::net::lookup_host(server)
+                .await?
+                .next()
+                .ok_or_else(|| bad("server address"))?
+                .ip(),
+        };
         Ok(Setup {
             session,
             probe_key,
             relay_token,
             relay_key,
-            relay: SocketAddr::new(host.ip(), port),
+            relay: SocketAddr::new(host, port),
             candidates,
             peer_seen: b.get_str("peer_seen").and_then(|s| s.parse().ok()),
         })

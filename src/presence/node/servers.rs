@@ -11,7 +11,8 @@ impl Node {
     }
 
     /// Keep the home connection alive: a ping every 25 s (below common NAT TCP and UDP
-    /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s)
+    /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s),
+    /// at another instance of the domain if this one is gone ([`Node::log_in_again`]),
     /// and listen again for every service. Established sessions are untouched: they need
     /// no server once set up. This task owns the home connection: only it replaces it.
     pub(super) async fn stay_logged_in(self, owner: tokio::sync::watch::Sender<Arc<ServerConn>>) {
@@ -41,12 +42,7 @@ impl Node {
             warn!(server = %home.server, "lost the connection to the home server; logging back in");
             loop {
                 tokio::time::sleep(backoff).await;
-                // With the certificate we hold now: it may have been renewed.
-                let opts = ConnectOptions {
-                    login: Some(self.stored_identity()),
-                    ..self.inner.config.server.clone()
-                };
-                match ServerConn::connect(&self.inner.home, &self.inner.me.domain, &opts).await {
+                match self.log_in_again().await {
                     Ok(mut conn) => {
                         let incoming = conn.incoming.take();
                         let conn = Arc::new(conn);
@@ -82,6 +78,35 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A new home connection, with the certificate we hold now (it may have been renewed):
+    /// at the servers the node was given, in order (several instances of the domain may be
+    /// listed); without any, at the one the identity came from, then wherever discovery
+    /// (client config, DNS SRV targets) says the domain's servers are.
+    pub(super) async fn log_in_again(&self) -> Result<ServerConn, ClientError> {
+        let identity = self.stored_identity();
+        let given = self.inner.config.server.server.clone();
+        let places = match given {
+            Some(s) => vec![Some(s)],
+            None => identity.server.clone().into_iter().map(Some).chain([None]).collect(),
+        };
+        let mut last = None;
+        for server in places {
+            let opts = ConnectOptions {
+                server,
+                login: Some(identity.clone()),
+                ..self.inner.config.server.clone()
+            };
+            match ServerConn::connect(&self.inner.home, &self.inner.me.domain, &opts).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            domain: self.inner.me.domain.clone(),
+            tried: "nowhere".into(),
+        }))
     }
 
     /// The address the home server sees this node's UDP socket as (its NAT mapping).

@@ -1,0 +1,500 @@
+//! The identity server's state in PostgreSQL, shared by every instance of a domain
+//! (`--database postgres://…`): the same tables as [`super::db`], plus the instances alive
+//! and who is online at which instance ([`super::cluster`]).
+//!
+//! One connection for statements (reopened when it breaks); transactions hold it for their
+//! duration. The schema is made at start under an advisory lock, so instances starting
+//! together do not race. Connections are made without TLS: use a Unix socket or a trusted
+//! network (the URL's `host=/run/postgresql` form, or loopback).
+
+use super::db::{CertRecord, DbError, UserRecord, now};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use tracing::warn;
+
+/// Schema version recorded in `meta` (`schema`), for migrations to come.
+const SCHEMA_VERSION: &str = "1";
+
+/// Key of the advisory lock held while the schema is made ("q2q" in ASCII).
+const SCHEMA_LOCK: i64 = 0x0071_3271;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    not_before BIGINT NOT NULL,
+    not_after BIGINT NOT NULL,
+    issued BIGINT NOT NULL,
+    revoked BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE TABLE IF NOT EXISTS renewals (
+    serial TEXT PRIMARY KEY,
+    previous TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS renewals_identity ON renewals(identity, at);
+CREATE TABLE IF NOT EXISTS invites (
+    code TEXT PRIMARY KEY,
+    created BIGINT NOT NULL,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    relay_host TEXT,
+    relay_port INTEGER NOT NULL,
+    last_seen BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS presence (
+    address TEXT NOT NULL,
+    service TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    conn BIGINT NOT NULL,
+    PRIMARY KEY (address, service)
+);
+CREATE INDEX IF NOT EXISTS presence_instance ON presence(instance, conn);
+";
+
+/// Where another instance's listener of an address is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The instance's id (its notification channel is `q2q_<id>`).
+    pub instance: String,
+}
+
+/// The open PostgreSQL store.
+pub struct PgDb {
+    url: String,
+    client: Mutex<Client>,
+}
+
+/// Connect to `url`, driving the connection on its own task; its asynchronous messages
+/// (notifications) are dropped: [`listen`] makes the connection that receives them.
+async fn connect(url: &str) -> Result<Client, DbError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A connection that receives the notifications of `channel` (`LISTEN`), handed to `tx`
+/// in order; ends (dropping `tx`'s clone) when the connection breaks.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+    tx: tokio::sync::mpsc::Sender<tokio_postgres::Notification>,
+) -> Result<Client, DbError> {
+    use tokio_postgres::AsyncMessage;
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return warn!(error = %e, "database notification connection ended"),
+                None => return,
+            }
+        }
+    });
+    // The channel name is ours (q2q_ and hex), never a client's: safe to splice.
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    Ok(client)
+}
+
+impl PgDb {
+    /// Connect and make (or check) the schema. `url` is a libpq URL or key=value string;
+    /// it may hold a password, so it is never logged.
+    pub async fn open(url: &str) -> Result<PgDb, DbError> {
+        let mut client = connect(url).await?;
+        let tx = client.transaction().await?;
+        // Not a notice per table that exists already.
+        tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+        tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await?;
+        tx.batch_execute(SCHEMA).await?;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema', $1) ON CONFLICT (key) DO NOTHING",
+            &[&SCHEMA_VERSION],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(PgDb { url: url.to_string(), client: Mutex::new(client) })
+    }
+
+    /// The URL it was opened with (for the notification connection).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The statement connection, reopened if it broke.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, DbError> {
+        let mut c = self.client.lock().await;
+        if c.is_closed() {
+            *c = connect(&self.url).await?;
+        }
+        Ok(c)
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, DbError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO meta(key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&key, &value],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Set `key` to `value` unless it is set; the value it has afterwards.
+    pub async fn meta_or_set(&self, key: &str, value: &str) -> Result<String, DbError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&key, &value],
+        )
+        .await?;
+        Ok(c.query_one("SELECT value FROM meta WHERE key = $1", &[&key]).await?.get(0))
+    }
+
+    pub async fn user_count(&self) -> Result<i64, DbError> {
+        Ok(self.client().await?.query_one("SELECT count(*) FROM users", &[]).await?.get(0))
+    }
+
+    pub async fn add_user(
+        &self,
+        name: &str,
+        hash: &str,
+        invite: Option<&str>,
+    ) -> Result<(), DbError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        if let Some(code) = invite {
+            let n = tx
+                .execute(
+                    "UPDATE invites SET used_by = $1 WHERE code = $2 AND used_by IS NULL",
+                    &[&name, &code],
+                )
+                .await?;
+            if n != 1 {
+                return Err(DbError::BadInvite);
+            }
+        }
+        let n = tx
+            .execute(
+                "INSERT INTO users(name, password_hash, created) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &hash, &now()],
+            )
+            .await?;
+        if n != 1 {
+            return Err(DbError::UserExists);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn password_hash(&self, name: &str) -> Result<Option<String>, DbError> {
+        let c = self.client().await?;
+        let row = c.query_opt("SELECT password_hash FROM users WHERE name = $1", &[&name]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn set_password_hash(&self, name: &str, hash: &str) -> Result<(), DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute("UPDATE users SET password_hash = $2 WHERE name = $1", &[&name, &hash])
+            .await?;
+        if n == 1 { Ok(()) } else { Err(DbError::NoSuchUser) }
+    }
+
+    pub async fn remove_user(&self, name: &str, identity: &str) -> Result<(), DbError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        if tx.execute("DELETE FROM users WHERE name = $1", &[&name]).await? != 1 {
+            return Err(DbError::NoSuchUser);
+        }
+        tx.execute("UPDATE certificates SET revoked = TRUE WHERE identity = $1", &[&identity])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_users(&self, domain: &str) -> Result<Vec<UserRecord>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT u.name, u.created,
+                    (SELECT count(*) FROM certificates c WHERE c.identity = u.name || '@' || $1)
+                 FROM users u ORDER BY u.name",
+                &[&domain],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UserRecord { name: r.get(0), created: r.get(1), certificates: r.get(2) })
+            .collect())
+    }
+
+    pub async fn record_certificate(&self, c: &CertRecord) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO certificates(serial, identity, not_before, not_after, issued, revoked)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&c.serial, &c.identity, &c.not_before, &c.not_after, &now(), &c.revoked],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn certificates(&self, identity: Option<&str>) -> Result<Vec<CertRecord>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT serial, identity, not_before, not_after, revoked FROM certificates
+                 WHERE $1::TEXT IS NULL OR identity = $1 ORDER BY issued, serial",
+                &[&identity],
+            )
+            .await?;
+        Ok(rows.iter().map(cert).collect())
+    }
+
+    pub async fn certificate(&self, serial: &str) -> Result<Option<CertRecord>, DbError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT serial, identity, not_before, not_after, revoked FROM certificates
+                 WHERE serial = $1",
+                &[&serial],
+            )
+            .await?;
+        Ok(row.as_ref().map(cert))
+    }
+
+    /// Record `c`, renewed from `previous`, unless `c.identity` renewed `max` times at or
+    /// after `since` (Unix seconds): then false and nothing recorded. One transaction,
+    /// serialised per identity by an advisory lock, so instances cannot both slip under.
+    pub async fn record_renewal_limited(
+        &self,
+        c: &CertRecord,
+        previous: &str,
+        since: i64,
+        max: i64,
+    ) -> Result<bool, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.query_one("SELECT pg_advisory_xact_lock(hashtext($1))", &[&c.identity]).await?;
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM renewals WHERE identity = $1 AND at >= $2",
+                &[&c.identity, &since],
+            )
+            .await?
+            .get(0);
+        if n >= max {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO certificates(serial, identity, not_before, not_after, issued, revoked)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&c.serial, &c.identity, &c.not_before, &c.not_after, &now(), &c.revoked],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO renewals(serial, previous, identity, at) VALUES ($1, $2, $3, $4)",
+            &[&c.serial, &previous, &c.identity, &now()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn is_revoked(&self, serial: &str) -> Result<bool, DbError> {
+        let c = self.client().await?;
+        let row =
+            c.query_opt("SELECT revoked FROM certificates WHERE serial = $1", &[&serial]).await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    pub async fn revoke(&self, serial: &str) -> Result<(), DbError> {
+        let n = self
+            .client()
+            .await?
+            .execute("UPDATE certificates SET revoked = TRUE WHERE serial = $1", &[&serial])
+            .await?;
+        if n == 1 { Ok(()) } else { Err(DbError::NoSuchCertificate) }
+    }
+
+    pub async fn create_invite(&self, code: &str) -> Result<(), DbError> {
+        self.client()
+            .await?
+            .execute("INSERT INTO invites(code, created) VALUES ($1, $2)", &[&code, &now()])
+            .await?;
+        Ok(())
+    }
+
+    pub async fn invites(&self) -> Result<Vec<(String, Option<String>)>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT code, used_by FROM invites ORDER BY created, code", &[])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    // Instances and presence (super::cluster).
+
+    /// Say instance `id` is alive now, its relay at `relay_host` (None: callers use the
+    /// host of their own server) and `relay_port`; forget the presence of instances silent
+    /// for `forget_after` seconds.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        relay_host: Option<&str>,
+        relay_port: u16,
+        forget_after: i64,
+    ) -> Result<(), DbError> {
+        let c = self.client().await?;
+        let port = i32::from(relay_port);
+        let now = now();
+        c.execute(
+            "INSERT INTO instances(id, relay_host, relay_port, last_seen) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
+            &[&id, &relay_host, &port, &now],
+        )
+        .await?;
+        let dead = now - forget_after;
+        c.execute(
+            "DELETE FROM presence WHERE instance IN (SELECT id FROM instances WHERE last_seen < $1)",
+            &[&dead],
+        )
+        .await?;
+        c.execute("DELETE FROM instances WHERE last_seen < $1", &[&dead]).await?;
+        Ok(())
+    }
+
+    /// Instance `id` stops: its presence goes.
+    pub async fn instance_gone(&self, id: &str) -> Result<(), DbError> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM presence WHERE instance = $1", &[&id]).await?;
+        c.execute("DELETE FROM instances WHERE id = $1", &[&id]).await?;
+        Ok(())
+    }
+
+    /// `address` listens for `service` on connection `conn` of instance `id` (the newest
+    /// listen wins, wherever it is).
+    pub async fn presence_listen(
+        &self,
+        address: &str,
+        service: &str,
+        id: &str,
+        conn: u64,
+    ) -> Result<(), DbError> {
+        let conn = conn as i64;
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO presence(address, service, instance, conn) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (address, service)
+                 DO UPDATE SET instance = excluded.instance, conn = excluded.conn",
+                &[&address, &service, &id, &conn],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Connection `conn` of instance `id` no longer listens for `service` (None: for
+    /// anything, it closed).
+    pub async fn presence_drop(
+        &self,
+        id: &str,
+        conn: u64,
+        service: Option<(&str, &str)>,
+    ) -> Result<(), DbError> {
+        let c = self.client().await?;
+        let conn = conn as i64;
+        match service {
+            Some((address, service)) => {
+                c.execute(
+                    "DELETE FROM presence WHERE instance = $1 AND conn = $2 AND address = $3
+                     AND service = $4",
+                    &[&id, &conn, &address, &service],
+                )
+                .await?
+            }
+            None => {
+                c.execute("DELETE FROM presence WHERE instance = $1 AND conn = $2", &[&id, &conn])
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    /// Where `address` listens, at instances other than `me` seen since `alive_since`:
+    /// `Ok(None)` if nowhere; `Ok(Some((remote, has_service)))` otherwise, for `service`
+    /// (or any, if None) where it can.
+    pub async fn presence_find(
+        &self,
+        address: &str,
+        service: Option<&str>,
+        me: &str,
+        alive_since: i64,
+    ) -> Result<Option<(Remote, bool)>, DbError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT p.instance, p.service = $2 FROM presence p JOIN instances i
+                 ON i.id = p.instance
+                 WHERE p.address = $1 AND p.instance <> $3 AND i.last_seen >= $4
+                 ORDER BY (p.service = $2) DESC NULLS LAST LIMIT 1",
+                &[&address, &service, &me, &alive_since],
+            )
+            .await?;
+        Ok(rows.first().map(|r| {
+            let has: Option<bool> = r.get(1);
+            (Remote { instance: r.get(0) }, service.is_none() || has == Some(true))
+        }))
+    }
+
+    /// Send `payload` (at most 7,999 bytes) on channel `channel` (`pg_notify`).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), DbError> {
+        self.client().await?.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]).await?;
+        Ok(())
+    }
+}
+
+fn cert(r: &tokio_postgres::Row) -> CertRecord {
+    CertRecord {
+        serial: r.get(0),
+        identity: r.get(1),
+        not_before: r.get(2),
+        not_after: r.get(3),
+        revoked: r.get(4),
+    }
+}

@@ -1,0 +1,231 @@
+//! Two instances of one domain on one PostgreSQL database (issue 11): an account
+//! registered at one logs in at the other; alice logged in at instance 1 reaches bob logged
+//! in at instance 2 and back, relayed (the legs at the callee's instance); instance 1 stops
+//! and alice's node logs in at instance 2, where bob reaches it again.
+//!
+//! Needs a PostgreSQL server: `tools/lab-postgres` starts a throwaway one and runs these
+//! with `Q2Q_TEST_POSTGRES` set to a libpq key=value connection string (each test makes
+//! its own database in it). Ignored by a plain `cargo test`.
+
+mod common;
+
+use common::{PW, addr, home, loopback_config};
+use q2q::address::{Domain, ServiceName};
+use q2q::client::ConnectOptions;
+use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use q2q::server::{self, DataDir, Registration, ServerConfig, datadir};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A new empty database on the test server: its connection string.
+async fn database() -> String {
+    let base = std::env::var("Q2Q_TEST_POSTGRES").expect(
+        "Q2Q_TEST_POSTGRES is not set: run these through tools/lab-postgres, which starts \
+         a throwaway PostgreSQL",
+    );
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let name = format!("q2q_{}", hex::encode(rand::random::<[u8; 6]>()));
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    format!("{base} dbname={name}")
+}
+
+fn config(database: &str) -> ServerConfig {
+    ServerConfig { database: Some(database.to_string()), ..loopback_config(Registration::Open) }
+}
+
+/// A second instance's data directory: a copy of the first's CA files and config.
+fn copy_instance(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [datadir::CA_CERT_FILE, datadir::CA_KEY_FILE, datadir::CONFIG_FILE] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// `node` offers `echo` to `allowed`, echoing each stream.
+async fn serve_echo(node: &Node, allowed: &[&str]) -> ServiceName {
+    let echo = ServiceName::parse("echo").unwrap();
+    let policy = Policy::allow(allowed.iter().map(|a| addr(a)));
+    let mut accepted = node.listen(&echo, "echo", policy).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(a) = accepted.recv().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(a.stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    echo
+}
+
+/// `from` opens a stream to `to`'s echo and moves `len` bytes through it, checked.
+async fn echo(from: &Node, to: &str, len: usize) -> Result<(), String> {
+    let echo = ServiceName::parse("echo").unwrap();
+    let conn = from.connect(&addr(to), &echo).await.map_err(|e| e.to_string())?;
+    assert_eq!(conn.peer, addr(to));
+    let (mut r, mut w) = tokio::io::split(conn.stream);
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(len);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .map_err(|_| "echo timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    writer.await.unwrap();
+    if back != data {
+        return Err("echoed data differs".into());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn two_instances_one_database() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        q2q::cli::init_logging("info");
+    }
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
+    let domain = Domain::parse("example.com").unwrap();
+    let d1 = DataDir::init_at(&dir1, &domain, &config(&db)).await.unwrap();
+    // A second `init` on the same database is refused: it would make a second CA.
+    let again = DataDir::init_at(&tmp.path().join("three"), &domain, &config(&db)).await;
+    assert!(again.is_err(), "a second CA on one database");
+    copy_instance(&dir1, &dir2);
+    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    assert_eq!(d2.ca.fingerprint(), d1.ca.fingerprint());
+    let one = server::start(d1, config(&db)).await.unwrap();
+    let two = server::start(d2, config(&db)).await.unwrap();
+    let (p1, p2) = (one.tcp_addr.to_string(), two.tcp_addr.to_string());
+
+    // Registered at one instance, logged in at the other.
+    let (_h, home) = home();
+    let at = |s: &str| ConnectOptions { server: Some(s.to_string()), ..Default::default() };
+    q2q::client::register(&home, &addr("alice@example.com"), PW, None, false, &at(&p2))
+        .await
+        .unwrap();
+    for who in ["bob@example.com", "carol@example.com", "dave@example.com"] {
+        q2q::client::register(&home, &addr(who), PW, None, false, &at(&p1)).await.unwrap();
+    }
+    // Alice knows both instances (instance 1 first); bob only instance 2. Relayed only,
+    // so the relay across instances is what carries the streams.
+    let node_config = |servers: String| NodeConfig {
+        include_loopback: true,
+        direct: false,
+        server: ConnectOptions { server: Some(servers), ..Default::default() },
+        ..Default::default()
+    };
+    let alice =
+        Node::start(home.clone(), addr("alice@example.com"), node_config(format!("{p1},{p2}")))
+            .await
+            .unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), node_config(p2.clone())).await.unwrap();
+    let carol = Node::start(home.clone(), addr("carol@example.com"), node_config(p2.clone()))
+        .await
+        .unwrap();
+    serve_echo(&alice, &["bob@example.com", "carol@example.com", "dave@example.com"]).await;
+    serve_echo(&bob, &["alice@example.com"]).await;
+    serve_echo(&carol, &[]).await;
+    assert_eq!(one.stats().online, 1, "alice at instance 1");
+    assert_eq!(two.stats().online, 2, "bob and carol at instance 2");
+
+    // Alice (instance 1) to bob (instance 2): both legs at instance 2.
+    echo(&alice, "bob@example.com", 256 << 10).await.unwrap();
+    assert!(two.stats().relayed_bytes >= 512 << 10, "{:?}", two.stats());
+    assert_eq!(one.stats().relayed_bytes, 0, "{:?}", one.stats());
+    // A stream the other way in the same session (opened by bob).
+    echo(&bob, "alice@example.com", 256 << 10).await.unwrap();
+    assert_eq!(one.stats().relayed_bytes, 0, "{:?}", one.stats());
+    // Carol (instance 2) to alice (instance 1): a new session, its legs at instance 1.
+    echo(&carol, "alice@example.com", 256 << 10).await.unwrap();
+    assert!(one.stats().relayed_bytes >= 512 << 10, "{:?}", one.stats());
+    for node in [&alice, &bob, &carol] {
+        assert!(
+            node.status().iter().all(|s| matches!(s.path, PathKind::UdpRelay(_))),
+            "{:?}",
+            node.status()
+        );
+    }
+
+    // Instance 1 goes: alice logs in at instance 2 and is reachable again, by a peer that
+    // has no session with her yet (dave, logged in after), which instance 2 must set up.
+    one.shutdown().await;
+    let dave =
+        Node::start(home.clone(), addr("dave@example.com"), node_config(p2.clone())).await.unwrap();
+    let mut reached = Err(String::new());
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Online: listening for a service (dave does not, yet).
+        if two.stats().online < 3 {
+            continue;
+        }
+        reached = echo(&dave, "alice@example.com", 64 << 10).await;
+        if reached.is_ok() {
+            break;
+        }
+    }
+    reached.expect("dave reaches alice after instance 1 stopped");
+    assert_eq!(two.stats().online, 3, "alice, bob and carol at instance 2 now");
+    // And alice, now at instance 2, reaches a peer she had no session with.
+    serve_echo(&dave, &["alice@example.com"]).await;
+    echo(&alice, "dave@example.com", 64 << 10).await.unwrap();
+    two.shutdown().await;
+}
+
+/// The SQLite default and PostgreSQL hold the same state the same way (the store API).
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn store_operations_on_postgres() {
+    use q2q::server::db::{CertRecord, DbError};
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let domain = Domain::parse("example.com").unwrap();
+    let d = DataDir::init_at(&tmp.path().join("srv"), &domain, &config(&db)).await.unwrap();
+    let s = &d.store;
+    assert!(s.postgres().is_some());
+    s.add_user("alice", "h1", None).await.unwrap();
+    assert!(matches!(s.add_user("alice", "h2", None).await, Err(DbError::UserExists)));
+    assert_eq!(s.password_hash("alice").await.unwrap().as_deref(), Some("h1"));
+    s.create_invite("abc").await.unwrap();
+    assert!(matches!(s.add_user("bob", "h", Some("nope")).await, Err(DbError::BadInvite)));
+    s.add_user("bob", "h", Some("abc")).await.unwrap();
+    assert!(matches!(s.add_user("carol", "h", Some("abc")).await, Err(DbError::BadInvite)));
+    assert_eq!(s.password_hash("carol").await.unwrap(), None);
+    assert_eq!(s.invites().await.unwrap(), vec![("abc".into(), Some("bob".into()))]);
+    let rec = CertRecord {
+        serial: "01".into(),
+        identity: "alice@example.com".into(),
+        not_before: 1,
+        not_after: 2,
+        revoked: false,
+    };
+    s.record_certificate(&rec).await.unwrap();
+    assert_eq!(s.certificate("01").await.unwrap(), Some(rec.clone()));
+    let renewed = CertRecord { serial: "02".into(), ..rec.clone() };
+    assert!(s.record_renewal_limited(&renewed, "01", 0, 1).await.unwrap());
+    let third = CertRecord { serial: "03".into(), ..rec.clone() };
+    assert!(!s.record_renewal_limited(&third, "02", 0, 1).await.unwrap(), "over the limit");
+    assert_eq!(s.certificate("03").await.unwrap(), None);
+    assert_eq!(s.list_users("example.com").await.unwrap()[0].certificates, 2);
+    assert_eq!(s.certificates(Some("alice@example.com")).await.unwrap().len(), 2);
+    s.remove_user("alice", "alice@example.com").await.unwrap();
+    assert!(s.is_revoked("01").await.unwrap() && s.is_revoked("02").await.unwrap());
+    assert_eq!(s.user_count().await.unwrap(), 1);
+    assert!(matches!(s.revoke("99").await, Err(DbError::NoSuchCertificate)));
+    // A data directory whose CA is not the database's is refused.
+    let other = tempfile::tempdir().unwrap();
+    let o = DataDir::init(&other.path().join("x"), &domain, &Default::default()).unwrap();
+    let dir = tmp.path().join("srv");
+    std::fs::write(dir.join(datadir::CA_KEY_FILE), o.ca.key_pem()).unwrap();
+    std::fs::write(dir.join(datadir::CA_CERT_FILE), o.ca.cert_pem()).unwrap();
+    let err = DataDir::open_at(&dir, None).await.err().unwrap();
+    assert!(matches!(err, server::DataDirError::CaMismatch { .. }), "{err}");
+}
