@@ -229,3 +229,98 @@ async fn store_operations_on_postgres() {
     let err = DataDir::open_at(&dir, None).await.err().unwrap();
     assert!(matches!(err, server::DataDirError::CaMismatch { .. }), "{err}");
 }
+
+const SERVER: &str = env!("CARGO_BIN_EXE_q2q-server");
+
+/// A `q2q-server run` child on `dir`, killed (SIGKILL) when dropped; its TCP address.
+struct Instance(std::process::Child, String);
+
+impl Instance {
+    fn run(dir: &Path) -> Instance {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(SERVER)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        // "q2q-server for example.com listening on 127.0.0.1:PORT (tcp) and …"
+        let addr = line.split_whitespace().nth(5).unwrap_or_else(|| panic!("{line:?}"));
+        Instance(child, addr.to_string())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The same through the command line, with the instance killed (no clean-up of its own):
+/// `init --database`, a copied data directory, two `run`s; alice, logged in at the
+/// instance killed, moves to the other and is reached there by a new peer.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn command_line_instances_and_a_killed_one() {
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
+    let init = std::process::Command::new(SERVER)
+        .arg("--data-dir")
+        .arg(&dir1)
+        .args(["init", "--domain", "example.com", "--database", &db])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir1.join(datadir::CONFIG_FILE)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "config.toml names the database");
+    assert!(!dir1.join(datadir::DB_FILE).exists(), "no SQLite file");
+    copy_instance(&dir1, &dir2);
+    let mut one = Some(Instance::run(&dir1));
+    let two = Instance::run(&dir2);
+    let p1 = one.as_ref().unwrap().1.clone();
+    let p2 = two.1.clone();
+
+    let (_h, home) = home();
+    for (who, at) in [("alice", &p2), ("bob", &p1), ("dave", &p1)] {
+        let opts = ConnectOptions { server: Some(at.clone()), ..Default::default() };
+        q2q::client::register(&home, &addr(&format!("{who}@example.com")), PW, None, false, &opts)
+            .await
+            .unwrap();
+    }
+    let node_config = |servers: String| NodeConfig {
+        include_loopback: true,
+        direct: false,
+        server: ConnectOptions { server: Some(servers), ..Default::default() },
+        ..Default::default()
+    };
+    let alice =
+        Node::start(home.clone(), addr("alice@example.com"), node_config(format!("{p1},{p2}")))
+            .await
+            .unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), node_config(p2.clone())).await.unwrap();
+    serve_echo(&alice, &["bob@example.com", "dave@example.com"]).await;
+    echo(&bob, "alice@example.com", 64 << 10).await.unwrap();
+
+    drop(one.take()); // SIGKILL
+    let dave =
+        Node::start(home.clone(), addr("dave@example.com"), node_config(p2.clone())).await.unwrap();
+    let mut reached = Err(String::new());
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        reached = echo(&dave, "alice@example.com", 64 << 10).await;
+        if reached.is_ok() {
+            break;
+        }
+    }
+    reached.expect("dave reaches alice after her instance was killed");
+    drop(two);
+}

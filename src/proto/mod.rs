@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | `listen` | `service`, `description` | (empty); presence lasts as long as the connection |
 //! | `unlisten` | `service` | (empty) |
-//! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen` |
+//! | `inbound` | `to`, `service`, `candidates` | `peer`, `candidates`, `session`, `probe_key`, `relay_token`, `relay_key`, `relay_port`, `relay_host`?, `peer_seen` |
 //! | `relay` | `token`, `data` | none: a relayed datagram over TCP, either direction; only for a leg of this connection |
 //! | `exists` | `address` (of the server's domain) | `exists`: `true` or `false` |
 //! | `renew` | `certificate`? (PEM; default: the login certificate) | `certificate` (PEM): the same key, a fresh validity |
@@ -40,6 +40,9 @@
 //!   of the relayed session. The token names the leg and travels in clear in each relay
 //!   datagram; the key is secret, given only here (inside TLS), and authenticates the
 //!   leg's UDP datagrams both ways ([`crate::relay`]). `relay_port`: the server's UDP port.
+//!   `relay_host` (an IP address, optional): where that relay is when it is not the server
+//!   the caller is connected to (the callee is logged in at another instance of the
+//!   domain, [`crate::server::cluster`]); absent, the relay is the caller's own server.
 //! - `peer_seen`: the IP address (no port) the server sees the *other* side's control
 //!   connection come from, to check the other side's `candidates` against.
 

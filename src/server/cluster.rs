@@ -39,6 +39,8 @@ pub const ALIVE_FOR: Duration = Duration::from_secs(15);
 pub const FORGET_AFTER: Duration = Duration::from_secs(120);
 /// How long an instance waits for another's answer (the callee has 10 s to answer).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a `listen` waits for its presence to reach the database.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest notification payload PostgreSQL takes.
 const MAX_PAYLOAD: usize = 7999;
 /// Asks waiting for their answer at once; more are refused.
@@ -47,15 +49,28 @@ const MAX_WAITING: usize = 4096;
 /// A change of local presence, mirrored into the database in order.
 #[derive(Debug)]
 pub enum Change {
-    Listen { address: String, service: String, conn: u64 },
-    Unlisten { address: String, service: String, conn: u64 },
-    Closed { conn: u64 },
+    Listen {
+        address: String,
+        service: String,
+        conn: u64,
+    },
+    Unlisten {
+        address: String,
+        service: String,
+        conn: u64,
+    },
+    Closed {
+        conn: u64,
+    },
+    /// Answered once every change before it is in the database.
+    Flush(oneshot::Sender<()>),
 }
 
 /// This instance's part in the domain's cluster.
 pub struct Cluster {
     id: String,
     db: Arc<PgDb>,
+    changes: mpsc::UnboundedSender<Change>,
     waiting: mpsc::Sender<(u64, oneshot::Sender<AmpBox>)>,
 }
 
@@ -71,7 +86,17 @@ impl Cluster {
         let id = hex::encode(rand::random::<[u8; 8]>());
         let (changes_tx, changes) = mpsc::unbounded_channel();
         let (waiting_tx, waiting) = mpsc::channel(256);
-        (Cluster { id, db, waiting: waiting_tx }, changes_tx, Tasks { changes, waiting })
+        let cluster = Cluster { id, db, changes: changes_tx.clone(), waiting: waiting_tx };
+        (cluster, changes_tx, Tasks { changes, waiting })
+    }
+
+    /// Wait (at most [`FLUSH_TIMEOUT`]) until the presence changes made so far are in the
+    /// database, so other instances find them: a `listen` is answered after it.
+    pub async fn flushed(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.changes.send(Change::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, rx).await;
+        }
     }
 
     /// This instance's id.
@@ -292,6 +317,12 @@ async fn mirror(state: Arc<State>, mut changes: mpsc::UnboundedReceiver<Change>)
             c = changes.recv() => {
                 let Some(c) = c else { return };
                 let r = match &c {
+                    Change::Flush(_) => {
+                        if let Change::Flush(tx) = c {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
                     Change::Listen { address, service, conn } => {
                         db.presence_listen(address, service, id, *conn).await
                     }

@@ -522,6 +522,10 @@ impl Conn {
         if !self.state.presence.listen(&caller, service.clone(), listener) {
             return Err(refuse(code::BAD_REQUEST, "too many services"));
         }
+        // Other instances of the domain find it once it is in the database.
+        if let Some(cluster) = &self.state.cluster {
+            cluster.flushed().await;
+        }
         info!(address = %caller, %service, "listening");
         Ok(AmpBox::new())
     }
