@@ -278,6 +278,25 @@ pub async fn srv_with(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn several_instances_listed_are_tried_in_order() {
+        let domain = Domain::parse("example.com").unwrap();
+        let mut config = super::super::home::ClientConfig::default();
+        let addrs =
+            |c: Vec<Candidate>| c.into_iter().map(|c| (c.addr, c.source)).collect::<Vec<_>>();
+        let flag = locate(&domain, Some("127.0.0.1:1, 127.0.0.1:2,"), &config).await;
+        assert_eq!(
+            addrs(flag),
+            [("127.0.0.1:1".into(), "--server"), ("127.0.0.1:2".into(), "--server")]
+        );
+        config.servers.insert("example.com".into(), "127.0.0.1:3,127.0.0.1:4".into());
+        let listed = locate(&domain, None, &config).await;
+        assert_eq!(
+            addrs(listed),
+            [("127.0.0.1:3".into(), "config"), ("127.0.0.1:4".into(), "config")]
+        );
+    }
+
     #[test]
     fn the_shim_is_never_among_the_nameservers() {
         let marked = b"# q2q-tun: nameserver for *.q2q added; `q2q-tun down` restores the original\n\

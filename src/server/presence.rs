@@ -132,3 +132,33 @@ impl Presence {
         self.inner.lock().map_or((0, 0), |m| (m.len(), m.values().map(HashMap::len).sum()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn changes_are_mirrored_in_order() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let p = Presence::mirrored(tx);
+        let a = Q2qAddress::parse("alice@example.com").unwrap();
+        let s = ServiceName::parse("echo").unwrap();
+        let handle = crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
+        let l =
+            Listener { conn: 7, description: String::new(), handle, seen: [127, 0, 0, 1].into() };
+        assert!(p.listen(&a, s.clone(), l));
+        p.unlisten(&a, &s, 7);
+        p.drop_connection(7);
+        let got: Vec<String> =
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|c| format!("{c:?}")).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got[0].starts_with("Listen")
+                && got[0].contains("alice@example.com")
+                && got[0].contains("conn: 7"),
+            "{got:?}"
+        );
+        assert!(got[1].starts_with("Unlisten"), "{got:?}");
+        assert_eq!(got[2], "Closed { conn: 7 }");
+    }
+}
