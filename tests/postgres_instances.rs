@@ -220,6 +220,39 @@ async fn store_operations_on_postgres() {
     assert!(s.is_revoked("01").await.unwrap() && s.is_revoked("02").await.unwrap());
     assert_eq!(s.user_count().await.unwrap(), 1);
     assert!(matches!(s.revoke("99").await, Err(DbError::NoSuchCertificate)));
+    // Presence across instances: found at live instances other than the asker's.
+    let pg = s.postgres().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let (now, later) = (now.as_secs() as i64, now.as_secs() as i64 + 60);
+    pg.heartbeat("aa", None, 1, 120).await.unwrap();
+    pg.heartbeat("bb", Some("127.0.0.1"), 2, 120).await.unwrap();
+    pg.presence_listen("alice@example.com", "echo", "aa", 1).await.unwrap();
+    pg.presence_listen("bob@example.com", "echo", "bb", 2).await.unwrap();
+    let at = |i: &str, has| Some((server::postgres::Remote { instance: i.into() }, has));
+    let find = |a: &'static str, s: Option<&'static str>, me: &'static str, since| async move {
+        pg.presence_find(a, s, me, since).await.unwrap()
+    };
+    assert_eq!(find("alice@example.com", Some("echo"), "bb", now).await, at("aa", true));
+    assert_eq!(find("alice@example.com", Some("ssh"), "bb", now).await, at("aa", false));
+    assert_eq!(find("alice@example.com", None, "bb", now).await, at("aa", true));
+    assert_eq!(find("alice@example.com", Some("echo"), "aa", now).await, None, "not the asker");
+    assert_eq!(find("alice@example.com", Some("echo"), "bb", later).await, None, "silent");
+    // The newest listen wins, wherever it is.
+    pg.presence_listen("alice@example.com", "echo", "bb", 5).await.unwrap();
+    assert_eq!(find("alice@example.com", Some("echo"), "cc", now).await, at("bb", true));
+    pg.presence_drop("aa", 1, None).await.unwrap();
+    assert_eq!(find("alice@example.com", Some("echo"), "cc", now).await, at("bb", true));
+    // Published again after an outage: replaces the instance's rows, keeps newer ones.
+    let again = [("carol@example.com".to_string(), "echo".to_string(), 3)];
+    pg.presence_listen("dave@example.com", "echo", "aa", 4).await.unwrap();
+    pg.presence_replace("aa", &again).await.unwrap();
+    assert_eq!(find("dave@example.com", None, "cc", now).await, None);
+    assert_eq!(find("carol@example.com", None, "cc", now).await, at("aa", true));
+    pg.presence_drop("aa", 3, Some(("carol@example.com", "echo"))).await.unwrap();
+    assert_eq!(find("carol@example.com", None, "cc", now).await, None);
+    pg.instance_gone("bb").await.unwrap();
+    assert_eq!(find("alice@example.com", None, "cc", now).await, None);
+
     // A data directory whose CA is not the database's is refused.
     let other = tempfile::tempdir().unwrap();
     let o = DataDir::init(&other.path().join("x"), &domain, &Default::default()).unwrap();

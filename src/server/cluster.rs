@@ -304,6 +304,9 @@ async fn mirror(state: Arc<State>, mut changes: mpsc::UnboundedReceiver<Change>)
     let (db, id) = (&cluster.db, cluster.id.as_str());
     let relay_host = state.config.relay_host().map(|h| h.to_string());
     let mut beat = tokio::time::interval(HEARTBEAT);
+    // A change or heartbeat the database missed (it was unreachable): the whole presence
+    // is published again at the next heartbeat that gets through.
+    let mut missed = false;
     loop {
         tokio::select! {
             _ = beat.tick() => {
@@ -311,7 +314,19 @@ async fn mirror(state: Arc<State>, mut changes: mpsc::UnboundedReceiver<Change>)
                     .heartbeat(id, relay_host.as_deref(), state.udp_port, FORGET_AFTER.as_secs() as i64)
                     .await;
                 if let Err(e) = r {
+                    // Silent long enough, the others forget our presence: publish it again.
                     warn!(error = %e, "heartbeat to the database failed");
+                    missed = true;
+                    continue;
+                }
+                if missed {
+                    match db.presence_replace(id, &state.presence.snapshot()).await {
+                        Ok(()) => {
+                            info!("presence published again after a database outage");
+                            missed = false;
+                        }
+                        Err(e) => warn!(error = %e, "cannot publish presence again"),
+                    }
                 }
             }
             c = changes.recv() => {
@@ -333,6 +348,7 @@ async fn mirror(state: Arc<State>, mut changes: mpsc::UnboundedReceiver<Change>)
                 };
                 if let Err(e) = r {
                     warn!(error = %e, change = ?c, "cannot record presence in the database");
+                    missed = true;
                 }
             }
         }

@@ -428,6 +428,30 @@ impl PgDb {
         Ok(())
     }
 
+    /// Instance `id`'s presence is `listens` (address, service, connection), replacing
+    /// what the database holds for it; a listen of the same address and service at another
+    /// instance stays (it is newer).
+    pub async fn presence_replace(
+        &self,
+        id: &str,
+        listens: &[(String, String, u64)],
+    ) -> Result<(), DbError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute("DELETE FROM presence WHERE instance = $1", &[&id]).await?;
+        for (address, service, conn) in listens {
+            let conn = *conn as i64;
+            tx.execute(
+                "INSERT INTO presence(address, service, instance, conn) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (address, service) DO NOTHING",
+                &[address, service, &id, &conn],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Connection `conn` of instance `id` no longer listens for `service` (None: for
     /// anything, it closed).
     pub async fn presence_drop(

@@ -127,6 +127,18 @@ impl Presence {
         }
     }
 
+    /// Every listen now, as (address, service, connection): to publish again what the
+    /// database may have missed.
+    pub fn snapshot(&self) -> Vec<(String, String, u64)> {
+        self.inner.lock().map_or(Vec::new(), |m| {
+            m.iter()
+                .flat_map(|(a, services)| {
+                    services.iter().map(move |(s, l)| (a.to_string(), s.to_string(), l.conn))
+                })
+                .collect()
+        })
+    }
+
     /// Counts for status: (addresses online, listeners).
     pub fn counts(&self) -> (usize, usize) {
         self.inner.lock().map_or((0, 0), |m| (m.len(), m.values().map(HashMap::len).sum()))
