@@ -226,6 +226,10 @@ async fn store_operations_on_postgres() {
     let (now, later) = (now.as_secs() as i64, now.as_secs() as i64 + 60);
     pg.heartbeat("aa", None, 1, 120).await.unwrap();
     pg.heartbeat("bb", Some("127.0.0.1"), 2, 120).await.unwrap();
+    // Alive: holding its lock on its notification connection.
+    let (tx, _notes) = tokio::sync::mpsc::channel(8);
+    let aa = server::postgres::listen(pg.url(), "aa", tx.clone()).await.unwrap();
+    let bb = server::postgres::listen(pg.url(), "bb", tx).await.unwrap();
     pg.presence_listen("alice@example.com", "echo", "aa", 1).await.unwrap();
     pg.presence_listen("bob@example.com", "echo", "bb", 2).await.unwrap();
     let at = |i: &str, has| Some((server::postgres::Remote { instance: i.into() }, has));
@@ -250,8 +254,19 @@ async fn store_operations_on_postgres() {
     assert_eq!(find("carol@example.com", None, "cc", now).await, at("aa", true));
     pg.presence_drop("aa", 3, Some(("carol@example.com", "echo"))).await.unwrap();
     assert_eq!(find("carol@example.com", None, "cc", now).await, None);
+    // An instance whose connection is gone is not asked, heartbeat or not.
+    drop(bb);
+    let mut gone = false;
+    for _ in 0..50 {
+        if find("alice@example.com", None, "cc", now).await.is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a closed instance is still asked");
     pg.instance_gone("bb").await.unwrap();
-    assert_eq!(find("alice@example.com", None, "cc", now).await, None);
+    drop(aa);
 
     // A data directory whose CA is not the database's is refused.
     let other = tempfile::tempdir().unwrap();

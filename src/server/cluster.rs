@@ -10,10 +10,12 @@
 //!  answer caller ◀─ NOTIFY q2q_A ◀──── {answer, id, relay at B…} ◀──┘
 //! ```
 //!
-//! Each instance has a random id and listens on channel `q2q_<id>`. Presence is mirrored
-//! into the `presence` table in the order it changes (one writer task); an instance says
-//! it is alive every [`HEARTBEAT`] in `instances`, and rows of an instance silent for
-//! [`ALIVE_FOR`] are not used ([`FORGET_AFTER`]: deleted). A session across instances has
+//! Each instance has a random id and listens on channel `q2q_<id>`, on a connection that
+//! also holds an advisory lock named by the id: an instance is asked only while it holds
+//! it (a killed instance's connection closes and the lock goes at once). Presence is
+//! mirrored into the `presence` table in the order it changes (one writer task); an
+//! instance says it is alive every [`HEARTBEAT`] in `instances`, and rows of an instance
+//! silent for [`ALIVE_FOR`] are not used ([`FORGET_AFTER`]: deleted). A session across instances has
 //! both relay legs at the callee's instance; the caller is told its address
 //! (`relay_host`) and reaches it over UDP (relaying over the control connection needs the
 //! caller's connection at that instance, so it works only within one instance).
@@ -221,7 +223,7 @@ pub(crate) async fn run(state: Arc<State>, tasks: Tasks, mut stopped: watch::Rec
     info!(instance = %id, "sharing the domain with other instances through the database");
     'connect: loop {
         let (tx, mut notes) = mpsc::channel(256);
-        let _client = match super::postgres::listen(db.url(), &channel(&id), tx).await {
+        let _client = match super::postgres::listen(db.url(), &id, tx).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot listen for other instances; retrying");

@@ -87,11 +87,13 @@ async fn connect(url: &str) -> Result<Client, DbError> {
     Ok(client)
 }
 
-/// A connection that receives the notifications of `channel` (`LISTEN`), handed to `tx`
-/// in order; ends (dropping `tx`'s clone) when the connection breaks.
+/// The connection of instance `id` (16 hex digits) that receives its notifications
+/// (`LISTEN q2q_<id>`), handed to `tx` in order, and holds the advisory lock that says the
+/// instance is alive: the lock goes with the connection, at once when the instance dies,
+/// so no one asks a dead instance. Ends (dropping `tx`) when the connection breaks.
 pub async fn listen(
     url: &str,
-    channel: &str,
+    id: &str,
     tx: tokio::sync::mpsc::Sender<tokio_postgres::Notification>,
 ) -> Result<Client, DbError> {
     use tokio_postgres::AsyncMessage;
@@ -110,8 +112,11 @@ pub async fn listen(
             }
         }
     });
-    // The channel name is ours (q2q_ and hex), never a client's: safe to splice.
-    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    let key = u64::from_str_radix(id, 16).map_err(|_| DbError::Task(format!("bad id {id}")))?;
+    // The channel name is q2q_ and hex digits (checked above), never a client's: safe to
+    // splice.
+    client.batch_execute(&format!("LISTEN q2q_{id}")).await?;
+    client.query_one("SELECT pg_advisory_lock($1)", &[&(key as i64)]).await?;
     Ok(client)
 }
 
@@ -479,7 +484,8 @@ impl PgDb {
         Ok(())
     }
 
-    /// Where `address` listens, at instances other than `me` seen since `alive_since`:
+    /// Where `address` listens, at instances other than `me` seen since `alive_since` and
+    /// alive now (holding their lock, see [`listen`]):
     /// `Ok(None)` if nowhere; `Ok(Some((remote, has_service)))` otherwise, for `service`
     /// (or any, if None) where it can.
     pub async fn presence_find(
@@ -496,6 +502,12 @@ impl PgDb {
                 "SELECT p.instance, p.service = $2 FROM presence p JOIN instances i
                  ON i.id = p.instance
                  WHERE p.address = $1 AND p.instance <> $3 AND i.last_seen >= $4
+                 AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'
+                     AND l.granted AND l.objsubid = 1
+                     AND l.database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database())
+                     AND ((l.classid::bigint << 32) | l.objid::bigint)
+                         = ('x' || lpad(p.instance, 16, '0'))::bit(64)::bigint)
                  ORDER BY (p.service = $2) DESC NULLS LAST LIMIT 1",
                 &[&address, &service, &me, &alive_since],
             )
