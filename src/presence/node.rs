@@ -332,13 +332,7 @@ impl Node {
         let identity = current.stored.clone();
         // Log-ins after this one take the identity as it is then (renewal replaces it).
         config.server.login = Some(identity.clone());
-        // The servers given (perhaps several instances of the domain) are kept for logging
-        // back in; without any, the one the identity came from, then discovery.
-        let first = ConnectOptions {
-            server: config.server.server.clone().or_else(|| identity.server.clone()),
-            ..config.server.clone()
-        };
-        let mut home_server = ServerConn::connect(&home, &me.domain, &first).await?;
+        let mut home_server = servers::log_in(&home, &me, &config.server, identity).await?;
         let incoming = home_server.incoming.take();
         // The home connection's one owner is `stay_logged_in`; everyone else reads it.
         let (home_owner, home_server) = tokio::sync::watch::channel(Arc::new(home_server));

@@ -80,33 +80,10 @@ impl Node {
         }
     }
 
-    /// A new home connection, with the certificate we hold now (it may have been renewed):
-    /// at the servers the node was given, in order (several instances of the domain may be
-    /// listed); without any, at the one the identity came from, then wherever discovery
-    /// (client config, DNS SRV targets) says the domain's servers are.
+    /// A new home connection, with the certificate we hold now (it may have been renewed).
     pub(super) async fn log_in_again(&self) -> Result<ServerConn, ClientError> {
-        let identity = self.stored_identity();
-        let given = self.inner.config.server.server.clone();
-        let places = match given {
-            Some(s) => vec![Some(s)],
-            None => identity.server.clone().into_iter().map(Some).chain([None]).collect(),
-        };
-        let mut last = None;
-        for server in places {
-            let opts = ConnectOptions {
-                server,
-                login: Some(identity.clone()),
-                ..self.inner.config.server.clone()
-            };
-            match ServerConn::connect(&self.inner.home, &self.inner.me.domain, &opts).await {
-                Ok(c) => return Ok(c),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| ClientError::Unreachable {
-            domain: self.inner.me.domain.clone(),
-            tried: "nowhere".into(),
-        }))
+        let i = &self.inner;
+        log_in(&i.home, &i.me, &i.config.server, self.stored_identity()).await
     }
 
     /// The address the home server sees this node's UDP socket as (its NAT mapping).
@@ -310,4 +287,32 @@ impl Node {
             .await?;
         Ok(answer.get_str("exists") == Some("true"))
     }
+}
+
+/// Log in as `me` with `identity`: at the servers `opts` gives, in order (several
+/// instances of the domain may be listed); without any, at the one the identity came
+/// from, then wherever discovery (client config, DNS SRV targets) says the domain's
+/// servers are.
+pub(super) async fn log_in(
+    home: &Home,
+    me: &Q2qAddress,
+    opts: &ConnectOptions,
+    identity: Arc<StoredIdentity>,
+) -> Result<ServerConn, ClientError> {
+    let places = match &opts.server {
+        Some(s) => vec![Some(s.clone())],
+        None => identity.server.clone().into_iter().map(Some).chain([None]).collect(),
+    };
+    let mut last = None;
+    for server in places {
+        let opts = ConnectOptions { server, login: Some(identity.clone()), ..opts.clone() };
+        match ServerConn::connect(home, &me.domain, &opts).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Unreachable {
+        domain: me.domain.clone(),
+        tried: "nowhere".into(),
+    }))
 }
