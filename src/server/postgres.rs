@@ -156,7 +156,7 @@ impl PgDb {
     pub async fn meta(&self, key: &str) -> Result<Option<String>, DbError> {
         let c = self.client().await?;
         let row = c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), DbError> {
@@ -179,11 +179,11 @@ impl PgDb {
             &[&key, &value],
         )
         .await?;
-        Ok(c.query_one("SELECT value FROM meta WHERE key = $1", &[&key]).await?.get(0))
+        Ok(c.query_one("SELECT value FROM meta WHERE key = $1", &[&key]).await?.try_get(0)?)
     }
 
     pub async fn user_count(&self) -> Result<i64, DbError> {
-        Ok(self.client().await?.query_one("SELECT count(*) FROM users", &[]).await?.get(0))
+        Ok(self.client().await?.query_one("SELECT count(*) FROM users", &[]).await?.try_get(0)?)
     }
 
     pub async fn add_user(
@@ -222,7 +222,7 @@ impl PgDb {
     pub async fn password_hash(&self, name: &str) -> Result<Option<String>, DbError> {
         let c = self.client().await?;
         let row = c.query_opt("SELECT password_hash FROM users WHERE name = $1", &[&name]).await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     pub async fn set_password_hash(&self, name: &str, hash: &str) -> Result<(), DbError> {
@@ -259,8 +259,14 @@ impl PgDb {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| UserRecord { name: r.get(0), created: r.get(1), certificates: r.get(2) })
-            .collect())
+            .map(|r| {
+                Ok(UserRecord {
+                    name: r.try_get(0)?,
+                    created: r.try_get(1)?,
+                    certificates: r.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()?)
     }
 
     pub async fn record_certificate(&self, c: &CertRecord) -> Result<(), DbError> {
@@ -285,7 +291,7 @@ impl PgDb {
                 &[&identity],
             )
             .await?;
-        Ok(rows.iter().map(cert).collect())
+        Ok(rows.iter().map(cert).collect::<Result<_, _>>()?)
     }
 
     pub async fn certificate(&self, serial: &str) -> Result<Option<CertRecord>, DbError> {
@@ -298,7 +304,7 @@ impl PgDb {
                 &[&serial],
             )
             .await?;
-        Ok(row.as_ref().map(cert))
+        Ok(row.as_ref().map(cert).transpose()?)
     }
 
     /// Record `c`, renewed from `previous`, unless `c.identity` renewed `max` times at or
@@ -320,7 +326,7 @@ impl PgDb {
                 &[&c.identity, &since],
             )
             .await?
-            .get(0);
+            .try_get(0)?;
         if n >= max {
             return Ok(false);
         }
@@ -343,7 +349,7 @@ impl PgDb {
         let c = self.client().await?;
         let row =
             c.query_opt("SELECT revoked FROM certificates WHERE serial = $1", &[&serial]).await?;
-        Ok(row.is_some_and(|r| r.get(0)))
+        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(false))
     }
 
     pub async fn revoke(&self, serial: &str) -> Result<(), DbError> {
@@ -369,7 +375,10 @@ impl PgDb {
             .await?
             .query("SELECT code, used_by FROM invites ORDER BY created, code", &[])
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?)
     }
 
     // Instances and presence (super::cluster).
@@ -512,10 +521,9 @@ impl PgDb {
                 &[&address, &service, &me, &alive_since],
             )
             .await?;
-        Ok(rows.first().map(|r| {
-            let has: Option<bool> = r.get(1);
-            (Remote { instance: r.get(0) }, service.is_none() || has == Some(true))
-        }))
+        let Some(r) = rows.first() else { return Ok(None) };
+        let has: Option<bool> = r.try_get(1)?;
+        Ok(Some((Remote { instance: r.try_get(0)? }, service.is_none() || has == Some(true))))
     }
 
     /// Send `payload` (at most 7,999 bytes) on channel `channel` (`pg_notify`).
@@ -525,12 +533,13 @@ impl PgDb {
     }
 }
 
-fn cert(r: &tokio_postgres::Row) -> CertRecord {
-    CertRecord {
-        serial: r.get(0),
-        identity: r.get(1),
-        not_before: r.get(2),
-        not_after: r.get(3),
-        revoked: r.get(4),
-    }
+/// A row of `SELECT serial, identity, not_before, not_after, revoked FROM certificates`.
+fn cert(r: &tokio_postgres::Row) -> Result<CertRecord, tokio_postgres::Error> {
+    Ok(CertRecord {
+        serial: r.try_get(0)?,
+        identity: r.try_get(1)?,
+        not_before: r.try_get(2)?,
+        not_after: r.try_get(3)?,
+        revoked: r.try_get(4)?,
+    })
 }
