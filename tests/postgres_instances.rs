@@ -116,6 +116,18 @@ async fn two_instances_one_database() {
     }
     // Alice knows both instances (instance 1 first); bob only instance 2. Relayed only,
     // so the relay across instances is what carries the streams.
+    // The admin verbs of either instance see every account, wherever it registered.
+    let list = std::process::Command::new(SERVER)
+        .arg("--data-dir")
+        .arg(&dir2)
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    for who in ["alice", "bob", "dave"] {
+        assert!(listed.contains(who), "{listed}");
+    }
     let node_config = |servers: String| NodeConfig {
         include_loopback: true,
         direct: false,
@@ -342,6 +354,18 @@ async fn command_line_instances_and_a_killed_one() {
         q2q::client::register(&home, &addr(&format!("{who}@example.com")), PW, None, false, &opts)
             .await
             .unwrap();
+    }
+    // The admin verbs of either instance see every account, wherever it registered.
+    let list = std::process::Command::new(SERVER)
+        .arg("--data-dir")
+        .arg(&dir2)
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    for who in ["alice", "bob", "dave"] {
+        assert!(listed.contains(who), "{listed}");
     }
     let node_config = |servers: String| NodeConfig {
         include_loopback: true,

@@ -120,6 +120,21 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = cli.data_dir;
+    // The admin verbs work on the store config.toml names; a different --database would
+    // be silently ignored, so it is refused.
+    let admin_verb =
+        matches!(cli.command, Command::User(_) | Command::Invite(_) | Command::Cert(_));
+    if let Some(d) = cli.database.as_deref().filter(|_| admin_verb) {
+        let path = dir.join(server::datadir::CONFIG_FILE);
+        let config = ServerConfig::load(&path)?;
+        if d != config.database.as_deref().unwrap_or("sqlite") {
+            anyhow::bail!(
+                "--database (or Q2Q_DATABASE) differs from the `database` of {}; the admin \
+                 verbs use the one in config.toml",
+                path.display()
+            );
+        }
+    }
     match cli.command {
         Command::Init { domain, registration, listen } => {
             let domain = Domain::parse(&domain)?;
