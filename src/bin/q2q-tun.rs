@@ -217,7 +217,25 @@ enum Command {
     },
     /// Show each peer of the running daemon, its path (direct ip:port, UDP relay, TCP
     /// relay) and why.
-    Status,
+    Status {
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check what this network allows, asking the home server: TCP, UDP, the addresses the
+    /// server sees, whether the NAT keeps one port for every destination, the round trip
+    /// to the relay, and a verdict: "direct to most peers", "direct only to cone peers" or
+    /// "relay only". Needs no daemon and no root.
+    Netcheck {
+        /// The identity whose home server to ask (default: the only one stored).
+        #[arg(long = "as")]
+        as_address: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reach an address's `ping` service: time to connect, round trips, and the path.
     Ping {
         /// Who to ping, like bob@example.com.
@@ -295,9 +313,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{report}");
             Ok(report.verdict()?)
         }
-        Command::Status => {
-            print!("{}", daemon::status::ask(&home).await?);
+        Command::Status { json } => {
+            let status = daemon::status::ask(&home).await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
             Ok(())
+        }
+        Command::Netcheck { as_address, server, json } => {
+            netcheck(&home, parse_as(as_address.as_deref())?, &server, json).await
         }
         Command::Ping { address, count, as_address, relay_only } => {
             let to = Q2qAddress::parse(&address)?;
@@ -306,6 +332,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn netcheck(
+    home: &Home,
+    identity: Option<Q2qAddress>,
+    server: &ServerArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let opts = daemon::netcheck::Options { identity, server: server.options() };
+    let report = daemon::netcheck::check(home, &opts).await?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 /// The identity named by `--as`, parsed.

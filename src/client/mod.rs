@@ -81,26 +81,80 @@ pub async fn udp_who_am_i(
     socket: &tokio::net::UdpSocket,
     server: SocketAddr,
 ) -> std::io::Result<SocketAddr> {
-    let nonce: [u8; 8] = rand::random();
-    let request = crate::proto::whoami::request(nonce);
-    let mut buf = [0u8; 512];
-    for _ in 0..3 {
-        socket.send_to(&request, server).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
-            let (n, from) = r?;
-            if from != server {
-                continue;
-            }
-            if let Ok((got, seen)) = crate::proto::whoami::parse_reply(&buf[..n])
-                && got == nonce
-            {
-                return Ok(seen);
-            }
+    let ask = UdpWhoAmI { to: server, answer_from: server, ..UdpWhoAmI::default() };
+    Ok(ask.send(socket).await?.seen)
+}
+
+/// A UDP who-am-i question ([`crate::proto::whoami`]) as `netcheck` asks it.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpWhoAmI {
+    /// The server's UDP address asked.
+    pub to: SocketAddr,
+    /// The flags of the request.
+    pub flags: crate::proto::whoami::Flags,
+    /// The address the answer must come from (`to`, or the server's second port when the
+    /// flags ask for the answer from there); answers from elsewhere are ignored.
+    pub answer_from: SocketAddr,
+    /// Requests sent, each waiting `wait` for its answer.
+    pub tries: u32,
+    pub wait: Duration,
+}
+
+impl Default for UdpWhoAmI {
+    fn default() -> Self {
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        UdpWhoAmI {
+            to: any,
+            flags: crate::proto::whoami::Flags::default(),
+            answer_from: any,
+            tries: 3,
+            wait: Duration::from_secs(1),
         }
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no who-am-i answer from {server} over UDP"),
-    ))
+}
+
+/// What a UDP who-am-i answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpAnswer {
+    /// The address the server saw the request come from.
+    pub seen: SocketAddr,
+    /// The server's second UDP port as the reply gave it (None: not in the reply; 0: the
+    /// server has none).
+    pub second_port: Option<u16>,
+    /// From the last request sent to the answer.
+    pub rtt: Duration,
+}
+
+impl UdpWhoAmI {
+    /// Send the question from `socket` and wait for its answer.
+    ///
+    /// # Errors
+    /// `TimedOut` when no answer came from `answer_from` after every try; the socket's
+    /// own errors.
+    pub async fn send(&self, socket: &tokio::net::UdpSocket) -> std::io::Result<UdpAnswer> {
+        let nonce: [u8; 8] = rand::random();
+        let request = crate::proto::whoami::request_with(nonce, self.flags);
+        let mut buf = [0u8; 512];
+        for _ in 0..self.tries {
+            socket.send_to(&request, self.to).await?;
+            let sent = tokio::time::Instant::now();
+            let deadline = sent + self.wait;
+            while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+                let (n, from) = r?;
+                if from != self.answer_from {
+                    continue;
+                }
+                if let Ok((got, seen, second_port)) =
+                    crate::proto::whoami::parse_reply_with(&buf[..n])
+                    && got == nonce
+                {
+                    return Ok(UdpAnswer { seen, second_port, rtt: sent.elapsed() });
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no who-am-i answer from {} over UDP", self.answer_from),
+        ))
+    }
 }

@@ -16,6 +16,7 @@
 //!  doctor.rs   `doctor dns`
 //!  send.rs, receive.rs, connect.rs   one-shot verbs with a node of their own
 //!  whoami.rs   the addresses a server sees us at
+//!  netcheck.rs `netcheck`: UDP, reflexive addresses, NAT mapping and filtering, verdict
 //!  services.rs services.toml: what is exposed, to whom
 //!  forward.rs  the daemon listening for those services and forwarding their streams
 //!  tun.rs      TUN mode: device, resolver shim and the driver of apps' flows
@@ -29,6 +30,7 @@ pub mod datagram;
 pub mod doctor;
 pub mod down;
 pub mod forward;
+pub mod netcheck;
 pub mod ping;
 pub mod platform;
 pub mod receive;

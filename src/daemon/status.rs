@@ -1,6 +1,6 @@
 //! `q2q-tun status`: what the daemon answers (a box of text fields, one tab-separated line
 //! per peer session) and the table it prints as. The lab scripts read the table: its
-//! columns stay as they are.
+//! columns stay as they are. `status --json` is the same [`Status`] as JSON (serde field names).
 
 use super::{DaemonError, control, tun};
 use crate::amp::AmpBox;
@@ -18,7 +18,7 @@ pub async fn ask(home: &Home) -> Result<Status, DaemonError> {
 }
 
 /// The state of a running daemon.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Status {
     /// Who it runs as, like `alice@example.com` (None: the answer lacked it).
     pub address: Option<String>,
@@ -38,7 +38,7 @@ pub struct Status {
 }
 
 /// One peer session as `status` shows it; every stream with that person shares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PeerLine {
     /// The other person.
     pub peer: String,
@@ -199,6 +199,14 @@ mod tests {
         assert!(lines[3].starts_with("warning: "), "{printed}");
         assert!(lines[4].starts_with("peer ") && lines[4].ends_with(" why"), "{printed}");
         assert_eq!(lines[5].split_whitespace().next(), Some("alice@example.com"));
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["address"], "bob@example.com");
+        assert_eq!(j["tun"], serde_json::Value::Null);
+        assert_eq!(j["peers"][0]["path"], "direct 192.0.2.1:5000");
+        assert_eq!(
+            j["certificate"][1],
+            "warning: the certificate of bob@example.com expires in 6 days"
+        );
         assert_eq!(
             Status::from_box(&AmpBox::new()).to_string(),
             "? (UDP ?)\nno TUN device (--no-tun)\nno peers yet\n"

@@ -156,6 +156,11 @@ impl Default for RegistrationLimit {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// A second UDP port on `listen`'s address that answers only who-am-i, for
+    /// `q2q-tun netcheck` (see [`ServerConfig::second_udp`]): absent, the port after
+    /// `listen`'s (any free port when that is 0); 0, none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_udp_port: Option<u16>,
     pub registration: Registration,
     /// Lifetime of the certificates issued to users; default 30 days.
     pub cert_lifetime: Option<Lifetime>,
@@ -188,6 +193,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], crate::proto::DEFAULT_PORT)),
+            second_udp_port: None,
             registration: Registration::Open,
             cert_lifetime: None,
             cert_lifetime_days: None,
@@ -265,6 +271,18 @@ impl ServerConfig {
         }
     }
 
+    /// Where the second who-am-i socket binds, or None when it is turned off: the port
+    /// after `listen`'s unless `second_udp_port` says otherwise (port 0: any free port).
+    pub fn second_udp(&self) -> Option<SocketAddr> {
+        let port = match self.second_udp_port {
+            Some(0) => return None,
+            Some(p) => p,
+            None if self.listen.port() == 0 => 0,
+            None => self.listen.port().checked_add(1)?,
+        };
+        Some(SocketAddr::new(self.listen.ip(), port))
+    }
+
     /// How long a new connection has for its TLS handshake (at least a second).
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
@@ -305,6 +323,14 @@ impl ServerConfig {
 # Address the server listens on, for TCP (control connections, AMP over TLS 1.3) and UDP
 # (who-am-i) alike. Default "0.0.0.0:8788".
 listen = "{listen}"
+
+# A second UDP port, on the address of `listen`, that answers only who-am-i. With it
+# `q2q-tun netcheck` sees whether a client's NAT gives each destination a new port (a
+# symmetric NAT: direct paths only to peers behind friendlier NATs) and whether it lets in
+# datagrams from a port the client never sent to (RFC 5780's mapping and filtering tests,
+# with a second port instead of a second address). Open it in the firewall as you do
+# `listen`. 0 turns it off. Default: the port after listen's (8789).
+{second}
 
 # Who may register an address: "open" (anyone), "closed" (only `q2q-server user add`), or
 # "invite" (whoever holds a code from `q2q-server invite create`). Default "open".
@@ -389,6 +415,13 @@ overall_burst = {gob}
 overall_every_secs = {goe}
 "#,
             listen = self.listen,
+            second = match self.second_udp_port {
+                Some(p) => format!("second_udp_port = {p}"),
+                None => format!(
+                    "# second_udp_port = {}",
+                    self.listen.port().checked_add(1).unwrap_or(0)
+                ),
+            },
             lifetime = Lifetime(self.cert_lifetime()),
             minpw = self.min_password_len,
             maxconn = self.max_connections,
@@ -432,10 +465,28 @@ mod tests {
         assert_eq!(toml::from_str::<ServerConfig>("").unwrap(), ServerConfig::default());
         assert!(toml::from_str::<ServerConfig>("bogus = 1").is_err());
         let d = ServerConfig::default();
+        let off = ServerConfig { second_udp_port: Some(0), ..Default::default() };
+        let read = toml::from_str::<ServerConfig>(&off.documented()).unwrap();
+        assert_eq!((read.second_udp_port, read.second_udp()), (Some(0), None));
+        let read = toml::from_str::<ServerConfig>(&d.documented()).unwrap();
+        assert_eq!(read.second_udp_port, None, "the default is written commented out");
         assert_eq!(
             toml::from_str::<ServerConfig>(&d.documented()).unwrap().cert_lifetime(),
             d.cert_lifetime()
         );
+    }
+
+    #[test]
+    fn second_udp_port() {
+        let c = |t: &str| toml::from_str::<ServerConfig>(t).unwrap().second_udp();
+        assert_eq!(c(""), Some("0.0.0.0:8789".parse().unwrap()));
+        assert_eq!(c("listen = \"127.0.0.1:0\""), Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(c("second_udp_port = 0"), None);
+        assert_eq!(
+            c("listen = \"127.0.0.1:9000\"\nsecond_udp_port = 4000"),
+            Some("127.0.0.1:4000".parse().unwrap())
+        );
+        assert_eq!(c("listen = \"127.0.0.1:65535\""), None, "no port after the last");
     }
 
     #[test]

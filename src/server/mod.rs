@@ -8,6 +8,7 @@
 //!                                                             └── Federation (other domains' CAs,
 //!                                                                 public addresses only)
 //!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
+//!  UDP :8789 ── who-am-i only (the second port, for `q2q-tun netcheck`'s NAT tests)
 //! ```
 
 pub mod admin;
@@ -74,6 +75,8 @@ pub(crate) struct State {
     pub federation: federation::Federation,
     pub udp: Arc<UdpSocket>,
     pub udp_port: u16,
+    /// The second who-am-i socket ([`ServerConfig::second_udp`]), if any.
+    pub udp2: Option<Arc<UdpSocket>>,
 }
 
 impl State {
@@ -108,6 +111,8 @@ pub struct Stats {
 pub struct Running {
     pub tcp_addr: SocketAddr,
     pub udp_addr: SocketAddr,
+    /// The second UDP port, answering who-am-i only; None when turned off.
+    pub second_udp_addr: Option<SocketAddr>,
     pub domain: Domain,
     state: Arc<State>,
     stop: watch::Sender<bool>,
@@ -149,6 +154,8 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         tcp.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let udp_addr =
         udp.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let udp2 = bind_second(&config).await?;
+    let second_udp_addr = udp2.as_ref().and_then(|u| u.local_addr().ok());
 
     let server_key =
         crate::identity::generate_key().map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -209,6 +216,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         federation,
         udp: udp.clone(),
         udp_port: udp_addr.port(),
+        udp2: udp2.map(Arc::new),
         domain: dir.domain,
         ca: dir.ca,
         limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
@@ -217,7 +225,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         hasher: password::Hasher::default(),
         config,
     });
-    info!(domain = %state.domain, %tcp_addr, %udp_addr, ca = %state.ca.fingerprint(), "q2q-server listening");
+    info!(domain = %state.domain, %tcp_addr, %udp_addr, second_udp = ?second_udp_addr, ca = %state.ca.fingerprint(), "q2q-server listening");
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -232,9 +240,53 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     if let Some(t) = cluster_tasks {
         tasks.spawn(cluster::run(state.clone(), t, stopped.clone()));
     }
+    if let Some(udp2) = state.udp2.clone() {
+        tasks.spawn(second_udp_loop(udp2, stopped.clone()));
+    }
     tasks.spawn(udp_loop(state.clone(), stopped));
     let state = state.clone();
-    Ok(Running { tcp_addr, udp_addr, domain, state, stop, tasks })
+    Ok(Running { tcp_addr, udp_addr, second_udp_addr, domain, state, stop, tasks })
+}
+
+/// The second who-am-i socket: a port set in the config must bind; the default one (the
+/// port after listen's) is skipped with a warning when taken, since the server works
+/// without it (only `netcheck` learns less).
+async fn bind_second(config: &ServerConfig) -> Result<Option<UdpSocket>, ServerError> {
+    let Some(addr) = config.second_udp() else { return Ok(None) };
+    match UdpSocket::bind(addr).await {
+        Ok(u) => Ok(Some(u)),
+        Err(source) if config.second_udp_port.is_some() => Err(ServerError::Bind { addr, source }),
+        Err(e) => {
+            warn!(%addr, error = %e, "no second UDP port for netcheck (set second_udp_port)");
+            Ok(None)
+        }
+    }
+}
+
+/// Answer who-am-i on the second port, and nothing else.
+async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
+    use q2q_netstack::wire::{Kind, Prefix};
+    let own_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = stopped.changed() => break,
+            r = udp.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "udp receive failed (second port)");
+                    continue;
+                }
+            },
+        };
+        let d = &buf[..n];
+        if let Ok(Kind::WhoAmIRequest) = Prefix::parse(d).map(|p| p.kind)
+            && let Ok((nonce, flags)) = crate::proto::whoami::parse_request_with(d)
+        {
+            let second = flags.second_port.then_some(own_port);
+            let _ = udp.send_to(&crate::proto::whoami::reply_with(nonce, from, second), from).await;
+        }
+    }
 }
 
 async fn bind(listen: SocketAddr) -> Result<(TcpListener, UdpSocket), ServerError> {
@@ -322,9 +374,22 @@ async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
         };
         let d = &buf[..n];
         match Prefix::parse(d).map(|p| p.kind) {
-            Ok(Kind::WhoAmIRequest) => match crate::proto::whoami::parse_request(d) {
-                Ok(nonce) => {
-                    let _ = udp.send_to(&crate::proto::whoami::reply(nonce, from), from).await;
+            Ok(Kind::WhoAmIRequest) => match crate::proto::whoami::parse_request_with(d) {
+                Ok((nonce, flags)) => {
+                    let udp2 = state.udp2.as_ref();
+                    let second = udp2.and_then(|u| u.local_addr().ok()).map_or(0, |a| a.port());
+                    let reply = crate::proto::whoami::reply_with(
+                        nonce,
+                        from,
+                        flags.second_port.then_some(second),
+                    );
+                    // Answering from the other port tests the asker's NAT filtering (RFC
+                    // 5780 section 4.4); the reply is no bigger than the request.
+                    let out = match udp2 {
+                        Some(u) if flags.reply_from_second => u,
+                        _ => &udp,
+                    };
+                    let _ = out.send_to(&reply, from).await;
                 }
                 Err(_) => dropped += 1,
             },
