@@ -23,6 +23,7 @@ async fn registered(srv: &TestServer) -> (tempfile::TempDir, Home) {
 async fn check(h: &Home, server: Option<String>) -> netcheck::Report {
     let opts = netcheck::Options {
         identity: None,
+        port_mapping: false,
         server: ConnectOptions { server, ..Default::default() },
     };
     tokio::time::timeout(Duration::from_secs(30), netcheck::check(h, &opts))

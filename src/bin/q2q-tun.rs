@@ -85,6 +85,11 @@ struct UpArgs {
     /// Never look for direct paths: always use the server's relay.
     #[arg(long)]
     relay_only: bool,
+    /// Ask the local router for a UDP port mapping (PCP, NAT-PMP, UPnP IGD), offer it to
+    /// peers, renew it, and delete it on `down`: direct paths even behind a symmetric NAT.
+    /// Off by default: it opens a port of your router to the Internet.
+    #[arg(long, env = "Q2Q_PORT_MAPPING")]
+    port_mapping: bool,
     /// Also offer loopback addresses as candidates (peers on the same machine).
     #[arg(long)]
     loopback_candidates: bool,
@@ -235,6 +240,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also ask the local router for a port mapping (PCP, NAT-PMP, UPnP IGD) and
+        /// delete it again: which protocol it offers.
+        #[arg(long)]
+        port_mapping: bool,
     },
     /// Reach an address's `ping` service: time to connect, round trips, and the path.
     Ping {
@@ -322,8 +331,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Netcheck { as_address, server, json } => {
-            netcheck(&home, parse_as(as_address.as_deref())?, &server, json).await
+        Command::Netcheck { as_address, server, json, port_mapping } => {
+            let opts = daemon::netcheck::Options {
+                identity: parse_as(as_address.as_deref())?,
+                port_mapping,
+                server: server.options(),
+            };
+            netcheck(&home, &opts, json).await
         }
         Command::Ping { address, count, as_address, relay_only } => {
             let to = Q2qAddress::parse(&address)?;
@@ -334,14 +348,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn netcheck(
-    home: &Home,
-    identity: Option<Q2qAddress>,
-    server: &ServerArgs,
-    json: bool,
-) -> anyhow::Result<()> {
-    let opts = daemon::netcheck::Options { identity, server: server.options() };
-    let report = daemon::netcheck::check(home, &opts).await?;
+async fn netcheck(home: &Home, opts: &daemon::netcheck::Options, json: bool) -> anyhow::Result<()> {
+    let report = daemon::netcheck::check(home, opts).await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -422,6 +430,7 @@ async fn up(home: Home, a: UpArgs) -> anyhow::Result<()> {
         include_loopback: a.loopback_candidates,
         server: a.server.options(),
         direct: !a.relay_only,
+        port_mapping: a.port_mapping,
         session_idle: std::time::Duration::from_secs(a.session_idle),
         netstack: q2q_netstack::Config {
             idle_timeout: q2q_netstack::Duration::from_secs(a.peer_timeout),

@@ -51,6 +51,9 @@ pub enum NetcheckError {
 pub struct Options {
     /// The identity whose home server is asked (default: the only one stored).
     pub identity: Option<Q2qAddress>,
+    /// Also ask the local router for a port mapping (and delete it): PCP, NAT-PMP and UPnP
+    /// discovery on the local network.
+    pub port_mapping: bool,
     /// How to reach the server (`server` overrides the one stored with the identity).
     pub server: ConnectOptions,
 }
@@ -135,10 +138,14 @@ pub struct Udp {
 
 /// Port mapping on the local router (UPnP IGD, NAT-PMP, PCP).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "state", content = "detail")]
+#[serde(rename_all = "kebab-case", tag = "state")]
 pub enum PortMapping {
-    /// Not asked (this build does not ask routers for mappings yet).
+    /// Not asked (`--port-mapping` asks).
     NotChecked,
+    /// The router made a mapping (deleted again at once).
+    Available { protocol: crate::presence::portmap::Protocol, external: SocketAddr },
+    /// No protocol got a mapping; why.
+    Unavailable { reason: String },
 }
 
 /// The one-line answer.
@@ -205,8 +212,13 @@ pub struct Observations {
 }
 
 impl Observations {
-    /// The verdict: the best family decides (a peer can use whichever works).
+    /// The verdict: the best family decides (a peer can use whichever works); a port
+    /// mapping on the router makes any NAT reachable from everywhere, where UDP works.
     pub fn verdict(&self) -> Verdict {
+        let mapped = matches!(self.port_mapping, PortMapping::Available { .. });
+        if mapped && self.udp.iter().any(|u| u.reachable) {
+            return Verdict::DirectToMost;
+        }
         let of = |u: &Udp| match (u.reachable, u.mapping) {
             (false, _) => Verdict::RelayOnly,
             (true, Mapping::EndpointIndependent) => Verdict::DirectToMost,
@@ -266,9 +278,20 @@ pub async fn check(home: &Home, opts: &Options) -> Result<Report, NetcheckError>
             udp.push(check_udp(target).await?);
         }
     }
-    let observed = Observations { tcp, udp, port_mapping: PortMapping::NotChecked };
+    let port_mapping =
+        if opts.port_mapping { port_mapping().await? } else { PortMapping::NotChecked };
+    let observed = Observations { tcp, udp, port_mapping };
     let verdict = observed.verdict();
     Ok(Report { address: me.to_string(), observed, verdict, why: verdict.why() })
+}
+
+/// Ask the router for a mapping of a fresh socket's port, and delete it.
+async fn port_mapping() -> Result<PortMapping, NetcheckError> {
+    let socket = UdpSocket::bind("0.0.0.0:0").await?;
+    Ok(match crate::presence::portmap::probe(socket.local_addr()?.port()).await {
+        Ok(m) => PortMapping::Available { protocol: m.protocol, external: m.external },
+        Err(e) => PortMapping::Unavailable { reason: e.to_string() },
+    })
 }
 
 /// The UDP probes towards `server` from one fresh socket (order matters: see the module).
@@ -386,7 +409,13 @@ impl fmt::Display for Report {
             }
         }
         match port_mapping {
-            PortMapping::NotChecked => writeln!(f, "port mapping: not checked")?,
+            PortMapping::NotChecked => {
+                writeln!(f, "port mapping: not checked (--port-mapping asks the router)")?
+            }
+            PortMapping::Available { protocol, external } => {
+                writeln!(f, "port mapping: available ({protocol}), e.g. {external}")?
+            }
+            PortMapping::Unavailable { reason } => writeln!(f, "port mapping: none ({reason})")?,
         }
         writeln!(f, "verdict: {} ({})", self.verdict, self.why)
     }
@@ -440,6 +469,14 @@ mod tests {
             v(vec![udp(false, Unknown), udp(true, EndpointDependent)]),
             Verdict::DirectToConeOnly
         );
+        let mut mapped = observed(vec![udp(true, EndpointDependent)]);
+        mapped.port_mapping = PortMapping::Available {
+            protocol: crate::presence::portmap::Protocol::Pcp,
+            external: "198.51.100.2:4000".parse().unwrap(),
+        };
+        assert_eq!(mapped.verdict(), Verdict::DirectToMost, "a port mapping beats a symmetric NAT");
+        mapped.udp[0].reachable = false;
+        assert_eq!(mapped.verdict(), Verdict::RelayOnly, "but not blocked UDP");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Status {
     /// The certificate in use: when it expires and renews, and a warning when renewal is
     /// failing or expiry is near ([`crate::presence::node::CertificateStatus::describe`]).
     pub certificate: Vec<String>,
+    /// The router's port mapping for our UDP socket (`ip:port via PROTOCOL`), when `up
+    /// --port-mapping` got one.
+    pub port_mapping: Option<String>,
     /// One entry per peer session, oldest first.
     pub peers: Vec<PeerLine>,
 }
@@ -80,6 +83,7 @@ impl Status {
             tun_device: tun.map(|t| t.device.clone()),
             dns: tun.map(|t| t.dns_addr.to_string()),
             certificate: node.certificate_status().describe(now),
+            port_mapping: node.port_mapping().map(|m| format!("{} via {}", m.external, m.protocol)),
             peers,
         }
     }
@@ -101,6 +105,7 @@ impl Status {
             .with("tun_device", or_empty(&self.tun_device))
             .with("dns", or_empty(&self.dns))
             .with("certificate", self.certificate.join("\n"))
+            .with("port_mapping", or_empty(&self.port_mapping))
     }
 
     /// Read the daemon's answer; empty fields are absent, peer lines without five fields
@@ -128,6 +133,7 @@ impl Status {
             tun: field("tun"),
             tun_device: field("tun_device"),
             dns: field("dns"),
+            port_mapping: field("port_mapping"),
             certificate: b
                 .get_str("certificate")
                 .unwrap_or("")
@@ -150,6 +156,9 @@ impl fmt::Display for Status {
         }
         for line in &self.certificate {
             writeln!(f, "{line}")?;
+        }
+        if let Some(m) = &self.port_mapping {
+            writeln!(f, "port mapping {m}")?;
         }
         if self.peers.is_empty() {
             return writeln!(f, "no peers yet");
@@ -175,6 +184,7 @@ mod tests {
             tun: None,
             tun_device: None,
             dns: None,
+            port_mapping: None,
             certificate: vec![
                 "certificate bob@example.com (serial 6b68a236): expires 2026-12-30 15:22 UTC"
                     .into(),

@@ -71,15 +71,29 @@ pub fn probeable(
         .collect()
 }
 
-/// All candidates: reflexive first (works across NATs), then host ones (same LAN).
-pub fn gather(port: u16, reflexive: Option<SocketAddr>, include_loopback: bool) -> Vec<SocketAddr> {
+/// All candidates: reflexive first (works across NATs), then host ones (same LAN), then
+/// the router's port mapping (`mapped`, [`super::portmap`]; reachable from anywhere, even
+/// behind a symmetric NAT). The mapping comes last so that [`predicted`] still reads the
+/// reflexive and a host candidate first, and it is kept when host candidates are cut.
+pub fn gather(
+    port: u16,
+    reflexive: Option<SocketAddr>,
+    mapped: Option<SocketAddr>,
+    include_loopback: bool,
+) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = reflexive.into_iter().collect();
     for c in host(port, include_loopback) {
         if !out.contains(&c) {
             out.push(c);
         }
     }
-    out.truncate(crate::proto::MAX_CANDIDATES);
+    let room = crate::proto::MAX_CANDIDATES - usize::from(mapped.is_some());
+    out.truncate(room);
+    if let Some(m) = mapped
+        && !out.contains(&m)
+    {
+        out.push(m);
+    }
     out
 }
 
@@ -133,6 +147,10 @@ mod tests {
         assert!(host(9, true).iter().any(|c| c.ip().is_loopback()));
         assert!(!host(9, false).iter().any(|c| c.ip().is_loopback()));
         let r: SocketAddr = "198.51.100.2:4000".parse().unwrap();
-        assert_eq!(gather(9, Some(r), true)[0], r);
+        assert_eq!(gather(9, Some(r), None, true)[0], r);
+        let m: SocketAddr = "198.51.100.2:4001".parse().unwrap();
+        let all = gather(9, Some(r), Some(m), true);
+        assert_eq!((all[0], all.last()), (r, Some(&m)));
+        assert!(all.len() <= crate::proto::MAX_CANDIDATES);
     }
 }

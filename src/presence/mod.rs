@@ -3,6 +3,7 @@
 
 pub mod candidates;
 pub mod node;
+pub mod portmap;
 pub mod probe;
 pub mod session;
 pub mod table;

@@ -181,6 +181,10 @@ pub struct NodeConfig {
     /// A peer session with no stream for this long ends (default 60 s): a close
     /// message both sides honour. The next connection sets up a new one.
     pub session_idle: Duration,
+    /// Ask the local router for a UDP port mapping (PCP, NAT-PMP, UPnP IGD) and offer it as
+    /// a candidate ([`crate::presence::portmap`]); deleted by [`Node::leave`]. Off by
+    /// default: it talks to the router of whatever network this machine is on.
+    pub port_mapping: bool,
 }
 
 impl Default for NodeConfig {
@@ -196,6 +200,7 @@ impl Default for NodeConfig {
             direct: true,
             tcp_relay_only: false,
             session_idle: Duration::from_secs(60),
+            port_mapping: false,
         }
     }
 }
@@ -270,6 +275,8 @@ struct Inner {
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
     table: SessionTable<NodeError>,
+    /// The task that owns our port mapping, when `config.port_mapping`.
+    port_map: Option<crate::presence::portmap::Mapper>,
 }
 
 /// Datagrams of one TCP-relayed session waiting for the control connection; more are
@@ -339,7 +346,11 @@ impl Node {
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
         let (whoami_tx, whoami_rx) = mpsc::channel(64);
+        let port_map = config
+            .port_mapping
+            .then(|| crate::presence::portmap::Mapper::start(endpoint.local_addr().port()));
         let inner = Arc::new(Inner {
+            port_map,
             reflexive_cache: Default::default(),
             identity: std::sync::RwLock::new(current),
             renewal: Default::default(),
@@ -374,6 +385,16 @@ impl Node {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.endpoint.local_addr()
+    }
+
+    /// The router's port mapping for our socket, when there is one.
+    pub fn port_mapping(&self) -> Option<crate::presence::portmap::Mapped> {
+        self.inner.port_map.as_ref().and_then(|m| m.current())
+    }
+
+    /// The mapped address, as a candidate.
+    pub(super) fn mapped(&self) -> Option<SocketAddr> {
+        self.port_mapping().map(|m| m.external)
     }
 
     /// The PTCP endpoint on the node's UDP socket (counters; fault injection in tests).

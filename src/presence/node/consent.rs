@@ -147,7 +147,12 @@ impl Node {
     /// Our candidates now: the reflexive address first, then host ones.
     pub(super) async fn candidates(&self) -> Vec<SocketAddr> {
         let reflexive = self.reflexive().await;
-        candidates::gather(self.local_addr().port(), reflexive, self.inner.config.include_loopback)
+        candidates::gather(
+            self.local_addr().port(),
+            reflexive,
+            self.mapped(),
+            self.inner.config.include_loopback,
+        )
     }
 
     /// Hand a peer's fresh candidates to its session's path machine: only those at the IP
@@ -248,6 +253,7 @@ impl Node {
             candidates::gather(
                 self.local_addr().port(),
                 reflexive,
+                self.mapped(),
                 self.inner.config.include_loopback,
             )
         };

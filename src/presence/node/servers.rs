@@ -33,6 +33,9 @@ impl Node {
                     // get our fresh candidates, and we theirs.
                     if before.is_some_and(|b| b != seen) && seen.is_some() {
                         info!(?before, now = ?seen, "our public address changed: refreshing sessions");
+                        if let Some(m) = &self.inner.port_map {
+                            m.rediscover();
+                        }
                         let node = self.clone();
                         tokio::spawn(async move { node.refresh_sessions().await });
                     }

@@ -232,6 +232,7 @@ impl Node {
         let mine = candidates::gather(
             self.local_addr().port(),
             reflexive,
+            self.mapped(),
             self.inner.config.include_loopback,
         );
         let answer = server
@@ -428,6 +429,9 @@ impl Node {
     /// their streams end now and their next connection learns from the server that we
     /// are offline, instead of waiting on a silent session.
     pub async fn leave(&self) {
+        if let Some(m) = &self.inner.port_map {
+            m.stop().await;
+        }
         let sessions = self.inner.table.list().await;
         let mut told = tokio::task::JoinSet::new();
         for ps in sessions {
