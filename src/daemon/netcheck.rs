@@ -288,7 +288,8 @@ pub async fn check(home: &Home, opts: &Options) -> Result<Report, NetcheckError>
 /// Ask the router for a mapping of a fresh socket's port, and delete it.
 async fn port_mapping() -> Result<PortMapping, NetcheckError> {
     let socket = UdpSocket::bind("0.0.0.0:0").await?;
-    Ok(match crate::presence::portmap::probe(socket.local_addr()?.port()).await {
+    let port = socket.local_addr()?.port();
+    Ok(match crate::presence::portmap::probe(port, Default::default()).await {
         Ok(m) => PortMapping::Available { protocol: m.protocol, external: m.external },
         Err(e) => PortMapping::Unavailable { reason: e.to_string() },
     })

@@ -346,9 +346,12 @@ impl Node {
         let endpoint = Endpoint::bind(config.bind, EndpointConfig::default()).await?;
         let side = endpoint.take_side_channel();
         let (whoami_tx, whoami_rx) = mpsc::channel(64);
-        let port_map = config
-            .port_mapping
-            .then(|| crate::presence::portmap::Mapper::start(endpoint.local_addr().port()));
+        let port_map = config.port_mapping.then(|| {
+            crate::presence::portmap::Mapper::start(
+                endpoint.local_addr().port(),
+                Default::default(),
+            )
+        });
         let inner = Arc::new(Inner {
             port_map,
             reflexive_cache: Default::default(),

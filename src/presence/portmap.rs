@@ -35,6 +35,21 @@ const SSDP_WAIT: Duration = Duration::from_secs(2);
 /// The description UPnP routers show for our mappings.
 const DESCRIPTION: &str = "q2q";
 
+/// Where and how to ask.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The PCP/NAT-PMP server (default: the default IPv4 gateway).
+    pub gateway: Option<Ipv4Addr>,
+    /// Also try UPnP IGD (SSDP multicast on the local link) when PCP and NAT-PMP fail.
+    pub upnp: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { gateway: None, upnp: true }
+    }
+}
+
 /// Which protocol made a mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -186,9 +201,9 @@ fn local_ip_towards(gateway: Ipv4Addr) -> Option<IpAddr> {
 /// One discovery: ask the default gateway for a UDP mapping of `port` with PCP, then
 /// NAT-PMP, then UPnP IGD (SSDP on the local link). The external port asked is `port`
 /// itself; the router may give another.
-async fn discover(port: u16) -> Result<Mapping, PortMapError> {
+async fn discover(port: u16, opts: Options) -> Result<Mapping, PortMapError> {
     let internal = NonZeroU16::new(port).ok_or(PortMapError::NoPort)?;
-    let gateway = default_gateway().ok_or(PortMapError::NoGateway)?;
+    let gateway = opts.gateway.or_else(default_gateway).ok_or(PortMapError::NoGateway)?;
     let client = local_ip_towards(gateway).ok_or(PortMapError::NoGateway)?;
     let timeouts = crab_nat::TimeoutConfig {
         initial_timeout: Duration::from_millis(250),
@@ -233,6 +248,9 @@ async fn discover(port: u16) -> Result<Mapping, PortMapError> {
         Err(e) => e.to_string(),
     };
     let local = SocketAddr::new(client, port);
+    if !opts.upnp {
+        return Err(PortMapError::Unavailable { pmp, upnp: "not tried".into() });
+    }
     let upnp = match upnp(local).await {
         Ok(m) => return Ok(m),
         Err(e) => e,
@@ -261,8 +279,8 @@ async fn upnp(local: SocketAddr) -> Result<Mapping, String> {
 ///
 /// # Errors
 /// [`PortMapError::Unavailable`] with each protocol's reason, or no gateway.
-pub async fn probe(port: u16) -> Result<Mapped, PortMapError> {
-    let m = discover(port).await?;
+pub async fn probe(port: u16, opts: Options) -> Result<Mapped, PortMapError> {
+    let m = discover(port, opts).await?;
     let mapped = m.mapped();
     if let Err(e) = m.delete().await {
         warn!(error = %e, "could not delete netcheck's test mapping");
@@ -286,10 +304,10 @@ pub struct Mapper {
 
 impl Mapper {
     /// Start the task for the UDP socket on `port`: it discovers at once.
-    pub fn start(port: u16) -> Mapper {
+    pub fn start(port: u16, opts: Options) -> Mapper {
         let (tx, current) = watch::channel(None);
         let (commands, rx) = mpsc::channel(4);
-        tokio::spawn(run(port, tx, rx));
+        tokio::spawn(run(port, opts, tx, rx));
         Mapper { current, commands }
     }
 
@@ -320,10 +338,11 @@ impl Mapper {
 
 async fn run(
     port: u16,
+    opts: Options,
     current: watch::Sender<Option<Mapped>>,
     mut commands: mpsc::Receiver<Command>,
 ) {
-    let mut mapping = discovered(port, &current).await;
+    let mut mapping = discovered(port, opts, &current).await;
     loop {
         let renew_in =
             mapping.as_ref().map_or(Duration::from_secs(86400 * 365), Mapping::renew_after);
@@ -333,7 +352,7 @@ async fn run(
                     if let Some(m) = mapping.take() {
                         let _ = m.delete().await;
                     }
-                    mapping = discovered(port, &current).await;
+                    mapping = discovered(port, opts, &current).await;
                 }
                 Some(Command::Stop(done)) => {
                     if let Some(m) = mapping.take() {
@@ -362,8 +381,12 @@ async fn run(
     }
 }
 
-async fn discovered(port: u16, current: &watch::Sender<Option<Mapped>>) -> Option<Mapping> {
-    match discover(port).await {
+async fn discovered(
+    port: u16,
+    opts: Options,
+    current: &watch::Sender<Option<Mapped>>,
+) -> Option<Mapping> {
+    match discover(port, opts).await {
         Ok(m) => {
             let mapped = m.mapped();
             info!(external = %mapped.external, protocol = %mapped.protocol, "port mapping made");
