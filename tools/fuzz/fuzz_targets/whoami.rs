@@ -1,7 +1,11 @@
-//! The who-am-i reply parser: never panics.
+//! The who-am-i parsers (requests with flags, replies with a second port): never panic, and
+//! a reply that parses parses the same through the older reader.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = q2q::proto::whoami::parse_reply(data);
     let _ = q2q::proto::whoami::parse_request(data);
+    let _ = q2q::proto::whoami::parse_request_with(data);
+    if let Ok((nonce, seen, _)) = q2q::proto::whoami::parse_reply_with(data) {
+        assert_eq!(q2q::proto::whoami::parse_reply(data).ok(), Some((nonce, seen)));
+    }
 });
