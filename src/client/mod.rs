@@ -136,8 +136,10 @@ impl UdpWhoAmI {
         let request = crate::proto::whoami::request_with(nonce, self.flags);
         let mut buf = [0u8; 512];
         for _ in 0..self.tries {
-            socket.send_to(&request, self.to).await?;
+            // Timed from before the send: on a veth or loopback path the answer can be
+            // queued before send_to returns.
             let sent = tokio::time::Instant::now();
+            socket.send_to(&request, self.to).await?;
             let deadline = sent + self.wait;
             while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
                 let (n, from) = r?;
