@@ -85,6 +85,15 @@ impl Key {
     }
 }
 
+/// Equal bytes. Not constant-time: for comparing messages (tests), never to authenticate.
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.raw == other.raw
+    }
+}
+
+impl Eq for Key {}
+
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("relay::Key(..)")

@@ -75,6 +75,6 @@ async fn a_thousand_idle_connections_under_a_low_fd_limit_leave_room_for_a_clien
 
     // Meanwhile a real client registers and logs in.
     let (_d, home) = common::home();
-    let mut alice = common::login(&srv, &home, "alice@example.com").await;
-    alice.call(AmpBox::command("ping")).await.unwrap();
+    let alice = common::login(&srv, &home, "alice@example.com").await;
+    alice.call_box(AmpBox::command("ping")).await.unwrap();
 }

@@ -52,7 +52,7 @@ async fn bob_cannot_get_alices_certificate() {
     client::register(&home, &alice, PW, None, false, &srv.opts()).await.unwrap();
     client::register(&home, &bob, "bobs own password", None, false, &srv.opts()).await.unwrap();
 
-    let mut conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
+    let conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
     let key = identity::generate_key().unwrap();
     // A request that names alice, signed with bob's password: refused.
     let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
@@ -74,7 +74,7 @@ async fn wrong_password_is_refused_and_guessing_slowed() {
     let (_d, home) = common::home();
     let alice = addr("alice@example.com");
     client::register(&home, &alice, PW, None, false, &srv.opts()).await.unwrap();
-    let mut conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
+    let conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
     let csr = identity::signing_request(&identity::generate_key().unwrap()).unwrap();
     for guess in ["guess one!", "guess two!", "guess three!"] {
         let err = conn.sign(&alice, guess, &csr).await.unwrap_err();
@@ -149,24 +149,26 @@ async fn unknown_command_and_version_get_error_boxes_and_connection_survives() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
     let domain = addr("x@example.com").domain;
-    let mut conn = ServerConn::connect(&home, &domain, &srv.opts()).await.unwrap();
-    let err = conn.call(AmpBox::command("no-such-command").with("x", "1")).await.unwrap_err();
+    let conn = ServerConn::connect(&home, &domain, &srv.opts()).await.unwrap();
+    let err = conn.call_box(AmpBox::command("no-such-command").with("x", "1")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::UNHANDLED));
     assert_eq!(err.to_string(), "unknown command `no-such-command`");
-    let err = conn.call(AmpBox::command("hello").with("version", "99")).await.unwrap_err();
+    let err = conn.call_box(AmpBox::command("hello").with("version", "99")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::UNSUPPORTED_VERSION));
     assert!(err.to_string().contains("version 1, not 99"), "{err}");
     let err =
-        conn.call(AmpBox::command("identify").with("subject", "../../etc")).await.unwrap_err();
+        conn.call_box(AmpBox::command("identify").with("subject", "../../etc")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::BAD_REQUEST));
-    let err =
-        conn.call(AmpBox::command("identify").with("subject", "other.example")).await.unwrap_err();
+    let err = conn
+        .call_box(AmpBox::command("identify").with("subject", "other.example"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(code::WRONG_DOMAIN));
     // Still usable.
     let seen = conn.who_am_i().await.unwrap();
     assert!(seen.ip().is_loopback());
     assert_eq!(
-        Fingerprint::of(&conn.identify("example.com").await.unwrap()),
+        Fingerprint::of(&conn.identify(&addr("x@example.com").domain).await.unwrap()),
         Fingerprint::of(&conn.ca)
     );
 }

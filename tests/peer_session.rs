@@ -212,7 +212,7 @@ async fn fresh_candidates_reach_a_peer_in_session_and_no_one_else() {
     let carol = common::login(&srv, &home, "carol@example.com").await;
     let id = format!("{:016x}", alice.status()[0].session);
     let err = carol
-        .peer_call(
+        .call_box(
             q2q::amp::AmpBox::command(q2q::proto::command::CANDIDATES)
                 .with("to", "alice@example.com")
                 .with("session", id.as_str())
@@ -276,7 +276,7 @@ async fn a_stranger_from_their_own_domain_gets_relay_only_and_cannot_steer_probe
     .await
     .unwrap();
     let err = fake
-        .peer_call(
+        .call_box(
             q2q::amp::AmpBox::command(q2q::proto::command::CANDIDATES)
                 .with("to", "alice@example.com")
                 .with("session", format!("{:016x}", s[0].session))

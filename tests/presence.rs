@@ -31,16 +31,16 @@ async fn inbound_exchange_consent_and_relay() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
     let mut alice = login(&srv, &home, "alice@example.com").await;
-    let mut bob = login(&srv, &home, "bob@example.com").await;
+    let bob = login(&srv, &home, "bob@example.com").await;
 
     // Not logged in: refused with a reason.
-    let mut anon =
+    let anon =
         ServerConn::connect(&home, &addr("x@example.com").domain, &srv.opts()).await.unwrap();
-    let err = anon.call(AmpBox::command("listen").with("service", "echo")).await.unwrap_err();
+    let err = anon.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::NOT_LOGGED_IN));
 
     alice
-        .call(AmpBox::command("listen").with("service", "echo").with("description", "echo"))
+        .call_box(AmpBox::command("listen").with("service", "echo").with("description", "echo"))
         .await
         .unwrap();
     // Alice's side answers inbound: bob is authorized, carol is not.
@@ -54,11 +54,11 @@ async fn inbound_exchange_consent_and_relay() {
                 req.respond(Ok(AmpBox::new().with("candidates", "127.0.0.1:9,192.168.1.2:4000")))
                     .await;
             } else {
-                req.respond(Err((
-                    code::NOT_AUTHORIZED.into(),
-                    format!("{from} is not authorized"),
-                )))
-                .await;
+                let e = q2q::amp::ErrorBox {
+                    code: code::NOT_AUTHORIZED.into(),
+                    description: format!("{from} is not authorized"),
+                };
+                req.respond(Err(e)).await;
             }
             if seen.len() == 1 {
                 return seen;
@@ -73,21 +73,21 @@ async fn inbound_exchange_consent_and_relay() {
             .with("service", service)
             .with("candidates", "127.0.0.1:5555")
     };
-    let err = bob.call(ask("nobody@example.com", "echo")).await.unwrap_err();
+    let err = bob.call_box(ask("nobody@example.com", "echo")).await.unwrap_err();
     assert_eq!(
         (err.code(), err.to_string().as_str()),
         (Some(code::OFFLINE), "nobody@example.com is offline")
     );
-    let err = bob.call(ask("alice@example.com", "tcp/22")).await.unwrap_err();
+    let err = bob.call_box(ask("alice@example.com", "tcp/22")).await.unwrap_err();
     assert_eq!(err.to_string(), "alice@example.com does not offer service tcp/22");
-    let err = bob.call(ask("alice@other.example", "echo")).await.unwrap_err();
+    let err = bob.call_box(ask("alice@other.example", "echo")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::WRONG_DOMAIN));
 
-    let mut carol = login(&srv, &home, "carol@example.com").await;
-    let err = carol.call(ask("alice@example.com", "echo")).await.unwrap_err();
+    let carol = login(&srv, &home, "carol@example.com").await;
+    let err = carol.call_box(ask("alice@example.com", "echo")).await.unwrap_err();
     assert_eq!(err.code(), Some(code::NOT_AUTHORIZED), "{err}");
 
-    let answer = bob.call(ask("alice@example.com", "echo")).await.unwrap();
+    let answer = bob.call_box(ask("alice@example.com", "echo")).await.unwrap();
     assert_eq!(answer.get_str("peer"), Some("alice@example.com"));
     assert_eq!(answer.get_str("candidates"), Some("127.0.0.1:9,192.168.1.2:4000"));
     assert_eq!(answer.get_str("session").unwrap().len(), 16);
@@ -163,7 +163,7 @@ async fn relay_over_tcp_when_udp_is_blocked() {
     let (_d, home) = common::home();
     let mut alice = login(&srv, &home, "alice@example.com").await;
     let bob = login(&srv, &home, "bob@example.com").await;
-    alice.call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    alice.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
     let mut incoming = alice.incoming.take().unwrap();
     let req = tokio::spawn(async move {
         let req = incoming.recv().await.unwrap();
@@ -174,7 +174,7 @@ async fn relay_over_tcp_when_udp_is_blocked() {
         (token, relayed.request.clone())
     });
     let answer = bob
-        .peer_call(
+        .call_box(
             AmpBox::command("inbound").with("to", "alice@example.com").with("service", "echo"),
         )
         .await
@@ -183,11 +183,11 @@ async fn relay_over_tcp_when_udp_is_blocked() {
     // Another logged-in connection that learnt bob's token cannot inject with it.
     let carol = login(&srv, &home, "carol@example.com").await;
     carol
-        .peer_tell(AmpBox::command("relay").with("token", &bob_token).with("data", "injected"))
+        .tell_box(AmpBox::command("relay").with("token", &bob_token).with("data", "injected"))
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    bob.peer_tell(AmpBox::command("relay").with("token", &bob_token).with("data", "over tcp"))
+    bob.tell_box(AmpBox::command("relay").with("token", &bob_token).with("data", "over tcp"))
         .await
         .unwrap();
     let (alice_token, relayed) =
@@ -201,12 +201,14 @@ async fn presence_ends_with_the_connection() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
     let alice = login(&srv, &home, "alice@example.com").await;
-    let mut bob = login(&srv, &home, "bob@example.com").await;
-    alice.peer_call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    let bob = login(&srv, &home, "bob@example.com").await;
+    alice.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
     drop(alice);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let err = bob
-        .call(AmpBox::command("inbound").with("to", "alice@example.com").with("service", "echo"))
+        .call_box(
+            AmpBox::command("inbound").with("to", "alice@example.com").with("service", "echo"),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(code::OFFLINE));
@@ -227,7 +229,7 @@ async fn federation_caller_from_another_domain() {
 
     let (_d, home) = common::home();
     let mut bob = login(&b, &home, "bob@b.example").await;
-    bob.call(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    bob.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
     let mut incoming = bob.incoming.take().unwrap();
     let callee = tokio::spawn(async move {
         let req = incoming.recv().await.unwrap();
@@ -241,9 +243,9 @@ async fn federation_caller_from_another_domain() {
     client::register(&home, &alice_addr, PW, None, false, &a.opts()).await.unwrap();
     let id = Arc::new(home.identity(&alice_addr).unwrap());
     let opts = ConnectOptions { login: Some(id), ..b.opts() };
-    let mut alice = ServerConn::connect(&home, &addr("bob@b.example").domain, &opts).await.unwrap();
+    let alice = ServerConn::connect(&home, &addr("bob@b.example").domain, &opts).await.unwrap();
     let answer = alice
-        .call(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
+        .call_box(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
         .await
         .unwrap();
     assert_eq!(answer.get_str("peer"), Some("bob@b.example"));
@@ -257,9 +259,9 @@ async fn federation_caller_from_another_domain() {
     client::register(&home2, &mallory, PW, None, false, &rogue.opts()).await.unwrap();
     let id = Arc::new(home2.identity(&mallory).unwrap());
     let opts = ConnectOptions { login: Some(id), ..b.opts() };
-    let mut fake = ServerConn::connect(&home2, &addr("bob@b.example").domain, &opts).await.unwrap();
+    let fake = ServerConn::connect(&home2, &addr("bob@b.example").domain, &opts).await.unwrap();
     let err = fake
-        .call(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
+        .call_box(AmpBox::command("inbound").with("to", "bob@b.example").with("service", "echo"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(code::BAD_CERTIFICATE), "{err}");

@@ -111,7 +111,7 @@ async fn renews_at_two_thirds_and_the_new_certificate_is_used() {
     let opts = ConnectOptions { login: Some(id), ..srv.opts() };
     let conn = ServerConn::connect(&home, &addr("alice@example.com").domain, &opts).await.unwrap();
     let exists = conn
-        .peer_call(
+        .call_box(
             q2q::amp::AmpBox::command(q2q::proto::command::EXISTS)
                 .with("address", "bob@example.com"),
         )

@@ -42,8 +42,8 @@ fn stranger_identity(home: &Home, who: &Q2qAddress, server: &str) -> ConnectOpti
 /// Ask `srv` whether bob exists, as `who`: the server must verify `who`'s domain first.
 async fn exists_as(srv: &TestServer, home: &Home, who: &str) -> client::ClientError {
     let opts = stranger_identity(home, &addr(who), &srv.addr());
-    let mut conn = ServerConn::connect(home, &addr("bob@example.com").domain, &opts).await.unwrap();
-    conn.call(AmpBox::command("exists").with("address", "bob@example.com")).await.unwrap_err()
+    let conn = ServerConn::connect(home, &addr("bob@example.com").domain, &opts).await.unwrap();
+    conn.call_box(AmpBox::command("exists").with("address", "bob@example.com")).await.unwrap_err()
 }
 
 /// A loopback listener that counts the connections it gets (and closes them after a
@@ -148,21 +148,21 @@ async fn one_address_cannot_hold_the_server_and_strangers_do_not_stay() {
 
     // Another address is served meanwhile.
     let (_d, home) = common::home();
-    let mut alice = common::login(&srv, &home, "alice@example.com").await;
-    alice.call(AmpBox::command("ping")).await.unwrap();
+    let alice = common::login(&srv, &home, "alice@example.com").await;
+    alice.call_box(AmpBox::command("ping")).await.unwrap();
 
     // A connection that says hello but never logs in.
     let (_d2, home2) = common::home();
-    let mut stranger =
+    let stranger =
         ServerConn::connect(&home2, &addr("alice@example.com").domain, &srv.opts()).await.unwrap();
-    stranger.call(AmpBox::command("ping")).await.unwrap();
+    stranger.call_box(AmpBox::command("ping")).await.unwrap();
 
     for s in &mut held[..3] {
         assert!(closed_within(s, Duration::from_secs(4)).await, "no handshake: closed");
     }
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert!(stranger.call(AmpBox::command("ping")).await.is_err(), "never logged in: closed");
-    alice.call(AmpBox::command("ping")).await.unwrap();
+    assert!(stranger.call_box(AmpBox::command("ping")).await.is_err(), "never logged in: closed");
+    alice.call_box(AmpBox::command("ping")).await.unwrap();
 }
 
 #[tokio::test]
@@ -202,7 +202,7 @@ async fn sign_does_not_tell_who_has_an_account() {
     let alice = addr("alice@example.com");
     client::register(&home, &alice, PW, None, false, &srv.opts()).await.unwrap();
     let nobody = addr("nobody@example.com");
-    let mut conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
+    let conn = ServerConn::connect(&home, &alice.domain, &srv.opts()).await.unwrap();
     let csr = signing_request(&generate_key().unwrap()).unwrap();
     let (mut wrong, mut unknown) = (Duration::MAX, Duration::MAX);
     let mut answers = Vec::new();
@@ -248,17 +248,17 @@ async fn connect_from(
 async fn exists_is_limited_per_caller() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let mut alice = common::login(&srv, &home, "alice@example.com").await;
+    let alice = common::login(&srv, &home, "alice@example.com").await;
     let exists = || AmpBox::command("exists").with("address", "bob@example.com");
     for _ in 0..q2q::server::EXISTS_BURST {
-        alice.call(exists()).await.unwrap();
+        alice.call_box(exists()).await.unwrap();
     }
-    let err = alice.call(exists()).await.unwrap_err();
+    let err = alice.call_box(exists()).await.unwrap_err();
     assert_eq!(err.code(), Some(code::RATE_LIMITED), "{err}");
     // Another caller from another address is not slowed by alice; from hers, it is (a
     // stranger's domain has callers at will).
-    let mut bob = common::login(&srv, &home, "bob@example.com").await;
-    assert_eq!(bob.call(exists()).await.unwrap_err().code(), Some(code::RATE_LIMITED));
+    let bob = common::login(&srv, &home, "bob@example.com").await;
+    assert_eq!(bob.call_box(exists()).await.unwrap_err().code(), Some(code::RATE_LIMITED));
     let bob_id = Arc::new(home.identity(&addr("bob@example.com")).unwrap());
     let bob = connect_from("127.0.0.3", &srv, bob_id).await;
     assert_eq!(bob.call(exists()).await.unwrap().get_str("exists"), Some("true"));
@@ -270,18 +270,19 @@ async fn exists_is_limited_per_caller() {
 async fn a_long_argument_gets_a_short_error() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let mut conn =
+    let conn =
         ServerConn::connect(&home, &addr("a@example.com").domain, &srv.opts()).await.unwrap();
     let long = "x".repeat(65_000);
-    let err = conn.call(AmpBox::command(&long)).await.unwrap_err();
+    let err = conn.call_box(AmpBox::command(&long)).await.unwrap_err();
     assert_eq!(err.code(), Some(code::UNHANDLED), "{err}");
     assert!(err.to_string().len() <= 1024, "{}", err.to_string().len());
-    let err = conn.call(AmpBox::command("hello").with("version", long.as_str())).await.unwrap_err();
+    let err =
+        conn.call_box(AmpBox::command("hello").with("version", long.as_str())).await.unwrap_err();
     assert_eq!(err.code(), Some(code::UNSUPPORTED_VERSION), "{err}");
     let err =
-        conn.call(AmpBox::command("exists").with("address", long.as_str())).await.unwrap_err();
+        conn.call_box(AmpBox::command("exists").with("address", long.as_str())).await.unwrap_err();
     assert!(err.to_string().len() <= 1024);
-    conn.call(AmpBox::command("ping")).await.unwrap();
+    conn.call_box(AmpBox::command("ping")).await.unwrap();
 }
 
 /// A child process, killed on drop.
@@ -337,9 +338,9 @@ async fn a_default_server_does_not_follow_srv_to_loopback() {
         let stranger = stranger.clone();
         async move {
             let opts = stranger_identity(&home, &stranger, &server);
-            let mut conn =
+            let conn =
                 ServerConn::connect(&home, &addr("bob@example.com").domain, &opts).await.unwrap();
-            conn.call(AmpBox::command("exists").with("address", "bob@example.com"))
+            conn.call_box(AmpBox::command("exists").with("address", "bob@example.com"))
                 .await
                 .unwrap_err()
         }

@@ -169,6 +169,52 @@ impl AmpBox {
     }
 }
 
+/// The code and sentence of an error box (Twisted: `_error_code`, `_error_description`),
+/// as text: the typed codes of the q2q protocols are theirs ([`crate::proto::commands`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorBox {
+    pub code: String,
+    pub description: String,
+}
+
+/// Longest `_error_code` and `_error_description` sent: they may echo the request (a
+/// 64 KiB argument must not make an answer too long to encode).
+const MAX_ERROR_CODE: usize = 64;
+const MAX_ERROR_DESCRIPTION: usize = 1024;
+
+impl ErrorBox {
+    /// The error box answering the request tagged `tag`, the code and sentence cut (at a
+    /// character boundary, `…` marking the cut) to 64 and 1024 bytes.
+    pub fn to_box(&self, tag: &[u8]) -> AmpBox {
+        AmpBox::new()
+            .with(ERROR, tag)
+            .with(ERROR_CODE, truncate(&self.code, MAX_ERROR_CODE))
+            .with(ERROR_DESCRIPTION, truncate(&self.description, MAX_ERROR_DESCRIPTION))
+    }
+
+    /// The code and sentence of an error box (one with `_error`); a missing code reads as
+    /// `UNKNOWN`, a missing sentence as empty.
+    pub fn from_box(b: &AmpBox) -> Option<ErrorBox> {
+        b.get(ERROR)?;
+        Some(ErrorBox {
+            code: b.get_str(ERROR_CODE).unwrap_or("UNKNOWN").to_string(),
+            description: b.get_str(ERROR_DESCRIPTION).unwrap_or("").to_string(),
+        })
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, `…` marking the cut.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 fn read_u16(buf: &[u8], at: usize) -> Option<usize> {
     let b = buf.get(at..at + 2)?;
     Some(u16::from_be_bytes([b[0], b[1]]) as usize)
@@ -190,6 +236,15 @@ mod tests {
         assert_eq!(b.encode().unwrap(), TWISTED_SUM);
         let (d, n) = AmpBox::decode(TWISTED_SUM).unwrap().unwrap();
         assert_eq!((d, n), (b, TWISTED_SUM.len()));
+    }
+
+    #[test]
+    fn error_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(40_000);
+        let cut = truncate(&long, MAX_ERROR_DESCRIPTION);
+        assert!(cut.len() <= MAX_ERROR_DESCRIPTION && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(truncate("abcdef", 4), "a…");
     }
 
     #[test]

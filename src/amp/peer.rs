@@ -8,9 +8,7 @@
 //!  PeerHandle::call / Incoming::answer ─▶ writer queue (bounded) ─▶ writer task ─▶ stream
 //! ```
 
-use super::{
-    ANSWER, ASK, AmpBox, AmpReader, CallError, ERROR, ERROR_CODE, ERROR_DESCRIPTION, write_box,
-};
+use super::{ANSWER, ASK, AmpBox, AmpReader, CallError, ErrorBox, write_box};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,47 +45,28 @@ impl Incoming {
         self.request.get_str(super::COMMAND).unwrap_or("")
     }
 
-    /// Answer with `answer`, or with an error box of `code` and `description`.
-    pub async fn respond(mut self, result: Result<AmpBox, (String, String)>) {
+    /// Answer with `answer`, or with an error box.
+    pub async fn respond(mut self, result: Result<AmpBox, ErrorBox>) {
         let Some(tag) = self.tag.take() else { return };
         let reply = match result {
             Ok(mut a) => {
                 a.insert(ANSWER, &tag);
                 a
             }
-            Err((code, description)) => AmpBox::new()
-                .with(ERROR, &tag)
-                .with(ERROR_CODE, truncate(&code, MAX_ERROR_CODE))
-                .with(ERROR_DESCRIPTION, truncate(&description, MAX_ERROR_DESCRIPTION)),
+            Err(e) => e.to_box(&tag),
         };
         let _ = self.writes.send(reply).await;
     }
 }
 
-/// Longest `_error_code` and `_error_description` sent: they may echo the request (a
-/// 64 KiB argument must not make an answer too long to encode).
-const MAX_ERROR_CODE: usize = 64;
-const MAX_ERROR_DESCRIPTION: usize = 1024;
-
-/// `s` cut to at most `max` bytes at a character boundary, `…` marking the cut.
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 impl Drop for Incoming {
     fn drop(&mut self) {
         if let Some(tag) = self.tag.take() {
-            let reply = AmpBox::new()
-                .with(ERROR, &tag)
-                .with(ERROR_CODE, "UNKNOWN")
-                .with(ERROR_DESCRIPTION, "the request was not answered");
+            let reply = ErrorBox {
+                code: "UNKNOWN".into(),
+                description: "the request was not answered".into(),
+            }
+            .to_box(&tag);
             let _ = self.writes.try_send(reply);
         }
     }
@@ -127,18 +106,20 @@ where
                 Ok(None) => break CallError::Closed,
                 Err(e) => break e,
             };
-            if let Some(tag) = b.get_str(ANSWER).or_else(|| b.get_str(ERROR)).map(str::to_string) {
+            if let Some(tag) =
+                b.get_str(ANSWER).or_else(|| b.get_str(super::ERROR)).map(str::to_string)
+            {
                 let waiter = reader_pending.lock().ok().and_then(|mut p| p.remove(&tag));
                 let Some(waiter) = waiter else { continue };
-                let result = if b.get(ANSWER).is_some() {
-                    let mut b = b;
-                    b.remove(ANSWER);
-                    Ok(b)
-                } else {
-                    Err(CallError::Remote {
-                        code: b.get_str(ERROR_CODE).unwrap_or("UNKNOWN").to_string(),
-                        description: b.get_str(ERROR_DESCRIPTION).unwrap_or("").to_string(),
-                    })
+                let result = match ErrorBox::from_box(&b) {
+                    Some(ErrorBox { code, description }) if b.get(ANSWER).is_none() => {
+                        Err(CallError::Remote { code, description })
+                    }
+                    _ => {
+                        let mut b = b;
+                        b.remove(ANSWER);
+                        Ok(b)
+                    }
                 };
                 let _ = waiter.send(result);
             } else {
@@ -212,15 +193,6 @@ impl PeerHandle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn error_texts_are_cut_at_a_character_boundary() {
-        assert_eq!(truncate("short", 10), "short");
-        let long = "é".repeat(40_000);
-        let cut = truncate(&long, MAX_ERROR_DESCRIPTION);
-        assert!(cut.len() <= MAX_ERROR_DESCRIPTION && cut.ends_with('…'), "{}", cut.len());
-        assert_eq!(truncate("abcdef", 4), "a…");
-    }
-
     #[tokio::test]
     async fn both_ends_ask_and_answer_concurrently() {
         let (a, b) = tokio::io::duplex(1 << 16);
@@ -242,7 +214,8 @@ mod tests {
         tokio::spawn(async move {
             while let Some(req) = ia.recv().await {
                 if req.command() == "fail" {
-                    req.respond(Err(("NOPE".into(), "refused".into()))).await;
+                    let e = ErrorBox { code: "NOPE".into(), description: "refused".into() };
+                    req.respond(Err(e)).await;
                 } else {
                     drop(req);
                 }

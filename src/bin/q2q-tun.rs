@@ -392,8 +392,8 @@ async fn register(
 
 async fn identify(home: &Home, domain: &str, server: &ServerArgs) -> anyhow::Result<()> {
     let domain = Domain::parse(domain)?;
-    let mut conn = ServerConn::connect(home, &domain, &server.options()).await?;
-    let ca = conn.identify(domain.as_str()).await?;
+    let conn = ServerConn::connect(home, &domain, &server.options()).await?;
+    let ca = conn.identify(&domain).await?;
     outln!("{domain} CA: {}", Fingerprint::of(&ca));
     outln!("server: {}", conn.server);
     if conn.newly_pinned {

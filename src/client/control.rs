@@ -6,7 +6,10 @@ use super::home::{Home, HomeError};
 use crate::address::{Domain, Q2qAddress};
 use crate::amp::{AmpBox, CallError, Incoming, PeerHandle};
 use crate::identity::Fingerprint;
-use crate::proto::{self, command};
+use crate::proto::commands::{
+    Certificate, Hello, Identify, Register, Renew, Sign, Subject, WhoAmI,
+};
+use crate::proto::{self, Command, ErrorCode, Message};
 use crate::tls::CaPinVerifier;
 use rustls_pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
@@ -42,7 +45,7 @@ pub enum ClientError {
     Tls { addr: String, reason: String },
     /// The server refused the request; its sentence says why.
     #[error("{message}")]
-    Refused { code: String, message: String },
+    Refused { code: ErrorCode, message: String },
     /// The connection broke or the server spoke nonsense.
     #[error("talking to {domain}'s server failed: {source}")]
     Call { domain: Domain, source: CallError },
@@ -59,6 +62,11 @@ pub enum ClientError {
 impl ClientError {
     /// The server's error code, when the server refused.
     pub fn code(&self) -> Option<&str> {
+        self.error_code().map(ErrorCode::as_str)
+    }
+
+    /// The server's error code, typed, when the server refused.
+    pub fn error_code(&self) -> Option<&ErrorCode> {
         match self {
             ClientError::Refused { code, .. } => Some(code),
             _ => None,
@@ -185,7 +193,7 @@ impl ServerConn {
                 home.pin_ca(domain, &ca)?;
             }
             let (peer, incoming) = crate::amp::peer::spawn(stream);
-            let mut sc = ServerConn {
+            let sc = ServerConn {
                 peer,
                 incoming: Some(incoming),
                 domain: domain.clone(),
@@ -193,7 +201,7 @@ impl ServerConn {
                 ca,
                 newly_pinned,
             };
-            sc.call(AmpBox::command(command::HELLO).with("version", proto::VERSION)).await?;
+            sc.call(&Hello { version: proto::VERSION.to_string() }).await?;
             return Ok(sc);
         }
         Err(ClientError::Unreachable { domain: domain.clone(), tried: tried.join("; ") })
@@ -204,25 +212,34 @@ impl ServerConn {
         self.peer.clone()
     }
 
-    /// A call through a shared reference (the connection may be shared between tasks).
-    pub async fn peer_call(&self, request: AmpBox) -> Result<AmpBox, ClientError> {
-        self.call_inner(request).await
+    /// Call `cmd` (with a timeout) and decode its answer. An error box becomes
+    /// [`ClientError::Refused`], an answer that does not decode [`ClientError::BadAnswer`].
+    pub async fn call<C: Command>(&self, cmd: &C) -> Result<C::Answer, ClientError> {
+        let b = self.call_box(cmd.request()).await?;
+        C::Answer::from_box(&b).map_err(|e| ClientError::BadAnswer {
+            domain: self.domain.clone(),
+            what: e.description,
+        })
     }
 
-    /// Send a box that wants no answer (a relayed datagram).
-    pub async fn peer_tell(&self, request: AmpBox) -> Result<(), ClientError> {
+    /// Send `cmd` without waiting for an answer (a relayed datagram).
+    pub async fn tell<C: Command>(&self, cmd: &C) -> Result<(), ClientError> {
+        self.tell_box(cmd.request()).await
+    }
+
+    /// Send a box as it is, wanting no answer. For tests and tools that speak the protocol
+    /// by hand (malformed requests); the library uses [`ServerConn::tell`].
+    pub async fn tell_box(&self, request: AmpBox) -> Result<(), ClientError> {
         self.peer
             .tell(request)
             .await
             .map_err(|source| ClientError::Call { domain: self.domain.clone(), source })
     }
 
-    /// One call with a timeout; error boxes become [`ClientError::Refused`].
-    pub async fn call(&mut self, request: AmpBox) -> Result<AmpBox, ClientError> {
-        self.call_inner(request).await
-    }
-
-    async fn call_inner(&self, request: AmpBox) -> Result<AmpBox, ClientError> {
+    /// Call with a box as it is (with a timeout); error boxes become
+    /// [`ClientError::Refused`]. For tests and tools that speak the protocol by hand
+    /// (malformed requests); the library uses [`ServerConn::call`].
+    pub async fn call_box(&self, request: AmpBox) -> Result<AmpBox, ClientError> {
         match tokio::time::timeout(CALL_TIMEOUT, self.peer.call(request)).await {
             Err(_) => Err(ClientError::Timeout {
                 domain: self.domain.clone(),
@@ -230,27 +247,17 @@ impl ServerConn {
             }),
             Ok(Ok(b)) => Ok(b),
             Ok(Err(CallError::Remote { code, description })) => {
-                Err(ClientError::Refused { code, message: description })
+                Err(ClientError::Refused { code: ErrorCode::parse(&code), message: description })
             }
             Ok(Err(source)) => Err(ClientError::Call { domain: self.domain.clone(), source }),
         }
     }
 
-    fn field<'a>(&self, b: &'a AmpBox, key: &str) -> Result<&'a str, ClientError> {
-        b.get_str(key).ok_or_else(|| ClientError::BadAnswer {
-            domain: self.domain.clone(),
-            what: format!("no `{key}`"),
-        })
-    }
-
     /// The domain CA, as the server states it in `identify`.
-    pub async fn identify(
-        &mut self,
-        subject: &str,
-    ) -> Result<CertificateDer<'static>, ClientError> {
-        let b = self.call(AmpBox::command(command::IDENTIFY).with("subject", subject)).await?;
-        let pem = self.field(&b, "certificate")?;
-        crate::identity::cert_from_pem(pem).map_err(|e| ClientError::BadAnswer {
+    pub async fn identify(&self, domain: &Domain) -> Result<CertificateDer<'static>, ClientError> {
+        let Certificate { certificate } =
+            self.call(&Identify { subject: Subject::Domain(domain.clone()) }).await?;
+        crate::identity::cert_from_pem(&certificate).map_err(|e| ClientError::BadAnswer {
             domain: self.domain.clone(),
             what: e.to_string(),
         })
@@ -259,58 +266,43 @@ impl ServerConn {
     /// Create the account `address` with `password` (and an invite code, if the server
     /// takes registrations by invite).
     pub async fn register(
-        &mut self,
+        &self,
         address: &Q2qAddress,
         password: &str,
         invite: Option<&str>,
     ) -> Result<(), ClientError> {
-        let mut b = AmpBox::command(command::REGISTER)
-            .with("address", address.to_string())
-            .with("password", password);
-        if let Some(code) = invite {
-            b.insert("invite", code);
-        }
-        self.call(b).await.map(drop)
+        let cmd = Register {
+            address: address.clone(),
+            password: password.to_string(),
+            invite: invite.map(str::to_string),
+        };
+        self.call(&cmd).await.map(drop)
     }
 
     /// Have the CA sign `csr_pem` for `address`; returns the certificate PEM.
     pub async fn sign(
-        &mut self,
+        &self,
         address: &Q2qAddress,
         password: &str,
         csr_pem: &str,
     ) -> Result<String, ClientError> {
-        let b = self
-            .call(
-                AmpBox::command(command::SIGN)
-                    .with("address", address.to_string())
-                    .with("password", password)
-                    .with("certificate_request", csr_pem),
-            )
-            .await?;
-        Ok(self.field(&b, "certificate")?.to_string())
+        let cmd = Sign {
+            address: address.clone(),
+            password: password.to_string(),
+            certificate_request: csr_pem.to_string(),
+        };
+        Ok(self.call(&cmd).await?.certificate)
     }
 
     /// Renew the certificate `current_pem` (for the key this connection logged in with);
     /// returns the new certificate PEM, unchecked.
     pub async fn renew(&self, current_pem: &str) -> Result<String, ClientError> {
-        let b = self
-            .peer_call(AmpBox::command(command::RENEW).with("certificate", current_pem))
-            .await?;
-        Ok(self.field(&b, "certificate")?.to_string())
+        let cmd = Renew { certificate: Some(current_pem.to_string()) };
+        Ok(self.call(&cmd).await?.certificate)
     }
 
     /// The address the server sees this TCP connection come from.
-    pub async fn who_am_i(&mut self) -> Result<SocketAddr, ClientError> {
-        let b = self.call(AmpBox::command(command::WHO_AM_I)).await?;
-        let host = self.field(&b, "host")?;
-        let port = self.field(&b, "port")?;
-        format!("{host}:{port}")
-            .parse::<SocketAddr>()
-            .or_else(|_| format!("[{host}]:{port}").parse())
-            .map_err(|_| ClientError::BadAnswer {
-                domain: self.domain.clone(),
-                what: "who-am-i address".into(),
-            })
+    pub async fn who_am_i(&self) -> Result<SocketAddr, ClientError> {
+        Ok(self.call(&WhoAmI {}).await?.addr())
     }
 }

@@ -33,9 +33,9 @@ pub async fn register(
     existing: bool,
     opts: &ConnectOptions,
 ) -> Result<Registered, ClientError> {
-    let mut conn = ServerConn::connect(home, &address.domain, opts).await?;
+    let conn = ServerConn::connect(home, &address.domain, opts).await?;
     let bad = |what: String| ClientError::BadAnswer { domain: address.domain.clone(), what };
-    let stated = conn.identify(address.domain.as_str()).await?;
+    let stated = conn.identify(&address.domain).await?;
     if stated != conn.ca {
         return Err(bad("`identify` names a different CA than the TLS handshake".into()));
     }

@@ -1,15 +1,93 @@
 //! The control socket `$Q2Q_HOME/q2q.sock`, both ends: [`serve`] in the daemon, [`ask`] in
-//! the verbs. Requests and answers are AMP boxes; a refusal carries a code and a sentence.
+//! the verbs. Requests and answers are AMP boxes, one type per command below (encoded by
+//! [`crate::proto::commands`], like the identity server's); a refusal carries a code and a
+//! sentence.
 
 use super::status::Status;
 use super::{DaemonError, forward, ping, socket_path, tun};
 use crate::address::Q2qAddress;
-use crate::amp::{self, AmpBox};
+use crate::amp;
 use crate::client::Home;
 use crate::presence::node::Node;
+use crate::proto::commands::{
+    Command, Empty, ErrorCode, Message, Refusal, amp_command, amp_message,
+};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixStream;
+
+amp_message! {
+    /// `status`: the daemon's state.
+    pub struct StatusAsk {}
+}
+amp_command!(StatusAsk = "status", answer StatusAnswer, errors []);
+
+amp_message! {
+    /// The daemon's state as it travels: every field there, empty when absent ([`Status`]
+    /// reads it).
+    pub struct StatusAnswer {
+        pub address: Option<String>,
+        pub udp: Option<String>,
+        /// One line per peer session, its five fields separated by tabs.
+        pub peers: Option<String>,
+        pub tun: Option<String>,
+        pub tun_device: Option<String>,
+        pub dns: Option<String>,
+        /// One line per sentence.
+        pub certificate: Option<String>,
+        /// The router's port mapping, `ip:port via PROTOCOL`.
+        pub port_mapping: Option<String>,
+    }
+}
+
+amp_message! {
+    /// `whois`: who stands behind a virtual address (TUN mode).
+    pub struct Whois {
+        pub ip: IpAddr,
+    }
+}
+amp_command!(Whois = "whois", answer WhoisAnswer, errors [NoTun, Unknown]);
+
+amp_message! {
+    pub struct WhoisAnswer {
+        pub address: Q2qAddress,
+    }
+}
+
+amp_message! {
+    /// `ping`: round trips to a person through the daemon's node.
+    pub struct Ping {
+        pub to: Q2qAddress,
+        /// How many (default 4, at most 1000).
+        pub count: Option<u32>,
+    }
+}
+amp_command!(Ping = "ping", answer PingAnswer, errors [PingFailed]);
+
+amp_message! {
+    /// A ping report ([`ping::report`]): times in whole microseconds, `rtts_us`
+    /// comma-separated; absent fields read as unknown.
+    pub struct PingAnswer {
+        pub peer: Option<String>,
+        pub connect_us: Option<String>,
+        pub rtts_us: Option<String>,
+        pub path: Option<String>,
+        pub why: Option<String>,
+    }
+}
+
+amp_message! {
+    /// `reload`: apply services.toml again.
+    pub struct Reload {}
+}
+amp_command!(Reload = "reload", answer Empty, errors [ReloadFailed]);
+
+amp_message! {
+    /// `shutdown`: end the daemon.
+    pub struct Shutdown {}
+}
+amp_command!(Shutdown = "shutdown", answer Empty, errors []);
 
 /// What a control connection can reach.
 pub(super) struct Control {
@@ -18,57 +96,64 @@ pub(super) struct Control {
     pub tun: Option<Arc<tun::Running>>,
 }
 
-/// A refusal: an error code and a sentence for a person.
-type Refusal = (String, String);
-
 /// Answer the requests of one control connection until it closes; `shutdown` asks the
 /// daemon's loop to end through `stop`.
 pub(super) async fn serve(ctl: Control, stream: UnixStream, stop: tokio::sync::mpsc::Sender<()>) {
     let Control { node, home, tun } = ctl;
     let (_handle, mut incoming) = amp::peer::spawn(stream);
     while let Some(req) = incoming.recv().await {
+        let b = &req.request;
         let result = match req.command() {
-            "status" => Ok(Status::of(&node, tun.as_deref()).to_box()),
-            "whois" => whois(tun.as_deref(), &req.request),
-            "ping" => ping(&node, &req.request).await,
-            "reload" => match forward::apply_services(&node, &home).await {
-                Ok(()) => Ok(AmpBox::new()),
-                Err(e) => Err(("RELOAD_FAILED".to_string(), e.to_string())),
-            },
-            "shutdown" => {
+            StatusAsk::NAME => Ok(Status::of(&node, tun.as_deref()).to_answer().to_box()),
+            Whois::NAME => answer(Whois::from_box(b).and_then(|w| whois(tun.as_deref(), w))),
+            Ping::NAME => answer(match Ping::from_box(b) {
+                Ok(p) => ping(&node, p).await,
+                Err(e) => Err(e),
+            }),
+            Reload::NAME => answer(
+                forward::apply_services(&node, &home)
+                    .await
+                    .map(|()| Empty {})
+                    .map_err(|e| Refusal::new(ErrorCode::ReloadFailed, e.to_string())),
+            ),
+            Shutdown::NAME => {
                 let _ = stop.send(()).await;
-                Ok(AmpBox::new())
+                Ok(Empty {}.to_box())
             }
-            other => Err(("UNHANDLED".to_string(), format!("unknown command `{other}`"))),
+            other => answer::<Empty>(Err(Refusal::new(
+                ErrorCode::Unhandled,
+                format!("unknown command `{other}`"),
+            ))),
         };
         req.respond(result).await;
     }
 }
 
-fn whois(tun: Option<&tun::Running>, b: &AmpBox) -> Result<AmpBox, Refusal> {
+/// A handler's result as the box to answer.
+fn answer<A: Message>(r: Result<A, Refusal>) -> Result<amp::AmpBox, amp::ErrorBox> {
+    r.map(|a| a.to_box()).map_err(Into::into)
+}
+
+fn whois(tun: Option<&tun::Running>, Whois { ip }: Whois) -> Result<WhoisAnswer, Refusal> {
     let Some(tun) = tun else {
-        return Err(("NO_TUN".into(), "this daemon runs without the TUN device (--no-tun)".into()));
+        return Err(Refusal::new(
+            ErrorCode::NoTun,
+            "this daemon runs without the TUN device (--no-tun)",
+        ));
     };
-    let ip: std::net::IpAddr = b
-        .get_str("ip")
-        .unwrap_or("")
-        .parse()
-        .map_err(|_| ("BAD_REQUEST".to_string(), "not an IP address".to_string()))?;
     match tun.whois(ip) {
-        Some(who) => Ok(AmpBox::new().with("address", who.to_string())),
-        None => Err(("UNKNOWN".into(), format!("{ip} stands for no one"))),
+        Some(address) => Ok(WhoisAnswer { address }),
+        None => Err(Refusal::new(ErrorCode::Unknown, format!("{ip} stands for no one"))),
     }
 }
 
-async fn ping(node: &Node, b: &AmpBox) -> Result<AmpBox, Refusal> {
-    let bad = |e: String| ("BAD_REQUEST".to_string(), e);
-    let to = Q2qAddress::parse(b.get_str("to").unwrap_or("")).map_err(|e| bad(e.to_string()))?;
-    let count: u32 = b.get_str("count").and_then(|c| c.parse().ok()).unwrap_or(4).clamp(1, 1000);
+async fn ping(node: &Node, Ping { to, count }: Ping) -> Result<PingAnswer, Refusal> {
+    let count = count.unwrap_or(4).clamp(1, 1000);
     let report = node
         .ping(&to, count, Duration::from_millis(200))
         .await
-        .map_err(|e| ("PING_FAILED".to_string(), e.to_string()))?;
-    Ok(ping::report_box(&report))
+        .map_err(|e| Refusal::new(ErrorCode::PingFailed, e.to_string()))?;
+    Ok(ping::report(&report))
 }
 
 /// Ask the running daemon of `home` one request (`status`, `whois`, `ping`, `reload`,
@@ -76,20 +161,20 @@ async fn ping(node: &Node, b: &AmpBox) -> Result<AmpBox, Refusal> {
 ///
 /// # Errors
 /// [`DaemonError::NotRunning`] when nothing answers the socket, [`DaemonError::Refused`]
-/// with the daemon's sentence, [`DaemonError::Socket`] when the connection breaks.
-pub async fn ask(home: &Home, request: AmpBox) -> Result<AmpBox, DaemonError> {
+/// with the daemon's sentence, [`DaemonError::Socket`] when the connection breaks or the
+/// answer does not decode.
+pub async fn ask<C: Command>(home: &Home, request: &C) -> Result<C::Answer, DaemonError> {
     let path = socket_path(home);
     let stream = UnixStream::connect(&path)
         .await
         .map_err(|_| DaemonError::NotRunning(home.root().display().to_string()))?;
     let (handle, _incoming) = amp::peer::spawn(stream);
-    match handle.call(request).await {
-        Ok(b) => Ok(b),
+    let broken =
+        |why: String| DaemonError::Socket(path.display().to_string(), std::io::Error::other(why));
+    match handle.call(request.request()).await {
+        Ok(b) => C::Answer::from_box(&b).map_err(|e| broken(e.description)),
         Err(amp::CallError::Remote { description, .. }) => Err(DaemonError::Refused(description)),
-        Err(e) => Err(DaemonError::Socket(
-            path.display().to_string(),
-            std::io::Error::other(e.to_string()),
-        )),
+        Err(e) => Err(broken(e.to_string())),
     }
 }
 
@@ -102,14 +187,13 @@ pub async fn reload(home: &Home) -> Result<bool, DaemonError> {
     if !socket_path(home).exists() {
         return Ok(false);
     }
-    ask(home, AmpBox::command("reload")).await.map(|_| true)
+    ask(home, &Reload {}).await.map(|_| true)
 }
 
 /// Who stands behind the virtual address `ip`, asked of the running daemon.
 ///
 /// # Errors
 /// As [`ask`]: no daemon, no TUN mode (`NO_TUN`), or nobody behind `ip` (`UNKNOWN`).
-pub async fn whois_of(home: &Home, ip: std::net::IpAddr) -> Result<String, DaemonError> {
-    let b = ask(home, AmpBox::command("whois").with("ip", ip.to_string())).await?;
-    Ok(b.get_str("address").unwrap_or("?").to_string())
+pub async fn whois_of(home: &Home, ip: IpAddr) -> Result<String, DaemonError> {
+    Ok(ask(home, &Whois { ip }).await?.address.to_string())
 }

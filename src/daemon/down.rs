@@ -2,7 +2,6 @@
 //! settings and control socket).
 
 use super::{DaemonError, control, socket_path, tun};
-use crate::amp::AmpBox;
 use crate::client::Home;
 use std::fmt;
 use std::time::Duration;
@@ -37,7 +36,7 @@ impl fmt::Display for Down {
 /// # Errors
 /// The daemon answered but refused, or the resolver settings could not be restored.
 pub async fn down(home: &Home) -> Result<Down, DaemonError> {
-    let was_up = match control::ask(home, AmpBox::command("shutdown")).await {
+    let was_up = match control::ask(home, &control::Shutdown {}).await {
         Ok(_) => true,
         Err(DaemonError::NotRunning(_)) => false,
         Err(e) => return Err(e),

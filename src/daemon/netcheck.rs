@@ -264,7 +264,7 @@ pub async fn check(home: &Home, opts: &Options) -> Result<Report, NetcheckError>
         login: None,
     };
     let started = Instant::now();
-    let mut conn = ServerConn::connect(home, &me.domain, &server).await?;
+    let conn = ServerConn::connect(home, &me.domain, &server).await?;
     let connect_ms = ms(started.elapsed());
     let asked = Instant::now();
     let seen = conn.who_am_i().await?;

@@ -3,7 +3,6 @@
 
 use super::{DaemonError, choose_identity, control, socket_path};
 use crate::address::Q2qAddress;
-use crate::amp::AmpBox;
 use crate::client::Home;
 use crate::presence::node::{Node, NodeConfig, PingReport};
 use std::fmt;
@@ -26,31 +25,30 @@ pub async fn ping(
     me: Option<&Q2qAddress>,
     relay_only: bool,
 ) -> Result<Summary, DaemonError> {
-    let b = if socket_path(home).exists() {
-        let request =
-            AmpBox::command("ping").with("to", to.to_string()).with("count", count.to_string());
-        control::ask(home, request).await?
+    let answer = if socket_path(home).exists() {
+        control::ask(home, &control::Ping { to: to.clone(), count: Some(count) }).await?
     } else {
         let me = choose_identity(home, me)?;
         let config = NodeConfig { direct: !relay_only, ..Default::default() };
         let node = Node::start(home.clone(), me, config).await?;
         let r = node.ping(to, count, INTERVAL).await?;
         node.leave().await;
-        report_box(&r)
+        report(&r)
     };
-    Ok(Summary::from_box(&b))
+    Ok(Summary::from_answer(&answer))
 }
 
-/// A ping report as a box (for the control socket): times in whole microseconds,
-/// `rtts_us` comma-separated.
-pub fn report_box(r: &PingReport) -> AmpBox {
+/// A ping report as the control socket carries it: times in whole microseconds, `rtts_us`
+/// comma-separated.
+pub fn report(r: &PingReport) -> control::PingAnswer {
     let rtts: Vec<String> = r.rtts.iter().map(|d| d.as_micros().to_string()).collect();
-    AmpBox::new()
-        .with("peer", r.peer.to_string())
-        .with("connect_us", r.connect.as_micros().to_string())
-        .with("rtts_us", rtts.join(","))
-        .with("path", r.path.to_string())
-        .with("why", &r.why)
+    control::PingAnswer {
+        peer: Some(r.peer.to_string()),
+        connect_us: Some(r.connect.as_micros().to_string()),
+        rtts_us: Some(rtts.join(",")),
+        path: Some(r.path.to_string()),
+        why: Some(r.why.clone()),
+    }
 }
 
 /// A ping report as printed.
@@ -69,21 +67,23 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Read a box made by [`report_box`]; missing fields read as `?` or nothing.
-    pub fn from_box(b: &AmpBox) -> Summary {
+    /// Read a report made by [`report`]; missing fields read as `?` or nothing.
+    pub fn from_answer(a: &control::PingAnswer) -> Summary {
         let us = |s: &str| s.parse::<f64>().map(|v| v / 1000.0).unwrap_or(f64::NAN);
+        let text = |v: &Option<String>, or: &str| v.clone().unwrap_or_else(|| or.to_string());
         Summary {
-            peer: b.get_str("peer").unwrap_or("?").to_string(),
-            connect_ms: us(b.get_str("connect_us").unwrap_or("")),
-            rtts_ms: b
-                .get_str("rtts_us")
+            peer: text(&a.peer, "?"),
+            connect_ms: us(a.connect_us.as_deref().unwrap_or("")),
+            rtts_ms: a
+                .rtts_us
+                .as_deref()
                 .unwrap_or("")
                 .split(',')
                 .filter(|s| !s.is_empty())
                 .map(us)
                 .collect(),
-            path: b.get_str("path").unwrap_or("?").to_string(),
-            why: b.get_str("why").unwrap_or("").to_string(),
+            path: text(&a.path, "?"),
+            why: text(&a.why, ""),
         }
     }
 }

@@ -3,7 +3,6 @@
 //! columns stay as they are. `status --json` is the same [`Status`] as JSON (serde field names).
 
 use super::{DaemonError, control, tun};
-use crate::amp::AmpBox;
 use crate::client::Home;
 use crate::presence::node::Node;
 use std::fmt;
@@ -13,8 +12,8 @@ use std::fmt;
 /// # Errors
 /// As [`control::ask`]: [`DaemonError::NotRunning`] when no daemon answers.
 pub async fn ask(home: &Home) -> Result<Status, DaemonError> {
-    let b = control::ask(home, AmpBox::command("status")).await?;
-    Ok(Status::from_box(&b))
+    let answer = control::ask(home, &control::StatusAsk {}).await?;
+    Ok(Status::from_answer(&answer))
 }
 
 /// The state of a running daemon.
@@ -90,30 +89,32 @@ impl Status {
 
     /// As the daemon answers it: every field present, empty when absent; `peers` one line
     /// per session, its five fields separated by tabs.
-    pub fn to_box(&self) -> AmpBox {
+    pub fn to_answer(&self) -> control::StatusAnswer {
         let lines: Vec<String> = self
             .peers
             .iter()
             .map(|p| format!("{}\t{}\t{}\t{}\t{}", p.peer, p.streams, p.opened, p.path, p.why))
             .collect();
-        let or_empty = |v: &Option<String>| v.clone().unwrap_or_default();
-        AmpBox::new()
-            .with("address", or_empty(&self.address))
-            .with("udp", or_empty(&self.udp))
-            .with("peers", lines.join("\n"))
-            .with("tun", or_empty(&self.tun))
-            .with("tun_device", or_empty(&self.tun_device))
-            .with("dns", or_empty(&self.dns))
-            .with("certificate", self.certificate.join("\n"))
-            .with("port_mapping", or_empty(&self.port_mapping))
+        let or_empty = |v: &Option<String>| Some(v.clone().unwrap_or_default());
+        control::StatusAnswer {
+            address: or_empty(&self.address),
+            udp: or_empty(&self.udp),
+            peers: Some(lines.join("\n")),
+            tun: or_empty(&self.tun),
+            tun_device: or_empty(&self.tun_device),
+            dns: or_empty(&self.dns),
+            certificate: Some(self.certificate.join("\n")),
+            port_mapping: or_empty(&self.port_mapping),
+        }
     }
 
     /// Read the daemon's answer; empty fields are absent, peer lines without five fields
     /// are skipped.
-    pub fn from_box(b: &AmpBox) -> Status {
-        let field = |k: &str| b.get_str(k).filter(|v| !v.is_empty()).map(str::to_string);
-        let peers = b
-            .get_str("peers")
+    pub fn from_answer(a: &control::StatusAnswer) -> Status {
+        let field = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let peers = a
+            .peers
+            .as_deref()
             .unwrap_or("")
             .lines()
             .filter_map(|line| match line.split('\t').collect::<Vec<_>>().as_slice() {
@@ -128,14 +129,15 @@ impl Status {
             })
             .collect();
         Status {
-            address: field("address"),
-            udp: field("udp"),
-            tun: field("tun"),
-            tun_device: field("tun_device"),
-            dns: field("dns"),
-            port_mapping: field("port_mapping"),
-            certificate: b
-                .get_str("certificate")
+            address: field(&a.address),
+            udp: field(&a.udp),
+            tun: field(&a.tun),
+            tun_device: field(&a.tun_device),
+            dns: field(&a.dns),
+            port_mapping: field(&a.port_mapping),
+            certificate: a
+                .certificate
+                .as_deref()
                 .unwrap_or("")
                 .lines()
                 .map(str::to_string)
@@ -198,9 +200,10 @@ mod tests {
                 why: "probe answered".into(),
             }],
         };
-        let b = s.to_box();
+        let b = crate::proto::Message::to_box(&s.to_answer());
         assert_eq!(b.get_str("tun"), Some(""), "every field is there");
-        assert_eq!(Status::from_box(&b), s);
+        let back = crate::proto::Message::from_box(&b).unwrap();
+        assert_eq!(Status::from_answer(&back), s);
         let printed = s.to_string();
         let lines: Vec<&str> = printed.lines().collect();
         assert_eq!(lines[0], "bob@example.com (UDP 0.0.0.0:4000)");
@@ -218,7 +221,10 @@ mod tests {
             "warning: the certificate of bob@example.com expires in 6 days"
         );
         assert_eq!(
-            Status::from_box(&AmpBox::new()).to_string(),
+            Status::from_answer(
+                &crate::proto::Message::from_box(&crate::amp::AmpBox::new()).unwrap()
+            )
+            .to_string(),
             "? (UDP ?)\nno TUN device (--no-tun)\nno peers yet\n"
         );
     }

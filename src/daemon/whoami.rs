@@ -47,7 +47,7 @@ pub async fn print(home: &Home, reflexive: bool) -> Result<(), WhoamiError> {
         if reflexive {
             let opts =
                 ConnectOptions { server: id.server.clone(), ca_fingerprint: None, login: None };
-            let mut conn = ServerConn::connect(home, &id.address.domain, &opts).await?;
+            let conn = ServerConn::connect(home, &id.address.domain, &opts).await?;
             crate::outln!("  seen over TCP as {}", conn.who_am_i().await?);
             crate::outln!("  seen over UDP as {}", seen_over_udp(&conn.server).await?);
         }

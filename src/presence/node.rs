@@ -28,9 +28,10 @@ use super::probe::Role;
 use super::session::{PeerSession, StreamHeader, Verdict};
 use super::table::{GetError, ServerTable, SessionTable};
 use crate::address::{Q2qAddress, ServiceName};
-use crate::amp::{AmpBox, Incoming};
+use crate::amp::Incoming;
 use crate::client::{ClientError, ConnectOptions, Home, ServerConn, StoredIdentity};
-use crate::proto::{self, code, command};
+use crate::proto::commands::{self as cmd, Command, Message};
+use crate::proto::{self, ErrorCode, Refusal};
 use crate::ptcp::{
     Endpoint, EndpointConfig, EndpointError, PathSetup, PtcpSession, PtcpStream, SessionId, Side,
 };
@@ -418,13 +419,9 @@ impl Node {
             service.clone(),
             Listening { policy, description: description.to_string(), accepted: tx },
         );
-        self.home()
-            .peer_call(
-                AmpBox::command(command::LISTEN)
-                    .with("service", service.as_str())
-                    .with("description", description),
-            )
-            .await?;
+        let listen =
+            cmd::Listen { service: service.clone(), description: Some(description.to_string()) };
+        self.home().call(&listen).await?;
         Ok(rx)
     }
 
@@ -438,9 +435,7 @@ impl Node {
         if let Ok(mut l) = self.inner.listening.lock() {
             l.remove(service);
         }
-        self.home()
-            .peer_call(AmpBox::command(command::UNLISTEN).with("service", service.as_str()))
-            .await?;
+        self.home().call(&cmd::Unlisten { service: service.clone() }).await?;
         Ok(())
     }
 
@@ -485,7 +480,7 @@ impl NodeError {
     fn refuses_service(&self) -> bool {
         match self {
             NodeError::Control(e) => {
-                matches!(e.code(), Some(code::NOT_AUTHORIZED | code::NO_SUCH_SERVICE))
+                matches!(e.error_code(), Some(ErrorCode::NotAuthorized | ErrorCode::NoSuchService))
             }
             NodeError::Shared(e) => e.refuses_service(),
             _ => false,

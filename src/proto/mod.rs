@@ -54,7 +54,12 @@
 //! answers the caller with the peer's `candidates` and `peer_seen`. Either side probes only
 //! candidates at the other's `peer_seen` or on its own networks.
 //!
+//! Each command is a type in [`commands`] (its arguments, its answer, its error codes),
+//! the one place these boxes are written and read.
+pub mod commands;
 pub mod whoami;
+
+pub use commands::{Command, ErrorCode, Message, Refusal};
 
 /// The control-protocol version this build speaks.
 pub const VERSION: &str = "1";
@@ -105,6 +110,14 @@ pub mod code {
     pub const NO_SUCH_SERVICE: &str = "NO_SUCH_SERVICE";
     pub const NOT_AUTHORIZED: &str = "NOT_AUTHORIZED";
     pub const RELAY_LIMIT: &str = "RELAY_LIMIT";
+    /// The other end dropped the request without answering ([`crate::amp::peer`]).
+    pub const UNKNOWN: &str = "UNKNOWN";
+    /// The daemon's control socket ([`crate::daemon::control`]): no TUN device.
+    pub const NO_TUN: &str = "NO_TUN";
+    /// The daemon's control socket: services.toml could not be applied.
+    pub const RELOAD_FAILED: &str = "RELOAD_FAILED";
+    /// The daemon's control socket: the peer could not be pinged.
+    pub const PING_FAILED: &str = "PING_FAILED";
 }
 
 /// Most candidates one side may offer.

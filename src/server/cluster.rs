@@ -23,9 +23,8 @@
 
 use super::State;
 use super::postgres::PgDb;
-use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::{self, AmpBox};
-use crate::proto::{code, command};
+use crate::proto::code;
 use base64::Engine as _;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,11 +106,15 @@ impl Cluster {
     }
 
     /// Ask the instance where the callee of `ask` (its `to`, and `service` if any) is
-    /// logged in; its answer, or a refusal as (code, description).
-    pub async fn ask(&self, mut ask: AmpBox) -> Result<AmpBox, (String, String)> {
+    /// logged in; its answer, or its refusal. `ask` is a request of
+    /// [`crate::proto::commands`] (`RemoteInbound`, `RemoteCandidates`); this envelope
+    /// adds `_kind`, `_id` and `_reply`.
+    pub async fn ask(&self, mut ask: AmpBox) -> Result<AmpBox, amp::ErrorBox> {
+        let refuse =
+            |code: &str, description: String| amp::ErrorBox { code: code.to_string(), description };
         let internal = |e: &dyn std::fmt::Display| {
             warn!(error = %e, "asking another instance failed");
-            (code::INTERNAL.to_string(), "internal server error".to_string())
+            refuse(code::INTERNAL, "internal server error".to_string())
         };
         let to = ask.get_str("to").unwrap_or("").to_string();
         let service = ask.get_str("service").map(str::to_string);
@@ -122,11 +125,11 @@ impl Cluster {
             .await
             .map_err(|e| internal(&e))?;
         let remote = match found {
-            None => return Err((code::OFFLINE.into(), format!("{to} is offline"))),
+            None => return Err(refuse(code::OFFLINE, format!("{to} is offline"))),
             Some((_, false)) => {
                 let service = service.unwrap_or_default();
-                return Err((
-                    code::NO_SUCH_SERVICE.into(),
+                return Err(refuse(
+                    code::NO_SUCH_SERVICE,
                     format!("{to} does not offer service {service}"),
                 ));
             }
@@ -143,13 +146,12 @@ impl Cluster {
         self.db.notify(&channel(&remote.instance), &payload).await.map_err(|e| internal(&e))?;
         let answer = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
             Ok(Ok(a)) => a,
-            _ => return Err((code::OFFLINE.into(), format!("{to} did not answer"))),
+            _ => return Err(refuse(code::OFFLINE, format!("{to} did not answer"))),
         };
         match answer.get_str(amp::ERROR_CODE) {
-            Some(c) => Err((
-                c.to_string(),
-                answer.get_str(amp::ERROR_DESCRIPTION).unwrap_or("").to_string(),
-            )),
+            Some(c) => {
+                Err(refuse(c, answer.get_str(amp::ERROR_DESCRIPTION).unwrap_or("").to_string()))
+            }
             None => {
                 let mut a = answer;
                 for k in ["_kind", "_id", "_reply"] {
@@ -159,38 +161,6 @@ impl Cluster {
             }
         }
     }
-}
-
-/// The `inbound` to ask another instance for.
-pub fn ask_inbound(
-    caller: &Q2qAddress,
-    to: &Q2qAddress,
-    service: &ServiceName,
-    candidates: &str,
-    seen: std::net::IpAddr,
-) -> AmpBox {
-    AmpBox::command(command::INBOUND)
-        .with("from", caller.to_string())
-        .with("to", to.to_string())
-        .with("service", service.as_str())
-        .with("candidates", candidates)
-        .with("peer_seen", seen.to_string())
-}
-
-/// The `candidates` to ask another instance for.
-pub fn ask_candidates(
-    caller: &Q2qAddress,
-    to: &Q2qAddress,
-    session: &str,
-    candidates: &str,
-    seen: std::net::IpAddr,
-) -> AmpBox {
-    AmpBox::command(command::CANDIDATES)
-        .with("from", caller.to_string())
-        .with("to", to.to_string())
-        .with("session", session)
-        .with("candidates", candidates)
-        .with("peer_seen", seen.to_string())
 }
 
 fn channel(instance: &str) -> String {
@@ -282,9 +252,9 @@ async fn answer(state: Arc<State>, db: Arc<PgDb>, n: u64, b: AmpBox) {
     let Some(reply) = b.get_str("_reply").map(str::to_string) else { return };
     let mut a = match super::handler::answer_remote(&state, &b).await {
         Ok(a) => a,
-        Err((c, d)) => AmpBox::new()
-            .with(amp::ERROR_CODE, c)
-            .with(amp::ERROR_DESCRIPTION, d.chars().take(500).collect::<String>()),
+        Err(e) => AmpBox::new()
+            .with(amp::ERROR_CODE, e.code)
+            .with(amp::ERROR_DESCRIPTION, e.description.chars().take(500).collect::<String>()),
     };
     a.insert("_kind", "answer");
     a.insert("_id", format!("{n:016x}"));

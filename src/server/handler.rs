@@ -8,7 +8,12 @@ use super::presence::{Absent, Listener};
 use super::relay::End;
 use crate::address::{Domain, Q2qAddress, ServiceName};
 use crate::amp::{self, AmpBox};
-use crate::proto::{code, command};
+use crate::proto::commands::{
+    CandidateList, Candidates, CandidatesAnswer, CandidatesAsk, Certificate, Empty, Exists,
+    ExistsAnswer, Grant, Hello, HelloAnswer, Identify, Inbound, InboundAnswer, InboundAsk, Listen,
+    Register, Relay, RemoteCandidates, RemoteInbound, Renew, Seen, Sign, Unlisten,
+};
+use crate::proto::{Command, ErrorCode, Message, Refusal, command};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,14 +30,8 @@ const RENEWALS_PER_LIFETIME: i64 = 6;
 /// Longest password accepted (argon2 would hash more, but nobody needs it).
 const MAX_PASSWORD_LEN: usize = 1024;
 
-/// An error box to send: its code and sentence.
-struct Refusal {
-    code: String,
-    description: String,
-}
-
-fn refuse(code: &str, description: impl Into<String>) -> Refusal {
-    Refusal { code: code.to_string(), description: description.into() }
+fn refuse(code: ErrorCode, description: impl Into<String>) -> Refusal {
+    Refusal::new(code, description)
 }
 
 /// A database call whose every failure is an internal error for the client.
@@ -42,7 +41,7 @@ async fn db<T>(call: impl std::future::Future<Output = Result<T, DbError>>) -> R
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
     warn!(error = %e, "internal error");
-    refuse(code::INTERNAL, "internal server error")
+    refuse(ErrorCode::Internal, "internal server error")
 }
 
 pub(super) async fn serve(
@@ -119,24 +118,26 @@ pub(super) async fn serve(
         let asks_peer = [command::INBOUND, command::CANDIDATES].contains(&request.command());
         if asks_peer && conn.hello {
             match conn.caller().await {
-                Err(r) => request.respond(Err((r.code, r.description))).await,
+                Err(r) => request.respond(Err(r.into())).await,
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
                     let me = Me { handle, id, seen: peer.ip() };
                     tokio::spawn(async move {
+                        let b = &request.request;
                         let result = if request.command() == command::INBOUND {
-                            inbound(&state, &caller, &me, &request.request).await
+                            answer(async { inbound(&state, &caller, &me, decode(b)?).await }).await
                         } else {
-                            candidates(&state, &caller, &me, &request.request).await
+                            answer(async { candidates(&state, &caller, &me, decode(b)?).await })
+                                .await
                         };
-                        request.respond(result.map_err(|r| (r.code, r.description))).await;
+                        request.respond(result.map_err(Into::into)).await;
                     });
                 }
             }
             continue;
         }
-        let result = conn.dispatch(&request.request).await;
-        request.respond(result.map_err(|r| (r.code, r.description))).await;
+        let result = conn.dispatch(request.command(), &request.request).await;
+        request.respond(result.map_err(Into::into)).await;
     }
     state.presence.drop_connection(id);
     state.relay.drop_connection(id);
@@ -160,50 +161,68 @@ struct Conn {
     ticket: Ticket,
 }
 
-fn arg<'a>(b: &'a AmpBox, key: &str) -> Result<&'a str, Refusal> {
-    b.get_str(key).ok_or_else(|| refuse(code::BAD_REQUEST, format!("missing argument `{key}`")))
+/// The arguments of `C` in `b`; a missing or malformed one is `BAD_REQUEST`.
+fn decode<C: Command>(b: &AmpBox) -> Result<C, Refusal> {
+    C::from_box(b)
+}
+
+/// The answer box of a handler's typed answer.
+async fn answer<A: Message>(
+    handler: impl std::future::Future<Output = Result<A, Refusal>>,
+) -> Result<AmpBox, Refusal> {
+    handler.await.map(|a| a.to_box())
 }
 
 impl Conn {
-    async fn dispatch(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let name = b.get_str(amp::COMMAND).unwrap_or("");
+    /// Decode the request, run its handler, encode its answer. A command that needs a
+    /// login checks it before its arguments, so a stranger learns nothing from them.
+    async fn dispatch(&mut self, name: &str, b: &AmpBox) -> Result<AmpBox, Refusal> {
         if name == command::HELLO {
-            return self.hello(b);
+            return answer(async { self.hello(decode(b)?) }).await;
         }
         if !self.hello {
-            return Err(refuse(code::HELLO_FIRST, "say hello (with the protocol version) first"));
+            return Err(refuse(
+                ErrorCode::HelloFirst,
+                "say hello (with the protocol version) first",
+            ));
         }
         match name {
-            command::IDENTIFY => self.identify(b),
-            command::REGISTER => self.register(b).await,
-            command::SIGN => self.sign(b).await,
-            command::RENEW => self.renew(b).await,
-            command::PING => Ok(AmpBox::new()),
-            command::LISTEN => self.listen(b).await,
+            command::IDENTIFY => answer(async { self.identify(decode(b)?) }).await,
+            command::REGISTER => answer(async { self.register(decode(b)?).await }).await,
+            command::SIGN => answer(async { self.sign(decode(b)?).await }).await,
+            command::RENEW => answer(async { self.renew(decode(b)?).await }).await,
+            command::PING => Ok(Empty {}.to_box()),
+            command::LISTEN => {
+                let caller = self.caller().await?;
+                answer(async { self.listen(caller, decode(b)?).await }).await
+            }
             command::UNLISTEN => {
                 let caller = self.caller().await?;
-                let service = service_arg(b)?;
+                let Unlisten { service } = decode(b)?;
                 self.state.presence.unlisten(&caller, &service, self.id);
-                Ok(AmpBox::new())
+                Ok(Empty {}.to_box())
             }
             command::RELAY => {
                 let _ = self.caller().await?;
-                relay_over_tcp(&self.state, self.id, b).await;
-                Ok(AmpBox::new())
+                // A datagram with a malformed token is dropped, as a UDP one would be.
+                if let Ok(r) = decode::<Relay>(b) {
+                    relay_over_tcp(&self.state, self.id, r).await;
+                }
+                Ok(Empty {}.to_box())
             }
-            command::EXISTS => self.exists(b).await,
-            command::WHO_AM_I => Ok(AmpBox::new()
-                .with("host", self.peer.ip().to_string())
-                .with("port", self.peer.port().to_string())),
-            other => Err(refuse(code::UNHANDLED, format!("unknown command `{other}`"))),
+            command::EXISTS => {
+                let caller = self.caller().await?;
+                answer(async { self.exists(caller, decode(b)?).await }).await
+            }
+            command::WHO_AM_I => Ok(Seen::from(self.peer).to_box()),
+            other => Err(refuse(ErrorCode::Unhandled, format!("unknown command `{other}`"))),
         }
     }
 
-    fn hello(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let version = arg(b, "version")?;
+    fn hello(&mut self, Hello { version }: Hello) -> Result<HelloAnswer, Refusal> {
         if version != crate::proto::VERSION {
             return Err(refuse(
-                code::UNSUPPORTED_VERSION,
+                ErrorCode::UnsupportedVersion,
                 format!(
                     "this server speaks protocol version {}, not {version}",
                     crate::proto::VERSION
@@ -211,14 +230,15 @@ impl Conn {
             ));
         }
         self.hello = true;
-        Ok(AmpBox::new()
-            .with("version", crate::proto::VERSION)
-            .with("domain", self.state.domain.as_str())
-            .with("server", concat!("q2q-server ", env!("CARGO_PKG_VERSION"))))
+        Ok(HelloAnswer {
+            version: crate::proto::VERSION.to_string(),
+            domain: self.state.domain.clone(),
+            server: concat!("q2q-server ", env!("CARGO_PKG_VERSION")).to_string(),
+        })
     }
 
-    fn our_address(&self, s: &str) -> Result<Q2qAddress, Refusal> {
-        let a = Q2qAddress::parse(s).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+    /// `a` if it is of our domain, else `WRONG_DOMAIN`.
+    fn our_address(&self, a: Q2qAddress) -> Result<Q2qAddress, Refusal> {
         if a.domain != self.state.domain {
             return Err(self.wrong_domain(&a.domain));
         }
@@ -226,32 +246,26 @@ impl Conn {
     }
 
     fn wrong_domain(&self, d: &Domain) -> Refusal {
-        refuse(code::WRONG_DOMAIN, format!("this server is for {}, not {d}", self.state.domain))
+        refuse(ErrorCode::WrongDomain, format!("this server is for {}, not {d}", self.state.domain))
     }
 
-    fn identify(&self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let subject = arg(b, "subject")?;
-        let domain = match Q2qAddress::parse(subject) {
-            Ok(a) => a.domain,
-            Err(_) => {
-                Domain::parse(subject).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?
-            }
-        };
-        if domain != self.state.domain {
-            return Err(self.wrong_domain(&domain));
+    fn identify(&self, Identify { subject }: Identify) -> Result<Certificate, Refusal> {
+        if *subject.domain() != self.state.domain {
+            return Err(self.wrong_domain(subject.domain()));
         }
-        Ok(AmpBox::new().with("certificate", self.state.ca.cert_pem()))
+        Ok(Certificate { certificate: self.state.ca.cert_pem().to_string() })
     }
 
-    async fn register(&self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let address = self.our_address(arg(b, "address")?)?;
-        let password = arg(b, "password")?.to_string();
-        let invite = b.get_str("invite").map(str::to_string);
+    async fn register(
+        &self,
+        Register { address, password, invite }: Register,
+    ) -> Result<Empty, Refusal> {
+        let address = self.our_address(address)?;
         match (self.state.config.registration, &invite) {
             (Registration::Open, _) => {}
             (Registration::Closed, _) => {
                 return Err(refuse(
-                    code::REGISTRATION_CLOSED,
+                    ErrorCode::RegistrationClosed,
                     format!(
                         "{} does not take registrations; ask its admin for an account",
                         self.state.domain
@@ -260,7 +274,7 @@ impl Conn {
             }
             (Registration::Invite, None) => {
                 return Err(refuse(
-                    code::BAD_INVITE,
+                    ErrorCode::BadInvite,
                     format!(
                         "{} takes registrations by invite only: pass an invite code",
                         self.state.domain
@@ -272,7 +286,7 @@ impl Conn {
         let min = self.state.config.min_password_len;
         if password.chars().count() < min || password.len() > MAX_PASSWORD_LEN {
             return Err(refuse(
-                code::BAD_REQUEST,
+                ErrorCode::BadRequest,
                 format!("the password must be {min} to {MAX_PASSWORD_LEN} characters long"),
             ));
         }
@@ -283,22 +297,22 @@ impl Conn {
         match self.state.store.add_user(&user, &hash, invite.as_deref()).await {
             Ok(()) => {
                 info!(%address, peer = %self.peer, "registered");
-                Ok(AmpBox::new())
+                Ok(Empty {})
             }
             Err(DbError::UserExists) => {
-                Err(refuse(code::ADDRESS_TAKEN, format!("{address} is taken")))
+                Err(refuse(ErrorCode::AddressTaken, format!("{address} is taken")))
             }
-            Err(DbError::BadInvite) => {
-                Err(refuse(code::BAD_INVITE, "the invite code is not valid or was used already"))
-            }
+            Err(DbError::BadInvite) => Err(refuse(
+                ErrorCode::BadInvite,
+                "the invite code is not valid or was used already",
+            )),
             Err(e) => Err(internal(e)),
         }
     }
 
-    async fn sign(&self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let address = self.our_address(arg(b, "address")?)?;
-        let password = arg(b, "password")?.to_string();
-        let csr = arg(b, "certificate_request")?.to_string();
+    async fn sign(&self, cmd: Sign) -> Result<Certificate, Refusal> {
+        let Sign { address, password, certificate_request: csr } = cmd;
+        let address = self.our_address(address)?;
         let user_key = format!("user:{}", address.user);
         let ip_key = format!("ip:{}", self.peer.ip());
         let keys = [user_key.as_str(), ip_key.as_str()];
@@ -314,7 +328,7 @@ impl Conn {
             // Never the password itself.
             warn!(%address, peer = %self.peer, known, "wrong user or password");
             return Err(refuse(
-                code::WRONG_PASSWORD,
+                ErrorCode::WrongPassword,
                 format!("{address}: no such user or wrong password"),
             ));
         }
@@ -327,11 +341,11 @@ impl Conn {
             .state
             .ca
             .issue_user(&address, &csr, lifetime)
-            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+            .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
         let record = CertRecord::issued(&address, &issued.info);
         db(self.state.store.record_certificate(&record)).await?;
         info!(%address, serial = %issued.info.serial, peer = %self.peer, "certificate issued");
-        Ok(AmpBox::new().with("certificate", issued.pem))
+        Ok(Certificate { certificate: issued.pem })
     }
 
     /// `renew`: a new certificate, with a fresh validity, for the key this connection logged
@@ -340,19 +354,19 @@ impl Conn {
     /// it must be for that same key and the caller's address, chain to our CA, be one we
     /// issued and did not revoke, and not have expired more than the tolerated clock skew
     /// ago; the account must exist. A few renewals per account per lifetime.
-    async fn renew(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
+    async fn renew(&mut self, Renew { certificate }: Renew) -> Result<Certificate, Refusal> {
         let caller = self.caller().await?;
         if caller.domain != self.state.domain {
             return Err(self.wrong_domain(&caller.domain));
         }
         let bad = |why: String| {
             warn!(address = %caller, peer = %self.peer, reason = %why, "renewal refused");
-            refuse(code::BAD_CERTIFICATE, why)
+            refuse(ErrorCode::BadCertificate, why)
         };
         let login = self.client_cert.clone().ok_or_else(|| bad("no login certificate".into()))?;
-        let current = match b.get_str("certificate") {
-            Some(pem) => crate::identity::cert_from_pem(pem)
-                .map_err(|e| refuse(code::BAD_REQUEST, format!("`certificate`: {e}")))?,
+        let current = match certificate {
+            Some(pem) => crate::identity::cert_from_pem(&pem)
+                .map_err(|e| refuse(ErrorCode::BadRequest, format!("`certificate`: {e}")))?,
             None => login.clone(),
         };
         let login_key =
@@ -374,7 +388,7 @@ impl Conn {
         if db(self.state.store.password_hash(&user)).await?.is_none() {
             warn!(address = %caller, peer = %self.peer, "renewal for a removed account");
             return Err(refuse(
-                code::UNKNOWN_USER,
+                ErrorCode::UnknownUser,
                 format!("{caller} is not registered on {}", self.state.domain),
             ));
         }
@@ -395,7 +409,7 @@ impl Conn {
             .state
             .ca
             .renew_user(&caller, &current, lifetime)
-            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+            .map_err(|e| refuse(ErrorCode::BadRequest, e.to_string()))?;
         let record = CertRecord::issued(&caller, &issued.info);
         let since = now.saturating_sub(lifetime).as_secs() as i64;
         let previous = info.serial.clone();
@@ -409,7 +423,7 @@ impl Conn {
         if !recorded {
             warn!(address = %caller, peer = %self.peer, "renewal refused: rate limited");
             return Err(refuse(
-                code::RATE_LIMITED,
+                ErrorCode::RateLimited,
                 format!(
                     "{caller} renewed {RENEWALS_PER_LIFETIME} times within one certificate \
                      lifetime already; try again later"
@@ -424,7 +438,7 @@ impl Conn {
             peer = %self.peer,
             "certificate renewed"
         );
-        Ok(AmpBox::new().with("certificate", issued.pem))
+        Ok(Certificate { certificate: issued.pem })
     }
 
     /// The verified address of the client certificate: chained to its domain's CA (ours,
@@ -435,11 +449,11 @@ impl Conn {
         }
         let cert = self.client_cert.as_ref().ok_or_else(|| {
             refuse(
-                code::NOT_LOGGED_IN,
+                ErrorCode::NotLoggedIn,
                 "log in with your certificate first (q2q-tun register gets one)",
             )
         })?;
-        let bad = |why: String| refuse(code::BAD_CERTIFICATE, why);
+        let bad = |why: String| refuse(ErrorCode::BadCertificate, why);
         let info = crate::identity::CertInfo::parse(cert).map_err(|e| bad(e.to_string()))?;
         let claimed =
             info.address.ok_or_else(|| bad("the certificate names no q2q address".into()))?;
@@ -480,9 +494,8 @@ impl Conn {
     /// `exists`: whether `address` (of our domain) is registered. Only for logged-in
     /// callers, so strangers cannot list the users, and at a limited rate per caller and
     /// per source address.
-    async fn exists(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let caller = self.caller().await?;
-        let address = self.our_address(arg(b, "address")?)?;
+    async fn exists(&self, caller: Q2qAddress, cmd: Exists) -> Result<ExistsAnswer, Refusal> {
+        let address = self.our_address(cmd.address)?;
         // Per caller, and per source address: a stranger with a domain of their own can
         // make callers at will.
         let keys = [
@@ -506,13 +519,12 @@ impl Conn {
         }
         let user = address.user.to_string();
         let known = db(self.state.store.password_hash(&user)).await?.is_some();
-        Ok(AmpBox::new().with("exists", if known { "true" } else { "false" }))
+        Ok(ExistsAnswer { exists: known })
     }
 
-    async fn listen(&mut self, b: &AmpBox) -> Result<AmpBox, Refusal> {
-        let caller = self.caller().await?;
-        let service = service_arg(b)?;
-        let description = b.get_str("description").unwrap_or("").chars().take(200).collect();
+    async fn listen(&self, caller: Q2qAddress, cmd: Listen) -> Result<Empty, Refusal> {
+        let Listen { service, description } = cmd;
+        let description = description.unwrap_or_default().chars().take(200).collect();
         let listener = Listener {
             conn: self.id,
             description,
@@ -520,14 +532,14 @@ impl Conn {
             seen: self.peer.ip(),
         };
         if !self.state.presence.listen(&caller, service.clone(), listener) {
-            return Err(refuse(code::BAD_REQUEST, "too many services"));
+            return Err(refuse(ErrorCode::BadRequest, "too many services"));
         }
         // Other instances of the domain find it once it is in the database.
         if let Some(cluster) = &self.state.cluster {
             cluster.flushed().await;
         }
         info!(address = %caller, %service, "listening");
-        Ok(AmpBox::new())
+        Ok(Empty {})
     }
 
     fn check_rate(&self, keys: &[&str], address: &Q2qAddress) -> Result<(), Refusal> {
@@ -574,13 +586,9 @@ impl Conn {
 /// `RATE_LIMITED`: `what`, and how long to wait.
 fn rate_limited(what: &str, wait: Duration) -> Refusal {
     refuse(
-        code::RATE_LIMITED,
+        ErrorCode::RateLimited,
         format!("{what}; try again in {} s", wait.as_millis().div_ceil(1000).max(1)),
     )
-}
-
-fn service_arg(b: &AmpBox) -> Result<ServiceName, Refusal> {
-    ServiceName::parse(arg(b, "service")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))
 }
 
 /// How long the callee has to answer an `inbound`.
@@ -594,13 +602,11 @@ struct Me {
     seen: std::net::IpAddr,
 }
 
-/// The `to` argument: an address of this server's domain.
-fn callee_arg(state: &State, b: &AmpBox) -> Result<Q2qAddress, Refusal> {
-    let to =
-        Q2qAddress::parse(arg(b, "to")?).map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
+/// The `to` argument, if it is an address of this server's domain.
+fn callee(state: &State, to: Q2qAddress) -> Result<Q2qAddress, Refusal> {
     if to.domain != state.domain {
         return Err(refuse(
-            code::WRONG_DOMAIN,
+            ErrorCode::WrongDomain,
             format!(
                 "this server is for {}, not {}: ask {}'s server",
                 state.domain, to.domain, to.domain
@@ -619,30 +625,27 @@ async fn candidates(
     state: &Arc<State>,
     caller: &Q2qAddress,
     me: &Me,
-    b: &AmpBox,
-) -> Result<AmpBox, Refusal> {
-    let to = callee_arg(state, b)?;
-    let session = arg(b, "session")?;
-    if session.len() != 16 || u64::from_str_radix(session, 16).is_err() {
-        return Err(refuse(code::BAD_REQUEST, "bad `session`"));
-    }
+    cmd: Candidates,
+) -> Result<CandidatesAnswer, Refusal> {
+    let Candidates { to, session, candidates } = cmd;
+    let to = callee(state, to)?;
     admit(state, caller, &to)?;
-    let theirs = b.get_str("candidates").unwrap_or("");
-    crate::proto::parse_candidates(theirs).map_err(|e| refuse(code::BAD_REQUEST, e))?;
     let Some(listener) = state.presence.any(&to) else {
         if state.cluster.is_some() {
-            let ask = super::cluster::ask_candidates(caller, &to, session, theirs, me.seen);
-            return remote(state, ask).await;
+            let ask = RemoteCandidates {
+                from: caller.clone(),
+                to,
+                session,
+                candidates,
+                peer_seen: me.seen,
+            };
+            return remote(state, &ask).await;
         }
-        return Err(refuse(code::OFFLINE, format!("{to} is offline")));
+        return Err(refuse(ErrorCode::Offline, format!("{to} is offline")));
     };
-    let ask = AmpBox::command(command::CANDIDATES)
-        .with("from", caller.to_string())
-        .with("session", session)
-        .with("candidates", theirs)
-        .with("peer_seen", me.seen.to_string());
-    let mine = ask_callee(&listener.handle, &to, ask).await?;
-    Ok(AmpBox::new().with("candidates", mine).with("peer_seen", listener.seen.to_string()))
+    let ask = CandidatesAsk { from: caller.clone(), session, candidates, peer_seen: Some(me.seen) };
+    let mine = ask_callee(&listener.handle, &to, &ask).await?;
+    Ok(CandidatesAnswer { candidates: mine, peer_seen: Some(listener.seen) })
 }
 
 /// May `caller` ask `to` now (`inbound` and `candidates` share the per-pair and per-caller
@@ -656,22 +659,24 @@ fn admit(state: &State, caller: &Q2qAddress, to: &Q2qAddress) -> Result<(), Refu
 
 /// Ask the callee's connection `ask` (at most [`CALLEE_TIMEOUT`]) and return the
 /// candidates it answers, checked; its refusal passes through as it is.
-async fn ask_callee(
+async fn ask_callee<C: Command<Answer = CandidateList>>(
     handle: &amp::PeerHandle,
     to: &Q2qAddress,
-    ask: AmpBox,
-) -> Result<String, Refusal> {
-    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, handle.call(ask)).await {
+    ask: &C,
+) -> Result<Vec<std::net::SocketAddr>, Refusal> {
+    let answer = match tokio::time::timeout(CALLEE_TIMEOUT, handle.call(ask.request())).await {
         Ok(Ok(a)) => a,
         Ok(Err(amp::CallError::Remote { code, description })) => {
-            return Err(Refusal { code, description });
+            return Err(amp::ErrorBox { code, description }.into());
         }
-        Ok(Err(_)) | Err(_) => return Err(refuse(code::OFFLINE, format!("{to} did not answer"))),
+        Ok(Err(_)) | Err(_) => {
+            return Err(refuse(ErrorCode::Offline, format!("{to} did not answer")));
+        }
     };
-    let theirs = answer.get_str("candidates").unwrap_or("").to_string();
-    crate::proto::parse_candidates(&theirs)
-        .map_err(|e| refuse(code::BAD_REQUEST, format!("{to} sent bad candidates: {e}")))?;
-    Ok(theirs)
+    let theirs = CandidateList::from_box(&answer).map_err(|e| {
+        refuse(ErrorCode::BadRequest, format!("{to} sent bad candidates: {}", e.description))
+    })?;
+    Ok(theirs.candidates)
 }
 
 /// `inbound` from `caller`: check the callee listens, set up the relay legs, ask the callee
@@ -684,21 +689,17 @@ async fn inbound(
     state: &Arc<State>,
     caller: &Q2qAddress,
     me: &Me,
-    b: &AmpBox,
-) -> Result<AmpBox, Refusal> {
-    let to = callee_arg(state, b)?;
-    let service = service_arg(b)?;
+    cmd: Inbound,
+) -> Result<InboundAnswer, Refusal> {
+    let Inbound { to, service, candidates } = cmd;
+    let to = callee(state, to)?;
     admit(state, caller, &to)?;
-    let candidates = b.get_str("candidates").unwrap_or("");
-    crate::proto::parse_candidates(candidates).map_err(|e| refuse(code::BAD_REQUEST, e))?;
     let listener = match state.presence.find(&to, &service) {
         Ok(l) => l,
         Err(Absent::Offline) if state.cluster.is_some() => {
-            return remote(
-                state,
-                super::cluster::ask_inbound(caller, &to, &service, candidates, me.seen),
-            )
-            .await;
+            let ask =
+                RemoteInbound { from: caller.clone(), to, service, candidates, peer_seen: me.seen };
+            return remote(state, &ask).await;
         }
         Err(a) => return Err(absent(a, &to, &service)),
     };
@@ -709,20 +710,21 @@ async fn inbound(
 /// Why `to` cannot be asked for `service`.
 fn absent(a: Absent, to: &Q2qAddress, service: &ServiceName) -> Refusal {
     match a {
-        Absent::Offline => refuse(code::OFFLINE, format!("{to} is offline")),
+        Absent::Offline => refuse(ErrorCode::Offline, format!("{to} is offline")),
         Absent::NoSuchService => {
-            refuse(code::NO_SUCH_SERVICE, format!("{to} does not offer service {service}"))
+            refuse(ErrorCode::NoSuchService, format!("{to} does not offer service {service}"))
         }
     }
 }
 
 /// Ask the instance where the callee of `ask` is logged in (see [`super::cluster`]); its
-/// refusal passes through.
-async fn remote(state: &Arc<State>, ask: AmpBox) -> Result<AmpBox, Refusal> {
+/// refusal passes through, an answer that does not decode is `INTERNAL`.
+async fn remote<C: Command>(state: &Arc<State>, ask: &C) -> Result<C::Answer, Refusal> {
     let Some(cluster) = &state.cluster else {
-        return Err(refuse(code::OFFLINE, "offline"));
+        return Err(refuse(ErrorCode::Offline, "offline"));
     };
-    cluster.ask(ask).await.map_err(|(code, description)| Refusal { code, description })
+    let answer = cluster.ask(ask.request()).await.map_err(Refusal::from)?;
+    C::Answer::from_box(&answer).map_err(internal)
 }
 
 /// Set up a session between `caller` (its relay end `caller_end`, its control connection
@@ -738,9 +740,9 @@ async fn set_up(
     to: &Q2qAddress,
     service: &ServiceName,
     listener: Listener,
-    candidates: &str,
+    candidates: Vec<std::net::SocketAddr>,
     relay_host: Option<std::net::IpAddr>,
-) -> Result<AmpBox, Refusal> {
+) -> Result<InboundAnswer, Refusal> {
     let session: u64 = rand::random();
     let probe_key: [u8; 16] = rand::random();
     let now = Instant::now();
@@ -749,94 +751,76 @@ async fn set_up(
     let (g_caller, g_callee) = state
         .relay
         .create(caller_end, callee_end, now)
-        .ok_or_else(|| refuse(code::RELAY_LIMIT, "too many relayed sessions for this user"))?;
-    let ask = AmpBox::command(command::INBOUND)
-        .with("from", caller.to_string())
-        .with("service", service.as_str())
-        .with("candidates", candidates)
-        .with("session", format!("{session:016x}"))
-        .with("probe_key", hex::encode(probe_key))
-        .with("relay_token", hex::encode(g_callee.token))
-        .with("relay_key", g_callee.key.to_hex())
-        .with("relay_port", state.udp_port.to_string())
-        .with("peer_seen", caller_seen.to_string());
+        .ok_or_else(|| refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user"))?;
+    let grant = |candidates, g: super::relay::Grant, peer_seen, relay_host| Grant {
+        candidates,
+        session,
+        probe_key,
+        relay_token: g.token,
+        relay_key: g.key,
+        relay_port: state.udp_port,
+        relay_host,
+        peer_seen: Some(peer_seen),
+    };
+    let ask = InboundAsk {
+        from: caller.clone(),
+        service: service.clone(),
+        grant: grant(candidates, g_callee, caller_seen, None),
+    };
     // Refused, silent or nonsense: the legs go at once.
-    let theirs = ask_callee(&listener.handle, to, ask)
+    let theirs = ask_callee(&listener.handle, to, &ask)
         .await
         .inspect_err(|_| state.relay.remove(&g_caller.token))?;
     info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
-    let mut answer = AmpBox::new()
-        .with("peer", to.to_string())
-        .with("candidates", theirs)
-        .with("session", format!("{session:016x}"))
-        .with("probe_key", hex::encode(probe_key))
-        .with("relay_token", hex::encode(g_caller.token))
-        .with("relay_key", g_caller.key.to_hex())
-        .with("relay_port", state.udp_port.to_string())
-        .with("peer_seen", listener.seen.to_string());
-    if let Some(host) = relay_host {
-        answer.insert("relay_host", host.to_string());
-    }
-    Ok(answer)
+    Ok(InboundAnswer {
+        peer: to.clone(),
+        grant: grant(theirs, g_caller, listener.seen, relay_host),
+    })
 }
 
 /// What another instance of the domain asks this one for a caller logged in there
 /// ([`super::cluster`]): `inbound` for a callee logged in here (both relay legs here; the
 /// caller's reached over UDP only, at this instance's `relay_host`), or `candidates`.
-pub(super) async fn answer_remote(
-    state: &Arc<State>,
-    b: &AmpBox,
-) -> Result<AmpBox, (String, String)> {
-    let r = async {
-        let caller = Q2qAddress::parse(arg(b, "from")?)
-            .map_err(|e| refuse(code::BAD_REQUEST, e.to_string()))?;
-        let to = callee_arg(state, b)?;
-        let seen: std::net::IpAddr = arg(b, "peer_seen")?
-            .parse()
-            .map_err(|_| refuse(code::BAD_REQUEST, "bad `peer_seen`"))?;
-        let candidates = b.get_str("candidates").unwrap_or("");
-        match b.get_str(amp::COMMAND).unwrap_or("") {
-            command::INBOUND => {
-                let service = service_arg(b)?;
+pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpBox, amp::ErrorBox> {
+    let name = b.get_str(amp::COMMAND).unwrap_or("");
+    let r = match name {
+        RemoteInbound::NAME => {
+            answer(async {
+                let RemoteInbound { from, to, service, candidates, peer_seen } = decode(b)?;
+                let to = callee(state, to)?;
                 let listener =
                     state.presence.find(&to, &service).map_err(|a| absent(a, &to, &service))?;
                 let end =
-                    End { user: caller.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
+                    End { user: from.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
                 let host = state.config.relay_host();
-                set_up(state, &caller, end, seen, &to, &service, listener, candidates, host).await
-            }
-            command::CANDIDATES => {
+                set_up(state, &from, end, peer_seen, &to, &service, listener, candidates, host)
+                    .await
+            })
+            .await
+        }
+        RemoteCandidates::NAME => {
+            answer(async {
+                let RemoteCandidates { from, to, session, candidates, peer_seen } = decode(b)?;
+                let to = callee(state, to)?;
                 let listener = state
                     .presence
                     .any(&to)
-                    .ok_or_else(|| refuse(code::OFFLINE, format!("{to} is offline")))?;
-                let ask = AmpBox::command(command::CANDIDATES)
-                    .with("from", caller.to_string())
-                    .with("session", arg(b, "session")?)
-                    .with("candidates", candidates)
-                    .with("peer_seen", seen.to_string());
-                let mine = ask_callee(&listener.handle, &to, ask).await?;
-                Ok(AmpBox::new()
-                    .with("candidates", mine)
-                    .with("peer_seen", listener.seen.to_string()))
-            }
-            other => Err(refuse(code::UNHANDLED, format!("unknown command `{other}`"))),
+                    .ok_or_else(|| refuse(ErrorCode::Offline, format!("{to} is offline")))?;
+                let ask = CandidatesAsk { from, session, candidates, peer_seen: Some(peer_seen) };
+                let mine = ask_callee(&listener.handle, &to, &ask).await?;
+                Ok(CandidatesAnswer { candidates: mine, peer_seen: Some(listener.seen) })
+            })
+            .await
         }
-    }
-    .await;
-    r.map_err(|r| (r.code, r.description))
+        other => Err(refuse(ErrorCode::Unhandled, format!("unknown command `{other}`"))),
+    };
+    r.map_err(Into::into)
 }
 
 /// A datagram a client relays over its control connection `conn`: only for a leg that
 /// connection owns.
-async fn relay_over_tcp(state: &Arc<State>, conn: u64, b: &AmpBox) {
-    let Some(token) =
-        b.get_str("token").and_then(|t| hex::decode(t).ok()).and_then(|t| t.try_into().ok())
-    else {
-        return;
-    };
-    let data = b.get("data").unwrap_or_default();
-    match state.relay.forward_tcp(conn, &token, data, Instant::now()) {
+async fn relay_over_tcp(state: &Arc<State>, conn: u64, Relay { token, data }: Relay) {
+    match state.relay.forward_tcp(conn, &token, &data, Instant::now()) {
         Ok(Some(f)) => state.send_forward(f).await,
         Ok(None) => {}
         Err(e) => debug!(conn, error = %e, "refused a datagram relayed over TCP"),

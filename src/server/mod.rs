@@ -86,8 +86,8 @@ impl State {
             relay::Forward::Udp(addr, bytes) => {
                 let _ = self.udp.send_to(&bytes, addr).await;
             }
-            relay::Forward::Tcp(handle, b) => {
-                let _ = handle.tell(b).await;
+            relay::Forward::Tcp(handle, r) => {
+                let _ = handle.tell(crate::proto::Command::request(&r)).await;
             }
         }
     }

@@ -11,8 +11,8 @@
 //! control connection (AMP `relay`, inside TLS) there is no tag, and only the connection
 //! that owns a leg may use its token.
 
-use crate::amp::{AmpBox, PeerHandle};
-use crate::proto::command;
+use crate::amp::PeerHandle;
+use crate::proto::commands;
 use crate::relay::{self, Direction, Fresh, Key, RelayError, ReplayWindow, Token};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,8 +47,8 @@ struct Leg {
 pub enum Forward {
     /// A sealed relay datagram, to this UDP address.
     Udp(SocketAddr, Vec<u8>),
-    /// An AMP `relay` box, over this control connection.
-    Tcp(PeerHandle, AmpBox),
+    /// An AMP `relay` command (told, not asked), over this control connection.
+    Tcp(PeerHandle, commands::Relay),
 }
 
 /// Limits on relaying.
@@ -233,9 +233,7 @@ impl Relay {
             }
             (None, Some(handle)) => Some(Forward::Tcp(
                 handle.clone(),
-                AmpBox::command(command::RELAY)
-                    .with("token", hex::encode(partner))
-                    .with("data", inner),
+                commands::Relay { token: partner, data: inner.to_vec() },
             )),
             // A remote end that has not bound its leg by UDP yet: dropped, PTCP recovers.
             (None, None) => None,
@@ -399,9 +397,8 @@ mod tests {
         assert_eq!(relay.forward_tcp(1, &[0; 16], b"x", now).err(), Some(RelayError::UnknownToken));
         // Alice over her own connection: to bob, over his (no UDP bound).
         let f = relay.forward_tcp(1, &ga.token, b"over tcp", now).unwrap();
-        let Some(Forward::Tcp(_, b)) = f else { panic!("not forwarded over TCP") };
-        assert_eq!(b.get_str("token"), Some(hex::encode(gb.token).as_str()));
-        assert_eq!(b.get("data"), Some(&b"over tcp"[..]));
+        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded over TCP") };
+        assert_eq!(r, commands::Relay { token: gb.token, data: b"over tcp".to_vec() });
         assert!(relay.forward_tcp(1, &ga.token, b"", now).unwrap().is_none());
     }
 }

@@ -4,16 +4,6 @@
 
 use super::*;
 
-/// A `BAD_REQUEST` error box for a server's request.
-fn bad(why: &str) -> (String, String) {
-    (code::BAD_REQUEST.to_string(), why.to_string())
-}
-
-/// The `from` of a server's request: who asks.
-fn from_arg(b: &AmpBox) -> Result<Q2qAddress, (String, String)> {
-    b.get_str("from").and_then(|f| Q2qAddress::parse(f).ok()).ok_or_else(|| bad("bad `from`"))
-}
-
 impl Node {
     /// Create the session of `setup`, bind the relay, and start probing.
     #[allow(clippy::too_many_arguments)]
@@ -62,13 +52,7 @@ impl Node {
             .await?;
         // Bind our end of the relay over TCP as well, in case UDP is blocked (the endpoint
         // binds it over UDP).
-        let _ = server
-            .peer_tell(
-                AmpBox::command(command::RELAY)
-                    .with("token", hex::encode(setup.relay_token))
-                    .with("data", ""),
-            )
-            .await;
+        let _ = server.tell(&cmd::Relay { token: setup.relay_token, data: Vec::new() }).await;
         Ok(Arc::new(session))
     }
 
@@ -121,15 +105,11 @@ impl Node {
     /// A peer in session sends fresh candidates (its network changed): search them, at
     /// most where the server saw it or on our own networks, and answer ours. Only for a
     /// live session with exactly that peer and id that is not relay-only.
-    pub(super) async fn peer_candidates(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
-        let from = from_arg(b)?;
-        let id = b
-            .get_str("session")
-            .and_then(|s| u64::from_str_radix(s, 16).ok())
-            .ok_or_else(|| bad("bad `session`"))?;
-        let theirs =
-            proto::parse_candidates(b.get_str("candidates").unwrap_or("")).map_err(|e| bad(&e))?;
-        let seen = b.get_str("peer_seen").and_then(|s| s.parse().ok());
+    pub(super) async fn peer_candidates(
+        &self,
+        ask: cmd::CandidatesAsk,
+    ) -> Result<cmd::CandidateList, Refusal> {
+        let cmd::CandidatesAsk { from, session: id, candidates: theirs, peer_seen: seen } = ask;
         let ps = self
             .inner
             .table
@@ -138,10 +118,10 @@ impl Node {
             .into_iter()
             .find(|s| s.peer == from && s.id() == id && !s.relay_only)
             .ok_or_else(|| {
-                (code::NOT_AUTHORIZED.to_string(), format!("no session {id:016x} with {from}"))
+                Refusal::new(ErrorCode::NotAuthorized, format!("no session {id:016x} with {from}"))
             })?;
         self.take_candidates(&ps, &theirs, seen).await;
-        Ok(AmpBox::new().with("candidates", proto::format_candidates(&self.candidates().await)))
+        Ok(cmd::CandidateList { candidates: self.candidates().await })
     }
 
     /// Our candidates now: the reflexive address first, then host ones.
@@ -177,7 +157,7 @@ impl Node {
     /// server where it is logged in, and search the ones it answers with. Returns how many
     /// sessions were refreshed. Relay-only sessions are left alone.
     pub async fn refresh_sessions(&self) -> usize {
-        let mine = proto::format_candidates(&self.candidates().await);
+        let mine = self.candidates().await;
         let mut done = 0;
         for ps in self.inner.table.list().await {
             if ps.relay_only {
@@ -185,23 +165,16 @@ impl Node {
             }
             let asked = async {
                 let server = self.server_for(&ps.peer.domain).await?;
-                let answer = server
-                    .peer_call(
-                        AmpBox::command(command::CANDIDATES)
-                            .with("to", ps.peer.to_string())
-                            .with("session", format!("{:016x}", ps.id()))
-                            .with("candidates", mine.as_str()),
-                    )
-                    .await?;
-                Ok::<_, NodeError>(answer)
+                let ask = cmd::Candidates {
+                    to: ps.peer.clone(),
+                    session: ps.id(),
+                    candidates: mine.clone(),
+                };
+                Ok::<_, NodeError>(server.call(&ask).await?)
             };
             match tokio::time::timeout(Duration::from_secs(10), asked).await {
                 Ok(Ok(answer)) => {
-                    let theirs =
-                        proto::parse_candidates(answer.get_str("candidates").unwrap_or(""))
-                            .unwrap_or_default();
-                    let seen = answer.get_str("peer_seen").and_then(|s| s.parse().ok());
-                    self.take_candidates(&ps, &theirs, seen).await;
+                    self.take_candidates(&ps, &answer.candidates, answer.peer_seen).await;
                     done += 1;
                 }
                 Ok(Err(e)) => debug!(peer = %ps.peer, error = %e, "fresh candidates refused"),
@@ -215,36 +188,40 @@ impl Node {
     /// policy names them. A caller authorized for none of our services by name (a
     /// stranger calling `ping`, which anyone may use) gets a relay-only session: no
     /// candidates revealed, no probes sent.
-    pub(super) async fn inbound(&self, b: &AmpBox) -> Result<AmpBox, (String, String)> {
-        let from = from_arg(b)?;
-        let service = b
-            .get_str("service")
-            .and_then(|s| ServiceName::parse(s).ok())
-            .ok_or_else(|| bad("bad `service`"))?;
+    pub(super) async fn inbound(
+        &self,
+        ask: cmd::InboundAsk,
+    ) -> Result<cmd::CandidateList, Refusal> {
+        let cmd::InboundAsk { from, service, grant } = ask;
         let relay_only = {
-            let l = self.inner.listening.lock().map_err(|_| bad("lock"))?;
+            let l = self
+                .inner
+                .listening
+                .lock()
+                .map_err(|_| Refusal::new(ErrorCode::Internal, "lock"))?;
             match l.get(&service) {
                 None => {
-                    return Err((
-                        code::NO_SUCH_SERVICE.into(),
+                    return Err(Refusal::new(
+                        ErrorCode::NoSuchService,
                         format!("{} does not offer service {service}", self.inner.me),
                     ));
                 }
                 Some(l) if !l.policy.permits(&from) => {
                     info!(%from, %service, "refused: not authorized");
                     let _ = self.inner.refusals.send((from.clone(), service.clone()));
-                    return Err((
-                        code::NOT_AUTHORIZED.into(),
+                    return Err(Refusal::new(
+                        ErrorCode::NotAuthorized,
                         format!("{from} is not authorized for {service} of {}", self.inner.me),
                     ));
                 }
                 Some(_) => !l.values().any(|l| l.policy.allowed.contains(&from)),
             }
         };
-        let setup =
-            Setup::parse(b, self.home().server.as_str()).await.map_err(|e| bad(&e.to_string()))?;
+        let setup = Setup::new(&grant, self.home().server.as_str())
+            .await
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
         let caller_ca = self.ca_for(&from.domain).await.map_err(|e| {
-            (code::NOT_AUTHORIZED.to_string(), format!("cannot verify {from}: {e}"))
+            Refusal::new(ErrorCode::NotAuthorized, format!("cannot verify {from}: {e}"))
         })?;
         let reflexive = self.reflexive().await;
         let mine = if relay_only {
@@ -261,14 +238,14 @@ impl Node {
         let session = self
             .open_session(&setup, Role::Callee, &home, reflexive.is_some(), !relay_only)
             .await
-            .map_err(|e| (code::INTERNAL.to_string(), e.to_string()))?;
+            .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         if relay_only {
             info!(%from, %service, "a caller authorized for no service by name: relay only");
         }
         let ps = Arc::new(PeerSession::new(from, service.clone(), session, caller_ca, relay_only));
         self.serve_session(&ps);
         self.inner.table.insert(ps.peer.clone(), ps).await;
-        Ok(AmpBox::new().with("candidates", proto::format_candidates(&mine)))
+        Ok(cmd::CandidateList { candidates: mine })
     }
 }
 
@@ -285,51 +262,29 @@ pub(super) struct Setup {
 }
 
 impl Setup {
-    /// Parse an `inbound` answer (caller) or request (callee); the relay is at `relay_host`
-    /// (given when the callee is logged in at another instance of the domain) or else the
-    /// server at `server` (host:port of the control connection), on `relay_port`.
-    pub(super) async fn parse(b: &AmpBox, server: &str) -> Result<Setup, NodeError> {
-        let bad = |what: &str| NodeError::BadAnswer(format!("`{what}` missing or malformed"));
-        let session = b
-            .get_str("session")
-            .and_then(|s| u64::from_str_radix(s, 16).ok())
-            .ok_or_else(|| bad("session"))?;
-        let probe_key = b
-            .get_str("probe_key")
-            .and_then(|k| hex::decode(k).ok())
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(|| bad("probe_key"))?;
-        let relay_token = b
-            .get_str("relay_token")
-            .and_then(|k| hex::decode(k).ok())
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(|| bad("relay_token"))?;
-        let relay_key = b
-            .get_str("relay_key")
-            .and_then(relay::Key::from_hex)
-            .ok_or_else(|| bad("relay_key"))?;
-        let port: u16 = b
-            .get_str("relay_port")
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| bad("relay_port"))?;
-        let candidates = proto::parse_candidates(b.get_str("candidates").unwrap_or(""))
-            .map_err(NodeError::BadAnswer)?;
-        let host = match b.get_str("relay_host") {
-            Some(h) => h.parse::<std::net::IpAddr>().map_err(|_| bad("relay_host"))?,
+    /// The session of an `inbound` answer (caller) or request (callee); the relay is at
+    /// `relay_host` (given when the callee is logged in at another instance of the domain)
+    /// or else the server at `server` (host:port of the control connection), on
+    /// `relay_port`.
+    pub(super) async fn new(grant: &cmd::Grant, server: &str) -> Result<Setup, NodeError> {
+        let host = match grant.relay_host {
+            Some(h) => h,
             None => tokio::net::lookup_host(server)
                 .await?
                 .next()
-                .ok_or_else(|| bad("server address"))?
+                .ok_or_else(|| {
+                    NodeError::BadAnswer("`server address` missing or malformed".to_string())
+                })?
                 .ip(),
         };
         Ok(Setup {
-            session,
-            probe_key,
-            relay_token,
-            relay_key,
-            relay: SocketAddr::new(host, port),
-            candidates,
-            peer_seen: b.get_str("peer_seen").and_then(|s| s.parse().ok()),
+            session: grant.session,
+            probe_key: grant.probe_key,
+            relay_token: grant.relay_token,
+            relay_key: grant.relay_key.clone(),
+            relay: SocketAddr::new(host, grant.relay_port),
+            candidates: grant.candidates.clone(),
+            peer_seen: grant.peer_seen,
         })
     }
 }

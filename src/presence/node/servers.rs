@@ -23,7 +23,7 @@ impl Node {
             tokio::select! {
                 _ = handle.closed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(25)) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), home.peer_call(AmpBox::command(command::PING))).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), home.call(&cmd::Ping {})).await;
                     // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
                     let seen = self.ask_reflexive().await;
                     let before = self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
@@ -58,13 +58,8 @@ impl Node {
                             })
                             .unwrap_or_default();
                         for (service, description) in services {
-                            let _ = conn
-                                .peer_call(
-                                    AmpBox::command(command::LISTEN)
-                                        .with("service", service.as_str())
-                                        .with("description", description),
-                                )
-                                .await;
+                            let listen = cmd::Listen { service, description: Some(description) };
+                            let _ = conn.call(&listen).await;
                         }
                         if let Some(incoming) = incoming {
                             tokio::spawn(self.clone().control_loop(incoming));
@@ -183,10 +178,7 @@ impl Node {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_RELAY_QUEUE);
         tokio::spawn(async move {
             while let Some(inner) = rx.recv().await {
-                let b = AmpBox::command(command::RELAY)
-                    .with("token", hex::encode(token))
-                    .with("data", inner);
-                let _ = server.peer_tell(b).await;
+                let _ = server.tell(&cmd::Relay { token, data: inner }).await;
             }
         });
         tx
@@ -244,34 +236,39 @@ impl Node {
         Box::pin(async move {
             while let Some(req) = incoming.recv().await {
                 match req.command() {
-                    command::RELAY => {
-                        let data = req.request.get("data").unwrap_or_default().to_vec();
-                        if !data.is_empty() {
+                    cmd::Relay::NAME => {
+                        // A datagram relayed by the server; the endpoint authenticates
+                        // what it carries.
+                        if let Ok(cmd::Relay { data, .. }) = cmd::Relay::from_box(&req.request)
+                            && !data.is_empty()
+                        {
                             let _ = self.inner.endpoint.inject_relayed(data).await;
                         }
-                        req.respond(Ok(AmpBox::new())).await;
+                        req.respond(Ok(cmd::Empty {}.to_box())).await;
                     }
-                    command::INBOUND => {
+                    cmd::InboundAsk::NAME => {
                         let node = self.clone();
                         tokio::spawn(async move {
-                            let result = node.inbound(&req.request).await;
-                            req.respond(result).await;
+                            let result = match cmd::InboundAsk::from_box(&req.request) {
+                                Ok(ask) => node.inbound(ask).await,
+                                Err(e) => Err(e),
+                            };
+                            req.respond(result.map(|a| a.to_box()).map_err(Into::into)).await;
                         });
                     }
-                    command::CANDIDATES => {
+                    cmd::CandidatesAsk::NAME => {
                         let node = self.clone();
                         tokio::spawn(async move {
-                            let result = node.peer_candidates(&req.request).await;
-                            req.respond(result).await;
+                            let result = match cmd::CandidatesAsk::from_box(&req.request) {
+                                Ok(ask) => node.peer_candidates(ask).await,
+                                Err(e) => Err(e),
+                            };
+                            req.respond(result.map(|a| a.to_box()).map_err(Into::into)).await;
                         });
                     }
                     other => {
-                        let other = other.to_string();
-                        req.respond(Err((
-                            code::UNHANDLED.into(),
-                            format!("unknown command `{other}`"),
-                        )))
-                        .await;
+                        let why = format!("unknown command `{other}`");
+                        req.respond(Err(Refusal::new(ErrorCode::Unhandled, why).into())).await;
                     }
                 }
             }
@@ -285,10 +282,7 @@ impl Node {
     /// resolver: unknown users get NXDOMAIN).
     pub async fn exists(&self, who: &Q2qAddress) -> Result<bool, NodeError> {
         let server = self.server_for(&who.domain).await?;
-        let answer = server
-            .peer_call(AmpBox::command(command::EXISTS).with("address", who.to_string()))
-            .await?;
-        Ok(answer.get_str("exists") == Some("true"))
+        Ok(server.call(&cmd::Exists { address: who.clone() }).await?.exists)
     }
 }
 

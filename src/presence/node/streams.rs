@@ -235,15 +235,9 @@ impl Node {
             self.mapped(),
             self.inner.config.include_loopback,
         );
-        let answer = server
-            .peer_call(
-                AmpBox::command(command::INBOUND)
-                    .with("to", to.to_string())
-                    .with("service", service.as_str())
-                    .with("candidates", proto::format_candidates(&mine)),
-            )
-            .await?;
-        let setup = Setup::parse(&answer, server.server.as_str()).await?;
+        let inbound = cmd::Inbound { to: to.clone(), service: service.clone(), candidates: mine };
+        let answer = server.call(&inbound).await?;
+        let setup = Setup::new(&answer.grant, server.server.as_str()).await?;
         // No candidates: the callee keeps this session relayed (we are a stranger to it).
         let relay_only = setup.candidates.is_empty();
         let session = self
