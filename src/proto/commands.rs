@@ -13,7 +13,7 @@
 //! Decoding a box that lacks a required argument or holds a malformed one gives a
 //! [`Refusal`] with [`ErrorCode::BadRequest`] and a sentence naming the argument, which
 //! the server sends back as its error box. Optional arguments are `Option`s; absent
-//! `candidates` read as none and absent `data` as empty, as before.
+//! `candidates` read as none, as before.
 
 use super::{code, command};
 use crate::address::{Domain, Q2qAddress, ServiceName};
@@ -245,13 +245,13 @@ impl Field for Vec<SocketAddr> {
     }
 }
 
-/// Raw bytes (`data` of `relay`); absent reads as empty.
+/// Raw bytes (`data` of `relay`), not text.
 impl Field for Vec<u8> {
     fn put(&self, b: &mut AmpBox, key: &str) {
         b.insert(key, self);
     }
     fn take(b: &AmpBox, key: &str) -> Result<Vec<u8>, Refusal> {
-        Ok(b.get(key).unwrap_or_default().to_vec())
+        b.get(key).map(<[u8]>::to_vec).ok_or_else(|| missing(key))
     }
 }
 
