@@ -33,6 +33,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     check::<Candidates>(&b);
     check::<CandidatesAnswer>(&b);
     check::<CandidatesAsk>(&b);
+    check::<RemoteInbound>(&b);
+    check::<RemoteCandidates>(&b);
     check::<Relay>(&b);
     check::<Exists>(&b);
     check::<ExistsAnswer>(&b);
