@@ -105,23 +105,25 @@ impl Cluster {
         &self.id
     }
 
-    /// Ask the instance where the callee of `ask` (its `to`, and `service` if any) is
-    /// logged in; its answer, or its refusal. `ask` is a request of
-    /// [`crate::proto::commands`] (`RemoteInbound`, `RemoteCandidates`); this envelope
-    /// adds `_kind`, `_id` and `_reply`.
-    pub async fn ask(&self, mut ask: AmpBox) -> Result<AmpBox, amp::ErrorBox> {
+    /// Ask the instance where `to` (with `service`, if given) is logged in the request
+    /// `ask` (of [`crate::proto::commands`]: `RemoteInbound`, `RemoteCandidates`); its
+    /// answer, or its refusal. This envelope adds `_kind`, `_id` and `_reply`.
+    pub async fn ask(
+        &self,
+        to: &str,
+        service: Option<&str>,
+        mut ask: AmpBox,
+    ) -> Result<AmpBox, amp::ErrorBox> {
         let refuse =
             |code: &str, description: String| amp::ErrorBox { code: code.to_string(), description };
         let internal = |e: &dyn std::fmt::Display| {
             warn!(error = %e, "asking another instance failed");
             refuse(code::INTERNAL, "internal server error".to_string())
         };
-        let to = ask.get_str("to").unwrap_or("").to_string();
-        let service = ask.get_str("service").map(str::to_string);
         let alive_since = super::db::now() - ALIVE_FOR.as_secs() as i64;
         let found = self
             .db
-            .presence_find(&to, service.as_deref(), &self.id, alive_since)
+            .presence_find(to, service, &self.id, alive_since)
             .await
             .map_err(|e| internal(&e))?;
         let remote = match found {

@@ -634,12 +634,12 @@ async fn candidates(
         if state.cluster.is_some() {
             let ask = RemoteCandidates {
                 from: caller.clone(),
-                to,
+                to: to.clone(),
                 session,
                 candidates,
                 peer_seen: me.seen,
             };
-            return remote(state, &ask).await;
+            return remote(state, &to, None, &ask).await;
         }
         return Err(refuse(ErrorCode::Offline, format!("{to} is offline")));
     };
@@ -697,9 +697,14 @@ async fn inbound(
     let listener = match state.presence.find(&to, &service) {
         Ok(l) => l,
         Err(Absent::Offline) if state.cluster.is_some() => {
-            let ask =
-                RemoteInbound { from: caller.clone(), to, service, candidates, peer_seen: me.seen };
-            return remote(state, &ask).await;
+            let ask = RemoteInbound {
+                from: caller.clone(),
+                to: to.clone(),
+                service: service.clone(),
+                candidates,
+                peer_seen: me.seen,
+            };
+            return remote(state, &to, Some(&service), &ask).await;
         }
         Err(a) => return Err(absent(a, &to, &service)),
     };
@@ -719,11 +724,17 @@ fn absent(a: Absent, to: &Q2qAddress, service: &ServiceName) -> Refusal {
 
 /// Ask the instance where the callee of `ask` is logged in (see [`super::cluster`]); its
 /// refusal passes through, an answer that does not decode is `INTERNAL`.
-async fn remote<C: Command>(state: &Arc<State>, ask: &C) -> Result<C::Answer, Refusal> {
+async fn remote<C: Command>(
+    state: &Arc<State>,
+    to: &Q2qAddress,
+    service: Option<&ServiceName>,
+    ask: &C,
+) -> Result<C::Answer, Refusal> {
     let Some(cluster) = &state.cluster else {
         return Err(refuse(ErrorCode::Offline, "offline"));
     };
-    let answer = cluster.ask(ask.request()).await.map_err(Refusal::from)?;
+    let (to, service) = (to.to_string(), service.map(ServiceName::as_str));
+    let answer = cluster.ask(&to, service, ask.request()).await.map_err(Refusal::from)?;
     C::Answer::from_box(&answer).map_err(internal)
 }
 
