@@ -7,7 +7,7 @@ use crate::address::{Domain, Q2qAddress};
 use crate::amp::{AmpBox, CallError, Incoming, PeerHandle};
 use crate::identity::Fingerprint;
 use crate::proto::commands::{
-    Certificate, Hello, Identify, Register, Renew, Sign, Subject, WhoAmI,
+    Certificate, Hello, Identify, Register, Renew, Revocations, Sign, Subject, WhoAmI,
 };
 use crate::proto::{self, Command, ErrorCode, Message};
 use crate::tls::CaPinVerifier;
@@ -299,6 +299,12 @@ impl ServerConn {
     pub async fn renew(&self, current_pem: &str) -> Result<String, ClientError> {
         let cmd = Renew { certificate: Some(current_pem.to_string()) };
         Ok(self.call(&cmd).await?.certificate)
+    }
+
+    /// The revocation list of `domain` (DER, unverified: check it with
+    /// [`crate::identity::revocation::RevocationList::verify`]), from its server.
+    pub async fn revocations(&self, domain: &Domain) -> Result<Vec<u8>, ClientError> {
+        Ok(self.call(&Revocations { domain: domain.clone() }).await?.list)
     }
 
     /// The address the server sees this TCP connection come from.

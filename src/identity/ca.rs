@@ -163,6 +163,46 @@ impl DomainCa {
     }
 }
 
+impl DomainCa {
+    /// The domain's revocation list (X.509 v2 CRL, DER; see [`super::revocation`]):
+    /// `revoked` certificates, CRL number `number`, made at `now` (Unix seconds, backdated
+    /// a little for clocks behind) and vouched for `valid_for`.
+    pub fn revocation_list(
+        &self,
+        revoked: &[super::revocation::Revoked],
+        number: u64,
+        now: i64,
+        valid_for: Duration,
+    ) -> Result<Vec<u8>, CaError> {
+        use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams};
+        let at = |secs: i64| {
+            OffsetDateTime::from_unix_timestamp(secs)
+                .map_err(|_| CaError::Rcgen(rcgen::Error::Time))
+        };
+        let this_update = at(now)? - BACKDATE;
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for r in revoked {
+            let serial = hex::decode(&r.serial)
+                .map_err(|_| CaError::Rcgen(rcgen::Error::X509(format!("serial {}", r.serial))))?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: at(r.at)?,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update: at(now)? + valid_for,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+}
+
 /// The names and uses of a user certificate: exactly `address`, client and server auth.
 fn user_params(address: &Q2qAddress) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;

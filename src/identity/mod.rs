@@ -6,12 +6,14 @@
 //! mutually authenticated TLS stream.
 //!
 //! [`renewal`] says when a certificate is due for renewal and when it is worth a warning,
-//! and what clock skew is tolerated (pure: it takes `now`).
+//! and what clock skew is tolerated (pure: it takes `now`). [`revocation`]: the signed lists
+//! of revoked certificates each domain publishes, and a bounded cache of other domains'.
 
 mod ca;
 mod cert;
 mod fingerprint;
 pub mod renewal;
+pub mod revocation;
 mod verify;
 
 pub use ca::{CaError, DomainCa, IssuedCert};

@@ -47,6 +47,7 @@ use tracing::{debug, error, info, warn};
 
 mod consent;
 mod renewal;
+mod revocation;
 mod servers;
 mod streams;
 
@@ -76,6 +77,9 @@ pub enum NodeError {
     /// The set-up of a session that several connections waited for failed.
     #[error(transparent)]
     Shared(Arc<NodeError>),
+    /// The revocation list of the peer's domain could not be had (the peer is refused).
+    #[error("{0}")]
+    Revocation(String),
 }
 
 /// How a session's datagrams travel now, and why.
@@ -186,6 +190,10 @@ pub struct NodeConfig {
     /// a candidate ([`crate::presence::portmap`]); deleted by [`Node::leave`]. Off by
     /// default: it talks to the router of whatever network this machine is on.
     pub port_mapping: bool,
+    /// How long a peer domain's revocation list is used before it is fetched again
+    /// (default 60 s); a session with a peer whose certificate was revoked ends within
+    /// about this long.
+    pub revocation_max_age: Duration,
 }
 
 impl Default for NodeConfig {
@@ -202,6 +210,7 @@ impl Default for NodeConfig {
             tcp_relay_only: false,
             session_idle: Duration::from_secs(60),
             port_mapping: false,
+            revocation_max_age: crate::identity::revocation::DEFAULT_MAX_AGE,
         }
     }
 }
@@ -278,6 +287,8 @@ struct Inner {
     table: SessionTable<NodeError>,
     /// The task that owns our port mapping, when `config.port_mapping`.
     port_map: Option<crate::presence::portmap::Mapper>,
+    /// Peer domains' revocation lists (bounded in number and age).
+    revocations: crate::identity::revocation::Lists,
 }
 
 /// Datagrams of one TCP-relayed session waiting for the control connection; more are
@@ -360,6 +371,10 @@ impl Node {
             renewal: Default::default(),
             refusals: tokio::sync::broadcast::channel(16).0,
             table: SessionTable::start(),
+            revocations: crate::identity::revocation::Lists::new(
+                revocation::MAX_LISTS,
+                config.revocation_max_age,
+            ),
             me,
             home,
             config,

@@ -177,6 +177,9 @@ pub struct PeerSession {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Whether both identities are proven yet.
     auth: tokio::sync::watch::Sender<Auth>,
+    /// The serial (lowercase hex) of the certificate the peer proved, once it did: checked
+    /// against its domain's revocation list.
+    peer_serial: std::sync::OnceLock<String>,
 }
 
 /// How far the session's authentication is.
@@ -216,7 +219,18 @@ impl PeerSession {
             ended: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             auth: tokio::sync::watch::channel(Auth::Pending).0,
+            peer_serial: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Record the serial of the certificate the peer proved (once).
+    pub fn set_peer_serial(&self, serial: String) {
+        let _ = self.peer_serial.set(serial);
+    }
+
+    /// The serial of the certificate the peer proved, once it did.
+    pub fn peer_serial(&self) -> Option<&str> {
+        self.peer_serial.get().map(String::as_str)
     }
 
     /// Both identities are proven and the session's datagrams are sealed with `secrets`:

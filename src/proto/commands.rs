@@ -470,6 +470,23 @@ amp_message! {
 amp_command!(Identify = command::IDENTIFY, answer Certificate, errors [WrongDomain]);
 
 amp_message! {
+    /// `revocations`: the domain's signed revocation list, to anyone after `hello`.
+    pub struct Revocations {
+        pub domain: Domain,
+    }
+}
+amp_command!(Revocations = command::REVOCATIONS, answer RevocationList, errors [
+    WrongDomain, Internal,
+]);
+
+amp_message! {
+    /// A revocation list: an X.509 v2 CRL, DER, signed by the domain CA (RFC 5280 §5).
+    pub struct RevocationList {
+        pub list: Vec<u8>,
+    }
+}
+
+amp_message! {
     /// A certificate, PEM (the answer of `identify`, `sign` and `renew`).
     pub struct Certificate {
         pub certificate: String,
@@ -632,6 +649,9 @@ amp_message! {
         pub from: Q2qAddress,
         pub service: ServiceName,
         pub grant: Grant,
+        /// The serial of the caller's certificate (lowercase hex), for the callee to check
+        /// against its copy of the caller's domain's revocation list.
+        pub from_serial: Option<String>,
     }
 }
 amp_command!(InboundAsk = command::INBOUND, answer CandidateList, errors [
@@ -871,8 +891,11 @@ mod tests {
             round_trip(&Unlisten { service: s.clone() }, &Empty {}, &t1)?;
             round_trip(&Inbound { to: a.clone(), service: s.clone(), candidates: c1.clone() },
                 &InboundAnswer { peer: a.clone(), grant: g.clone() }, &t1)?;
-            round_trip(&InboundAsk { from: b.clone(), service: s.clone(), grant: g.clone() },
+            round_trip(&InboundAsk { from: b.clone(), service: s.clone(), grant: g.clone(),
+                from_serial: t3.clone() },
                 &CandidateList { candidates: c2.clone() }, &t2)?;
+            round_trip(&Revocations { domain: d.clone() },
+                &RevocationList { list: data.clone() }, &t1)?;
             round_trip(&Candidates { to: a.clone(), session, candidates: c1.clone() },
                 &CandidatesAnswer { candidates: c2.clone(), peer_seen: seen }, &t1)?;
             round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen },
@@ -921,6 +944,8 @@ mod tests {
         let _ = Inbound::from_box(b);
         let _ = InboundAnswer::from_box(b);
         let _ = InboundAsk::from_box(b);
+        let _ = Revocations::from_box(b);
+        let _ = RevocationList::from_box(b);
         let _ = CandidateList::from_box(b);
         let _ = Candidates::from_box(b);
         let _ = CandidatesAnswer::from_box(b);

@@ -13,6 +13,7 @@
 //! | `sign` | `certificate_request` (PEM), `password` | `certificate` (PEM) |
 //! | `who-am-i` | (none) | `host`, `port`: the address the server sees |
 //! | `ping` | (none) | (empty): keeps the connection and NAT state alive |
+//! | `revocations` | `domain` (the server's) | `list`: the domain's revocation list, an X.509 v2 CRL (DER, at most 65535 bytes) signed by the domain CA |
 //!
 //! Logged in (TLS client certificate of any domain, verified against that domain's CA):
 //!
@@ -32,7 +33,9 @@
 //! (account removed), `RATE_LIMITED` (6 renewals per account per lifetime).
 //!
 //! The server asks the callee `inbound` with `from`, `service`, `candidates`, `session`,
-//! `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen`, and the callee
+//! `probe_key`, `relay_token`, `relay_key`, `relay_port`, `peer_seen` (and `from_serial`, the
+//! serial of the caller's certificate, which the callee checks against its own copy of the
+//! caller's domain's revocation list), and the callee
 //! answers its `candidates` or an error (`NOT_AUTHORIZED`). `candidates` is a
 //! comma-separated list of `ip:port`.
 //!
@@ -87,6 +90,9 @@ pub mod command {
     pub const CANDIDATES: &str = "candidates";
     /// A new certificate for the logged-in key, with a fresh validity (no password).
     pub const RENEW: &str = "renew";
+    /// The domain's signed revocation list ([`crate::identity::revocation`]); anyone may
+    /// ask, like `identify`.
+    pub const REVOCATIONS: &str = "revocations";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.

@@ -177,6 +177,11 @@ pub struct ServerConfig {
     /// Networks the server may fetch other domains' CAs from although they are not public
     /// unicast (loopback, private, documentation…): none by default.
     pub federation_allow: Vec<Network>,
+    /// Seconds another domain's revocation list is used before it is fetched again.
+    pub revocation_max_age_secs: u64,
+    /// Address of the Prometheus endpoint (`http://ADDR/metrics`); none (off) by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
     pub rate_limit: RateLimitConfig,
     pub registration_limit: RegistrationLimit,
     /// Where the state lives: None (or `sqlite`) for the data directory's SQLite file, or a
@@ -204,6 +209,8 @@ impl Default for ServerConfig {
             handshake_timeout_secs: 10,
             login_timeout_secs: 30,
             federation_allow: Vec::new(),
+            revocation_max_age_secs: 60,
+            metrics: None,
             rate_limit: RateLimitConfig::default(),
             registration_limit: RegistrationLimit::default(),
             database: None,
@@ -299,6 +306,12 @@ impl ServerConfig {
         self.relay_host.or(Some(self.listen.ip()).filter(|ip| !ip.is_unspecified()))
     }
 
+    /// How long another domain's revocation list is used before it is fetched again (at
+    /// least a second).
+    pub fn revocation_max_age(&self) -> Duration {
+        Duration::from_secs(self.revocation_max_age_secs.max(1))
+    }
+
     /// The commented config file `init` writes: every setting, its default and meaning.
     pub fn documented(&self) -> String {
         let database = match &self.database {
@@ -392,6 +405,19 @@ federation_allow = [{allow}]
 # try their own instance's address.
 {relay_host}
 
+# Callers of other domains are checked against their domain's revocation list (signed by
+# that domain's CA, fetched like its CA). A list is used for this many seconds, then
+# fetched again; if that fails, the list held is used until its own nextUpdate (an hour
+# after it was made), and after that the domain's callers are refused until a list can
+# be had (fail closed). Logged-in callers of other domains are checked again as often.
+# Default 60.
+revocation_max_age_secs = {revage}
+
+# Prometheus metrics at http://ADDR/metrics (logins, live sessions, open connections,
+# inbound requests, relay legs and bytes, registrations, refusals by reason). Off unless
+# set, e.g. metrics = "127.0.0.1:9788". Anyone who reaches the address can read them.
+{metrics}
+
 # Password guessing is slowed per user and per source address.
 [rate_limit]
 # Failed attempts allowed before each further attempt must wait. Default 3.
@@ -432,6 +458,11 @@ overall_every_secs = {goe}
             allow = allow.join(", "),
             database = database,
             relay_host = relay_host,
+            revage = self.revocation_max_age_secs,
+            metrics = match self.metrics {
+                Some(a) => format!("metrics = \"{a}\""),
+                None => "# metrics = \"127.0.0.1:9788\"".to_string(),
+            },
             gpb = g.per_address_burst,
             gpe = g.per_address_every_secs,
             gob = g.overall_burst,
@@ -459,6 +490,8 @@ mod tests {
             ],
             database: Some("postgres://q2q@127.0.0.1:5432/q2q".into()),
             relay_host: Some("192.0.2.1".parse().unwrap()),
+            revocation_max_age_secs: 5,
+            metrics: Some("127.0.0.1:9788".parse().unwrap()),
             ..Default::default()
         };
         assert_eq!(toml::from_str::<ServerConfig>(&c.documented()).unwrap(), c);

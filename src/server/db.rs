@@ -106,12 +106,29 @@ CREATE TABLE IF NOT EXISTS renewals (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS renewals_identity ON renewals(identity, at);
+CREATE TABLE IF NOT EXISTS revocations (
+    serial TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS invites (
     code TEXT PRIMARY KEY,
     created INTEGER NOT NULL,
     used_by TEXT
 );
 ";
+
+/// The `meta` key of [`Db::revocation_generation`].
+const REVOCATION_GENERATION: &str = "revocation_generation";
+
+/// Count a change of the revocations (inside the transaction that made it).
+fn bump_revocations(tx: &rusqlite::Transaction<'_>) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, '1')
+         ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        [REVOCATION_GENERATION],
+    )?;
+    Ok(())
+}
 
 pub(super) fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -203,6 +220,12 @@ impl Db {
             return Err(DbError::NoSuchUser);
         }
         tx.execute("UPDATE certificates SET revoked = 1 WHERE identity = ?1", [identity])?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revocations(serial, at)
+             SELECT serial, ?2 FROM certificates WHERE identity = ?1",
+            params![identity, now()],
+        )?;
+        bump_revocations(&tx)?;
         tx.commit()?;
         Ok(())
     }
@@ -284,10 +307,45 @@ impl Db {
             .unwrap_or(false))
     }
 
+    /// Revoke the certificate `serial`, record when, and count a change of the
+    /// revocations ([`Db::revocation_generation`]), in one transaction.
     pub fn revoke(&self, serial: &str) -> Result<(), DbError> {
-        let n =
-            self.conn.execute("UPDATE certificates SET revoked = 1 WHERE serial = ?1", [serial])?;
-        if n == 1 { Ok(()) } else { Err(DbError::NoSuchCertificate) }
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx.execute("UPDATE certificates SET revoked = 1 WHERE serial = ?1", [serial])?;
+        if n != 1 {
+            return Err(DbError::NoSuchCertificate);
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO revocations(serial, at) VALUES (?1, ?2)",
+            params![serial, now()],
+        )?;
+        bump_revocations(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A number that changes whenever a certificate is revoked (by this process or
+    /// another): a running server polls it (one row read) to learn of revocations at once.
+    pub fn revocation_generation(&self) -> Result<i64, DbError> {
+        Ok(self.meta(REVOCATION_GENERATION)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    /// The revoked certificates that have not expired at `now` (Unix seconds), with when
+    /// they were revoked (their issue time if that was not recorded): the domain's
+    /// revocation list.
+    pub fn revoked_unexpired(
+        &self,
+        now: i64,
+    ) -> Result<Vec<crate::identity::revocation::Revoked>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT c.serial, COALESCE(r.at, c.issued) FROM certificates c
+             LEFT JOIN revocations r ON r.serial = c.serial
+             WHERE c.revoked = 1 AND c.not_after >= ?1 ORDER BY c.serial",
+        )?;
+        let rows = st.query_map([now], |r| {
+            Ok(crate::identity::revocation::Revoked { serial: r.get(0)?, at: r.get(1)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn create_invite(&self, code: &str) -> Result<(), DbError> {
@@ -339,7 +397,17 @@ mod tests {
         assert_eq!(db.renewals_since("alice@example.com", 0).unwrap(), 1);
         assert_eq!(db.renewals_since("alice@example.com", now() + 10).unwrap(), 0);
         assert_eq!(db.list_users("example.com").unwrap()[0].certificates, 2);
+        assert_eq!(db.revocation_generation().unwrap(), 0);
+        db.revoke("02").unwrap();
+        assert_eq!(db.revocation_generation().unwrap(), 1);
+        let listed: Vec<String> =
+            db.revoked_unexpired(0).unwrap().into_iter().map(|r| r.serial).collect();
+        assert_eq!(listed, ["02"]);
+        assert!(db.revoked_unexpired(3).unwrap().is_empty(), "expired ones leave the list");
+        assert!(matches!(db.revoke("99"), Err(DbError::NoSuchCertificate)));
+        assert_eq!(db.revocation_generation().unwrap(), 1);
         db.remove_user("alice", "alice@example.com").unwrap();
+        assert_eq!(db.revocation_generation().unwrap(), 2);
         assert!(db.is_revoked("01").unwrap());
         assert_eq!(db.user_count().unwrap(), 1);
     }

@@ -282,10 +282,44 @@ impl Federation {
         f.insert(domain.clone(), now);
     }
 
+    /// The revocation list of `domain` (DER, as its server sent it: the caller verifies
+    /// it with the domain's CA), fetched for a caller at `source` under the same address
+    /// policy, rate limits, timeout and negative cache as a CA.
+    pub async fn revocation_list(
+        &self,
+        domain: &Domain,
+        source: IpAddr,
+    ) -> Result<Vec<u8>, CannotVerify> {
+        let fail = |reason: Reason| {
+            tracing::warn!(%domain, %source, %reason, "cannot fetch a federated domain's revocation list");
+            CannotVerify { domain: domain.clone(), reason }
+        };
+        self.admit(domain, source, Instant::now()).map_err(fail)?;
+        let fetch = async {
+            let conn = self.connect(domain).await?;
+            conn.revocations(domain).await.map_err(|e| Reason::Unreachable(e.to_string()))
+        };
+        match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+            Ok(Ok(der)) => Ok(der),
+            Ok(Err(reason)) => {
+                self.remember_failure(domain, Instant::now());
+                Err(fail(reason))
+            }
+            Err(_) => {
+                self.remember_failure(domain, Instant::now());
+                Err(fail(Reason::Unreachable("timed out".into())))
+            }
+        }
+    }
+
+    async fn fetch(&self, domain: &Domain) -> Result<CertificateDer<'static>, Reason> {
+        Ok(self.connect(domain).await?.ca)
+    }
+
     /// Find `domain`'s server as a client would (config, SRV, default port; but not the
     /// default port when there are SRV records), resolve each place, and connect only to
     /// the addresses the policy permits.
-    async fn fetch(&self, domain: &Domain) -> Result<CertificateDer<'static>, Reason> {
+    async fn connect(&self, domain: &Domain) -> Result<ServerConn, Reason> {
         let config = self.home.config().map_err(|e| Reason::Local(e.to_string()))?;
         let mut candidates = crate::client::discover::locate(domain, None, &config).await;
         // With SRV records, the domain's own name is not a server (RFC 2782): not tried.
@@ -309,7 +343,7 @@ impl Federation {
                 }
                 let opts = ConnectOptions { server: Some(addr.to_string()), ..Default::default() };
                 match ServerConn::connect(&self.home, domain, &opts).await {
-                    Ok(conn) => return Ok(conn.ca),
+                    Ok(conn) => return Ok(conn),
                     Err(e) => failures.push(format!("{addr}: {e}")),
                 }
             }

@@ -11,7 +11,8 @@ use crate::amp::{self, AmpBox};
 use crate::proto::commands::{
     CandidateList, Candidates, CandidatesAnswer, CandidatesAsk, Certificate, Empty, Exists,
     ExistsAnswer, Grant, Hello, HelloAnswer, Identify, Inbound, InboundAnswer, InboundAsk, Listen,
-    Register, Relay, RemoteCandidates, RemoteInbound, Renew, Seen, Sign, Unlisten,
+    Register, Relay, RemoteCandidates, RemoteInbound, Renew, RevocationList, Revocations, Seen,
+    Sign, Unlisten,
 };
 use crate::proto::{Command, ErrorCode, Message, Refusal, command};
 use std::net::SocketAddr;
@@ -73,10 +74,16 @@ pub(super) async fn serve(
         hello: false,
         client_cert,
         caller: None,
+        serial: None,
         handle,
         id,
         ticket,
     };
+    // Our domain's list as it changes (a revoked certificate's log-in closes at once), and
+    // a timer to check a caller of another domain against its domain's list again.
+    let mut revocations = state.revocations.subscribe();
+    let mut recheck = tokio::time::interval(state.revocations.recheck_every());
+    recheck.reset();
     // A certificate of our own domain logs in at once (no network needed to check it).
     if conn.claims_our_domain() {
         let _ = conn.caller().await;
@@ -91,6 +98,18 @@ pub(super) async fn serve(
             _ = evicted.notified(), if !conn.ticket.is_logged_in() => {
                 debug!(%peer, "closed for newer connections: not logged in");
                 break;
+            }
+            _ = revocations.changed(), if conn.serial.is_some() => {
+                if conn.revoked_now(&revocations.borrow_and_update()) {
+                    break;
+                }
+                continue;
+            }
+            _ = recheck.tick(), if conn.is_foreign() => {
+                if !conn.still_valid().await {
+                    break;
+                }
+                continue;
             }
         };
         let request = match next {
@@ -118,10 +137,11 @@ pub(super) async fn serve(
         let asks_peer = [command::INBOUND, command::CANDIDATES].contains(&request.command());
         if asks_peer && conn.hello {
             match conn.caller().await {
-                Err(r) => request.respond(Err(r.into())).await,
+                Err(r) => request.respond(counted(&state, Err(r))).await,
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
-                    let me = Me { handle, id, seen: peer.ip() };
+                    let serial = conn.serial.as_ref().map(|(s, _)| s.clone());
+                    let me = Me { handle, id, seen: peer.ip(), serial };
                     tokio::spawn(async move {
                         let b = &request.request;
                         let result = if request.command() == command::INBOUND {
@@ -130,20 +150,31 @@ pub(super) async fn serve(
                             answer(async { candidates(&state, &caller, &me, decode(b)?).await })
                                 .await
                         };
-                        request.respond(result.map_err(Into::into)).await;
+                        request.respond(counted(&state, result)).await;
                     });
                 }
             }
             continue;
         }
         let result = conn.dispatch(request.command(), &request.request).await;
-        request.respond(result.map_err(Into::into)).await;
+        request.respond(counted(&state, result)).await;
+    }
+    if conn.caller.is_some() {
+        state.metrics.live_sessions.decrement(1.0);
     }
     state.presence.drop_connection(id);
     state.relay.drop_connection(id);
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// The answer to send for `result`; a refusal is counted by its code.
+fn counted(state: &State, result: Result<AmpBox, Refusal>) -> Result<AmpBox, amp::ErrorBox> {
+    result.map_err(|r| {
+        state.metrics.refusal(r.code.as_str());
+        r.into()
+    })
+}
 
 struct Conn {
     state: Arc<State>,
@@ -154,6 +185,8 @@ struct Conn {
     client_cert: Option<rustls_pki_types::CertificateDer<'static>>,
     /// The verified address of the client certificate, once checked.
     caller: Option<Q2qAddress>,
+    /// Its serial (lowercase hex) and issuing CA, once checked (for revocation).
+    serial: Option<(String, rustls_pki_types::CertificateDer<'static>)>,
     /// For asking this client things (presence notifications).
     handle: amp::PeerHandle,
     id: u64,
@@ -188,6 +221,7 @@ impl Conn {
         }
         match name {
             command::IDENTIFY => answer(async { self.identify(decode(b)?) }).await,
+            command::REVOCATIONS => answer(async { self.revocations(decode(b)?) }).await,
             command::REGISTER => answer(async { self.register(decode(b)?).await }).await,
             command::SIGN => answer(async { self.sign(decode(b)?).await }).await,
             command::RENEW => answer(async { self.renew(decode(b)?).await }).await,
@@ -256,6 +290,48 @@ impl Conn {
         Ok(Certificate { certificate: self.state.ca.cert_pem().to_string() })
     }
 
+    /// `revocations`: our signed revocation list, to anyone (like `identify`).
+    fn revocations(&self, Revocations { domain }: Revocations) -> Result<RevocationList, Refusal> {
+        if domain != self.state.domain {
+            return Err(self.wrong_domain(&domain));
+        }
+        let list = self.state.revocations.published();
+        if list.der.is_empty() {
+            return Err(internal("no revocation list to publish"));
+        }
+        Ok(RevocationList { list: list.der.clone() })
+    }
+
+    /// Whether this connection's certificate is on `list` (our domain's): then it closes.
+    fn revoked_now(&self, list: &super::revocation::Published) -> bool {
+        let (Some(caller), Some((serial, _))) = (&self.caller, &self.serial) else { return false };
+        if caller.domain != self.state.domain || !list.revoked.contains(serial) {
+            return false;
+        }
+        warn!(address = %caller, %serial, peer = %self.peer, "certificate revoked: closing its log-in");
+        self.state.metrics.revoked_dropped.increment(1);
+        true
+    }
+
+    /// Logged in with a certificate of another domain.
+    fn is_foreign(&self) -> bool {
+        self.caller.as_ref().is_some_and(|c| c.domain != self.state.domain)
+    }
+
+    /// Check a caller of another domain against its domain's list again: false if it
+    /// was revoked meanwhile or can no longer be checked (fail closed).
+    async fn still_valid(&self) -> bool {
+        let (Some(caller), Some((serial, ca))) = (&self.caller, &self.serial) else { return true };
+        let checked =
+            super::revocation::check(&self.state, caller, ca, serial, self.peer.ip()).await;
+        if let Err(e) = checked {
+            warn!(address = %caller, peer = %self.peer, reason = %e, "closing a log-in");
+            self.state.metrics.revoked_dropped.increment(1);
+            return false;
+        }
+        true
+    }
+
     async fn register(
         &self,
         Register { address, password, invite }: Register,
@@ -296,6 +372,7 @@ impl Conn {
         let invite = invite.filter(|_| self.state.config.registration == Registration::Invite);
         match self.state.store.add_user(&user, &hash, invite.as_deref()).await {
             Ok(()) => {
+                self.state.metrics.registrations.increment(1);
                 info!(%address, peer = %self.peer, "registered");
                 Ok(Empty {})
             }
@@ -469,14 +546,16 @@ impl Conn {
         let now = rustls_pki_types::UnixTime::now();
         let info = crate::identity::verify_identity(cert, &ca, &claimed, now)
             .map_err(|e| bad(e.to_string()))?;
-        if claimed.domain == self.state.domain {
-            let serial = info.serial.clone();
-            let revoked = db(self.state.store.is_revoked(&serial)).await?;
-            if revoked {
-                return Err(bad(format!("the certificate of {claimed} has been revoked")));
-            }
-        }
+        super::revocation::check(&self.state, &claimed, &ca, &info.serial, self.peer.ip())
+            .await
+            .map_err(|e| match e {
+                super::revocation::Refused::Internal => internal(e),
+                e => bad(e.to_string()),
+            })?;
         info!(address = %claimed, peer = %self.peer, "logged in");
+        self.state.metrics.logins.increment(1);
+        self.state.metrics.live_sessions.increment(1.0);
+        self.serial = Some((info.serial, ca));
         self.ticket.logged_in();
         self.caller = Some(claimed.clone());
         Ok(claimed)
@@ -600,6 +679,9 @@ struct Me {
     id: u64,
     /// The IP address its control connection comes from.
     seen: std::net::IpAddr,
+    /// The serial of the certificate it logged in with (the callee checks it against its
+    /// own copy of the caller's domain's revocation list).
+    serial: Option<String>,
 }
 
 /// The `to` argument, if it is an address of this server's domain.
@@ -691,6 +773,7 @@ async fn inbound(
     me: &Me,
     cmd: Inbound,
 ) -> Result<InboundAnswer, Refusal> {
+    state.metrics.inbound_requests.increment(1);
     let Inbound { to, service, candidates } = cmd;
     let to = callee(state, to)?;
     admit(state, caller, &to)?;
@@ -709,7 +792,8 @@ async fn inbound(
         Err(a) => return Err(absent(a, &to, &service)),
     };
     let end = End { user: caller.to_string(), conn: me.id, handle: Some(me.handle.clone()) };
-    set_up(state, caller, end, me.seen, &to, &service, listener, candidates, None).await
+    let serial = me.serial.as_deref();
+    set_up(state, caller, end, me.seen, &to, &service, listener, candidates, None, serial).await
 }
 
 /// Why `to` cannot be asked for `service`.
@@ -741,7 +825,9 @@ async fn remote<C: Command>(
 /// Set up a session between `caller` (its relay end `caller_end`, its control connection
 /// seen from `caller_seen`) and `to`'s `listener` on this instance: the relay legs here, the
 /// callee asked, the caller's answer returned. `relay_host` tells a caller logged in at
-/// another instance where this instance's relay is.
+/// another instance where this instance's relay is. `caller_serial`: the serial of the
+/// caller's certificate, for the callee to check against its revocation list (not known
+/// for a caller logged in at another instance: the callee's TLS handshake checks anyway).
 #[allow(clippy::too_many_arguments)]
 async fn set_up(
     state: &Arc<State>,
@@ -753,6 +839,7 @@ async fn set_up(
     listener: Listener,
     candidates: Vec<std::net::SocketAddr>,
     relay_host: Option<std::net::IpAddr>,
+    caller_serial: Option<&str>,
 ) -> Result<InboundAnswer, Refusal> {
     let session: u64 = rand::random();
     let probe_key: [u8; 16] = rand::random();
@@ -763,6 +850,7 @@ async fn set_up(
         .relay
         .create(caller_end, callee_end, now)
         .ok_or_else(|| refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user"))?;
+    state.metrics.relay_legs.increment(2);
     let grant = |candidates, g: super::relay::Grant, peer_seen, relay_host| Grant {
         candidates,
         session,
@@ -777,6 +865,7 @@ async fn set_up(
         from: caller.clone(),
         service: service.clone(),
         grant: grant(candidates, g_callee, caller_seen, None),
+        from_serial: caller_serial.map(str::to_string),
     };
     // Refused, silent or nonsense: the legs go at once.
     let theirs = ask_callee(&listener.handle, to, &ask)
@@ -804,8 +893,10 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
                 let end =
                     End { user: from.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
                 let host = state.config.relay_host();
-                set_up(state, &from, end, peer_seen, &to, &service, listener, candidates, host)
-                    .await
+                set_up(
+                    state, &from, end, peer_seen, &to, &service, listener, candidates, host, None,
+                )
+                .await
             })
             .await
         }

@@ -5,8 +5,12 @@
 //!  TCP :8788 ── admission ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
 //!  (per-address cap, room for                                 ├── Db (SQLite: users, certs, invites)
 //!   clients that log in)                                      ├── RateLimiter, Buckets, Hasher (argon2id)
-//!                                                             └── Federation (other domains' CAs,
-//!                                                                 public addresses only)
+//!                                                             ├── Federation (other domains' CAs
+//!                                                             │   and revocation lists, public
+//!                                                             │   addresses only)
+//!                                                             └── Revocations (our signed list,
+//!                                                                 watched; others' lists, cached)
+//!  HTTP (optional) ── /metrics (Prometheus)
 //!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
 //!  UDP :8789 ── who-am-i only (the second port, for `q2q-tun netcheck`'s NAT tests)
 //! ```
@@ -19,11 +23,13 @@ pub mod datadir;
 pub mod db;
 pub mod federation;
 mod handler;
+pub mod metrics;
 pub mod password;
 pub mod postgres;
 pub mod presence;
 pub mod ratelimit;
 pub mod relay;
+pub mod revocation;
 pub mod store;
 
 pub use config::{Registration, ServerConfig};
@@ -46,6 +52,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot make the server's TLS certificate: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// `exists` questions a caller (and a source address) may ask at once, then so many a
@@ -73,6 +81,8 @@ pub(crate) struct State {
     pub presence: presence::Presence,
     pub relay: relay::Relay,
     pub federation: federation::Federation,
+    pub revocations: revocation::Revocations,
+    pub metrics: metrics::Metrics,
     pub udp: Arc<UdpSocket>,
     pub udp_port: u16,
     /// The second who-am-i socket ([`ServerConfig::second_udp`]), if any.
@@ -84,9 +94,11 @@ impl State {
     pub async fn send_forward(&self, f: relay::Forward) {
         match f {
             relay::Forward::Udp(addr, bytes) => {
+                self.metrics.relayed_bytes.increment(bytes.len() as u64);
                 let _ = self.udp.send_to(&bytes, addr).await;
             }
             relay::Forward::Tcp(handle, r) => {
+                self.metrics.relayed_bytes.increment(r.data.len() as u64);
                 let _ = handle.tell(crate::proto::Command::request(&r)).await;
             }
         }
@@ -198,6 +210,14 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         ratelimit::Buckets::new(g.per_address_burst, every(g.per_address_every_secs)),
         ratelimit::Buckets::new(g.overall_burst, every(g.overall_every_secs)),
     );
+    let (metrics, exporter) = match config.metrics {
+        Some(addr) => {
+            let (m, e) = metrics::Metrics::serve(addr)?;
+            info!(%addr, "metrics at /metrics");
+            (m, Some(e))
+        }
+        None => (metrics::Metrics::off(), None),
+    };
     // The dummy hash that answers for unknown users is made before the first is needed.
     tokio::task::spawn_blocking(password::warm_up);
     let store = dir.store;
@@ -214,6 +234,8 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         store,
         relay: relay::Relay::new(relay::RelayLimits::default()),
         federation,
+        revocations: revocation::Revocations::new(config.revocation_max_age()),
+        metrics,
         udp: udp.clone(),
         udp_port: udp_addr.port(),
         udp2: udp2.map(Arc::new),
@@ -227,8 +249,20 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     });
     info!(domain = %state.domain, %tcp_addr, %udp_addr, second_udp = ?second_udp_addr, ca = %state.ca.fingerprint(), "q2q-server listening");
 
+    // The list is published before the first request can ask for it.
+    revocation::refresh(&state).await;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    tasks.spawn(revocation::watch_revocations(state.clone(), stopped.clone()));
+    if let Some(exporter) = exporter {
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = exporter => if let Err(e) = r { warn!(error = ?e, "metrics endpoint failed") },
+                _ = stopped.changed() => {}
+            }
+        });
+    }
     let admission = admission::Admission::new(limits);
     tasks.spawn(accept_loop(
         state.clone(),
@@ -337,6 +371,7 @@ async fn accept_loop(
             Ok(t) => t,
             Err(why) => {
                 refused += 1;
+                state.metrics.refusal(metrics::CONNECTION_LIMIT);
                 // Logged now and then: a flood must not flood the log too.
                 if refused.is_power_of_two() {
                     warn!(%peer, reason = %why, refused, "connection refused");
@@ -348,7 +383,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (state, acceptor) = (state.clone(), acceptor.clone());
         conns.spawn(async move {
-            handler::serve(state, acceptor, stream, peer, ticket).await;
+            state.metrics.open_connections.increment(1.0);
+            handler::serve(state.clone(), acceptor, stream, peer, ticket).await;
+            state.metrics.open_connections.decrement(1.0);
             drop(permit);
         });
         while conns.try_join_next().is_some() {}

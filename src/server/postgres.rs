@@ -352,6 +352,38 @@ impl PgDb {
         Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(false))
     }
 
+    /// A number that changes whenever a certificate is revoked: here the count of revoked
+    /// certificates (revocations are never undone), read by the revocation watcher.
+    pub async fn revocation_generation(&self) -> Result<i64, DbError> {
+        let c = self.client().await?;
+        let row = c.query_one("SELECT count(*) FROM certificates WHERE revoked", &[]).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// The revoked certificates not expired at `now` (revoked at: their issue time, which
+    /// this schema keeps).
+    pub async fn revoked_unexpired(
+        &self,
+        now: i64,
+    ) -> Result<Vec<crate::identity::revocation::Revoked>, DbError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT serial, issued FROM certificates WHERE revoked AND not_after >= $1
+                 ORDER BY serial",
+                &[&now],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::identity::revocation::Revoked {
+                    serial: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn revoke(&self, serial: &str) -> Result<(), DbError> {
         let n = self
             .client()

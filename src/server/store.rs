@@ -175,6 +175,19 @@ impl Store {
         both!(self, |db| db.is_revoked(&serial), |pg| pg.is_revoked(&serial))
     }
 
+    /// Changes whenever a certificate is revoked (polled by the revocation watcher).
+    pub async fn revocation_generation(&self) -> Result<i64, DbError> {
+        both!(self, |db| db.revocation_generation(), |pg| pg.revocation_generation())
+    }
+
+    /// The revoked certificates not expired at `now`: the domain's revocation list.
+    pub async fn revoked_unexpired(
+        &self,
+        now: i64,
+    ) -> Result<Vec<crate::identity::revocation::Revoked>, DbError> {
+        both!(self, |db| db.revoked_unexpired(now), |pg| pg.revoked_unexpired(now))
+    }
+
     pub async fn revoke(&self, serial: &str) -> Result<(), DbError> {
         let serial = serial.to_string();
         both!(self, |db| db.revoke(&serial), |pg| pg.revoke(&serial))

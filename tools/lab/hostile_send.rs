@@ -24,8 +24,10 @@ async fn main() -> anyhow::Result<()> {
     for name in names {
         let conn = node.connect(&to, &"file".parse()?).await?;
         let mut r = AmpReader::new(conn.stream);
-        let hello =
-            AmpBox::command("hello").with("version", "2").with("files", "1").with("bytes", "5");
+        let hello = AmpBox::command("hello")
+            .with("version", q2q::transfer::VERSION)
+            .with("files", "1")
+            .with("bytes", "5");
         write_box(r.get_mut(), &hello).await?;
         r.read_box().await?;
         let offer = AmpBox::command("offer").with("name", &name).with("size", "5");

@@ -192,7 +192,7 @@ impl Node {
         &self,
         ask: cmd::InboundAsk,
     ) -> Result<cmd::CandidateList, Refusal> {
-        let cmd::InboundAsk { from, service, grant } = ask;
+        let cmd::InboundAsk { from, service, grant, from_serial } = ask;
         let relay_only = {
             let l = self
                 .inner
@@ -223,6 +223,19 @@ impl Node {
         let caller_ca = self.ca_for(&from.domain).await.map_err(|e| {
             Refusal::new(ErrorCode::NotAuthorized, format!("cannot verify {from}: {e}"))
         })?;
+        // Fail closed: no usable revocation list of the caller's domain, no session. The
+        // serial the server names is checked now, for a clear answer; the TLS handshake
+        // checks the certificate itself.
+        let list = self.revocation_list(&from.domain, &caller_ca).await.map_err(|e| {
+            Refusal::new(ErrorCode::NotAuthorized, format!("cannot verify {from}: {e}"))
+        })?;
+        if from_serial.as_deref().is_some_and(|s| list.is_revoked(s)) {
+            info!(%from, %service, "refused: revoked");
+            return Err(Refusal::new(
+                ErrorCode::NotAuthorized,
+                format!("{} refuses {from}: that certificate has been revoked", self.inner.me),
+            ));
+        }
         let reflexive = self.reflexive().await;
         let mine = if relay_only {
             Vec::new()

@@ -57,9 +57,21 @@ impl Node {
                                 l.iter().map(|(s, l)| (s.clone(), l.description.clone())).collect()
                             })
                             .unwrap_or_default();
+                        let mut refused = None;
                         for (service, description) in services {
                             let listen = cmd::Listen { service, description: Some(description) };
-                            let _ = conn.call(&listen).await;
+                            // Our certificate is refused (revoked): not logged in at all.
+                            if let Err(e) = conn.call(&listen).await
+                                && e.error_code() == Some(&ErrorCode::BadCertificate)
+                            {
+                                refused = Some(e);
+                                break;
+                            }
+                        }
+                        if let Some(e) = refused {
+                            warn!(error = %e, "log-in refused");
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            continue;
                         }
                         if let Some(incoming) = incoming {
                             tokio::spawn(self.clone().control_loop(incoming));

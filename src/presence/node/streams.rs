@@ -149,16 +149,21 @@ impl Node {
     pub(super) async fn authenticate_dialer(&self, ps: &Arc<PeerSession>) -> Result<(), NodeError> {
         use tokio::io::AsyncWriteExt;
         let tls_error = |e: crate::ptcp::tls::TlsError| NodeError::Tls(format!("{}: {e}", ps.peer));
+        // The callee's certificate must not be on its domain's list either.
+        let list = self.revocation_list(&ps.peer.domain, &ps.ca).await?;
         let stream = ps.ptcp.open_stream().await?;
         let mut tls = crate::ptcp::tls::connect(
             stream,
             &self.tls_identity(),
             &ps.peer,
             ps.ca.clone(),
-            crate::ptcp::tls::no_revocation(),
+            Arc::new(move |serial: &str| list.is_revoked(serial)),
         )
         .await
         .map_err(tls_error)?;
+        if let Some(serial) = revocation::peer_serial(tls.get_ref().1) {
+            ps.set_peer_serial(serial);
+        }
         let secrets =
             crate::ptcp::tls::export_session(&**tls.get_ref().1, ps.id()).map_err(tls_error)?;
         ps.ptcp.install_keys(secrets.keys.clone(), true).await;
@@ -182,6 +187,9 @@ impl Node {
                 .map_err(|e| format!("TLS failed: {e}"))?;
         if caller != ps.peer {
             return Err(format!("{caller} is not the session's peer"));
+        }
+        if let Some(serial) = revocation::peer_serial(tls.get_ref().1) {
+            ps.set_peer_serial(serial);
         }
         let secrets = crate::ptcp::tls::export_session(&**tls.get_ref().1, ps.id())
             .map_err(|e| e.to_string())?;
@@ -275,12 +283,23 @@ impl Node {
     }
 
     pub(super) async fn accept_loop(self, ps: Arc<PeerSession>) {
-        let trust: Arc<dyn crate::ptcp::tls::Trust> = Arc::new(
-            crate::ptcp::tls::TrustMap::new().with_ca(ps.peer.domain.clone(), ps.ca.clone()),
-        );
         if ps.stream_token_now().is_none() {
-            // We are the callee: the caller's first stream proves who it is.
-            let auth = self.authenticate_acceptor(&ps, trust.clone());
+            // We are the callee: the caller's first stream proves who it is, with a
+            // certificate its domain did not revoke.
+            let list = match self.revocation_list(&ps.peer.domain, &ps.ca).await {
+                Ok(list) => list,
+                Err(e) => {
+                    warn!(peer = %ps.peer, error = %e, "session refused: revocation not checked");
+                    ps.ptcp.abort().await;
+                    return self.end_session(&ps, "revocation not checked").await;
+                }
+            };
+            let trust: Arc<dyn crate::ptcp::tls::Trust> = Arc::new(revocation::PeerTrust {
+                domain: ps.peer.domain.clone(),
+                ca: ps.ca.clone(),
+                list,
+            });
+            let auth = self.authenticate_acceptor(&ps, trust);
             let failed = match tokio::time::timeout(AUTH_TIMEOUT, auth).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
@@ -347,6 +366,12 @@ impl Node {
             }
             StreamHeader::Service(s) => s,
         };
+        if let Some(why) = self.peer_refused(&ps).await {
+            warn!(peer = %caller, %service, why, "refused a stream: revoked");
+            let _ = Verdict::Refused(why).send(&mut tls).await;
+            ps.ptcp.abort().await;
+            return self.end_session(&ps, "the peer's certificate is revoked").await;
+        }
         let target = {
             let Ok(l) = self.inner.listening.lock() else { return };
             match l.get(&service) {
@@ -381,8 +406,19 @@ impl Node {
     pub(super) async fn keep_session(self, ps: Arc<PeerSession>) {
         let idle = self.inner.config.session_idle;
         let mut idle_since = tokio::time::Instant::now();
+        let recheck = self.inner.config.revocation_max_age.max(Duration::from_secs(1));
+        let mut checked = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            // The peer's certificate revoked meanwhile: the session ends.
+            if checked.elapsed() >= recheck {
+                checked = tokio::time::Instant::now();
+                if let Some(why) = self.peer_refused(&ps).await {
+                    warn!(peer = %ps.peer, why, "session ended: revoked");
+                    ps.ptcp.abort().await;
+                    return self.end_session(&ps, "the peer's certificate is revoked").await;
+                }
+            }
             let Some(open) = ps.count_streams().await else {
                 return self.end_session(&ps, "lost").await;
             };

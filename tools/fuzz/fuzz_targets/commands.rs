@@ -29,6 +29,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     check::<Inbound>(&b);
     check::<InboundAnswer>(&b);
     check::<InboundAsk>(&b);
+    check::<Revocations>(&b);
+    check::<RevocationList>(&b);
     check::<CandidateList>(&b);
     check::<Candidates>(&b);
     check::<CandidatesAnswer>(&b);
