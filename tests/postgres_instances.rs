@@ -1,7 +1,8 @@
 //! Two instances of one domain on one PostgreSQL database (issue 11): an account
 //! registered at one logs in at the other; alice logged in at instance 1 reaches bob logged
 //! in at instance 2 and back, relayed (the legs at the callee's instance); instance 1 stops
-//! and alice's node logs in at instance 2, where bob reaches it again.
+//! and alice's node logs in at instance 2, where bob reaches it again. A certificate revoked
+//! through one instance's data directory drops its live log-in at the other.
 //!
 //! Needs a PostgreSQL server: `tools/lab-postgres` starts a throwaway one and runs these
 //! with `Q2Q_TEST_POSTGRES` set to a libpq key=value connection string (each test makes
@@ -9,7 +10,7 @@
 
 mod common;
 
-use common::{PW, addr, home, loopback_config};
+use common::{PW, addr, eventually, home, loopback_config, serial};
 use q2q::address::{Domain, ServiceName};
 use q2q::client::ConnectOptions;
 use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
@@ -117,32 +118,14 @@ async fn two_instances_one_database() {
     // Alice knows both instances (instance 1 first); bob only instance 2. Relayed only,
     // so the relay across instances is what carries the streams.
     // The admin verbs of either instance see every account, wherever it registered.
-    let list = std::process::Command::new(SERVER)
-        .arg("--data-dir")
-        .arg(&dir2)
-        .args(["user", "list"])
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&list.stdout);
-    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
-    for who in ["alice", "bob", "dave"] {
-        assert!(listed.contains(who), "{listed}");
-    }
-    let node_config = |servers: String| NodeConfig {
-        include_loopback: true,
-        direct: false,
-        server: ConnectOptions { server: Some(servers), ..Default::default() },
-        ..Default::default()
-    };
-    let alice =
-        Node::start(home.clone(), addr("alice@example.com"), node_config(format!("{p1},{p2}")))
-            .await
-            .unwrap();
-    let bob =
-        Node::start(home.clone(), addr("bob@example.com"), node_config(p2.clone())).await.unwrap();
-    let carol = Node::start(home.clone(), addr("carol@example.com"), node_config(p2.clone()))
+    assert_listed(&dir2, &["alice", "bob", "dave"]);
+    let alice = Node::start(home.clone(), addr("alice@example.com"), relayed(format!("{p1},{p2}")))
         .await
         .unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
+    let carol =
+        Node::start(home.clone(), addr("carol@example.com"), relayed(p2.clone())).await.unwrap();
     serve_echo(&alice, &["bob@example.com", "carol@example.com", "dave@example.com"]).await;
     serve_echo(&bob, &["alice@example.com"]).await;
     serve_echo(&carol, &[]).await;
@@ -171,7 +154,7 @@ async fn two_instances_one_database() {
     // has no session with her yet (dave, logged in after), which instance 2 must set up.
     one.shutdown().await;
     let dave =
-        Node::start(home.clone(), addr("dave@example.com"), node_config(p2.clone())).await.unwrap();
+        Node::start(home.clone(), addr("dave@example.com"), relayed(p2.clone())).await.unwrap();
     let mut reached = Err(String::new());
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -356,35 +339,18 @@ async fn command_line_instances_and_a_killed_one() {
             .unwrap();
     }
     // The admin verbs of either instance see every account, wherever it registered.
-    let list = std::process::Command::new(SERVER)
-        .arg("--data-dir")
-        .arg(&dir2)
-        .args(["user", "list"])
-        .output()
+    assert_listed(&dir2, &["alice", "bob", "dave"]);
+    let alice = Node::start(home.clone(), addr("alice@example.com"), relayed(format!("{p1},{p2}")))
+        .await
         .unwrap();
-    let listed = String::from_utf8_lossy(&list.stdout);
-    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
-    for who in ["alice", "bob", "dave"] {
-        assert!(listed.contains(who), "{listed}");
-    }
-    let node_config = |servers: String| NodeConfig {
-        include_loopback: true,
-        direct: false,
-        server: ConnectOptions { server: Some(servers), ..Default::default() },
-        ..Default::default()
-    };
-    let alice =
-        Node::start(home.clone(), addr("alice@example.com"), node_config(format!("{p1},{p2}")))
-            .await
-            .unwrap();
     let bob =
-        Node::start(home.clone(), addr("bob@example.com"), node_config(p2.clone())).await.unwrap();
+        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
     serve_echo(&alice, &["bob@example.com", "dave@example.com"]).await;
     echo(&bob, "alice@example.com", 64 << 10).await.unwrap();
 
     drop(one.take()); // SIGKILL
     let dave =
-        Node::start(home.clone(), addr("dave@example.com"), node_config(p2.clone())).await.unwrap();
+        Node::start(home.clone(), addr("dave@example.com"), relayed(p2.clone())).await.unwrap();
     let mut reached = Err(String::new());
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -395,4 +361,79 @@ async fn command_line_instances_and_a_killed_one() {
     }
     reached.expect("dave reaches alice after her instance was killed");
     drop(two);
+}
+
+/// Revoked with `q2q-server cert revoke` through instance 1's data directory (the database
+/// they share), alice's live log-in at instance 2 is dropped, and she cannot log in again.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
+    let domain = Domain::parse("example.com").unwrap();
+    let d1 = DataDir::init_at(&dir1, &domain, &config(&db)).await.unwrap();
+    copy_instance(&dir1, &dir2);
+    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    let _one = server::start(d1, config(&db)).await.unwrap();
+    let two = server::start(d2, config(&db)).await.unwrap();
+    let p2 = two.tcp_addr.to_string();
+    let (_h, home) = home();
+    let opts = ConnectOptions { server: Some(p2.clone()), ..Default::default() };
+    for who in ["alice@example.com", "bob@example.com"] {
+        q2q::client::register(&home, &addr(who), PW, None, false, &opts).await.unwrap();
+    }
+    let alice =
+        Node::start(home.clone(), addr("alice@example.com"), relayed(p2.clone())).await.unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
+    serve_echo(&alice, &["bob@example.com"]).await;
+    serve_echo(&bob, &["alice@example.com"]).await;
+    echo(&bob, "alice@example.com", 1000).await.expect("bob reaches alice before");
+    let online_before = two.stats().online;
+    assert_eq!(online_before, 2, "both online at instance 2");
+
+    let out = std::process::Command::new(SERVER)
+        .arg("--data-dir")
+        .arg(&dir1)
+        .args(["cert", "revoke", &serial(&home, "alice@example.com")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dropped =
+        eventually(Duration::from_secs(10), || async { two.stats().online < online_before }).await;
+    assert!(dropped, "alice's log-in at instance 2 is dropped");
+    // Her node tries to log in again and is refused; bob stays logged in and cannot reach her.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(two.stats().online, online_before - 1, "bob stays, alice stays out");
+    let reach = echo(&bob, "alice@example.com", 1000).await;
+    assert!(reach.is_err(), "a revoked alice is unreachable: {reach:?}");
+    alice.leave().await;
+    bob.leave().await;
+}
+
+/// `q2q-server user list` of the instance in `dir` names every one of `who`.
+fn assert_listed(dir: &std::path::Path, who: &[&str]) {
+    let list = std::process::Command::new(SERVER)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["user", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    for w in who {
+        assert!(listed.contains(w), "{w} not in {listed}");
+    }
+}
+
+/// A node that knows the servers `servers` (comma-separated) and takes relayed paths only,
+/// so that the relay across instances is what carries its streams.
+fn relayed(servers: String) -> NodeConfig {
+    NodeConfig {
+        include_loopback: true,
+        direct: false,
+        server: ConnectOptions { server: Some(servers), ..Default::default() },
+        ..Default::default()
+    }
 }

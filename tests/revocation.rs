@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{TestServer, addr, loopback_config, node};
+use common::{TestServer, addr, eventually, loopback_config, node, serial};
 use q2q::address::{Domain, ServiceName};
 use q2q::client::{ConnectOptions, Home, ServerConn};
 use q2q::identity::revocation::RevocationList;
@@ -13,30 +13,8 @@ use q2q::presence::node::{NodeConfig, Policy};
 use q2q::server::{Registration, ServerConfig};
 use std::time::Duration;
 
-/// Wait until `cond` holds, polling every 50 ms; false after `limit`.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    mut cond: impl FnMut() -> F,
-) -> bool {
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < limit {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond().await
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-/// The serial of `who`'s stored certificate.
-fn serial(home: &Home, who: &str) -> String {
-    let id = home.identity(&addr(who)).unwrap();
-    let der = q2q::identity::cert_from_pem(&id.cert_pem).unwrap();
-    q2q::identity::CertInfo::parse(&der).unwrap().serial
 }
 
 /// Two domains whose servers (and the nodes of `home`) find each other on loopback.

@@ -297,21 +297,33 @@ async fn bind_second(config: &ServerConfig) -> Result<Option<UdpSocket>, ServerE
     }
 }
 
+/// The next datagram on `udp` into `buf`, or `None` once `stopped` changes. Receive errors
+/// (on Linux, ICMP errors of earlier sends surface here) are logged and skipped.
+async fn next_datagram(
+    udp: &UdpSocket,
+    buf: &mut [u8],
+    stopped: &mut watch::Receiver<bool>,
+    port: &str,
+) -> Option<(usize, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return None,
+            r = udp.recv_from(buf) => match r {
+                Ok(x) => return Some(x),
+                Err(e) => warn!(error = %e, port, "udp receive failed"),
+            },
+        }
+    }
+}
+
 /// Answer who-am-i on the second port, and nothing else.
 async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
     use q2q_netstack::wire::{Kind, Prefix};
     let own_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut buf = vec![0u8; 2048];
     loop {
-        let (n, from) = tokio::select! {
-            _ = stopped.changed() => break,
-            r = udp.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "udp receive failed (second port)");
-                    continue;
-                }
-            },
+        let Some((n, from)) = next_datagram(&udp, &mut buf, &mut stopped, "second").await else {
+            break;
         };
         let d = &buf[..n];
         if let Ok(Kind::WhoAmIRequest) = Prefix::parse(d).map(|p| p.kind)
@@ -399,15 +411,8 @@ async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
     let mut buf = vec![0u8; 2048];
     let mut dropped: u64 = 0;
     loop {
-        let (n, from) = tokio::select! {
-            _ = stopped.changed() => break,
-            r = udp.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "udp receive failed");
-                    continue;
-                }
-            },
+        let Some((n, from)) = next_datagram(&udp, &mut buf, &mut stopped, "main").await else {
+            break;
         };
         let d = &buf[..n];
         match Prefix::parse(d).map(|p| p.kind) {

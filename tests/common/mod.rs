@@ -6,6 +6,7 @@ use q2q::address::{Domain, Q2qAddress};
 use q2q::client::{ConnectOptions, Home};
 use q2q::server::{self, DataDir, Registration, ServerConfig};
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,
@@ -154,4 +155,26 @@ pub fn srv_dns(
         }
     });
     (addr, asked)
+}
+
+/// Wait until `cond` holds, polling every 50 ms; false after `limit`.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond().await
+}
+
+/// The serial of `who`'s stored certificate.
+pub fn serial(home: &Home, who: &str) -> String {
+    let id = home.identity(&addr(who)).unwrap();
+    let der = q2q::identity::cert_from_pem(&id.cert_pem).unwrap();
+    q2q::identity::CertInfo::parse(&der).unwrap().serial
 }
