@@ -708,6 +708,8 @@ amp_message! {
         pub candidates: Vec<SocketAddr>,
         /// The IP the asking instance sees `from`'s connection come from.
         pub peer_seen: IpAddr,
+        /// The serial of `from`'s certificate, passed on to the callee (see [`InboundAsk`]).
+        pub from_serial: Option<String>,
     }
 }
 amp_command!(RemoteInbound = command::INBOUND, answer InboundAnswer, errors [
@@ -901,7 +903,7 @@ mod tests {
             round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen },
                 &CandidateList { candidates: c2 }, &t1)?;
             round_trip(&RemoteInbound { from: b.clone(), to: a.clone(), service: s.clone(),
-                candidates: c1.clone(), peer_seen: ip1 },
+                candidates: c1.clone(), peer_seen: ip1, from_serial: t3.clone() },
                 &InboundAnswer { peer: a.clone(), grant: g.clone() }, &t1)?;
             round_trip(&RemoteCandidates { from: b.clone(), to: a.clone(), session,
                 candidates: c1.clone(), peer_seen: ip1 },

@@ -786,6 +786,7 @@ async fn inbound(
                 service: service.clone(),
                 candidates,
                 peer_seen: me.seen,
+                from_serial: me.serial.clone(),
             };
             return remote(state, &to, Some(&service), &ask).await;
         }
@@ -886,15 +887,17 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
     let r = match name {
         RemoteInbound::NAME => {
             answer(async {
-                let RemoteInbound { from, to, service, candidates, peer_seen } = decode(b)?;
+                let RemoteInbound { from, to, service, candidates, peer_seen, from_serial } =
+                    decode(b)?;
                 let to = callee(state, to)?;
                 let listener =
                     state.presence.find(&to, &service).map_err(|a| absent(a, &to, &service))?;
                 let end =
                     End { user: from.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
                 let host = state.config.relay_host();
+                let serial = from_serial.as_deref();
                 set_up(
-                    state, &from, end, peer_seen, &to, &service, listener, candidates, host, None,
+                    state, &from, end, peer_seen, &to, &service, listener, candidates, host, serial,
                 )
                 .await
             })
