@@ -120,6 +120,11 @@ impl Home {
         Ok(Fingerprint::of(ca))
     }
 
+    /// How many domains' CAs are pinned (files in `known_cas`).
+    pub fn pinned_count(&self) -> usize {
+        std::fs::read_dir(self.root.join("known_cas")).map_or(0, Iterator::count)
+    }
+
     /// Forget the pinned CA of `domain`; true if there was one.
     pub fn forget_ca(&self, domain: &Domain) -> Result<bool, HomeError> {
         let path = self.ca_path(domain);

@@ -39,6 +39,9 @@ const MAX_CACHED: usize = 4096;
 const PER_SOURCE: (u32, f64) = (5, 1.0 / 60.0);
 /// Fetches over all sources: this many at once, then one a second.
 const OVERALL: (u32, f64) = (30, 1.0);
+/// Most other domains' CAs pinned on disk: past it no new domain is pinned (a stranger who
+/// names a new domain every second would otherwise fill the disk, 86,400 files a day).
+const MAX_PINNED: usize = 10_000;
 /// The longest a fetch may take, resolving and every address tried included.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Clock skew tolerated when checking a certificate's validity before a fetch.
@@ -172,6 +175,7 @@ pub struct Federation {
     failed: Mutex<HashMap<Domain, Instant>>,
     per_source: Mutex<Buckets>,
     overall: Mutex<Buckets>,
+    max_pinned: usize,
 }
 
 impl Federation {
@@ -183,7 +187,19 @@ impl Federation {
             failed: Mutex::default(),
             per_source: Mutex::new(Buckets::new(PER_SOURCE.0, PER_SOURCE.1)),
             overall: Mutex::new(Buckets::new(OVERALL.0, OVERALL.1)),
+            max_pinned: MAX_PINNED,
         }
+    }
+
+    /// Whether another domain's CA may still be pinned ([`MAX_PINNED`]).
+    fn room_to_pin(&self) -> Result<(), Reason> {
+        if self.home.pinned_count() >= self.max_pinned {
+            return Err(Reason::Local(format!(
+                "{} domains' CAs are pinned already (the most kept): remove some from known_cas",
+                self.max_pinned
+            )));
+        }
+        Ok(())
     }
 
     /// The CA of `domain`, to check `cert` (a certificate presented from `source`): cached,
@@ -220,6 +236,7 @@ impl Federation {
                     .map_or(0, |d| d.as_secs() as i64);
                 well_formed(cert, domain, now).map_err(fail)?;
                 self.admit(domain, source, Instant::now()).map_err(fail)?;
+                self.room_to_pin().map_err(fail)?;
                 let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(domain))
                     .await
                     .unwrap_or_else(|_| Err(Reason::Unreachable("timed out".into())));
@@ -463,6 +480,24 @@ mod tests {
             well_formed(selfsigned.der(), &d, now),
             Err(Reason::NotWellFormed("self-signed"))
         );
+    }
+
+    #[test]
+    fn pinning_stops_at_the_most_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("f"));
+        let mut f = Federation::new(home.clone(), AddressPolicy::default());
+        f.max_pinned = 2;
+        let key = crate::identity::generate_key().unwrap();
+        let ca =
+            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        for (i, d) in ["a.example", "b.example"].into_iter().enumerate() {
+            assert_eq!(f.room_to_pin(), Ok(()), "{i} pinned");
+            home.pin_ca(&Domain::parse(d).unwrap(), ca.der()).unwrap();
+        }
+        assert!(matches!(f.room_to_pin(), Err(Reason::Local(_))));
+        home.forget_ca(&Domain::parse("a.example").unwrap()).unwrap();
+        assert_eq!(f.room_to_pin(), Ok(()));
     }
 
     #[tokio::test]
