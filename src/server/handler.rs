@@ -391,7 +391,7 @@ impl Conn {
         let Sign { address, password, certificate_request: csr } = cmd;
         let address = self.our_address(address)?;
         let user_key = format!("user:{}", address.user);
-        let ip_key = format!("ip:{}", self.peer.ip());
+        let ip_key = format!("ip:{}", super::admission::source_key(self.peer.ip()));
         let keys = [user_key.as_str(), ip_key.as_str()];
         self.check_rate(&keys, &address)?;
 
