@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = write_box(r.get_mut(), &AmpBox::command("start").with("offset", "0")).await;
             let chunk = AmpBox::command("chunk")
                 .with("len", "5")
-                .with("sha256", ring::digest::digest(&ring::digest::SHA256, b"evil\n").as_ref());
+                .with("hash", blake3::hash(b"evil\n").as_bytes().as_slice());
             let mut raw = chunk.encode()?;
             raw.extend_from_slice(b"evil\n");
             let _ = tokio::io::AsyncWriteExt::write_all(r.get_mut(), &raw).await;
