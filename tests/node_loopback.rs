@@ -83,7 +83,7 @@ async fn relay_to_direct_in_the_middle_of_a_transfer() {
     let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
     alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
     bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
-    let echo = common::serve_echo(&alice, "bob@example.com").await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let (mut r, mut w) = tokio::io::split(conn.stream);
     let len: u64 = 48 << 20;
@@ -132,7 +132,7 @@ async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
     let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = common::serve_echo(&alice, "bob@example.com").await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut stream = conn.stream;
     let mut buf = [0u8; 5];

@@ -49,7 +49,7 @@ async fn failover(tcp_relay: bool, one_way: bool) {
     };
     let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
     let bob = node(&srv, &home, "bob@example.com", config).await;
-    let echo = common::serve_echo(&alice, "bob@example.com").await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     assert!(
         within(Duration::from_secs(10), || is_direct(&alice) && is_direct(&bob)).await.is_some(),
@@ -172,7 +172,7 @@ async fn idle_direct_session_stays_direct() {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
     let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = common::serve_echo(&alice, "bob@example.com").await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut s = conn.stream;
     assert!(

@@ -40,7 +40,7 @@ async fn pair(config: NodeConfig) -> Pair {
     let (_d, home) = common::home();
     let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
     let bob = node(&srv, &home, "bob@example.com", config).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let echo = serve_echo(&alice, &["bob@example.com"]).await;
     Pair { srv, _d, alice, bob, echo }
 }
 

@@ -10,10 +10,10 @@
 
 mod common;
 
-use common::{PW, addr, eventually, home, loopback_config, serial};
+use common::{PW, addr, eventually, home, loopback_config, serial, serve_echo};
 use q2q::address::{Domain, ServiceName};
 use q2q::client::ConnectOptions;
-use q2q::presence::node::{Node, NodeConfig, PathKind, Policy};
+use q2q::presence::node::{Node, NodeConfig, PathKind};
 use q2q::server::{self, DataDir, Registration, ServerConfig, datadir};
 use std::path::Path;
 use std::time::Duration;
@@ -42,23 +42,6 @@ fn copy_instance(from: &Path, to: &Path) {
     for f in [datadir::CA_CERT_FILE, datadir::CA_KEY_FILE, datadir::CONFIG_FILE] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
-}
-
-/// `node` offers `echo` to `allowed`, echoing each stream.
-async fn serve_echo(node: &Node, allowed: &[&str]) -> ServiceName {
-    let echo = ServiceName::parse("echo").unwrap();
-    let policy = Policy::allow(allowed.iter().map(|a| addr(a)));
-    let mut accepted = node.listen(&echo, "echo", policy).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(a) = accepted.recv().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(a.stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    echo
 }
 
 /// `from` opens a stream to `to`'s echo and moves `len` bytes through it, checked.

@@ -66,7 +66,7 @@ async fn renews_at_two_thirds_and_the_new_certificate_is_used() {
     let config = NodeConfig { session_idle: Duration::from_secs(1), ..Default::default() };
     let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
     let bob = node(&srv, &home, "bob@example.com", config).await;
-    let echo = serve_echo(&alice, "bob@example.com").await;
+    let echo = serve_echo(&alice, &["bob@example.com"]).await;
     let (key0, cert0, _) = on_disk(&home, "alice@example.com");
     let bob0 = info(&on_disk(&home, "bob@example.com").1).serial;
     let first = info(&cert0);

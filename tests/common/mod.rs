@@ -92,11 +92,12 @@ pub async fn node(
 /// `node` offers service `echo` to `allowed` only, echoing every stream (then FIN).
 pub async fn serve_echo(
     node: &q2q::presence::node::Node,
-    allowed: &str,
+    allowed: &[&str],
 ) -> q2q::address::ServiceName {
     use q2q::presence::node::Policy;
     let echo = q2q::address::ServiceName::parse("echo").unwrap();
-    let mut accepted = node.listen(&echo, "echo", Policy::allow([addr(allowed)])).await.unwrap();
+    let mut accepted =
+        node.listen(&echo, "echo", Policy::allow(allowed.iter().map(|a| addr(a)))).await.unwrap();
     tokio::spawn(async move {
         while let Some(a) = accepted.recv().await {
             tokio::spawn(async move {
