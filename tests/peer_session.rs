@@ -232,15 +232,7 @@ async fn a_stranger_from_their_own_domain_gets_relay_only_and_cannot_steer_probe
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let evil = TestServer::start("evil.example", loopback_config(Registration::Open)).await;
     // Each server finds the other domain's server (and so its CA) from its config.
-    for (s, other, at) in [(&srv, "evil.example", &evil), (&evil, "example.com", &srv)] {
-        let fed = s.data_dir().join("federation");
-        std::fs::create_dir_all(&fed).unwrap();
-        std::fs::write(
-            fed.join("config.toml"),
-            format!("[servers]\n\"{other}\" = \"{}\"\n", at.addr()),
-        )
-        .unwrap();
-    }
+    common::federate_servers(&srv, "example.com", &evil, "evil.example");
     let (_d, home) = common::home();
     std::fs::create_dir_all(home.root()).unwrap();
     std::fs::write(

@@ -19,15 +19,7 @@ fn now() -> i64 {
 
 /// Two domains whose servers (and the nodes of `home`) find each other on loopback.
 fn federate(a: &TestServer, b: &TestServer, home: &Home) {
-    for (s, other, at) in [(a, "b.example", b), (b, "a.example", a)] {
-        let fed = s.data_dir().join("federation");
-        std::fs::create_dir_all(&fed).unwrap();
-        std::fs::write(
-            fed.join("config.toml"),
-            format!("[servers]\n\"{other}\" = \"{}\"\n", at.addr()),
-        )
-        .unwrap();
-    }
+    common::federate_servers(a, "a.example", b, "b.example");
     std::fs::create_dir_all(home.root()).unwrap();
     std::fs::write(
         home.root().join("config.toml"),

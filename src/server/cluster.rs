@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_and_are_bounded() {
-        let b = AmpBox::command("inbound").with("_id", "00ff").with("candidates", "1.2.3.4:5");
+        let b = AmpBox::command("inbound").with("_id", "00ff").with("candidates", "192.0.2.4:5");
         assert_eq!(decode(&encode(&b).unwrap()).unwrap(), b);
         assert!(decode("not base64!").is_none());
         assert!(decode(&base64::engine::general_purpose::STANDARD.encode([0, 5, 1])).is_none());

@@ -179,3 +179,17 @@ pub fn serial(home: &Home, who: &str) -> String {
     let der = q2q::identity::cert_from_pem(&id.cert_pem).unwrap();
     q2q::identity::CertInfo::parse(&der).unwrap().serial
 }
+
+/// Servers `a` (of domain `a_domain`) and `b` find each other from their federation
+/// config (`[servers]`), and so each other's CA, on loopback.
+pub fn federate_servers(a: &TestServer, a_domain: &str, b: &TestServer, b_domain: &str) {
+    for (s, other, at) in [(a, b_domain, b), (b, a_domain, a)] {
+        let fed = s.data_dir().join("federation");
+        std::fs::create_dir_all(&fed).unwrap();
+        std::fs::write(
+            fed.join("config.toml"),
+            format!("[servers]\n\"{other}\" = \"{}\"\n", at.addr()),
+        )
+        .unwrap();
+    }
+}
