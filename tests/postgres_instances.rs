@@ -102,11 +102,7 @@ async fn two_instances_one_database() {
     // so the relay across instances is what carries the streams.
     // The admin verbs of either instance see every account, wherever it registered.
     assert_listed(&dir2, &["alice", "bob", "dave"]);
-    let alice = Node::start(home.clone(), addr("alice@example.com"), relayed(format!("{p1},{p2}")))
-        .await
-        .unwrap();
-    let bob =
-        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
+    let (alice, bob) = alice_and_bob(&home, &p1, &p2).await;
     let carol =
         Node::start(home.clone(), addr("carol@example.com"), relayed(p2.clone())).await.unwrap();
     serve_echo(&alice, &["bob@example.com", "carol@example.com", "dave@example.com"]).await;
@@ -323,11 +319,7 @@ async fn command_line_instances_and_a_killed_one() {
     }
     // The admin verbs of either instance see every account, wherever it registered.
     assert_listed(&dir2, &["alice", "bob", "dave"]);
-    let alice = Node::start(home.clone(), addr("alice@example.com"), relayed(format!("{p1},{p2}")))
-        .await
-        .unwrap();
-    let bob =
-        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
+    let (alice, bob) = alice_and_bob(&home, &p1, &p2).await;
     serve_echo(&alice, &["bob@example.com", "dave@example.com"]).await;
     echo(&bob, "alice@example.com", 64 << 10).await.unwrap();
 
@@ -393,6 +385,17 @@ async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
     assert!(reach.is_err(), "a revoked alice is unreachable: {reach:?}");
     alice.leave().await;
     bob.leave().await;
+}
+
+/// Alice's node, which knows both instances (`p1` first), and bob's, which knows only `p2`;
+/// both relayed only.
+async fn alice_and_bob(home: &q2q::client::Home, p1: &str, p2: &str) -> (Node, Node) {
+    let alice = Node::start(home.clone(), addr("alice@example.com"), relayed(format!("{p1},{p2}")))
+        .await
+        .unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.to_string())).await.unwrap();
+    (alice, bob)
 }
 
 /// `q2q-server user list` of the instance in `dir` names every one of `who`.
