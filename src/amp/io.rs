@@ -36,6 +36,9 @@ impl CallError {
     }
 }
 
+/// Bytes asked of the stream at a time, and the buffer kept between boxes.
+const READ_SIZE: usize = 4096;
+
 /// Reads whole boxes from a byte stream.
 pub struct AmpReader<R> {
     inner: R,
@@ -44,7 +47,7 @@ pub struct AmpReader<R> {
 
 impl<R: AsyncRead + Unpin> AmpReader<R> {
     pub fn new(inner: R) -> Self {
-        AmpReader { inner, buf: Vec::with_capacity(4096) }
+        AmpReader { inner, buf: Vec::with_capacity(READ_SIZE) }
     }
 
     /// The next box, or `Ok(None)` at a clean end of stream between boxes.
@@ -52,17 +55,22 @@ impl<R: AsyncRead + Unpin> AmpReader<R> {
         loop {
             if let Some((b, n)) = AmpBox::decode(&self.buf)? {
                 self.buf.drain(..n);
+                // One large box must not leave every idle connection holding its size.
+                if self.buf.capacity() > 4 * READ_SIZE && self.buf.len() <= READ_SIZE {
+                    self.buf.shrink_to(READ_SIZE);
+                }
                 return Ok(Some(b));
             }
             if self.buf.len() > MAX_BOX_BYTES {
                 return Err(std::io::Error::other("AMP box larger than 1 MiB").into());
             }
-            let mut chunk = [0u8; 16384];
-            let n = self.inner.read(&mut chunk).await?;
+            // Read straight into the buffer: a chunk on the stack would make every
+            // connection's reading task that much larger, idle or not.
+            self.buf.reserve(READ_SIZE);
+            let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(CallError::Closed) };
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -77,4 +85,29 @@ pub async fn write_box<W: AsyncWrite + Unpin>(w: &mut W, b: &AmpBox) -> Result<(
     w.write_all(&bytes).await?;
     w.flush().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Boxes split across reads come out whole, and a large box does not leave the
+    /// buffer at its size for the rest of the connection.
+    #[tokio::test]
+    async fn boxes_across_reads_and_the_buffer_shrinks_after_a_large_one() {
+        let big = AmpBox::command("big").with("v", vec![7u8; 60_000]);
+        let small = AmpBox::command("small").with("v", "x");
+        let mut wire = big.encode().unwrap();
+        wire.extend(small.encode().unwrap());
+        wire.extend(small.encode().unwrap());
+        let (mut w, r) = tokio::io::duplex(1000);
+        let writer = tokio::spawn(async move { w.write_all(&wire).await });
+        let mut reader = AmpReader::new(r);
+        assert_eq!(reader.read_box().await.unwrap(), Some(big));
+        assert!(reader.buf.capacity() <= READ_SIZE * 2, "kept {}", reader.buf.capacity());
+        assert_eq!(reader.read_box().await.unwrap(), Some(small.clone()));
+        assert_eq!(reader.read_box().await.unwrap(), Some(small));
+        writer.await.unwrap().unwrap();
+        assert_eq!(reader.read_box().await.unwrap(), None);
+    }
 }

@@ -57,7 +57,7 @@ pub(super) async fn serve(
     // Told to close when newer connections need the room and this one has not logged in.
     let evicted = ticket.evicted();
     let tls = tokio::select! {
-        r = tokio::time::timeout(handshake, acceptor.accept(tcp)) => match r {
+        r = tokio::time::timeout(handshake, Box::pin(acceptor.accept(tcp))) => match r {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => return debug!(%peer, "TLS handshake timed out"),
@@ -86,7 +86,7 @@ pub(super) async fn serve(
     recheck.reset();
     // A certificate of our own domain logs in at once (no network needed to check it).
     if conn.claims_our_domain() {
-        let _ = conn.caller().await;
+        let _ = Box::pin(conn.caller()).await;
     }
     loop {
         let deadline = match conn.caller {
@@ -106,7 +106,7 @@ pub(super) async fn serve(
                 continue;
             }
             _ = recheck.tick(), if conn.is_foreign() => {
-                if !conn.still_valid().await {
+                if !Box::pin(conn.still_valid()).await {
                     break;
                 }
                 continue;
@@ -120,7 +120,7 @@ pub(super) async fn serve(
             }
             // Not logged in by now: a certificate that checks out still counts.
             Err(_) if conn.caller.is_none() => {
-                if conn.client_cert.is_some() && conn.caller().await.is_ok() {
+                if conn.client_cert.is_some() && Box::pin(conn.caller()).await.is_ok() {
                     continue;
                 }
                 debug!(%peer, "connection closed: not logged in in time");
@@ -136,7 +136,7 @@ pub(super) async fn serve(
         // So does `candidates`, which asks the peer too.
         let asks_peer = [command::INBOUND, command::CANDIDATES].contains(&request.command());
         if asks_peer && conn.hello {
-            match conn.caller().await {
+            match Box::pin(conn.caller()).await {
                 Err(r) => request.respond(counted(&state, Err(r))).await,
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
@@ -156,7 +156,9 @@ pub(super) async fn serve(
             }
             continue;
         }
-        let result = conn.dispatch(request.command(), &request.request).await;
+        // Boxed, like the other calls above: the future of a whole request is large, and
+        // inline it would be held by every idle connection (10,000 of them, say).
+        let result = Box::pin(conn.dispatch(request.command(), &request.request)).await;
         request.respond(counted(&state, result)).await;
     }
     if conn.caller.is_some() {
