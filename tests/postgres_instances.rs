@@ -6,7 +6,8 @@
 //!
 //! Needs a PostgreSQL server: `tools/lab-postgres` starts a throwaway one and runs these
 //! with `Q2Q_TEST_POSTGRES` set to a libpq key=value connection string (each test makes
-//! its own database in it). Ignored by a plain `cargo test`.
+//! its own database in it), and `Q2Q_TEST_POSTGRES_CA` to the PEM file of the CA that
+//! signed the server's TLS certificate. Ignored by a plain `cargo test`.
 
 mod common;
 
@@ -155,6 +156,37 @@ async fn two_instances_one_database() {
 }
 
 /// The SQLite default and PostgreSQL hold the same state the same way (the store API).
+/// `database_ca` makes every database connection TLS, verified: the server itself reports
+/// the connection encrypted; without it the connection is plain; a CA that did not sign the
+/// server's certificate is refused.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn tls_to_the_database_is_verified_against_database_ca() {
+    let ca = std::env::var("Q2Q_TEST_POSTGRES_CA")
+        .expect("Q2Q_TEST_POSTGRES_CA is not set: run these through tools/lab-postgres");
+    let tmp = tempfile::tempdir().unwrap();
+    let domain = Domain::parse("example.com").unwrap();
+
+    let tls = ServerConfig { database_ca: Some(ca.into()), ..config(&database().await) };
+    let d = DataDir::init_at(&tmp.path().join("tls"), &domain, &tls).await.unwrap();
+    assert!(d.store.postgres().unwrap().connection_is_tls().await.unwrap());
+    // Opened again from its config.toml, which keeps database_ca.
+    drop(d);
+    let d = DataDir::open_at(&tmp.path().join("tls"), None).await.unwrap();
+    assert!(d.store.postgres().unwrap().connection_is_tls().await.unwrap());
+
+    let plain = config(&database().await);
+    let d = DataDir::init_at(&tmp.path().join("plain"), &domain, &plain).await.unwrap();
+    assert!(!d.store.postgres().unwrap().connection_is_tls().await.unwrap());
+
+    let stranger = tmp.path().join("other-ca.pem");
+    let other = q2q::identity::DomainCa::generate(&Domain::parse("other.test").unwrap()).unwrap();
+    std::fs::write(&stranger, other.cert_pem()).unwrap();
+    let wrong = ServerConfig { database_ca: Some(stranger), ..config(&database().await) };
+    let e = DataDir::init_at(&tmp.path().join("wrong"), &domain, &wrong).await.err().unwrap();
+    assert!(e.to_string().contains("certificate"), "{e}");
+}
+
 #[tokio::test]
 #[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
 async fn store_operations_on_postgres() {
@@ -202,8 +234,8 @@ async fn store_operations_on_postgres() {
     pg.heartbeat("bb", Some("127.0.0.1"), 2, 120).await.unwrap();
     // Alive: holding its lock on its notification connection.
     let (tx, _notes) = tokio::sync::mpsc::channel(8);
-    let aa = server::postgres::listen(pg.url(), "aa", tx.clone()).await.unwrap();
-    let bb = server::postgres::listen(pg.url(), "bb", tx).await.unwrap();
+    let aa = server::postgres::listen(pg.target(), "aa", tx.clone()).await.unwrap();
+    let bb = server::postgres::listen(pg.target(), "bb", tx).await.unwrap();
     pg.presence_listen("alice@example.com", "echo", "aa", 1).await.unwrap();
     pg.presence_listen("bob@example.com", "echo", "bb", 2).await.unwrap();
     let at = |i: &str, has| Some((server::postgres::Remote { instance: i.into() }, has));

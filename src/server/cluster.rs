@@ -195,7 +195,7 @@ pub(crate) async fn run(state: Arc<State>, tasks: Tasks, mut stopped: watch::Rec
     info!(instance = %id, "sharing the domain with other instances through the database");
     'connect: loop {
         let (tx, mut notes) = mpsc::channel(256);
-        let _client = match super::postgres::listen(db.url(), &id, tx).await {
+        let _client = match super::postgres::listen(db.target(), &id, tx).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot listen for other instances; retrying");

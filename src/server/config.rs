@@ -188,6 +188,10 @@ pub struct ServerConfig {
     /// PostgreSQL URL shared by several instances of the domain.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
+    /// With PostgreSQL: a PEM file of the CA that signed the database server's certificate.
+    /// Set, every connection is TLS and verified against it; unset, connections are plain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_ca: Option<std::path::PathBuf>,
     /// The address other instances of the domain tell callers to reach this instance's
     /// relay at (with PostgreSQL); default: the listen address, if it names one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -214,6 +218,7 @@ impl Default for ServerConfig {
             rate_limit: RateLimitConfig::default(),
             registration_limit: RegistrationLimit::default(),
             database: None,
+            database_ca: None,
             relay_host: None,
         }
     }
@@ -395,9 +400,15 @@ federation_allow = [{allow}]
 # ("postgres://user@host:port/db", or libpq's "host=/run/postgresql dbname=q2q") that
 # several instances of the domain share, each with a copy of this data directory (the CA
 # key file). Instances then also find each other's logged-in users through the database.
-# No TLS to the database: use a Unix socket or a trusted network. With a password in the
-# URL, keep this file mode 0600. `--database` overrides. Default "sqlite".
+# With a password in the URL, keep this file mode 0600. `--database` overrides. Default
+# "sqlite".
 {database}
+
+# With PostgreSQL: the CA (a PEM file) that signed the database server's certificate.
+# Set, every connection to the database is TLS (sslmode=require, whatever the URL says)
+# and the server's certificate is verified against this CA and the URL's host. Unset,
+# connections are plain: then use a Unix socket or a trusted network.
+{database_ca}
 
 # With PostgreSQL: the IP address callers reach this instance's relay (UDP, same port as
 # `listen`) at, told them when their own instance sets up a session with a user logged in
@@ -457,6 +468,10 @@ overall_every_secs = {goe}
             login = self.login_timeout_secs,
             allow = allow.join(", "),
             database = database,
+            database_ca = match &self.database_ca {
+                Some(p) => format!("database_ca = {}", toml::Value::from(p.display().to_string())),
+                None => "# database_ca = \"/etc/q2q/database-ca.pem\"".to_string(),
+            },
             relay_host = relay_host,
             revage = self.revocation_max_age_secs,
             metrics = match self.metrics {

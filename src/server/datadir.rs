@@ -16,7 +16,7 @@
 //! silently regenerated its CA, invalidating every certificate it had issued.
 
 use super::db::{Db, DbError};
-use super::postgres::PgDb;
+use super::postgres::{PgDb, Target};
 use super::store::{Location, Store};
 use crate::address::Domain;
 use crate::fsutil;
@@ -85,6 +85,19 @@ fn location(config: &super::ServerConfig) -> Result<Location, DataDirError> {
     Location::parse(config.database.as_deref().unwrap_or("")).map_err(DataDirError::BadLocation)
 }
 
+/// Open the PostgreSQL database at `url`, over TLS when `config` names a `database_ca`.
+async fn open_postgres(url: &str, config: &super::ServerConfig) -> Result<PgDb, DataDirError> {
+    let ca = match &config.database_ca {
+        Some(path) => Some(std::fs::read(path).map_err(io(path))?),
+        None => None,
+    };
+    let pg = PgDb::open(Target::new(url, ca.as_deref())?).await?;
+    if pg.target().is_tls() {
+        tracing::info!("database connections: TLS, verified against database_ca");
+    }
+    Ok(pg)
+}
+
 /// The CA files of `dir`, for `domain`: missing ones are an error, never a new CA.
 fn read_ca(dir: &Path, domain: &Domain) -> Result<DomainCa, DataDirError> {
     let shown = dir.display().to_string();
@@ -134,7 +147,7 @@ impl DataDir {
         let Location::Postgres(url) = location(config)? else {
             return Self::init(dir, domain, config);
         };
-        let pg = PgDb::open(&url).await?;
+        let pg = open_postgres(&url, config).await?;
         if let Some(fingerprint) = pg.meta("ca_fingerprint").await? {
             let domain = pg.meta("domain").await?.unwrap_or_default();
             return Err(DataDirError::DatabaseTaken { domain, fingerprint });
@@ -224,7 +237,7 @@ impl DataDir {
         if !dir.join(CA_CERT_FILE).exists() && !dir.join(CA_KEY_FILE).exists() {
             return Err(DataDirError::NotInitialised(shown));
         }
-        let pg = PgDb::open(&url).await?;
+        let pg = open_postgres(&url, &config).await?;
         let domain_s =
             pg.meta("domain").await?.ok_or_else(|| DataDirError::NoDomain(shown.clone()))?;
         let domain = Domain::parse(&domain_s).map_err(|_| DataDirError::BadDomain(domain_s))?;

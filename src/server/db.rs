@@ -13,8 +13,11 @@ pub enum DbError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (unreachable, refused, a statement failed).
-    #[error("database error: {0}")]
+    #[error("database error: {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// TLS to PostgreSQL cannot be set up (`database_ca` unreadable or holds no CA).
+    #[error("database TLS: {0}")]
+    Tls(String),
     /// The blocking task running a SQLite call failed (a panic, a poisoned lock).
     #[error("database task failed: {0}")]
     Task(String),
@@ -30,6 +33,21 @@ pub enum DbError {
     /// No certificate with that serial.
     #[error("no certificate with that serial")]
     NoSuchCertificate,
+}
+
+/// `e` and its causes, `: `-joined: tokio-postgres keeps the reason (a refused
+/// connection, an unknown certificate issuer) in its source, not in its own message.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// One issued certificate as recorded.

@@ -4,12 +4,21 @@
 //!
 //! One connection for statements (reopened when it breaks); transactions hold it for their
 //! duration. The schema is made at start under an advisory lock, so instances starting
-//! together do not race. Connections are made without TLS: use a Unix socket or a trusted
-//! network (the URL's `host=/run/postgresql` form, or loopback).
+//! together do not race.
+//!
+//! **TLS**: with `database_ca` (a PEM file of the CA that signed the PostgreSQL server's
+//! certificate) every connection is TLS (`sslmode=require`, whatever the URL says) and the
+//! server's certificate is verified against that CA and the URL's host name or address
+//! (rustls, through tokio-postgres-rustls). Without it, connections are plain, as the URL
+//! says nothing else we could check: then use a Unix socket or a trusted network (the
+//! URL's `host=/run/postgresql` form, or loopback).
 
 use super::db::{CertRecord, DbError, UserRecord, now};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::TlsStream;
+use tokio_postgres::{Client, Connection, NoTls, Socket};
 use tracing::warn;
 
 /// Schema version recorded in `meta` (`schema`), for migrations to come.
@@ -71,20 +80,99 @@ pub struct Remote {
 
 /// The open PostgreSQL store.
 pub struct PgDb {
-    url: String,
+    target: Target,
     client: Mutex<Client>,
 }
 
-/// Connect to `url`, driving the connection on its own task; its asynchronous messages
-/// (notifications) are dropped: [`listen`] makes the connection that receives them.
-async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            warn!(error = %e, "database connection ended");
+/// Where the database is and how connections to it are secured.
+#[derive(Clone)]
+pub struct Target {
+    /// A libpq URL or key=value string; it may hold a password: never logged.
+    url: String,
+    /// TLS verified against the operator's CA, or None: plain.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Target {
+    /// `url`, with TLS verified against the CA certificates in `ca_pem` (PEM) when given.
+    ///
+    /// # Errors
+    /// [`DbError::Tls`] when `ca_pem` holds no usable CA certificate.
+    pub fn new(url: &str, ca_pem: Option<&[u8]>) -> Result<Target, DbError> {
+        let tls = match ca_pem {
+            None => None,
+            Some(pem) => {
+                use rustls_pki_types::pem::PemObject;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| DbError::Tls(format!("database_ca: {e}")))?;
+                    roots.add(cert).map_err(|e| DbError::Tls(format!("database_ca: {e}")))?;
+                }
+                if roots.is_empty() {
+                    return Err(DbError::Tls("database_ca holds no certificate".into()));
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| DbError::Tls(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+            }
+        };
+        Ok(Target { url: url.to_string(), tls })
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A new connection, its messages (notifications) handed to `notes` if given, else
+    /// dropped; driven on its own task until it breaks.
+    async fn connect(
+        &self,
+        notes: Option<tokio::sync::mpsc::Sender<tokio_postgres::Notification>>,
+    ) -> Result<Client, DbError> {
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(drive(connection, notes));
+                Ok(client)
+            }
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) = config.connect(tls.clone()).await?;
+                tokio::spawn(drive(connection, notes));
+                Ok(client)
+            }
         }
-    });
-    Ok(client)
+    }
+}
+
+/// Drive `connection` until it ends, handing notifications to `notes` (if any).
+async fn drive<T>(
+    mut connection: Connection<Socket, T>,
+    notes: Option<tokio::sync::mpsc::Sender<tokio_postgres::Notification>>,
+) where
+    T: AsyncRead + AsyncWrite + TlsStream + Unpin,
+{
+    use tokio_postgres::AsyncMessage;
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notes
+                    && tx.send(n).await.is_err()
+                {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return warn!(error = %e, "database connection ended"),
+            None => return,
+        }
+    }
 }
 
 /// The connection of instance `id` (16 hex digits) that receives its notifications
@@ -92,26 +180,11 @@ async fn connect(url: &str) -> Result<Client, DbError> {
 /// instance is alive: the lock goes with the connection, at once when the instance dies,
 /// so no one asks a dead instance. Ends (dropping `tx`) when the connection breaks.
 pub async fn listen(
-    url: &str,
+    target: &Target,
     id: &str,
     tx: tokio::sync::mpsc::Sender<tokio_postgres::Notification>,
 ) -> Result<Client, DbError> {
-    use tokio_postgres::AsyncMessage;
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return warn!(error = %e, "database notification connection ended"),
-                None => return,
-            }
-        }
-    });
+    let client = target.connect(Some(tx)).await?;
     let key = u64::from_str_radix(id, 16).map_err(|_| DbError::Task(format!("bad id {id}")))?;
     // The channel name is q2q_ and hex digits (checked above), never a client's: safe to
     // splice.
@@ -123,8 +196,8 @@ pub async fn listen(
 impl PgDb {
     /// Connect and make (or check) the schema. `url` is a libpq URL or key=value string;
     /// it may hold a password, so it is never logged.
-    pub async fn open(url: &str) -> Result<PgDb, DbError> {
-        let mut client = connect(url).await?;
+    pub async fn open(target: Target) -> Result<PgDb, DbError> {
+        let mut client = target.connect(None).await?;
         let tx = client.transaction().await?;
         // Not a notice per table that exists already.
         tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
@@ -136,19 +209,28 @@ impl PgDb {
         )
         .await?;
         tx.commit().await?;
-        Ok(PgDb { url: url.to_string(), client: Mutex::new(client) })
+        Ok(PgDb { target, client: Mutex::new(client) })
     }
 
-    /// The URL it was opened with (for the notification connection).
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Where it was opened (for the notification connection).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Whether the statement connection is encrypted, as the server itself reports
+    /// (`pg_stat_ssl`).
+    pub async fn connection_is_tls(&self) -> Result<bool, DbError> {
+        let c = self.client().await?;
+        let row =
+            c.query_opt("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(false))
     }
 
     /// The statement connection, reopened if it broke.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, DbError> {
         let mut c = self.client.lock().await;
         if c.is_closed() {
-            *c = connect(&self.url).await?;
+            *c = self.target.connect(None).await?;
         }
         Ok(c)
     }
