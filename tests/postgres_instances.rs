@@ -156,6 +156,60 @@ async fn two_instances_one_database() {
 }
 
 /// The SQLite default and PostgreSQL hold the same state the same way (the store API).
+/// Registration limits are the domain's, not each instance's: two registrations at one
+/// instance spend the source address's budget at the other too. A source refused by the
+/// overall budget leaves no row behind.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn registration_limits_hold_across_instances() {
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
+    let domain = Domain::parse("example.com").unwrap();
+    let limited = ServerConfig {
+        registration_limit: server::config::RegistrationLimit {
+            per_address_burst: 2,
+            per_address_every_secs: 3600,
+            overall_burst: 100,
+            overall_every_secs: 1,
+        },
+        ..config(&db)
+    };
+    let d1 = DataDir::init_at(&dir1, &domain, &limited).await.unwrap();
+    copy_instance(&dir1, &dir2);
+    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    let pg = d1.store.postgres().unwrap().clone();
+    let one = server::start(d1, limited.clone()).await.unwrap();
+    let two = server::start(d2, limited).await.unwrap();
+    let (_h, home) = home();
+    let at = |s: &str| ConnectOptions { server: Some(s.to_string()), ..Default::default() };
+    let (p1, p2) = (one.tcp_addr.to_string(), two.tcp_addr.to_string());
+    for who in ["u1@example.com", "u2@example.com"] {
+        q2q::client::register(&home, &addr(who), PW, None, false, &at(&p1)).await.unwrap();
+    }
+    let e = q2q::client::register(&home, &addr("u3@example.com"), PW, None, false, &at(&p2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(q2q::proto::code::RATE_LIMITED), "{e}");
+
+    // The store's buckets: the overall one first; once it is empty, a new source is
+    // refused without a row of its own.
+    let now = 1_000_000_000_000;
+    let b = |k: &str, burst: f64| (k.to_string(), burst, 1.0 / 3600.0);
+    let first = pg.take_tokens(&[b("t:all", 1.0), b("t:a", 5.0)], now).await.unwrap();
+    assert!(first.is_zero());
+    let second = pg.take_tokens(&[b("t:all", 1.0), b("t:b", 5.0)], now + 1000).await.unwrap();
+    assert!(second > Duration::from_secs(3000), "{second:?}");
+    let (client, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = client.query("SELECT key FROM rate_limits WHERE key LIKE 't:%'", &[]).await.unwrap();
+    let keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(!keys.contains(&"t:b".to_string()), "{keys:?}");
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
 /// `database_ca` makes every database connection TLS, verified: the server itself reports
 /// the connection encrypted; without it the connection is plain; a CA that did not sign the
 /// server's certificate is refused.

@@ -368,7 +368,7 @@ impl Conn {
                 format!("the password must be {min} to {MAX_PASSWORD_LEN} characters long"),
             ));
         }
-        self.admit_registration()?;
+        self.admit_registration().await?;
         let hash = self.state.hasher.hash(password).await.map_err(internal)?;
         let user = address.user.to_string();
         let invite = invite.filter(|_| self.state.config.registration == Registration::Invite);
@@ -638,23 +638,43 @@ impl Conn {
     }
 
     /// Spend a registration of this source address and of the overall budget, or say
-    /// how long to wait.
-    fn admit_registration(&self) -> Result<(), Refusal> {
-        let Ok(mut l) = self.state.registrations.lock() else { return Ok(()) };
-        let (per_address, overall) = &mut *l;
-        let now = Instant::now();
+    /// how long to wait. With PostgreSQL the budgets are the domain's, shared by every
+    /// instance (kept in the database); else this process's.
+    async fn admit_registration(&self) -> Result<(), Refusal> {
         let ip = super::admission::source_key(self.peer.ip()).to_string();
-        let (mine, all) = (per_address.wait(&ip, now), overall.wait("", now));
-        if mine.is_zero() && all.is_zero() {
-            per_address.take(&ip, now);
-            overall.take("", now);
+        let wait = match self.state.store.postgres() {
+            Some(pg) => {
+                let g = &self.state.config.registration_limit;
+                let bucket = |key: String, burst: u32, every: u64| {
+                    (key, f64::from(burst.max(1)), 1.0 / every.max(1) as f64)
+                };
+                let buckets = [
+                    bucket("registrations".into(), g.overall_burst, g.overall_every_secs),
+                    bucket(
+                        format!("registrations:{ip}"),
+                        g.per_address_burst,
+                        g.per_address_every_secs,
+                    ),
+                ];
+                db(pg.take_tokens(&buckets, unix_ms())).await?
+            }
+            None => {
+                let Ok(mut l) = self.state.registrations.lock() else { return Ok(()) };
+                let (per_address, overall) = &mut *l;
+                let now = Instant::now();
+                let (mine, all) = (per_address.wait(&ip, now), overall.wait("", now));
+                if mine.is_zero() && all.is_zero() {
+                    per_address.take(&ip, now);
+                    overall.take("", now);
+                }
+                mine.max(all)
+            }
+        };
+        if wait.is_zero() {
             return Ok(());
         }
-        warn!(peer = %self.peer, wait_ms = mine.max(all).as_millis() as u64, "registration refused: rate limited");
-        Err(rate_limited(
-            &format!("too many registrations on {}", self.state.domain),
-            mine.max(all),
-        ))
+        warn!(peer = %self.peer, wait_ms = wait.as_millis() as u64, "registration refused: rate limited");
+        Err(rate_limited(&format!("too many registrations on {}", self.state.domain), wait))
     }
 
     fn fail(&self, keys: &[&str]) {
@@ -662,6 +682,13 @@ impl Conn {
             l.failure(keys, Instant::now());
         }
     }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `RATE_LIMITED`: `what`, and how long to wait.

@@ -15,6 +15,7 @@
 
 use super::db::{CertRecord, DbError, UserRecord, now};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 use tokio_postgres::tls::TlsStream;
@@ -69,6 +70,12 @@ CREATE TABLE IF NOT EXISTS presence (
     PRIMARY KEY (address, service)
 );
 CREATE INDEX IF NOT EXISTS presence_instance ON presence(instance, conn);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_limits_at ON rate_limits(at_ms);
 ";
 
 /// Where another instance's listener of an address is.
@@ -473,6 +480,56 @@ impl PgDb {
             .execute("UPDATE certificates SET revoked = TRUE WHERE serial = $1", &[&serial])
             .await?;
         if n == 1 { Ok(()) } else { Err(DbError::NoSuchCertificate) }
+    }
+
+    /// Spend one token of every bucket in `buckets` (key, burst, tokens a second), for all
+    /// instances of the domain at once, or none if any is empty: then how long until all
+    /// have one. In order, and a bucket that is empty stops the rest being touched, so
+    /// put the overall bucket first and a refused stranger adds no row. Rows untouched
+    /// for a day (full again for any sane limit) are removed as we go.
+    pub async fn take_tokens(
+        &self,
+        buckets: &[(String, f64, f64)],
+        now_ms: i64,
+    ) -> Result<Duration, DbError> {
+        use super::ratelimit::{refill, wait_for_token};
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute("DELETE FROM rate_limits WHERE at_ms < $1", &[&(now_ms - 86_400_000)]).await?;
+        let mut tokens = Vec::with_capacity(buckets.len());
+        for (key, burst, per_sec) in buckets {
+            tx.execute(
+                "INSERT INTO rate_limits(key, tokens, at_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (key) DO NOTHING",
+                &[key, burst, &now_ms],
+            )
+            .await?;
+            // Row-locked until commit: instances spending the same bucket wait in turn.
+            let row = tx
+                .query_one(
+                    "SELECT tokens, at_ms FROM rate_limits WHERE key = $1 FOR UPDATE",
+                    &[key],
+                )
+                .await?;
+            let (held, at): (f64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let elapsed = Duration::from_millis(now_ms.saturating_sub(at).max(0) as u64);
+            let now = refill(held, elapsed, *burst, *per_sec);
+            let wait = wait_for_token(now, *per_sec);
+            if !wait.is_zero() {
+                tx.commit().await?;
+                return Ok(wait);
+            }
+            tokens.push((key, now));
+        }
+        for (key, now) in tokens {
+            tx.execute(
+                "UPDATE rate_limits SET tokens = $2, at_ms = $3 WHERE key = $1",
+                &[key, &(now - 1.0), &now_ms],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Duration::ZERO)
     }
 
     pub async fn create_invite(&self, code: &str) -> Result<(), DbError> {

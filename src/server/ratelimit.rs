@@ -110,6 +110,18 @@ impl RateLimiter {
     }
 }
 
+/// A token bucket's tokens after `elapsed`: `tokens` plus `per_sec` a second, at most
+/// `burst`. Shared by [`Buckets`] and the buckets kept in PostgreSQL for all instances.
+pub fn refill(tokens: f64, elapsed: Duration, burst: f64, per_sec: f64) -> f64 {
+    (tokens + elapsed.as_secs_f64() * per_sec).min(burst)
+}
+
+/// How long until a bucket holding `tokens` has a whole one, at `per_sec` (zero: now).
+pub fn wait_for_token(tokens: f64, per_sec: f64) -> Duration {
+    let missing = 1.0 - tokens;
+    if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / per_sec) }
+}
+
 /// Token buckets by key: each key may do `burst` things at once, then `per_sec` a second.
 /// Sans-IO like [`RateLimiter`]; memory is bounded the same way.
 #[derive(Debug)]
@@ -131,18 +143,13 @@ impl Buckets {
 
     fn tokens(&self, key: &str, now: Instant) -> f64 {
         self.entries.get(key).map_or(self.burst, |(t, at)| {
-            (t + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst)
+            refill(*t, now.saturating_duration_since(*at), self.burst, self.per_sec)
         })
     }
 
     /// How long until `key` has a token (zero: it has one now).
     pub fn wait(&self, key: &str, now: Instant) -> Duration {
-        let missing = 1.0 - self.tokens(key, now);
-        if missing <= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(missing / self.per_sec)
-        }
+        wait_for_token(self.tokens(key, now), self.per_sec)
     }
 
     /// Spend a token of `key` (call after [`Buckets::wait`] said zero).
