@@ -1,6 +1,7 @@
 //! Two instances of one domain on one PostgreSQL database (issue 11): an account
 //! registered at one logs in at the other; alice logged in at instance 1 reaches bob logged
-//! in at instance 2 and back, relayed (the legs at the callee's instance); instance 1 stops
+//! in at instance 2 and back, relayed (the legs at the callee's instance), with streams,
+//! pings and file transfers as `q2q-tun ping` and `send` make them; instance 1 stops
 //! and alice's node logs in at instance 2, where bob reaches it again. A certificate revoked
 //! through one instance's data directory drops its live log-in at the other.
 //!
@@ -43,6 +44,34 @@ fn copy_instance(from: &Path, to: &Path) {
     for f in [datadir::CA_CERT_FILE, datadir::CA_KEY_FILE, datadir::CONFIG_FILE] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
+}
+
+/// `from` sends a 3 MB file to `to` over the `file` service, as `q2q-tun send` does, and it
+/// arrives whole.
+async fn send_file(from: &Node, to: &Node, scratch: &Path) {
+    use q2q::presence::node::Policy;
+    use q2q::transfer;
+    let service = q2q::daemon::send::file_service();
+    let (src, inbox) = (
+        scratch.join(format!("from-{}", from.address())),
+        scratch.join(format!("to-{}", to.address())),
+    );
+    std::fs::create_dir_all(&src).unwrap();
+    let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("f.bin"), &data).unwrap();
+    let mut accepted =
+        to.listen(&service, "receive", Policy::allow([from.address().clone()])).await.unwrap();
+    let opts = transfer::ReceiveOptions { dir: inbox.clone(), overwrite: false };
+    let receiver = tokio::spawn(async move {
+        let a = accepted.recv().await.unwrap();
+        transfer::receive(a.stream, &opts, &mut transfer::Quiet).await
+    });
+    let conn = from.connect(to.address(), &service).await.unwrap();
+    let files = transfer::collect(&[src.join("f.bin")]).unwrap();
+    transfer::send(conn.stream, &files, &mut transfer::Quiet).await.unwrap();
+    receiver.await.unwrap().unwrap();
+    assert_eq!(std::fs::read(inbox.join("f.bin")).unwrap(), data);
+    to.unlisten(&service).await.unwrap();
 }
 
 /// `from` opens a stream to `to`'s echo and moves `len` bytes through it, checked.
@@ -119,6 +148,14 @@ async fn two_instances_one_database() {
     // A stream the other way in the same session (opened by bob).
     echo(&bob, "alice@example.com", 256 << 10).await.unwrap();
     assert_eq!(one.stats().relayed_bytes, 0, "{:?}", one.stats());
+    // What `q2q-tun ping` and `q2q-tun send` do, both ways across the instances.
+    alice.serve_ping().await.unwrap();
+    bob.serve_ping().await.unwrap();
+    let ms = Duration::from_millis(20);
+    assert_eq!(alice.ping(&addr("bob@example.com"), 3, ms).await.unwrap().rtts.len(), 3);
+    assert_eq!(bob.ping(&addr("alice@example.com"), 3, ms).await.unwrap().rtts.len(), 3);
+    send_file(&alice, &bob, tmp.path()).await;
+    send_file(&bob, &alice, tmp.path()).await;
     // Carol (instance 2) to alice (instance 1): a new session, its legs at instance 1.
     echo(&carol, "alice@example.com", 256 << 10).await.unwrap();
     assert!(one.stats().relayed_bytes >= 512 << 10, "{:?}", one.stats());
