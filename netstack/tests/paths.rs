@@ -776,3 +776,147 @@ fn the_peer_moving_to_the_relay_is_followed() {
     assert!(w.peers[0].paths.why().contains("moved to the relay"), "{}", w.peers[0].paths.why());
     assert!(w.peers[1].paths.why().contains("no answer"), "{}", w.peers[1].paths.why());
 }
+
+/// Two machines wired back to back (no NAT): everything one sends to the other's
+/// addresses arrives, from the family's address of the sender, unless that family is cut.
+/// Returns the transmits each handed out, by destination family.
+struct DualStack {
+    paths: [Paths; 2],
+    v4: [SocketAddr; 2],
+    v6: [SocketAddr; 2],
+    v6_works: bool,
+    sent: [(u64, u64); 2],
+    switches: [Vec<Path>; 2],
+}
+
+impl DualStack {
+    fn new(v6_works: bool) -> DualStack {
+        let v4 =
+            [SocketAddr::new(ip(203, 0, 113, 1), 4000), SocketAddr::new(ip(198, 51, 100, 2), 5000)];
+        let v6: [SocketAddr; 2] =
+            ["[2001:db8:1::2]:4000".parse().unwrap(), "[2001:db8:2::2]:5000".parse().unwrap()];
+        let now = Instant::from_millis(0);
+        let paths = [0, 1].map(|i| {
+            let j = 1 - i;
+            Paths::new(
+                now,
+                Config::default(),
+                Setup {
+                    session: SESSION,
+                    role: if i == 0 { Role::Caller } else { Role::Callee },
+                    key: KEY,
+                    relay: RelayPath::Udp(relay()),
+                    // IPv4 listed first: the machine orders them itself.
+                    candidates: vec![v4[j], v6[j]],
+                    nat: NatFacts::default(),
+                    direct_allowed: true,
+                    seed: i as u64,
+                },
+            )
+        });
+        DualStack { paths, v4, v6, v6_works, sent: [(0, 0); 2], switches: [vec![], vec![]] }
+    }
+
+    /// Run `ms` milliseconds in 1 ms steps; datagrams arrive in the next step.
+    fn run(&mut self, from_ms: i64, ms: i64) {
+        let mut air: Vec<(usize, SocketAddr, [u8; probe::LEN])> = Vec::new();
+        for t in from_ms..from_ms + ms {
+            let now = Instant::from_millis(t);
+            for (to_side, from, data) in std::mem::take(&mut air) {
+                self.paths[to_side].handle_probe(now, Socket::Main, from, &data);
+            }
+            // Session data every 50 ms along each side's path (liveness for the other).
+            if t % 50 == 0 {
+                for i in 0..2 {
+                    if let Path::Direct { to, .. } = self.paths[i].current() {
+                        let from = if to.is_ipv6() { self.v6[i] } else { self.v4[i] };
+                        if to.is_ipv4() || self.v6_works {
+                            self.paths[1 - i].handle_datagram(now, Socket::Main, from);
+                        }
+                    }
+                }
+            }
+            for i in 0..2 {
+                let p = &mut self.paths[i];
+                if p.poll_timeout().is_some_and(|d| d <= now) {
+                    p.handle_timeout(now);
+                }
+                while let Some(ev) = p.poll_event() {
+                    if let PathEvent::Switched { path, lost } = ev {
+                        assert!(!lost, "no path died here");
+                        self.switches[i].push(path);
+                    }
+                }
+                while let Some(tx) = p.poll_transmit(now) {
+                    let Payload::Probe(data) = tx.payload else { continue };
+                    let j = 1 - i;
+                    if tx.to == self.v6[j] {
+                        self.sent[i].1 += 1;
+                        if self.v6_works {
+                            air.push((j, self.v6[i], data));
+                        }
+                    } else if tx.to == self.v4[j] {
+                        self.sent[i].0 += 1;
+                        air.push((j, self.v4[i], data));
+                    } else {
+                        panic!("a probe to {} that is no candidate", tx.to);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ipv6_is_preferred_when_both_families_work() {
+    let mut w = DualStack::new(true);
+    w.run(0, 8000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(w.paths[i].current(), Path::Direct { to: w.v6[j], socket: Socket::Main });
+        assert!(
+            w.paths[i].why().contains("IPv6") || w.switches[i].len() == 1,
+            "{}",
+            w.paths[i].why()
+        );
+    }
+    println!("both families work: {:?}, probes (v4, v6) {:?}", w.switches, w.sent);
+}
+
+#[test]
+fn ipv4_found_first_moves_to_ipv6_when_it_answers() {
+    // IPv6 cut at first: both go direct over IPv4 and keep probing IPv6 only; once it
+    // works, both move there without losing anything.
+    let mut w = DualStack::new(false);
+    w.run(0, 1000);
+    for i in 0..2 {
+        assert_eq!(w.paths[i].current(), Path::Direct { to: w.v4[1 - i], socket: Socket::Main });
+    }
+    let v4_before = [w.sent[0].0, w.sent[1].0];
+    w.v6_works = true;
+    w.run(1000, 1000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(w.paths[i].current(), Path::Direct { to: w.v6[j], socket: Socket::Main });
+        assert!(w.paths[i].why().contains("preferred to the IPv4 path"), "{}", w.paths[i].why());
+        assert_eq!(w.switches[i].len(), 2, "{:?}", w.switches[i]);
+        // While direct over IPv4, only IPv6 candidates were probed (replies aside).
+        assert!(w.sent[i].0 <= v4_before[i] + 2, "{:?} {:?}", w.sent, v4_before);
+    }
+}
+
+#[test]
+fn ipv6_search_while_direct_ends_with_the_search() {
+    // IPv6 never works: the IPv6 probes while direct over IPv4 stop when the search
+    // would have ended (50 rounds), and IPv4 stays.
+    let mut w = DualStack::new(false);
+    w.run(0, 20000);
+    for i in 0..2 {
+        assert_eq!(w.paths[i].current(), Path::Direct { to: w.v4[1 - i], socket: Socket::Main });
+        let (_, v6) = w.sent[i];
+        assert!((40..=51).contains(&v6), "IPv6 probes: {v6}");
+    }
+    let at = w.sent;
+    w.run(20000, 10000);
+    assert_eq!([w.sent[0].1, w.sent[1].1], [at[0].1, at[1].1], "no IPv6 probe after the search");
+}

@@ -18,6 +18,15 @@
 //!   move there.
 //! ```
 //!
+//! ## Both families
+//! Candidates of both families are probed in the same rounds, IPv6 first; the first
+//! verified answer wins, as in RFC 8445's aggressive nomination. IPv6 is preferred when
+//! both work (RFC 8305 §4, RFC 6724: no NAT state to keep alive on most IPv6 paths, and it
+//! is the one family that works where IPv4 is symmetric↔symmetric): while direct over
+//! IPv4, the rest of the search keeps probing the IPv6 candidates only, and a verified
+//! probe or reply from an IPv6 address moves the path there ("upgrade"). The probes come
+//! out of the same budget as every other.
+//!
 //! ## Polling contract
 //! The driver owns one [`Paths`] per session (beside its [`crate::Session`]):
 //!
@@ -348,6 +357,9 @@ struct Direct {
     since: Instant,
     heard: Instant,
     suspicion: Option<Suspicion>,
+    /// Direct over IPv4 while IPv6 candidates remain: the search goes on over IPv6 only,
+    /// round `.0` of it due at `.1` (see "Both families" in the module docs).
+    upgrade: Option<(u32, Instant)>,
 }
 
 #[derive(Debug)]
@@ -414,13 +426,15 @@ impl Paths {
             (RelayPath::Udp(_), ..) => "relayed while probing for a direct path".into(),
         };
         let next = searching.then(|| now + config.probe_after);
+        let mut candidates = setup.candidates;
+        sort_by_family(&mut candidates);
         Paths {
             session: setup.session,
             role: setup.role,
             key: ProbeKey::new(&setup.key),
             relay: setup.relay,
             birthday_role: if setup.direct_allowed { setup.nat.birthday() } else { None },
-            candidates: setup.candidates,
+            candidates,
             direct_allowed: setup.direct_allowed,
             rng: Rng::new(setup.seed),
             current: setup.relay.into(),
@@ -497,6 +511,7 @@ impl Paths {
         enum Act {
             Find(&'static str),
             Rebind(SocketAddr),
+            Upgrade(SocketAddr),
             Nothing,
         }
         let act = match &mut self.state {
@@ -507,6 +522,10 @@ impl Paths {
                 }
                 Socket::Main => Act::Find("hole punched"),
             },
+            // IPv6 answers while we are direct over IPv4: the preferred family works.
+            State::Direct(d) if d.to.is_ipv4() && from.is_ipv6() && socket == Socket::Main => {
+                Act::Upgrade(d.to)
+            }
             State::Direct(d) if d.to == from && d.socket == socket => {
                 if let Some(s) = &mut d.suspicion
                     && p.reply
@@ -529,6 +548,13 @@ impl Paths {
             Act::Rebind(old) => {
                 let why = format!("NAT rebinding: the peer moved from {old} to {from}");
                 self.go_direct(now, from, socket, why, true);
+            }
+            Act::Upgrade(old) => {
+                // What was in flight on a silent, unanswered IPv4 path is resent.
+                let lost = matches!(&self.state, State::Direct(d)
+                    if d.suspicion.as_ref().is_some_and(|s| s.answered.is_none()));
+                let why = format!("hole punched over IPv6 (preferred to the IPv4 path {old})");
+                self.go_direct(now, from, socket, why, lost);
             }
             Act::Nothing => {}
         }
@@ -561,11 +587,17 @@ impl Paths {
     /// relayed, search them at once.
     pub fn update_candidates(&mut self, now: Instant, candidates: Vec<SocketAddr>) {
         self.candidates = candidates;
-        if let State::Relayed { round, next } = &mut self.state
-            && self.direct_allowed
-        {
-            *round = 0;
-            *next = (!self.candidates.is_empty()).then_some(now);
+        sort_by_family(&mut self.candidates);
+        let v6 = self.candidates.iter().any(SocketAddr::is_ipv6);
+        match &mut self.state {
+            State::Relayed { round, next } if self.direct_allowed => {
+                *round = 0;
+                *next = (!self.candidates.is_empty()).then_some(now);
+            }
+            State::Direct(d) if self.direct_allowed && d.to.is_ipv4() && v6 => {
+                d.upgrade = Some((0, now));
+            }
+            _ => {}
         }
     }
 
@@ -610,6 +642,9 @@ impl Paths {
                 },
             },
         }
+        if let State::Direct(Direct { upgrade: Some((_, next)), .. }) = &self.state {
+            at(*next);
+        }
         if !self.transmits.is_empty() {
             at(Instant::from_micros(0));
         }
@@ -626,6 +661,7 @@ impl Paths {
             self.next_bind = Some(now + self.config.relay_bind_every);
         }
         self.search(now);
+        self.search_ipv6(now);
         self.run_birthday(now);
         self.watch(now);
     }
@@ -647,16 +683,39 @@ impl Paths {
         self.key.encode(false, self.session, self.nonce, self.role)
     }
 
+    /// The rounds of one search.
+    fn rounds(&self) -> u32 {
+        (self.config.probe_for.total_millis() / self.config.probe_every.total_millis().max(1))
+            .max(1) as u32
+            * if self.after_loss { 3 } else { 1 }
+    }
+
+    /// Direct over IPv4: a round of probes to the IPv6 candidates only, if one is due.
+    fn search_ipv6(&mut self, now: Instant) {
+        let rounds = self.rounds();
+        let State::Direct(d) = &mut self.state else { return };
+        let Some((round, due)) = d.upgrade else { return };
+        if due > now {
+            return;
+        }
+        d.upgrade = (round + 1 < rounds).then(|| (round + 1, now + self.config.probe_every));
+        let v6: Vec<SocketAddr> =
+            self.candidates.iter().copied().filter(SocketAddr::is_ipv6).collect();
+        if !v6.is_empty() && self.budget.take(now, v6.len() as u64) {
+            let data = self.probe();
+            for to in v6 {
+                self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
+            }
+        }
+    }
+
     /// Relayed: a search round if one is due.
     fn search(&mut self, now: Instant) {
         let State::Relayed { round, next: Some(due) } = self.state else { return };
         if due > now {
             return;
         }
-        let rounds = (self.config.probe_for.total_millis()
-            / self.config.probe_every.total_millis().max(1))
-        .max(1) as u32
-            * if self.after_loss { 3 } else { 1 };
+        let rounds = self.rounds();
         let n = self.candidates.len() as u64;
         if n > 0 && self.budget.take(now, n) {
             let data = self.probe();
@@ -833,9 +892,21 @@ impl Paths {
             self.birthday = None;
         }
         info!(session = format!("{:016x}", self.session), %to, ?socket, why, "direct path found");
+        // Found over IPv4 during a search, with IPv6 candidates to try: the rest of the
+        // search goes on over IPv6 (a path found by rebinding or after a search keeps on).
+        let upgrade = match self.state {
+            State::Relayed { round, next: Some(_) }
+                if to.is_ipv4() && self.candidates.iter().any(SocketAddr::is_ipv6) =>
+            {
+                Some((round, now + self.config.probe_every))
+            }
+            State::Direct(Direct { upgrade, .. }) if to.is_ipv4() => upgrade,
+            _ => None,
+        };
         self.current = Path::Direct { to, socket };
         self.why = why;
-        self.state = State::Direct(Direct { to, socket, since: now, heard: now, suspicion: None });
+        self.state =
+            State::Direct(Direct { to, socket, since: now, heard: now, suspicion: None, upgrade });
         self.stats.direct += 1;
         self.events.push_back(PathEvent::Switched { path: self.current, lost });
     }
@@ -863,4 +934,9 @@ impl Paths {
             self.next_bind = Some(now + self.config.relay_bind_every);
         }
     }
+}
+
+/// IPv6 candidates first (RFC 8305 §4), keeping the order within a family.
+fn sort_by_family(candidates: &mut [SocketAddr]) {
+    candidates.sort_by_key(|c| c.is_ipv4());
 }
