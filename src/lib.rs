@@ -42,6 +42,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod dns;
+pub mod dualstack;
 pub mod fsutil;
 pub mod identity;
 pub(crate) mod pipe;

@@ -83,8 +83,12 @@ async fn the_server_answers_from_its_second_port_when_asked() {
     let mut buf = [0u8; 512];
     for (to, flags, from) in [
         (main, whoami::Flags::default(), main),
-        (main, whoami::Flags { second_port: true, reply_from_second: true }, second),
-        (second, whoami::Flags { second_port: true, reply_from_second: false }, second),
+        (main, whoami::Flags { second_port: true, reply_from_second: true, proof: false }, second),
+        (
+            second,
+            whoami::Flags { second_port: true, reply_from_second: false, proof: false },
+            second,
+        ),
     ] {
         sock.send_to(&whoami::request_with(*b"nonce-12", flags), to).await.unwrap();
         let (n, got_from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))

@@ -42,8 +42,9 @@ enum Command {
         /// Who may register (written to config.toml).
         #[arg(long, value_enum, default_value = "open")]
         registration: Registration,
-        /// Address to listen on for TCP and UDP (written to config.toml).
-        #[arg(long, default_value = "0.0.0.0:8788")]
+        /// Address to listen on for TCP and UDP (written to config.toml). `[::]` serves
+        /// IPv6 and IPv4 alike.
+        #[arg(long, default_value = "[::]:8788")]
         listen: SocketAddr,
     },
     /// Serve the domain: control connections on TCP, who-am-i on UDP (same port).

@@ -74,8 +74,9 @@ struct UpArgs {
     /// resolved where it runs.
     #[arg(long, value_enum, default_value = "auto", env = "Q2Q_DNS_MODE")]
     dns: q2q::daemon::resolver::Wanted,
-    /// Local UDP address for PTCP, who-am-i, probes and relay.
-    #[arg(long, default_value = "0.0.0.0:0")]
+    /// Local UDP address for PTCP, who-am-i, probes and relay. `[::]` is one dual-stack
+    /// socket serving IPv6 and IPv4 (falls back to IPv4 where IPv6 is off).
+    #[arg(long, default_value = "[::]:0")]
     bind: std::net::SocketAddr,
     #[command(flatten)]
     server: ServerArgs,

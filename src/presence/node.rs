@@ -166,7 +166,8 @@ pub struct PingReport {
 /// Settings of a node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// Local address of the UDP socket (PTCP, who-am-i, probes, relay).
+    /// Local address of the UDP socket (PTCP, who-am-i, probes, relay). The default,
+    /// `[::]:0`, is one dual-stack socket for both families ([`crate::dualstack`]).
     pub bind: SocketAddr,
     /// Offer loopback host candidates (two nodes on one machine).
     pub include_loopback: bool,
@@ -199,7 +200,7 @@ pub struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
             include_loopback: false,
             server: ConnectOptions::default(),
             netstack: q2q_netstack::Config::default(),
@@ -280,7 +281,9 @@ struct Inner {
     /// Who-am-i requests waiting for their answer, to the task that owns them (the loop
     /// taking our socket's non-PTCP datagrams).
     whoami: mpsc::Sender<WhoAmI>,
-    reflexive_cache: Mutex<Option<(std::time::Instant, Option<SocketAddr>)>>,
+    /// Our reflexive addresses (one per family the server answered on, the control
+    /// connection's family first) with the server's proofs, and when they were asked.
+    reflexive_cache: Mutex<Option<(std::time::Instant, Vec<Reflexive>)>>,
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
@@ -309,8 +312,16 @@ const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
 /// To the owner of the pending who-am-i requests: wait for the answer to `nonce`, or stop
 /// waiting.
 enum WhoAmI {
-    Wait([u8; 8], oneshot::Sender<SocketAddr>),
+    Wait([u8; 8], oneshot::Sender<Reflexive>),
     Forget([u8; 8]),
+}
+
+/// One reflexive address of our socket (RFC 8445 server-reflexive candidate) and the
+/// server's proof of its IP ([`crate::proto::whoami::ProofKey`]), when it gave one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reflexive {
+    pub(crate) addr: SocketAddr,
+    pub(crate) proof: Option<[u8; crate::proto::whoami::PROOF_LEN]>,
 }
 
 /// Who-am-i requests waiting at most (more are not asked until some are answered).
@@ -393,8 +404,10 @@ impl Node {
         }
         tokio::spawn(node.clone().stay_logged_in(home_owner));
         tokio::spawn(node.clone().renew_when_due());
-        // Learn the NAT mapping (or that UDP is blocked) before the first connection.
+        // Learn the NAT mapping (or that UDP is blocked) before the first connection, and
+        // have the server vouch for our IP of the other family before the first `listen`.
         node.reflexive().await;
+        node.announce_seen(&node.home()).await;
         Ok(node)
     }
 

@@ -538,6 +538,19 @@ amp_message! {
 amp_command!(WhoAmI = command::WHO_AM_I, answer Seen, errors []);
 
 amp_message! {
+    /// `also-seen`: the node shows the server's proof ([`super::whoami::ProofKey`]) that its
+    /// UDP socket was seen at `address`, an IP of the other family than its control
+    /// connection's. The server then vouches for that IP to the node's peers too
+    /// (`peer_seen_also`), so they probe the node's candidates there (a dual-stack node's
+    /// IPv6 while it is logged in over IPv4, or the other way round).
+    pub struct AlsoSeen {
+        pub address: IpAddr,
+        pub proof: [u8; 16],
+    }
+}
+amp_command!(AlsoSeen = command::ALSO_SEEN, answer Empty, errors [NotLoggedIn, BadRequest]);
+
+amp_message! {
     /// What the server sees: `host` and `port`.
     pub struct Seen {
         pub host: IpAddr,
@@ -615,6 +628,8 @@ amp_message! {
         pub relay_host: Option<IpAddr>,
         /// The IP the server sees the other side's control connection come from.
         pub peer_seen: Option<IpAddr>,
+        /// The other side's IP of the other family, proven with [`AlsoSeen`].
+        pub peer_seen_also: Option<IpAddr>,
     }
 }
 
@@ -682,6 +697,8 @@ amp_message! {
     pub struct CandidatesAnswer {
         pub candidates: Vec<SocketAddr>,
         pub peer_seen: Option<IpAddr>,
+        /// See [`Grant::peer_seen_also`].
+        pub peer_seen_also: Option<IpAddr>,
     }
 }
 
@@ -693,6 +710,8 @@ amp_message! {
         pub candidates: Vec<SocketAddr>,
         /// The IP the server sees `from`'s connection come from.
         pub peer_seen: Option<IpAddr>,
+        /// See [`Grant::peer_seen_also`].
+        pub peer_seen_also: Option<IpAddr>,
     }
 }
 amp_command!(CandidatesAsk = command::CANDIDATES, answer CandidateList, errors [NotAuthorized]);
@@ -708,6 +727,8 @@ amp_message! {
         pub candidates: Vec<SocketAddr>,
         /// The IP the asking instance sees `from`'s connection come from.
         pub peer_seen: IpAddr,
+        /// See [`Grant::peer_seen_also`].
+        pub peer_seen_also: Option<IpAddr>,
         /// The serial of `from`'s certificate, passed on to the callee (see [`InboundAsk`]).
         pub from_serial: Option<String>,
     }
@@ -724,6 +745,7 @@ amp_message! {
         pub session: u64,
         pub candidates: Vec<SocketAddr>,
         pub peer_seen: IpAddr,
+        pub peer_seen_also: Option<IpAddr>,
     }
 }
 amp_command!(RemoteCandidates = command::CANDIDATES, answer CandidatesAnswer, errors [
@@ -837,6 +859,12 @@ mod tests {
         proptest::collection::vec(any::<char>(), 0..200).prop_map(String::from_iter)
     }
 
+    fn key_bytes16(x: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&x.to_be_bytes());
+        k
+    }
+
     fn grant() -> impl Strategy<Value = Grant> {
         (
             candidates(),
@@ -846,10 +874,10 @@ mod tests {
             any::<[u8; 32]>(),
             any::<u16>(),
             proptest::option::of(ip()),
-            proptest::option::of(ip()),
+            (proptest::option::of(ip()), proptest::option::of(ip())),
         )
-            .prop_map(|(candidates, session, probe_key, token, key, port, seen, host)| {
-                Grant {
+            .prop_map(
+                |(candidates, session, probe_key, token, key, port, seen, (host, also))| Grant {
                     candidates,
                     session,
                     probe_key,
@@ -858,8 +886,9 @@ mod tests {
                     relay_port: port,
                     relay_host: host,
                     peer_seen: seen,
-                }
-            })
+                    peer_seen_also: also,
+                },
+            )
     }
 
     proptest! {
@@ -899,17 +928,18 @@ mod tests {
             round_trip(&Revocations { domain: d.clone() },
                 &RevocationList { list: data.clone() }, &t1)?;
             round_trip(&Candidates { to: a.clone(), session, candidates: c1.clone() },
-                &CandidatesAnswer { candidates: c2.clone(), peer_seen: seen }, &t1)?;
-            round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen },
+                &CandidatesAnswer { candidates: c2.clone(), peer_seen: seen, peer_seen_also: seen }, &t1)?;
+            round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen },
                 &CandidateList { candidates: c2 }, &t1)?;
             round_trip(&RemoteInbound { from: b.clone(), to: a.clone(), service: s.clone(),
-                candidates: c1.clone(), peer_seen: ip1, from_serial: t3.clone() },
+                candidates: c1.clone(), peer_seen: ip1, peer_seen_also: seen, from_serial: t3.clone() },
                 &InboundAnswer { peer: a.clone(), grant: g.clone() }, &t1)?;
             round_trip(&RemoteCandidates { from: b.clone(), to: a.clone(), session,
-                candidates: c1.clone(), peer_seen: ip1 },
-                &CandidatesAnswer { candidates: c1.clone(), peer_seen: seen }, &t1)?;
+                candidates: c1.clone(), peer_seen: ip1, peer_seen_also: None },
+                &CandidatesAnswer { candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen }, &t1)?;
             round_trip(&Relay { token, data }, &Empty {}, &t1)?;
             round_trip(&Exists { address: b }, &ExistsAnswer { exists: yes }, &t1)?;
+            round_trip(&AlsoSeen { address: ip1, proof: key_bytes16(session) }, &Empty {}, &t1)?;
         }
 
         /// Decoding any box as any command never panics.
@@ -920,6 +950,7 @@ mod tests {
                     Just("to".to_string()), Just("session".to_string()),
                     Just("candidates".to_string()), Just("relay_key".to_string()),
                     Just("probe_key".to_string()), Just("peer_seen".to_string()),
+                    Just("peer_seen_also".to_string()), Just("proof".to_string()),
                     Just("address".to_string()), Just("subject".to_string()),
                     "[a-z_]{1,12}",
                 ],
@@ -954,6 +985,7 @@ mod tests {
         let _ = CandidatesAsk::from_box(b);
         let _ = RemoteInbound::from_box(b);
         let _ = RemoteCandidates::from_box(b);
+        let _ = AlsoSeen::from_box(b);
         let _ = Relay::from_box(b);
         let _ = Exists::from_box(b);
         let _ = ExistsAnswer::from_box(b);
@@ -985,6 +1017,7 @@ mod tests {
             relay_port: 8788,
             relay_host: None,
             peer_seen: Some("127.0.0.1".parse().unwrap()),
+            peer_seen_also: None,
         };
         let typed = InboundAnswer { peer: to, grant: g }.to_box();
         let by_hand = AmpBox::new()

@@ -93,6 +93,9 @@ pub mod command {
     /// The domain's signed revocation list ([`crate::identity::revocation`]); anyone may
     /// ask, like `identify`.
     pub const REVOCATIONS: &str = "revocations";
+    /// The proof that the caller's UDP socket was seen at an IP of the other family
+    /// ([`super::commands::AlsoSeen`]). Logged-in callers only.
+    pub const ALSO_SEEN: &str = "also-seen";
 }
 
 /// `_error_code` values. Every error box carries one of these and a human sentence.

@@ -306,8 +306,9 @@ impl std::fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// Bind a UDP socket on `addr` and start the driver on the current tokio runtime.
+    /// `[::]:port` is one dual-stack socket for both families ([`crate::dualstack`]).
     pub async fn bind(addr: SocketAddr, config: EndpointConfig) -> io::Result<Endpoint> {
-        let socket = UdpSocket::bind(addr).await?;
+        let socket = UdpSocket::from_std(crate::dualstack::bind_udp(addr)?)?;
         Endpoint::from_socket(socket, config)
     }
 
@@ -324,6 +325,7 @@ impl Endpoint {
         debug!(gso = udp.max_gso_segments(), gro = udp.gro_segments(), "PTCP socket offloads");
         let driver = Driver {
             udp,
+            local,
             socket,
             cmds: cmd_rx,
             cmds_open: true,
@@ -645,6 +647,9 @@ struct SessionState {
 
 struct Driver {
     socket: UdpSocket,
+    /// The socket's local address: an IPv6 one means dual-stack, so IPv4 destinations are
+    /// sent v4-mapped ([`crate::dualstack::for_socket`]).
+    local: SocketAddr,
     /// quinn-udp's view of the socket: GSO sends, recvmmsg + GRO receives.
     udp: quinn_udp::UdpSocketState,
     cmds: mpsc::Receiver<Command>,
@@ -756,16 +761,18 @@ impl Driver {
                 Ok(n) => {
                     let now = self.now();
                     for (m, slot) in meta.iter().zip(buf.chunks(RECV_SLOT)).take(n) {
-                        if self.drop_from.as_ref().is_some_and(|f| f(m.addr)) {
+                        // One spelling inside: IPv4 peers of a dual-stack socket are plain.
+                        let from = crate::dualstack::canonical(m.addr);
+                        if self.drop_from.as_ref().is_some_and(|f| f(from)) {
                             continue;
                         }
                         let data = slot.get(..m.len).unwrap_or(slot);
                         if data.is_empty() {
-                            self.on_datagram(now, m.addr, data);
+                            self.on_datagram(now, from, data);
                         }
                         // With GRO one buffer holds several datagrams of `stride` bytes.
                         for d in data.chunks(m.stride.max(1)) {
-                            self.on_datagram(now, m.addr, d);
+                            self.on_datagram(now, from, d);
                         }
                     }
                 }
@@ -1058,7 +1065,7 @@ impl Driver {
 
     /// Send one raw datagram now, or after the stalled ones.
     fn send_to(&mut self, to: SocketAddr, data: Vec<u8>) {
-        let io = Io { socket: &self.socket, udp: &self.udp, stats: &self.stats };
+        let io = Io { socket: &self.socket, local: self.local, udp: &self.udp, stats: &self.stats };
         let seg = data.len().max(1);
         if !self.stalled.is_empty() || !io.send(to, &data, seg) {
             self.stalled.push_back(Batch { to, data, seg });
@@ -1066,7 +1073,7 @@ impl Driver {
     }
 
     fn flush_stalled(&mut self) {
-        let io = Io { socket: &self.socket, udp: &self.udp, stats: &self.stats };
+        let io = Io { socket: &self.socket, local: self.local, udp: &self.udp, stats: &self.stats };
         while let Some(b) = self.stalled.front() {
             if !io.send(b.to, &b.data, b.seg) {
                 return;
@@ -1115,11 +1122,13 @@ impl Driver {
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
         let link = self.self_link.upgrade();
-        let Driver { sessions, socket, udp, stats, stalled, out, scratch, relay_tokens, .. } = self;
+        let Driver {
+            sessions, socket, local, udp, stats, stalled, out, scratch, relay_tokens, ..
+        } = self;
         let Some(s) = sessions.get_mut(&id) else { return };
         s.touched = false;
         drive_paths(id, s, now, socket, stats, link.as_ref());
-        let io = Io { socket, udp, stats };
+        let io = Io { socket, local: *local, udp, stats };
         for _ in 0..16 {
             if stalled.is_empty() {
                 io.transmit_session(s, now, out, stalled);
@@ -1163,6 +1172,8 @@ struct Batch {
 /// The socket, borrowed for sending.
 struct Io<'a> {
     socket: &'a UdpSocket,
+    /// The socket's local address (see [`Driver::local`]).
+    local: SocketAddr,
     udp: &'a quinn_udp::UdpSocketState,
     stats: &'a EndpointStats,
 }
@@ -1172,7 +1183,7 @@ impl Io<'_> {
     /// socket is full, try again when it is writable.
     fn send(&self, to: SocketAddr, data: &[u8], seg: usize) -> bool {
         let t = quinn_udp::Transmit {
-            destination: to,
+            destination: crate::dualstack::for_socket(self.local, to),
             ecn: None,
             contents: data,
             segment_size: (data.len() > seg).then_some(seg),
@@ -1277,6 +1288,10 @@ impl Io<'_> {
         socket: Arc<UdpSocket>,
         to: SocketAddr,
     ) {
+        let to = match socket.local_addr() {
+            Ok(local) => crate::dualstack::for_socket(local, to),
+            Err(_) => to,
+        };
         loop {
             out.clear();
             if s.session.poll_transmit(now, out).is_none() {

@@ -114,16 +114,14 @@ impl PathState {
             if self.birthday.contains_key(&i) {
                 continue;
             }
-            let Ok(std) = std::net::UdpSocket::bind((ip, 0)) else { continue };
-            if std.set_nonblocking(true).is_err() {
-                continue;
-            }
+            let Ok(std) = crate::dualstack::bind_udp((ip, 0).into()) else { continue };
             let Ok(socket) = UdpSocket::from_std(std) else { continue };
             let socket = Arc::new(socket);
             let (reader, cmds) = (socket.clone(), cmds.clone());
             let task = tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((len, from)) = reader.recv_from(&mut buf).await {
+                    let from = crate::dualstack::canonical(from);
                     let data = buf[..len].to_vec();
                     let c = Command::Birthday { id, socket: i, from, data };
                     if cmds.send(c).await.is_err() {
@@ -160,7 +158,11 @@ impl PathState {
                 None => return false,
             },
         };
-        socket.try_send_to(&data, t.to).is_ok()
+        let to = match socket.local_addr() {
+            Ok(local) => crate::dualstack::for_socket(local, t.to),
+            Err(_) => t.to,
+        };
+        socket.try_send_to(&data, to).is_ok()
     }
 
     /// Log and show a move.

@@ -201,7 +201,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], crate::proto::DEFAULT_PORT)),
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, crate::proto::DEFAULT_PORT)),
             second_udp_port: None,
             registration: Registration::Open,
             cert_lifetime: None,
@@ -339,7 +339,8 @@ impl ServerConfig {
             r#"# q2q-server configuration. Every setting is shown; delete a line to use its default.
 
 # Address the server listens on, for TCP (control connections, AMP over TLS 1.3) and UDP
-# (who-am-i) alike. Default "0.0.0.0:8788".
+# (who-am-i) alike. Default "[::]:8788": IPv6 and IPv4 on one dual-stack socket each
+# ("0.0.0.0:8788" where IPv6 is off).
 listen = "{listen}"
 
 # A second UDP port, on the address of `listen`, that answers only who-am-i. With it
@@ -527,7 +528,7 @@ mod tests {
     #[test]
     fn second_udp_port() {
         let c = |t: &str| toml::from_str::<ServerConfig>(t).unwrap().second_udp();
-        assert_eq!(c(""), Some("0.0.0.0:8789".parse().unwrap()));
+        assert_eq!(c(""), Some("[::]:8789".parse().unwrap()));
         assert_eq!(c("listen = \"127.0.0.1:0\""), Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c("second_udp_port = 0"), None);
         assert_eq!(

@@ -4,15 +4,15 @@ use super::State;
 use super::admission::Ticket;
 use super::config::Registration;
 use super::db::{CertRecord, DbError};
-use super::presence::{Absent, Listener};
+use super::presence::{Absent, Listener, SeenAt};
 use super::relay::End;
 use crate::address::{Domain, Q2qAddress, ServiceName};
 use crate::amp::{self, AmpBox};
 use crate::proto::commands::{
-    CandidateList, Candidates, CandidatesAnswer, CandidatesAsk, Certificate, Empty, Exists,
-    ExistsAnswer, Grant, Hello, HelloAnswer, Identify, Inbound, InboundAnswer, InboundAsk, Listen,
-    Register, Relay, RemoteCandidates, RemoteInbound, Renew, RevocationList, Revocations, Seen,
-    Sign, Unlisten,
+    AlsoSeen, CandidateList, Candidates, CandidatesAnswer, CandidatesAsk, Certificate, Empty,
+    Exists, ExistsAnswer, Grant, Hello, HelloAnswer, Identify, Inbound, InboundAnswer, InboundAsk,
+    Listen, Register, Relay, RemoteCandidates, RemoteInbound, Renew, RevocationList, Revocations,
+    Seen, Sign, Unlisten,
 };
 use crate::proto::{Command, ErrorCode, Message, Refusal, command};
 use std::net::SocketAddr;
@@ -78,6 +78,7 @@ pub(super) async fn serve(
         handle,
         id,
         ticket,
+        also_seen: tokio::sync::watch::channel(None).0,
     };
     // Our domain's list as it changes (a revoked certificate's log-in closes at once), and
     // a timer to check a caller of another domain against its domain's list again.
@@ -141,7 +142,8 @@ pub(super) async fn serve(
                 Ok(caller) => {
                     let (state, handle, id) = (conn.state.clone(), conn.handle.clone(), conn.id);
                     let serial = conn.serial.as_ref().map(|(s, _)| s.clone());
-                    let me = Me { handle, id, seen: peer.ip(), serial };
+                    let seen = SeenAt { ip: peer.ip(), also: *conn.also_seen.borrow() };
+                    let me = Me { handle, id, seen, serial };
                     tokio::spawn(async move {
                         let b = &request.request;
                         let result = if request.command() == command::INBOUND {
@@ -194,6 +196,8 @@ struct Conn {
     id: u64,
     /// Its place in the admission counts.
     ticket: Ticket,
+    /// The IP of the other family it proved (`also-seen`); its listeners read it.
+    also_seen: tokio::sync::watch::Sender<Option<std::net::IpAddr>>,
 }
 
 /// The arguments of `C` in `b`; a missing or malformed one is `BAD_REQUEST`.
@@ -251,6 +255,10 @@ impl Conn {
                 answer(async { self.exists(caller, decode(b)?).await }).await
             }
             command::WHO_AM_I => Ok(Seen::from(self.peer).to_box()),
+            command::ALSO_SEEN => {
+                let _ = self.caller().await?;
+                answer(async { self.also_seen(decode(b)?) }).await
+            }
             other => Err(refuse(ErrorCode::Unhandled, format!("unknown command `{other}`"))),
         }
     }
@@ -603,6 +611,25 @@ impl Conn {
         Ok(ExistsAnswer { exists: known })
     }
 
+    /// `also-seen`: a proven IP of the other family than the connection's, vouched for to
+    /// peers from now on (replacing an earlier one).
+    fn also_seen(&self, AlsoSeen { address, proof }: AlsoSeen) -> Result<Empty, Refusal> {
+        if address.is_ipv4() == self.peer.ip().is_ipv4() {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                "also-seen is for the other family than the control connection's",
+            ));
+        }
+        if !self.state.proof_key.verify(address, &proof, super::unix_now()) {
+            return Err(refuse(ErrorCode::BadRequest, format!("no valid proof for {address}")));
+        }
+        // Logged when it changes (it is shown again every 25 s).
+        if self.also_seen.send_replace(Some(address)) != Some(address) {
+            info!(peer = %self.peer, %address, "also seen");
+        }
+        Ok(Empty {})
+    }
+
     async fn listen(&self, caller: Q2qAddress, cmd: Listen) -> Result<Empty, Refusal> {
         let Listen { service, description } = cmd;
         let description = description.unwrap_or_default().chars().take(200).collect();
@@ -611,6 +638,7 @@ impl Conn {
             description,
             handle: self.handle.clone(),
             seen: self.peer.ip(),
+            also_seen: self.also_seen.subscribe(),
         };
         if !self.state.presence.listen(&caller, service.clone(), listener) {
             return Err(refuse(ErrorCode::BadRequest, "too many services"));
@@ -706,8 +734,8 @@ const CALLEE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Me {
     handle: amp::PeerHandle,
     id: u64,
-    /// The IP address its control connection comes from.
-    seen: std::net::IpAddr,
+    /// The IP address its control connection comes from, and the one it proved.
+    seen: SeenAt,
     /// The serial of the certificate it logged in with (the callee checks it against its
     /// own copy of the caller's domain's revocation list).
     serial: Option<String>,
@@ -748,15 +776,27 @@ async fn candidates(
                 to: to.clone(),
                 session,
                 candidates,
-                peer_seen: me.seen,
+                peer_seen: me.seen.ip,
+                peer_seen_also: me.seen.also,
             };
             return remote(state, &to, None, &ask).await;
         }
         return Err(refuse(ErrorCode::Offline, format!("{to} is offline")));
     };
-    let ask = CandidatesAsk { from: caller.clone(), session, candidates, peer_seen: Some(me.seen) };
+    let ask = CandidatesAsk {
+        from: caller.clone(),
+        session,
+        candidates,
+        peer_seen: Some(me.seen.ip),
+        peer_seen_also: me.seen.also,
+    };
     let mine = ask_callee(&listener.handle, &to, &ask).await?;
-    Ok(CandidatesAnswer { candidates: mine, peer_seen: Some(listener.seen) })
+    let theirs = listener.seen_at();
+    Ok(CandidatesAnswer {
+        candidates: mine,
+        peer_seen: Some(theirs.ip),
+        peer_seen_also: theirs.also,
+    })
 }
 
 /// May `caller` ask `to` now (`inbound` and `candidates` share the per-pair and per-caller
@@ -814,7 +854,8 @@ async fn inbound(
                 to: to.clone(),
                 service: service.clone(),
                 candidates,
-                peer_seen: me.seen,
+                peer_seen: me.seen.ip,
+                peer_seen_also: me.seen.also,
                 from_serial: me.serial.clone(),
             };
             return remote(state, &to, Some(&service), &ask).await;
@@ -863,7 +904,7 @@ async fn set_up(
     state: &Arc<State>,
     caller: &Q2qAddress,
     caller_end: End,
-    caller_seen: std::net::IpAddr,
+    caller_seen: SeenAt,
     to: &Q2qAddress,
     service: &ServiceName,
     listener: Listener,
@@ -881,7 +922,7 @@ async fn set_up(
         .create(caller_end, callee_end, now)
         .ok_or_else(|| refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user"))?;
     state.metrics.relay_legs.increment(2);
-    let grant = |candidates, g: super::relay::Grant, peer_seen, relay_host| Grant {
+    let grant = |candidates, g: super::relay::Grant, peer_seen: SeenAt, relay_host| Grant {
         candidates,
         session,
         probe_key,
@@ -889,7 +930,8 @@ async fn set_up(
         relay_key: g.key,
         relay_port: state.udp_port,
         relay_host,
-        peer_seen: Some(peer_seen),
+        peer_seen: Some(peer_seen.ip),
+        peer_seen_also: peer_seen.also,
     };
     let ask = InboundAsk {
         from: caller.clone(),
@@ -904,7 +946,7 @@ async fn set_up(
     info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
     Ok(InboundAnswer {
         peer: to.clone(),
-        grant: grant(theirs, g_caller, listener.seen, relay_host),
+        grant: grant(theirs, g_caller, listener.seen_at(), relay_host),
     })
 }
 
@@ -916,8 +958,16 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
     let r = match name {
         RemoteInbound::NAME => {
             answer(async {
-                let RemoteInbound { from, to, service, candidates, peer_seen, from_serial } =
-                    decode(b)?;
+                let RemoteInbound {
+                    from,
+                    to,
+                    service,
+                    candidates,
+                    peer_seen,
+                    peer_seen_also,
+                    from_serial,
+                } = decode(b)?;
+                let peer_seen = SeenAt { ip: peer_seen, also: peer_seen_also };
                 let to = callee(state, to)?;
                 let listener =
                     state.presence.find(&to, &service).map_err(|a| absent(a, &to, &service))?;
@@ -934,15 +984,27 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
         }
         RemoteCandidates::NAME => {
             answer(async {
-                let RemoteCandidates { from, to, session, candidates, peer_seen } = decode(b)?;
+                let RemoteCandidates { from, to, session, candidates, peer_seen, peer_seen_also } =
+                    decode(b)?;
                 let to = callee(state, to)?;
                 let listener = state
                     .presence
                     .any(&to)
                     .ok_or_else(|| refuse(ErrorCode::Offline, format!("{to} is offline")))?;
-                let ask = CandidatesAsk { from, session, candidates, peer_seen: Some(peer_seen) };
+                let ask = CandidatesAsk {
+                    from,
+                    session,
+                    candidates,
+                    peer_seen: Some(peer_seen),
+                    peer_seen_also,
+                };
                 let mine = ask_callee(&listener.handle, &to, &ask).await?;
-                Ok(CandidatesAnswer { candidates: mine, peer_seen: Some(listener.seen) })
+                let theirs = listener.seen_at();
+                Ok(CandidatesAnswer {
+                    candidates: mine,
+                    peer_seen: Some(theirs.ip),
+                    peer_seen_also: theirs.also,
+                })
             })
             .await
         }

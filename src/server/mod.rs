@@ -87,6 +87,8 @@ pub(crate) struct State {
     pub udp_port: u16,
     /// The second who-am-i socket ([`ServerConfig::second_udp`]), if any.
     pub udp2: Option<Arc<UdpSocket>>,
+    /// Signs who-am-i proofs of the addresses seen ([`crate::proto::whoami::ProofKey`]).
+    pub proof_key: crate::proto::whoami::ProofKey,
 }
 
 impl State {
@@ -95,7 +97,7 @@ impl State {
         match f {
             relay::Forward::Udp(addr, bytes) => {
                 self.metrics.relayed_bytes.increment(bytes.len() as u64);
-                let _ = self.udp.send_to(&bytes, addr).await;
+                let _ = send_udp(&self.udp, &bytes, addr).await;
             }
             relay::Forward::Tcp(handle, r) => {
                 self.metrics.relayed_bytes.increment(r.data.len() as u64);
@@ -239,6 +241,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         udp: udp.clone(),
         udp_port: udp_addr.port(),
         udp2: udp2.map(Arc::new),
+        proof_key: crate::proto::whoami::ProofKey::random(),
         domain: dir.domain,
         ca: dir.ca,
         limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
@@ -287,7 +290,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
 /// without it (only `netcheck` learns less).
 async fn bind_second(config: &ServerConfig) -> Result<Option<UdpSocket>, ServerError> {
     let Some(addr) = config.second_udp() else { return Ok(None) };
-    match UdpSocket::bind(addr).await {
+    match crate::dualstack::bind_udp(addr).and_then(UdpSocket::from_std) {
         Ok(u) => Ok(Some(u)),
         Err(source) if config.second_udp_port.is_some() => Err(ServerError::Bind { addr, source }),
         Err(e) => {
@@ -297,8 +300,20 @@ async fn bind_second(config: &ServerConfig) -> Result<Option<UdpSocket>, ServerE
     }
 }
 
-/// The next datagram on `udp` into `buf`, or `None` once `stopped` changes. Receive errors
-/// (on Linux, ICMP errors of earlier sends surface here) are logged and skipped.
+/// Send `data` to `to` from `udp`, which may be dual-stack (then an IPv4 `to` goes out
+/// v4-mapped, [`crate::dualstack::for_socket`]).
+async fn send_udp(udp: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    let to = match udp.local_addr() {
+        Ok(local) => crate::dualstack::for_socket(local, to),
+        Err(_) => to,
+    };
+    udp.send_to(data, to).await
+}
+
+/// The next datagram on `udp` into `buf`, or `None` once `stopped` changes, its source
+/// plain IPv4 for an IPv4 sender of a dual-stack socket ([`crate::dualstack::canonical`]).
+/// Receive errors (on Linux, ICMP errors of earlier sends surface here) are logged and
+/// skipped.
 async fn next_datagram(
     udp: &UdpSocket,
     buf: &mut [u8],
@@ -309,7 +324,7 @@ async fn next_datagram(
         tokio::select! {
             _ = stopped.changed() => return None,
             r = udp.recv_from(buf) => match r {
-                Ok(x) => return Some(x),
+                Ok((n, from)) => return Some((n, crate::dualstack::canonical(from))),
                 Err(e) => warn!(error = %e, port, "udp receive failed"),
             },
         }
@@ -330,21 +345,32 @@ async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>
             && let Ok((nonce, flags)) = crate::proto::whoami::parse_request_with(d)
         {
             let second = flags.second_port.then_some(own_port);
-            let _ = udp.send_to(&crate::proto::whoami::reply_with(nonce, from, second), from).await;
+            let reply = crate::proto::whoami::reply_with(nonce, from, second);
+            let _ = send_udp(&udp, &reply, from).await;
         }
     }
 }
 
+/// Seconds since the Unix epoch (the epoch of who-am-i proofs).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The control listener and the UDP socket on `listen`; `[::]` serves both families with
+/// one socket each ([`crate::dualstack`]; `0.0.0.0` where IPv6 is off).
 async fn bind(listen: SocketAddr) -> Result<(TcpListener, UdpSocket), ServerError> {
     let err = |addr, source| ServerError::Bind { addr, source };
     // With port 0 the kernel picks the TCP port; UDP must take the same number, which may
     // be taken: try a few times.
     let mut last = None;
     for _ in 0..20 {
-        let tcp = TcpListener::bind(listen).await.map_err(|e| err(listen, e))?;
-        let port = tcp.local_addr().map_err(|e| err(listen, e))?.port();
-        let udp_addr = SocketAddr::new(listen.ip(), port);
-        match UdpSocket::bind(udp_addr).await {
+        let tcp = crate::dualstack::bind_tcp(listen)
+            .and_then(TcpListener::from_std)
+            .map_err(|e| err(listen, e))?;
+        let local = tcp.local_addr().map_err(|e| err(listen, e))?;
+        // The same family as the TCP side (after a fall back to IPv4).
+        let udp_addr = SocketAddr::new(local.ip(), local.port());
+        match crate::dualstack::bind_udp(udp_addr).and_then(UdpSocket::from_std) {
             Ok(udp) => return Ok((tcp, udp)),
             Err(e) if listen.port() == 0 => last = Some(e),
             Err(e) => return Err(err(udp_addr, e)),
@@ -371,7 +397,8 @@ async fn accept_loop(
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
             r = tcp.accept() => match r {
-                Ok(x) => x,
+                // One spelling inside: an IPv4 client of the dual-stack listener is plain.
+                Ok((stream, peer)) => (stream, crate::dualstack::canonical(peer)),
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -420,18 +447,22 @@ async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
                 Ok((nonce, flags)) => {
                     let udp2 = state.udp2.as_ref();
                     let second = udp2.and_then(|u| u.local_addr().ok()).map_or(0, |a| a.port());
-                    let reply = crate::proto::whoami::reply_with(
-                        nonce,
-                        from,
-                        flags.second_port.then_some(second),
-                    );
+                    let second = flags.second_port.then_some(second);
+                    // A proof only for a request at least as long as the reply with it.
+                    let reply = if flags.proof && d.len() >= crate::proto::whoami::PROOF_REQUEST_LEN
+                    {
+                        let proof = state.proof_key.proof(from.ip(), unix_now());
+                        crate::proto::whoami::reply_proof(nonce, from, second, proof)
+                    } else {
+                        crate::proto::whoami::reply_with(nonce, from, second)
+                    };
                     // Answering from the other port tests the asker's NAT filtering (RFC
                     // 5780 section 4.4); the reply is no bigger than the request.
                     let out = match udp2 {
                         Some(u) if flags.reply_from_second => u,
                         _ => &udp,
                     };
-                    let _ = out.send_to(&reply, from).await;
+                    let _ = send_udp(out, &reply, from).await;
                 }
                 Err(_) => dropped += 1,
             },

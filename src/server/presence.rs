@@ -20,6 +20,25 @@ pub struct Listener {
     pub handle: PeerHandle,
     /// The IP address the connection comes from (told to callers as `peer_seen`).
     pub seen: std::net::IpAddr,
+    /// The IP of the other family the connection proved with `also-seen` (told to callers
+    /// as `peer_seen_also`); written by the connection's handler only.
+    pub also_seen: tokio::sync::watch::Receiver<Option<std::net::IpAddr>>,
+}
+
+impl Listener {
+    /// Where the server vouches the listener is: its connection's IP, and the proven IP
+    /// of the other family.
+    pub fn seen_at(&self) -> SeenAt {
+        SeenAt { ip: self.seen, also: *self.also_seen.borrow() }
+    }
+}
+
+/// The IPs the server vouches for about one control connection (`peer_seen`,
+/// `peer_seen_also`): where it comes from, and a proven IP of the other family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenAt {
+    pub ip: std::net::IpAddr,
+    pub also: Option<std::net::IpAddr>,
 }
 
 /// Why a callee cannot be asked.
@@ -156,8 +175,13 @@ mod tests {
         let a = Q2qAddress::parse("alice@example.com").unwrap();
         let s = ServiceName::parse("echo").unwrap();
         let handle = crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
-        let l =
-            Listener { conn: 7, description: String::new(), handle, seen: [127, 0, 0, 1].into() };
+        let l = Listener {
+            conn: 7,
+            description: String::new(),
+            handle,
+            seen: [127, 0, 0, 1].into(),
+            also_seen: tokio::sync::watch::channel(None).1,
+        };
         assert!(p.listen(&a, s.clone(), l));
         p.unlisten(&a, &s, 7);
         p.drop_connection(7);

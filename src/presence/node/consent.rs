@@ -74,7 +74,7 @@ impl Node {
         let local = candidates::local_networks(self.inner.config.include_loopback);
         let direct_allowed = probe && self.inner.config.direct;
         // Even when direct paths are not allowed (they then only tell `why` apart).
-        let targets = candidates::probeable(&all, setup.peer_seen, &local);
+        let targets = candidates::probeable(&all, &setup.peer_seen, &local);
         if targets.len() < all.len() && direct_allowed {
             debug!(
                 session = format!("{:016x}", setup.session),
@@ -82,13 +82,16 @@ impl Node {
                 "candidates the server did not see are not probed"
             );
         }
-        let mine = self.inner.reflexive_cache.lock().ok().and_then(|c| c.and_then(|(_, r)| r));
+        // Birthday probing is for IPv4 NATs only: the IPv4 facts.
+        let mine = self.inner.reflexive_cache.lock().ok().and_then(|c| {
+            c.as_ref().and_then(|(_, r)| r.iter().map(|r| r.addr).find(SocketAddr::is_ipv4))
+        });
         let nat = NatFacts {
             mine,
             my_port: self.local_addr().port(),
             peer: setup.candidates.first().copied(),
             peer_port: setup.candidates.get(1).map(|c| c.port()),
-            peer_seen: setup.peer_seen,
+            peer_seen: setup.peer_seen.iter().copied().find(std::net::IpAddr::is_ipv4),
         };
         q2q_netstack::path::Setup {
             session: setup.session,
@@ -109,7 +112,9 @@ impl Node {
         &self,
         ask: cmd::CandidatesAsk,
     ) -> Result<cmd::CandidateList, Refusal> {
-        let cmd::CandidatesAsk { from, session: id, candidates: theirs, peer_seen: seen } = ask;
+        let cmd::CandidatesAsk { from, session: id, candidates: theirs, peer_seen, peer_seen_also } =
+            ask;
+        let seen: Vec<std::net::IpAddr> = peer_seen.into_iter().chain(peer_seen_also).collect();
         let ps = self
             .inner
             .table
@@ -120,16 +125,17 @@ impl Node {
             .ok_or_else(|| {
                 Refusal::new(ErrorCode::NotAuthorized, format!("no session {id:016x} with {from}"))
             })?;
-        self.take_candidates(&ps, &theirs, seen).await;
+        self.take_candidates(&ps, &theirs, &seen).await;
         Ok(cmd::CandidateList { candidates: self.candidates().await })
     }
 
-    /// Our candidates now: the reflexive address first, then host ones.
+    /// Our candidates now: a reflexive address first, then host ones, then the other
+    /// reflexive address ([`candidates::gather`]).
     pub(super) async fn candidates(&self) -> Vec<SocketAddr> {
-        let reflexive = self.reflexive().await;
+        let reflexive = self.reflexives().await;
         candidates::gather(
             self.local_addr().port(),
-            reflexive,
+            &reflexive,
             self.mapped(),
             self.inner.config.include_loopback,
         )
@@ -141,7 +147,7 @@ impl Node {
         &self,
         ps: &PeerSession,
         theirs: &[SocketAddr],
-        seen: Option<std::net::IpAddr>,
+        seen: &[std::net::IpAddr],
     ) {
         let mut all = theirs.to_vec();
         if let Some(guess) = candidates::predicted(&all) {
@@ -174,7 +180,9 @@ impl Node {
             };
             match tokio::time::timeout(Duration::from_secs(10), asked).await {
                 Ok(Ok(answer)) => {
-                    self.take_candidates(&ps, &answer.candidates, answer.peer_seen).await;
+                    let seen: Vec<std::net::IpAddr> =
+                        answer.peer_seen.into_iter().chain(answer.peer_seen_also).collect();
+                    self.take_candidates(&ps, &answer.candidates, &seen).await;
                     done += 1;
                 }
                 Ok(Err(e)) => debug!(peer = %ps.peer, error = %e, "fresh candidates refused"),
@@ -217,7 +225,8 @@ impl Node {
                 Some(_) => !l.values().any(|l| l.policy.allowed.contains(&from)),
             }
         };
-        let setup = Setup::new(&grant, self.home().server.as_str())
+        let reflexive = self.reflexive().await;
+        let setup = Setup::new(&grant, self.home().server.as_str(), reflexive)
             .await
             .map_err(|e| Refusal::bad_request(e.to_string()))?;
         let caller_ca = self.ca_for(&from.domain).await.map_err(|e| {
@@ -236,13 +245,12 @@ impl Node {
                 format!("{} refuses {from}: that certificate has been revoked", self.inner.me),
             ));
         }
-        let reflexive = self.reflexive().await;
         let mine = if relay_only {
             Vec::new()
         } else {
             candidates::gather(
                 self.local_addr().port(),
-                reflexive,
+                &self.reflexives().await,
                 self.mapped(),
                 self.inner.config.include_loopback,
             )
@@ -270,25 +278,38 @@ pub(super) struct Setup {
     pub(super) relay_key: relay::Key,
     pub(super) relay: SocketAddr,
     pub(super) candidates: Vec<SocketAddr>,
-    /// The IP the server saw the peer's control connection come from.
-    pub(super) peer_seen: Option<std::net::IpAddr>,
+    /// The IPs the server vouches the peer is at: where its control connection comes
+    /// from, and a proven IP of the other family (`also-seen`).
+    pub(super) peer_seen: Vec<std::net::IpAddr>,
 }
 
 impl Setup {
     /// The session of an `inbound` answer (caller) or request (callee); the relay is at
     /// `relay_host` (given when the callee is logged in at another instance of the domain)
     /// or else the server at `server` (host:port of the control connection), on
-    /// `relay_port`.
-    pub(super) async fn new(grant: &cmd::Grant, server: &str) -> Result<Setup, NodeError> {
+    /// `relay_port`: its first address of the family our `reflexive` address is of (the
+    /// family UDP to the server works in), or its first address.
+    pub(super) async fn new(
+        grant: &cmd::Grant,
+        server: &str,
+        reflexive: Option<SocketAddr>,
+    ) -> Result<Setup, NodeError> {
         let host = match grant.relay_host {
             Some(h) => h,
-            None => tokio::net::lookup_host(server)
-                .await?
-                .next()
-                .ok_or_else(|| {
-                    NodeError::BadAnswer("`server address` missing or malformed".to_string())
-                })?
-                .ip(),
+            None => {
+                let all: Vec<SocketAddr> = tokio::net::lookup_host(server)
+                    .await?
+                    .map(crate::dualstack::canonical)
+                    .collect();
+                let family = |a: &&SocketAddr| reflexive.is_none_or(|r| r.is_ipv4() == a.is_ipv4());
+                all.iter()
+                    .find(family)
+                    .or(all.first())
+                    .ok_or_else(|| {
+                        NodeError::BadAnswer("`server address` missing or malformed".to_string())
+                    })?
+                    .ip()
+            }
         };
         Ok(Setup {
             session: grant.session,
@@ -297,7 +318,7 @@ impl Setup {
             relay_key: grant.relay_key.clone(),
             relay: SocketAddr::new(host, grant.relay_port),
             candidates: grant.candidates.clone(),
-            peer_seen: grant.peer_seen,
+            peer_seen: grant.peer_seen.into_iter().chain(grant.peer_seen_also).collect(),
         })
     }
 }

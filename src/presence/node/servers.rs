@@ -25,13 +25,17 @@ impl Node {
                 _ = tokio::time::sleep(Duration::from_secs(25)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(10), home.call(&cmd::Ping {})).await;
                     // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
-                    let seen = self.ask_reflexive().await;
+                    let all = self.ask_reflexive().await;
+                    let addrs = |r: &[Reflexive]| r.iter().map(|r| r.addr).collect::<Vec<_>>();
+                    let seen = addrs(&all);
                     let before = self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
-                        c.replace((std::time::Instant::now(), seen)).map(|(_, r)| r)
+                        c.replace((std::time::Instant::now(), all)).map(|(_, r)| addrs(&r))
                     });
+                    // Fresh proofs (they last 10 to 20 minutes).
+                    self.announce_seen(&home).await;
                     // The network changed (a new NAT mapping or address): peers in session
                     // get our fresh candidates, and we theirs.
-                    if before.is_some_and(|b| b != seen) && seen.is_some() {
+                    if before.as_ref().is_some_and(|b| *b != seen) && !seen.is_empty() {
                         info!(?before, now = ?seen, "our public address changed: refreshing sessions");
                         if let Some(m) = &self.inner.port_map {
                             m.rediscover();
@@ -49,6 +53,7 @@ impl Node {
                     Ok(mut conn) => {
                         let incoming = conn.incoming.take();
                         let conn = Arc::new(conn);
+                        self.announce_seen(&conn).await;
                         let services: Vec<(ServiceName, String)> = self
                             .inner
                             .listening
@@ -96,32 +101,56 @@ impl Node {
         log_in(&i.home, &i.me, &i.config.server, self.stored_identity()).await
     }
 
-    /// The address the home server sees this node's UDP socket as (its NAT mapping).
+    /// The address the home server sees this node's UDP socket as (its NAT mapping): the
+    /// answer at the server's first address, else at its first of the other family (an
+    /// IPv6-only host asking a dual-stack name); the relay is then reached in that family.
+    /// `None` when UDP to the server is blocked.
     pub async fn reflexive(&self) -> Option<SocketAddr> {
+        self.reflexive_all().await.into_iter().next().map(|r| r.addr)
+    }
+
+    /// Every reflexive address: one per family the server answers on (a dual-stack node
+    /// behind a dual-stack server has two), the first server address's family first.
+    pub async fn reflexives(&self) -> Vec<SocketAddr> {
+        self.reflexive_all().await.into_iter().map(|r| r.addr).collect()
+    }
+
+    pub(super) async fn reflexive_all(&self) -> Vec<Reflexive> {
         if self.inner.config.tcp_relay_only {
-            return None;
+            return Vec::new();
         }
         // Asked recently: the answer (or the silence of blocked UDP) is still good, and a
         // connection should not wait 2 s for a who-am-i timeout each time.
         if let Ok(c) = self.inner.reflexive_cache.lock()
-            && let Some((at, seen)) = *c
+            && let Some((at, seen)) = &*c
             && at.elapsed() < REFLEXIVE_FRESH
         {
-            return seen;
+            return seen.clone();
         }
         let seen = self.ask_reflexive().await;
         if let Ok(mut c) = self.inner.reflexive_cache.lock() {
-            *c = Some((std::time::Instant::now(), seen));
+            *c = Some((std::time::Instant::now(), seen.clone()));
         }
         seen
     }
 
-    pub(super) async fn ask_reflexive(&self) -> Option<SocketAddr> {
-        let server = self.home_udp().await?;
+    /// Ask who-am-i (with a proof) at the home server's first address of each family, at
+    /// the same time; the answers in the order of the addresses.
+    pub(super) async fn ask_reflexive(&self) -> Vec<Reflexive> {
+        let servers = self.home_udp().await;
+        let (a, b) = tokio::join!(
+            self.ask_reflexive_at(servers.first().copied()),
+            self.ask_reflexive_at(servers.get(1).copied())
+        );
+        a.into_iter().chain(b).collect()
+    }
+
+    async fn ask_reflexive_at(&self, server: Option<SocketAddr>) -> Option<Reflexive> {
+        let server = server?;
         let nonce: [u8; 8] = rand::random();
         let (tx, rx) = oneshot::channel();
         self.inner.whoami.send(WhoAmI::Wait(nonce, tx)).await.ok()?;
-        let request = crate::proto::whoami::request(nonce).to_vec();
+        let request = crate::proto::whoami::request_proof(nonce).to_vec();
         let mut rx = rx;
         for _ in 0..3 {
             self.inner.endpoint.send_datagram(server, request.clone()).await.ok()?;
@@ -135,8 +164,37 @@ impl Node {
         None
     }
 
-    pub(super) async fn home_udp(&self) -> Option<SocketAddr> {
-        tokio::net::lookup_host(self.home().server.as_str()).await.ok()?.next()
+    /// The home server's UDP addresses to ask who-am-i at: the first it resolves to, and
+    /// the first of the other family, if any (a host without an address of a family gets
+    /// no answer there, which costs only the wait).
+    pub(super) async fn home_udp(&self) -> Vec<SocketAddr> {
+        let home = self.home();
+        let Ok(all) = tokio::net::lookup_host(home.server.as_str()).await else {
+            return Vec::new();
+        };
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for a in all.map(crate::dualstack::canonical) {
+            if out.iter().all(|o| o.is_ipv4() != a.is_ipv4()) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// Show `conn`'s server the proofs of our reflexive IPs of the other family than the
+    /// first (`also-seen`), so that it vouches for them to our peers. Refusals (an older
+    /// server, the family of the control connection after all) change nothing.
+    pub(super) async fn announce_seen(&self, conn: &ServerConn) {
+        let cached = self.inner.reflexive_cache.lock().ok().and_then(|c| c.clone());
+        let Some((_, all)) = cached else { return };
+        for r in all.iter().skip(1) {
+            if let Some(proof) = r.proof {
+                let ask = cmd::AlsoSeen { address: r.addr.ip(), proof };
+                if let Err(e) = conn.call(&ask).await {
+                    debug!(address = %r.addr.ip(), error = %e, "also-seen refused");
+                }
+            }
+        }
     }
 
     /// The CA of `domain`: our own domain's (pinned when we logged in), or another
@@ -203,7 +261,7 @@ impl Node {
         mut side: mpsc::Receiver<crate::ptcp::SideDatagram>,
         mut whoami: mpsc::Receiver<WhoAmI>,
     ) {
-        let mut pending: HashMap<[u8; 8], oneshot::Sender<SocketAddr>> = HashMap::new();
+        let mut pending: HashMap<[u8; 8], oneshot::Sender<Reflexive>> = HashMap::new();
         loop {
             tokio::select! {
                 w = whoami.recv() => match w {
@@ -222,10 +280,10 @@ impl Node {
                     let Some(d) = d else { return };
                     match d.kind {
                         Kind::WhoAmIReply => {
-                            if let Ok((nonce, seen)) = proto::whoami::parse_reply(&d.data)
-                                && let Some(tx) = pending.remove(&nonce)
+                            if let Ok(r) = proto::whoami::parse_reply_full(&d.data)
+                                && let Some(tx) = pending.remove(&r.nonce)
                             {
-                                let _ = tx.send(seen);
+                                let _ = tx.send(Reflexive { addr: r.seen, proof: r.proof });
                             }
                         }
                         // Probes and relayed datagrams of our sessions are the endpoint's

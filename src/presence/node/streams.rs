@@ -239,13 +239,13 @@ impl Node {
         let reflexive = self.reflexive().await;
         let mine = candidates::gather(
             self.local_addr().port(),
-            reflexive,
+            &self.reflexives().await,
             self.mapped(),
             self.inner.config.include_loopback,
         );
         let inbound = cmd::Inbound { to: to.clone(), service: service.clone(), candidates: mine };
         let answer = server.call(&inbound).await?;
-        let setup = Setup::new(&answer.grant, server.server.as_str()).await?;
+        let setup = Setup::new(&answer.grant, server.server.as_str(), reflexive).await?;
         // No candidates: the callee keeps this session relayed (we are a stranger to it).
         let relay_only = setup.candidates.is_empty();
         let session = self
