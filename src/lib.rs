@@ -9,13 +9,14 @@
 //!                           │     │ control: client/ ── AMP (amp/, proto/) over TLS 1.3 (tls.rs)
 //!                           │     │            ──▶ server/ (q2q-server): identity, presence,
 //!                           │     │                relay, federation; SQLite, domain CA
-//!                           │     │ data: ptcp/ Endpoint (one UDP socket, one owner task)
+//!                           │     │ data: ptcp/ Endpoint (one dual-stack UDP socket, one owner)
 //!                           │     │        └─ q2q-netstack sessions (smoltcp TCP over selective
 //!                           │     │           repeat) ── streams ── TLS between identities
 //!                           ├─ transfer/  send / receive over a `file` stream
 //!                           └─ services.toml: what is exposed, to whom (default deny)
 //!  identity/: CA, certificates, verification  ·  address.rs: parsed names  ·  dns/: *.q2q
 //!  relay.rs: relay framing (leg tokens, keys, tags), shared by server/ and presence/
+//!  dualstack.rs: `[::]` sockets for both families, v4-mapped addresses made plain at the edge
 //! ```
 //!
 //! ## One session per pair of people
