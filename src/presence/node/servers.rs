@@ -181,13 +181,19 @@ impl Node {
         out
     }
 
-    /// Show `conn`'s server the proofs of our reflexive IPs of the other family than the
-    /// first (`also-seen`), so that it vouches for them to our peers. Refusals (an older
-    /// server, the family of the control connection after all) change nothing.
+    /// Show `conn`'s server the proofs of our reflexive IPs (`also-seen`), so that it
+    /// vouches to our peers for the one of the other family than the control connection's
+    /// (it refuses the one of the same family, which it sees anyway; which family the
+    /// connection took is the resolver's and the network's choice). Refusals (that one, an
+    /// older server) change nothing.
     pub(super) async fn announce_seen(&self, conn: &ServerConn) {
         let cached = self.inner.reflexive_cache.lock().ok().and_then(|c| c.clone());
         let Some((_, all)) = cached else { return };
-        for r in all.iter().skip(1) {
+        if all.len() < 2 && self.home_udp().await.len() < 2 {
+            // The server has one family: the control connection's, which it sees itself.
+            return;
+        }
+        for r in &all {
             if let Some(proof) = r.proof {
                 let ask = cmd::AlsoSeen { address: r.addr.ip(), proof };
                 if let Err(e) = conn.call(&ask).await {
