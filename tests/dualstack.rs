@@ -138,20 +138,7 @@ async fn an_ipv6_only_server_direct_and_relayed() {
     let relayed = NodeConfig { direct: false, ..Default::default() };
     let carol = node(&srv, &home, "carol@example.com", relayed.clone()).await;
     let dave = node(&srv, &home, "dave@example.com", relayed).await;
-    let echo_svc = q2q::address::ServiceName::parse("echo").unwrap();
-    let mut accepted = carol
-        .listen(&echo_svc, "echo", q2q::presence::node::Policy::allow([addr("dave@example.com")]))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Some(a) = accepted.recv().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(a.stream);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let echo_svc = serve_echo(&carol, &["dave@example.com"]).await;
     let conn = dave.connect(&addr("carol@example.com"), &echo_svc).await.unwrap();
     let (mut r, mut w) = tokio::io::split(conn.stream);
     w.write_all(b"over the relay, in IPv6").await.unwrap();
