@@ -510,6 +510,55 @@ async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
     bob.leave().await;
 }
 
+/// A caller whose UDP is blocked, logged in at instance 1, reaches callees logged in at
+/// instance 2, where both relay legs are: it relays over TCP through a control connection
+/// of its own to instance 2. To a callee relaying over UDP (bob) and to one whose UDP is
+/// blocked too (carol), streams both ways, and nothing relayed by instance 1.
+#[tokio::test]
+#[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
+async fn a_caller_without_udp_relays_over_tcp_at_the_callees_instance() {
+    let db = database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
+    let domain = Domain::parse("example.com").unwrap();
+    let d1 = DataDir::init_at(&dir1, &domain, &config(&db)).await.unwrap();
+    copy_instance(&dir1, &dir2);
+    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    let one = server::start(d1, config(&db)).await.unwrap();
+    let two = server::start(d2, config(&db)).await.unwrap();
+    let (p1, p2) = (one.tcp_addr.to_string(), two.tcp_addr.to_string());
+    let (_h, home) = home();
+    let opts = ConnectOptions { server: Some(p1.clone()), ..Default::default() };
+    for who in ["alice@example.com", "bob@example.com", "carol@example.com"] {
+        q2q::client::register(&home, &addr(who), PW, None, false, &opts).await.unwrap();
+    }
+    let no_udp = |server: &str| NodeConfig { tcp_relay_only: true, ..relayed(server.to_string()) };
+    let alice = Node::start(home.clone(), addr("alice@example.com"), no_udp(&p1)).await.unwrap();
+    let bob =
+        Node::start(home.clone(), addr("bob@example.com"), relayed(p2.clone())).await.unwrap();
+    let carol = Node::start(home.clone(), addr("carol@example.com"), no_udp(&p2)).await.unwrap();
+    serve_echo(&alice, &["bob@example.com", "carol@example.com"]).await;
+    serve_echo(&bob, &["alice@example.com"]).await;
+    serve_echo(&carol, &["alice@example.com"]).await;
+    assert_eq!((one.stats().online, two.stats().online), (1, 2));
+
+    echo(&alice, "bob@example.com", 256 << 10).await.unwrap();
+    echo(&bob, "alice@example.com", 256 << 10).await.unwrap();
+    echo(&alice, "carol@example.com", 256 << 10).await.unwrap();
+    echo(&carol, "alice@example.com", 256 << 10).await.unwrap();
+    assert!(two.stats().relayed_bytes >= 4 * (512 << 10), "{:?}", two.stats());
+    assert_eq!(one.stats().relayed_bytes, 0, "{:?}", one.stats());
+    let path =
+        |n: &Node, to: &str| n.status().into_iter().find(|s| s.peer == addr(to)).map(|s| s.path);
+    assert_eq!(path(&alice, "bob@example.com"), Some(PathKind::TcpRelay));
+    assert_eq!(path(&alice, "carol@example.com"), Some(PathKind::TcpRelay));
+    assert!(matches!(path(&bob, "alice@example.com"), Some(PathKind::UdpRelay(_))));
+    assert_eq!(path(&carol, "alice@example.com"), Some(PathKind::TcpRelay));
+    for n in [alice, bob, carol] {
+        n.leave().await;
+    }
+}
+
 /// Alice's node, which knows both instances (`p1` first), and bob's, which knows only `p2`;
 /// both relayed only.
 async fn alice_and_bob(home: &q2q::client::Home, p1: &str, p2: &str) -> (Node, Node) {

@@ -17,8 +17,9 @@
 //! instance says it is alive every [`HEARTBEAT`] in `instances`, and rows of an instance
 //! silent for [`ALIVE_FOR`] are not used ([`FORGET_AFTER`]: deleted). A session across instances has
 //! both relay legs at the callee's instance; the caller is told its address
-//! (`relay_host`) and reaches it over UDP (relaying over the control connection needs the
-//! caller's connection at that instance, so it works only within one instance).
+//! (`relay_host`) and reaches it over UDP, or, when its UDP is blocked, over TCP through a
+//! control connection of its own to that instance, which takes the caller's leg with a
+//! bind ([`super::relay::Relay::claim`]).
 //! Payloads are AMP boxes in base64 (a notification holds at most 7,999 bytes).
 
 use super::State;

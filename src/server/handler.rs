@@ -243,10 +243,10 @@ impl Conn {
                 Ok(Empty {}.to_box())
             }
             command::RELAY => {
-                let _ = self.caller().await?;
+                let caller = self.caller().await?;
                 // A datagram with a malformed token is dropped, as a UDP one would be.
                 if let Ok(r) = decode::<Relay>(b) {
-                    relay_over_tcp(&self.state, self.id, r).await;
+                    relay_over_tcp(&self.state, self.id, &caller, &self.handle, r).await;
                 }
                 Ok(Empty {}.to_box())
             }
@@ -952,7 +952,8 @@ async fn set_up(
 
 /// What another instance of the domain asks this one for a caller logged in there
 /// ([`super::cluster`]): `inbound` for a callee logged in here (both relay legs here; the
-/// caller's reached over UDP only, at this instance's `relay_host`), or `candidates`.
+/// caller's reached at this instance's `relay_host`: over UDP, or over TCP once a connection
+/// of the caller's here takes the leg), or `candidates`.
 pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpBox, amp::ErrorBox> {
     let name = b.get_str(amp::COMMAND).unwrap_or("");
     let r = match name {
@@ -1014,8 +1015,20 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
 }
 
 /// A datagram a client relays over its control connection `conn`: only for a leg that
-/// connection owns.
-async fn relay_over_tcp(state: &Arc<State>, conn: u64, Relay { token, data }: Relay) {
+/// connection owns. No data is a bind, which also lets the connection take its user's leg
+/// of a session set up for it at another instance ([`super::relay::Relay::claim`]).
+async fn relay_over_tcp(
+    state: &Arc<State>,
+    conn: u64,
+    caller: &Q2qAddress,
+    handle: &amp::PeerHandle,
+    Relay { token, data }: Relay,
+) {
+    if data.is_empty()
+        && let Err(e) = state.relay.claim(conn, &caller.to_string(), handle.clone(), &token)
+    {
+        return debug!(conn, error = %e, "refused a relay bind over TCP");
+    }
     match state.relay.forward_tcp(conn, &token, &data, Instant::now()) {
         Ok(Some(f)) => state.send_forward(f).await,
         Ok(None) => {}

@@ -30,7 +30,8 @@ struct Leg {
     /// the token over TCP.
     conn: u64,
     /// None for an end whose control connection is at another instance of the domain:
-    /// reached over UDP only.
+    /// reached over UDP, or over TCP once a connection of its user here takes the leg
+    /// ([`Relay::claim`]).
     handle: Option<PeerHandle>,
     udp: Option<SocketAddr>,
     /// Counters of the verified UDP datagrams from this end.
@@ -90,7 +91,8 @@ pub struct End {
     /// Its control connection ([`REMOTE_CONN`] for one at another instance).
     pub conn: u64,
     /// For relaying to it over that connection; None when the connection is at another
-    /// instance of the domain (the end is then reached over UDP only).
+    /// instance of the domain (the end is then reached over UDP, or over TCP once it takes
+    /// its leg with a connection here).
     pub handle: Option<PeerHandle>,
 }
 
@@ -193,6 +195,38 @@ impl Relay {
                 return Err(RelayError::NotOwner);
             }
             Ok(self.relay(&mut legs, token, inner, now))
+        })();
+        if r.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Control connection `conn`, logged in as `user`, takes the leg `token` of an end whose
+    /// control connection is at another instance ([`REMOTE_CONN`]): a caller without UDP
+    /// relays over a connection of its own to this instance (AMP `relay` with no data, the
+    /// bind over TCP). Only the leg's own user may take it, and only once: the token alone,
+    /// which only that end was given (over TLS), is not enough. From then on the leg is
+    /// that connection's, as if set up by it ([`Relay::forward_tcp`], and it ends with it).
+    pub fn claim(
+        &self,
+        conn: u64,
+        user: &str,
+        handle: PeerHandle,
+        token: &Token,
+    ) -> Result<(), RelayError> {
+        let r = (|| {
+            let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
+            let leg = legs.get_mut(token).ok_or(RelayError::UnknownToken)?;
+            if leg.conn == conn {
+                return Ok(());
+            }
+            if leg.conn != REMOTE_CONN || leg.user != user {
+                return Err(RelayError::NotOwner);
+            }
+            leg.conn = conn;
+            leg.handle = Some(handle);
+            Ok(())
         })();
         if r.is_err() {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -400,5 +434,41 @@ mod tests {
         let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded over TCP") };
         assert_eq!(r, commands::Relay { token: gb.token, data: b"over tcp".to_vec() });
         assert!(relay.forward_tcp(1, &ga.token, b"", now).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn only_its_own_user_takes_a_leg_set_up_at_another_instance() {
+        let relay = Relay::new(RelayLimits::default());
+        let handle = || crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
+        // Alice's control connection is at another instance; bob's is conn 2 here.
+        let alice = End { user: "alice@a.test".into(), conn: REMOTE_CONN, handle: None };
+        let bob = End { user: "bob@a.test".into(), conn: 2, handle: Some(handle()) };
+        let now = Instant::now();
+        let (ga, gb) = relay.create(alice, bob, now).unwrap();
+        // Not over TCP before it is taken: no connection owns it.
+        assert_eq!(relay.forward_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        // Bob's leg is his connection's; a leg is not taken by another user, even one who
+        // knows the token, nor an unknown token.
+        assert_eq!(relay.claim(3, "alice@a.test", handle(), &gb.token), Err(RelayError::NotOwner));
+        assert_eq!(relay.claim(4, "eve@a.test", handle(), &ga.token), Err(RelayError::NotOwner));
+        assert_eq!(
+            relay.claim(4, "alice@a.test", handle(), &[7; 16]),
+            Err(RelayError::UnknownToken)
+        );
+        // Alice's own connection here takes it, again idempotently; then no other may.
+        relay.claim(3, "alice@a.test", handle(), &ga.token).unwrap();
+        relay.claim(3, "alice@a.test", handle(), &ga.token).unwrap();
+        assert_eq!(relay.claim(5, "alice@a.test", handle(), &ga.token), Err(RelayError::NotOwner));
+        assert_eq!(relay.refused.load(Ordering::Relaxed), 5);
+        // Both ways over TCP now.
+        let f = relay.forward_tcp(3, &ga.token, b"to bob", now).unwrap();
+        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded over TCP") };
+        assert_eq!(r, commands::Relay { token: gb.token, data: b"to bob".to_vec() });
+        let f = relay.forward_tcp(2, &gb.token, b"to alice", now).unwrap();
+        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded to alice over TCP") };
+        assert_eq!(r, commands::Relay { token: ga.token, data: b"to alice".to_vec() });
+        // The session ends with the connection that took it.
+        relay.drop_connection(3);
+        assert_eq!(relay.sessions(), 0);
     }
 }

@@ -20,12 +20,17 @@ impl Node {
             Role::Callee => Side::Responder,
         };
         let leg = Arc::new(relay::Leg::new(setup.relay_token, setup.relay_key.clone()));
-        // Without UDP to the server (who-am-i got no answer), relay over the control
-        // connection instead.
+        // Without UDP to the server (who-am-i got no answer), relay over a control
+        // connection instead: the one we asked through, or, when our leg is at another
+        // instance of the domain (the callee's), one of our own to that instance.
+        let relay_conn = match (udp_ok, setup.relay_elsewhere) {
+            (false, true) => self.relay_instance(server, setup.relay).await?,
+            _ => server.clone(),
+        };
         let (relay_path, control) = if udp_ok {
             (RelayPath::Udp(setup.relay), None)
         } else {
-            (RelayPath::Control, Some(Self::tcp_relay(server.clone(), setup.relay_token)))
+            (RelayPath::Control, Some(Self::tcp_relay(relay_conn.clone(), setup.relay_token)))
         };
         let setup_paths = self.path_setup(setup, role, relay_path, probe);
         let config = &self.inner.config;
@@ -51,8 +56,8 @@ impl Node {
             )
             .await?;
         // Bind our end of the relay over TCP as well, in case UDP is blocked (the endpoint
-        // binds it over UDP).
-        let _ = server.tell(&cmd::Relay { token: setup.relay_token, data: Vec::new() }).await;
+        // binds it over UDP); at another instance this makes the leg our connection's.
+        let _ = relay_conn.tell(&cmd::Relay { token: setup.relay_token, data: Vec::new() }).await;
         Ok(Arc::new(session))
     }
 
@@ -277,6 +282,9 @@ pub(super) struct Setup {
     pub(super) relay_token: relay::Token,
     pub(super) relay_key: relay::Key,
     pub(super) relay: SocketAddr,
+    /// The relay is at another instance of the domain than the server we asked through
+    /// (the callee's: the server gave `relay_host`).
+    pub(super) relay_elsewhere: bool,
     pub(super) candidates: Vec<SocketAddr>,
     /// The IPs the server vouches the peer is at: where its control connection comes
     /// from, and a proven IP of the other family (`also-seen`).
@@ -317,6 +325,7 @@ impl Setup {
             relay_token: grant.relay_token,
             relay_key: grant.relay_key.clone(),
             relay: SocketAddr::new(host, grant.relay_port),
+            relay_elsewhere: grant.relay_host.is_some(),
             candidates: grant.candidates.clone(),
             peer_seen: grant.peer_seen.into_iter().chain(grant.peer_seen_also).collect(),
         })

@@ -247,6 +247,28 @@ impl Node {
         })
     }
 
+    /// A control connection of our own to the instance of `via`'s domain at `relay` (TCP
+    /// and UDP share the port), logged in with our certificate, to relay over when UDP is
+    /// blocked and our leg is at that instance. Relayed datagrams it brings go to a
+    /// control loop; it closes when the session's relay queue does ([`Node::tcp_relay`]).
+    pub(super) async fn relay_instance(
+        &self,
+        via: &ServerConn,
+        relay: SocketAddr,
+    ) -> Result<Arc<ServerConn>, NodeError> {
+        let opts = ConnectOptions {
+            server: Some(relay.to_string()),
+            login: Some(self.stored_identity()),
+            ..Default::default()
+        };
+        let mut conn = ServerConn::connect(&self.inner.home, &via.domain, &opts).await?;
+        if let Some(incoming) = conn.incoming.take() {
+            tokio::spawn(self.clone().control_loop(incoming));
+        }
+        debug!(%relay, "relaying over TCP at the callee's instance");
+        Ok(Arc::new(conn))
+    }
+
     /// The TCP relay of one session: the endpoint hands its datagrams to the channel
     /// returned ([`Path::Channel`]) and a task frames them as AMP `relay` calls on `server`'s
     /// control connection, under `token`. The task ends with the channel's last sender.
