@@ -3,37 +3,10 @@
 
 mod common;
 
-use common::{TestServer, addr, loopback_config, node};
+use common::{TestServer, addr, loopback_config, metric as get, node, scrape_metrics as scrape};
 use q2q::presence::node::NodeConfig;
 use q2q::server::{Registration, ServerConfig};
-use std::collections::HashMap;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// GET /metrics from `at`: each sample line as (name with labels, value).
-async fn scrape(at: std::net::SocketAddr) -> HashMap<String, f64> {
-    let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body.lines()
-        .filter(|l| l.starts_with("q2q_"))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-fn get(m: &HashMap<String, f64>, k: &str) -> f64 {
-    *m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_logins_registrations_refusals_and_relaying() {

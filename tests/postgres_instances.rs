@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::{PW, addr, eventually, home, loopback_config, serial, serve_echo};
+use common::{
+    PW, addr, eventually, home, loopback_config, metric, scrape_metrics, serial, serve_echo,
+};
 use q2q::address::{Domain, ServiceName};
 use q2q::client::ConnectOptions;
 use q2q::presence::node::{Node, NodeConfig, PathKind};
@@ -513,7 +515,8 @@ async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
 /// A caller whose UDP is blocked, logged in at instance 1, reaches callees logged in at
 /// instance 2, where both relay legs are: it relays over TCP through a control connection
 /// of its own to instance 2. To a callee relaying over UDP (bob) and to one whose UDP is
-/// blocked too (carol), streams both ways, and nothing relayed by instance 1.
+/// blocked too (carol), streams both ways, and nothing relayed by instance 1. Sessions
+/// opened at once share one connection to the instance.
 #[tokio::test]
 #[ignore = "needs PostgreSQL: tools/lab-postgres runs it"]
 async fn a_caller_without_udp_relays_over_tcp_at_the_callees_instance() {
@@ -525,7 +528,9 @@ async fn a_caller_without_udp_relays_over_tcp_at_the_callees_instance() {
     copy_instance(&dir1, &dir2);
     let d2 = DataDir::open_at(&dir2, None).await.unwrap();
     let one = server::start(d1, config(&db)).await.unwrap();
-    let two = server::start(d2, config(&db)).await.unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let two = server::start(d2, ServerConfig { metrics: Some(metrics), ..config(&db) }).await;
+    let two = two.unwrap();
     let (p1, p2) = (one.tcp_addr.to_string(), two.tcp_addr.to_string());
     let (_h, home) = home();
     let opts = ConnectOptions { server: Some(p1.clone()), ..Default::default() };
@@ -541,11 +546,18 @@ async fn a_caller_without_udp_relays_over_tcp_at_the_callees_instance() {
     serve_echo(&bob, &["alice@example.com"]).await;
     serve_echo(&carol, &["alice@example.com"]).await;
     assert_eq!((one.stats().online, two.stats().online), (1, 2));
+    let logged_in = || async { metric(&scrape_metrics(metrics).await, "q2q_live_sessions") };
+    assert_eq!(logged_in().await, 2.0, "bob and carol at instance 2");
 
-    echo(&alice, "bob@example.com", 256 << 10).await.unwrap();
+    let (to_bob, to_carol) = tokio::join!(
+        echo(&alice, "bob@example.com", 256 << 10),
+        echo(&alice, "carol@example.com", 256 << 10)
+    );
+    to_bob.unwrap();
+    to_carol.unwrap();
     echo(&bob, "alice@example.com", 256 << 10).await.unwrap();
-    echo(&alice, "carol@example.com", 256 << 10).await.unwrap();
     echo(&carol, "alice@example.com", 256 << 10).await.unwrap();
+    assert_eq!(logged_in().await, 3.0, "one connection of alice's for both sessions");
     assert!(two.stats().relayed_bytes >= 4 * (512 << 10), "{:?}", two.stats());
     assert_eq!(one.stats().relayed_bytes, 0, "{:?}", one.stats());
     let path =

@@ -277,6 +277,9 @@ struct Inner {
     /// Logged-in connections to other domains' servers, one per domain (a table owned by
     /// one task: connecting to one domain never waits on another).
     foreign: ServerTable<NodeError>,
+    /// Logged-in connections to other instances of a domain that hold our relay legs,
+    /// one per instance address, shared by every session relayed over TCP there.
+    relay_instances: ServerTable<NodeError, SocketAddr>,
     listening: Mutex<HashMap<ServiceName, Listening>>,
     /// Who-am-i requests waiting for their answer, to the task that owns them (the loop
     /// taking our socket's non-PTCP datagrams).
@@ -392,6 +395,7 @@ impl Node {
             endpoint,
             home_server,
             foreign: ServerTable::start(),
+            relay_instances: ServerTable::start(),
             listening: Default::default(),
             whoami: whoami_tx,
         });

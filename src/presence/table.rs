@@ -39,8 +39,9 @@ impl Entry for crate::client::ServerConn {
     }
 }
 
-/// The table of other domains' servers: one logged-in connection per domain.
-pub type ServerTable<E> = Table<crate::address::Domain, crate::client::ServerConn, (), E>;
+/// A table of servers: one logged-in connection per key (other domains' servers, by
+/// domain; instances that hold our relay legs, by address).
+pub type ServerTable<E, K = crate::address::Domain> = Table<K, crate::client::ServerConn, (), E>;
 
 /// Why [`Table::get`] has no entry.
 pub enum GetError<E> {

@@ -193,3 +193,29 @@ pub fn federate_servers(a: &TestServer, a_domain: &str, b: &TestServer, b_domain
         .unwrap();
     }
 }
+
+/// GET /metrics from `at`: each sample line as (name with labels, value).
+pub async fn scrape_metrics(at: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.lines()
+        .filter(|l| l.starts_with("q2q_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn metric(m: &std::collections::HashMap<String, f64>, k: &str) -> f64 {
+    *m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))
+}

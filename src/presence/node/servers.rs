@@ -249,24 +249,37 @@ impl Node {
 
     /// A control connection of our own to the instance of `via`'s domain at `relay` (TCP
     /// and UDP share the port), logged in with our certificate, to relay over when UDP is
-    /// blocked and our leg is at that instance. Relayed datagrams it brings go to a
-    /// control loop; it closes when the session's relay queue does ([`Node::tcp_relay`]).
+    /// blocked and our leg is at that instance. One per instance, shared by every session
+    /// relayed there (a burst of sessions opens one connection), from a table owned by one
+    /// task; relayed datagrams it brings go to a control loop. The instance closes it
+    /// after 10 idle minutes, and the next session opens another.
     pub(super) async fn relay_instance(
         &self,
         via: &ServerConn,
         relay: SocketAddr,
     ) -> Result<Arc<ServerConn>, NodeError> {
-        let opts = ConnectOptions {
-            server: Some(relay.to_string()),
-            login: Some(self.stored_identity()),
-            ..Default::default()
+        let set_up = || {
+            let (node, domain) = (self.clone(), via.domain.clone());
+            async move {
+                let opts = ConnectOptions {
+                    server: Some(relay.to_string()),
+                    login: Some(node.stored_identity()),
+                    ..Default::default()
+                };
+                let mut conn = ServerConn::connect(&node.inner.home, &domain, &opts).await?;
+                if let Some(incoming) = conn.incoming.take() {
+                    tokio::spawn(node.clone().control_loop(incoming));
+                }
+                debug!(%relay, "relaying over TCP at the callee's instance");
+                Ok(Arc::new(conn))
+            }
         };
-        let mut conn = ServerConn::connect(&self.inner.home, &via.domain, &opts).await?;
-        if let Some(incoming) = conn.incoming.take() {
-            tokio::spawn(self.clone().control_loop(incoming));
-        }
-        debug!(%relay, "relaying over TCP at the callee's instance");
-        Ok(Arc::new(conn))
+        self.inner.relay_instances.get(&relay, (), set_up, |_| false).await.map_err(|e| match e {
+            GetError::Failed(e) => NodeError::Shared(e),
+            GetError::Gone => {
+                NodeError::BadAnswer(format!("no connection to the relay at {relay}"))
+            }
+        })
     }
 
     /// The TCP relay of one session: the endpoint hands its datagrams to the channel
