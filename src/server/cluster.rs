@@ -295,7 +295,7 @@ async fn mirror(state: Arc<State>, mut changes: mpsc::UnboundedReceiver<Change>)
                     continue;
                 }
                 if missed {
-                    match db.presence_replace(id, &state.presence.snapshot()).await {
+                    match db.presence_replace(id, &state.presence.snapshot().await).await {
                         Ok(()) => {
                             info!("presence published again after a database outage");
                             missed = false;

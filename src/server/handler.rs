@@ -166,7 +166,7 @@ pub(super) async fn serve(
     if conn.caller.is_some() {
         state.metrics.live_sessions.decrement(1.0);
     }
-    state.presence.drop_connection(id);
+    state.presence.drop_connection(id).await;
     state.relay.drop_connection(id);
 }
 
@@ -239,7 +239,7 @@ impl Conn {
             command::UNLISTEN => {
                 let caller = self.caller().await?;
                 let Unlisten { service } = decode(b)?;
-                self.state.presence.unlisten(&caller, &service, self.id);
+                self.state.presence.unlisten(&caller, &service, self.id).await;
                 Ok(Empty {}.to_box())
             }
             command::RELAY => {
@@ -640,7 +640,7 @@ impl Conn {
             seen: self.peer.ip(),
             also_seen: self.also_seen.subscribe(),
         };
-        if !self.state.presence.listen(&caller, service.clone(), listener) {
+        if !self.state.presence.listen(&caller, service.clone(), listener).await {
             return Err(refuse(ErrorCode::BadRequest, "too many services"));
         }
         // Other instances of the domain find it once it is in the database.
@@ -768,8 +768,8 @@ async fn candidates(
 ) -> Result<CandidatesAnswer, Refusal> {
     let Candidates { to, session, candidates } = cmd;
     let to = callee(state, to)?;
-    admit(state, caller, &to)?;
-    let Some(listener) = state.presence.any(&to) else {
+    admit(state, caller, &to).await?;
+    let Some(listener) = state.presence.any(&to).await else {
         if state.cluster.is_some() {
             let ask = RemoteCandidates {
                 from: caller.clone(),
@@ -801,8 +801,8 @@ async fn candidates(
 
 /// May `caller` ask `to` now (`inbound` and `candidates` share the per-pair and per-caller
 /// limits)? Otherwise `RATE_LIMITED` with how long to wait.
-fn admit(state: &State, caller: &Q2qAddress, to: &Q2qAddress) -> Result<(), Refusal> {
-    state.presence.admit_inbound(caller, to, Instant::now()).map_err(|wait| {
+async fn admit(state: &State, caller: &Q2qAddress, to: &Q2qAddress) -> Result<(), Refusal> {
+    state.presence.admit_inbound(caller, to, Instant::now()).await.map_err(|wait| {
         warn!(%caller, %to, wait_ms = wait.as_millis() as u64, "request refused: rate limited");
         rate_limited(&format!("too many connection requests from {caller} to {to}"), wait)
     })
@@ -845,8 +845,8 @@ async fn inbound(
     state.metrics.inbound_requests.increment(1);
     let Inbound { to, service, candidates } = cmd;
     let to = callee(state, to)?;
-    admit(state, caller, &to)?;
-    let listener = match state.presence.find(&to, &service) {
+    admit(state, caller, &to).await?;
+    let listener = match state.presence.find(&to, &service).await {
         Ok(l) => l,
         Err(Absent::Offline) if state.cluster.is_some() => {
             let ask = RemoteInbound {
@@ -970,8 +970,11 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
                 } = decode(b)?;
                 let peer_seen = SeenAt { ip: peer_seen, also: peer_seen_also };
                 let to = callee(state, to)?;
-                let listener =
-                    state.presence.find(&to, &service).map_err(|a| absent(a, &to, &service))?;
+                let listener = state
+                    .presence
+                    .find(&to, &service)
+                    .await
+                    .map_err(|a| absent(a, &to, &service))?;
                 let end =
                     End { user: from.to_string(), conn: super::relay::REMOTE_CONN, handle: None };
                 let host = state.config.relay_host();
@@ -991,6 +994,7 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
                 let listener = state
                     .presence
                     .any(&to)
+                    .await
                     .ok_or_else(|| refuse(ErrorCode::Offline, format!("{to} is offline")))?;
                 let ask = CandidatesAsk {
                     from,

@@ -226,9 +226,9 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     let (cluster, presence, cluster_tasks) = match store.postgres() {
         Some(pg) => {
             let (c, changes, tasks) = cluster::Cluster::new(pg.clone());
-            (Some(c), presence::Presence::mirrored(changes), Some(tasks))
+            (Some(c), presence::Presence::start(Some(changes)), Some(tasks))
         }
-        None => (None, presence::Presence::default(), None),
+        None => (None, presence::Presence::start(None), None),
     };
     let state = Arc::new(State {
         presence,
