@@ -500,6 +500,7 @@ async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Sooner than the watchers' 30 s safety-net poll: the revocation's NOTIFY woke them.
     let dropped =
         eventually(Duration::from_secs(10), || async { two.stats().online < online_before }).await;
     assert!(dropped, "alice's log-in at instance 2 is dropped");

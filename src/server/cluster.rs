@@ -224,6 +224,10 @@ pub(crate) async fn run(state: Arc<State>, tasks: Tasks, mut stopped: watch::Rec
                         warn!("lost the notification connection; reconnecting");
                         continue 'connect;
                     };
+                    if note.channel() == super::postgres::REVOCATIONS_CHANNEL {
+                        state.revocations.changed.notify_one();
+                        continue;
+                    }
                     let Some(b) = decode(note.payload()) else {
                         debug!("dropped a malformed notification");
                         continue;

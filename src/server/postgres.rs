@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked BOOLEAN NOT NULL DEFAULT FALSE
 );
 CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(serial) WHERE revoked;
 CREATE TABLE IF NOT EXISTS renewals (
     serial TEXT PRIMARY KEY,
     previous TEXT NOT NULL,
@@ -182,8 +183,18 @@ async fn drive<T>(
     }
 }
 
+/// The channel every instance listens on for revocations ([`notify_revoked`]).
+pub const REVOCATIONS_CHANNEL: &str = "q2q_revocations";
+
+/// Tell every instance, when `tx` commits, that the revocations changed: their watchers
+/// publish the new list at once rather than at their next poll.
+async fn notify_revoked(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DbError> {
+    tx.execute("SELECT pg_notify($1, '')", &[&REVOCATIONS_CHANNEL]).await?;
+    Ok(())
+}
+
 /// The connection of instance `id` (16 hex digits) that receives its notifications
-/// (`LISTEN q2q_<id>`), handed to `tx` in order, and holds the advisory lock that says the
+/// (`LISTEN q2q_<id>`, and [`REVOCATIONS_CHANNEL`]), handed to `tx` in order, and holds the advisory lock that says the
 /// instance is alive: the lock goes with the connection, at once when the instance dies,
 /// so no one asks a dead instance. Ends (dropping `tx`) when the connection breaks.
 pub async fn listen(
@@ -195,7 +206,7 @@ pub async fn listen(
     let key = u64::from_str_radix(id, 16).map_err(|_| DbError::Task(format!("bad id {id}")))?;
     // The channel name is q2q_ and hex digits (checked above), never a client's: safe to
     // splice.
-    client.batch_execute(&format!("LISTEN q2q_{id}")).await?;
+    client.batch_execute(&format!("LISTEN q2q_{id}; LISTEN {REVOCATIONS_CHANNEL}")).await?;
     client.query_one("SELECT pg_advisory_lock($1)", &[&(key as i64)]).await?;
     Ok(client)
 }
@@ -331,6 +342,7 @@ impl PgDb {
         }
         tx.execute("UPDATE certificates SET revoked = TRUE WHERE identity = $1", &[&identity])
             .await?;
+        notify_revoked(&tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -442,7 +454,8 @@ impl PgDb {
     }
 
     /// A number that changes whenever a certificate is revoked: here the count of revoked
-    /// certificates (revocations are never undone), read by the revocation watcher.
+    /// certificates (revocations are never undone), read by the revocation watcher
+    /// (through the partial index `certificates_revoked`: the revoked rows only).
     pub async fn revocation_generation(&self) -> Result<i64, DbError> {
         let c = self.client().await?;
         let row = c.query_one("SELECT count(*) FROM certificates WHERE revoked", &[]).await?;
@@ -474,12 +487,17 @@ impl PgDb {
     }
 
     pub async fn revoke(&self, serial: &str) -> Result<(), DbError> {
-        let n = self
-            .client()
-            .await?
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let n = tx
             .execute("UPDATE certificates SET revoked = TRUE WHERE serial = $1", &[&serial])
             .await?;
-        if n == 1 { Ok(()) } else { Err(DbError::NoSuchCertificate) }
+        if n != 1 {
+            return Err(DbError::NoSuchCertificate);
+        }
+        notify_revoked(&tx).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Spend one token of every bucket in `buckets` (key, burst, tokens a second), for all

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  q2q-server revoke (any process) ── Store: certificates.revoked, revocation generation
-//!                                            │ polled every POLL (one row read)
+//!                                            │ polled every POLL (one row read); with
+//!                                            │ PostgreSQL, NOTIFY q2q_revocations wakes
+//!                                            │ it at once and the poll is a safety net
 //!                                            ▼
 //!  watcher task ── signs a new list ── watch channel ──┬── `revocations` answers (anyone)
 //!                                                      └── each logged-in connection of
@@ -40,6 +42,10 @@ use tracing::{info, warn};
 /// How often the watcher reads the revocation generation: a revocation made by another
 /// process takes effect within this long.
 pub const POLL: Duration = Duration::from_millis(250);
+/// The same with PostgreSQL, where a revocation also wakes every instance's watcher by
+/// `NOTIFY` ([`Revocations::changed`]): the poll only covers notifications lost while the
+/// instance's notification connection was reconnecting.
+pub const POLL_NOTIFIED: Duration = Duration::from_secs(30);
 /// Most other domains whose lists are kept.
 pub const MAX_FOREIGN_LISTS: usize = 1024;
 
@@ -145,7 +151,8 @@ fn make(state: &State, generation: i64, revoked: Vec<Revoked>, previous: &Publis
 /// The watcher: publish the list again whenever the database says the revocations
 /// changed (or half the list's validity passed), until `stopped`.
 pub(super) async fn watch_revocations(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(POLL);
+    let every = if state.store.postgres().is_some() { POLL_NOTIFIED } else { POLL };
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
