@@ -26,8 +26,9 @@ use ipnet::IpNet;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long a domain whose CA could not be fetched is not tried again.
 pub const FAILED_FOR: Duration = Duration::from_secs(60);
@@ -167,43 +168,180 @@ pub fn well_formed(cert: &[u8], domain: &Domain, now: i64) -> Result<(), Reason>
     Ok(())
 }
 
-/// The federated CAs a server knows, and the limits on learning more.
-pub struct Federation {
-    home: Home,
-    policy: AddressPolicy,
-    cache: Mutex<HashMap<Domain, CertificateDer<'static>>>,
-    failed: Mutex<HashMap<Domain, Instant>>,
-    per_source: Mutex<Buckets>,
-    overall: Mutex<Buckets>,
-    max_pinned: usize,
+/// What the federation remembers, as a value (`now` passed in), owned by one task
+/// ([`Federation`]): the CAs in memory, the domains that failed, the fetch budgets, and the
+/// CA fetches under way with whoever waits for each (one fetch per domain at a time).
+struct Ledger {
+    cache: HashMap<Domain, CertificateDer<'static>>,
+    failed: HashMap<Domain, Instant>,
+    per_source: Buckets,
+    overall: Buckets,
+    fetching: HashMap<Domain, Vec<oneshot::Sender<Fetched>>>,
 }
 
-impl Federation {
-    pub fn new(home: Home, policy: AddressPolicy) -> Federation {
-        Federation {
-            home,
-            policy,
-            cache: Mutex::default(),
-            failed: Mutex::default(),
-            per_source: Mutex::new(Buckets::new(PER_SOURCE.0, PER_SOURCE.1)),
-            overall: Mutex::new(Buckets::new(OVERALL.0, OVERALL.1)),
-            max_pinned: MAX_PINNED,
+/// The end of a CA fetch, as every waiter hears it.
+type Fetched = Result<CertificateDer<'static>, Reason>;
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            cache: HashMap::new(),
+            failed: HashMap::new(),
+            per_source: Buckets::new(PER_SOURCE.0, PER_SOURCE.1),
+            overall: Buckets::new(OVERALL.0, OVERALL.1),
+            fetching: HashMap::new(),
         }
     }
+}
 
-    /// Whether another domain's CA may still be pinned ([`MAX_PINNED`]).
-    fn room_to_pin(&self) -> Result<(), Reason> {
-        if self.home.pinned_count() >= self.max_pinned {
-            return Err(Reason::Local(format!(
-                "{} domains' CAs are pinned already (the most kept): remove some from known_cas",
-                self.max_pinned
-            )));
+impl Ledger {
+    /// May `source` cause a fetch for `domain` now? Spends a token of its bucket and the
+    /// overall one.
+    fn admit(&mut self, domain: &Domain, source: IpAddr, now: Instant) -> Result<(), Reason> {
+        if let Some(at) = self.failed.get(domain) {
+            if now.saturating_duration_since(*at) < FAILED_FOR {
+                return Err(Reason::FailedRecently);
+            }
+            self.failed.remove(domain);
         }
+        let key = super::admission::source_key(source).to_string();
+        if !self.per_source.wait(&key, now).is_zero() || !self.overall.wait("", now).is_zero() {
+            return Err(Reason::RateLimited);
+        }
+        self.per_source.take(&key, now);
+        self.overall.take("", now);
         Ok(())
     }
 
+    fn remember_failure(&mut self, domain: &Domain, now: Instant) {
+        let f = &mut self.failed;
+        if f.len() >= MAX_FAILED {
+            f.retain(|_, at| now.saturating_duration_since(*at) < FAILED_FOR);
+        }
+        if f.len() >= MAX_FAILED
+            && let Some(oldest) = f.iter().min_by_key(|(_, at)| **at).map(|(d, _)| d.clone())
+        {
+            f.remove(&oldest);
+        }
+        f.insert(domain.clone(), now);
+    }
+
+    fn cache(&mut self, domain: Domain, ca: CertificateDer<'static>) {
+        // Bounded: the pinned files stay, and are read again when needed.
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        self.cache.insert(domain, ca);
+    }
+
+    /// Join the fetch of `domain`'s CA under way, or start one if `source` may cause it
+    /// (then the caller must fetch, and report with [`Ledger::fetched`]).
+    fn join(&mut self, domain: &Domain, source: IpAddr, now: Instant) -> Join {
+        let (tx, rx) = oneshot::channel();
+        if let Some(waiting) = self.fetching.get_mut(domain) {
+            waiting.push(tx);
+            return Join::Wait(rx);
+        }
+        match self.admit(domain, source, now) {
+            Ok(()) => {
+                self.fetching.insert(domain.clone(), vec![tx]);
+                Join::Fetch(rx)
+            }
+            Err(reason) => Join::Refused(reason),
+        }
+    }
+
+    /// A CA fetch ended: every waiter hears how. `remember`: a failure of the domain's
+    /// (not of ours) is not tried again for [`FAILED_FOR`].
+    fn fetched(&mut self, domain: Domain, result: Fetched, remember: bool, now: Instant) {
+        match &result {
+            Ok(ca) => self.cache(domain.clone(), ca.clone()),
+            Err(_) if remember => self.remember_failure(&domain, now),
+            Err(_) => {}
+        }
+        for tx in self.fetching.remove(&domain).unwrap_or_default() {
+            let _ = tx.send(result.clone());
+        }
+    }
+}
+
+/// The answer to [`Ledger::join`].
+enum Join {
+    /// Fetch it (on a task of its own), then wait like the others.
+    Fetch(oneshot::Receiver<Fetched>),
+    /// Another asker's fetch is under way: wait for it.
+    Wait(oneshot::Receiver<Fetched>),
+    Refused(Reason),
+}
+
+/// What handlers ask the ledger's owner.
+enum Request {
+    Cached { domain: Domain, reply: oneshot::Sender<Option<CertificateDer<'static>>> },
+    Cache { domain: Domain, ca: CertificateDer<'static> },
+    Join { domain: Domain, source: IpAddr, reply: oneshot::Sender<Join> },
+    Fetched { domain: Domain, result: Fetched, remember: bool },
+    Admit { domain: Domain, source: IpAddr, reply: oneshot::Sender<Result<(), Reason>> },
+    Failed { domain: Domain },
+}
+
+/// Requests that may wait for the owner at once; more make their handler wait.
+const QUEUE: usize = 1024;
+
+/// The owner of the ledger: answers requests in order until every handle is gone.
+async fn own(mut ledger: Ledger, mut requests: mpsc::Receiver<Request>) {
+    while let Some(r) = requests.recv().await {
+        let now = Instant::now();
+        match r {
+            Request::Cached { domain, reply } => {
+                let _ = reply.send(ledger.cache.get(&domain).cloned());
+            }
+            Request::Cache { domain, ca } => ledger.cache(domain, ca),
+            Request::Join { domain, source, reply } => {
+                let _ = reply.send(ledger.join(&domain, source, now));
+            }
+            Request::Fetched { domain, result, remember } => {
+                ledger.fetched(domain, result, remember, now)
+            }
+            Request::Admit { domain, source, reply } => {
+                let _ = reply.send(ledger.admit(&domain, source, now));
+            }
+            Request::Failed { domain } => ledger.remember_failure(&domain, now),
+        }
+    }
+}
+
+/// Where and how fetches go: the federation folder and the address policy.
+struct Fetcher {
+    home: Home,
+    policy: AddressPolicy,
+    max_pinned: usize,
+}
+
+/// The federated CAs a server knows, and the limits on learning more: a handle to the task
+/// that owns the [`Ledger`] (handlers ask it through a bounded channel), and the fetcher.
+pub struct Federation {
+    fetcher: Arc<Fetcher>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Federation {
+    /// A federation learning into `home`'s folder, under `policy`; its owner started on
+    /// the current runtime.
+    pub fn new(home: Home, policy: AddressPolicy) -> Federation {
+        let (requests, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(own(Ledger::default(), rx));
+        Federation { fetcher: Arc::new(Fetcher { home, policy, max_pinned: MAX_PINNED }), requests }
+    }
+
+    async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(request(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
     /// The CA of `domain`, to check `cert` (a certificate presented from `source`): cached,
-    /// pinned, or fetched from its server and pinned.
+    /// pinned, or fetched from its server and pinned. Askers for one domain at once share
+    /// one fetch.
     pub async fn ca_for(
         &self,
         domain: &Domain,
@@ -221,87 +359,63 @@ impl Federation {
             }
             CannotVerify { domain: domain.clone(), reason }
         };
-        if let Some(ca) = self.cache.lock().ok().and_then(|c| c.get(domain).cloned()) {
+        let d = domain.clone();
+        if let Some(ca) = self.ask(|reply| Request::Cached { domain: d, reply }).await.flatten() {
             return Ok(ca);
         }
-        let ca = match self
-            .home
-            .pinned_ca(domain)
-            .map_err(|e| fail(Reason::Local(e.to_string())))?
-        {
-            Some(ca) => ca,
-            None => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                well_formed(cert, domain, now).map_err(fail)?;
-                self.admit(domain, source, Instant::now()).map_err(fail)?;
-                self.room_to_pin().map_err(fail)?;
-                let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch(domain))
-                    .await
-                    .unwrap_or_else(|_| Err(Reason::Unreachable("timed out".into())));
-                match fetched {
-                    Ok(ca) => {
-                        tracing::info!(%domain, ca = %crate::identity::Fingerprint::of(&ca), "pinned a federated domain's CA");
-                        ca
-                    }
-                    Err(reason) => {
-                        self.remember_failure(domain, Instant::now());
-                        return Err(fail(reason));
-                    }
-                }
+        let pinned =
+            self.fetcher.home.pinned_ca(domain).map_err(|e| fail(Reason::Local(e.to_string())))?;
+        if let Some(ca) = pinned {
+            let request = Request::Cache { domain: domain.clone(), ca: ca.clone() };
+            let _ = self.requests.send(request).await;
+            return Ok(ca);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        well_formed(cert, domain, now).map_err(fail)?;
+        let d = domain.clone();
+        let join = self.ask(|reply| Request::Join { domain: d, source, reply }).await;
+        let wait = match join {
+            None => return Err(fail(Reason::Local("the federation task is gone".into()))),
+            Some(Join::Refused(reason)) => return Err(fail(reason)),
+            Some(Join::Wait(rx)) => rx,
+            Some(Join::Fetch(rx)) => {
+                // On a task of its own: it ends (and is reported to every waiter) even if
+                // this asker's connection goes meanwhile.
+                let (fetcher, requests, domain) =
+                    (self.fetcher.clone(), self.requests.clone(), domain.clone());
+                tokio::spawn(async move {
+                    let (result, remember) = match fetcher.room_to_pin() {
+                        Err(reason) => (Err(reason), false),
+                        Ok(()) => {
+                            let fetched =
+                                tokio::time::timeout(FETCH_TIMEOUT, fetcher.fetch(&domain))
+                                    .await
+                                    .unwrap_or_else(|_| {
+                                        Err(Reason::Unreachable("timed out".into()))
+                                    });
+                            if let Ok(ca) = &fetched {
+                                tracing::info!(%domain, ca = %crate::identity::Fingerprint::of(ca), "pinned a federated domain's CA");
+                            }
+                            (fetched, true)
+                        }
+                    };
+                    let _ = requests.send(Request::Fetched { domain, result, remember }).await;
+                });
+                rx
             }
         };
-        if let Ok(mut c) = self.cache.lock() {
-            // Bounded: the pinned files stay, and are read again when needed.
-            if c.len() >= MAX_CACHED {
-                c.clear();
-            }
-            c.insert(domain.clone(), ca.clone());
+        match wait.await {
+            Ok(result) => result.map_err(fail),
+            Err(_) => Err(fail(Reason::Local("the federation task is gone".into()))),
         }
-        Ok(ca)
-    }
-
-    /// May `source` cause a fetch for `domain` now? Spends a token of its bucket and the
-    /// overall one.
-    fn admit(&self, domain: &Domain, source: IpAddr, now: Instant) -> Result<(), Reason> {
-        if let Ok(mut f) = self.failed.lock()
-            && let Some(at) = f.get(domain)
-        {
-            if now.saturating_duration_since(*at) < FAILED_FOR {
-                return Err(Reason::FailedRecently);
-            }
-            f.remove(domain);
-        }
-        let key = super::admission::source_key(source).to_string();
-        let (Ok(mut per_source), Ok(mut overall)) = (self.per_source.lock(), self.overall.lock())
-        else {
-            return Err(Reason::RateLimited);
-        };
-        if !per_source.wait(&key, now).is_zero() || !overall.wait("", now).is_zero() {
-            return Err(Reason::RateLimited);
-        }
-        per_source.take(&key, now);
-        overall.take("", now);
-        Ok(())
-    }
-
-    fn remember_failure(&self, domain: &Domain, now: Instant) {
-        let Ok(mut f) = self.failed.lock() else { return };
-        if f.len() >= MAX_FAILED {
-            f.retain(|_, at| now.saturating_duration_since(*at) < FAILED_FOR);
-        }
-        if f.len() >= MAX_FAILED
-            && let Some(oldest) = f.iter().min_by_key(|(_, at)| **at).map(|(d, _)| d.clone())
-        {
-            f.remove(&oldest);
-        }
-        f.insert(domain.clone(), now);
     }
 
     /// The revocation list of `domain` (DER, as its server sent it: the caller verifies
     /// it with the domain's CA), fetched for a caller at `source` under the same address
-    /// policy, rate limits, timeout and negative cache as a CA.
+    /// policy, rate limits, timeout and negative cache as a CA. (One fetch per domain at
+    /// a time is [`crate::identity::revocation::Lists`]' part.)
     pub async fn revocation_list(
         &self,
         domain: &Domain,
@@ -311,22 +425,33 @@ impl Federation {
             tracing::warn!(%domain, %source, %reason, "cannot fetch a federated domain's revocation list");
             CannotVerify { domain: domain.clone(), reason }
         };
-        self.admit(domain, source, Instant::now()).map_err(fail)?;
+        let d = domain.clone();
+        let admitted = self.ask(|reply| Request::Admit { domain: d, source, reply }).await;
+        admitted.unwrap_or(Err(Reason::RateLimited)).map_err(fail)?;
         let fetch = async {
-            let conn = self.connect(domain).await?;
+            let conn = self.fetcher.connect(domain).await?;
             conn.revocations(domain).await.map_err(|e| Reason::Unreachable(e.to_string()))
         };
-        match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
-            Ok(Ok(der)) => Ok(der),
-            Ok(Err(reason)) => {
-                self.remember_failure(domain, Instant::now());
-                Err(fail(reason))
-            }
-            Err(_) => {
-                self.remember_failure(domain, Instant::now());
-                Err(fail(Reason::Unreachable("timed out".into())))
-            }
+        let result = tokio::time::timeout(FETCH_TIMEOUT, fetch)
+            .await
+            .unwrap_or_else(|_| Err(Reason::Unreachable("timed out".into())));
+        if result.is_err() {
+            let _ = self.requests.send(Request::Failed { domain: domain.clone() }).await;
         }
+        result.map_err(fail)
+    }
+}
+
+impl Fetcher {
+    /// Whether another domain's CA may still be pinned ([`MAX_PINNED`]).
+    fn room_to_pin(&self) -> Result<(), Reason> {
+        if self.home.pinned_count() >= self.max_pinned {
+            return Err(Reason::Local(format!(
+                "{} domains' CAs are pinned already (the most kept): remove some from known_cas",
+                self.max_pinned
+            )));
+        }
+        Ok(())
     }
 
     async fn fetch(&self, domain: &Domain) -> Result<CertificateDer<'static>, Reason> {
@@ -486,8 +611,7 @@ mod tests {
     fn pinning_stops_at_the_most_kept() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path().join("f"));
-        let mut f = Federation::new(home.clone(), AddressPolicy::default());
-        f.max_pinned = 2;
+        let f = Fetcher { home: home.clone(), policy: AddressPolicy::default(), max_pinned: 2 };
         let key = crate::identity::generate_key().unwrap();
         let ca =
             rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
@@ -500,10 +624,9 @@ mod tests {
         assert_eq!(f.room_to_pin(), Ok(()));
     }
 
-    #[tokio::test]
-    async fn fetches_are_limited_and_failures_remembered() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = Federation::new(Home::new(dir.path().join("f")), AddressPolicy::default());
+    #[test]
+    fn fetches_are_limited_and_failures_remembered() {
+        let mut f = Ledger::default();
         let t0 = Instant::now();
         let src = ip("192.0.2.7");
         let domains: Vec<Domain> =
@@ -522,6 +645,45 @@ mod tests {
         for i in 0..MAX_FAILED + 10 {
             f.remember_failure(&Domain::parse(&format!("x{i}.example")).unwrap(), t0);
         }
-        assert!(f.failed.lock().unwrap().len() <= MAX_FAILED);
+        assert!(f.failed.len() <= MAX_FAILED);
+    }
+
+    /// Askers for one domain at once share one fetch (one token spent, one connection),
+    /// and all hear its end; a failure is remembered, and the next asker is refused
+    /// without a fetch.
+    #[test]
+    fn one_fetch_per_domain_at_a_time() {
+        let mut f = Ledger::default();
+        let t0 = Instant::now();
+        let d = Domain::parse("new.example").unwrap();
+        let Join::Fetch(mut first) = f.join(&d, ip("192.0.2.1"), t0) else { panic!("no fetch") };
+        let mut waiters = Vec::new();
+        for i in 2..40u8 {
+            match f.join(&d, ip(&format!("192.0.2.{i}")), t0) {
+                Join::Wait(rx) => waiters.push(rx),
+                _ => panic!("a second fetch of one domain"),
+            }
+        }
+        // Only the first asker spent a token: its source can still ask 4 more times.
+        for i in 0..PER_SOURCE.0 - 1 {
+            assert_eq!(
+                f.admit(&Domain::parse(&format!("o{i}.example")).unwrap(), ip("192.0.2.1"), t0),
+                Ok(())
+            );
+        }
+        f.fetched(d.clone(), Err(Reason::Unreachable("refused".into())), true, t0);
+        assert!(matches!(first.try_recv(), Ok(Err(Reason::Unreachable(_)))));
+        for mut w in waiters {
+            assert!(matches!(w.try_recv(), Ok(Err(Reason::Unreachable(_)))));
+        }
+        assert!(matches!(f.join(&d, ip("192.0.2.99"), t0), Join::Refused(Reason::FailedRecently)));
+        // A fetch that worked is cached for everyone.
+        let e = Domain::parse("ok.example").unwrap();
+        let Join::Fetch(mut rx) = f.join(&e, ip("192.0.2.50"), t0) else { panic!("no fetch") };
+        let ca = CertificateDer::from(vec![1, 2, 3]);
+        f.fetched(e.clone(), Ok(ca.clone()), true, t0);
+        assert_eq!(rx.try_recv().unwrap(), Ok(ca.clone()));
+        assert_eq!(f.cache.get(&e), Some(&ca));
+        assert!(f.fetching.is_empty());
     }
 }
