@@ -403,7 +403,7 @@ impl Conn {
         let user_key = format!("user:{}", address.user);
         let ip_key = format!("ip:{}", super::admission::source_key(self.peer.ip()));
         let keys = [user_key.as_str(), ip_key.as_str()];
-        self.check_rate(&keys, &address)?;
+        self.check_rate(&keys, &address).await?;
 
         // An unknown user and a wrong password get the same answer after the same work
         // (a dummy hash is checked), so `sign` does not tell who has an account.
@@ -411,7 +411,7 @@ impl Conn {
         let hash = db(self.state.store.password_hash(&user)).await?;
         let known = hash.is_some();
         if !self.state.hasher.verify(password, hash).await.map_err(internal)? {
-            self.fail(&keys);
+            self.state.limits.failed_attempt(&keys).await;
             // Never the password itself.
             warn!(%address, peer = %self.peer, known, "wrong user or password");
             return Err(refuse(
@@ -419,9 +419,7 @@ impl Conn {
                 format!("{address}: no such user or wrong password"),
             ));
         }
-        if let Ok(mut l) = self.state.limiter.lock() {
-            l.success(&user_key);
-        }
+        self.state.limits.good_attempt(&user_key).await;
 
         let lifetime = self.state.config.cert_lifetime();
         let issued = self
@@ -591,18 +589,7 @@ impl Conn {
             format!("caller:{caller}"),
             format!("ip:{}", super::admission::source_key(self.peer.ip())),
         ];
-        let wait = match self.state.exists_limit.lock() {
-            Ok(mut l) => {
-                let now = Instant::now();
-                let wait = keys.iter().map(|k| l.wait(k, now)).max().unwrap_or_default();
-                if wait.is_zero() {
-                    keys.iter().for_each(|k| l.take(k, now));
-                }
-                wait
-            }
-            Err(_) => Duration::ZERO,
-        };
-        if !wait.is_zero() {
+        if let Err(wait) = self.state.limits.exists(keys.into()).await {
             warn!(%caller, peer = %self.peer, "exists refused: rate limited");
             return Err(rate_limited(&format!("too many questions from {caller}"), wait));
         }
@@ -651,12 +638,8 @@ impl Conn {
         Ok(Empty {})
     }
 
-    fn check_rate(&self, keys: &[&str], address: &Q2qAddress) -> Result<(), Refusal> {
-        let verdict = match self.state.limiter.lock() {
-            Ok(mut l) => l.check(keys, Instant::now()),
-            Err(_) => Ok(()),
-        };
-        verdict.map_err(|wait| {
+    async fn check_rate(&self, keys: &[&str], address: &Q2qAddress) -> Result<(), Refusal> {
+        self.state.limits.check_attempt(keys).await.map_err(|wait| {
             warn!(%address, peer = %self.peer, wait_ms = wait.as_millis() as u64, "attempt refused: rate limited");
             rate_limited(
                 &format!("too many failed attempts for {address} or from {}", self.peer.ip()),
@@ -686,29 +669,13 @@ impl Conn {
                 ];
                 db(pg.take_tokens(&buckets, unix_ms())).await?
             }
-            None => {
-                let Ok(mut l) = self.state.registrations.lock() else { return Ok(()) };
-                let (per_address, overall) = &mut *l;
-                let now = Instant::now();
-                let (mine, all) = (per_address.wait(&ip, now), overall.wait("", now));
-                if mine.is_zero() && all.is_zero() {
-                    per_address.take(&ip, now);
-                    overall.take("", now);
-                }
-                mine.max(all)
-            }
+            None => self.state.limits.registration(&ip).await.err().unwrap_or_default(),
         };
         if wait.is_zero() {
             return Ok(());
         }
         warn!(peer = %self.peer, wait_ms = wait.as_millis() as u64, "registration refused: rate limited");
         Err(rate_limited(&format!("too many registrations on {}", self.state.domain), wait))
-    }
-
-    fn fail(&self, keys: &[&str]) {
-        if let Ok(mut l) = self.state.limiter.lock() {
-            l.failure(keys, Instant::now());
-        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod datadir;
 pub mod db;
 pub mod federation;
 mod handler;
+pub mod limits;
 pub mod metrics;
 pub mod password;
 pub mod postgres;
@@ -38,7 +39,7 @@ pub use datadir::{DataDir, DataDirError};
 use crate::address::Domain;
 use crate::identity::DomainCa;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Semaphore, watch};
@@ -56,10 +57,7 @@ pub enum ServerError {
     Metrics(#[from] metrics::MetricsError),
 }
 
-/// `exists` questions a caller (and a source address) may ask at once, then so many a
-/// second.
-pub const EXISTS_BURST: u32 = 30;
-const EXISTS_PER_SEC: f64 = 1.0;
+pub use limits::EXISTS_BURST;
 
 /// Lifetime of the TLS certificate the server makes for itself at each start.
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(400 * 86400);
@@ -72,11 +70,9 @@ pub(crate) struct State {
     /// The other instances of the domain, when the store is PostgreSQL.
     pub cluster: Option<cluster::Cluster>,
     pub config: ServerConfig,
-    pub limiter: Mutex<ratelimit::RateLimiter>,
-    /// Registrations per source address and over all.
-    pub registrations: Mutex<(ratelimit::Buckets, ratelimit::Buckets)>,
-    /// `exists` questions per caller.
-    pub exists_limit: Mutex<ratelimit::Buckets>,
+    /// Failed password attempts, registrations (without PostgreSQL) and `exists`
+    /// questions: one task owns them.
+    pub limits: limits::LimitsHandle,
     pub hasher: password::Hasher,
     pub presence: presence::Presence,
     pub relay: relay::Relay,
@@ -206,12 +202,6 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         ),
         None => warn!(max_connections, "cannot read the open-file limit"),
     }
-    let g = &config.registration_limit;
-    let every = |secs: u64| 1.0 / secs.max(1) as f64;
-    let registrations = (
-        ratelimit::Buckets::new(g.per_address_burst, every(g.per_address_every_secs)),
-        ratelimit::Buckets::new(g.overall_burst, every(g.overall_every_secs)),
-    );
     let (metrics, exporter) = match config.metrics {
         Some(addr) => {
             let (m, e) = metrics::Metrics::serve(addr)?;
@@ -244,9 +234,10 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         proof_key: crate::proto::whoami::ProofKey::random(),
         domain: dir.domain,
         ca: dir.ca,
-        limiter: Mutex::new(ratelimit::RateLimiter::new(config.rate_limit.clone())),
-        registrations: Mutex::new(registrations),
-        exists_limit: Mutex::new(ratelimit::Buckets::new(EXISTS_BURST, EXISTS_PER_SEC)),
+        limits: limits::LimitsHandle::start(limits::Limits::new(
+            config.rate_limit.clone(),
+            &config.registration_limit,
+        )),
         hasher: password::Hasher::default(),
         config,
     });
