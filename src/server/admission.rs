@@ -11,11 +11,15 @@
 //!                             │ logged_in(): no longer waiting
 //!                             ▼ drop: uncounted
 //! ```
+//!
+//! The accept loop owns the counts ([`Admission`]); a ticket, on its connection's task,
+//! only tells it what happened (logged in, closed) over a channel, which the owner reads
+//! before it next decides. So the counts have one writer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc};
 
 /// File descriptors kept for everything but control connections: the listening sockets,
 /// the database, federation fetches, logs.
@@ -62,24 +66,62 @@ struct Counts {
     next: u64,
 }
 
-/// The connection counts of a server.
+/// What a ticket tells the owner of the counts.
+#[derive(Debug)]
+enum Event {
+    LoggedIn(u64),
+    Closed { seq: u64, key: IpAddr },
+}
+
+/// The connection counts of a server, owned by its accept loop.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    counts: Mutex<Counts>,
+    counts: Counts,
+    events: mpsc::UnboundedReceiver<Event>,
+    tell: mpsc::UnboundedSender<Event>,
+}
+
+impl Counts {
+    fn apply(&mut self, event: Event) {
+        match event {
+            Event::LoggedIn(seq) => {
+                self.waiting.remove(&seq);
+            }
+            Event::Closed { seq, key } => {
+                self.waiting.remove(&seq);
+                if let Some(n) = self.per_address.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_address.remove(&key);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Admission {
-    pub fn new(limits: Limits) -> Arc<Admission> {
-        Arc::new(Admission { limits, counts: Mutex::default() })
+    pub fn new(limits: Limits) -> Admission {
+        let (tell, events) = mpsc::unbounded_channel();
+        Admission { limits, counts: Counts::default(), events, tell }
+    }
+
+    /// Take in what tickets told since the last decision (at most two events per
+    /// connection admitted).
+    fn catch_up(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            self.counts.apply(e);
+        }
     }
 
     /// Count a new connection from `ip`, not logged in, or refuse it. When the share of
     /// connections not logged in is full, the oldest of them is told to close
     /// ([`Ticket::evicted`]).
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+    pub fn admit(&mut self, ip: IpAddr) -> Result<Ticket, Refused> {
+        self.catch_up();
         let key = source_key(ip);
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut self.counts;
         let from_ip = c.per_address.get(&key).copied().unwrap_or(0);
         if from_ip >= self.limits.per_address {
             return Err(Refused::PerAddress);
@@ -93,12 +135,13 @@ impl Admission {
         c.next += 1;
         let evict = Arc::new(Notify::new());
         c.waiting.insert(seq, evict.clone());
-        Ok(Ticket { admission: self.clone(), key, seq, evict, logged_in: false })
+        Ok(Ticket { tell: self.tell.clone(), key, seq, evict, logged_in: false })
     }
 
     /// Connections from `ip` (its /64 for IPv6) and connections not logged in, now.
-    pub fn counts(&self, ip: IpAddr) -> (usize, usize) {
-        let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn counts(&mut self, ip: IpAddr) -> (usize, usize) {
+        self.catch_up();
+        let c = &self.counts;
         (c.per_address.get(&source_key(ip)).copied().unwrap_or(0), c.waiting.len())
     }
 }
@@ -115,7 +158,7 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 /// One admitted connection; dropping it uncounts it.
 #[derive(Debug)]
 pub struct Ticket {
-    admission: Arc<Admission>,
+    tell: mpsc::UnboundedSender<Event>,
     key: IpAddr,
     seq: u64,
     evict: Arc<Notify>,
@@ -128,8 +171,7 @@ impl Ticket {
     pub fn logged_in(&mut self) {
         if !self.logged_in {
             self.logged_in = true;
-            let mut c = self.admission.counts.lock().unwrap_or_else(|p| p.into_inner());
-            c.waiting.remove(&self.seq);
+            let _ = self.tell.send(Event::LoggedIn(self.seq));
         }
     }
 
@@ -146,14 +188,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut c = self.admission.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.waiting.remove(&self.seq);
-        if let Some(n) = c.per_address.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_address.remove(&self.key);
-            }
-        }
+        let _ = self.tell.send(Event::Closed { seq: self.seq, key: self.key });
     }
 }
 
@@ -204,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_address_cap_and_the_oldest_not_logged_in_evicted() {
-        let a = Admission::new(Limits { per_address: 2, unauthenticated: 3 });
+        let mut a = Admission::new(Limits { per_address: 2, unauthenticated: 3 });
         let t1 = a.admit(ip("192.0.2.1")).unwrap();
         let mut t2 = a.admit(ip("192.0.2.1")).unwrap();
         assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refused::PerAddress);
@@ -225,12 +260,12 @@ mod tests {
         assert_eq!(a.counts(ip("192.0.2.1")), (1, 3));
         drop((t2, t3, t4, t5));
         assert_eq!(a.counts(ip("192.0.2.1")), (0, 0));
-        assert!(a.counts.lock().unwrap().per_address.is_empty());
+        assert!(a.counts.per_address.is_empty());
     }
 
     #[test]
     fn ipv6_counts_per_64() {
-        let a = Admission::new(Limits { per_address: 2, unauthenticated: 10 });
+        let mut a = Admission::new(Limits { per_address: 2, unauthenticated: 10 });
         let _t1 = a.admit(ip("2001:db8:1:2::1")).unwrap();
         let _t2 = a.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
         assert_eq!(a.admit(ip("2001:db8:1:2::3")).unwrap_err(), Refused::PerAddress);

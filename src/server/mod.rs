@@ -374,7 +374,7 @@ async fn accept_loop(
     state: Arc<State>,
     tcp: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    (max_connections, admission): (usize, Arc<admission::Admission>),
+    (max_connections, mut admission): (usize, admission::Admission),
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
