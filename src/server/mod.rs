@@ -3,13 +3,17 @@
 //!
 //! ```text
 //!  TCP :8788 ── admission ── TLS 1.3 ── AMP boxes ── handler ──┬── DomainCa (rcgen)
-//!  (per-address cap, room for                                 ├── Db (SQLite: users, certs, invites)
-//!   clients that log in)                                      ├── RateLimiter, Buckets, Hasher (argon2id)
-//!                                                             ├── Federation (other domains' CAs
+//!  (per-address cap, room for                                 ├── Store (SQLite, or PostgreSQL
+//!   clients that log in; owned                                │   shared by several instances)
+//!   by the accept loop)                                       ├── Presence* (who listens for what)
+//!                                                             ├── Limits* (attempts, registrations,
+//!                                                             │   `exists`), Hasher (argon2id)
+//!                                                             ├── Federation* (other domains' CAs
 //!                                                             │   and revocation lists, public
 //!                                                             │   addresses only)
 //!                                                             └── Revocations (our signed list,
 //!                                                                 watched; others' lists, cached)
+//!  * one task owns the state as a sans-IO value; handlers ask it through a bounded channel
 //!  HTTP (optional) ── /metrics (Prometheus)
 //!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
 //!  UDP :8789 ── who-am-i only (the second port, for `q2q-tun netcheck`'s NAT tests)
