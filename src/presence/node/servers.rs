@@ -383,7 +383,9 @@ impl Node {
                     }
                 }
             }
-            warn!("control connection to the server ended");
+            // The home connection's loss is told (and mended) by `stay_logged_in`; others
+            // (another domain's, a relay instance's) are opened again when next needed.
+            debug!("control connection to the server ended");
         })
     }
 }
