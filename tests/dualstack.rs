@@ -22,16 +22,18 @@ fn config(listen: &str) -> ServerConfig {
 }
 
 /// Ask who-am-i with a proof from a fresh socket bound to `local`.
+const PROOF: whoami::Flags = whoami::Flags { proof: true, ..whoami::Flags::NONE };
+
 async fn who_am_i(local: &str, server: SocketAddr) -> whoami::Reply {
     let sock = tokio::net::UdpSocket::bind(local).await.unwrap();
-    sock.send_to(&whoami::request_proof(*b"dualstak"), server).await.unwrap();
+    sock.send_to(&whoami::request_with(*b"dualstak", PROOF), server).await.unwrap();
     let mut buf = [0u8; 512];
     let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
         .await
         .expect("an answer")
         .unwrap();
     assert_eq!(from, server);
-    let r = whoami::parse_reply_full(&buf[..n]).unwrap();
+    let r = whoami::Reply::parse(&buf[..n], PROOF).unwrap();
     assert_eq!(r.seen, sock.local_addr().unwrap(), "plain, as the socket is");
     r
 }
@@ -46,14 +48,15 @@ async fn a_dual_stack_server_answers_both_families_and_checks_proofs() {
     let (p4, p6) = (v4.proof.expect("a proof"), v6.proof.expect("a proof"));
     // A short request gets no proof (the reply would be larger than the request).
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let short = whoami::request_proof(*b"short-rq");
+    let short = whoami::request_with(*b"short-rq", PROOF);
     sock.send_to(&short[..whoami::REQUEST_LEN], ("127.0.0.1", port)).await.unwrap();
     let mut buf = [0u8; 512];
     let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(whoami::parse_reply_full(&buf[..n]).unwrap().proof, None);
+    assert!(whoami::Reply::parse(&buf[..n], PROOF).is_err(), "not the reply with a proof");
+    assert_eq!(whoami::Reply::parse_answer(&buf[..n], PROOF).unwrap().proof, None);
 
     // Logged in over IPv4: the server sees 127.0.0.1 (not ::ffff:127.0.0.1).
     let (_d, home) = common::home();

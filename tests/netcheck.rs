@@ -1,7 +1,8 @@
 //! `q2q-tun netcheck` on loopback: against a server with its second UDP port (no NAT:
-//! endpoint-independent mapping and filtering, "direct to most peers"), one without it
-//! (mapping unknown), and one reached through a TCP-only forwarder (UDP gets no answer:
-//! "relay only"). The NAT types themselves are proven in the lab (tools/lab-netcheck).
+//! endpoint-independent mapping and filtering, "direct to most peers"), one with a second
+//! address (127.0.0.2), one without either (mapping unknown), and one reached through a
+//! TCP-only forwarder (UDP gets no answer: "relay only"). The NAT types themselves are
+//! proven in the lab (tools/lab-netcheck).
 
 mod common;
 
@@ -43,6 +44,7 @@ async fn no_nat_is_direct_to_most_peers() {
     let u = &r.observed.udp[0];
     assert!(u.reachable, "{r}");
     assert_eq!(u.second_port, Some(second.port()));
+    assert_eq!(u.second_server, Some(second), "the second port, on the same address");
     let seen = u.reflexive.expect("a reflexive address");
     assert!(seen.ip().is_loopback(), "{seen}");
     assert_eq!(u.reflexive_second, Some(seen), "no NAT: one address for both ports");
@@ -72,6 +74,28 @@ async fn without_a_second_port_the_mapping_is_unknown() {
     assert_eq!(r.verdict, Verdict::Unknown);
 }
 
+/// With `second_udp_addr` the tests ask the server's second address (RFC 5780's way).
+#[tokio::test]
+async fn a_second_address_is_asked_when_the_server_has_one() {
+    let config = ServerConfig {
+        second_udp_addr: Some("127.0.0.2:0".parse().unwrap()),
+        ..loopback_config(Registration::Open)
+    };
+    let srv = TestServer::start("example.com", config).await;
+    let second = srv.running.as_ref().unwrap().second_udp_addr.expect("bound");
+    assert_eq!(second.ip().to_string(), "127.0.0.2");
+    let (_d, h) = registered(&srv).await;
+    let r = check(&h, None).await;
+    let u = &r.observed.udp[0];
+    assert_eq!(u.second_server, Some(second), "{r}");
+    assert_eq!(u.reflexive_second, u.reflexive, "no NAT: one address for both");
+    assert_eq!(
+        (u.mapping, u.filtering),
+        (Mapping::EndpointIndependent, Filtering::EndpointIndependent)
+    );
+    assert!(r.to_string().contains("second address, 127.0.0.2:"), "{r}");
+}
+
 /// The server answers from its second port when asked, and only then; the second port
 /// answers who-am-i itself.
 #[tokio::test]
@@ -81,24 +105,23 @@ async fn the_server_answers_from_its_second_port_when_asked() {
     let (main, second) = (running.udp_addr, running.second_udp_addr.unwrap());
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut buf = [0u8; 512];
-    for (to, flags, from) in [
-        (main, whoami::Flags::default(), main),
-        (main, whoami::Flags { second_port: true, reply_from_second: true, proof: false }, second),
-        (
-            second,
-            whoami::Flags { second_port: true, reply_from_second: false, proof: false },
-            second,
-        ),
-    ] {
+    // Every combination of flags, to either socket: the reply carries exactly the fields
+    // asked for, in their order, from the socket asked (or the second one when asked).
+    for (b, to) in (0..16u8).flat_map(|b| [(b, main), (b, second)]) {
+        let flags = whoami::Flags::from_byte(b);
+        let from = if flags.reply_from_second { second } else { to };
         sock.send_to(&whoami::request_with(*b"nonce-12", flags), to).await.unwrap();
         let (n, got_from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(got_from, from, "{flags:?}");
-        let (nonce, seen, second_port) = whoami::parse_reply_with(&buf[..n]).unwrap();
-        assert_eq!((nonce, seen), (*b"nonce-12", sock.local_addr().unwrap()));
-        assert_eq!(second_port, flags.second_port.then_some(second.port()));
+        let r = whoami::Reply::parse(&buf[..n], flags).unwrap();
+        assert_eq!((r.nonce, r.seen), (*b"nonce-12", sock.local_addr().unwrap()));
+        assert_eq!(r.second_port, flags.second_port.then_some(second.port()));
+        // The second socket is bound to 127.0.0.1, not a wildcard: its address is told.
+        assert_eq!(r.second_addr, flags.second_addr.then_some(Some(second)), "{flags:?}");
+        assert_eq!(r.proof.is_some(), flags.proof, "{flags:?}");
     }
 }
 

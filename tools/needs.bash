@@ -20,6 +20,7 @@ NEEDS_lab=(
   iproute2:ip nftables:nft conntrack:conntrack procps:sysctl socat:socat iputils-ping:ping
   openssh-server:sshd openssh-client:ssh iperf3:iperf3 dnsutils:dig jq:jq util-linux:unshare
   python3-minimal:python3 openssl:openssl postgresql:pg_ctlcluster
+  miniupnpd-nftables:miniupnpd stun-server:stund
 )
 
 # Whether a program (also one in /usr/sbin, outside a user's PATH) or a file is there.

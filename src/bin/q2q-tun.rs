@@ -230,8 +230,9 @@ enum Command {
     },
     /// Check what this network allows, asking the home server: TCP, UDP, the addresses the
     /// server sees, whether the NAT keeps one port for every destination, the round trip
-    /// to the relay, and a verdict: "direct to most peers", "direct only to cone peers" or
-    /// "relay only". Needs no daemon and no root.
+    /// to the relay, whether the router maps ports (PCP, NAT-PMP, UPnP IGD), and a verdict:
+    /// "direct to most peers", "direct only to cone peers" or "relay only". Needs no daemon
+    /// and no root.
     Netcheck {
         /// The identity whose home server to ask (default: the only one stored).
         #[arg(long = "as")]
@@ -241,10 +242,11 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
-        /// Also ask the local router for a port mapping (PCP, NAT-PMP, UPnP IGD) and
-        /// delete it again: which protocol it offers.
+        /// Do not ask the local router for a port mapping. By default netcheck asks once
+        /// (PCP, then NAT-PMP, then UPnP IGD; a few seconds at most) for a mapping of a
+        /// fresh socket's port and deletes it at once, to say which protocol it offers.
         #[arg(long)]
-        port_mapping: bool,
+        no_port_mapping: bool,
     },
     /// Reach an address's `ping` service: time to connect, round trips, and the path.
     Ping {
@@ -332,10 +334,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Netcheck { as_address, server, json, port_mapping } => {
+        Command::Netcheck { as_address, server, json, no_port_mapping } => {
             let opts = daemon::netcheck::Options {
                 identity: parse_as(as_address.as_deref())?,
-                port_mapping,
+                port_mapping: !no_port_mapping,
                 server: server.options(),
             };
             netcheck(&home, &opts, json).await

@@ -92,7 +92,7 @@ pub struct UdpWhoAmI {
     pub to: SocketAddr,
     /// The flags of the request.
     pub flags: crate::proto::whoami::Flags,
-    /// The address the answer must come from (`to`, or the server's second port when the
+    /// The address the answer must come from (`to`, or the server's second socket when the
     /// flags ask for the answer from there); answers from elsewhere are ignored.
     pub answer_from: SocketAddr,
     /// Requests sent, each waiting `wait` for its answer.
@@ -118,9 +118,12 @@ impl Default for UdpWhoAmI {
 pub struct UdpAnswer {
     /// The address the server saw the request come from.
     pub seen: SocketAddr,
-    /// The server's second UDP port as the reply gave it (None: not in the reply; 0: the
-    /// server has none).
+    /// The server's second UDP port as the reply gave it (None: not in the reply, as from a
+    /// server that ignored the flags; 0: the server has none).
     pub second_port: Option<u16>,
+    /// The server's second address as the reply gave it (None: not in the reply; Some(None):
+    /// the server has none of this family).
+    pub second_addr: Option<Option<SocketAddr>>,
     /// From the last request sent to the answer.
     pub rtt: Duration,
 }
@@ -146,11 +149,15 @@ impl UdpWhoAmI {
                 if from != self.answer_from {
                     continue;
                 }
-                if let Ok((got, seen, second_port)) =
-                    crate::proto::whoami::parse_reply_with(&buf[..n])
-                    && got == nonce
+                if let Ok(r) = crate::proto::whoami::Reply::parse_answer(&buf[..n], self.flags)
+                    && r.nonce == nonce
                 {
-                    return Ok(UdpAnswer { seen, second_port, rtt: sent.elapsed() });
+                    return Ok(UdpAnswer {
+                        seen: r.seen,
+                        second_port: r.second_port,
+                        second_addr: r.second_addr,
+                        rtt: sent.elapsed(),
+                    });
                 }
             }
         }

@@ -2,19 +2,22 @@
 //!
 //! ```text
 //!  TCP  connect + TLS + who-am-i ........ the control path works; its round trip
-//!  UDP  who-am-i (flag: tell me your second port) ── reachable? reflexive address
+//!  UDP  who-am-i (flags: tell me your second socket) ── reachable? reflexive address
 //!       × 6 ........................................ round trip to the relay (same socket)
-//!       who-am-i, answer from the second port ...... filtering (RFC 5780 section 4.4)
-//!       who-am-i to the second port ................ mapping (RFC 5780 section 4.3)
-//!  per address family the server has; then one verdict
+//!       who-am-i, answer from the second socket .... filtering (RFC 5780 section 4.4)
+//!       who-am-i to the second socket .............. mapping (RFC 5780 section 4.3)
+//!  per address family the server has
+//!  port mapping: one mapping asked of the router and deleted (portmap::probe)
+//!  then one verdict
 //! ```
 //!
 //! Every probe comes from one fresh UDP socket per family, which has sent nothing before:
-//! the filtering test must come before the socket ever sends to the second port, or a
-//! port-restricted NAT would let the answer in. The tests use the server's second port,
-//! not a second address, so a NAT that maps per destination *address* only (rare) looks
-//! endpoint-independent here. [`Observations::verdict`] turns the results into the verdict
-//! without I/O.
+//! the filtering test must come before the socket ever sends to the second socket, or a
+//! port-restricted NAT would let the answer in. The second socket is on a second address of
+//! the server where it has one (`second_udp_addr`), as RFC 5780 asks; otherwise on a second
+//! port of the same address, and then a NAT that maps per destination *address* only (rare)
+//! looks endpoint-independent here. [`Observations::verdict`] turns the results into the
+//! verdict without I/O.
 
 use super::DaemonError;
 use crate::address::Q2qAddress;
@@ -51,8 +54,10 @@ pub enum NetcheckError {
 pub struct Options {
     /// The identity whose home server is asked (default: the only one stored).
     pub identity: Option<Q2qAddress>,
-    /// Also ask the local router for a port mapping (and delete it): PCP, NAT-PMP and UPnP
-    /// discovery on the local network.
+    /// Also ask the local router for a port mapping of a fresh socket's port, and delete
+    /// it at once ([`crate::presence::portmap::probe`]: PCP, then NAT-PMP to the default
+    /// gateway, then UPnP IGD by SSDP on the local link; one attempt each, a few seconds at
+    /// most). `q2q-tun netcheck` does unless `--no-port-mapping`.
     pub port_mapping: bool,
     /// How to reach the server (`server` overrides the one stored with the identity).
     pub server: ConnectOptions,
@@ -128,7 +133,10 @@ pub struct Udp {
     pub reflexive: Option<SocketAddr>,
     /// The server's second who-am-i port (None: it has none, or an older server).
     pub second_port: Option<u16>,
-    /// The address the second port saw the same socket at.
+    /// The second who-am-i socket asked: on the server's second address where it has one,
+    /// else its second port on `server`'s address.
+    pub second_server: Option<SocketAddr>,
+    /// The address the second socket saw the same socket at.
     pub reflexive_second: Option<SocketAddr>,
     pub mapping: Mapping,
     pub filtering: Filtering,
@@ -140,7 +148,7 @@ pub struct Udp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum PortMapping {
-    /// Not asked (`--port-mapping` asks).
+    /// Not asked (`--no-port-mapping`).
     NotChecked,
     /// The router made a mapping (deleted again at once).
     Available { protocol: crate::presence::portmap::Protocol, external: SocketAddr },
@@ -215,10 +223,30 @@ impl Observations {
     /// The verdict: the best family decides (a peer can use whichever works); a port
     /// mapping on the router makes any NAT reachable from everywhere, where UDP works.
     pub fn verdict(&self) -> Verdict {
-        let mapped = matches!(self.port_mapping, PortMapping::Available { .. });
-        if mapped && self.udp.iter().any(|u| u.reachable) {
+        if self.mapping_decides() {
             return Verdict::DirectToMost;
         }
+        self.nat_verdict()
+    }
+
+    /// The verdict's reason: [`Verdict::why`], or the port mapping's when it decided.
+    pub fn why(&self) -> &'static str {
+        if self.mapping_decides() && self.nat_verdict() != Verdict::DirectToMost {
+            "the router maps a port on request: with `q2q-tun up --port-mapping` peers reach \
+             this machine directly whatever its NAT does"
+        } else {
+            self.verdict().why()
+        }
+    }
+
+    /// Whether a port mapping was made and UDP works.
+    fn mapping_decides(&self) -> bool {
+        matches!(self.port_mapping, PortMapping::Available { .. })
+            && self.udp.iter().any(|u| u.reachable)
+    }
+
+    /// The verdict from the NAT's behaviour alone (the best family decides).
+    fn nat_verdict(&self) -> Verdict {
         let of = |u: &Udp| match (u.reachable, u.mapping) {
             (false, _) => Verdict::RelayOnly,
             (true, Mapping::EndpointIndependent) => Verdict::DirectToMost,
@@ -281,8 +309,8 @@ pub async fn check(home: &Home, opts: &Options) -> Result<Report, NetcheckError>
     let port_mapping =
         if opts.port_mapping { port_mapping().await? } else { PortMapping::NotChecked };
     let observed = Observations { tcp, udp, port_mapping };
-    let verdict = observed.verdict();
-    Ok(Report { address: me.to_string(), observed, verdict, why: verdict.why() })
+    let (verdict, why) = (observed.verdict(), observed.why());
+    Ok(Report { address: me.to_string(), observed, verdict, why })
 }
 
 /// Ask the router for a mapping of a fresh socket's port, and delete it.
@@ -305,12 +333,14 @@ async fn check_udp(server: SocketAddr) -> Result<Udp, NetcheckError> {
         reachable: false,
         reflexive: None,
         second_port: None,
+        second_server: None,
         reflexive_second: None,
         mapping: Mapping::Unknown,
         filtering: Filtering::Unknown,
         relay_rtt: None,
     };
-    let ask_second = UdpWhoAmI { flags: Flags { second_port: true, ..Flags::default() }, ..plain };
+    let flags = Flags { second_port: true, second_addr: true, ..Flags::default() };
+    let ask_second = UdpWhoAmI { flags, ..plain };
     let first = match ask_second.send(&socket).await {
         Ok(a) => a,
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(out),
@@ -319,6 +349,10 @@ async fn check_udp(server: SocketAddr) -> Result<Udp, NetcheckError> {
     out.reachable = true;
     out.reflexive = Some(first.seen);
     out.second_port = first.second_port.filter(|p| *p != 0);
+    out.second_server = match first.second_addr {
+        Some(Some(a)) if a.is_ipv4() == server.is_ipv4() && a.port() != 0 => Some(a),
+        _ => out.second_port.map(|p| SocketAddr::new(server.ip(), p)),
+    };
 
     let mut rtts = vec![first.rtt];
     let once = UdpWhoAmI { tries: 1, ..plain };
@@ -329,8 +363,7 @@ async fn check_udp(server: SocketAddr) -> Result<Udp, NetcheckError> {
     }
     out.relay_rtt = Rtt::of(rtts);
 
-    let Some(port) = out.second_port else { return Ok(out) };
-    let second = SocketAddr::new(server.ip(), port);
+    let Some(second) = out.second_server else { return Ok(out) };
     let from_second = UdpWhoAmI {
         flags: Flags { reply_from_second: true, ..Flags::default() },
         answer_from: second,
@@ -365,7 +398,7 @@ impl fmt::Display for Mapping {
             Mapping::EndpointDependent => {
                 "endpoint-dependent (a new port per destination: symmetric)"
             }
-            Mapping::Unknown => "unknown (the server has no second port)",
+            Mapping::Unknown => "unknown (the server has no second socket)",
         })
     }
 }
@@ -377,7 +410,7 @@ impl fmt::Display for Filtering {
             Filtering::EndpointDependent => {
                 "endpoint-dependent (only where this socket sent to may answer)"
             }
-            Filtering::Unknown => "unknown (the server has no second port)",
+            Filtering::Unknown => "unknown (the server has no second socket)",
         })
     }
 }
@@ -400,6 +433,10 @@ impl fmt::Display for Report {
             };
             writeln!(f, "UDP ({family}):   seen as {seen}")?;
             writeln!(f, "  mapping:    {}", u.mapping)?;
+            if let Some(second) = u.second_server {
+                let what = if second.ip() == u.server.ip() { "port" } else { "address" };
+                writeln!(f, "              (compared with the server's second {what}, {second})")?;
+            }
             writeln!(f, "  filtering:  {}", u.filtering)?;
             if let Some(r) = u.relay_rtt {
                 writeln!(
@@ -411,7 +448,7 @@ impl fmt::Display for Report {
         }
         match port_mapping {
             PortMapping::NotChecked => {
-                writeln!(f, "port mapping: not checked (--port-mapping asks the router)")?
+                writeln!(f, "port mapping: not checked (--no-port-mapping)")?
             }
             PortMapping::Available { protocol, external } => {
                 writeln!(f, "port mapping: available ({protocol}), e.g. {external}")?
@@ -432,6 +469,7 @@ mod tests {
             reachable,
             reflexive: reachable.then(|| "198.51.100.2:4000".parse().unwrap()),
             second_port: Some(8789),
+            second_server: Some("203.0.113.1:8789".parse().unwrap()),
             reflexive_second: None,
             mapping,
             filtering: Filtering::EndpointDependent,
@@ -476,6 +514,10 @@ mod tests {
             external: "198.51.100.2:4000".parse().unwrap(),
         };
         assert_eq!(mapped.verdict(), Verdict::DirectToMost, "a port mapping beats a symmetric NAT");
+        assert!(mapped.why().contains("--port-mapping"), "{}", mapped.why());
+        mapped.udp[0].mapping = EndpointIndependent;
+        assert_eq!(mapped.why(), Verdict::DirectToMost.why(), "the NAT alone decides there");
+        mapped.udp[0].mapping = EndpointDependent;
         mapped.udp[0].reachable = false;
         assert_eq!(mapped.verdict(), Verdict::RelayOnly, "but not blocked UDP");
     }
@@ -502,6 +544,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("UDP (IPv4):   seen as 198.51.100.2:4000"), "{text}");
+        assert!(text.contains("second address, 203.0.113.1:8789"), "{text}");
+        assert_eq!(j["udp"][0]["second_server"], "203.0.113.1:8789");
         let blocked = observed(vec![udp(false, Mapping::Unknown)]);
         let r = Report {
             address: "a@b.c".into(),

@@ -85,7 +85,9 @@ pub async fn run(
             },
         }
     };
-    let _ = std::fs::remove_file(&path);
+    // No new control connections; the socket file goes last, since `q2q-tun down` waits
+    // for it: when down returns, the router's port mapping and the TUN are gone too.
+    drop(listener);
     // Peers in session hear we are going: their streams end now, not after a long silence.
     node.leave().await;
     if let Some(t) = tun {
@@ -95,6 +97,7 @@ pub async fn run(
             Err(t) => t.restore_now().await,
         }
     }
+    let _ = std::fs::remove_file(&path);
     info!("q2q-tun is down");
     result
 }

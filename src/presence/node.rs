@@ -327,6 +327,10 @@ pub(crate) struct Reflexive {
     pub(crate) proof: Option<[u8; crate::proto::whoami::PROOF_LEN]>,
 }
 
+/// What the node's who-am-i asks: the proof of the address seen (for `also-seen`).
+const REFLEXIVE_FLAGS: crate::proto::whoami::Flags =
+    crate::proto::whoami::Flags { proof: true, ..crate::proto::whoami::Flags::NONE };
+
 /// Who-am-i requests waiting at most (more are not asked until some are answered).
 const WHOAMI_PENDING: usize = 64;
 

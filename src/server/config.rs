@@ -161,6 +161,11 @@ pub struct ServerConfig {
     /// `listen`'s (any free port when that is 0); 0, none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub second_udp_port: Option<u16>,
+    /// A second address of this host (and port) for that socket instead: with it
+    /// `netcheck` compares two server addresses, as RFC 5780 does, and also sees a NAT that
+    /// maps per destination address. Wins over `second_udp_port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_udp_addr: Option<SocketAddr>,
     pub registration: Registration,
     /// Lifetime of the certificates issued to users; default 30 days.
     pub cert_lifetime: Option<Lifetime>,
@@ -203,6 +208,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, crate::proto::DEFAULT_PORT)),
             second_udp_port: None,
+            second_udp_addr: None,
             registration: Registration::Open,
             cert_lifetime: None,
             cert_lifetime_days: None,
@@ -283,9 +289,13 @@ impl ServerConfig {
         }
     }
 
-    /// Where the second who-am-i socket binds, or None when it is turned off: the port
-    /// after `listen`'s unless `second_udp_port` says otherwise (port 0: any free port).
+    /// Where the second who-am-i socket binds, or None when it is turned off:
+    /// `second_udp_addr` if set, else the port after `listen`'s unless `second_udp_port`
+    /// says otherwise (port 0: any free port).
     pub fn second_udp(&self) -> Option<SocketAddr> {
+        if let Some(a) = self.second_udp_addr {
+            return Some(a);
+        }
         let port = match self.second_udp_port {
             Some(0) => return None,
             Some(p) => p,
@@ -350,6 +360,11 @@ listen = "{listen}"
 # with a second port instead of a second address). Open it in the firewall as you do
 # `listen`. 0 turns it off. Default: the port after listen's (8789).
 {second}
+# Better, where this host has a second public address: that socket on it instead (an
+# address and port, like "203.0.113.1:8789"); then netcheck compares two server addresses,
+# as RFC 5780 does, and also sees a NAT that gives each destination address a new port.
+# Wins over second_udp_port. Default: none.
+{second_addr}
 
 # Who may register an address: "open" (anyone), "closed" (only `q2q-server user add`), or
 # "invite" (whoever holds a code from `q2q-server invite create`). Default "open".
@@ -460,6 +475,10 @@ overall_every_secs = {goe}
                     self.listen.port().checked_add(1).unwrap_or(0)
                 ),
             },
+            second_addr = match self.second_udp_addr {
+                Some(a) => format!("second_udp_addr = \"{a}\""),
+                None => "# second_udp_addr = \"203.0.113.1:8789\"".to_string(),
+            },
             lifetime = Lifetime(self.cert_lifetime()),
             minpw = self.min_password_len,
             maxconn = self.max_connections,
@@ -536,6 +555,19 @@ mod tests {
             Some("127.0.0.1:4000".parse().unwrap())
         );
         assert_eq!(c("listen = \"127.0.0.1:65535\""), None, "no port after the last");
+        assert_eq!(
+            c("second_udp_port = 0\nsecond_udp_addr = \"203.0.113.1:8789\""),
+            Some("203.0.113.1:8789".parse().unwrap()),
+            "a second address wins"
+        );
+        let with = ServerConfig {
+            second_udp_addr: Some("203.0.113.1:8789".parse().unwrap()),
+            ..Default::default()
+        };
+        let read = toml::from_str::<ServerConfig>(&with.documented()).unwrap();
+        assert_eq!(read.second_udp_addr, with.second_udp_addr);
+        let read = toml::from_str::<ServerConfig>(&ServerConfig::default().documented()).unwrap();
+        assert_eq!(read.second_udp_addr, None, "written commented out");
     }
 
     #[test]

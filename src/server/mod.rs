@@ -16,7 +16,8 @@
 //!  * one task owns the state as a sans-IO value; handlers ask it through a bounded channel
 //!  HTTP (optional) ── /metrics (Prometheus)
 //!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
-//!  UDP :8789 ── who-am-i only (the second port, for `q2q-tun netcheck`'s NAT tests)
+//!  UDP :8789 ── who-am-i only (the second port, or `second_udp_addr`, for `q2q-tun
+//!               netcheck`'s NAT tests)
 //! ```
 
 pub mod admin;
@@ -273,7 +274,7 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         tasks.spawn(cluster::run(state.clone(), t, stopped.clone()));
     }
     if let Some(udp2) = state.udp2.clone() {
-        tasks.spawn(second_udp_loop(udp2, stopped.clone()));
+        tasks.spawn(second_udp_loop(state.clone(), udp2, stopped.clone()));
     }
     tasks.spawn(udp_loop(state.clone(), stopped));
     let state = state.clone();
@@ -287,7 +288,9 @@ async fn bind_second(config: &ServerConfig) -> Result<Option<UdpSocket>, ServerE
     let Some(addr) = config.second_udp() else { return Ok(None) };
     match crate::dualstack::bind_udp(addr).and_then(UdpSocket::from_std) {
         Ok(u) => Ok(Some(u)),
-        Err(source) if config.second_udp_port.is_some() => Err(ServerError::Bind { addr, source }),
+        Err(source) if config.second_udp_port.is_some() || config.second_udp_addr.is_some() => {
+            Err(ServerError::Bind { addr, source })
+        }
         Err(e) => {
             warn!(%addr, error = %e, "no second UDP port for netcheck (set second_udp_port)");
             Ok(None)
@@ -327,9 +330,13 @@ async fn next_datagram(
 }
 
 /// Answer who-am-i on the second port, and nothing else.
-async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>) {
+async fn second_udp_loop(
+    state: Arc<State>,
+    udp: Arc<UdpSocket>,
+    mut stopped: watch::Receiver<bool>,
+) {
     use q2q_netstack::wire::{Kind, Prefix};
-    let own_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let own = udp.local_addr().ok();
     let mut buf = vec![0u8; 2048];
     loop {
         let Some((n, from)) = next_datagram(&udp, &mut buf, &mut stopped, "second").await else {
@@ -339,8 +346,7 @@ async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>
         if let Ok(Kind::WhoAmIRequest) = Prefix::parse(d).map(|p| p.kind)
             && let Ok((nonce, flags)) = crate::proto::whoami::parse_request_with(d)
         {
-            let second = flags.second_port.then_some(own_port);
-            let reply = crate::proto::whoami::reply_with(nonce, from, second);
+            let reply = whoami_reply(&state, nonce, flags, from, own);
             let _ = send_udp(&udp, &reply, from).await;
         }
     }
@@ -349,6 +355,28 @@ async fn second_udp_loop(udp: Arc<UdpSocket>, mut stopped: watch::Receiver<bool>
 /// Seconds since the Unix epoch (the epoch of who-am-i proofs).
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The who-am-i reply to `from`, with the fields `flags` ask for (already cut to what the
+/// request's length allows: [`crate::proto::whoami::parse_request_with`]): the second
+/// socket (bound at `second`, if any; its address only when it has one of the asker's
+/// family, not a wildcard) and the proof of `from`'s IP.
+fn whoami_reply(
+    state: &State,
+    nonce: [u8; 8],
+    flags: crate::proto::whoami::Flags,
+    from: SocketAddr,
+    second: Option<SocketAddr>,
+) -> Vec<u8> {
+    let addr = second.filter(|a| !a.ip().is_unspecified() && a.is_ipv4() == from.is_ipv4());
+    crate::proto::whoami::Reply {
+        nonce,
+        seen: from,
+        second_port: flags.second_port.then(|| second.map_or(0, |a| a.port())),
+        second_addr: flags.second_addr.then_some(addr),
+        proof: flags.proof.then(|| state.proof_key.proof(from.ip(), unix_now())),
+    }
+    .encode()
 }
 
 /// The control listener and the UDP socket on `listen`; `[::]` serves both families with
@@ -441,17 +469,9 @@ async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
             Ok(Kind::WhoAmIRequest) => match crate::proto::whoami::parse_request_with(d) {
                 Ok((nonce, flags)) => {
                     let udp2 = state.udp2.as_ref();
-                    let second = udp2.and_then(|u| u.local_addr().ok()).map_or(0, |a| a.port());
-                    let second = flags.second_port.then_some(second);
-                    // A proof only for a request at least as long as the reply with it.
-                    let reply = if flags.proof && d.len() >= crate::proto::whoami::PROOF_REQUEST_LEN
-                    {
-                        let proof = state.proof_key.proof(from.ip(), unix_now());
-                        crate::proto::whoami::reply_proof(nonce, from, second, proof)
-                    } else {
-                        crate::proto::whoami::reply_with(nonce, from, second)
-                    };
-                    // Answering from the other port tests the asker's NAT filtering (RFC
+                    let second = udp2.and_then(|u| u.local_addr().ok());
+                    let reply = whoami_reply(&state, nonce, flags, from, second);
+                    // Answering from the other socket tests the asker's NAT filtering (RFC
                     // 5780 section 4.4); the reply is no bigger than the request.
                     let out = match udp2 {
                         Some(u) if flags.reply_from_second => u,

@@ -150,7 +150,7 @@ impl Node {
         let nonce: [u8; 8] = rand::random();
         let (tx, rx) = oneshot::channel();
         self.inner.whoami.send(WhoAmI::Wait(nonce, tx)).await.ok()?;
-        let request = crate::proto::whoami::request_proof(nonce).to_vec();
+        let request = crate::proto::whoami::request_with(nonce, REFLEXIVE_FLAGS);
         let mut rx = rx;
         for _ in 0..3 {
             self.inner.endpoint.send_datagram(server, request.clone()).await.ok()?;
@@ -321,7 +321,8 @@ impl Node {
                     let Some(d) = d else { return };
                     match d.kind {
                         Kind::WhoAmIReply => {
-                            if let Ok(r) = proto::whoami::parse_reply_full(&d.data)
+                            if let Ok(r) =
+                                proto::whoami::Reply::parse_answer(&d.data, REFLEXIVE_FLAGS)
                                 && let Some(tx) = pending.remove(&r.nonce)
                             {
                                 let _ = tx.send(Reflexive { addr: r.seen, proof: r.proof });
