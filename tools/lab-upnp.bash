@@ -3,8 +3,11 @@
 # `tools/netlab up` with NETLAB_PREFIX exported:
 #
 #   source tools/lab-upnp.bash
-#   upnp_start ROUTER WORKDIR [yes|no]   start it on ROUTER (nat-a|nat-b), NAT-PMP/PCP on or
-#                                        off (UPnP IGD is always on); 0 when it maps ports
+#   upnp_start ROUTER WORKDIR [yes|no] [MAX_LIFETIME]
+#                                        start it on ROUTER (nat-a|nat-b), NAT-PMP/PCP on or
+#                                        off (UPnP IGD is always on), PCP lifetimes cut to
+#                                        MAX_LIFETIME seconds (default 86400); 0 when it maps
+#   upnp_lease EXTPORT                   when its lease of EXTPORT (UDP) ends, Unix seconds
 #   upnp_rules                           its DNAT rules now: "EXTPORT IP:PORT" per line
 #   upnp_stop                            stop it (`netlab down` ends it too)
 #
@@ -30,8 +33,14 @@ upnp_rules() {
     sed -nE 's/.*dport ([0-9]+) dnat ip to ([0-9.:]+).*/\1 \2/p'
 }
 
-upnp_start() { # ROUTER WORKDIR [yes|no]
-  local router=$1 natpmp=${3:-yes} ns lan stun_pid tag="lab-upnp: STUN answers to miniupnpd" handle
+# The end of the lease of UDP EXTPORT, from miniupnpd's lease file
+# ("UDP:EXTPORT:IADDR:IPORT:EXPIRY:DESCRIPTION" per line).
+upnp_lease() {
+  awk -F: -v p="$1" '$1 == "UDP" && $2 == p {print $5}' "$UPNP_DIR/miniupnpd.leases" 2>/dev/null | tail -n1
+}
+
+upnp_start() { # ROUTER WORKDIR [yes|no] [MAX_LIFETIME]
+  local router=$1 natpmp=${3:-yes} max_lifetime=${4:-86400} min_lifetime=120 ns lan stun_pid tag="lab-upnp: STUN answers to miniupnpd" handle
   UPNP_ROUTER=$router UPNP_DIR=$2
   lan=$(upnp_lan "$router")
   [[ -n $lan ]] || { echo "upnp_start: no such router '$router'" >&2; return 1; }
@@ -67,8 +76,8 @@ ipv6_disable=yes
 secure_mode=yes
 system_uptime=no
 lease_file=$UPNP_DIR/miniupnpd.leases
-min_lifetime=120
-max_lifetime=86400
+min_lifetime=$((max_lifetime <= min_lifetime ? max_lifetime / 2 : min_lifetime))
+max_lifetime=$max_lifetime
 uuid=6f0a5e1c-3b5a-4d39-9d4c-7a2e51d0c0de
 allow 1024-65535 $lan 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
