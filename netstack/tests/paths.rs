@@ -778,15 +778,21 @@ fn the_peer_moving_to_the_relay_is_followed() {
 }
 
 /// Two machines wired back to back (no NAT): everything one sends to the other's
-/// addresses arrives, from the family's address of the sender, unless that family is cut.
-/// Returns the transmits each handed out, by destination family.
+/// addresses arrives, from the family's address of the sender, unless that family is cut,
+/// after the family's one-way delay (`delay_ms`: IPv4, IPv6; 1 ms unless set), give or take
+/// up to `jitter_ms` (drawn from a seeded generator). Counts the transmits each handed out,
+/// by destination family.
 struct DualStack {
     paths: [Paths; 2],
     v4: [SocketAddr; 2],
     v6: [SocketAddr; 2],
     v6_works: bool,
+    delay_ms: [i64; 2],
+    jitter_ms: [i64; 2],
+    air: Vec<(i64, usize, SocketAddr, [u8; probe::LEN])>,
+    rng: Rng,
     sent: [(u64, u64); 2],
-    switches: [Vec<Path>; 2],
+    switches: [Vec<(i64, Path)>; 2],
 }
 
 impl DualStack {
@@ -814,15 +820,41 @@ impl DualStack {
                 },
             )
         });
-        DualStack { paths, v4, v6, v6_works, sent: [(0, 0); 2], switches: [vec![], vec![]] }
+        DualStack {
+            paths,
+            v4,
+            v6,
+            v6_works,
+            delay_ms: [1, 1],
+            jitter_ms: [0, 0],
+            air: Vec::new(),
+            rng: Rng::new(7),
+            sent: [(0, 0); 2],
+            switches: [vec![], vec![]],
+        }
     }
 
-    /// Run `ms` milliseconds in 1 ms steps; datagrams arrive in the next step.
+    /// When a datagram of this family launched at `t` arrives.
+    fn arrival(&mut self, t: i64, v6: bool) -> i64 {
+        let f = usize::from(v6);
+        let j = self.jitter_ms[f];
+        let jitter = (self.rng.next_u64() % (2 * j as u64 + 1)) as i64 - j;
+        t + (self.delay_ms[f] + jitter).max(1)
+    }
+
+    /// The paths of side `i`, in the order taken.
+    fn paths_taken(&self, i: usize) -> Vec<Path> {
+        self.switches[i].iter().map(|(_, p)| *p).collect()
+    }
+
+    /// Run `ms` milliseconds in 1 ms steps; datagrams arrive after their family's delay.
     fn run(&mut self, from_ms: i64, ms: i64) {
-        let mut air: Vec<(usize, SocketAddr, [u8; probe::LEN])> = Vec::new();
         for t in from_ms..from_ms + ms {
             let now = Instant::from_millis(t);
-            for (to_side, from, data) in std::mem::take(&mut air) {
+            let (due, later) = std::mem::take(&mut self.air).into_iter().partition(|a| a.0 <= t);
+            self.air = later;
+            let due: Vec<_> = due;
+            for (_, to_side, from, data) in due {
                 self.paths[to_side].handle_probe(now, Socket::Main, from, &data);
             }
             // Session data every 50 ms along each side's path (liveness for the other).
@@ -844,20 +876,22 @@ impl DualStack {
                 while let Some(ev) = p.poll_event() {
                     if let PathEvent::Switched { path, lost } = ev {
                         assert!(!lost, "no path died here");
-                        self.switches[i].push(path);
+                        self.switches[i].push((t, path));
                     }
                 }
-                while let Some(tx) = p.poll_transmit(now) {
+                while let Some(tx) = self.paths[i].poll_transmit(now) {
                     let Payload::Probe(data) = tx.payload else { continue };
                     let j = 1 - i;
                     if tx.to == self.v6[j] {
                         self.sent[i].1 += 1;
                         if self.v6_works {
-                            air.push((j, self.v6[i], data));
+                            let at = self.arrival(t, true);
+                            self.air.push((at, j, self.v6[i], data));
                         }
                     } else if tx.to == self.v4[j] {
                         self.sent[i].0 += 1;
-                        air.push((j, self.v4[i], data));
+                        let at = self.arrival(t, false);
+                        self.air.push((at, j, self.v4[i], data));
                     } else {
                         panic!("a probe to {} that is no candidate", tx.to);
                     }
@@ -919,4 +953,102 @@ fn ipv6_search_while_direct_ends_with_the_search() {
     let at = w.sent;
     w.run(20000, 10000);
     assert_eq!([w.sent[0].1, w.sent[1].1], [at[0].1, at[1].1], "no IPv6 probe after the search");
+}
+
+#[test]
+fn ipv4_wins_when_clearly_faster() {
+    // IPv4 10 ms there and back, IPv6 80 ms: IPv4 is under IPv6 by more than max(10 ms,
+    // 25%), so both sides stay on IPv4 (one switch each: relay to direct IPv4), and the
+    // IPv6 search spends no more probes than when IPv6 wins.
+    let mut w = DualStack::new(true);
+    w.delay_ms = [5, 40];
+    w.run(0, 8000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(w.paths_taken(i), [Path::Direct { to: w.v4[j], socket: Socket::Main }]);
+        assert!(w.paths[i].why().contains("clearly below IPv6's"), "{}", w.paths[i].why());
+        // The search's 50 rounds over IPv6, and a reply to each of the peer's: what the
+        // search costs when IPv6 never answers, plus the replies.
+        let (_, v6) = w.sent[i];
+        assert!((50..=102).contains(&v6), "IPv6 probes: {v6}");
+    }
+    println!("IPv4 clearly faster: {}; probes (v4, v6) {:?}", w.paths[0].why(), w.sent);
+}
+
+#[test]
+fn ipv6_wins_when_ipv4_is_only_a_little_faster() {
+    // IPv4 40 ms there and back, IPv6 50 ms: under by 10 ms, not by more than 25% of 50 ms
+    // (12.5 ms): IPv6, the preferred family, wins.
+    let mut w = DualStack::new(true);
+    w.delay_ms = [20, 25];
+    w.run(0, 8000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(w.paths[i].current(), Path::Direct { to: w.v6[j], socket: Socket::Main });
+        assert!(w.paths_taken(i).len() <= 2, "{:?}", w.switches[i]);
+    }
+    println!("IPv4 a little faster: {:?}", w.switches);
+}
+
+#[test]
+fn ipv4_kept_for_its_speed_yields_only_past_the_hysteresis_band() {
+    // IPv4 20 ms there and back, IPv6 60 ms: IPv4 kept. Then IPv6 improves to 28 ms: not
+    // clearly slower any more (20 + 10 >= 28), but still within the band (20 + 5 < 28):
+    // IPv4 stays. Then IPv6 falls to 12 ms: past the band, and after the hold, both move
+    // to IPv6, once.
+    let mut w = DualStack::new(true);
+    w.delay_ms = [10, 30];
+    w.run(0, 1000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(w.paths_taken(i), [Path::Direct { to: w.v4[j], socket: Socket::Main }]);
+    }
+    w.delay_ms = [10, 14];
+    w.run(1000, 2500);
+    for i in 0..2 {
+        assert_eq!(w.paths_taken(i).len(), 1, "inside the band: {:?}", w.switches[i]);
+        assert!(w.paths[i].why().contains("clearly below"), "{}", w.paths[i].why());
+    }
+    w.delay_ms = [10, 6];
+    w.run(3500, 2000);
+    for i in 0..2 {
+        let j = 1 - i;
+        assert_eq!(
+            w.paths_taken(i),
+            [
+                Path::Direct { to: w.v4[j], socket: Socket::Main },
+                Path::Direct { to: w.v6[j], socket: Socket::Main }
+            ]
+        );
+        assert!(w.paths[i].why().contains("no longer clearly above"), "{}", w.paths[i].why());
+    }
+    println!("IPv4 kept, then IPv6 past the band: {:?}", w.switches);
+}
+
+#[test]
+fn round_trips_wobbling_around_the_threshold_do_not_flap() {
+    // IPv4 20 ms there and back, IPv6 60 ms: IPv4 kept. Then IPv6 wobbles between 24 and
+    // 36 ms, around the 30 ms where IPv4 stops being clearly faster (20 + max(10, 25%)),
+    // but above the band's 25 ms: through the rest of the search, and a second search
+    // after a network change, neither side moves.
+    let mut w = DualStack::new(true);
+    w.delay_ms = [10, 30];
+    w.run(0, 500);
+    w.delay_ms = [10, 15];
+    w.jitter_ms = [0, 3];
+    w.run(500, 7500);
+    for i in 0..2 {
+        let j = 1 - i;
+        let candidates = vec![w.v4[j], w.v6[j]];
+        w.paths[i].update_candidates(Instant::from_millis(8000), candidates);
+    }
+    let before = w.sent;
+    w.run(8000, 8000);
+    for (i, before) in before.iter().enumerate() {
+        let j = 1 - i;
+        assert_eq!(w.paths_taken(i), [Path::Direct { to: w.v4[j], socket: Socket::Main }]);
+        assert!(w.paths[i].why().contains("clearly below"), "{}", w.paths[i].why());
+        assert!(w.sent[i].1 >= before.1 + 50, "the second search probed IPv6: {:?}", w.sent);
+    }
+    println!("wobbling round trips: {:?}; probes (v4, v6) {:?}", w.switches, w.sent);
 }

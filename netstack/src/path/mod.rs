@@ -24,8 +24,29 @@
 //! both work (RFC 8305 §4, RFC 6724: no NAT state to keep alive on most IPv6 paths, and it
 //! is the one family that works where IPv4 is symmetric↔symmetric): while direct over
 //! IPv4, the rest of the search keeps probing the IPv6 candidates only, and a verified
-//! probe or reply from an IPv6 address moves the path there ("upgrade"). The probes come
-//! out of the same budget as every other.
+//! reply from an IPv6 address moves the path there ("upgrade"). The probes come out of the
+//! same budget as every other: no probe is sent only to measure.
+//!
+//! Unless IPv4 is clearly faster. Every reply to one of our probes is a round-trip sample
+//! of the path it came back on, smoothed per family as in RFC 6298 (`srtt = 7/8 srtt + 1/8
+//! sample`; the first sample sets it). When a reply validates the other family's path
+//! while direct, the two are compared:
+//!
+//! ```text
+//!   margin = max(Config::v4_faster_by, Config::v4_faster_by_percent of IPv6's srtt)
+//!   to IPv4 (or keep IPv4 instead of upgrading)   when srtt4 + margin   < srtt6
+//!   back to IPv6 from an IPv4 kept for its speed  when srtt4 + margin/2 >= srtt6
+//! ```
+//!
+//! The half margin is the hysteresis band, and a family chosen for its round trip is kept
+//! at least [`Config::family_hold`] whatever the samples say: samples that wobble around
+//! the threshold do not move the path back and forth. A path whose round trip is unknown
+//! (it was found by the peer's probe, not a reply to ours) loses to nothing: IPv6 stays
+//! preferred. While direct over IPv4 and still searching over IPv6, a probe from the peer
+//! over IPv6 is only answered (its reply to our own probes brings the measurement); after
+//! that search, it upgrades at once as before. The samples come from the search rounds and
+//! the watch's probes, so a choice is made again only by a later search (a network change,
+//! a fall back).
 //!
 //! ## Polling contract
 //! The driver owns one [`Paths`] per session (beside its [`crate::Session`]):
@@ -109,6 +130,14 @@ pub struct Config {
     pub probe_burst: u32,
     /// Probes a second the budget grows back by (8).
     pub probe_refill: u32,
+    /// IPv4 wins over IPv6 only when its smoothed round trip is lower by more than this
+    /// (10 ms) ...
+    pub v4_faster_by: Duration,
+    /// ... and by more than this share of IPv6's, in percent (25). See "Both families".
+    pub v4_faster_by_percent: u32,
+    /// A family chosen for its round trip is kept at least this long (2 s, within a
+    /// search's 5 s, so that the rest of the search may still take it back).
+    pub family_hold: Duration,
 }
 
 impl Default for Config {
@@ -132,6 +161,9 @@ impl Default for Config {
             direct_grace: Duration::from_secs(3),
             probe_burst: 16384,
             probe_refill: 8,
+            v4_faster_by: Duration::from_millis(10),
+            v4_faster_by_percent: 25,
+            family_hold: Duration::from_secs(2),
         }
     }
 }
@@ -360,7 +392,39 @@ struct Direct {
     /// Direct over IPv4 while IPv6 candidates remain: the search goes on over IPv6 only,
     /// round `.0` of it due at `.1` (see "Both families" in the module docs).
     upgrade: Option<(u32, Instant)>,
+    /// Over IPv4 because it measured clearly faster than IPv6: IPv6 wins back only past
+    /// the hysteresis band.
+    faster_v4: bool,
 }
+
+/// The smoothed round trip of a verified direct path (RFC 6298's SRTT, without RTTVAR).
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    to: SocketAddr,
+    socket: Socket,
+    srtt: Duration,
+    /// When its latest sample came.
+    at: Instant,
+}
+
+/// What a verified probe or reply does to the path ([`Paths::handle_probe`]).
+enum Act {
+    /// Relayed: go direct to where it came from.
+    Find(&'static str),
+    /// The peer's NAT moved the direct path away from this address.
+    Rebind(SocketAddr),
+    /// To the other family's path: where, why, and whether chosen for its round trip.
+    Family(SocketAddr, String, bool),
+    /// Stay, for this reason (IPv4 kept for its round trip).
+    Why(String),
+    Nothing,
+}
+
+/// Our probes whose replies are still timed: the last this many.
+const TIMED_PROBES: usize = 64;
+
+/// Direct paths whose round trip is kept: the latest this many.
+const MEASURED_PATHS: usize = 16;
 
 #[derive(Debug)]
 enum State {
@@ -402,6 +466,13 @@ pub struct Paths {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PathEvent>,
     stats: PathStats,
+    /// Our latest probes and when they left (replies to them are round-trip samples; at
+    /// most [`TIMED_PROBES`]).
+    sent: VecDeque<(u64, Instant)>,
+    /// The latest measured direct paths (at most [`MEASURED_PATHS`]).
+    measured: Vec<Measured>,
+    /// When the path last moved (or stayed) for its round trip: [`Config::family_hold`].
+    rtt_chosen: Option<Instant>,
     /// The next search round is the first after a fall back: it lasts three times as long,
     /// so that both sides' rounds overlap even when one side noticed the loss seconds after
     /// the other (a port-restricted NAT only lets the peer's probes in while we probe too).
@@ -453,6 +524,9 @@ impl Paths {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: PathStats::default(),
+            sent: VecDeque::new(),
+            measured: Vec::new(),
+            rtt_chosen: None,
             after_loss: false,
             config,
         }
@@ -508,13 +582,9 @@ impl Paths {
             let data = self.key.encode(true, self.session, p.nonce, self.role);
             self.push(Transmit { socket, to: from, payload: Payload::Probe(data) });
         }
-        enum Act {
-            Find(&'static str),
-            Rebind(SocketAddr),
-            Upgrade(SocketAddr),
-            Nothing,
-        }
-        let act = match &mut self.state {
+        // A reply to one of our probes: a round-trip sample of the path it came back on.
+        let sample = p.reply && self.sample(now, p.nonce, from, socket);
+        let act = match &self.state {
             State::Relayed { .. } => match socket {
                 Socket::Birthday(_) => Act::Find("hole punched (birthday probing)"),
                 Socket::Main if matches!(self.birthday, Some(BirthdayRun::Spray { .. })) => {
@@ -522,20 +592,40 @@ impl Paths {
                 }
                 Socket::Main => Act::Find("hole punched"),
             },
-            // IPv6 answers while we are direct over IPv4: the preferred family works.
-            State::Direct(d) if d.to.is_ipv4() && from.is_ipv6() && socket == Socket::Main => {
-                Act::Upgrade(d.to)
+            // The other family answers while the path is silent and unanswered: move there
+            // whatever it measures (the old path's in-flight data is resent).
+            State::Direct(d)
+                if d.to.is_ipv4() != from.is_ipv4()
+                    && socket == Socket::Main
+                    && d.suspicion.as_ref().is_some_and(|s| s.answered.is_none()) =>
+            {
+                let family = if from.is_ipv6() { "IPv6" } else { "IPv4" };
+                let why = format!("hole punched over {family} while {} is silent", d.to);
+                Act::Family(from, why, false)
             }
-            State::Direct(d) if d.to == from && d.socket == socket => {
-                if let Some(s) = &mut d.suspicion
-                    && p.reply
-                    && s.answered.is_none()
-                {
-                    // Answers the watch's probes: the path works both ways.
-                    s.answered = Some(now);
+            // The peer's probe over IPv6 while we are direct over IPv4: the preferred family
+            // works, unless our own search is still measuring it, or IPv4 was chosen as
+            // faster ("Both families").
+            State::Direct(d)
+                if d.to.is_ipv4() && from.is_ipv6() && socket == Socket::Main && !sample =>
+            {
+                if d.upgrade.is_some() || d.faster_v4 {
+                    Act::Nothing
+                } else {
+                    let why =
+                        format!("hole punched over IPv6 (preferred to the IPv4 path {})", d.to);
+                    Act::Family(from, why, false)
                 }
-                Act::Nothing
             }
+            // A round trip of this path or of the other family's: compare them.
+            State::Direct(d)
+                if sample
+                    && ((d.to == from && d.socket == socket)
+                        || (d.to.is_ipv4() != from.is_ipv4() && socket == Socket::Main)) =>
+            {
+                self.compare_families(now, d)
+            }
+            State::Direct(d) if d.to == from && d.socket == socket => Act::Nothing,
             // From another address while the path is silent and unanswered: the peer's
             // NAT moved it (rebinding).
             State::Direct(d) if d.suspicion.as_ref().is_some_and(|s| s.answered.is_none()) => {
@@ -543,18 +633,44 @@ impl Paths {
             }
             State::Direct(_) => Act::Nothing,
         };
+        if let State::Direct(d) = &mut self.state
+            && d.to == from
+            && d.socket == socket
+            && let Some(s) = &mut d.suspicion
+            && p.reply
+            && s.answered.is_none()
+        {
+            // Answers the watch's probes: the path works both ways.
+            s.answered = Some(now);
+        }
         match act {
             Act::Find(how) => self.go_direct(now, from, socket, how.to_string(), false),
             Act::Rebind(old) => {
                 let why = format!("NAT rebinding: the peer moved from {old} to {from}");
                 self.go_direct(now, from, socket, why, true);
             }
-            Act::Upgrade(old) => {
-                // What was in flight on a silent, unanswered IPv4 path is resent.
+            Act::Family(to, why, for_rtt) => {
+                // What was in flight on a silent, unanswered path is resent.
                 let lost = matches!(&self.state, State::Direct(d)
                     if d.suspicion.as_ref().is_some_and(|s| s.answered.is_none()));
-                let why = format!("hole punched over IPv6 (preferred to the IPv4 path {old})");
-                self.go_direct(now, from, socket, why, lost);
+                self.go_direct(now, to, Socket::Main, why, lost);
+                if for_rtt {
+                    self.rtt_chosen = Some(now);
+                    if let State::Direct(d) = &mut self.state {
+                        d.faster_v4 = to.is_ipv4();
+                    }
+                }
+            }
+            Act::Why(why) => {
+                // IPv4 stays, chosen for its round trip.
+                if let State::Direct(d) = &mut self.state
+                    && !d.faster_v4
+                {
+                    info!(session = format!("{:016x}", self.session), why, "direct path kept");
+                    d.faster_v4 = true;
+                    self.why = why;
+                    self.rtt_chosen = Some(now);
+                }
             }
             Act::Nothing => {}
         }
@@ -678,9 +794,90 @@ impl Paths {
         self.push(Transmit { socket: Socket::Main, to: relay, payload: Payload::RelayBind });
     }
 
-    fn probe(&mut self) -> [u8; probe::LEN] {
+    /// A new probe sent at `now` (its reply will be timed).
+    fn probe(&mut self, now: Instant) -> [u8; probe::LEN] {
         self.nonce += 1;
+        if self.sent.len() == TIMED_PROBES {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((self.nonce, now));
         self.key.encode(false, self.session, self.nonce, self.role)
+    }
+
+    /// A reply to our probe `nonce` came back at `now` from `from` on `socket`: one more
+    /// sample of that path's smoothed round trip (RFC 6298 section 2). False when the probe
+    /// is not among the timed ones.
+    fn sample(&mut self, now: Instant, nonce: u64, from: SocketAddr, socket: Socket) -> bool {
+        let Some(&(_, sent)) = self.sent.iter().find(|(n, _)| *n == nonce) else { return false };
+        let rtt = now - sent.min(now);
+        let srtt = match self.measured.iter().position(|m| m.to == from && m.socket == socket) {
+            Some(i) => {
+                let m = self.measured.remove(i);
+                (m.srtt * 7 + rtt) / 8
+            }
+            None => rtt,
+        };
+        if self.measured.len() == MEASURED_PATHS {
+            self.measured.remove(0);
+        }
+        self.measured.push(Measured { to: from, socket, srtt, at: now });
+        true
+    }
+
+    /// Direct over `d`, with a new round-trip sample: which family the path should take
+    /// (see "Both families" in the module docs). The other family's path counts only if it
+    /// answered within [`Config::suspect_after`].
+    fn compare_families(&self, now: Instant, d: &Direct) -> Act {
+        let c = &self.config;
+        let held = self.rtt_chosen.is_some_and(|t| now < t + c.family_hold);
+        let cur = self.measured.iter().find(|m| m.to == d.to && m.socket == d.socket);
+        let Some(other) = self.measured.iter().rev().find(|m| {
+            m.to.is_ipv4() != d.to.is_ipv4()
+                && m.socket == Socket::Main
+                && now < m.at + c.suspect_after
+        }) else {
+            return Act::Nothing;
+        };
+        let (to, them) = (other.to, other.srtt);
+        match (d.to.is_ipv4(), cur.map(|m| m.srtt)) {
+            // Over IPv4, IPv6 answers: it wins unless IPv4 is clearly faster.
+            (true, Some(v4)) if d.faster_v4 => {
+                if held || v4_faster(c, v4, them, 2) {
+                    Act::Nothing
+                } else {
+                    let why = format!(
+                        "hole punched over IPv6: its round trip ({}) is no longer clearly above \
+                         IPv4's ({} on {})",
+                        ms(them),
+                        ms(v4),
+                        d.to
+                    );
+                    Act::Family(to, why, true)
+                }
+            }
+            (true, Some(v4)) if v4_faster(c, v4, them, 1) => Act::Why(format!(
+                "direct over IPv4 {}: its round trip ({}) is clearly below IPv6's ({} on {to})",
+                d.to,
+                ms(v4),
+                ms(them)
+            )),
+            (true, _) => {
+                let why = format!("hole punched over IPv6 (preferred to the IPv4 path {})", d.to);
+                Act::Family(to, why, false)
+            }
+            // Over IPv6, IPv4 answers: it wins only clearly faster.
+            (false, Some(v6)) if !held && v4_faster(c, them, v6, 1) => {
+                let why = format!(
+                    "hole punched over IPv4: its round trip ({}) is clearly below IPv6's ({} on \
+                     {})",
+                    ms(them),
+                    ms(v6),
+                    d.to
+                );
+                Act::Family(to, why, true)
+            }
+            (false, _) => Act::Nothing,
+        }
     }
 
     /// The rounds of one search.
@@ -702,7 +899,7 @@ impl Paths {
         let v6: Vec<SocketAddr> =
             self.candidates.iter().copied().filter(SocketAddr::is_ipv6).collect();
         if !v6.is_empty() && self.budget.take(now, v6.len() as u64) {
-            let data = self.probe();
+            let data = self.probe(now);
             for to in v6 {
                 self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
             }
@@ -718,7 +915,7 @@ impl Paths {
         let rounds = self.rounds();
         let n = self.candidates.len() as u64;
         if n > 0 && self.budget.take(now, n) {
-            let data = self.probe();
+            let data = self.probe(now);
             for i in 0..self.candidates.len() {
                 let to = self.candidates[i];
                 self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
@@ -787,7 +984,7 @@ impl Paths {
                 if !self.budget.take(now, u64::from(n)) {
                     return self.stop_birthday(None);
                 }
-                let data = self.probe();
+                let data = self.probe(now);
                 for i in 0..n {
                     let t = Transmit {
                         socket: Socket::Birthday(i),
@@ -810,7 +1007,7 @@ impl Paths {
                     return;
                 }
                 for _ in 0..step {
-                    let data = self.probe();
+                    let data = self.probe(now);
                     let port = 1024 + (self.rng.next_u64() % (65536 - 1024)) as u16;
                     let to = SocketAddr::new(ip, port);
                     self.push(Transmit { socket: Socket::Main, to, payload: Payload::Probe(data) });
@@ -870,7 +1067,7 @@ impl Paths {
 
     fn watch_probe(&mut self, now: Instant, to: SocketAddr, socket: Socket) {
         if self.budget.take(now, 1) {
-            let data = self.probe();
+            let data = self.probe(now);
             self.push(Transmit { socket, to, payload: Payload::Probe(data) });
         }
     }
@@ -905,8 +1102,15 @@ impl Paths {
         };
         self.current = Path::Direct { to, socket };
         self.why = why;
-        self.state =
-            State::Direct(Direct { to, socket, since: now, heard: now, suspicion: None, upgrade });
+        self.state = State::Direct(Direct {
+            to,
+            socket,
+            since: now,
+            heard: now,
+            suspicion: None,
+            upgrade,
+            faster_v4: false,
+        });
         self.stats.direct += 1;
         self.events.push_back(PathEvent::Switched { path: self.current, lost });
     }
@@ -925,6 +1129,9 @@ impl Paths {
         let next = (!self.candidates.is_empty()).then(|| now + self.config.reprobe_every);
         self.state = State::Relayed { round: 0, next };
         self.after_loss = true;
+        // The next search measures afresh.
+        self.measured.clear();
+        self.rtt_chosen = None;
         self.stats.fell_back += 1;
         self.events.push_back(PathEvent::Switched { path: self.current, lost: true });
         // Bind at once: our NAT mapping towards the relay may have changed with the one
@@ -934,6 +1141,18 @@ impl Paths {
             self.next_bind = Some(now + self.config.relay_bind_every);
         }
     }
+}
+
+/// Whether IPv4's smoothed round trip `v4` is below IPv6's `v6` by more than the margin
+/// divided by `div` (1: to choose IPv4; 2: to keep it, the hysteresis band).
+fn v4_faster(c: &Config, v4: Duration, v6: Duration, div: u32) -> bool {
+    let margin = c.v4_faster_by.max(v6 * c.v4_faster_by_percent / 100);
+    v4 + margin / div.max(1) < v6
+}
+
+/// A round trip for `why`, in milliseconds.
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.total_micros() as f64 / 1000.0)
 }
 
 /// IPv6 candidates first (RFC 8305 §4), keeping the order within a family.
