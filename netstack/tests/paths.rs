@@ -1052,3 +1052,52 @@ fn round_trips_wobbling_around_the_threshold_do_not_flap() {
     }
     println!("wobbling round trips: {:?}; probes (v4, v6) {:?}", w.switches, w.sent);
 }
+
+#[test]
+fn found_over_ipv6_by_the_peers_probe_moves_to_a_clearly_faster_ipv4() {
+    // The peer's IPv6 probe arrives first (no round trip known), then the replies to our
+    // first round: IPv4 after 10 ms, IPv6 after 80 ms. Once both are measured, IPv4 is
+    // clearly faster and the path moves there, once.
+    let v4: SocketAddr = "198.51.100.2:5000".parse().unwrap();
+    let v6: SocketAddr = "[2001:db8:2::2]:5000".parse().unwrap();
+    let key = probe::ProbeKey::new(&KEY);
+    let mut a = Paths::new(
+        Instant::from_millis(0),
+        Config::default(),
+        Setup {
+            session: SESSION,
+            role: Role::Caller,
+            key: KEY,
+            relay: RelayPath::Udp(relay()),
+            candidates: vec![v4, v6],
+            nat: NatFacts::default(),
+            direct_allowed: true,
+            seed: 1,
+        },
+    );
+    let t = Instant::from_millis;
+    a.handle_timeout(t(0));
+    let mut ours = None;
+    while let Some(tx) = a.poll_transmit(t(0)) {
+        if let Payload::Probe(d) = tx.payload {
+            ours = key.verify(&d, Role::Caller).map(|p| p.nonce);
+        }
+    }
+    let nonce = ours.expect("a first round");
+    let theirs = key.encode(false, SESSION, 1, Role::Callee);
+    assert!(a.handle_probe(t(1), Socket::Main, v6, &theirs));
+    assert_eq!(a.current(), Path::Direct { to: v6, socket: Socket::Main });
+    let reply = key.encode(true, SESSION, nonce, Role::Callee);
+    assert!(a.handle_probe(t(10), Socket::Main, v4, &reply));
+    assert_eq!(a.current(), Path::Direct { to: v6, socket: Socket::Main }, "IPv6 not measured");
+    assert!(a.handle_probe(t(80), Socket::Main, v6, &reply));
+    assert_eq!(a.current(), Path::Direct { to: v4, socket: Socket::Main });
+    assert!(a.why().contains("clearly below IPv6's"), "{}", a.why());
+    // A late IPv6 sample within the hold changes nothing.
+    assert!(a.handle_probe(t(90), Socket::Main, v6, &reply));
+    assert_eq!(a.current(), Path::Direct { to: v4, socket: Socket::Main });
+    let switches = std::iter::from_fn(|| a.poll_event())
+        .filter(|e| matches!(e, PathEvent::Switched { .. }))
+        .count();
+    assert_eq!(switches, 2, "relay to IPv6, IPv6 to IPv4");
+}
