@@ -48,6 +48,17 @@ fn copy_instance(from: &Path, to: &Path) {
     }
 }
 
+/// Two instances' data directories for example.com on database `db`, in `tmp`: the first
+/// made by `init` (also returned, its path), the second a copy of its CA files and config.
+async fn two_data_dirs(db: &str, tmp: &Path) -> (DataDir, DataDir, std::path::PathBuf) {
+    let (dir1, dir2) = (tmp.join("one"), tmp.join("two"));
+    let domain = Domain::parse("example.com").unwrap();
+    let d1 = DataDir::init_at(&dir1, &domain, &config(db)).await.unwrap();
+    copy_instance(&dir1, &dir2);
+    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    (d1, d2, dir1)
+}
+
 /// `from` sends a 3 MB file to `to` over the `file` service, as `q2q-tun send` does, and it
 /// arrives whole.
 async fn send_file(from: &Node, to: &Node, scratch: &Path) {
@@ -470,11 +481,7 @@ async fn command_line_instances_and_a_killed_one() {
 async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
     let db = database().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
-    let domain = Domain::parse("example.com").unwrap();
-    let d1 = DataDir::init_at(&dir1, &domain, &config(&db)).await.unwrap();
-    copy_instance(&dir1, &dir2);
-    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    let (d1, d2, dir1) = two_data_dirs(&db, tmp.path()).await;
     let _one = server::start(d1, config(&db)).await.unwrap();
     let two = server::start(d2, config(&db)).await.unwrap();
     let p2 = two.tcp_addr.to_string();
@@ -523,11 +530,7 @@ async fn a_revocation_at_one_instance_drops_the_log_in_at_another() {
 async fn a_caller_without_udp_relays_over_tcp_at_the_callees_instance() {
     let db = database().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (dir1, dir2) = (tmp.path().join("one"), tmp.path().join("two"));
-    let domain = Domain::parse("example.com").unwrap();
-    let d1 = DataDir::init_at(&dir1, &domain, &config(&db)).await.unwrap();
-    copy_instance(&dir1, &dir2);
-    let d2 = DataDir::open_at(&dir2, None).await.unwrap();
+    let (d1, d2, _) = two_data_dirs(&db, tmp.path()).await;
     let one = server::start(d1, config(&db)).await.unwrap();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let two = server::start(d2, ServerConfig { metrics: Some(metrics), ..config(&db) }).await;
