@@ -334,9 +334,7 @@ impl Federation {
     }
 
     async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.requests.send(request(tx)).await.ok()?;
-        rx.await.ok()
+        super::ask_owner(&self.requests, request).await
     }
 
     /// The CA of `domain`, to check `cert` (a certificate presented from `source`): cached,

@@ -89,11 +89,7 @@ impl LimitsHandle {
         &self,
         request: impl FnOnce(oneshot::Sender<Result<(), Duration>>) -> Request,
     ) -> Result<(), Duration> {
-        let (tx, rx) = oneshot::channel();
-        if self.requests.send(request(tx)).await.is_err() {
-            return Ok(());
-        }
-        rx.await.unwrap_or(Ok(()))
+        super::ask_owner(&self.requests, request).await.unwrap_or(Ok(()))
     }
 
     /// `Err(wait)` if a password attempt for any of `keys` must wait that long first.

@@ -64,6 +64,18 @@ pub enum ServerError {
 
 pub use limits::EXISTS_BURST;
 
+/// Ask the task that owns some state ([`presence`], [`federation`], [`limits`]): send the
+/// request `make` builds around a reply channel, and wait for the answer. `None` when the
+/// owner is gone (the server stopping).
+async fn ask_owner<R, T>(
+    requests: &tokio::sync::mpsc::Sender<R>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> R,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    requests.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
 /// Lifetime of the TLS certificate the server makes for itself at each start.
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(400 * 86400);
 

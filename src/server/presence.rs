@@ -182,9 +182,7 @@ impl Presence {
     }
 
     async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.requests.send(request(tx)).await.ok()?;
-        rx.await.ok()
+        super::ask_owner(&self.requests, request).await
     }
 
     /// Record that `address` listens for `service` on `listener`'s connection (replacing an
