@@ -172,6 +172,13 @@ impl PeerHandle {
         self.writes.send(request).await.map_err(|_| CallError::Closed)
     }
 
+    /// Send a box that wants no answer if the connection's write queue has room now;
+    /// `false` (the box dropped) when it is full, closed, or the box cannot be encoded.
+    /// For senders that must not wait on one slow connection (the relay's owner).
+    pub fn try_tell(&self, request: AmpBox) -> bool {
+        request.encode().is_ok() && self.writes.try_send(request).is_ok()
+    }
+
     fn forget(&self, tag: &str) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(tag);

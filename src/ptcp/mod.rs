@@ -79,7 +79,7 @@
 mod endpoint;
 mod paths;
 mod stream;
-mod sys;
+pub(crate) mod sys;
 pub mod tls;
 
 pub use endpoint::{

@@ -201,6 +201,11 @@ pub struct ServerConfig {
     /// relay at (with PostgreSQL); default: the listen address, if it names one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_host: Option<IpAddr>,
+    /// Mbit/s the relay forwards over all its sessions; none (the default): as fast as the
+    /// host sends. When the relay is saturated, each relayed leg with data gets an equal
+    /// share (deficit round robin); there is no fixed rate per leg.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_budget_mbit: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -226,6 +231,7 @@ impl Default for ServerConfig {
             database: None,
             database_ca: None,
             relay_host: None,
+            relay_budget_mbit: None,
         }
     }
 }
@@ -321,6 +327,16 @@ impl ServerConfig {
         self.relay_host.or(Some(self.listen.ip()).filter(|ip| !ip.is_unspecified()))
     }
 
+    /// The relay's limits: the overall budget from `relay_budget_mbit` (a value that is not
+    /// positive means none), the rest the defaults.
+    pub fn relay_limits(&self) -> super::relay::RelayLimits {
+        let budget = self.relay_budget_mbit.filter(|m| *m > 0);
+        super::relay::RelayLimits {
+            budget: budget.map(|m| m as f64 * 1e6 / 8.0),
+            ..Default::default()
+        }
+    }
+
     /// How long another domain's revocation list is used before it is fetched again (at
     /// least a second).
     pub fn revocation_max_age(&self) -> Duration {
@@ -336,6 +352,10 @@ impl ServerConfig {
         let relay_host = match &self.relay_host {
             Some(h) => format!("relay_host = \"{h}\""),
             None => "# relay_host = \"198.51.100.7\"".to_string(),
+        };
+        let relay_budget = match self.relay_budget_mbit {
+            Some(m) => format!("relay_budget_mbit = {m}"),
+            None => "# relay_budget_mbit = 1000".to_string(),
         };
         let r = &self.rate_limit;
         let g = &self.registration_limit;
@@ -432,6 +452,12 @@ federation_allow = [{allow}]
 # try their own instance's address.
 {relay_host}
 
+# Mbit/s the relay forwards over all its sessions together. When that (or the host's
+# link) is the limit, every relayed leg with data gets an equal share and a flooding leg
+# loses only its own excess; a leg alone gets all of it. No fixed rate per leg. Default:
+# no budget (as fast as the host sends).
+{relay_budget}
+
 # Callers of other domains are checked against their domain's revocation list (signed by
 # that domain's CA, fetched like its CA). A list is used for this many seconds, then
 # fetched again; if that fails, the list held is used until its own nextUpdate (an hour
@@ -493,6 +519,7 @@ overall_every_secs = {goe}
                 None => "# database_ca = \"/etc/q2q/database-ca.pem\"".to_string(),
             },
             relay_host = relay_host,
+            relay_budget = relay_budget,
             revage = self.revocation_max_age_secs,
             metrics = match self.metrics {
                 Some(a) => format!("metrics = \"{a}\""),
@@ -525,6 +552,7 @@ mod tests {
             ],
             database: Some("postgres://q2q@127.0.0.1:5432/q2q".into()),
             relay_host: Some("192.0.2.1".parse().unwrap()),
+            relay_budget_mbit: Some(2500),
             revocation_max_age_secs: 5,
             metrics: Some("127.0.0.1:9788".parse().unwrap()),
             ..Default::default()

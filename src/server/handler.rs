@@ -167,7 +167,7 @@ pub(super) async fn serve(
         state.metrics.live_sessions.decrement(1.0);
     }
     state.presence.drop_connection(id).await;
-    state.relay.drop_connection(id);
+    state.relay.drop_connection(id).await;
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -881,13 +881,12 @@ async fn set_up(
 ) -> Result<InboundAnswer, Refusal> {
     let session: u64 = rand::random();
     let probe_key: [u8; 16] = rand::random();
-    let now = Instant::now();
     let callee_end =
         End { user: to.to_string(), conn: listener.conn, handle: Some(listener.handle.clone()) };
-    let (g_caller, g_callee) = state
-        .relay
-        .create(caller_end, callee_end, now)
-        .ok_or_else(|| refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user"))?;
+    let (g_caller, g_callee) =
+        state.relay.create(caller_end, callee_end).await.ok_or_else(|| {
+            refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user")
+        })?;
     state.metrics.relay_legs.increment(2);
     let grant = |candidates, g: super::relay::Grant, peer_seen: SeenAt, relay_host| Grant {
         candidates,
@@ -907,9 +906,13 @@ async fn set_up(
         from_serial: caller_serial.map(str::to_string),
     };
     // Refused, silent or nonsense: the legs go at once.
-    let theirs = ask_callee(&listener.handle, to, &ask)
-        .await
-        .inspect_err(|_| state.relay.remove(&g_caller.token))?;
+    let theirs = match ask_callee(&listener.handle, to, &ask).await {
+        Ok(t) => t,
+        Err(e) => {
+            state.relay.remove(g_caller.token).await;
+            return Err(e);
+        }
+    };
     info!(from = %caller, %to, %service, session = format!("{session:016x}"), "connection set up");
     Ok(InboundAnswer {
         peer: to.clone(),
@@ -986,8 +989,9 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
 }
 
 /// A datagram a client relays over its control connection `conn`: only for a leg that
-/// connection owns. No data is a bind, which also lets the connection take its user's leg
-/// of a session set up for it at another instance ([`super::relay::Relay::claim`]).
+/// connection owns (checked by the relay's owner). No data is a bind, which also lets the
+/// connection take its user's leg of a session set up for it at another instance
+/// ([`super::relay::Relay::claim`]; sent before the bind on the one channel, so taken first).
 async fn relay_over_tcp(
     state: &Arc<State>,
     conn: u64,
@@ -995,14 +999,8 @@ async fn relay_over_tcp(
     handle: &amp::PeerHandle,
     Relay { token, data }: Relay,
 ) {
-    if data.is_empty()
-        && let Err(e) = state.relay.claim(conn, &caller.to_string(), handle.clone(), &token)
-    {
-        return debug!(conn, error = %e, "refused a relay bind over TCP");
+    if data.is_empty() {
+        state.relay.claim(conn, caller.to_string(), handle.clone(), token).await;
     }
-    match state.relay.forward_tcp(conn, &token, &data, Instant::now()) {
-        Ok(Some(f)) => state.send_forward(f).await,
-        Ok(None) => {}
-        Err(e) => debug!(conn, error = %e, "refused a datagram relayed over TCP"),
-    }
+    state.relay.forward_tcp(conn, token, data).await;
 }

@@ -37,6 +37,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod revocation;
 pub mod store;
+mod udp;
 
 pub use config::{Registration, ServerConfig};
 pub use datadir::{DataDir, DataDirError};
@@ -92,7 +93,8 @@ pub(crate) struct State {
     pub limits: limits::LimitsHandle,
     pub hasher: password::Hasher,
     pub presence: presence::Presence,
-    pub relay: relay::Relay,
+    /// The relay, owned by the UDP task.
+    pub relay: relay::RelayHandle,
     pub federation: federation::Federation,
     pub revocations: revocation::Revocations,
     pub metrics: metrics::Metrics,
@@ -101,23 +103,7 @@ pub(crate) struct State {
     /// The second who-am-i socket ([`ServerConfig::second_udp`]), if any.
     pub udp2: Option<Arc<UdpSocket>>,
     /// Signs who-am-i proofs of the addresses seen ([`crate::proto::whoami::ProofKey`]).
-    pub proof_key: crate::proto::whoami::ProofKey,
-}
-
-impl State {
-    /// Deliver a relayed datagram to its other end.
-    pub async fn send_forward(&self, f: relay::Forward) {
-        match f {
-            relay::Forward::Udp(addr, bytes) => {
-                self.metrics.relayed_bytes.increment(bytes.len() as u64);
-                let _ = send_udp(&self.udp, &bytes, addr).await;
-            }
-            relay::Forward::Tcp(handle, r) => {
-                self.metrics.relayed_bytes.increment(r.data.len() as u64);
-                let _ = handle.tell(crate::proto::Command::request(&r)).await;
-            }
-        }
-    }
+    pub proof_key: Arc<crate::proto::whoami::ProofKey>,
 }
 
 /// Counters of a running server.
@@ -132,6 +118,9 @@ pub struct Stats {
     /// Relay datagrams refused: malformed, unknown token, bad tag, replayed, or a token
     /// used over a connection that does not own it.
     pub relay_refused: u64,
+    /// Verified relay datagrams dropped because their leg's queue was full (the relay
+    /// saturated) or the other end's control connection could not take them.
+    pub relay_dropped: u64,
 }
 
 /// A running server; dropping it does not stop it, [`Running::shutdown`] does.
@@ -148,17 +137,16 @@ pub struct Running {
 
 impl Running {
     pub fn stats(&self) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
         let (online, listeners) = self.state.presence.counts();
+        let relay = self.state.relay.stats();
         Stats {
             online,
             listeners,
-            relay_sessions: self.state.relay.sessions(),
-            relayed_bytes: self
-                .state
-                .relay
-                .relayed_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
-            relay_refused: self.state.relay.refused.load(std::sync::atomic::Ordering::Relaxed),
+            relay_sessions: relay.sessions.load(Relaxed),
+            relayed_bytes: relay.relayed_bytes.load(Relaxed),
+            relay_refused: relay.refused.load(Relaxed),
+            relay_dropped: relay.dropped.load(Relaxed),
         }
     }
 
@@ -237,18 +225,20 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
         }
         None => (None, presence::Presence::start(None), None),
     };
+    let relay_core = relay::Relay::new(config.relay_limits());
+    let (relay_handle, relay_requests) = relay::RelayHandle::new(relay_core.stats());
     let state = Arc::new(State {
         presence,
         cluster,
         store,
-        relay: relay::Relay::new(relay::RelayLimits::default()),
+        relay: relay_handle,
         federation,
         revocations: revocation::Revocations::new(config.revocation_max_age()),
         metrics,
         udp: udp.clone(),
         udp_port: udp_addr.port(),
         udp2: udp2.map(Arc::new),
-        proof_key: crate::proto::whoami::ProofKey::random(),
+        proof_key: Arc::new(crate::proto::whoami::ProofKey::random()),
         domain: dir.domain,
         ca: dir.ca,
         limits: limits::LimitsHandle::start(limits::Limits::new(
@@ -288,7 +278,15 @@ pub async fn start(dir: DataDir, config: ServerConfig) -> Result<Running, Server
     if let Some(udp2) = state.udp2.clone() {
         tasks.spawn(second_udp_loop(state.clone(), udp2, stopped.clone()));
     }
-    tasks.spawn(udp_loop(state.clone(), stopped));
+    let owner = udp::UdpTask {
+        udp: state.udp.clone(),
+        udp2: state.udp2.clone(),
+        relay: relay_core,
+        proof_key: state.proof_key.clone(),
+        requests: relay_requests,
+        relayed_bytes: state.metrics.relayed_bytes.clone(),
+    };
+    tasks.spawn(owner.run(stopped));
     let state = state.clone();
     Ok(Running { tcp_addr, udp_addr, second_udp_addr, domain, state, stop, tasks })
 }
@@ -358,7 +356,7 @@ async fn second_udp_loop(
         if let Ok(Kind::WhoAmIRequest) = Prefix::parse(d).map(|p| p.kind)
             && let Ok((nonce, flags)) = crate::proto::whoami::parse_request_with(d)
         {
-            let reply = whoami_reply(&state, nonce, flags, from, own);
+            let reply = whoami_reply(&state.proof_key, nonce, flags, from, own);
             let _ = send_udp(&udp, &reply, from).await;
         }
     }
@@ -372,9 +370,9 @@ pub(crate) fn unix_now() -> u64 {
 /// The who-am-i reply to `from`, with the fields `flags` ask for (already cut to what the
 /// request's length allows: [`crate::proto::whoami::parse_request_with`]): the second
 /// socket (bound at `second`, if any; its address only when it has one of the asker's
-/// family, not a wildcard) and the proof of `from`'s IP.
+/// family, not a wildcard) and the proof of `from`'s IP, signed with `proof_key`.
 fn whoami_reply(
-    state: &State,
+    proof_key: &crate::proto::whoami::ProofKey,
     nonce: [u8; 8],
     flags: crate::proto::whoami::Flags,
     from: SocketAddr,
@@ -386,7 +384,7 @@ fn whoami_reply(
         seen: from,
         second_port: flags.second_port.then(|| second.map_or(0, |a| a.port())),
         second_addr: flags.second_addr.then_some(addr),
-        proof: flags.proof.then(|| state.proof_key.proof(from.ip(), unix_now())),
+        proof: flags.proof.then(|| proof_key.proof(from.ip(), unix_now())),
     }
     .encode()
 }
@@ -465,46 +463,4 @@ async fn accept_loop(
         while conns.try_join_next().is_some() {}
     }
     conns.shutdown().await;
-}
-
-async fn udp_loop(state: Arc<State>, mut stopped: watch::Receiver<bool>) {
-    let udp = state.udp.clone();
-    use q2q_netstack::wire::{Kind, Prefix};
-    let mut buf = vec![0u8; 2048];
-    let mut dropped: u64 = 0;
-    loop {
-        let Some((n, from)) = next_datagram(&udp, &mut buf, &mut stopped, "main").await else {
-            break;
-        };
-        let d = &buf[..n];
-        match Prefix::parse(d).map(|p| p.kind) {
-            Ok(Kind::WhoAmIRequest) => match crate::proto::whoami::parse_request_with(d) {
-                Ok((nonce, flags)) => {
-                    let udp2 = state.udp2.as_ref();
-                    let second = udp2.and_then(|u| u.local_addr().ok());
-                    let reply = whoami_reply(&state, nonce, flags, from, second);
-                    // Answering from the other socket tests the asker's NAT filtering (RFC
-                    // 5780 section 4.4); the reply is no bigger than the request.
-                    let out = match udp2 {
-                        Some(u) if flags.reply_from_second => u,
-                        _ => &udp,
-                    };
-                    let _ = send_udp(out, &reply, from).await;
-                }
-                Err(_) => dropped += 1,
-            },
-            Ok(Kind::Relay) => match state.relay.forward_udp(d, from, std::time::Instant::now()) {
-                Ok(Some(f)) => state.send_forward(f).await,
-                Ok(None) => {}
-                Err(e) => {
-                    dropped += 1;
-                    tracing::debug!(%from, error = %e, dropped, "refused a relay datagram");
-                }
-            },
-            _ => {
-                dropped += 1;
-                tracing::debug!(%from, dropped, "dropped a datagram this server does not handle");
-            }
-        }
-    }
 }

@@ -10,15 +10,38 @@
 //! forwards to an end over UDP it seals with that end's key and its own counter. Over a
 //! control connection (AMP `relay`, inside TLS) there is no tag, and only the connection
 //! that owns a leg may use its token.
+//!
+//! [`Relay`] is the sans-IO core: it does no I/O and reads no clock (`now` is passed in).
+//! One task owns it ([`super::udp`], the task that owns the server's main UDP socket);
+//! connection handlers reach it through a bounded channel ([`RelayHandle`]).
+//!
+//! ```text
+//!  handle_udp / handle_tcp ──▶ per-leg queue (bounded: drop when full, counted)
+//!                                   │ deficit round robin over the legs with data,
+//!                                   │ within the overall budget (if any)
+//!  poll_transmit ◀──────────────────┘ sealed for the partner: UDP, or AMP `relay`
+//! ```
+//!
+//! There is no fixed rate per leg. When the relay is not saturated every queue drains at
+//! each pass and a leg alone gets the whole link. When it is (the socket's send buffer is
+//! full, or the optional overall budget [`RelayLimits::budget`] is spent), the queues fill
+//! and deficit round robin (Shreedhar and Varghese, "Efficient fair queuing using deficit
+//! round robin", 1995) gives each leg with data an equal share of bytes; a flooding leg
+//! loses what overflows its own queue, not the other legs' share.
 
 use crate::amp::PeerHandle;
 use crate::proto::commands;
 use crate::relay::{self, Direction, Fresh, Key, RelayError, ReplayWindow, Token};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bytes a leg may send per round of deficit round robin: about one full-size datagram,
+/// so the legs take turns datagram by datagram (a larger datagram waits a few rounds).
+const QUANTUM: usize = 2048;
 
 /// One end of a relayed session.
 struct Leg {
@@ -39,15 +62,21 @@ struct Leg {
     /// The counter of the last datagram sealed to this end.
     sent: u64,
     last: Instant,
-    /// Token bucket, in bytes.
-    allowance: f64,
-    bytes: u64,
+    /// Inner datagrams from this end waiting to go to its partner, oldest first.
+    queue: VecDeque<Vec<u8>>,
+    /// Bytes in `queue`.
+    queued: usize,
+    /// Deficit round robin: bytes this leg may still send in the current round.
+    deficit: usize,
+    /// In [`Relay::active`].
+    active: bool,
 }
 
 /// Where to send a forwarded datagram.
-pub enum Forward {
-    /// A sealed relay datagram, to this UDP address.
-    Udp(SocketAddr, Vec<u8>),
+pub enum Transmit {
+    /// A sealed relay datagram of `len` bytes, appended to the caller's buffer, to this
+    /// UDP address.
+    Udp { to: SocketAddr, len: usize },
     /// An AMP `relay` command (told, not asked), over this control connection.
     Tcp(PeerHandle, commands::Relay),
 }
@@ -57,28 +86,65 @@ pub enum Forward {
 pub struct RelayLimits {
     /// Relayed sessions one user may take part in at once.
     pub sessions_per_user: usize,
-    /// Rate of one leg (token bucket of one second's worth).
-    pub bytes_per_sec: f64,
+    /// Bytes per second the relay forwards over all legs; None: as fast as the socket
+    /// takes them. Shared fairly between the legs with data when spent.
+    pub budget: Option<f64>,
+    /// Bytes one leg may have waiting (beyond them its datagrams are dropped, counted in
+    /// [`RelayStats::dropped`]; PTCP resends).
+    pub queue_per_leg: usize,
+    /// Bytes all legs together may have waiting.
+    pub queue_total: usize,
     /// A session silent this long ends.
     pub idle: Duration,
 }
 
 impl Default for RelayLimits {
     fn default() -> Self {
-        RelayLimits { sessions_per_user: 64, bytes_per_sec: 100e6, idle: Duration::from_secs(600) }
+        RelayLimits {
+            sessions_per_user: 64,
+            budget: None,
+            queue_per_leg: 256 << 10,
+            queue_total: 64 << 20,
+            idle: Duration::from_secs(600),
+        }
     }
 }
 
-/// All relayed sessions.
-pub struct Relay {
-    legs: Mutex<HashMap<Token, Leg>>,
-    limits: RelayLimits,
+/// Counters of the relay, written by its owner only, read by anyone.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Relayed sessions now.
+    pub sessions: AtomicUsize,
     /// Inner bytes forwarded, both ways, over all sessions.
     pub relayed_bytes: AtomicU64,
     /// Datagrams refused: malformed, unknown token, bad tag, replayed, or a token used by
     /// a connection that does not own it.
     pub refused: AtomicU64,
+    /// Verified datagrams dropped because their leg's queue (or all queues) was full, or
+    /// the control connection to the other end could not take them.
+    pub dropped: AtomicU64,
 }
+
+/// All relayed sessions: the sans-IO core, owned by one task.
+pub struct Relay {
+    legs: HashMap<Token, Leg>,
+    limits: RelayLimits,
+    /// Legs with queued datagrams, in round-robin order.
+    active: VecDeque<Token>,
+    /// Bytes queued over all legs.
+    queued: usize,
+    /// Overall budget (token bucket of [`BUDGET_BURST`] worth): bytes that may go now.
+    allowance: f64,
+    refilled: Option<Instant>,
+    stats: Arc<RelayStats>,
+    /// Spent inner buffers, for the next datagrams.
+    pool: Vec<Vec<u8>>,
+}
+
+/// How much of the overall budget may go at once.
+const BUDGET_BURST: Duration = Duration::from_millis(10);
+/// Spent buffers kept for reuse.
+const POOL: usize = 1024;
 
 /// The `conn` of an end whose control connection is at another instance (connection ids
 /// start at 1): no local connection owns its leg.
@@ -109,20 +175,30 @@ impl Relay {
     /// No sessions yet.
     pub fn new(limits: RelayLimits) -> Relay {
         Relay {
-            legs: Mutex::default(),
+            legs: HashMap::new(),
             limits,
-            relayed_bytes: AtomicU64::default(),
-            refused: AtomicU64::default(),
+            active: VecDeque::new(),
+            queued: 0,
+            allowance: 0.0,
+            refilled: None,
+            stats: Arc::default(),
+            pool: Vec::new(),
         }
+    }
+
+    /// The counters, for readers in other tasks.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
     }
 
     /// Set up a relayed session between `a` and `b`; their legs, or None if a user has
     /// too many sessions.
-    pub fn create(&self, a: End, b: End, now: Instant) -> Option<(Grant, Grant)> {
-        let mut legs = self.legs.lock().ok()?;
-        self.expire(&mut legs, now);
+    pub fn create(&mut self, a: End, b: End, now: Instant) -> Option<(Grant, Grant)> {
+        self.expire(now);
         for user in [&a.user, &b.user] {
-            if legs.values().filter(|l| &l.user == user).count() >= self.limits.sessions_per_user {
+            if self.legs.values().filter(|l| &l.user == user).count()
+                >= self.limits.sessions_per_user
+            {
                 return None;
             }
         }
@@ -138,66 +214,69 @@ impl Relay {
             window: ReplayWindow::default(),
             sent: 0,
             last: now,
-            allowance: self.limits.bytes_per_sec,
-            bytes: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+            deficit: 0,
+            active: false,
         };
-        legs.insert(ga.token, leg(a, &ga.key, gb.token));
-        legs.insert(gb.token, leg(b, &gb.key, ga.token));
+        self.legs.insert(ga.token, leg(a, &ga.key, gb.token));
+        self.legs.insert(gb.token, leg(b, &gb.key, ga.token));
+        self.count_sessions();
         Some((ga, gb))
     }
 
-    /// A relay datagram that came by UDP from `from`: where to forward it, if anywhere
-    /// (`Ok(None)`: a bind, or over the rate). Refused unless its tag verifies with the
-    /// leg's key and its counter is new; the leg moves to `from` only if the counter is
-    /// higher than any seen on it.
-    pub fn forward_udp(
-        &self,
+    /// A relay datagram that came by UDP from `from`. Refused unless its tag verifies with
+    /// the leg's key and its counter is new; the leg moves to `from` only if the counter is
+    /// higher than any seen on it. A verified datagram with data is queued for the partner
+    /// ([`Relay::poll_transmit`]), or dropped (and counted) when the queues are full.
+    pub fn handle_udp(
+        &mut self,
         datagram: &[u8],
         from: SocketAddr,
         now: Instant,
-    ) -> Result<Option<Forward>, RelayError> {
-        let r = self.forward_udp_inner(datagram, from, now);
+    ) -> Result<(), RelayError> {
+        let r = self.handle_udp_inner(datagram, from, now);
         if r.is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
 
-    fn forward_udp_inner(
-        &self,
+    fn handle_udp_inner(
+        &mut self,
         datagram: &[u8],
         from: SocketAddr,
         now: Instant,
-    ) -> Result<Option<Forward>, RelayError> {
+    ) -> Result<(), RelayError> {
         let u = relay::parse(datagram)?;
-        let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
-        let leg = legs.get_mut(&u.token).ok_or(RelayError::UnknownToken)?;
+        let leg = self.legs.get_mut(&u.token).ok_or(RelayError::UnknownToken)?;
         let opened = u.verify(&leg.key, Direction::ToServer)?;
         if leg.window.accept(opened.counter)? == Fresh::Newest {
             leg.udp = Some(from);
         }
-        Ok(self.relay(&mut legs, &opened.token, opened.inner, now))
+        self.enqueue(&opened.token, opened.inner, now);
+        Ok(())
     }
 
-    /// A datagram relayed over control connection `conn`: where to forward it, if
-    /// anywhere. Refused unless `conn` owns the leg `token`.
-    pub fn forward_tcp(
-        &self,
+    /// A datagram relayed over control connection `conn`, queued like a UDP one. Refused
+    /// unless `conn` owns the leg `token`.
+    pub fn handle_tcp(
+        &mut self,
         conn: u64,
         token: &Token,
         inner: &[u8],
         now: Instant,
-    ) -> Result<Option<Forward>, RelayError> {
-        let r = (|| {
-            let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
-            let leg = legs.get(token).ok_or(RelayError::UnknownToken)?;
-            if leg.conn != conn {
-                return Err(RelayError::NotOwner);
+    ) -> Result<(), RelayError> {
+        let r = match self.legs.get(token) {
+            None => Err(RelayError::UnknownToken),
+            Some(leg) if leg.conn != conn => Err(RelayError::NotOwner),
+            Some(_) => {
+                self.enqueue(token, inner, now);
+                Ok(())
             }
-            Ok(self.relay(&mut legs, token, inner, now))
-        })();
+        };
         if r.is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -207,116 +286,264 @@ impl Relay {
     /// relays over a connection of its own to this instance (AMP `relay` with no data, the
     /// bind over TCP). Only the leg's own user may take it, and only once: the token alone,
     /// which only that end was given (over TLS), is not enough. From then on the leg is
-    /// that connection's, as if set up by it ([`Relay::forward_tcp`], and it ends with it).
+    /// that connection's, as if set up by it ([`Relay::handle_tcp`], and it ends with it).
     pub fn claim(
-        &self,
+        &mut self,
         conn: u64,
         user: &str,
         handle: PeerHandle,
         token: &Token,
     ) -> Result<(), RelayError> {
-        let r = (|| {
-            let mut legs = self.legs.lock().map_err(|_| RelayError::UnknownToken)?;
-            let leg = legs.get_mut(token).ok_or(RelayError::UnknownToken)?;
-            if leg.conn == conn {
-                return Ok(());
+        let r = match self.legs.get_mut(token) {
+            None => Err(RelayError::UnknownToken),
+            Some(leg) if leg.conn == conn => Ok(()),
+            Some(leg) if leg.conn != REMOTE_CONN || leg.user != user => Err(RelayError::NotOwner),
+            Some(leg) => {
+                leg.conn = conn;
+                leg.handle = Some(handle);
+                Ok(())
             }
-            if leg.conn != REMOTE_CONN || leg.user != user {
-                return Err(RelayError::NotOwner);
-            }
-            leg.conn = conn;
-            leg.handle = Some(handle);
-            Ok(())
-        })();
+        };
         if r.is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
 
-    /// Account `inner` from leg `token` (known to exist) and build what goes to its partner.
-    fn relay(
-        &self,
-        legs: &mut HashMap<Token, Leg>,
-        token: &Token,
-        inner: &[u8],
-        now: Instant,
-    ) -> Option<Forward> {
-        let leg = legs.get_mut(token)?;
-        let elapsed = now.saturating_duration_since(leg.last).as_secs_f64();
+    /// Queue `inner` from leg `token` (known to exist) for its partner.
+    fn enqueue(&mut self, token: &Token, inner: &[u8], now: Instant) {
+        let Some(leg) = self.legs.get_mut(token) else { return };
         leg.last = now;
-        leg.allowance =
-            (leg.allowance + elapsed * self.limits.bytes_per_sec).min(self.limits.bytes_per_sec);
         if inner.is_empty() {
-            return None; // a bind
+            return; // a bind
         }
-        if leg.allowance < inner.len() as f64 {
-            return None; // over the rate: dropped, PTCP recovers
+        if leg.queued + inner.len() > self.limits.queue_per_leg
+            || self.queued + inner.len() > self.limits.queue_total
+        {
+            // Over its share of memory: dropped, PTCP recovers.
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
-        leg.allowance -= inner.len() as f64;
-        leg.bytes += inner.len() as u64;
-        let partner = leg.partner;
-        let other = legs.get_mut(&partner)?;
-        self.relayed_bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
-        match (other.udp, &other.handle) {
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(inner);
+        leg.queue.push_back(buf);
+        leg.queued += inner.len();
+        self.queued += inner.len();
+        if !leg.active {
+            leg.active = true;
+            leg.deficit = 0;
+            self.active.push_back(*token);
+        }
+    }
+
+    /// The next datagram to send, by deficit round robin over the legs with data, within
+    /// the overall budget; None when nothing is queued or the budget is spent (see
+    /// [`Relay::poll_timeout`]). For UDP the sealed datagram is appended to `out`.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<Transmit> {
+        self.refill(now);
+        loop {
+            let token = *self.active.front()?;
+            let Some(leg) = self.legs.get_mut(&token) else {
+                self.active.pop_front();
+                continue;
+            };
+            let Some(len) = leg.queue.front().map(Vec::len) else {
+                leg.active = false;
+                leg.deficit = 0;
+                self.active.pop_front();
+                continue;
+            };
+            if leg.deficit < len {
+                // This leg's turn is over: the next leg's, with a new quantum for it later.
+                leg.deficit += QUANTUM;
+                self.active.rotate_left(1);
+                continue;
+            }
+            if self.limits.budget.is_some() && self.allowance < len as f64 {
+                return None;
+            }
+            leg.deficit -= len;
+            leg.queued -= len;
+            self.queued -= len;
+            let inner = leg.queue.pop_front()?;
+            if leg.queue.is_empty() {
+                leg.active = false;
+                leg.deficit = 0;
+                self.active.pop_front();
+            }
+            if self.limits.budget.is_some() {
+                self.allowance -= len as f64;
+            }
+            let partner = leg.partner;
+            if let Some(t) = self.for_partner(&partner, inner, out) {
+                return Some(t);
+            }
+        }
+    }
+
+    /// `inner` sealed or framed for leg `to`; None (dropped) when that end cannot be
+    /// reached yet (a remote end that has not bound its leg by UDP: PTCP recovers).
+    fn for_partner(&mut self, to: &Token, inner: Vec<u8>, out: &mut Vec<u8>) -> Option<Transmit> {
+        let other = self.legs.get_mut(to)?;
+        self.stats.relayed_bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
+        let t = match (other.udp, &other.handle) {
             (Some(addr), _) => {
                 other.sent += 1;
-                let mut out = Vec::with_capacity(relay::OVERHEAD + inner.len());
-                relay::seal(&mut out, &other.key, Direction::ToClient, &partner, other.sent, inner);
-                Some(Forward::Udp(addr, out))
+                relay::seal(out, &other.key, Direction::ToClient, to, other.sent, &inner);
+                let len = relay::OVERHEAD + inner.len();
+                if self.pool.len() < POOL {
+                    self.pool.push(inner);
+                }
+                Transmit::Udp { to: addr, len }
             }
-            (None, Some(handle)) => Some(Forward::Tcp(
-                handle.clone(),
-                commands::Relay { token: partner, data: inner.to_vec() },
-            )),
-            // A remote end that has not bound its leg by UDP yet: dropped, PTCP recovers.
-            (None, None) => None,
-        }
+            (None, Some(handle)) => {
+                Transmit::Tcp(handle.clone(), commands::Relay { token: *to, data: inner })
+            }
+            (None, None) => return None,
+        };
+        Some(t)
+    }
+
+    /// When [`Relay::poll_transmit`] can give more, if it is waiting for the budget.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let rate = self.limits.budget?;
+        let refilled = self.refilled?;
+        let next = self.active.iter().find_map(|t| self.legs.get(t)?.queue.front())?;
+        let missing = (next.len() as f64 - self.allowance).max(0.0);
+        Some(refilled + Duration::from_secs_f64(missing / rate.max(1.0)))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let Some(rate) = self.limits.budget else { return };
+        // At least the largest datagram, or one that large would never go.
+        let cap = (rate * BUDGET_BURST.as_secs_f64()).max(65536.0);
+        let elapsed = self.refilled.map_or(BUDGET_BURST, |t| now.saturating_duration_since(t));
+        self.allowance = (self.allowance + elapsed.as_secs_f64() * rate).min(cap);
+        self.refilled = Some(now);
+    }
+
+    /// Datagrams some end could not take: counted as dropped.
+    pub fn count_dropped(&self, n: u64) {
+        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The UDP address leg `token` is bound to, if any.
     pub fn bound(&self, token: &Token) -> Option<SocketAddr> {
-        self.legs.lock().ok()?.get(token)?.udp
+        self.legs.get(token)?.udp
     }
 
     /// End every session a connection took part in.
-    pub fn drop_connection(&self, conn: u64) {
-        if let Ok(mut legs) = self.legs.lock() {
-            let gone: Vec<Token> = legs
-                .iter()
-                .filter(|(_, l)| l.conn == conn)
-                .flat_map(|(t, l)| [*t, l.partner])
-                .collect();
-            for t in gone {
-                legs.remove(&t);
-            }
-        }
+    pub fn drop_connection(&mut self, conn: u64) {
+        let gone: Vec<Token> = self
+            .legs
+            .iter()
+            .filter(|(_, l)| l.conn == conn)
+            .flat_map(|(t, l)| [*t, l.partner])
+            .collect();
+        self.remove_legs(gone);
     }
 
     /// End the session `token` belongs to.
-    pub fn remove(&self, token: &Token) {
-        if let Ok(mut legs) = self.legs.lock()
-            && let Some(leg) = legs.remove(token)
-        {
-            legs.remove(&leg.partner);
+    pub fn remove(&mut self, token: &Token) {
+        if let Some(leg) = self.legs.get(token) {
+            let gone = vec![*token, leg.partner];
+            self.remove_legs(gone);
         }
     }
 
     /// Relayed sessions now.
     pub fn sessions(&self) -> usize {
-        self.legs.lock().map_or(0, |l| l.len() / 2)
+        self.legs.len() / 2
     }
 
-    fn expire(&self, legs: &mut HashMap<Token, Leg>, now: Instant) {
+    /// End the sessions silent for longer than [`RelayLimits::idle`].
+    pub fn expire(&mut self, now: Instant) {
         let idle = self.limits.idle;
-        let stale: Vec<Token> = legs
+        let stale: Vec<Token> = self
+            .legs
             .iter()
             .filter(|(_, l)| now.saturating_duration_since(l.last) > idle)
             .flat_map(|(t, l)| [*t, l.partner])
             .collect();
-        for t in stale {
-            legs.remove(&t);
+        self.remove_legs(stale);
+    }
+
+    fn remove_legs(&mut self, tokens: Vec<Token>) {
+        if tokens.is_empty() {
+            return;
         }
+        for t in tokens {
+            if let Some(leg) = self.legs.remove(&t) {
+                self.queued -= leg.queued;
+            }
+        }
+        // Removed legs leave `active` lazily in poll_transmit.
+        self.count_sessions();
+    }
+
+    fn count_sessions(&self) {
+        self.stats.sessions.store(self.sessions(), Ordering::Relaxed);
+    }
+}
+
+/// What connection handlers ask the relay's owner.
+pub(crate) enum Request {
+    Create { a: End, b: End, reply: oneshot::Sender<Option<(Grant, Grant)>> },
+    Remove(Token),
+    DropConnection(u64),
+    Tcp { conn: u64, token: Token, data: Vec<u8> },
+    Claim { conn: u64, user: String, handle: PeerHandle, token: Token },
+}
+
+/// How connection handlers reach the relay, owned by the UDP task: a bounded channel, so
+/// a control connection relaying faster than the relay forwards waits (TCP backpressure).
+#[derive(Clone)]
+pub struct RelayHandle {
+    requests: mpsc::Sender<Request>,
+    stats: Arc<RelayStats>,
+}
+
+/// Requests waiting for the relay's owner.
+pub const REQUESTS: usize = 1024;
+
+impl RelayHandle {
+    /// A handle, and the receiving end for the owner of `stats`' relay.
+    pub(crate) fn new(stats: Arc<RelayStats>) -> (RelayHandle, mpsc::Receiver<Request>) {
+        let (requests, rx) = mpsc::channel(REQUESTS);
+        (RelayHandle { requests, stats }, rx)
+    }
+
+    /// [`Relay::create`] (None too when the relay has stopped).
+    pub async fn create(&self, a: End, b: End) -> Option<(Grant, Grant)> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request::Create { a, b, reply }).await.ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// [`Relay::remove`].
+    pub async fn remove(&self, token: Token) {
+        let _ = self.requests.send(Request::Remove(token)).await;
+    }
+
+    /// [`Relay::drop_connection`].
+    pub async fn drop_connection(&self, conn: u64) {
+        let _ = self.requests.send(Request::DropConnection(conn)).await;
+    }
+
+    /// [`Relay::handle_tcp`]: a datagram relayed over control connection `conn`.
+    pub async fn forward_tcp(&self, conn: u64, token: Token, data: Vec<u8>) {
+        let _ = self.requests.send(Request::Tcp { conn, token, data }).await;
+    }
+
+    /// [`Relay::claim`]: control connection `conn` of `user` takes leg `token`.
+    pub async fn claim(&self, conn: u64, user: String, handle: PeerHandle, token: Token) {
+        let _ = self.requests.send(Request::Claim { conn, user, handle, token }).await;
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
     }
 }
 
@@ -325,16 +552,31 @@ mod tests {
     use super::*;
     use crate::relay::Leg as ClientLeg;
 
-    /// A relay with one session between conn 1 (alice) and conn 2 (bob), and both clients'
-    /// legs. Within a tokio runtime (the handles' tasks).
-    fn session() -> (Relay, ClientLeg, ClientLeg, Grant, Grant) {
-        let relay = Relay::new(RelayLimits::default());
-        // A handle to nowhere (the other half of the pipe is dropped).
-        let handle = || crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
+    /// A handle to nowhere (the other half of the pipe is dropped). Within a tokio
+    /// runtime (the handle's tasks).
+    fn handle() -> PeerHandle {
+        crate::amp::peer::spawn(tokio::io::duplex(64).0).0
+    }
+
+    /// One session between conn `ca` (`a`) and conn `cb` (`b`), and both clients' legs.
+    fn open_session(
+        relay: &mut Relay,
+        (a, ca): (&str, u64),
+        (b, cb): (&str, u64),
+        now: Instant,
+    ) -> (ClientLeg, ClientLeg, Grant, Grant) {
         let end = |user: &str, conn| End { user: user.into(), conn, handle: Some(handle()) };
-        let (ga, gb) = relay.create(end("alice", 1), end("bob", 2), Instant::now()).unwrap();
-        let a = ClientLeg::new(ga.token, ga.key.clone());
-        let b = ClientLeg::new(gb.token, gb.key.clone());
+        let (ga, gb) = relay.create(end(a, ca), end(b, cb), now).unwrap();
+        let la = ClientLeg::new(ga.token, ga.key.clone());
+        let lb = ClientLeg::new(gb.token, gb.key.clone());
+        (la, lb, ga, gb)
+    }
+
+    /// A relay with one session between conn 1 (alice) and conn 2 (bob), and both clients'
+    /// legs.
+    fn session() -> (Relay, ClientLeg, ClientLeg, Grant, Grant) {
+        let mut relay = Relay::new(RelayLimits::default());
+        let (a, b, ga, gb) = open_session(&mut relay, ("alice", 1), ("bob", 2), Instant::now());
         (relay, a, b, ga, gb)
     }
 
@@ -344,109 +586,222 @@ mod tests {
         d
     }
 
+    /// Handle `d` from `from`, then what goes out: the UDP datagram (address and bytes) or
+    /// the TCP frame.
+    fn forward(
+        relay: &mut Relay,
+        d: &[u8],
+        from: &str,
+        now: Instant,
+    ) -> Result<Option<(Transmit, Vec<u8>)>, RelayError> {
+        relay.handle_udp(d, from.parse().unwrap(), now)?;
+        Ok(next(relay, now))
+    }
+
+    fn next(relay: &mut Relay, now: Instant) -> Option<(Transmit, Vec<u8>)> {
+        let mut out = Vec::new();
+        relay.poll_transmit(now, &mut out).map(|t| (t, out))
+    }
+
     const A: &str = "192.0.2.1:1000";
     const B: &str = "192.0.2.2:2000";
     const EVIL: &str = "203.0.113.66:6666";
 
     #[tokio::test]
     async fn verified_datagrams_are_forwarded_sealed_for_the_other_end() {
-        let (relay, a, b, _, _) = session();
+        let (mut relay, a, b, _, _) = session();
         let now = Instant::now();
-        assert!(relay.forward_udp(&a.bind(), A.parse().unwrap(), now).unwrap().is_none());
-        let f = relay.forward_udp(&sealed(&b, b"hi alice"), B.parse().unwrap(), now).unwrap();
-        let Some(Forward::Udp(to, d)) = f else { panic!("not forwarded over UDP") };
-        assert_eq!(to, A.parse().unwrap());
+        assert!(forward(&mut relay, &a.bind(), A, now).unwrap().is_none());
+        let f = forward(&mut relay, &sealed(&b, b"hi alice"), B, now).unwrap();
+        let Some((Transmit::Udp { to, len }, d)) = f else { panic!("not forwarded over UDP") };
+        assert_eq!((to, len), (A.parse().unwrap(), d.len()));
         assert_eq!(a.open(&d), Ok(&b"hi alice"[..]));
         // Bob cannot read it as his, nor can it be sent back to the relay as alice's.
         assert!(b.open(&d).is_err());
-        assert_eq!(
-            relay.forward_udp(&d, EVIL.parse().unwrap(), now).err(),
-            Some(RelayError::BadTag)
-        );
+        assert_eq!(forward(&mut relay, &d, EVIL, now).err(), Some(RelayError::BadTag));
         // And the way back.
-        let Some(Forward::Udp(to, d)) =
-            relay.forward_udp(&sealed(&a, b"hi bob"), A.parse().unwrap(), now).unwrap()
+        let Some((Transmit::Udp { to, .. }, d)) =
+            forward(&mut relay, &sealed(&a, b"hi bob"), A, now).unwrap()
         else {
             panic!("not forwarded over UDP")
         };
         assert_eq!((to, b.open(&d)), (B.parse().unwrap(), Ok(&b"hi bob"[..])));
-        assert_eq!(relay.relayed_bytes.load(Ordering::Relaxed), 14);
+        assert_eq!(relay.stats.relayed_bytes.load(Ordering::Relaxed), 14);
     }
 
     #[tokio::test]
     async fn forged_tags_and_unknown_tokens_are_dropped() {
-        let (relay, a, b, ga, _) = session();
+        let (mut relay, a, b, ga, _) = session();
         let now = Instant::now();
-        relay.forward_udp(&a.bind(), A.parse().unwrap(), now).unwrap();
+        forward(&mut relay, &a.bind(), A, now).unwrap();
         // Knowing the token (it travels in clear) is not enough without the key.
         let forger = ClientLeg::new(ga.token, Key::random());
-        let r = relay.forward_udp(&sealed(&forger, b"x"), EVIL.parse().unwrap(), now);
+        let r = forward(&mut relay, &sealed(&forger, b"x"), EVIL, now);
         assert_eq!(r.err(), Some(RelayError::BadTag));
         assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
         // A bit flipped on the way.
         let mut d = sealed(&b, b"hello");
         d[relay::OVERHEAD] ^= 1;
-        assert_eq!(relay.forward_udp(&d, B.parse().unwrap(), now).err(), Some(RelayError::BadTag));
+        assert_eq!(forward(&mut relay, &d, B, now).err(), Some(RelayError::BadTag));
         let stranger = ClientLeg::new([0; 16], Key::random());
-        let r = relay.forward_udp(&sealed(&stranger, b"x"), EVIL.parse().unwrap(), now);
+        let r = forward(&mut relay, &sealed(&stranger, b"x"), EVIL, now);
         assert_eq!(r.err(), Some(RelayError::UnknownToken));
         assert_eq!(
-            relay.forward_udp(b"\x01\x30short", EVIL.parse().unwrap(), now).err(),
+            forward(&mut relay, b"\x01\x30short", EVIL, now).err(),
             Some(RelayError::Malformed)
         );
-        assert_eq!(relay.refused.load(Ordering::Relaxed), 4);
+        assert_eq!(relay.stats.refused.load(Ordering::Relaxed), 4);
+        assert!(next(&mut relay, now).is_none(), "nothing refused was queued");
     }
 
     #[tokio::test]
     async fn a_replayed_datagram_does_not_move_the_leg() {
-        let (relay, a, b, ga, _) = session();
+        let (mut relay, a, b, ga, _) = session();
         let now = Instant::now();
-        relay.forward_udp(&b.bind(), B.parse().unwrap(), now).unwrap();
+        forward(&mut relay, &b.bind(), B, now).unwrap();
         let captured = sealed(&a, b"data");
-        assert!(relay.forward_udp(&captured, A.parse().unwrap(), now).unwrap().is_some());
+        assert!(forward(&mut relay, &captured, A, now).unwrap().is_some());
         assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
         // Replayed from elsewhere: refused, and the leg stays.
-        let r = relay.forward_udp(&captured, EVIL.parse().unwrap(), now);
+        let r = forward(&mut relay, &captured, EVIL, now);
         assert_eq!(r.err(), Some(RelayError::Replayed));
         assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
         // A late (reordered) datagram is forwarded but moves nothing either.
         let older = sealed(&a, b"older");
         let newer = sealed(&a, b"newer");
-        assert!(relay.forward_udp(&newer, A.parse().unwrap(), now).unwrap().is_some());
-        assert!(relay.forward_udp(&older, EVIL.parse().unwrap(), now).unwrap().is_some());
+        assert!(forward(&mut relay, &newer, A, now).unwrap().is_some());
+        assert!(forward(&mut relay, &older, EVIL, now).unwrap().is_some());
         assert_eq!(relay.bound(&ga.token), Some(A.parse().unwrap()));
         // The genuine end moving (NAT rebinding): its next datagram moves the leg.
         let moved: SocketAddr = "192.0.2.1:1001".parse().unwrap();
-        relay.forward_udp(&a.bind(), moved, now).unwrap();
+        relay.handle_udp(&a.bind(), moved, now).unwrap();
         assert_eq!(relay.bound(&ga.token), Some(moved));
     }
 
     #[tokio::test]
     async fn only_the_owning_connection_relays_over_tcp() {
-        let (relay, _, _, ga, gb) = session();
+        let (mut relay, _, _, ga, gb) = session();
         let now = Instant::now();
         // Conn 2 (bob) knows alice's token but does not own it; nor does a stranger.
-        assert_eq!(relay.forward_tcp(2, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
-        assert_eq!(relay.forward_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
-        assert_eq!(relay.forward_tcp(1, &[0; 16], b"x", now).err(), Some(RelayError::UnknownToken));
+        assert_eq!(relay.handle_tcp(2, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        assert_eq!(relay.handle_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        assert_eq!(relay.handle_tcp(1, &[0; 16], b"x", now).err(), Some(RelayError::UnknownToken));
+        assert!(next(&mut relay, now).is_none(), "nothing refused was queued");
         // Alice over her own connection: to bob, over his (no UDP bound).
-        let f = relay.forward_tcp(1, &ga.token, b"over tcp", now).unwrap();
-        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded over TCP") };
+        relay.handle_tcp(1, &ga.token, b"over tcp", now).unwrap();
+        let Some((Transmit::Tcp(_, r), _)) = next(&mut relay, now) else {
+            panic!("not forwarded over TCP")
+        };
         assert_eq!(r, commands::Relay { token: gb.token, data: b"over tcp".to_vec() });
-        assert!(relay.forward_tcp(1, &ga.token, b"", now).unwrap().is_none());
+        relay.handle_tcp(1, &ga.token, b"", now).unwrap();
+        assert!(next(&mut relay, now).is_none(), "a bind is not forwarded");
+    }
+
+    #[tokio::test]
+    async fn sessions_per_user_and_idle_expiry() {
+        let limits = RelayLimits { sessions_per_user: 2, ..RelayLimits::default() };
+        let mut relay = Relay::new(limits);
+        let t0 = Instant::now();
+        open_session(&mut relay, ("alice", 1), ("bob", 2), t0);
+        open_session(&mut relay, ("alice", 1), ("carol", 3), t0);
+        let end = |user: &str, conn| End { user: user.into(), conn, handle: None };
+        assert!(relay.create(end("alice", 1), end("dave", 4), t0).is_none(), "alice's third");
+        assert!(relay.create(end("erin", 5), end("dave", 4), t0).is_some());
+        assert_eq!(relay.stats.sessions.load(Ordering::Relaxed), 3);
+        relay.drop_connection(3);
+        assert_eq!(relay.sessions(), 2);
+        relay.expire(t0 + limits.idle + Duration::from_secs(1));
+        assert_eq!(relay.sessions(), 0);
+        assert_eq!(relay.stats.sessions.load(Ordering::Relaxed), 0);
+    }
+
+    /// Two sessions through a relay with an overall budget of 1 MB/s: leg F floods, leg Q
+    /// sends at a tenth of that. Over each 100 ms, F alone would get the whole budget; with
+    /// Q sending, Q gets all it sent (under its fair half) and F the rest; F's overflow is
+    /// dropped from F's own queue. When both flood, each gets half.
+    #[tokio::test]
+    async fn a_flooding_leg_does_not_take_the_other_legs_share() {
+        const SIZE: usize = 1000;
+        let limits =
+            RelayLimits { budget: Some(1e6), queue_per_leg: 50 * SIZE, ..RelayLimits::default() };
+        let mut relay = Relay::new(limits);
+        let t0 = Instant::now();
+        let (f, f_peer, _, _) = open_session(&mut relay, ("flood", 1), ("x", 2), t0);
+        let (q, q_peer, _, _) = open_session(&mut relay, ("quiet", 3), ("y", 4), t0);
+        let (fa, qa): (SocketAddr, SocketAddr) =
+            ("192.0.2.1:1".parse().unwrap(), "192.0.2.3:3".parse().unwrap());
+        let (fpa, qpa): (SocketAddr, SocketAddr) =
+            ("192.0.2.2:2".parse().unwrap(), "192.0.2.4:4".parse().unwrap());
+        for (leg, addr) in [(&f_peer, fpa), (&q_peer, qpa)] {
+            relay.handle_udp(&leg.bind(), addr, t0).unwrap();
+        }
+        // Per 10 ms step: F offers 100 datagrams (10× the budget), Q 1 (a tenth); then
+        // the relay sends what the budget allows.
+        let mut got = HashMap::<SocketAddr, usize>::new();
+        let mut run = |relay: &mut Relay, start: Instant, steps: u32, q_per_step: usize| {
+            got.clear();
+            for step in 1..=steps {
+                let now = start + Duration::from_millis(10) * step;
+                for i in 0..100 {
+                    relay.handle_udp(&sealed(&f, &[1; SIZE]), fa, now).unwrap();
+                    if i < q_per_step {
+                        relay.handle_udp(&sealed(&q, &[2; SIZE]), qa, now).unwrap();
+                    }
+                }
+                let mut out = Vec::new();
+                while let Some(t) = relay.poll_transmit(now, &mut out) {
+                    let Transmit::Udp { to, .. } = t else { panic!("not over UDP") };
+                    *got.entry(to).or_default() += 1;
+                }
+                assert!(relay.poll_timeout().is_some_and(|t| t > now), "waits for the budget");
+            }
+            got.clone()
+        };
+        // Warm up (the first burst), then 100 ms = 100 kB of budget = 100 datagrams.
+        run(&mut relay, t0, 1, 0);
+        let flood_alone = run(&mut relay, t0 + Duration::from_millis(10), 10, 0);
+        assert_eq!(flood_alone.get(&qpa), None);
+        let alone = flood_alone[&fpa];
+        assert!((95..=105).contains(&alone), "a leg alone gets the whole budget: {alone}");
+        let mixed = run(&mut relay, t0 + Duration::from_millis(110), 10, 1);
+        assert_eq!(mixed[&qpa], 10, "the quiet leg gets all it sent: {mixed:?}");
+        assert!((85..=95).contains(&mixed[&fpa]), "the flood gets the rest: {mixed:?}");
+        let both = run(&mut relay, t0 + Duration::from_millis(210), 10, 100);
+        let (bf, bq) = (both[&fpa] as i64, both[&qpa] as i64);
+        assert!((bf - bq).abs() <= 2 && bf + bq >= 95, "two floods share equally: {both:?}");
+        assert!(relay.stats.dropped.load(Ordering::Relaxed) > 0, "the overflow is counted");
+        // Memory stays bounded: no leg holds more than its queue.
+        assert!(relay.queued <= 2 * limits.queue_per_leg);
+    }
+
+    #[tokio::test]
+    async fn without_a_budget_everything_queued_goes_at_once() {
+        let (mut relay, a, b, _, _) = session();
+        let now = Instant::now();
+        relay.handle_udp(&b.bind(), B.parse().unwrap(), now).unwrap();
+        for _ in 0..200 {
+            relay.handle_udp(&sealed(&a, &[0; 1200]), A.parse().unwrap(), now).unwrap();
+        }
+        let mut out = Vec::new();
+        let mut n = 0;
+        while relay.poll_transmit(now, &mut out).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 200);
+        assert_eq!(out.len(), 200 * (1200 + relay::OVERHEAD));
+        assert_eq!(relay.poll_timeout(), None);
     }
 
     #[tokio::test]
     async fn only_its_own_user_takes_a_leg_set_up_at_another_instance() {
-        let relay = Relay::new(RelayLimits::default());
-        let handle = || crate::amp::peer::spawn(tokio::io::duplex(64).0).0;
+        let mut relay = Relay::new(RelayLimits::default());
         // Alice's control connection is at another instance; bob's is conn 2 here.
         let alice = End { user: "alice@a.test".into(), conn: REMOTE_CONN, handle: None };
         let bob = End { user: "bob@a.test".into(), conn: 2, handle: Some(handle()) };
         let now = Instant::now();
         let (ga, gb) = relay.create(alice, bob, now).unwrap();
         // Not over TCP before it is taken: no connection owns it.
-        assert_eq!(relay.forward_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
+        assert_eq!(relay.handle_tcp(3, &ga.token, b"x", now).err(), Some(RelayError::NotOwner));
         // Bob's leg is his connection's; a leg is not taken by another user, even one who
         // knows the token, nor an unknown token.
         assert_eq!(relay.claim(3, "alice@a.test", handle(), &gb.token), Err(RelayError::NotOwner));
@@ -459,13 +814,17 @@ mod tests {
         relay.claim(3, "alice@a.test", handle(), &ga.token).unwrap();
         relay.claim(3, "alice@a.test", handle(), &ga.token).unwrap();
         assert_eq!(relay.claim(5, "alice@a.test", handle(), &ga.token), Err(RelayError::NotOwner));
-        assert_eq!(relay.refused.load(Ordering::Relaxed), 5);
+        assert_eq!(relay.stats.refused.load(Ordering::Relaxed), 5);
         // Both ways over TCP now.
-        let f = relay.forward_tcp(3, &ga.token, b"to bob", now).unwrap();
-        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded over TCP") };
+        relay.handle_tcp(3, &ga.token, b"to bob", now).unwrap();
+        let Some((Transmit::Tcp(_, r), _)) = next(&mut relay, now) else {
+            panic!("not forwarded over TCP")
+        };
         assert_eq!(r, commands::Relay { token: gb.token, data: b"to bob".to_vec() });
-        let f = relay.forward_tcp(2, &gb.token, b"to alice", now).unwrap();
-        let Some(Forward::Tcp(_, r)) = f else { panic!("not forwarded to alice over TCP") };
+        relay.handle_tcp(2, &gb.token, b"to alice", now).unwrap();
+        let Some((Transmit::Tcp(_, r), _)) = next(&mut relay, now) else {
+            panic!("not forwarded to alice over TCP")
+        };
         assert_eq!(r, commands::Relay { token: ga.token, data: b"to alice".to_vec() });
         // The session ends with the connection that took it.
         relay.drop_connection(3);
