@@ -145,6 +145,8 @@ pub struct Relay {
 const BUDGET_BURST: Duration = Duration::from_millis(10);
 /// Spent buffers kept for reuse.
 const POOL: usize = 1024;
+/// Only buffers this small are kept (a few odd large datagrams must not pin memory).
+const POOLED_CAPACITY: usize = 4096;
 
 /// The `conn` of an end whose control connection is at another instance (connection ids
 /// start at 1): no local connection owns its leg.
@@ -392,7 +394,7 @@ impl Relay {
                 other.sent += 1;
                 relay::seal(out, &other.key, Direction::ToClient, to, other.sent, &inner);
                 let len = relay::OVERHEAD + inner.len();
-                if self.pool.len() < POOL {
+                if self.pool.len() < POOL && inner.capacity() <= POOLED_CAPACITY {
                     self.pool.push(inner);
                 }
                 Transmit::Udp { to: addr, len }
