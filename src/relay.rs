@@ -174,6 +174,13 @@ pub fn parse(d: &[u8]) -> Result<Unverified<'_>, RelayError> {
 }
 
 impl<'a> Unverified<'a> {
+    /// The inner datagram, its tag not checked (empty: a bind). For the server's relay,
+    /// which checks one datagram in a while from a leg's bound address
+    /// ([`crate::server::relay::TRUST_AHEAD`]).
+    pub fn inner(&self) -> &'a [u8] {
+        self.inner
+    }
+
     /// Check the tag with the leg's `key`, for a datagram sent in direction `dir`.
     pub fn verify(&self, key: &Key, dir: Direction) -> Result<Opened<'a>, RelayError> {
         let expected = key.tag(dir, &self.token, self.counter, self.inner);
