@@ -174,13 +174,6 @@ pub fn parse(d: &[u8]) -> Result<Unverified<'_>, RelayError> {
 }
 
 impl<'a> Unverified<'a> {
-    /// The inner datagram, its tag not checked (empty: a bind). For the server's relay,
-    /// which checks one datagram in a while from a leg's bound address
-    /// ([`crate::server::relay::TRUST_AHEAD`]).
-    pub fn inner(&self) -> &'a [u8] {
-        self.inner
-    }
-
     /// Check the tag with the leg's `key`, for a datagram sent in direction `dir`.
     pub fn verify(&self, key: &Key, dir: Direction) -> Result<Opened<'a>, RelayError> {
         let expected = key.tag(dir, &self.token, self.counter, self.inner);
@@ -234,6 +227,104 @@ pub fn seal_in_place(datagram: &mut [u8], key: &Key, dir: Direction, token: &Tok
 
 pub use q2q_netstack::replay::{Fresh, ReplayWindow};
 
+/// How far above the highest verified counter of a sender a datagram from where that
+/// sender's newest verified datagram came is taken without checking its tag: one datagram
+/// in this many is checked ([`Receiver`]). Below the replay window's width, so unchecked
+/// counters never push a verified one out of it.
+pub const TRUST_AHEAD: u64 = 256;
+const _: () = assert!(TRUST_AHEAD < ReplayWindow::SIZE);
+
+/// What one side knows of the datagrams a sender sent it on one leg: which counters came
+/// (the replay window), the highest verified one, and where the newest verified one came
+/// from. It decides which tags to check (the server of what each end sends, each end of
+/// what the server sends).
+///
+/// **Tags checked once in a while.** Checking the HMAC of every datagram was half of the
+/// relay's CPU. A datagram from the sender's address (where its newest verified datagram
+/// came from) whose counter is at most [`TRUST_AHEAD`] above the highest verified one is
+/// taken without checking its tag; its counter still goes through the replay window. Any
+/// other datagram (another address, a counter further ahead, or one at or below the
+/// highest verified) is checked, so the genuine sender has one datagram in
+/// [`TRUST_AHEAD`] checked; and every datagram is checked while the leg is *contested* (a
+/// verified datagram came from elsewhere without being the newest). Why this is safe:
+/// - Nobody can move (hijack) a leg: only a datagram whose tag verifies moves it
+///   ([`Accepted::moved`]), and only with a counter above every one seen (the window also
+///   holds the counters taken unchecked, so a captured datagram replayed from elsewhere is
+///   refused as a replay).
+/// - A stranger off the path cannot inject: without the 16 random bytes of the token,
+///   which only the two ends and the path see, every datagram is refused before its tag is
+///   even looked at, and an unchecked one must also come from the sender's address.
+/// - A stranger on the path who can forge the sender's source address can get at most
+///   [`TRUST_AHEAD`] datagrams per verified one through. It gains nothing by it: every
+///   PTCP datagram of a session is sealed end to end with the session's keys (AES-256-GCM,
+///   [`q2q_netstack::seal`]), so the peer refuses them, as it refuses what such an
+///   attacker sends it straight on a direct path. It can spend counters the genuine sender
+///   will use (those datagrams are then refused as replays): the disruption anyone who can
+///   forge packets on the path can cause to any UDP flow. It cannot hold a leg at an
+///   address the sender left (by keeping the highest counter above the sender's): the
+///   sender's verified datagram from its new address makes the leg contested, and from
+///   then on the forgeries are checked and refused until the sender's counter is the
+///   newest and moves it.
+#[derive(Debug, Default)]
+pub struct Receiver {
+    window: ReplayWindow,
+    /// The highest counter of a verified datagram (0: none yet).
+    verified: u64,
+    /// Where the newest verified datagram came from.
+    at: Option<std::net::SocketAddr>,
+    contested: bool,
+}
+
+/// A datagram a [`Receiver`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted<'a> {
+    /// The inner datagram (empty: a bind).
+    pub inner: &'a [u8],
+    /// Its tag verified and it is the newest: the sender is at its source address now.
+    pub moved: bool,
+}
+
+impl Receiver {
+    /// Take `u`, sent in direction `dir` with `key`, from `from`: check its tag if it must
+    /// be checked (see the type's docs; always when `from` is None, which moves nothing)
+    /// and refuse a replay.
+    pub fn accept<'a>(
+        &mut self,
+        u: &Unverified<'a>,
+        key: &Key,
+        dir: Direction,
+        from: Option<std::net::SocketAddr>,
+    ) -> Result<Accepted<'a>, RelayError> {
+        let unchecked = !self.contested
+            && from.is_some()
+            && self.at == from
+            && u.counter > self.verified
+            && u.counter - self.verified <= TRUST_AHEAD;
+        if unchecked {
+            self.window.accept(u.counter)?;
+            return Ok(Accepted { inner: u.inner, moved: false });
+        }
+        let opened = u.verify(key, dir)?;
+        let fresh = self.window.accept(opened.counter)?;
+        self.verified = self.verified.max(opened.counter);
+        let moved = fresh == Fresh::Newest && from.is_some();
+        if moved {
+            self.at = from;
+            self.contested = false;
+        } else if from.is_some() && self.at != from {
+            // The sender may have moved while someone forging its old address keeps the
+            // highest counter out of its reach: check everything until it is the newest.
+            self.contested = true;
+        }
+        Ok(Accepted { inner: opened.inner, moved })
+    }
+
+    /// Where the newest verified datagram came from.
+    pub fn at(&self) -> Option<std::net::SocketAddr> {
+        self.at
+    }
+}
+
 /// A client's end of a relay leg: its token and key, the counter of what it sends and the
 /// window of what the server sent. Its [`crate::ptcp::Framing`] seals each PTCP datagram
 /// of a session relayed over UDP.
@@ -241,13 +332,13 @@ pub struct Leg {
     token: Token,
     key: Key,
     counter: AtomicU64,
-    window: Mutex<ReplayWindow>,
+    rx: Mutex<Receiver>,
 }
 
 impl Leg {
     /// The leg the server granted (`relay_token`, `relay_key`).
     pub fn new(token: Token, key: Key) -> Leg {
-        Leg { token, key, counter: AtomicU64::new(0), window: Mutex::default() }
+        Leg { token, key, counter: AtomicU64::new(0), rx: Mutex::default() }
     }
 
     /// Its token.
@@ -274,14 +365,30 @@ impl Leg {
 
     /// Verify a datagram from the server on this leg and refuse replays; the inner datagram.
     pub fn open<'a>(&self, d: &'a [u8]) -> Result<&'a [u8], RelayError> {
+        self.receive(d, None)
+    }
+
+    /// [`Leg::open`] for a datagram that came from `from`: from where the server's newest
+    /// verified datagram came, only one tag in [`TRUST_AHEAD`] is checked ([`Receiver`]).
+    pub fn open_from<'a>(
+        &self,
+        d: &'a [u8],
+        from: std::net::SocketAddr,
+    ) -> Result<&'a [u8], RelayError> {
+        self.receive(d, Some(from))
+    }
+
+    fn receive<'a>(
+        &self,
+        d: &'a [u8],
+        from: Option<std::net::SocketAddr>,
+    ) -> Result<&'a [u8], RelayError> {
         let u = parse(d)?;
         if u.token != self.token {
             return Err(RelayError::UnknownToken);
         }
-        let opened = u.verify(&self.key, Direction::ToClient)?;
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        w.accept(opened.counter)?;
-        Ok(opened.inner)
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(rx.accept(&u, &self.key, Direction::ToClient, from)?.inner)
     }
 }
 
@@ -347,6 +454,32 @@ mod tests {
         let mut short = vec![0u8; 10];
         b.seal(&mut short);
         assert_eq!(short, vec![0u8; 10]);
+    }
+
+    /// The client's side of [`Receiver`]: from the relay's address one tag in
+    /// [`TRUST_AHEAD`] is checked; from anywhere else, or further ahead, every one.
+    #[test]
+    fn a_client_checks_the_relays_tags_once_in_a_while() {
+        let key = Key::from_bytes(&[7; KEY_LEN]);
+        let token = [4; TOKEN_LEN];
+        let leg = Leg::new(token, key.clone());
+        let relay: std::net::SocketAddr = "192.0.2.1:8788".parse().unwrap();
+        let evil: std::net::SocketAddr = "203.0.113.66:8788".parse().unwrap();
+        let forged = |counter| server_seal(&Key::from_bytes(&[9; KEY_LEN]), &token, counter, b"x");
+        // Nothing verified yet: checked.
+        assert_eq!(leg.open_from(&forged(1), relay), Err(RelayError::BadTag));
+        let d = server_seal(&key, &token, 1, b"hello");
+        assert_eq!(leg.open_from(&d, relay), Ok(&b"hello"[..]));
+        // From the relay's address within TRUST_AHEAD: not checked (the session's seal
+        // refuses what is inside), but replays still refused.
+        assert_eq!(leg.open_from(&forged(2), relay), Ok(&b"x"[..]));
+        assert_eq!(leg.open_from(&forged(2), relay), Err(RelayError::Replayed));
+        assert_eq!(leg.open_from(&forged(2 + TRUST_AHEAD), relay), Err(RelayError::BadTag));
+        assert_eq!(leg.open_from(&forged(3), evil), Err(RelayError::BadTag));
+        // Without an address (Leg::open) every tag is checked.
+        assert_eq!(leg.open(&forged(4)), Err(RelayError::BadTag));
+        let d = server_seal(&key, &token, 5, b"again");
+        assert_eq!(leg.open_from(&d, relay), Ok(&b"again"[..]));
     }
 
     #[test]

@@ -838,7 +838,8 @@ impl Driver {
                     self.relay_tokens.remove(&u.token);
                     return false;
                 };
-                if let Ok(inner) = leg.open(data)
+                // Tags checked once in a while from where the relay is (relay::Receiver).
+                if let Ok(inner) = leg.open_from(data, from)
                     && !inner.is_empty()
                 {
                     self.on_datagram_via(now, from, inner, Via::Relayed);

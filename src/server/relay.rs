@@ -4,42 +4,14 @@
 //!
 //! Each end of a relayed session holds its own leg: a token and a secret key, given to
 //! that end only, over TLS (framing in [`crate::relay`]). A UDP datagram on a leg is
-//! forwarded only if its counter is not a replay and, unless it comes from the leg's bound
-//! address within [`TRUST_AHEAD`] of its last verified counter, its tag verifies with the
-//! leg's key (see "Tags checked once in a while" below). Only a verified datagram newer
-//! than any verified on the leg, and not a replay, moves the leg to the address it came
-//! from, so a captured datagram replayed from elsewhere moves nothing. What the relay
-//! forwards to an end over UDP it seals with that end's key and its own counter. Over a
-//! control connection (AMP `relay`, inside TLS) there is no tag, and only the connection
-//! that owns a leg may use its token.
-//!
-//! **Tags checked once in a while.** Checking the HMAC of every datagram was a quarter of
-//! the relay's CPU. A datagram from the address the leg is bound to (where its last
-//! verified, newest datagram came from) whose counter is at most [`TRUST_AHEAD`] above the
-//! leg's highest verified counter is forwarded without checking its tag; its counter still
-//! goes through the leg's replay window. Any other datagram (another address, a counter
-//! further ahead, or one at or below the highest verified) is checked, so the genuine end
-//! has one datagram in [`TRUST_AHEAD`] checked; and every datagram is checked while the
-//! leg is contested (a verified datagram came from elsewhere without being the newest).
-//! Why this is safe:
-//! - Nobody can move (hijack) a leg: only a datagram whose tag verifies moves it, and only
-//!   with a counter above every verified one and not seen before (the window also holds
-//!   the counters forwarded unchecked, so a captured datagram replayed from elsewhere is
-//!   refused as a replay).
-//! - A stranger off the path cannot inject: without the 16 random bytes of the token,
-//!   which only the two ends and the path see, every datagram is refused before the key
-//!   is even looked at, and an unchecked one must also come from the bound address.
-//! - A stranger on the path who can forge the bound address's source can get at most
-//!   [`TRUST_AHEAD`] datagrams per verified one forwarded to the partner. It gains nothing
-//!   by it: every PTCP datagram of a session is sealed end to end with the session's keys
-//!   (AES-256-GCM, [`q2q_netstack::seal`]), so the partner refuses them, as it refuses what
-//!   such an attacker sends it straight on a direct path. It can spend counters the genuine
-//!   end will use (those datagrams are then refused as replays): the disruption anyone who
-//!   can forge packets on the path can cause to any UDP flow. It cannot hold a leg at an
-//!   address the end left (by keeping the highest counter above the end's): the end's
-//!   verified datagram from its new address makes the leg contested, and from then on the
-//!   forgeries are checked and refused until the end's counter is the newest and moves it.
-//! - What the relay sends to an end is still sealed with that end's key, each datagram.
+//! forwarded only if its counter is not a replay and its tag verifies with the leg's key
+//! (checked once in [`relay::TRUST_AHEAD`] datagrams from where the end is, every one
+//! otherwise: [`relay::Receiver`], which says why that is safe). Only a verified datagram
+//! newer than any seen on the leg moves the leg to the address it came from, so a captured
+//! datagram replayed from elsewhere moves nothing. What the relay forwards to an end over
+//! UDP it seals with that end's key and its own counter. Over a control connection (AMP
+//! `relay`, inside TLS) there is no tag, and only the connection that owns a leg may use
+//! its token.
 //!
 //! [`Relay`] is the sans-IO core: it does no I/O and reads no clock (`now` is passed in).
 //! One task owns it ([`super::udp`], the task that owns the server's main UDP socket);
@@ -61,20 +33,13 @@
 
 use crate::amp::PeerHandle;
 use crate::proto::commands;
-use crate::relay::{self, Direction, Fresh, Key, RelayError, ReplayWindow, Token};
+use crate::relay::{self, Direction, Key, Receiver, RelayError, Token};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-
-/// How far above a leg's highest verified counter a datagram from its bound address is
-/// forwarded without checking its tag (see the module docs): one datagram in this many is
-/// checked. Below the replay window's width, so unchecked counters never push a verified
-/// one out of it.
-pub const TRUST_AHEAD: u64 = 256;
-const _: () = assert!(TRUST_AHEAD < ReplayWindow::SIZE);
 
 /// Bytes a leg may send per round of deficit round robin: about one full-size datagram,
 /// so the legs take turns datagram by datagram (a larger datagram waits a few rounds).
@@ -93,15 +58,8 @@ struct Leg {
     /// reached over UDP, or over TCP once a connection of its user here takes the leg
     /// ([`Relay::claim`]).
     handle: Option<PeerHandle>,
-    udp: Option<SocketAddr>,
-    /// Counters of the UDP datagrams forwarded from this end (verified, or unchecked from
-    /// the bound address within [`TRUST_AHEAD`]).
-    window: ReplayWindow,
-    /// The highest counter of a verified datagram from this end (0: none yet).
-    verified: u64,
-    /// A verified datagram came from another address than the bound one without moving
-    /// the leg: every datagram is checked until one moves it or is newest from it.
-    contested: bool,
+    /// What came from this end over UDP; where it is ([`relay::Receiver::at`]).
+    rx: Receiver,
     /// The counter of the last datagram sealed to this end.
     sent: u64,
     last: Instant,
@@ -258,10 +216,7 @@ impl Relay {
             user: e.user,
             conn: e.conn,
             handle: e.handle,
-            udp: None,
-            window: ReplayWindow::default(),
-            verified: 0,
-            contested: false,
+            rx: Receiver::default(),
             sent: 0,
             last: now,
             queue: VecDeque::new(),
@@ -300,27 +255,7 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let u = relay::parse(datagram)?;
         let leg = self.legs.get_mut(&u.token).ok_or(RelayError::UnknownToken)?;
-        let trusted = !leg.contested
-            && leg.udp == Some(from)
-            && u.counter > leg.verified
-            && u.counter - leg.verified <= TRUST_AHEAD;
-        let inner = if trusted {
-            leg.window.accept(u.counter)?;
-            u.inner()
-        } else {
-            let opened = u.verify(&leg.key, Direction::ToServer)?;
-            let fresh = leg.window.accept(opened.counter)?;
-            leg.verified = leg.verified.max(opened.counter);
-            if fresh == Fresh::Newest {
-                leg.udp = Some(from);
-                leg.contested = false;
-            } else if leg.udp != Some(from) {
-                // The end may have moved while someone forging the old address keeps the
-                // highest counter out of its reach: check everything until it is newest.
-                leg.contested = true;
-            }
-            opened.inner
-        };
+        let inner = leg.rx.accept(&u, &leg.key, Direction::ToServer, Some(from))?.inner;
         self.enqueue(&u.token, inner, now);
         Ok(())
     }
@@ -454,7 +389,7 @@ impl Relay {
     fn for_partner(&mut self, to: &Token, inner: Vec<u8>, out: &mut Vec<u8>) -> Option<Transmit> {
         let other = self.legs.get_mut(to)?;
         self.stats.relayed_bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
-        let t = match (other.udp, &other.handle) {
+        let t = match (other.rx.at(), &other.handle) {
             (Some(addr), _) => {
                 other.sent += 1;
                 relay::seal(out, &other.key, Direction::ToClient, to, other.sent, &inner);
@@ -497,7 +432,7 @@ impl Relay {
 
     /// The UDP address leg `token` is bound to, if any.
     pub fn bound(&self, token: &Token) -> Option<SocketAddr> {
-        self.legs.get(token)?.udp
+        self.legs.get(token)?.rx.at()
     }
 
     /// End every session a connection took part in.
@@ -917,7 +852,7 @@ mod tests {
         // from there is forwarded (the partner's session seal refuses it) ...
         assert!(forward(&mut relay, &forged(&ga.token, 5, b"junk"), A, now).unwrap().is_some());
         // ... but not beyond TRUST_AHEAD, nor from anywhere else, and it moves nothing.
-        let far = forged(&ga.token, 2 + TRUST_AHEAD, b"junk");
+        let far = forged(&ga.token, 2 + relay::TRUST_AHEAD, b"junk");
         assert_eq!(forward(&mut relay, &far, A, now).err(), Some(RelayError::BadTag));
         let evil = forged(&ga.token, 1000, b"junk");
         assert_eq!(forward(&mut relay, &evil, EVIL, now).err(), Some(RelayError::BadTag));
@@ -933,7 +868,7 @@ mod tests {
         // counter above hers: her verified datagram makes the leg contested, the forgeries
         // are checked from then on, and her next datagrams move the leg.
         let moved: SocketAddr = "192.0.2.1:1001".parse().unwrap();
-        let ahead = forged(&ga.token, 1 + TRUST_AHEAD, b""); // verified: 1
+        let ahead = forged(&ga.token, 1 + relay::TRUST_AHEAD, b""); // verified: 1
         relay.handle_udp(&ahead, a_at, now).unwrap(); // unchecked: the window's highest now
         relay.handle_udp(&sealed(&a, b"moved"), moved, now).unwrap(); // counter 3, verified
         assert_eq!(relay.bound(&ga.token), Some(a_at), "not the newest yet");
@@ -941,7 +876,7 @@ mod tests {
         assert_eq!(relay.handle_udp(&more, a_at, now).err(), Some(RelayError::BadTag));
         let mut moved_after = None;
         // (Counter 1 + TRUST_AHEAD, which the forger spent, is refused as a replay.)
-        for i in 0..TRUST_AHEAD {
+        for i in 0..relay::TRUST_AHEAD {
             let r = relay.handle_udp(&sealed(&a, b"x"), moved, now);
             assert!(r.is_ok() || r == Err(RelayError::Replayed), "{r:?}");
             if relay.bound(&ga.token) == Some(moved) {
