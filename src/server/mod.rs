@@ -15,7 +15,8 @@
 //!                                                                 watched; others' lists, cached)
 //!  * one task owns the state as a sans-IO value; handlers ask it through a bounded channel
 //!  HTTP (optional) ── /metrics (Prometheus)
-//!  UDP :8788 ── who-am-i, relay (legs verified by tag, crate::relay framing)
+//!  UDP :8788 ── who-am-i, Relay* (owned by the UDP task, udp.rs; legs verified by tag,
+//!              crate::relay framing; fair queues between legs, no fixed rate per leg)
 //!  UDP :8789 ── who-am-i only (the second port, or `second_udp_addr`, for `q2q-tun
 //!               netcheck`'s NAT tests)
 //! ```
