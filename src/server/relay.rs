@@ -518,9 +518,7 @@ impl RelayHandle {
 
     /// [`Relay::create`] (None too when the relay has stopped).
     pub async fn create(&self, a: End, b: End) -> Option<(Grant, Grant)> {
-        let (reply, answer) = oneshot::channel();
-        self.requests.send(Request::Create { a, b, reply }).await.ok()?;
-        answer.await.ok().flatten()
+        super::ask_owner(&self.requests, |reply| Request::Create { a, b, reply }).await.flatten()
     }
 
     /// [`Relay::remove`].
