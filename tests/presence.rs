@@ -114,7 +114,7 @@ async fn inbound_exchange_consent_and_relay() {
             .unwrap()
             .unwrap();
     assert_eq!(from, relay);
-    assert_eq!(alice_leg.open(&buf[..n]), Ok(&b"hello alice"[..]));
+    assert_eq!(alice_leg.open(&buf[..n]), Ok(b"hello alice".to_vec()));
     // A forged token goes nowhere; nor does alice's token without alice's key, nor one of
     // alice's datagrams replayed from elsewhere (which would otherwise steal her leg).
     let stranger = Leg::new([0; 16], Key::random());
@@ -130,7 +130,7 @@ async fn inbound_exchange_consent_and_relay() {
             .await
             .unwrap()
             .unwrap();
-    assert_eq!(bob_leg.open(&buf[..n]), Ok(&b"hello bob"[..]));
+    assert_eq!(bob_leg.open(&buf[..n]), Ok(b"hello bob".to_vec()));
     evil.send_to(&captured, relay).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     // Alice's leg stayed with alice: bob's next datagram reaches her, not the thief.
@@ -140,7 +140,7 @@ async fn inbound_exchange_consent_and_relay() {
             .await
             .unwrap()
             .unwrap();
-    assert_eq!(alice_leg.open(&buf[..n]), Ok(&b"still yours"[..]));
+    assert_eq!(alice_leg.open(&buf[..n]), Ok(b"still yours".to_vec()));
     let mut evil_buf = [0u8; 1500];
     assert!(
         tokio::time::timeout(std::time::Duration::from_millis(200), evil.recv_from(&mut evil_buf))

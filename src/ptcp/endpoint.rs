@@ -343,6 +343,7 @@ impl Endpoint {
             accept_backlog: config.accept_backlog.max(1),
             drop_from: None,
             relay_tokens: HashMap::new(),
+            relayed: Vec::new(),
         };
         tokio::spawn(driver.run());
         Ok(Endpoint {
@@ -674,6 +675,8 @@ struct Driver {
     drop_from: Option<DropFilter>,
     /// Sessions by relay token, for relayed datagrams coming back.
     relay_tokens: HashMap<crate::relay::Token, SessionId>,
+    /// The inner datagram of a relayed one, opened ([`crate::relay::Leg::open_into`]).
+    relayed: Vec<u8>,
 }
 
 /// recvmmsg calls per wakeup before the sessions are polled (each takes up to
@@ -838,12 +841,14 @@ impl Driver {
                     self.relay_tokens.remove(&u.token);
                     return false;
                 };
-                // Tags checked once in a while from where the relay is (relay::Receiver).
-                if let Ok(inner) = leg.open_from(data, from)
-                    && !inner.is_empty()
-                {
-                    self.on_datagram_via(now, from, inner, Via::Relayed);
+                // Opened into a buffer kept for it (a relayed datagram holds no relayed one:
+                // `via` is then Relayed, so this arm is not reached again inside).
+                let mut inner = std::mem::take(&mut self.relayed);
+                inner.clear();
+                if leg.open_into(data, &mut inner).is_ok() && !inner.is_empty() {
+                    self.on_datagram_via(now, from, &inner, Via::Relayed);
                 }
+                self.relayed = inner;
                 true
             }
             _ => false,

@@ -213,7 +213,7 @@ impl UdpTask {
             Request::Remove(token) => self.relay.remove(&token),
             Request::DropConnection(conn) => self.relay.drop_connection(conn),
             Request::Tcp { conn, token, data } => {
-                if let Err(e) = self.relay.handle_tcp(conn, &token, &data, now) {
+                if let Err(e) = self.relay.handle_tcp(conn, &token, data, now) {
                     debug!(conn, error = %e, "refused a datagram relayed over TCP");
                 }
             }
