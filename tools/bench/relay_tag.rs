@@ -53,44 +53,29 @@ fn main() {
         }),
     );
 
-    let gcm = aead::LessSafeKey::new(
-        aead::UnboundKey::new(&aead::AES_256_GCM, &raw).expect("a 32-byte key"),
-    );
+    let aead_key =
+        |alg| aead::LessSafeKey::new(aead::UnboundKey::new(alg, &raw).expect("a 32-byte key"));
+    // One AEAD seal per datagram, nonce 0 ‖ counter: `aad` as associated data, `body`
+    // (maybe empty) encrypted in place; only the tag is kept.
+    let tag_of = |key: &aead::LessSafeKey, i: u64, aad: &[u8], body: &mut [u8]| {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce[4..].copy_from_slice(&i.to_be_bytes());
+        let nonce = aead::Nonce::assume_unique_for_key(nonce);
+        let tag = key.seal_in_place_separate_tag(nonce, aead::Aad::from(aad), body);
+        let _ = black_box(tag.expect("seals a datagram"));
+    };
+    let (gcm, poly) = (aead_key(&aead::AES_256_GCM), aead_key(&aead::CHACHA20_POLY1305));
     let aad = vec![0u8; relay::OVERHEAD - relay::TAG_LEN + size];
-    row(
-        "AES-256-GMAC, ring (contiguous AAD)",
-        per_datagram(n, |i| {
-            let mut nonce = [0u8; aead::NONCE_LEN];
-            nonce[4..].copy_from_slice(&i.to_be_bytes());
-            let nonce = aead::Nonce::assume_unique_for_key(nonce);
-            let tag = gcm.seal_in_place_separate_tag(nonce, aead::Aad::from(&aad[..]), &mut []);
-            let _ = black_box(tag.expect("GCM seals an empty plaintext"));
-        }),
-    );
-    let poly = aead::LessSafeKey::new(
-        aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &raw).expect("a 32-byte key"),
-    );
-    row(
-        "ChaCha20-Poly1305 MAC, ring (contiguous AAD)",
-        per_datagram(n, |i| {
-            let mut nonce = [0u8; aead::NONCE_LEN];
-            nonce[4..].copy_from_slice(&i.to_be_bytes());
-            let nonce = aead::Nonce::assume_unique_for_key(nonce);
-            let tag = poly.seal_in_place_separate_tag(nonce, aead::Aad::from(&aad[..]), &mut []);
-            let _ = black_box(tag.expect("seals an empty plaintext"));
-        }),
-    );
     let head = &aad[..relay::OVERHEAD - relay::TAG_LEN];
     let mut body = inner.clone();
+    row("AES-256-GMAC, ring (contiguous AAD)", per_datagram(n, |i| tag_of(&gcm, i, &aad, &mut [])));
+    row(
+        "ChaCha20-Poly1305 MAC, ring (contiguous AAD)",
+        per_datagram(n, |i| tag_of(&poly, i, &aad, &mut [])),
+    );
     row(
         "AES-256-GCM, ring (inner encrypted, head AAD)",
-        per_datagram(n, |i| {
-            let mut nonce = [0u8; aead::NONCE_LEN];
-            nonce[4..].copy_from_slice(&i.to_be_bytes());
-            let nonce = aead::Nonce::assume_unique_for_key(nonce);
-            let tag = gcm.seal_in_place_separate_tag(nonce, aead::Aad::from(head), &mut body);
-            let _ = black_box(tag.expect("GCM seals"));
-        }),
+        per_datagram(n, |i| tag_of(&gcm, i, head, &mut body)),
     );
     let mut copy = Vec::with_capacity(aad.len());
     row(
