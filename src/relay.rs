@@ -40,17 +40,22 @@
 //!   box sets up (a session id already on the endpoint is refused before its leg sends
 //!   anything). Towards the end, only the task that owns the relay seals with it.
 //! - Each sender's counter starts at 1 and only goes up: a [`Leg`]'s is one atomic counter
-//!   for everything the end sends on the leg (binds too), the relay's one per leg. Neither
+//!   for everything the end sends on the leg (binds too), the relay's one per leg (its
+//!   `sent`). Neither
 //!   wraps: a sender whose counter is spent (2^64 - 1 datagrams) seals nothing more.
-//! - Nothing keeps a leg key: a relay that restarts has no legs (the ends' datagrams are
-//!   refused as unknown tokens; their sessions are set up again, with new grants and new
-//!   random keys), and an end that restarts has no sessions.
+//! - Nothing keeps a leg key (no file, no database): a relay that restarts has no legs, so
+//!   it seals with no old key (the ends' datagrams are refused as unknown tokens; a new
+//!   session gets new grants and new random keys), and an end that restarts has no
+//!   sessions and no legs.
 //!
-//! The bounds of AES-GCM (RFC 9001 §6.6 and its appendix B): with every datagram's tag
-//! checked, a forgery succeeds with a chance of about 2^-57 only after 2^52 tries or 2^29
-//! datagrams sealed with one leg key; a relayed session ends after ten minutes of silence
-//! or with its control connection, and a forgery could at most move one leg (the session's
-//! own seal refuses what it carries).
+//! AES-GCM's integrity bound (RFC 9001 appendix B, draft-irtf-cfrg-aead-limits) weakens
+//! with the blocks sealed under one key: with every tag checked, a forgery's chance stays
+//! near 2^-57 up to about 2^29 full-size datagrams (some 750 GB, both directions together)
+//! on one leg, and grows slowly beyond (GMAC, with no plaintext, would seal a hundred times
+//! fewer blocks). A relayed session ends after ten minutes of silence or with its control
+//! connection, and a forgery could at most move one leg: the session's own seal refuses
+//! what it carries. Epoch keys as the session seal has would lift the bound if legs ever
+//! carry more.
 //!
 //! Over the TLS control connection (AMP `relay` with `token` and `data`) there is no tag:
 //! TLS protects it, and the server lets only the connection owning a leg use its token.
