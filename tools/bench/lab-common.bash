@@ -1,0 +1,60 @@
+# Shared set-up of the lab benchmarks (sourced by tools/bench/lab-*; not run on its own).
+#
+#   source tools/bench/lab-common.bash
+#   bench_lab_up NAT_A NAT_B    # build (release), netlab up, q2q-server on pub for example.com,
+#                               # alice@example.com (host-a) and bob@example.com (host-b) registered
+#
+# After it: $BIN (release binaries, or $BENCH_BIN), $work (a temporary directory, removed on exit), lab HOST
+# CMD... (run in a lab host), BG (pids ended on exit; add yours), alice/bob's homes
+# $work/alice and $work/bob. Exit trap: both daemons down, BG ended, the lab and $work
+# removed, then `bench_extra_cleanup` if the caller defined it. Needs root (callers check)
+# and the lab lock (callers run under `flock /tmp/q2q-lab.lock`).
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# BENCH_BIN=DIR: use the q2q-tun and q2q-server in DIR as they are (A/B runs of saved builds).
+BIN=${BENCH_BIN:-$PWD/target/release}
+export Q2Q_PASSWORD=bench-password-1
+BG=()
+work=$(mktemp -d /tmp/q2q-bench.XXXXXX); chmod 755 "$work"
+
+bench_cleanup() {
+  local h p
+  if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup || true; fi
+  for h in alice bob; do
+    [[ -S $work/$h/q2q.sock ]] && Q2Q_HOME=$work/$h timeout 10 "$BIN/q2q-tun" down >/dev/null 2>&1
+  done
+  for p in "${BG[@]}"; do kill "$p" 2>/dev/null; done
+  tools/netlab down >/dev/null 2>&1; rm -rf "$work"
+}
+trap bench_cleanup EXIT
+lab() { local h=$1; shift; tools/netlab exec "$h" -- "$@"; }
+
+# The pid of the q2q-tun daemon running in lab host $1 (empty if none).
+bench_daemon_pid() {
+  local p
+  for p in $(ip netns pids "$(tools/netlab ns "$1")" 2>/dev/null); do
+    # cmdline is NUL-separated: the daemon is the q2q-tun with an "up" argument.
+    [[ $(cat "/proc/$p/comm" 2>/dev/null) == q2q-tun ]] && tr '\0' '\n' <"/proc/$p/cmdline" | grep -qx up \
+      && { echo "$p"; return; }
+  done
+}
+
+# "RSS now / peak RSS" of pid $1 in MiB (from /proc/PID/status), or "gone".
+bench_rss() {
+  awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } END { if (r == "") print "gone"; else printf "%.1f MiB now, %.1f MiB peak", r / 1024, h / 1024 }' \
+    "/proc/$1/status" 2>/dev/null || echo gone
+}
+
+bench_lab_up() {
+  local nat_a=${1:-cone} nat_b=${2:-cone}
+  [[ -n ${BENCH_BIN:-} ]] || timeout 1800 cargo build -q --release --bins
+  tools/netlab up --nat-a "$nat_a" --nat-b "$nat_b" >/dev/null
+  lab pub "$BIN/q2q-server" --data-dir "$work/srv" init --domain example.com >/dev/null
+  # The lab's servers are at documentation addresses, which a server refuses to fetch
+  # other domains' CAs from unless config.toml allows them.
+  sed -i 's|^federation_allow = .*|federation_allow = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]|' "$work/srv/config.toml"
+  lab pub timeout 3600 "$BIN/q2q-server" --data-dir "$work/srv" run >/dev/null 2>&1 &
+  BG+=($!)
+  sleep 1
+  Q2Q_HOME=$work/alice lab host-a "$BIN/q2q-tun" register alice@example.com --server 198.51.100.1:8788 >/dev/null
+  Q2Q_HOME=$work/bob lab host-b "$BIN/q2q-tun" register bob@example.com --server 203.0.113.1:8788 >/dev/null
+}
