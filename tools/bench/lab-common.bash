@@ -18,12 +18,16 @@ work=$(mktemp -d /tmp/q2q-bench.XXXXXX); chmod 755 "$work"
 
 bench_cleanup() {
   local h p
+  # Every step runs, whatever failed before (errexit would stop at the first dead pid, and
+  # processes left in the lab would keep the lab lock's file descriptor open).
+  set +e
   if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup || true; fi
   for h in alice bob; do
     [[ -S $work/$h/q2q.sock ]] && Q2Q_HOME=$work/$h timeout 10 "$BIN/q2q-tun" down >/dev/null 2>&1
   done
   for p in "${BG[@]}"; do kill "$p" 2>/dev/null; done
   tools/netlab down >/dev/null 2>&1; rm -rf "$work"
+  set -e
 }
 trap bench_cleanup EXIT
 lab() { local h=$1; shift; tools/netlab exec "$h" -- "$@"; }
