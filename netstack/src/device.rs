@@ -7,14 +7,14 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 /// Keep at most this many spare packet buffers.
-const POOL_MAX: usize = 4096;
+pub(crate) const POOL_MAX: usize = 4096;
 
 pub(crate) struct LinkDevice {
     /// In-order packets from the peer, for smoltcp to read.
     pub rx: VecDeque<Vec<u8>>,
     /// Packets smoltcp made, waiting for the selective-repeat sender.
     pub tx: VecDeque<Vec<u8>>,
-    /// Spare buffers.
+    /// Spare buffers, at whatever length they had: whoever takes one sets its length.
     pub pool: Vec<Vec<u8>>,
     /// `transmit` says "not now" at this many queued packets: backpressure, never a drop.
     pub tx_limit: usize,
@@ -77,8 +77,8 @@ impl phy::Device for LinkDevice {
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(mut self, f: F) -> R {
         let r = f(&self.buf);
+        // Kept at its length (not cleared): a transmit reuses it without zero-filling.
         if self.pool.len() < POOL_MAX {
-            self.buf.clear();
             self.pool.push(std::mem::take(&mut self.buf));
         }
         r
@@ -87,8 +87,16 @@ impl phy::RxToken for RxToken<'_> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
-        self.buf.clear();
-        self.buf.resize(len, 0);
+        // Pool buffers keep their old length, so a long enough one is only cut: zero-filling
+        // every packet cost about 5% of the daemon's time at Gbit/s rates (perf, lab).
+        // smoltcp's emit writes every byte of the packet but the padding after a TCP
+        // options list's End-of-List, which receivers ignore; any old bytes there are from
+        // an earlier packet of this same link (the same peer, or the local kernel).
+        if self.buf.len() >= len {
+            self.buf.truncate(len);
+        } else {
+            self.buf.resize(len, 0);
+        }
         let r = f(&mut self.buf);
         self.queue.push_back(self.buf);
         r
