@@ -29,6 +29,23 @@ use tokio::sync::Notify;
 /// Bytes each pipe of a stream holds (each direction).
 pub(crate) const PIPE_BYTES: usize = 512 << 10;
 
+/// Bytes [`bridge`] moves per read and per write, each direction. tokio's default (8 KiB)
+/// makes a lock, a copy and often a cross-task wake-up per 8 KiB on both pipes; at
+/// Gbit/s rates that is hundreds of thousands of them a second.
+pub(crate) const BRIDGE_BYTES: usize = 64 << 10;
+
+/// Copy between two streams, both ways, until both are done (tokio's
+/// `copy_bidirectional`, with [`BRIDGE_BYTES`] buffers): the daemon's bridge between an
+/// app's flow or local TCP connection and a peer stream. Returns the bytes moved
+/// (a → b, b → a).
+pub(crate) async fn bridge<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, BRIDGE_BYTES, BRIDGE_BYTES).await
+}
+
 /// Why a stream cannot go on. Carried inside the `io::Error`s a stream returns (get it back
 /// with `err.get_ref().and_then(|e| e.downcast_ref::<StreamFailure>())`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -359,8 +376,9 @@ pub(crate) enum IoError {
 
 /// One stream of a stack, as [`pump`] drives it.
 pub(crate) trait StreamIo {
-    /// Read into `buf`: `Ok(0)` at the end of the stream.
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, IoError>;
+    /// Give `f` at most `max` received bytes straight from the stack's buffer (one piece;
+    /// call again for more): how many, `Ok(0)` at the end of the stream.
+    fn recv_with(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, IoError>;
     /// Queue `data`: how much was taken (`Ok(0)`: no room, or not open yet).
     fn send(&mut self, data: &[u8]) -> Result<usize, IoError>;
     /// Send FIN after what was queued.
@@ -372,8 +390,9 @@ pub(crate) trait StreamIo {
 
 /// Move bytes between a stream's pipes and the stack, both ways, and carry out a shutdown or
 /// abort the handle asked for. The driver calls it when the handle scheduled the stream and
-/// when the stack says the stream is readable, writable or finished.
-pub(crate) fn pump<K>(io: &mut impl StreamIo, p: &Pipes<K>, scratch: &mut [u8]) {
+/// when the stack says the stream is readable, writable or finished. Received bytes go
+/// from the stack's buffer straight into the pipe (one copy).
+pub(crate) fn pump<K>(io: &mut impl StreamIo, p: &Pipes<K>) {
     let mut st = p.lock();
     if st.abort {
         drop(st);
@@ -389,24 +408,26 @@ pub(crate) fn pump<K>(io: &mut impl StreamIo, p: &Pipes<K>, scratch: &mut [u8]) 
     // Stack → reader.
     let mut woke_reader = false;
     loop {
-        let room = if st.dropped { scratch.len() } else { PIPE_BYTES - st.rx.len() };
+        // A dropped handle's bytes are read and discarded.
+        let room = if st.dropped { usize::MAX } else { PIPE_BYTES - st.rx.len() };
         if room == 0 {
             st.rx_stalled = true;
             break;
         }
-        let want = room.min(scratch.len());
-        match io.recv(&mut scratch[..want]) {
+        let keep = !st.dropped;
+        let rx = &mut st.rx;
+        let r = io.recv_with(room, &mut |data| {
+            if keep {
+                rx.extend(data);
+            }
+        });
+        match r {
             Ok(0) => {
                 st.rx_eof = true;
                 woke_reader = true;
                 break;
             }
-            Ok(n) => {
-                if !st.dropped {
-                    st.rx.extend(&scratch[..n]);
-                    woke_reader = true;
-                }
-            }
+            Ok(_) => woke_reader |= keep,
             Err(IoError::Blocked) => break,
             Err(IoError::Reset) => {
                 st.error.get_or_insert(StreamFailure::Reset);

@@ -1045,6 +1045,23 @@ impl Session {
         Ok(n)
     }
 
+    /// [`Session::recv`] without a buffer of the caller's: `f` is given at most `max`
+    /// received bytes straight from the stream's buffer, one contiguous piece (call again
+    /// for more). Returns how many, with the same `Ok(0)` and errors as [`Session::recv`].
+    pub fn recv_with(
+        &mut self,
+        id: StreamId,
+        max: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, StreamError> {
+        let (st, sock) = self.stream_socket(id)?;
+        let n = tcp_io::recv_with(sock, max, f, st.reset, HANDSHAKING, &mut st.want_read)?;
+        if n > 0 {
+            self.need_poll = true;
+        }
+        Ok(n)
+    }
+
     /// Bytes waiting to be read on a stream.
     pub fn recv_queue(&mut self, id: StreamId) -> Result<usize, StreamError> {
         let (_, sock) = self.stream_socket(id)?;

@@ -52,8 +52,38 @@ pub(crate) fn recv(
     handshaking: &[tcp::State],
     want_read: &mut bool,
 ) -> Result<usize, IoError> {
-    match sock.recv_slice(buf) {
-        Ok(0) if !buf.is_empty() => {
+    let r = sock.recv_slice(buf);
+    recv_result(sock, r, !buf.is_empty(), reset, handshaking, want_read)
+}
+
+/// [`recv`] without a buffer of the caller's: `f` is given at most `max` received bytes
+/// straight from the socket's buffer (one contiguous piece; call again for more).
+pub(crate) fn recv_with(
+    sock: &mut tcp::Socket<'_>,
+    max: usize,
+    f: &mut dyn FnMut(&[u8]),
+    reset: bool,
+    handshaking: &[tcp::State],
+    want_read: &mut bool,
+) -> Result<usize, IoError> {
+    let r = sock.recv(|data| {
+        let n = data.len().min(max);
+        f(&data[..n]);
+        (n, n)
+    });
+    recv_result(sock, r, max > 0, reset, handshaking, want_read)
+}
+
+fn recv_result(
+    sock: &tcp::Socket<'_>,
+    r: Result<usize, tcp::RecvError>,
+    wanted: bool,
+    reset: bool,
+    handshaking: &[tcp::State],
+    want_read: &mut bool,
+) -> Result<usize, IoError> {
+    match r {
+        Ok(0) if wanted => {
             *want_read = true;
             Err(IoError::Blocked)
         }

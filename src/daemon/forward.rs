@@ -72,7 +72,7 @@ pub async fn apply_services(node: &Node, home: &Home) -> Result<(), DaemonError>
                     {
                         Ok(Ok(mut local)) => {
                             info!(peer = %a.peer, %service, %to, "forwarding");
-                            let _ = tokio::io::copy_bidirectional(&mut peer, &mut local).await;
+                            let _ = crate::pipe::bridge(&mut peer, &mut local).await;
                         }
                         _ => warn!(peer = %a.peer, %service, %to, "local target unreachable"),
                     }

@@ -461,7 +461,6 @@ struct Driver {
     pingers: HashMap<IpAddr, mpsc::Sender<Echo>>,
     ctx: Arc<Ctx>,
     cmds: mpsc::Receiver<Cmd>,
-    scratch: Vec<u8>,
 }
 
 /// One flow of the stack, as the pipes see it.
@@ -479,8 +478,8 @@ fn flow_error(e: FlowError) -> IoError {
 }
 
 impl StreamIo for FlowIo<'_> {
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, IoError> {
-        self.stack.recv(self.id, buf).map_err(flow_error)
+    fn recv_with(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, IoError> {
+        self.stack.recv_with(self.id, max, f).map_err(flow_error)
     }
     fn send(&mut self, data: &[u8]) -> Result<usize, IoError> {
         self.stack.send(self.id, data).map_err(flow_error)
@@ -514,7 +513,6 @@ impl Driver {
             pingers: HashMap::new(),
             ctx,
             cmds,
-            scratch: vec![0u8; 64 << 10],
         }
     }
 
@@ -601,7 +599,7 @@ impl Driver {
             return;
         }
         let mut io = FlowIo { stack: &mut self.stack, id: p.key };
-        crate::pipe::pump(&mut io, p, &mut self.scratch);
+        crate::pipe::pump(&mut io, p);
     }
 
     fn event(&mut self, ev: Event) {
@@ -757,7 +755,7 @@ async fn bridge(mut flow: PipeStream<FlowId>, conn: Box<Connection>) {
     let Connection { peer, mut stream, .. } = *conn;
     // Interactive programs (ssh) must not wait for Nagle; bulk data comes in big writes.
     stream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut flow, &mut stream).await {
+    match crate::pipe::bridge(&mut flow, &mut stream).await {
         Ok((up, down)) => debug!(%peer, up, down, "flow done"),
         Err(e) => {
             debug!(%peer, error = %e, "flow ended with an error");

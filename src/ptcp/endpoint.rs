@@ -339,7 +339,6 @@ impl Endpoint {
             out: Vec::with_capacity(65536),
             stalled: VecDeque::new(),
             dirty: Vec::new(),
-            scratch: vec![0u8; 64 << 10],
             accept_backlog: config.accept_backlog.max(1),
             drop_from: None,
             relay_tokens: HashMap::new(),
@@ -669,7 +668,6 @@ struct Driver {
     /// until they went. At most one session's ready datagrams plus a few raw ones.
     stalled: VecDeque<Batch>,
     dirty: Vec<Arc<Pipes>>,
-    scratch: Vec<u8>,
     accept_backlog: usize,
     /// Fault injection: sources whose datagrams are dropped on arrival.
     drop_from: Option<DropFilter>,
@@ -1109,7 +1107,7 @@ impl Driver {
             p.queued.store(false, Ordering::Release);
             if let Some(s) = self.sessions.get_mut(&p.key.0) {
                 s.touched = true;
-                pump(s, &p, &mut self.scratch);
+                pump(s, &p);
             }
         }
         self.dirty = dirty;
@@ -1128,9 +1126,8 @@ impl Driver {
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
         let link = self.self_link.upgrade();
-        let Driver {
-            sessions, socket, local, udp, stats, stalled, out, scratch, relay_tokens, ..
-        } = self;
+        let Driver { sessions, socket, local, udp, stats, stalled, out, relay_tokens, .. } =
+            self;
         let Some(s) = sessions.get_mut(&id) else { return };
         s.touched = false;
         drive_paths(id, s, now, socket, stats, link.as_ref());
@@ -1142,7 +1139,7 @@ impl Driver {
             let mut any = false;
             while let Some(ev) = s.session.poll_event() {
                 any = true;
-                on_event(s, ev, link.as_ref(), scratch);
+                on_event(s, ev, link.as_ref());
             }
             if !any {
                 break;
@@ -1384,7 +1381,7 @@ fn drive_paths(
 }
 
 /// Act on one session event.
-fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut [u8]) {
+fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>) {
     trace!(session = %s.session.id(), event = ?ev, "event");
     match ev {
         Event::Incoming => {
@@ -1403,7 +1400,7 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
                     let _ = s.session.abort(stream);
                     s.streams.remove(&stream);
                 } else {
-                    pump(s, &pipes, scratch);
+                    pump(s, &pipes);
                 }
             }
         }
@@ -1417,7 +1414,7 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
                             // The opener went away: dropping the handle closes the stream.
                             drop(h);
                         }
-                        pump(s, &pipes, scratch);
+                        pump(s, &pipes);
                     }
                     _ => {
                         let _ = s.session.abort(stream);
@@ -1427,7 +1424,7 @@ fn on_event(s: &mut SessionState, ev: Event, link: Option<&Link>, scratch: &mut 
         }
         Event::Readable(stream) | Event::Writable(stream) | Event::Finished(stream) => {
             if let Some(p) = s.streams.get(&stream).cloned() {
-                pump(s, &p, scratch);
+                pump(s, &p);
             }
         }
         Event::Reset(stream) => {
@@ -1489,12 +1486,12 @@ fn stream_failure(err: SessionError) -> StreamFailure {
 }
 
 /// Move bytes between a stream's pipes and its session (see [`crate::pipe::pump`]).
-fn pump(s: &mut SessionState, p: &Arc<Pipes>, scratch: &mut [u8]) {
+fn pump(s: &mut SessionState, p: &Arc<Pipes>) {
     let id = p.key.1;
     if s.opening.contains_key(&id) {
         return;
     }
-    crate::pipe::pump(&mut SessionStream { s, id }, p, scratch);
+    crate::pipe::pump(&mut SessionStream { s, id }, p);
 }
 
 /// One stream of a session, as the pipes see it.
@@ -1504,8 +1501,8 @@ struct SessionStream<'a> {
 }
 
 impl StreamIo for SessionStream<'_> {
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, IoError> {
-        self.s.session.recv(self.id, buf).map_err(io_error)
+    fn recv_with(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, IoError> {
+        self.s.session.recv_with(self.id, max, f).map_err(io_error)
     }
 
     fn send(&mut self, data: &[u8]) -> Result<usize, IoError> {

@@ -413,13 +413,29 @@ impl Stack {
     /// Take an IP packet read from the TUN device. Anything unexpected is dropped and
     /// counted in [`Stack::stats`].
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        if self.take_packet(now, packet) {
+            self.feed_smoltcp(packet);
+        }
+        self.poll_if_batch_full();
+    }
+
+    fn poll_if_batch_full(&mut self) {
+        if self.device.0.rx.len() >= RX_BATCH {
+            self.poll_iface(self.now());
+        }
+    }
+
+    /// Classify a packet from the TUN device and act on it: `true` when it goes to smoltcp.
+    fn take_packet(&mut self, now: Instant, packet: &[u8]) -> bool {
         self.touch(now);
         self.stats.packets_in += 1;
         match packet::classify(packet, &self.config) {
             Err(Drop::Malformed) => self.stats.malformed += 1,
             Err(Drop::NotInPool) => self.stats.not_in_pool += 1,
             Err(Drop::Unsupported) => self.stats.unsupported += 1,
-            Ok(Inbound::Tcp { src, dst, syn, rst }) => self.handle_tcp(packet, src, dst, syn, rst),
+            Ok(Inbound::Tcp { src, dst, syn, rst }) => {
+                return self.handle_tcp(packet, src, dst, syn, rst);
+            }
             Ok(Inbound::Udp { src, dst, payload, packet }) => {
                 if self.room_for_datagram() {
                     let quote = Quote::new(src.ip(), dst.ip(), packet);
@@ -440,9 +456,7 @@ impl Stack {
                 }
             }
         }
-        if self.device.0.rx.len() >= RX_BATCH {
-            self.poll_iface(self.now());
-        }
+        false
     }
 
     fn room_for_datagram(&mut self) -> bool {
@@ -454,6 +468,7 @@ impl Stack {
         true
     }
 
+    /// A TCP segment from an app: `true` when smoltcp is to take it.
     fn handle_tcp(
         &mut self,
         packet: &[u8],
@@ -461,7 +476,7 @@ impl Stack {
         dst: SocketAddr,
         syn: bool,
         rst: bool,
-    ) {
+    ) -> bool {
         if let Some(&id) = self.by_tuple.get(&(src, dst))
             && let Some(flow) = self.flows.get_mut(&id)
         {
@@ -477,15 +492,14 @@ impl Stack {
                 } else {
                     self.stats.pending_dropped += 1;
                 }
-                return;
+                return false;
             }
             let reset = flow.handle.is_some_and(|h| {
                 self.sockets.get::<tcp::Socket<'static>>(h).state() == tcp::State::Closed
             });
             if !(syn && reset) {
                 // An open flow: its socket takes it (a retransmitted SYN included).
-                self.feed_smoltcp(packet);
-                return;
+                return true;
             }
             // The app connects again from the same port while the old, reset flow waits
             // for its release: the tuple belongs to a new flow from now on.
@@ -493,15 +507,14 @@ impl Stack {
         }
         if !syn {
             // smoltcp answers a segment of no connection with a RST, as a kernel would.
-            self.feed_smoltcp(packet);
-            return;
+            return true;
         }
         if self.pending >= self.config.max_pending || self.flows.len() >= self.config.max_flows {
             self.stats.overflow_refused += 1;
             if let Some(rst) = packet::refuse(packet, src, dst) {
                 self.queue_ctrl(rst);
             }
-            return;
+            return false;
         }
         let id = FlowId(self.next_flow);
         self.next_flow += 1;
@@ -529,6 +542,7 @@ impl Stack {
         self.deadlines.push_back((deadline, id));
         trace!(flow = %id, %src, %dst, "connect");
         self.events.push_back(Event::Connect { flow: id, dst, src });
+        false
     }
 
     fn feed_smoltcp(&mut self, packet: &[u8]) {
@@ -839,6 +853,28 @@ impl Stack {
         let time_wait = f.released && sock.state() == tcp::State::TimeWait;
         if matches!(r, Ok(n) if n > 0) {
             // Freed receive buffer may open the window: let smoltcp say so.
+            self.need_poll = true;
+        }
+        if time_wait {
+            self.process_flow(id);
+        }
+        r
+    }
+
+    /// [`Stack::recv`] without a buffer of the caller's: `f` is given at most `max` bytes
+    /// straight from the flow's buffer, one contiguous piece (call again for more). Returns
+    /// how many, with the same `Ok(0)` and errors as [`Stack::recv`].
+    pub fn recv_with(
+        &mut self,
+        id: FlowId,
+        max: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, FlowError> {
+        let (fl, sock) = self.flow_socket(id)?;
+        let r = tcp_io::recv_with(sock, max, f, fl.reset, HANDSHAKING, &mut fl.want_read)
+            .map_err(FlowError::from);
+        let time_wait = fl.released && sock.state() == tcp::State::TimeWait;
+        if matches!(r, Ok(n) if n > 0) {
             self.need_poll = true;
         }
         if time_wait {
