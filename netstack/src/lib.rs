@@ -8,8 +8,9 @@
 //!
 //! ```text
 //!   application:  Session::open_stream / accept / send / recv / close / abort
-//!        │  (streams = smoltcp TCP sockets; buffers sized to the BDP, CUBIC, window
-//!        │   scaling, no delayed ACK, MSS from the link MTU, Nagle per stream)
+//!        │  (streams = smoltcp TCP sockets; buffers sized to the BDP plus a repair,
+//!        │   no TCP congestion control (the layer below has it), window scaling,
+//!        │   no delayed ACK, MSS from the link MTU, Nagle per stream)
 //!   ┌────▼──────────────────────────────────────────────┐
 //!   │ smoltcp Interface (Medium::Ip, 100.127.0.1 ⇄ .2)  │  session.rs
 //!   └────┬──────────────────────────────────▲───────────┘
