@@ -1126,8 +1126,7 @@ impl Driver {
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
         let link = self.self_link.upgrade();
-        let Driver { sessions, socket, local, udp, stats, stalled, out, relay_tokens, .. } =
-            self;
+        let Driver { sessions, socket, local, udp, stats, stalled, out, relay_tokens, .. } = self;
         let Some(s) = sessions.get_mut(&id) else { return };
         s.touched = false;
         drive_paths(id, s, now, socket, stats, link.as_ref());
