@@ -1,7 +1,10 @@
 //! Tuning of a PTCP session, with the reasons for each default.
 
+use std::sync::Arc;
+
 use smoltcp::time::Duration;
 
+use crate::budget::Budget;
 use crate::wire::Data;
 
 /// Settings of a [`crate::Session`]. `Config::default()` suits a path of up to about
@@ -28,12 +31,23 @@ pub struct Config {
     /// retransmission, about one more round trip, and TCP counts them in flight meanwhile.
     /// With random loss the window must therefore cover about two round trips: 8 MiB
     /// carries 3.3 Gbit/s at 20 ms on a clean path, and 1 Gbit/s at 20 ms through 1 % loss
-    /// (4 MiB gave 535 Mbit/s there in `sim_bench`). Memory is only touched as it is used:
-    /// a bulk stream ends up using all of it, an interactive one little.
+    /// (4 MiB gave 535 Mbit/s there in `sim_bench`). A stream gets this size only while
+    /// `stream_buffer_budget` allows, else `stream_small_buffer`.
     pub stream_rx_buffer: usize,
     /// Send buffer of each TCP stream in bytes (default 8 MiB), for the same reason: data
-    /// waits here until acknowledged, a repaired loss included.
+    /// waits here until acknowledged, a repaired loss included. Budgeted like the receive
+    /// buffer, together with it.
     pub stream_tx_buffer: usize,
+    /// Receive and send buffer, each, of a stream opened while the budget is spent
+    /// (default 256 KiB: a window of 2 Gbit/s at 1 ms, 100 Mbit/s at 20 ms). Fixed for the
+    /// stream's life: the window-scale shift is sent in the SYN.
+    pub stream_small_buffer: usize,
+    /// Bytes of stream buffers (receive + send) that streams may hold at the big size
+    /// (default 128 MiB: eight bulk streams at 8 + 8 MiB). Shared by every session made
+    /// from clones of this config (a node's sessions share one), so a burst of N streams
+    /// holds at most `limit + N × 2 × stream_small_buffer` bytes of buffers; a stream's
+    /// bytes return when it is removed. See [`crate::budget`].
+    pub stream_buffer_budget: Arc<Budget>,
     /// Disable Nagle's algorithm on new streams (default `false`: bulk streams should fill
     /// segments). Set it for interactive streams (a shell, RPC), or per stream with
     /// [`crate::Session::set_nodelay`].
@@ -99,6 +113,8 @@ impl Default for Config {
             max_plpmtu: 1452,
             stream_rx_buffer: 8 << 20,
             stream_tx_buffer: 8 << 20,
+            stream_small_buffer: 256 << 10,
+            stream_buffer_budget: Budget::new(128 << 20),
             nodelay: false,
             window_packets: 16384,
             initial_rtt: Duration::from_millis(100),

@@ -98,6 +98,7 @@
 //! loses nothing as long as it wakes within [`Config::pacing_burst`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod budget;
 pub mod config;
 mod device;
 pub mod path;

@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{AnySocket, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 use tracing::{debug, trace};
 
+use crate::budget::Lease;
 use crate::config::Config;
 use crate::device::LinkDevice;
 use crate::seal::{self, SealError, Sealer, SessionKeys};
@@ -175,6 +176,10 @@ pub struct Stats {
     pub wrong_session: u64,
     /// Open streams.
     pub streams: usize,
+    /// Bytes of TCP buffers (receive + send) the session's sockets hold now, sockets
+    /// listening for the peer's streams included: what the streams lease from
+    /// [`crate::Config::stream_buffer_budget`].
+    pub buffer_bytes: usize,
     /// Whether the peer's datagrams arrive sealed ([`crate::seal`]).
     pub sealed: bool,
     /// Datagrams refused by sealing: forged, replayed, or plain after the switch.
@@ -225,6 +230,8 @@ pub struct Session {
     remote: Ipv4Address,
     iface: Interface,
     sockets: SocketSet<'static>,
+    /// What each socket's buffers hold of the config's budget; dropped with the socket.
+    leases: HashMap<SocketHandle, Lease>,
     device: LinkDevice,
     sender: Sender,
     receiver: Receiver,
@@ -314,6 +321,7 @@ impl Session {
             remote,
             iface,
             sockets: SocketSet::new(Vec::new()),
+            leases: HashMap::new(),
             device,
             sender,
             receiver,
@@ -380,6 +388,12 @@ impl Session {
             malformed: self.malformed,
             wrong_session: self.wrong_session,
             streams: self.streams.len(),
+            buffer_bytes: self
+                .sockets
+                .iter()
+                .filter_map(|(_, s)| tcp::Socket::downcast(s))
+                .map(|t| t.recv_capacity() + t.send_capacity())
+                .sum(),
             plpmtu: self.sender.pmtu.plpmtu,
             sealed: self.sealer.as_ref().is_some_and(|s| s.peer_sealed),
             refused: self.refused,
@@ -813,17 +827,27 @@ impl Session {
         let room = room.min(self.config.max_streams.saturating_sub(self.streams.len()));
         let want = seen.len().min(room);
         while self.listeners.len() < want {
-            let mut sock = self.new_socket();
+            let (mut sock, lease) = self.new_socket();
             if sock.listen(ACCEPT_PORT).is_err() {
                 break;
             }
-            self.listeners.push(self.sockets.add(sock));
+            let h = self.add_socket(sock, lease);
+            self.listeners.push(h);
         }
     }
 
-    fn new_socket(&self) -> tcp::Socket<'static> {
-        let rx = tcp::SocketBuffer::new(vec![0u8; self.config.stream_rx_buffer.max(1024)]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; self.config.stream_tx_buffer.max(1024)]);
+    /// A socket with buffers as big as the budget allows (see [`crate::budget`]); the
+    /// lease goes with it into [`Session::add_socket`].
+    fn new_socket(&self) -> (tcp::Socket<'static>, Lease) {
+        let c = &self.config;
+        let (big_rx, big_tx) = (c.stream_rx_buffer.max(1024), c.stream_tx_buffer.max(1024));
+        let small = c.stream_small_buffer.max(1024);
+        let lease = c.stream_buffer_budget.lease(big_rx + big_tx, 2 * small);
+        let (rx, tx) = if lease.is_big() { (big_rx, big_tx) } else { (small, small) };
+        // Zeroed: calloc, whose pages are committed as they are touched when it maps them
+        // fresh (see `crate::budget`).
+        let rx = tcp::SocketBuffer::new(vec![0u8; rx]);
+        let tx = tcp::SocketBuffer::new(vec![0u8; tx]);
         let mut s = tcp::Socket::new(rx, tx);
         // No TCP congestion control: the selective-repeat layer below paces and caps what is
         // in flight (`sr::bbr`) and hides every loss, so a TCP controller has nothing to
@@ -838,7 +862,19 @@ impl Session {
         // Liveness is the session's job (keepalive + idle timeout), not each stream's.
         s.set_timeout(None);
         s.set_keep_alive(None);
-        s
+        (s, lease)
+    }
+
+    fn add_socket(&mut self, sock: tcp::Socket<'static>, lease: Lease) -> SocketHandle {
+        let h = self.sockets.add(sock);
+        self.leases.insert(h, lease);
+        h
+    }
+
+    /// Remove a socket and return its buffers' bytes to the budget.
+    fn remove_socket(&mut self, h: SocketHandle) {
+        self.sockets.remove(h);
+        self.leases.remove(&h);
     }
 
     fn after_poll(&mut self) {
@@ -851,7 +887,7 @@ impl Session {
                     tcp::State::Listen => i += 1,
                     tcp::State::Closed => {
                         self.listeners.swap_remove(i);
-                        self.sockets.remove(h);
+                        self.remove_socket(h);
                     }
                     _ => {
                         self.listeners.swap_remove(i);
@@ -956,7 +992,7 @@ impl Session {
             let st_handle = st.handle;
             let (incoming, lp, rp) = (st.incoming, st.local_port, st.remote_port);
             self.streams.remove(&id);
-            self.sockets.remove(st_handle);
+            self.remove_socket(st_handle);
             if incoming {
                 self.incoming_ports.remove(&rp);
             } else {
@@ -982,14 +1018,14 @@ impl Session {
             return Err(StreamError::TooManyStreams);
         }
         let port = self.alloc_port().ok_or(StreamError::TooManyStreams)?;
-        let mut sock = self.new_socket();
+        let (mut sock, lease) = self.new_socket();
         let remote = IpEndpoint::new(IpAddress::Ipv4(self.remote), ACCEPT_PORT);
         let local = IpEndpoint::new(IpAddress::Ipv4(self.local), port);
         if sock.connect(self.iface.context(), remote, local).is_err() {
             return Err(StreamError::TooManyStreams);
         }
         self.used_ports.insert(port);
-        let handle = self.sockets.add(sock);
+        let handle = self.add_socket(sock, lease);
         let id = self.add_stream(handle, false, port, ACCEPT_PORT);
         self.need_poll = true;
         trace!(session = %self.id, stream = %id, port, "open stream");

@@ -1,14 +1,20 @@
 # Shared set-up of the lab benchmarks (sourced by tools/bench/lab-*; not run on its own).
 #
 #   source tools/bench/lab-common.bash
-#   bench_lab_up NAT_A NAT_B    # build (release), netlab up, q2q-server on pub for example.com,
-#                               # alice@example.com (host-a) and bob@example.com (host-b) registered
+#   bench_lab_up NAT_A NAT_B    # check the release build, netlab up, q2q-server on pub for
+#                               # example.com, alice@example.com (host-a) and bob@example.com
+#                               # (host-b) registered
 #
 # After it: $BIN (release binaries, or $BENCH_BIN), $work (a temporary directory, removed on exit), lab HOST
 # CMD... (run in a lab host), BG (pids ended on exit; add yours), alice/bob's homes
 # $work/alice and $work/bob. Exit trap: both daemons down, BG ended, the lab and $work
 # removed, then `bench_extra_cleanup` if the caller defined it. Needs root (callers check)
 # and the lab lock (callers run under `flock /tmp/q2q-lab.lock`).
+#
+# The scripts do not build: a release build takes minutes on a loaded machine, and everyone
+# else waits for the lab lock meanwhile. Build first, then take the lock:
+#   cargo build --release --bins --example netimpair && flock /tmp/q2q-lab.lock tools/bench/lab-speed
+# bench_need_bins stops with that advice when a binary is missing or older than a source.
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # BENCH_BIN=DIR: use the q2q-tun and q2q-server in DIR as they are (A/B runs of saved builds).
 BIN=${BENCH_BIN:-$PWD/target/release}
@@ -48,9 +54,29 @@ bench_rss() {
     "/proc/$1/status" 2>/dev/null || echo gone
 }
 
+# Exit 1 unless each of $BIN/NAME... exists and is newer than every source it is built from
+# (the workspace's Rust sources, manifests and lock file). Skipped with $BENCH_BIN (saved
+# builds are meant to be old).
+bench_need_bins() {
+  local b stale
+  [[ -z ${BENCH_BIN:-} ]] || return 0
+  for b in "$@"; do
+    if [[ ! -x $BIN/$b ]]; then
+      echo "error: $BIN/$b is missing: build first, outside the lab lock: cargo build --release --bins --example netimpair" >&2
+      exit 1
+    fi
+    stale=$(find src netstack/src tools/lab Cargo.toml Cargo.lock netstack/Cargo.toml -newer "$BIN/$b" \
+      \( -name '*.rs' -o -name '*.toml' -o -name Cargo.lock \) -print -quit)
+    if [[ -n $stale ]]; then
+      echo "error: $BIN/$b is older than $stale: build first, outside the lab lock: cargo build --release --bins --example netimpair" >&2
+      exit 1
+    fi
+  done
+}
+
 bench_lab_up() {
   local nat_a=${1:-cone} nat_b=${2:-cone}
-  [[ -n ${BENCH_BIN:-} ]] || timeout 1800 cargo build -q --release --bins
+  bench_need_bins q2q-tun q2q-server
   tools/netlab up --nat-a "$nat_a" --nat-b "$nat_b" >/dev/null
   lab pub "$BIN/q2q-server" --data-dir "$work/srv" init --domain example.com >/dev/null
   # The lab's servers are at documentation addresses, which a server refuses to fetch

@@ -1,9 +1,12 @@
 //! Tuning of the TUN termination [`Stack`](super::Stack), with the reasons for each default.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use smoltcp::time::Duration;
 use smoltcp::wire::{Ipv4Cidr, Ipv6Cidr};
+
+use crate::budget::Budget;
 
 /// Settings of a [`Stack`](super::Stack). The defaults match the daemon's default address
 /// pool (`src/dns/pool.rs`): 100.64.0.0/10 and fd71:7132::/64.
@@ -23,11 +26,21 @@ pub struct Config {
     /// Receive buffer of each TCP flow in bytes (default 1 MiB). It is the window offered to
     /// the app (smoltcp picks the window-scale shift from it) and how far the app can run
     /// ahead of the daemon draining it into the peer stream: with the daemon waking every
-    /// millisecond, 1 MiB allows about 8 Gbit/s. Memory is only touched as it is used.
+    /// millisecond, 1 MiB allows about 8 Gbit/s. A flow gets this size only while
+    /// `buffer_budget` allows, else `small_buffer`.
     pub rx_buffer: usize,
     /// Send buffer of each TCP flow in bytes (default 1 MiB): data from the peer waiting for
-    /// the app to acknowledge it.
+    /// the app to acknowledge it. Budgeted with the receive buffer.
     pub tx_buffer: usize,
+    /// Receive and send buffer, each, of a flow accepted while the budget is spent (default
+    /// 256 KiB: 2 Gbit/s with the daemon waking every millisecond). Fixed for the flow's
+    /// life: the window-scale shift is sent in the SYN.
+    pub small_buffer: usize,
+    /// Bytes of flow buffers (receive + send) that flows may hold at the big size (default
+    /// 64 MiB: 32 flows at 1 + 1 MiB). Shared by clones of this config; a burst of N flows
+    /// holds at most `limit + N × 2 × small_buffer` bytes of buffers. See
+    /// [`crate::budget`].
+    pub buffer_budget: Arc<Budget>,
     /// A SYN held for this long without [`Stack::accept_flow`](super::Stack::accept_flow) or
     /// [`Stack::refuse_flow`](super::Stack::refuse_flow) is refused with a RST (default 10 s):
     /// an offline or silent peer becomes "connection refused" within a bounded time instead
@@ -59,6 +72,8 @@ impl Default for Config {
             mtu: 1400,
             rx_buffer: 1 << 20,
             tx_buffer: 1 << 20,
+            small_buffer: 256 << 10,
+            buffer_budget: Budget::new(64 << 20),
             connect_timeout: Duration::from_secs(10),
             max_pending: 1024,
             max_flows: 16384,

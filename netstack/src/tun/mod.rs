@@ -22,7 +22,7 @@
 //!   ┌────────────────────────────────────────────▼───────┐
 //!   │ smoltcp Interface (Medium::Ip, any_ip), one TCP    │  mod.rs
 //!   │ socket per accepted flow, listening on exactly the │
-//!   │ dialled endpoint; 1 MiB buffers, Nagle off, MSS    │
+//!   │ dialled endpoint; budgeted buffers, Nagle off, MSS │
 //!   │ from the TUN MTU, checksums computed and verified  │
 //!   └────────────────────────────────────────────┬───────┘
 //!        flows: send / recv / close / abort;     ▼ Established / Readable / Writable /
@@ -87,6 +87,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpListenEndpoint};
 use tracing::{debug, trace};
 
+use crate::budget::Lease;
 use crate::tcp_io;
 
 pub use config::Config;
@@ -314,6 +315,8 @@ struct Flow {
     pending: Option<Pending>,
     /// The socket, once accepted.
     handle: Option<SocketHandle>,
+    /// What the socket's buffers hold of the config's budget, returned with the flow.
+    lease: Option<Lease>,
     established: bool,
     peer_fin: bool,
     reset: bool,
@@ -528,6 +531,7 @@ impl Stack {
                 dst,
                 pending: Some(Pending { syn: packet.to_vec(), deadline }),
                 handle: None,
+                lease: None,
                 established: false,
                 peer_fin: false,
                 reset: false,
@@ -669,7 +673,7 @@ impl Stack {
         if !self.device.0.rx.is_empty() {
             self.poll_iface(now);
         }
-        let mut sock = self.new_socket();
+        let (mut sock, lease) = self.new_socket();
         let endpoint = IpListenEndpoint { addr: Some(IpAddress::from(dst.ip())), port: dst.port() };
         if sock.listen(endpoint).is_err() {
             // Port 0 never gets here (classify drops it); refuse rather than panic.
@@ -681,6 +685,7 @@ impl Stack {
         let handle = self.sockets.add(sock);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.handle = Some(handle);
+            flow.lease = Some(lease);
         }
         self.feed_smoltcp(&pending.syn);
         self.poll_iface(now);
@@ -690,6 +695,7 @@ impl Stack {
             self.sockets.remove(handle);
             if let Some(flow) = self.flows.get_mut(&id) {
                 flow.handle = None;
+                flow.lease = None;
             }
             self.refuse_syn(&pending.syn, id);
             return Err(FlowError::Gone);
@@ -747,9 +753,15 @@ impl Stack {
         }
     }
 
-    fn new_socket(&self) -> tcp::Socket<'static> {
-        let rx = tcp::SocketBuffer::new(vec![0u8; self.config.rx_buffer.max(1024)]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; self.config.tx_buffer.max(1024)]);
+    /// A socket with buffers as big as the budget allows (see [`crate::budget`]).
+    fn new_socket(&self) -> (tcp::Socket<'static>, Lease) {
+        let c = &self.config;
+        let (big_rx, big_tx) = (c.rx_buffer.max(1024), c.tx_buffer.max(1024));
+        let small = c.small_buffer.max(1024);
+        let lease = c.buffer_budget.lease(big_rx + big_tx, 2 * small);
+        let (rx, tx) = if lease.is_big() { (big_rx, big_tx) } else { (small, small) };
+        let rx = tcp::SocketBuffer::new(vec![0u8; rx]);
+        let tx = tcp::SocketBuffer::new(vec![0u8; tx]);
         let mut s = tcp::Socket::new(rx, tx);
         // The app's data is forwarded as it comes; the kernel side coalesces anyway.
         s.set_nagle_enabled(false);
@@ -758,7 +770,7 @@ impl Stack {
         // The kernel is always there; a gone app sends FIN or RST.
         s.set_timeout(None);
         s.set_keep_alive(None);
-        s
+        (s, lease)
     }
 
     /// Look at a flow whose socket changed and report what the daemon can see.
