@@ -523,9 +523,28 @@ fn daemon_closes_first_and_late_data_is_kept() {
     assert!(net.stack.poll_timeout().is_none_or(|t| t > net.now), "{:?}", net.stack.poll_timeout());
 }
 
+/// The window-scale option of every SYN-ACK the stack sent.
+fn synack_scales(packets: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in packets {
+        let Ok(s) = etherparse::SlicedPacket::from_ip(p) else { continue };
+        let Some(etherparse::TransportSlice::Tcp(t)) = s.transport else { continue };
+        if t.syn() && t.ack() {
+            for o in t.options_iterator().flatten() {
+                if let etherparse::TcpOptionElement::WindowScale(w) = o {
+                    out.push(w);
+                }
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn hundred_concurrent_flows() {
-    let mut net = Net::new(Config::default());
+    // A budget for 4 flows at the big buffers (1 + 1 MiB); the others get 256 + 256 KiB.
+    let budget = q2q_netstack::budget::Budget::new(8 << 20);
+    let mut net = Net::new(Config { buffer_budget: budget.clone(), ..Config::default() });
     let mut clients = Vec::new();
     for i in 0..100u16 {
         let dst = SocketAddr::new(vip(10 + (i % 7) as u8), [22, 80, 443][usize::from(i % 3)]);
@@ -541,6 +560,12 @@ fn hundred_concurrent_flows() {
         net.stack.accept_flow(*flow).unwrap();
     }
     net.step();
+    assert_eq!(budget.big_leases(), 4);
+    assert_eq!(budget.leased(), 4 * (2 << 20) + 96 * (512 << 10));
+    // The window each flow offers follows its buffer: shift 5 for 1 MiB, 3 for 256 KiB.
+    let mut scales = synack_scales(&net.from_stack);
+    scales.sort_unstable();
+    assert_eq!(scales, [vec![3; 96], vec![5; 4]].concat());
     for (i, (h, dst)) in clients.iter().enumerate() {
         assert_eq!(net.sock(*h).state(), tcp::State::Established, "flow {i}");
         assert_eq!(flow_of[&(41000 + i as u16)].1, *dst);
@@ -569,6 +594,8 @@ fn hundred_concurrent_flows() {
     let closed = net.events.iter().filter(|e| matches!(e, Event::Closed(_))).count();
     assert_eq!(closed, 100);
     assert_eq!(net.stack.stats().flows, 0);
+    // Every flow's bytes went back to the budget.
+    assert_eq!((budget.leased(), budget.big_leases()), (0, 0));
 }
 
 #[test]
