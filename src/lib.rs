@@ -52,5 +52,6 @@ pub mod proto;
 pub mod ptcp;
 pub mod relay;
 pub mod server;
+pub mod sys;
 pub mod tls;
 pub mod transfer;

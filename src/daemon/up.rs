@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
+
+/// Allocations from this size up get their own mapping in the daemon (glibc's default
+/// starting threshold, 128 KiB, held fixed): every TCP buffer, none of the packet-sized ones.
+const STREAM_BUFFER_MAPPED_FROM: usize = 128 << 10;
 use tracing::{info, warn};
 
 /// Fail when a daemon already answers on the control socket of `home`.
@@ -42,6 +46,9 @@ pub async fn run(
     let path = socket_path(&home);
     let shown = path.display().to_string();
     ensure_down(&home)?;
+    // Stream buffers (256 KiB and up) from fresh mappings: memory follows the bytes in
+    // flight and returns when a stream closes (see `crate::sys`).
+    crate::sys::fix_mmap_threshold(STREAM_BUFFER_MAPPED_FROM);
     if let Some(t) = &tun {
         super::platform::device::check_privileges(&t.name)?;
     }

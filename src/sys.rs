@@ -1,0 +1,28 @@
+//! The calls into libc that need `unsafe` (STYLE.md: only here, each with its `SAFETY`).
+#![allow(unsafe_code)]
+
+/// Serve every heap allocation of at least `bytes` from its own fresh anonymous mapping,
+/// unmapped when freed: glibc's `M_MMAP_THRESHOLD` (mallopt(3)). Returns whether it took
+/// effect (`false` on other C libraries, or when `bytes` is out of range).
+///
+/// Why: the daemon's TCP buffers (`q2q_netstack::budget`) are zeroed allocations of 256 KiB
+/// to 8 MiB. Served from a fresh mapping, calloc skips the zeroing and a page takes memory
+/// only once data touches it, so resident memory follows the bytes in flight, and a
+/// stream's buffers go back to the system when it closes. Left alone, glibc raises the
+/// threshold to the size of each mapped block freed (up to 32 MiB), so after the first
+/// bulk stream closes, buffers come from the heap, are zeroed (committed) whole, and stay
+/// with the process. Setting the threshold fixes it, which turns that adjustment off.
+pub fn fix_mmap_threshold(bytes: usize) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let Ok(v) = libc::c_int::try_from(bytes) else { return false };
+        // SAFETY: mallopt only sets an allocator parameter; glibc takes its own lock, so
+        // it is safe to call with other threads allocating. It reads no memory of ours.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, v) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = bytes;
+        false
+    }
+}
