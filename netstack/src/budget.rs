@@ -16,7 +16,8 @@
 //! above its mmap threshold, and those pages only take memory once touched. glibc raises
 //! that threshold after freeing such a block (up to 32 MiB), and then serves buffers of the
 //! same size from the heap and zeroes them, which commits them whole; the budget bounds
-//! both cases.
+//! both cases. The q2q daemon holds the threshold fixed (`q2q::sys::fix_mmap_threshold`),
+//! so there a buffer's pages take memory as data touches them and return when it is freed.
 //!
 //! The counters are atomics so that sessions driven by different tasks can share one
 //! budget; nothing else is shared.
@@ -24,6 +25,8 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use smoltcp::socket::tcp;
 
 /// Bytes of TCP buffers (receive + send) that sockets may lease at their big size. Shared
 /// by cloning the `Arc` (a [`crate::Config`] clone shares its budget).
@@ -67,6 +70,22 @@ impl Budget {
             self.big_leases.fetch_add(1, Ordering::Relaxed);
         }
         Lease { budget: self.clone(), bytes, big: is_big }
+    }
+
+    /// Receive and send buffers for a new TCP socket, with the lease that holds their
+    /// bytes: `big_rx` and `big_tx` bytes if the budget allows both, else `small` each (each
+    /// size taken as at least 1024). Zeroed allocations (`calloc`): see the module docs for
+    /// when their pages are committed.
+    pub fn buffers(
+        self: &Arc<Budget>,
+        big_rx: usize,
+        big_tx: usize,
+        small: usize,
+    ) -> (tcp::SocketBuffer<'static>, tcp::SocketBuffer<'static>, Lease) {
+        let (big_rx, big_tx, small) = (big_rx.max(1024), big_tx.max(1024), small.max(1024));
+        let lease = self.lease(big_rx + big_tx, 2 * small);
+        let (rx, tx) = if lease.is_big() { (big_rx, big_tx) } else { (small, small) };
+        (tcp::SocketBuffer::new(vec![0u8; rx]), tcp::SocketBuffer::new(vec![0u8; tx]), lease)
     }
 
     /// The limit, in bytes.

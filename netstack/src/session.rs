@@ -840,14 +840,11 @@ impl Session {
     /// lease goes with it into [`Session::add_socket`].
     fn new_socket(&self) -> (tcp::Socket<'static>, Lease) {
         let c = &self.config;
-        let (big_rx, big_tx) = (c.stream_rx_buffer.max(1024), c.stream_tx_buffer.max(1024));
-        let small = c.stream_small_buffer.max(1024);
-        let lease = c.stream_buffer_budget.lease(big_rx + big_tx, 2 * small);
-        let (rx, tx) = if lease.is_big() { (big_rx, big_tx) } else { (small, small) };
-        // Zeroed: calloc, whose pages are committed as they are touched when it maps them
-        // fresh (see `crate::budget`).
-        let rx = tcp::SocketBuffer::new(vec![0u8; rx]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; tx]);
+        let (rx, tx, lease) = c.stream_buffer_budget.buffers(
+            c.stream_rx_buffer,
+            c.stream_tx_buffer,
+            c.stream_small_buffer,
+        );
         let mut s = tcp::Socket::new(rx, tx);
         // No TCP congestion control: the selective-repeat layer below paces and caps what is
         // in flight (`sr::bbr`) and hides every loss, so a TCP controller has nothing to

@@ -756,12 +756,7 @@ impl Stack {
     /// A socket with buffers as big as the budget allows (see [`crate::budget`]).
     fn new_socket(&self) -> (tcp::Socket<'static>, Lease) {
         let c = &self.config;
-        let (big_rx, big_tx) = (c.rx_buffer.max(1024), c.tx_buffer.max(1024));
-        let small = c.small_buffer.max(1024);
-        let lease = c.buffer_budget.lease(big_rx + big_tx, 2 * small);
-        let (rx, tx) = if lease.is_big() { (big_rx, big_tx) } else { (small, small) };
-        let rx = tcp::SocketBuffer::new(vec![0u8; rx]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; tx]);
+        let (rx, tx, lease) = c.buffer_budget.buffers(c.rx_buffer, c.tx_buffer, c.small_buffer);
         let mut s = tcp::Socket::new(rx, tx);
         // The app's data is forwarded as it comes; the kernel side coalesces anyway.
         s.set_nagle_enabled(false);
@@ -863,8 +858,18 @@ impl Stack {
         let r = tcp_io::recv(sock, buf, f.reset, HANDSHAKING, &mut f.want_read)
             .map_err(FlowError::from);
         let time_wait = f.released && sock.state() == tcp::State::TimeWait;
+        self.after_recv(id, r, time_wait)
+    }
+
+    /// After a read: freed receive buffer may open the window (let smoltcp say so), and a
+    /// released flow in TIME-WAIT is looked at again.
+    fn after_recv(
+        &mut self,
+        id: FlowId,
+        r: Result<usize, FlowError>,
+        time_wait: bool,
+    ) -> Result<usize, FlowError> {
         if matches!(r, Ok(n) if n > 0) {
-            // Freed receive buffer may open the window: let smoltcp say so.
             self.need_poll = true;
         }
         if time_wait {
@@ -886,13 +891,7 @@ impl Stack {
         let r = tcp_io::recv_with(sock, max, f, fl.reset, HANDSHAKING, &mut fl.want_read)
             .map_err(FlowError::from);
         let time_wait = fl.released && sock.state() == tcp::State::TimeWait;
-        if matches!(r, Ok(n) if n > 0) {
-            self.need_poll = true;
-        }
-        if time_wait {
-            self.process_flow(id);
-        }
-        r
+        self.after_recv(id, r, time_wait)
     }
 
     /// Bytes waiting to be read on a flow.
