@@ -30,7 +30,23 @@ impl LinkDevice {
     pub fn tx_full(&self) -> bool {
         self.tx.len() >= self.tx_limit
     }
+
+    /// A spare buffer for smoltcp to write a packet into: one of the last few that is at
+    /// least an MTU long if there is one, which the packet then only cuts, else the last.
+    /// Buffers come back at the length of the packet they held: on the sending side most
+    /// received packets are ACKs, and growing such a buffer to a full segment zero-fills
+    /// it (4.5% of the sender's time in the lab, perf).
+    fn spare(&mut self) -> Vec<u8> {
+        let n = self.pool.len();
+        match (n.saturating_sub(SPARE_SCAN)..n).rev().find(|&i| self.pool[i].len() >= self.mtu) {
+            Some(i) => self.pool.swap_remove(i),
+            None => self.pool.pop().unwrap_or_default(),
+        }
+    }
 }
+
+/// How many of the newest spare buffers [`LinkDevice::spare`] looks at.
+const SPARE_SCAN: usize = 16;
 
 pub(crate) struct RxToken<'a> {
     buf: Vec<u8>,
@@ -48,7 +64,7 @@ impl phy::Device for LinkDevice {
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let buf = self.rx.pop_front()?;
-        let spare = self.pool.pop().unwrap_or_default();
+        let spare = self.spare();
         // A reply made while receiving (a RST, a challenge ACK) is queued even past the
         // limit: it is rare, small, and smoltcp would not retry it.
         Some((RxToken { buf, pool: &mut self.pool }, TxToken { queue: &mut self.tx, buf: spare }))
@@ -58,7 +74,7 @@ impl phy::Device for LinkDevice {
         if self.tx.len() >= self.tx_limit {
             return None;
         }
-        let buf = self.pool.pop().unwrap_or_default();
+        let buf = self.spare();
         Some(TxToken { queue: &mut self.tx, buf })
     }
 
@@ -100,5 +116,22 @@ impl phy::TxToken for TxToken<'_> {
         let r = f(&mut self.buf);
         self.queue.push_back(self.buf);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_length_spare_is_taken_over_newer_short_ones() {
+        let mut d = LinkDevice::new(1400, 8);
+        d.pool.push(vec![7u8; 1400]);
+        d.pool.extend((0..3).map(|_| vec![0u8; 52]));
+        assert_eq!(d.spare().len(), 1400);
+        assert_eq!(d.pool.len(), 3);
+        // None long enough: the newest.
+        assert_eq!(d.spare().len(), 52);
+        assert_eq!(d.pool.len(), 2);
     }
 }
