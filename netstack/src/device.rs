@@ -45,6 +45,18 @@ impl LinkDevice {
     }
 }
 
+/// A spare buffer to copy a received packet into (its length is then reset, so any will
+/// do): the shortest of the newest few, which leaves the full-length ones to
+/// [`LinkDevice::spare`]. Taking the newest instead took a buffer the peer's ACK had just
+/// released, for each of the peer's short ACK packets, and turned it short for good.
+pub(crate) fn spare_for_copy(pool: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    let n = pool.len();
+    match (n.saturating_sub(SPARE_SCAN)..n).min_by_key(|&i| pool[i].len()) {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
+    }
+}
+
 /// How many of the newest spare buffers [`LinkDevice::spare`] looks at.
 const SPARE_SCAN: usize = 16;
 
@@ -133,5 +145,14 @@ mod tests {
         // None long enough: the newest.
         assert_eq!(d.spare().len(), 52);
         assert_eq!(d.pool.len(), 2);
+    }
+
+    #[test]
+    fn a_copy_takes_the_shortest_spare() {
+        let mut pool = vec![vec![0u8; 40], vec![0u8; 1400], vec![0u8; 52]];
+        assert_eq!(spare_for_copy(&mut pool).len(), 40);
+        assert_eq!(spare_for_copy(&mut pool).len(), 52);
+        assert_eq!(spare_for_copy(&mut pool).len(), 1400);
+        assert!(spare_for_copy(&mut pool).is_empty() && pool.is_empty());
     }
 }

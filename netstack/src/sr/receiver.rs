@@ -144,7 +144,7 @@ impl Receiver {
             // A whole retransmission completes what fragments had begun.
             self.partials.remove(&seq);
         }
-        let mut copy = pool.pop().unwrap_or_default();
+        let mut copy = crate::device::spare_for_copy(pool);
         copy.clear();
         copy.extend_from_slice(data.payload);
         self.place(now, seq, idx, copy, pool, deliver);

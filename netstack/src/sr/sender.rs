@@ -479,8 +479,9 @@ impl Sender {
 
     fn release_acked(&mut self, pool: &mut Vec<Vec<u8>>) {
         while self.slots.front().is_some_and(|s| s.acked) {
-            if let Some(mut s) = self.slots.pop_front() {
-                s.payload.clear();
+            if let Some(s) = self.slots.pop_front() {
+                // Kept at its length, not cleared: the device's next transmit then only
+                // cuts it instead of zero-filling it up to a segment again.
                 if pool.len() < 4096 {
                     pool.push(s.payload);
                 }

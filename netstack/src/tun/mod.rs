@@ -550,7 +550,7 @@ impl Stack {
     }
 
     fn feed_smoltcp(&mut self, packet: &[u8]) {
-        let mut buf = self.device.0.pool.pop().unwrap_or_default();
+        let mut buf = crate::device::spare_for_copy(&mut self.device.0.pool);
         buf.clear();
         buf.extend_from_slice(packet);
         self.device.0.rx.push_back(buf);
