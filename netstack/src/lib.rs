@@ -86,7 +86,7 @@
 //!    `Finished`, `Reset`, `TimedOut`, `Closed`, and `SessionLost` at the end.
 //! 4. On every move to another path (relay → direct, direct → relay, NAT rebinding):
 //!    [`Session::on_path_change`] with the new path's framing overhead in bytes, so that
-//!    path MTU discovery starts over; and [`Session::path_lost`] as well when the old path
+//!    path MTU discovery and congestion control (round trip, bandwidth) start over; and [`Session::path_lost`] as well when the old path
 //!    died, to resend at once what was in flight on it.
 //! 5. Sleep until [`Session::poll_timeout`] (a time in the past means at once) or the next
 //!    input, then call [`Session::handle_timeout`] and go to 2. `None` means the session is

@@ -561,12 +561,14 @@ impl Session {
     /// address) whose framing adds `overhead` bytes in front of each datagram (0 for a
     /// direct path, the relay header for a relayed one). The path MTU is unknown again:
     /// the PLPMTU goes back to [`crate::pmtu::BASE_PLPMTU`] minus `overhead` and the search
-    /// starts over (RFC 8899 §5.2). Call it on every move, and [`Session::path_lost`] as
+    /// starts over (RFC 8899 §5.2). So are its round trip and bandwidth: congestion control
+    /// starts up again from the initial window and RTT (RFC 9000 §9.4), and what was sent on
+    /// the old path gives no samples. Call it on every move, and [`Session::path_lost`] as
     /// well when the old path died.
     pub fn on_path_change(&mut self, now: Instant, overhead: usize) {
         let now = micros(now);
         self.last_now = self.last_now.max(now);
-        self.sender.on_path_change(overhead);
+        self.sender.on_path_change(now, overhead);
     }
 
     /// Run timers that are due. [`Session::poll_transmit`] does this too.

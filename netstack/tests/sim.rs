@@ -149,6 +149,73 @@ fn path_change_mid_transfer_is_invisible() {
     assert_eq!(pair.rejected, 0);
 }
 
+/// The path of the lab's lossy benchmark: 20 ms RTT, 1 % random loss, 1 Gbit/s, one BDP of
+/// queue.
+fn far(seed: u64) -> LinkConfig {
+    let mut c = LinkConfig::new(Duration::from_millis(10), seed);
+    c.loss = 0.01;
+    c.bandwidth_bps = Some(1_000_000_000);
+    c.queue_bytes = 2_500_000;
+    c
+}
+
+/// Bytes a → b of a one-way transfer delivered in the `secs` virtual seconds after `moved`
+/// is set up: on `far` links throughout (`near_ms: None`), or first `near_ms` on a
+/// 100 µs-RTT path (the lab's relay, which its impairment hop does not delay) and then on
+/// `far` ones, the move reported to both sessions as the endpoint does.
+fn delivered_after(near_ms: Option<i64>, secs: i64) -> (u64, Pair) {
+    let near = |seed| {
+        let mut c = LinkConfig::new(Duration::from_micros(50), seed);
+        c.bandwidth_bps = Some(1_000_000_000);
+        c
+    };
+    let (ab, ba) = if near_ms.is_some() { (near(31), near(32)) } else { (far(33), far(34)) };
+    let mut pair = pair_with(Config::default(), ab, ba);
+    let mut t = Transfer::start_one_way(&mut pair, 1, 1 << 40).expect("open");
+    if let Some(ms) = near_ms {
+        let r = t.run(&mut pair, Instant::from_millis(ms), |_, _, _| {});
+        assert!(r.is_err(), "still running on the near path");
+        pair.change_path(Link::new(far(33)), Link::new(far(34)));
+        let now = pair.now;
+        pair.a.on_path_change(now, 0);
+        pair.b.on_path_change(now, 0);
+    }
+    let mut got = 0u64;
+    let until = pair.now + Duration::from_secs(secs as u64);
+    let r = t.run(&mut pair, until, |dir, _, data| {
+        if dir == Dir::AtoB {
+            got += data.len() as u64;
+        }
+    });
+    assert!(r.is_err(), "a 1 TiB transfer is still running");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    (got, pair)
+}
+
+/// A session that starts on a near path and moves to a far one (the lab: relayed through
+/// `pub` at 0.1 ms, then hole-punched through 20 ms and 1 % loss) must not size its
+/// in-flight cap with the near path's round trip. It did: BBR kept the 0.1 ms minimum RTT
+/// for its 10 s window, the cap stayed at 2 × bandwidth × 1 ms (the floor) + 4 packets,
+/// and the delivery rate that cap allows on a 20 ms path (4 packets per round trip,
+/// ~2 Mbit/s) fed back as the bandwidth estimate: iperf3 alice → bob through q2q0 moved
+/// 1 Mbit/s for the whole 10 s run. After a move the path is measured afresh (RFC 9000
+/// §9.4): the same progress as a session that was on the far path from the start.
+#[test]
+fn move_to_a_longer_path_measures_it_afresh() {
+    let (control, _) = delivered_after(None, 1);
+    let (moved, pair) = delivered_after(Some(20), 1);
+    let st = pair.a.stats();
+    eprintln!(
+        "1 s on the far path: {} MiB moved vs {} MiB from the start; min RTT {:?}, cwnd {}",
+        moved / MIB,
+        control / MIB,
+        st.min_rtt,
+        st.cwnd
+    );
+    assert!(st.min_rtt >= Duration::from_millis(20), "the old path's RTT: {:?}", st.min_rtt);
+    assert!(moved >= control / 2, "{moved} bytes after the move, {control} from the start");
+}
+
 #[test]
 fn vanished_peer_ends_in_timeout_not_hang() {
     let config = Config { idle_timeout: Duration::from_secs(5), ..Config::default() };

@@ -46,6 +46,7 @@ pub(crate) struct RateSample {
 #[derive(Debug)]
 pub(crate) struct Bbr {
     mss: u64,
+    initial_cwnd_packets: u64,
     pub mode: Mode,
     bw: VecDeque<(u64, f64)>,
     pub min_rtt: i64,
@@ -75,6 +76,7 @@ impl Bbr {
     pub fn new(mss: u64, initial_cwnd_packets: u64) -> Bbr {
         Bbr {
             mss,
+            initial_cwnd_packets,
             mode: Mode::Startup,
             bw: VecDeque::new(),
             min_rtt: i64::MAX,
@@ -98,6 +100,12 @@ impl Bbr {
             queue_rounds: 0,
             rtt_floor: 0,
         }
+    }
+
+    /// Forget the path: start-up again from the initial window, with no bandwidth or RTT
+    /// known (the session moved to another path). The RTT floor is a setting: it stays.
+    pub fn restart(&mut self) {
+        *self = Bbr { rtt_floor: self.rtt_floor, ..Bbr::new(self.mss, self.initial_cwnd_packets) };
     }
 
     /// Estimated bottleneck bandwidth in bytes per second (0 before the first sample).

@@ -92,7 +92,12 @@ pub(crate) struct Sender {
     largest_echo: Option<u64>,
     in_flight: u64,
     pub rtt: Rtt,
+    /// The RTT assumed before the first sample of a path, µs.
+    initial_rtt: i64,
     pub cc: Bbr,
+    /// The first transmission on the current path: older ones (sent on a path the session
+    /// left) give no RTT or delivery-rate samples.
+    path_pn: u64,
     pacer_next: f64,
     burst_us: f64,
     window: u64,
@@ -142,7 +147,9 @@ impl Sender {
             largest_echo: None,
             in_flight: 0,
             rtt: Rtt::new(initial_rtt_us),
+            initial_rtt: initial_rtt_us,
             cc: Bbr::new(mss, initial_cwnd_packets),
+            path_pn: 0,
             pacer_next: f64::MIN,
             burst_us: burst_us as f64,
             window,
@@ -264,9 +271,19 @@ impl Sender {
     }
 
     /// A new path, whose framing adds `overhead` bytes in front of each datagram: the
-    /// PLPMTU goes back to BASE and the search starts over.
-    pub fn on_path_change(&mut self, overhead: usize) {
+    /// PLPMTU goes back to BASE and the search starts over, and the path's round trip and
+    /// bandwidth are measured afresh (RFC 9000 §9.4: the congestion controller and the RTT
+    /// estimator start from their initial values). Transmissions made before give no
+    /// samples: their round trips and delivery rates are the old path's. Kept, the old
+    /// path's minimum RTT sized the in-flight cap for BBR's 10 s window: from a 0.1 ms path
+    /// to a 20 ms one that cap let 4 packets through per round trip.
+    pub fn on_path_change(&mut self, now: i64, overhead: usize) {
         self.pmtu.reset(overhead);
+        self.rtt = Rtt::new(self.initial_rtt);
+        self.cc.restart();
+        self.path_pn = self.next_pn;
+        self.delivered_time = now;
+        self.first_sent_time = now;
     }
 
     /// Send the next datagram if congestion control and pacing allow: retransmissions first,
@@ -420,6 +437,7 @@ impl Sender {
             }
             if let Some(&(pn, sent)) = self.pns.front()
                 && pn == ack.largest_pn
+                && pn >= self.path_pn
             {
                 let sample = now - sent;
                 let delay = (ack.ack_delay_us.min(1 << 40) as i64).min(self.peer_max_ack_delay * 4);
@@ -462,7 +480,8 @@ impl Sender {
         if self.app_limited_until > 0 && self.delivered > self.app_limited_until {
             self.app_limited_until = 0;
         }
-        let rs = newest.and_then(|snap| {
+        // A packet sent on the path the session left says nothing about this one.
+        let rs = newest.filter(|snap| snap.pn >= self.path_pn).and_then(|snap| {
             self.first_sent_time = snap.sent;
             let send_elapsed = snap.sent - snap.first_sent_time;
             let ack_elapsed = now - snap.delivered_time;
