@@ -343,6 +343,7 @@ impl Endpoint {
             drop_from: None,
             relay_tokens: HashMap::new(),
             relayed: Vec::new(),
+            reported_at: Instant::from_micros(0),
         };
         tokio::spawn(driver.run());
         Ok(Endpoint {
@@ -675,7 +676,12 @@ struct Driver {
     relay_tokens: HashMap<crate::relay::Token, SessionId>,
     /// The inner datagram of a relayed one, opened ([`crate::relay::Leg::open_into`]).
     relayed: Vec<u8>,
+    /// When the sessions were last reported in the log (debug level, [`REPORT_EVERY_US`]).
+    reported_at: Instant,
 }
+
+/// How often the driver logs each busy session's counters and queues at debug level (µs).
+const REPORT_EVERY_US: i64 = 1_000_000;
 
 /// recvmmsg calls per wakeup before the sessions are polled (each takes up to
 /// `quinn_udp::BATCH_SIZE` buffers, each holding one datagram or, with GRO, several).
@@ -1122,6 +1128,14 @@ impl Driver {
         for id in ids {
             self.service_session(id, now);
         }
+        if now.total_micros() - self.reported_at.total_micros() >= REPORT_EVERY_US
+            && tracing::enabled!(tracing::Level::DEBUG)
+        {
+            self.reported_at = now;
+            for (id, s) in &mut self.sessions {
+                report(*id, s);
+            }
+        }
     }
 
     fn service_session(&mut self, id: SessionId, now: Instant) {
@@ -1481,6 +1495,49 @@ fn stream_failure(err: SessionError) -> StreamFailure {
         SessionError::TimedOut(ms) => StreamFailure::TimedOut(ms),
         // The session ended under attack: its streams are reset.
         SessionError::Forgeries => StreamFailure::Reset,
+    }
+}
+
+/// Log a session's counters and, per stream, what waits where (debug level): the stack's
+/// send and receive queues and the pipes' bytes. Where a transfer stalls shows here.
+fn report(id: SessionId, s: &mut SessionState) {
+    if s.streams.is_empty() {
+        return;
+    }
+    let st = s.session.stats();
+    debug!(
+        session = %id,
+        srtt_us = st.srtt.total_micros(),
+        min_rtt_us = st.min_rtt.total_micros(),
+        cwnd = st.cwnd,
+        in_flight = st.in_flight,
+        bw_mbps = st.bandwidth_bps / 1e6,
+        sent = st.sender.packets_sent,
+        retx = st.sender.retransmits,
+        lost = st.sender.declared_lost,
+        rtos = st.sender.rtos,
+        spurious = st.sender.spurious,
+        received = st.receiver.packets_received,
+        dups = st.receiver.duplicates,
+        acks = st.receiver.acks_sent,
+        "session report"
+    );
+    for (sid, p) in &s.streams {
+        let (pipe_rx, pipe_tx, stalled) = {
+            let l = p.lock();
+            (l.rx.len(), l.tx.len(), l.rx_stalled)
+        };
+        debug!(
+            session = %id,
+            stream = %sid,
+            state = ?s.session.stream_state(*sid).ok(),
+            send_queue = s.session.send_queue(*sid).unwrap_or(0),
+            recv_queue = s.session.recv_queue(*sid).unwrap_or(0),
+            pipe_rx,
+            pipe_tx,
+            stalled,
+            "stream report"
+        );
     }
 }
 
