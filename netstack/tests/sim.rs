@@ -285,3 +285,45 @@ fn refused_stream_is_reset() {
     }
     assert!(reset);
 }
+
+/// A session that has only acknowledged data for a while (the lab's `iperf3 -R` after a
+/// forward run: bob's session sent nothing but ACKs for 10 s) must start sending at the
+/// path's pace, not at what its ACK traffic measured. It did not: the small app-limited
+/// samples of the ACK-only phase became the bandwidth estimate, start-up was left on the
+/// queue behind the forward data, and the first bulk second crawled up in probing gains
+/// (6, 34, 267 Mbit/s in the lab). Here `b` receives 512 MiB (only acknowledging), idles
+/// until 12 s, then sends: in its first 2 s it must move at least 3/4 of what a fresh
+/// session moves in its first 2 s on the same path.
+#[test]
+fn sending_after_only_acknowledging_starts_at_full_pace() {
+    let (control, _) = delivered_after(None, 2);
+    let mut pair = pair_with(Config::default(), far(35), far(36));
+    let mut t = Transfer::start_one_way(&mut pair, 1, 512 * MIB).expect("open");
+    t.run(&mut pair, Instant::from_secs(12), |_, _, _| {}).expect("the forward transfer");
+    while pair.now < Instant::from_secs(12) {
+        assert!(pair.step());
+    }
+    // Turn round: `b` (now `pair.a`) sends.
+    std::mem::swap(&mut pair.a, &mut pair.b);
+    std::mem::swap(&mut pair.ab, &mut pair.ba);
+    let mut t = Transfer::start_one_way(&mut pair, 1, 1 << 40).expect("open");
+    let mut got = 0u64;
+    let until = pair.now + Duration::from_secs(2);
+    let r = t.run(&mut pair, until, |dir, _, data| {
+        if dir == Dir::AtoB {
+            got += data.len() as u64;
+        }
+    });
+    assert!(r.is_err(), "a 1 TiB transfer is still running");
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let st = pair.a.stats();
+    eprintln!(
+        "first 2 s after acknowledging only: {} MiB vs {} MiB fresh; bandwidth {:.0} Mbit/s, \
+         cwnd {}",
+        got / MIB,
+        control / MIB,
+        st.bandwidth_bps / 1e6,
+        st.cwnd
+    );
+    assert!(got >= control / 4 * 3, "{got} bytes after acknowledging only, {control} fresh");
+}

@@ -166,12 +166,20 @@ impl Bbr {
                 self.bw_update(rate);
             }
         }
+        let app_limited = sample.is_some_and(|s| s.app_limited);
         if round_start
             && !self.filled_pipe
+            && !app_limited
             && self.queue_rounds & 1 != 0
             && self.last_round_lost > 0
         {
-            // Losses while a queue shows: start-up overshot the bottleneck's buffer.
+            // Losses while a queue shows: start-up overshot the bottleneck's buffer. Not
+            // while application-limited: so little in flight made neither the queue (it is
+            // other traffic's, e.g. the data this side acknowledges) nor the losses, and
+            // leaving start-up there would freeze the estimate at the ACK traffic's rate
+            // (start-up counts only non-app-limited rounds for its bandwidth-plateau exit:
+            // draft-cardwell-iccrg-bbr-congestion-control-02 §4.3.1.2, `BBRCheckFullPipe`;
+            // draft-ietf-ccwg-bbr `BBRCheckStartupFullBandwidth`).
             self.filled_pipe = true;
         }
         if round_start && !self.filled_pipe {
