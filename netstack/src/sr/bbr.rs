@@ -166,20 +166,21 @@ impl Bbr {
                 self.bw_update(rate);
             }
         }
-        let app_limited = sample.is_some_and(|s| s.app_limited);
         if round_start
             && !self.filled_pipe
-            && !app_limited
+            && in_flight >= self.cwnd / 2
             && self.queue_rounds & 1 != 0
             && self.last_round_lost > 0
         {
-            // Losses while a queue shows: start-up overshot the bottleneck's buffer. Not
-            // while application-limited: so little in flight made neither the queue (it is
-            // other traffic's, e.g. the data this side acknowledges) nor the losses, and
-            // leaving start-up there would freeze the estimate at the ACK traffic's rate
-            // (start-up counts only non-app-limited rounds for its bandwidth-plateau exit:
-            // draft-cardwell-iccrg-bbr-congestion-control-02 §4.3.1.2, `BBRCheckFullPipe`;
-            // draft-ietf-ccwg-bbr `BBRCheckStartupFullBandwidth`).
+            // Losses while a queue shows: start-up overshot the bottleneck's buffer. Only
+            // when the flight fills at least half the window: a flight far below it (a
+            // session that only acknowledges the other side's data) made neither the queue
+            // (it is the other traffic's) nor the losses (random), and leaving start-up
+            // there froze the estimate at the ACK traffic's rate. BBR exits start-up only
+            // on rounds that could have filled the pipe (non-app-limited ones:
+            // draft-cardwell-iccrg-bbr-congestion-control-02 §4.3.1.2, draft-ietf-ccwg-bbr
+            // `BBRCheckStartupFullBandwidth`); the sample's app-limited mark itself is too
+            // broad here, since TCP's own slow start marks most of a fresh start-up.
             self.filled_pipe = true;
         }
         if round_start && !self.filled_pipe {
