@@ -32,8 +32,9 @@ use crate::dns::names::Names;
 use crate::dns::pool::{Pool, PoolConfig};
 use crate::dns::server::{self as dns_server, Lookup, ServerConfig, SharedShim};
 use crate::dns::shim::{Existence, Exists, Shim, ShimConfig};
-use crate::pipe::{DriverWake, IoError, PipeStream, Pipes, StreamFailure, StreamIo};
+use crate::pipe::{DriverWake, IoError, Pipes, Splice, SpliceState, StreamIo};
 use crate::presence::node::{Connection, Node};
+use crate::ptcp::StreamKey;
 use q2q_netstack::tun::{Config as StackConfig, Echo, Event, FlowError, FlowId, Quote, Stack};
 use q2q_netstack::tun::{Ipv4Cidr, Ipv6Cidr};
 use std::collections::HashMap;
@@ -449,12 +450,18 @@ impl UdpRefusals {
     }
 }
 
+/// An accepted app flow, joined to the peer stream that carries it.
+struct Flow {
+    splice: Splice<StreamKey>,
+    peer: Q2qAddress,
+}
+
 struct Driver {
     device: tun_rs::AsyncDevice,
     stack: Stack,
     start: tokio::time::Instant,
     wake: Arc<DriverWake<FlowId>>,
-    flows: HashMap<FlowId, Arc<Pipes<FlowId>>>,
+    flows: HashMap<FlowId, Flow>,
     dirty: Vec<Arc<Pipes<FlowId>>>,
     udp: HashMap<(SocketAddr, SocketAddr), mpsc::Sender<UdpItem>>,
     udp_refused: UdpRefusals,
@@ -561,8 +568,8 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
-        for p in self.flows.values() {
-            p.fail(StreamFailure::EndpointGone);
+        for f in self.flows.values() {
+            f.splice.peer().abort();
         }
     }
 
@@ -582,6 +589,7 @@ impl Driver {
                 if let Err(e) = self.device.send(&packet).await {
                     debug!(error = %e, "TUN write failed; packet dropped");
                 }
+                self.stack.recycle(packet);
             }
             let mut any = false;
             while let Some(ev) = self.stack.poll_event() {
@@ -595,11 +603,16 @@ impl Driver {
     }
 
     fn pump(&mut self, p: &Arc<Pipes<FlowId>>) {
-        if !self.flows.contains_key(&p.key) {
-            return;
+        self.pump_flow(p.key);
+    }
+
+    fn pump_flow(&mut self, id: FlowId) {
+        let Some(f) = self.flows.get_mut(&id) else { return };
+        let mut io = FlowIo { stack: &mut self.stack, id };
+        if let SpliceState::Failed(why) = f.splice.pump(&mut io) {
+            let (up, down) = f.splice.moved();
+            debug!(peer = %f.peer, %why, up, down, "flow reset");
         }
-        let mut io = FlowIo { stack: &mut self.stack, id: p.key };
-        crate::pipe::pump(&mut io, p);
     }
 
     fn event(&mut self, ev: Event) {
@@ -609,25 +622,21 @@ impl Driver {
                 tokio::spawn(open_flow(self.ctx.clone(), flow, dst));
             }
             Event::Established(_) => {}
-            Event::Readable(f) | Event::Writable(f) | Event::Finished(f) => {
-                if let Some(p) = self.flows.get(&f).cloned() {
-                    self.pump(&p);
-                }
-            }
+            Event::Readable(f) | Event::Writable(f) | Event::Finished(f) => self.pump_flow(f),
             Event::Reset(f) => {
-                if let Some(p) = self.flows.get(&f) {
-                    p.fail(StreamFailure::Reset);
+                if let Some(fl) = self.flows.get(&f) {
+                    fl.splice.peer().abort();
                 }
                 let _ = self.stack.abort(f);
             }
             Event::Closed(f) => {
-                if let Some(p) = self.flows.remove(&f) {
-                    let clean = {
-                        let st = p.lock();
-                        st.rx_eof && st.fin_sent
-                    };
-                    if !clean {
-                        p.fail(StreamFailure::Reset);
+                if let Some(fl) = self.flows.remove(&f) {
+                    let (up, down) = fl.splice.moved();
+                    if fl.splice.finished() {
+                        debug!(peer = %fl.peer, up, down, "flow done");
+                    } else {
+                        debug!(peer = %fl.peer, up, down, "flow closed before both ends finished");
+                        fl.splice.peer().abort();
                     }
                 }
             }
@@ -640,10 +649,14 @@ impl Driver {
         match cmd {
             Cmd::Accept { flow, conn } => match self.stack.accept_flow(flow) {
                 Ok(()) => {
+                    let Connection { peer, stream, .. } = *conn;
+                    // Interactive programs (ssh) must not wait for Nagle; bulk data comes in
+                    // big writes.
+                    stream.set_nodelay(true);
                     let pipes = Pipes::new(flow);
-                    self.flows.insert(flow, pipes.clone());
-                    let stream = PipeStream::new(pipes, self.wake.clone(), Box::new(()));
-                    tokio::spawn(bridge(stream, conn));
+                    let splice = Splice::new(stream.into_pipe(), &self.wake, &pipes);
+                    self.flows.insert(flow, Flow { splice, peer });
+                    self.pump_flow(flow);
                 }
                 Err(e) => debug!(%flow, error = %e, "app gave up before the peer answered"),
             },
@@ -748,21 +761,6 @@ async fn open_flow(ctx: Arc<Ctx>, flow: FlowId, dst: SocketAddr) {
         }
     };
     let _ = ctx.cmds.send(cmd).await;
-}
-
-/// Copy between the app's flow and the peer stream until both are done.
-async fn bridge(mut flow: PipeStream<FlowId>, conn: Box<Connection>) {
-    let Connection { peer, mut stream, .. } = *conn;
-    // Interactive programs (ssh) must not wait for Nagle; bulk data comes in big writes.
-    stream.set_nodelay(true);
-    match crate::pipe::bridge(&mut flow, &mut stream).await {
-        Ok((up, down)) => debug!(%peer, up, down, "flow done"),
-        Err(e) => {
-            debug!(%peer, error = %e, "flow ended with an error");
-            flow.abort();
-            stream.abort();
-        }
-    }
 }
 
 /// Carry one app's UDP flow (src → dst) to the peer's `udp/<port>` and the answers back.

@@ -15,6 +15,8 @@ use tokio::net::UnixListener;
 /// Allocations from this size up get their own mapping in the daemon (glibc's default
 /// starting threshold, 128 KiB, held fixed): every TCP buffer, none of the packet-sized ones.
 const STREAM_BUFFER_MAPPED_FROM: usize = 128 << 10;
+/// Freed heap memory each of glibc's heaps keeps for reuse (see `crate::sys::keep_freed_heap`).
+const FREED_HEAP_KEPT: usize = 16 << 20;
 use tracing::{info, warn};
 
 /// Fail when a daemon already answers on the control socket of `home`.
@@ -49,6 +51,9 @@ pub async fn run(
     // Stream buffers (256 KiB and up) from fresh mappings: memory follows the bytes in
     // flight and returns when a stream closes (see `crate::sys`).
     crate::sys::fix_mmap_threshold(STREAM_BUFFER_MAPPED_FROM);
+    // Packet buffers (up to 64 KiB) are freed and taken again all the time: keep what the
+    // heap frees for the next one rather than fault it in again.
+    crate::sys::keep_freed_heap(FREED_HEAP_KEPT);
     if let Some(t) = &tun {
         super::platform::device::check_privileges(&t.name)?;
     }

@@ -89,4 +89,5 @@ pub use endpoint::{
 pub use paths::{PathSetup, PathView};
 pub use q2q_netstack::wire::SessionId;
 pub use q2q_netstack::{Config, SessionError, Side};
+pub(crate) use stream::Key as StreamKey;
 pub use stream::{PtcpStream, StreamFailure};

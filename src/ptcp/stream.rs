@@ -76,6 +76,12 @@ impl PtcpStream {
     pub fn failure(&self) -> Option<StreamFailure> {
         self.0.failure()
     }
+
+    /// The pipe handle inside, for a [`crate::pipe::Splice`] (the TUN daemon joins an app's
+    /// flow to the stream with one).
+    pub(crate) fn into_pipe(self) -> PipeStream<Key> {
+        self.0
+    }
 }
 
 impl AsyncRead for PtcpStream {

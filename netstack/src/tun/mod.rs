@@ -612,6 +612,16 @@ impl Stack {
         Some(p)
     }
 
+    /// Give back a packet [`Stack::poll_transmit`] returned, once written: its buffer
+    /// carries a later packet (the device keeps at most a few thousand spare buffers).
+    /// Without it every packet to the app was a fresh allocation of up to the MTU.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        let pool = &mut self.device.0.pool;
+        if pool.len() < crate::device::POOL_MAX {
+            pool.push(packet);
+        }
+    }
+
     /// The next time [`Stack::handle_timeout`] (or [`Stack::poll_transmit`]) must be called
     /// if nothing arrives before; never earlier than the latest `now` passed in, which it
     /// returns when something is due at once. `None`: nothing is scheduled.
