@@ -327,3 +327,59 @@ fn sending_after_only_acknowledging_starts_at_full_pace() {
     );
     assert!(got >= control / 4 * 3, "{got} bytes after acknowledging only, {control} fresh");
 }
+
+/// On a fast path with a short RTT the congestion window is small: a stream's 8 MiB send
+/// buffer then holds about twice the window (at least 512 KiB), not 8 MiB of bytes that
+/// only wait (and fall out of the CPU caches between being copied in and copied out).
+/// Everything still arrives, in order.
+#[test]
+fn a_stream_queues_about_twice_the_window_not_its_whole_buffer() {
+    let mut cfg = LinkConfig::new(Duration::from_micros(100), 41);
+    cfg.bandwidth_bps = Some(2_000_000_000);
+    cfg.queue_bytes = 1_000_000;
+    let mut back = cfg.clone();
+    back.seed = 42;
+    let config = Config::default();
+    assert_eq!(config.stream_tx_buffer, 8 << 20);
+    let mut pair = pair_with(config, cfg, back);
+    let id = pair.a.open_stream().expect("open");
+    let total: u64 = 64 * MIB;
+    let chunk = vec![0x5au8; 1 << 20];
+    let (mut sent, mut received) = (0u64, 0u64);
+    let (mut max_queue, mut max_cwnd) = (0usize, 0u64);
+    let mut scratch = vec![0u8; 1 << 16];
+    let mut peer = None;
+    let deadline = Instant::from_secs(60);
+    while received < total {
+        assert!(pair.now < deadline, "stuck at {received} of {total} bytes");
+        while sent < total {
+            let n = (total - sent).min(chunk.len() as u64) as usize;
+            match pair.a.send(id, &chunk[..n]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => sent += k as u64,
+            }
+        }
+        max_queue = max_queue.max(pair.a.send_queue(id).unwrap_or(0));
+        max_cwnd = max_cwnd.max(pair.a.stats().cwnd);
+        assert!(pair.step(), "nothing scheduled: hang");
+        while pair.a.poll_event().is_some() {}
+        while pair.b.poll_event().is_some() {}
+        if peer.is_none() {
+            peer = pair.b.accept();
+        }
+        if let Some(p) = peer {
+            while let Ok(n) = pair.b.recv(p, &mut scratch) {
+                if n == 0 {
+                    break;
+                }
+                assert!(scratch[..n].iter().all(|&b| b == 0x5a));
+                received += n as u64;
+            }
+        }
+    }
+    assert_eq!(received, total);
+    let limit = (2 * max_cwnd as usize).max(512 << 10);
+    eprintln!("largest send queue {max_queue} bytes, largest cwnd {max_cwnd} bytes");
+    assert!(max_queue <= limit, "queue {max_queue} > twice the window {limit}");
+    assert!(max_queue < 4 << 20, "the 8 MiB buffer was filled: {max_queue}");
+}
