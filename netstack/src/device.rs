@@ -6,8 +6,18 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-/// Keep at most this many spare packet buffers.
-pub(crate) const POOL_MAX: usize = 4096;
+/// Keep at most this many spare packet buffers ...
+const POOL_MAX: usize = 4096;
+/// ... and about this many bytes of them: a TUN stack's buffers are up to 64 KiB each.
+const POOL_BYTES: usize = 8 << 20;
+
+/// Put `buf` among the spares, unless the pool already holds [`POOL_MAX`] buffers or about
+/// [`POOL_BYTES`] (counted as buffers of `buf`'s capacity); else it is freed.
+pub(crate) fn keep_spare(pool: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if pool.len() < POOL_MAX.min(POOL_BYTES / buf.capacity().max(1)) {
+        pool.push(buf);
+    }
+}
 
 pub(crate) struct LinkDevice {
     /// In-order packets from the peer, for smoltcp to read.
@@ -45,13 +55,19 @@ impl LinkDevice {
     }
 }
 
-/// A spare buffer to copy a received packet into (its length is then reset, so any will
-/// do): the shortest of the newest few, which leaves the full-length ones to
-/// [`LinkDevice::spare`]. Taking the newest instead took a buffer the peer's ACK had just
-/// released, for each of the peer's short ACK packets, and turned it short for good.
-pub(crate) fn spare_for_copy(pool: &mut Vec<Vec<u8>>) -> Vec<u8> {
+/// A spare buffer to copy a received packet of `len` bytes into (its length is then
+/// reset, so any will do), from the newest few: of those whose capacity holds `len`, the
+/// shortest, which leaves the full-length ones to [`LinkDevice::spare`]; if none holds it,
+/// the largest. Taking the newest instead took a buffer the peer's ACK had just released,
+/// for each of the peer's short ACK packets, and turned it short for good; taking the
+/// shortest regardless of capacity took buffers too small for the packet, so each copy
+/// was a new allocation and the full pool freed the buffer it replaced (7% of a receiver
+/// in malloc and free, perf in the lab).
+pub(crate) fn spare_for_copy(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
     let n = pool.len();
-    match (n.saturating_sub(SPARE_SCAN)..n).min_by_key(|&i| pool[i].len()) {
+    let newest = n.saturating_sub(SPARE_SCAN)..n;
+    let fits = newest.clone().filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].len());
+    match fits.or_else(|| newest.max_by_key(|&i| pool[i].capacity())) {
         Some(i) => pool.swap_remove(i),
         None => Vec::new(),
     }
@@ -76,10 +92,15 @@ impl phy::Device for LinkDevice {
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let buf = self.rx.pop_front()?;
-        let spare = self.spare();
         // A reply made while receiving (a RST, a challenge ACK) is queued even past the
-        // limit: it is rare, small, and smoltcp would not retry it.
-        Some((RxToken { buf, pool: &mut self.pool }, TxToken { queue: &mut self.tx, buf: spare }))
+        // limit: it is rare, small, and smoltcp would not retry it. It gets a new buffer:
+        // a spare one taken here was dropped with the token for nearly every packet
+        // received, so the pool ran dry and each copy in allocated (7% of a receiver in
+        // malloc and free, perf in the lab).
+        Some((
+            RxToken { buf, pool: &mut self.pool },
+            TxToken { queue: &mut self.tx, buf: Vec::new() },
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
@@ -106,9 +127,7 @@ impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(mut self, f: F) -> R {
         let r = f(&self.buf);
         // Kept at its length (not cleared): a transmit reuses it without zero-filling.
-        if self.pool.len() < POOL_MAX {
-            self.pool.push(std::mem::take(&mut self.buf));
-        }
+        keep_spare(self.pool, std::mem::take(&mut self.buf));
         r
     }
 }
@@ -148,11 +167,58 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_takes_the_shortest_spare() {
+    fn receiving_without_a_reply_takes_nothing_from_the_pool() {
+        use smoltcp::phy::{Device, RxToken as _};
+        let mut d = LinkDevice::new(1400, 8);
+        d.pool.extend((0..4).map(|_| vec![0u8; 1400]));
+        for _ in 0..3 {
+            d.rx.push_back(vec![1u8; 1400]);
+        }
+        while let Some((rx, tx)) = d.receive(Instant::from_millis(0)) {
+            rx.consume(|p| assert_eq!(p.len(), 1400));
+            drop(tx);
+        }
+        // Each packet's buffer came back; none of the spares went with an unused token.
+        assert_eq!(d.pool.len(), 4 + 3);
+    }
+
+    #[test]
+    fn the_pool_keeps_thousands_of_small_buffers_but_few_large_ones() {
+        let mut pool = Vec::new();
+        for _ in 0..10_000 {
+            keep_spare(&mut pool, vec![0u8; 1400]);
+        }
+        assert_eq!(pool.len(), POOL_MAX);
+        let mut pool = Vec::new();
+        for _ in 0..10_000 {
+            keep_spare(&mut pool, vec![0u8; 65535]);
+        }
+        let held: usize = pool.iter().map(|b| b.capacity()).sum();
+        assert!(held <= POOL_BYTES, "{held} bytes of 64 KiB buffers kept");
+        assert!(pool.len() >= 64, "enough for a batch of full-size packets: {}", pool.len());
+    }
+
+    #[test]
+    fn a_copy_takes_the_shortest_spare_that_holds_it() {
         let mut pool = vec![vec![0u8; 40], vec![0u8; 1400], vec![0u8; 52]];
-        assert_eq!(spare_for_copy(&mut pool).len(), 40);
-        assert_eq!(spare_for_copy(&mut pool).len(), 52);
-        assert_eq!(spare_for_copy(&mut pool).len(), 1400);
-        assert!(spare_for_copy(&mut pool).is_empty() && pool.is_empty());
+        assert_eq!(spare_for_copy(&mut pool, 30).len(), 40);
+        assert_eq!(spare_for_copy(&mut pool, 30).len(), 52);
+        assert_eq!(spare_for_copy(&mut pool, 30).len(), 1400);
+        assert!(spare_for_copy(&mut pool, 30).is_empty() && pool.is_empty());
+    }
+
+    #[test]
+    fn a_copy_skips_spares_too_small_for_it() {
+        // Short buffers with room (an ACK in a full-size buffer) beat full-length ones;
+        // buffers without room for the packet are left alone.
+        let mut roomy_ack = Vec::with_capacity(1400);
+        roomy_ack.extend_from_slice(&[0u8; 52]);
+        let mut pool = vec![vec![0u8; 1400], Vec::new(), roomy_ack, vec![0u8; 40]];
+        let got = spare_for_copy(&mut pool, 1400);
+        assert_eq!((got.len(), got.capacity() >= 1400), (52, true));
+        assert_eq!(spare_for_copy(&mut pool, 1400).len(), 1400);
+        // None holds it: the largest is grown rather than a tiny one.
+        assert_eq!(spare_for_copy(&mut pool, 1400).len(), 40);
+        assert_eq!(spare_for_copy(&mut pool, 1400).capacity(), 0);
     }
 }

@@ -144,7 +144,7 @@ impl Receiver {
             // A whole retransmission completes what fragments had begun.
             self.partials.remove(&seq);
         }
-        let mut copy = crate::device::spare_for_copy(pool);
+        let mut copy = crate::device::spare_for_copy(pool, data.payload.len());
         copy.clear();
         copy.extend_from_slice(data.payload);
         self.place(now, seq, idx, copy, pool, deliver);
@@ -268,9 +268,7 @@ impl Receiver {
 
     fn hand_on(p: Vec<u8>, pool: &mut Vec<Vec<u8>>, deliver: &mut impl FnMut(Vec<u8>)) {
         if p.is_empty() {
-            if pool.len() < 4096 {
-                pool.push(p);
-            }
+            crate::device::keep_spare(pool, p);
         } else {
             deliver(p);
         }

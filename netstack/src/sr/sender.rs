@@ -501,9 +501,7 @@ impl Sender {
             if let Some(s) = self.slots.pop_front() {
                 // Kept at its length, not cleared: the device's next transmit then only
                 // cuts it instead of zero-filling it up to a segment again.
-                if pool.len() < 4096 {
-                    pool.push(s.payload);
-                }
+                crate::device::keep_spare(pool, s.payload);
             }
             self.base += 1;
         }

@@ -550,7 +550,7 @@ impl Stack {
     }
 
     fn feed_smoltcp(&mut self, packet: &[u8]) {
-        let mut buf = crate::device::spare_for_copy(&mut self.device.0.pool);
+        let mut buf = crate::device::spare_for_copy(&mut self.device.0.pool, packet.len());
         buf.clear();
         buf.extend_from_slice(packet);
         self.device.0.rx.push_back(buf);
@@ -613,13 +613,10 @@ impl Stack {
     }
 
     /// Give back a packet [`Stack::poll_transmit`] returned, once written: its buffer
-    /// carries a later packet (the device keeps at most a few thousand spare buffers).
+    /// carries a later packet (the device keeps a bounded number of spare buffers).
     /// Without it every packet to the app was a fresh allocation of up to the MTU.
     pub fn recycle(&mut self, packet: Vec<u8>) {
-        let pool = &mut self.device.0.pool;
-        if pool.len() < crate::device::POOL_MAX {
-            pool.push(packet);
-        }
+        crate::device::keep_spare(&mut self.device.0.pool, packet);
     }
 
     /// The next time [`Stack::handle_timeout`] (or [`Stack::poll_transmit`]) must be called
