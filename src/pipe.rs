@@ -14,6 +14,9 @@
 //! stack with [`pump`]; the driver moves received bytes from the stack into the receive pipe
 //! and wakes the reader. A pipe holds [`PIPE_BYTES`]; the stack's own TCP buffers are behind
 //! it.
+//!
+//! A driver can also join one of its own streams to another driver's stream without a task
+//! in between ([`Splice`]): the TUN daemon does so with an app's flow and its peer stream.
 
 use std::any::Any;
 use std::collections::VecDeque;

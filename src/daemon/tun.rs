@@ -11,12 +11,14 @@
 //!                  flow task: whois 100.64.0.2 = alice ─▶ Node::connect(alice, tcp/22)
 //!                                    │ accepted: accept_flow (SYN-ACK) / refused: RST
 //!                                    ▼
-//!                  bridge task: copy_bidirectional(flow stream, TLS-over-PTCP stream)
+//!                  driver: Splice(flow ⇄ the peer stream's pipes), no task in between
 //! ```
 //!
-//! One task owns the stack ([`Driver`]); flow streams reach it through [`crate::pipe`]
-//! (bounded byte pipes with backpressure), everything else through a bounded command
-//! channel. UDP to a virtual address goes to service `udp/<port>` ([`super::datagram`]),
+//! One task owns the stack ([`Driver`]). An accepted flow is joined to its peer stream with
+//! a [`Splice`]: the driver copies the app's bytes from the stack straight into the peer
+//! stream's bounded pipe and back, and the PTCP driver takes them from there (one copy
+//! between the two stacks, backpressure both ways). Everything else reaches the driver
+//! through a bounded command channel. UDP to a virtual address goes to service `udp/<port>` ([`super::datagram`]),
 //! and an ICMP echo is answered only after a round trip to the peer's `ping` service, so
 //! `ping alice.q2q` tells the truth.
 //!
