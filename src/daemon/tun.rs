@@ -18,9 +18,9 @@
 //! a [`Splice`]: the driver copies the app's bytes from the stack straight into the peer
 //! stream's bounded pipe and back, and the PTCP driver takes them from there (one copy
 //! between the two stacks, backpressure both ways). Everything else reaches the driver
-//! through a bounded command channel. UDP to a virtual address goes to service `udp/<port>` ([`super::datagram`]),
-//! and an ICMP echo is answered only after a round trip to the peer's `ping` service, so
-//! `ping alice.q2q` tells the truth.
+//! through a bounded command channel. UDP to a virtual address goes to service
+//! `udp/<port>` ([`super::datagram`]), and an ICMP echo is answered only after a round trip
+//! to the peer's `ping` service, so `ping alice.q2q` tells the truth.
 //!
 //! Routes: the device gets the pool's node addresses with the pool prefixes, so the only
 //! routes are the pool's connected routes; never a default route, no firewall rules. The
