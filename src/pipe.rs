@@ -453,8 +453,7 @@ impl<P> Splice<P> {
     /// finished. After `Failed` both sides are reset; drop the splice once the stack
     /// forgets the stream.
     pub fn pump(&mut self, io: &mut impl StreamIo) -> SpliceState {
-        let pipes = self.peer.pipes.clone();
-        let mut st = pipes.lock();
+        let mut st = self.peer.pipes.lock();
         if let Some(e) = st.error {
             drop(st);
             io.abort();

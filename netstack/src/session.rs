@@ -1072,13 +1072,14 @@ impl Session {
         let limit = self.send_limit();
         let (st, sock) = self.stream_socket(id)?;
         let room = limit.saturating_sub(sock.send_queue());
-        let n = if room < data.len() && sock.may_send() {
+        let data = if room < data.len() && sock.may_send() {
             // What the limit held back is asked for again on the Writable event.
             st.want_write = true;
-            tcp_io::send(sock, &data[..room], st.reset, HANDSHAKING, &mut st.want_write)?
+            &data[..room]
         } else {
-            tcp_io::send(sock, data, st.reset, HANDSHAKING, &mut st.want_write)?
+            data
         };
+        let n = tcp_io::send(sock, data, st.reset, HANDSHAKING, &mut st.want_write)?;
         if n > 0 {
             self.need_poll = true;
         }
