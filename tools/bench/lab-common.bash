@@ -54,6 +54,12 @@ bench_rss() {
     "/proc/$1/status" 2>/dev/null || echo gone
 }
 
+# CPU time PID has used so far (user + system, all threads), in clock ticks.
+bench_cpu_ticks() {
+  # Fields 14 and 15 of /proc/PID/stat; the comm field (2) may hold spaces, so cut after ')'.
+  sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0
+}
+
 # Exit 1 unless each of $BIN/NAME... exists and is newer than every source it is built from
 # (the workspace's Rust sources, manifests and lock file). Skipped with $BENCH_BIN (saved
 # builds are meant to be old).
