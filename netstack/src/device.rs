@@ -40,24 +40,29 @@ impl LinkDevice {
     pub fn tx_full(&self) -> bool {
         self.tx.len() >= self.tx_limit
     }
+}
 
-    /// A spare buffer for smoltcp to write a packet into: one of the last few that is at
-    /// least an MTU long if there is one, which the packet then only cuts, else the last.
-    /// Buffers come back at the length of the packet they held: on the sending side most
-    /// received packets are ACKs, and growing such a buffer to a full segment zero-fills
-    /// it (4.5% of the sender's time in the lab, perf).
-    fn spare(&mut self) -> Vec<u8> {
-        let n = self.pool.len();
-        match (n.saturating_sub(SPARE_SCAN)..n).rev().find(|&i| self.pool[i].len() >= self.mtu) {
-            Some(i) => self.pool.swap_remove(i),
-            None => self.pool.pop().unwrap_or_default(),
-        }
+/// A spare for smoltcp to write a packet of `len` bytes into, chosen once the length is
+/// known: of the newest few, the shortest that is at least `len` long, which the packet
+/// then only cuts; if none is, the longest, grown (zero-filled) the least; if the pool is
+/// empty, a new buffer. Buffers come back at the length of the packet they held: on the
+/// sending side most received packets are ACKs, and growing such a buffer to a full
+/// segment zero-fills it (4.5% of the sender's time in the lab, perf). Choosing by `len`
+/// also keeps an ACK out of a full-length buffer that a full segment (or, at the TUN
+/// device, the next 64 KiB read) needs at full length.
+fn spare_for_write(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    let n = pool.len();
+    let newest = n.saturating_sub(SPARE_SCAN)..n;
+    let cut = newest.clone().filter(|&i| pool[i].len() >= len).min_by_key(|&i| pool[i].len());
+    match cut.or_else(|| newest.max_by_key(|&i| pool[i].len())) {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
     }
 }
 
 /// A spare buffer to copy a received packet of `len` bytes into (its length is then
 /// reset, so any will do), from the newest few: of those whose capacity holds `len`, the
-/// shortest, which leaves the full-length ones to [`LinkDevice::spare`]; if none holds it,
+/// shortest, which leaves the full-length ones to [`spare_for_write`]; if none holds it,
 /// the largest. Taking the newest instead took a buffer the peer's ACK had just released,
 /// for each of the peer's short ACK packets, and turned it short for good; taking the
 /// shortest regardless of capacity took buffers too small for the packet, so each copy
@@ -73,7 +78,17 @@ pub(crate) fn spare_for_copy(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
     }
 }
 
-/// How many of the newest spare buffers [`LinkDevice::spare`] looks at.
+/// A spare to read up to `len` bytes into: of the newest spares whose capacity holds `len`,
+/// the longest (the least to zero-fill up to `len`); else an empty buffer.
+pub(crate) fn spare_for_read(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    let n = pool.len();
+    let fits = (n.saturating_sub(SPARE_SCAN)..n)
+        .filter(|&i| pool[i].capacity() >= len)
+        .max_by_key(|&i| pool[i].len());
+    fits.map_or_else(Vec::new, |i| pool.swap_remove(i))
+}
+
+/// How many of the newest spare buffers [`spare_for_write`] looks at.
 const SPARE_SCAN: usize = 16;
 
 pub(crate) struct RxToken<'a> {
@@ -83,7 +98,10 @@ pub(crate) struct RxToken<'a> {
 
 pub(crate) struct TxToken<'a> {
     queue: &'a mut VecDeque<Vec<u8>>,
-    buf: Vec<u8>,
+    /// Where the packet's buffer comes from once its length is known ([`spare_for_write`]);
+    /// `None` for a reply made while receiving, which gets a new buffer. Nothing is taken
+    /// for a token smoltcp drops unused (it asks for one per socket it polls).
+    pool: Option<&'a mut Vec<Vec<u8>>>,
 }
 
 impl phy::Device for LinkDevice {
@@ -97,18 +115,14 @@ impl phy::Device for LinkDevice {
         // a spare one taken here was dropped with the token for nearly every packet
         // received, so the pool ran dry and each copy in allocated (7% of a receiver in
         // malloc and free, perf in the lab).
-        Some((
-            RxToken { buf, pool: &mut self.pool },
-            TxToken { queue: &mut self.tx, buf: Vec::new() },
-        ))
+        Some((RxToken { buf, pool: &mut self.pool }, TxToken { queue: &mut self.tx, pool: None }))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
         if self.tx.len() >= self.tx_limit {
             return None;
         }
-        let buf = self.spare();
-        Some(TxToken { queue: &mut self.tx, buf })
+        Some(TxToken { queue: &mut self.tx, pool: Some(&mut self.pool) })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -133,19 +147,20 @@ impl phy::RxToken for RxToken<'_> {
 }
 
 impl phy::TxToken for TxToken<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(mut self, len: usize, f: F) -> R {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = self.pool.map_or_else(Vec::new, |pool| spare_for_write(pool, len));
         // Pool buffers keep their old length, so a long enough one is only cut: zero-filling
         // every packet cost about 5% of the daemon's time at Gbit/s rates (perf, lab).
         // smoltcp's emit writes every byte of the packet but the padding after a TCP
         // options list's End-of-List, which receivers ignore; any old bytes there are from
         // an earlier packet of this same link (the same peer, or the local kernel).
-        if self.buf.len() >= len {
-            self.buf.truncate(len);
+        if buf.len() >= len {
+            buf.truncate(len);
         } else {
-            self.buf.resize(len, 0);
+            buf.resize(len, 0);
         }
-        let r = f(&mut self.buf);
-        self.queue.push_back(self.buf);
+        let r = f(&mut buf);
+        self.queue.push_back(buf);
         r
     }
 }
@@ -155,15 +170,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_length_spare_is_taken_over_newer_short_ones() {
+    fn a_packet_is_written_into_the_shortest_spare_it_only_cuts() {
+        let mut pool = vec![vec![7u8; 1400], vec![0u8; 52], vec![0u8; 40], vec![0u8; 60]];
+        // An ACK takes an ACK's buffer, not the full-length one.
+        assert_eq!(spare_for_write(&mut pool, 52).len(), 52);
+        assert_eq!(spare_for_write(&mut pool, 1400).len(), 1400);
+        // None long enough: the longest, grown the least.
+        assert_eq!(spare_for_write(&mut pool, 1400).len(), 60);
+        assert_eq!(spare_for_write(&mut pool, 1400).len(), 40);
+        assert!(spare_for_write(&mut pool, 1400).is_empty() && pool.is_empty());
+    }
+
+    #[test]
+    fn a_transmit_token_takes_its_buffer_only_when_used() {
+        use smoltcp::phy::{Device, TxToken as _};
         let mut d = LinkDevice::new(1400, 8);
-        d.pool.push(vec![7u8; 1400]);
-        d.pool.extend((0..3).map(|_| vec![0u8; 52]));
-        assert_eq!(d.spare().len(), 1400);
-        assert_eq!(d.pool.len(), 3);
-        // None long enough: the newest.
-        assert_eq!(d.spare().len(), 52);
-        assert_eq!(d.pool.len(), 2);
+        d.pool.extend([vec![0u8; 1400], vec![0u8; 52]]);
+        for _ in 0..5 {
+            drop(d.transmit(Instant::from_millis(0)));
+        }
+        assert_eq!(d.pool.len(), 2, "unused tokens took nothing");
+        let tx = d.transmit(Instant::from_millis(0)).unwrap();
+        tx.consume(1000, |p| p.fill(9));
+        assert_eq!(d.tx.pop_front().map(|p| p.len()), Some(1000));
+        assert_eq!(d.pool, vec![vec![0u8; 52]]);
     }
 
     #[test]

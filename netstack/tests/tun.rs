@@ -65,6 +65,10 @@ fn vip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(100, 64, 0, last))
 }
 
+/// Read buffers of the harness's "TUN device", and below what size a packet is copied instead.
+const READ_LEN: usize = 65536;
+const READ_COPY_BELOW: usize = 1024;
+
 struct Net {
     stack: Stack,
     iface: Interface,
@@ -106,7 +110,16 @@ impl Net {
             self.iface.poll(self.now, &mut self.dev, &mut self.sockets);
             let mut moved = false;
             while let Some(p) = self.dev.tx.pop_front() {
-                self.stack.handle_packet(self.now, &p);
+                // As the daemon does: large packets are read into the stack's own buffers
+                // and handed over, small ones copied.
+                if p.len() >= READ_COPY_BELOW {
+                    let mut buf = self.stack.read_buffer(READ_LEN);
+                    buf[..p.len()].copy_from_slice(&p);
+                    buf.truncate(p.len());
+                    self.stack.handle_packet_buf(self.now, buf);
+                } else {
+                    self.stack.handle_packet(self.now, &p);
+                }
                 moved = true;
             }
             while let Some(p) = self.stack.poll_transmit(self.now) {
@@ -332,6 +345,50 @@ fn synack_clamps_mss_and_scales_the_window() {
         // 256 KiB receive buffer: a shift of at least 2 to offer it.
         assert!(ws.is_some_and(|w| w >= 2), "window scale {ws:?}");
     }
+}
+
+#[test]
+fn a_packet_read_into_a_stack_buffer_reaches_smoltcp_in_it_and_the_buffer_comes_back() {
+    let mut net = Net::new(Config::default());
+    let dst = SocketAddr::new(vip(5), 22);
+    let h = net.connect(dst, 40000, 1 << 20);
+    net.step();
+    let (flow, _, _) = net.connects()[0];
+    net.stack.accept_flow(flow).unwrap();
+    net.step();
+    assert_eq!(net.sock(h).state(), tcp::State::Established);
+    let data: Vec<u8> = (0..1300u32).map(|i| (i % 251) as u8).collect();
+    net.sock(h).send_slice(&data).unwrap();
+    net.iface.poll(net.now, &mut net.dev, &mut net.sockets);
+    let p = net.dev.tx.pop_front().expect("the app's segment");
+    let mut buf = net.stack.read_buffer(READ_LEN);
+    assert_eq!(buf.len(), READ_LEN);
+    let at = buf.as_ptr();
+    buf[..p.len()].copy_from_slice(&p);
+    buf.truncate(p.len());
+    net.stack.handle_packet_buf(net.now, buf);
+    net.step();
+    let mut got = vec![0u8; 2 * data.len()];
+    let n = net.stack.recv(flow, &mut got).unwrap();
+    assert_eq!(&got[..n], &data[..]);
+    // smoltcp consumed the packet in the buffer it was read into: that buffer is the next
+    // read's, so no packet was copied on the way.
+    let next = net.stack.read_buffer(READ_LEN);
+    assert_eq!(next.as_ptr(), at);
+    assert_eq!(next.len(), READ_LEN);
+    // A packet the stack does not take (not to the pool's addresses) gives its buffer back.
+    let mut stray = next;
+    let other = udp_packet(
+        SocketAddr::new(IpAddr::V4(APP_V4), 5000),
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 53),
+        b"x",
+    );
+    stray[..other.len()].copy_from_slice(&other);
+    stray.truncate(other.len());
+    let before = net.stack.stats().not_in_pool;
+    net.stack.handle_packet_buf(net.now, stray);
+    assert_eq!(net.stack.stats().not_in_pool, before + 1);
+    assert_eq!(net.stack.read_buffer(READ_LEN).as_ptr(), at);
 }
 
 #[test]

@@ -412,6 +412,12 @@ const MAX_UDP_FLOWS: usize = 1024;
 const MAX_PINGERS: usize = 256;
 /// Packets read from the device in one go before the stack is serviced.
 const READ_BATCH: usize = 64;
+/// Bytes of a TUN read buffer: the largest IP packet (the device's MTU is at most 65535).
+const READ_LEN: usize = 65536;
+/// Packets shorter than this (ACKs, small writes) are copied out of the read buffer rather
+/// than handed over in it: a queued ACK would hold 64 KiB, and the next read buffer would
+/// be zero-filled from its short length back to `READ_LEN`.
+const READ_COPY_BELOW: usize = 4096;
 
 /// Datagrams of one UDP flow waiting for its stream at most; more are dropped.
 const UDP_QUEUE: usize = 64;
@@ -542,7 +548,7 @@ impl Driver {
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let mut buf = vec![0u8; 65536];
+        let mut buf = self.stack.read_buffer(READ_LEN);
         loop {
             self.service().await;
             let deadline = self.deadline();
@@ -551,11 +557,11 @@ impl Driver {
                 r = self.device.recv(&mut buf) => match r {
                     Ok(n) => {
                         let now = self.now();
-                        self.stack.handle_packet(now, &buf[..n]);
+                        self.take_read(now, &mut buf, n);
                         // Take what else is waiting, bounded, before servicing.
                         for _ in 0..READ_BATCH {
                             match self.device.try_recv(&mut buf) {
-                                Ok(n) => self.stack.handle_packet(now, &buf[..n]),
+                                Ok(n) => self.take_read(now, &mut buf, n),
                                 Err(_) => break,
                             }
                         }
@@ -572,6 +578,19 @@ impl Driver {
         }
         for f in self.flows.values() {
             f.splice.peer().abort();
+        }
+    }
+
+    /// Hand the stack the `n`-byte packet read into `buf`: a large one in `buf` itself (no
+    /// copy), `buf` then replaced by a spare of the stack's; a small one copied, `buf` kept.
+    fn take_read(&mut self, now: q2q_netstack::Instant, buf: &mut Vec<u8>, n: usize) {
+        if n < READ_COPY_BELOW {
+            self.stack.handle_packet(now, &buf[..n]);
+        } else {
+            let mut packet = std::mem::take(buf);
+            packet.truncate(n);
+            self.stack.handle_packet_buf(now, packet);
+            *buf = self.stack.read_buffer(READ_LEN);
         }
     }
 
