@@ -51,13 +51,9 @@ impl LinkDevice {
 /// also keeps an ACK out of a full-length buffer that a full segment (or, at the TUN
 /// device, the next 64 KiB read) needs at full length.
 fn spare_for_write(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
-    let n = pool.len();
-    let newest = n.saturating_sub(SPARE_SCAN)..n;
-    let cut = newest.clone().filter(|&i| pool[i].len() >= len).min_by_key(|&i| pool[i].len());
-    match cut.or_else(|| newest.max_by_key(|&i| pool[i].len())) {
-        Some(i) => pool.swap_remove(i),
-        None => Vec::new(),
-    }
+    take_spare(pool, |b| {
+        Some(if b.len() >= len { (0, b.len()) } else { (1, usize::MAX - b.len()) })
+    })
 }
 
 /// A spare buffer to copy a received packet of `len` bytes into (its length is then
@@ -69,26 +65,31 @@ fn spare_for_write(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
 /// was a new allocation and the full pool freed the buffer it replaced (7% of a receiver
 /// in malloc and free, perf in the lab).
 pub(crate) fn spare_for_copy(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
-    let n = pool.len();
-    let newest = n.saturating_sub(SPARE_SCAN)..n;
-    let fits = newest.clone().filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].len());
-    match fits.or_else(|| newest.max_by_key(|&i| pool[i].capacity())) {
-        Some(i) => pool.swap_remove(i),
-        None => Vec::new(),
-    }
+    take_spare(pool, |b| {
+        Some(if b.capacity() >= len { (0, b.len()) } else { (1, usize::MAX - b.capacity()) })
+    })
 }
 
 /// A spare to read up to `len` bytes into: of the newest spares whose capacity holds `len`,
 /// the longest (the least to zero-fill up to `len`); else an empty buffer.
 pub(crate) fn spare_for_read(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
-    let n = pool.len();
-    let fits = (n.saturating_sub(SPARE_SCAN)..n)
-        .filter(|&i| pool[i].capacity() >= len)
-        .max_by_key(|&i| pool[i].len());
-    fits.map_or_else(Vec::new, |i| pool.swap_remove(i))
+    take_spare(pool, |b| (b.capacity() >= len).then(|| usize::MAX - b.len()))
 }
 
-/// How many of the newest spare buffers [`spare_for_write`] looks at.
+/// Take the spare that `rank` ranks lowest among the newest [`SPARE_SCAN`] (`None`: not a
+/// candidate; on a tie, the newer), or an empty buffer when there is none. The choosers
+/// above rank in two tiers, `(0, _)` for a buffer that serves as it is, `(1, _)` for the
+/// fallback.
+fn take_spare<K: Ord>(pool: &mut Vec<Vec<u8>>, rank: impl Fn(&Vec<u8>) -> Option<K>) -> Vec<u8> {
+    let n = pool.len();
+    let best = (n.saturating_sub(SPARE_SCAN)..n)
+        .rev()
+        .filter_map(|i| rank(&pool[i]).map(|k| (k, i)))
+        .min_by(|a, b| a.0.cmp(&b.0));
+    best.map_or_else(Vec::new, |(_, i)| pool.swap_remove(i))
+}
+
+/// How many of the newest spare buffers the choosers look at.
 const SPARE_SCAN: usize = 16;
 
 pub(crate) struct RxToken<'a> {
