@@ -16,8 +16,7 @@
 //!
 //! One task owns the stack ([`Driver`]). It reads each large packet from `q2q0` into a
 //! buffer of the stack's pool, which smoltcp then consumes in place (no copy on the way in).
-//! An accepted flow is joined to its peer stream with
-//! a [`Splice`]: the driver copies the app's bytes from the stack straight into the peer
+//! An accepted flow is joined to its peer stream with a [`Splice`]: the driver copies the app's bytes from the stack straight into the peer
 //! stream's bounded pipe and back, and the PTCP driver takes them from there (one copy
 //! between the two stacks, backpressure both ways). Everything else reaches the driver
 //! through a bounded command channel. UDP to a virtual address goes to service

@@ -30,9 +30,9 @@ pub struct Config {
     /// 256 KiB is 2 Gbit/s even if the daemon drained once a millisecond, and under load it
     /// drains far more often. More only lets the kernel queue more on the TUN device, which
     /// the daemon then reads back from outside the caches: with 1 MiB, four parallel flows
-    /// moved 0.85 × what one did in `tools/bench/lab-speed`, with 256 KiB 0.95, one flow
-    /// unchanged. A flow gets this size only while `buffer_budget` allows, else
-    /// `small_buffer`.
+    /// moved 0.85 × what one did in `tools/bench/lab-speed`, with 256 KiB 0.95; one flow
+    /// moved the same within the machine's noise (perhaps a few percent less). A flow gets
+    /// this size only while `buffer_budget` allows, else `small_buffer`.
     pub rx_buffer: usize,
     /// Send buffer of each TCP flow in bytes (default 1 MiB): data from the peer waiting for
     /// the app to acknowledge it. Budgeted with the receive buffer.

@@ -429,8 +429,7 @@ impl Stack {
     /// whole read buffer while it waits (copy those with `handle_packet`).
     pub fn handle_packet_buf(&mut self, now: Instant, packet: Vec<u8>) {
         if self.take_packet(now, &packet) {
-            self.device.0.rx.push_back(packet);
-            self.need_poll = true;
+            self.queue_for_smoltcp(packet);
         } else {
             self.recycle(packet);
         }
@@ -577,7 +576,12 @@ impl Stack {
         let mut buf = crate::device::spare_for_copy(&mut self.device.0.pool, packet.len());
         buf.clear();
         buf.extend_from_slice(packet);
-        self.device.0.rx.push_back(buf);
+        self.queue_for_smoltcp(buf);
+    }
+
+    /// Queue a packet for smoltcp's next poll.
+    fn queue_for_smoltcp(&mut self, packet: Vec<u8>) {
+        self.device.0.rx.push_back(packet);
         self.need_poll = true;
     }
 
