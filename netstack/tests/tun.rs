@@ -388,7 +388,8 @@ fn a_packet_read_into_a_stack_buffer_reaches_smoltcp_in_it_and_the_buffer_comes_
     let before = net.stack.stats().not_in_pool;
     net.stack.handle_packet_buf(net.now, stray);
     assert_eq!(net.stack.stats().not_in_pool, before + 1);
-    assert_eq!(net.stack.read_buffer(READ_LEN).as_ptr(), at);
+    let returned = net.stack.read_buffer(READ_LEN);
+    assert_eq!(returned.as_ptr(), at);
 }
 
 #[test]
