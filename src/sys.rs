@@ -52,3 +52,27 @@ fn mallopt(param: MallocParam, bytes: usize) -> bool {
         false
     }
 }
+
+/// Set the offloads the kernel may use on the TUN device behind `fd` (`TUNSETOFFLOAD`,
+/// `TUN_F_*` bits of linux/if_tun.h); the device must carry virtio-net headers
+/// (`IFF_VNET_HDR`).
+///
+/// Why ours: tun-rs's `offload(true)` also asks for UDP segmentation (`TUN_F_USO4/6`),
+/// whose super-datagrams the TUN stack would have to cut up; we take TCP's only.
+///
+/// # Errors
+/// The `ioctl`'s: `EINVAL` when the kernel does not know a bit or the device has no
+/// virtio-net headers, `EBADF`/`ENOTTY` when `fd` is not a TUN device.
+#[cfg(target_os = "linux")]
+pub fn tun_set_offload(
+    device: &impl std::os::fd::AsRawFd,
+    flags: libc::c_uint,
+) -> std::io::Result<()> {
+    let fd = device;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags), so no
+    // memory of ours is read or written; the descriptor lives as long as `device`, which
+    // is borrowed for the call.
+    let rc =
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::prelude::*;
-use q2q_netstack::tun::{Config, Event, FlowError, FlowId, Stack};
+use q2q_netstack::tun::{Config, Event, FlowError, FlowId, PartialChecksum, RxChecksum, Stack};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
@@ -20,6 +20,10 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 struct Queues {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    /// As Linux with checksum offload on the TUN device: TCP checksums of what the "kernel"
+    /// sends are left out (zero here; Linux puts the pseudo-header sum), and what it gets
+    /// is verified after the harness completed the stack's partial sums as a device would.
+    offload: bool,
 }
 
 struct Rx(Vec<u8>);
@@ -54,6 +58,9 @@ impl Device for Queues {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = 1400;
+        if self.offload {
+            caps.checksum.tcp = phy::Checksum::Rx;
+        }
         caps
     }
 }
@@ -83,7 +90,7 @@ struct Net {
 impl Net {
     fn new(config: Config) -> Net {
         let now = Instant::from_secs(1000);
-        let mut dev = Queues::default();
+        let mut dev = Queues { offload: config.checksum_offload, ..Queues::default() };
         let mut icfg = IfaceConfig::new(HardwareAddress::Ip);
         icfg.random_seed = 7;
         let mut iface = Interface::new(icfg, &mut dev, now);
@@ -109,6 +116,9 @@ impl Net {
         for _ in 0..1000 {
             self.iface.poll(self.now, &mut self.dev, &mut self.sockets);
             let mut moved = false;
+            // With offload the kernel's TCP checksums are left out (it vouches for them).
+            let checksum =
+                if self.dev.offload { RxChecksum::Trusted } else { RxChecksum::Unverified };
             while let Some(p) = self.dev.tx.pop_front() {
                 // As the daemon does: large packets are read into the stack's own buffers
                 // and handed over, small ones copied.
@@ -116,15 +126,18 @@ impl Net {
                     let mut buf = self.stack.read_buffer(READ_LEN);
                     buf[..p.len()].copy_from_slice(&p);
                     buf.truncate(p.len());
-                    self.stack.handle_packet_buf(self.now, buf);
+                    self.stack.handle_packet_buf(self.now, buf, checksum);
                 } else {
-                    self.stack.handle_packet(self.now, &p);
+                    self.stack.handle_packet(self.now, &p, checksum);
                 }
                 moved = true;
             }
-            while let Some(p) = self.stack.poll_transmit(self.now) {
-                self.dev.rx.push_back(p.clone());
-                self.from_stack.push(p);
+            while let Some(mut p) = self.stack.poll_transmit(self.now) {
+                self.from_stack.push(p.clone());
+                if let Some(partial) = self.stack.partial_checksum(&p) {
+                    complete_checksum(&mut p, partial);
+                }
+                self.dev.rx.push_back(p);
                 moved = true;
             }
             while let Some(e) = self.stack.poll_event() {
@@ -182,6 +195,14 @@ impl Net {
     }
 }
 
+/// What a device does with a checksum left to it (virtio's `VIRTIO_NET_HDR_F_NEEDS_CSUM`):
+/// the sum from `start` on, field included, folded and complemented, into the field.
+fn complete_checksum(p: &mut [u8], partial: PartialChecksum) {
+    let (start, at) = (usize::from(partial.start), usize::from(partial.start + partial.offset));
+    let sum = !smoltcp::wire::checksum::data(&p[start..]);
+    p[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u32).wrapping_mul(31).wrapping_add(u32::from(seed)) as u8).collect()
 }
@@ -230,8 +251,8 @@ fn exchange(net: &mut Net, h: SocketHandle, flow: FlowId, a_to_b: &[u8], b_to_a:
 
 // ---- TCP ------------------------------------------------------------------------------
 
-fn accept_and_talk(dst: SocketAddr) {
-    let mut net = Net::new(Config::default());
+fn accept_and_talk(dst: SocketAddr, config: Config) -> Net {
+    let mut net = Net::new(config);
     let h = net.connect(dst, 40000, 256 << 10);
     net.step();
     let connects = net.connects();
@@ -271,17 +292,160 @@ fn accept_and_talk(dst: SocketAddr) {
     assert!(matches!(net.sock(h).state(), tcp::State::Closed | tcp::State::TimeWait));
     assert_eq!(net.stack.recv(flow, &mut [0u8; 16]), Err(FlowError::Unknown));
     assert_eq!(net.stack.stats().flows, 0);
+    net
+}
+
+fn vip6(last: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd71, 0x7132, 0, 0, 0, 0, 0, last))
 }
 
 #[test]
 fn accept_completes_the_connect_and_data_flows_v4() {
-    accept_and_talk(SocketAddr::new(vip(5), 22));
+    let net = accept_and_talk(SocketAddr::new(vip(5), 22), Config::default());
+    assert!(net.from_stack.iter().all(|p| net.stack.partial_checksum(p).is_none()));
 }
 
 #[test]
 fn accept_completes_the_connect_and_data_flows_v6() {
-    let dst = SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0xfd71, 0x7132, 0, 0, 0, 0, 0, 5)), 80);
-    accept_and_talk(dst);
+    accept_and_talk(SocketAddr::new(vip6(5), 80), Config::default());
+}
+
+/// The TCP segment of an IP packet: its addresses, where its checksum field is, its length.
+fn tcp_of(p: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
+    let s = etherparse::SlicedPacket::from_ip(p).ok()?;
+    let Some(etherparse::TransportSlice::Tcp(t)) = s.transport else { return None };
+    let (src, dst, start): (IpAddr, IpAddr, usize) = match s.net? {
+        etherparse::NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+            ip.header().slice().len(),
+        ),
+        etherparse::NetSlice::Ipv6(ip) => {
+            (ip.header().source_addr().into(), ip.header().destination_addr().into(), 40)
+        }
+        _ => return None,
+    };
+    Some((src.into(), dst.into(), start + 16, t.slice().len()))
+}
+
+#[test]
+fn with_checksum_offload_tcp_checksums_are_left_to_the_kernel_and_data_flows() {
+    for dst in [SocketAddr::new(vip(5), 22), SocketAddr::new(vip6(5), 80)] {
+        let config = Config { checksum_offload: true, ..Config::default() };
+        // The harness's "kernel" drops any segment whose completed checksum is wrong, so
+        // the data arriving proves the partial sums right.
+        let net = accept_and_talk(dst, config);
+        let mut segments = 0;
+        for p in &net.from_stack {
+            let (src, dst, at, len) = tcp_of(p).expect("only TCP in this exchange");
+            let partial = net.stack.partial_checksum(p).expect("every TCP segment partial");
+            assert_eq!(usize::from(partial.start + partial.offset), at);
+            // The field holds the pseudo-header sum, not a checksum over the data.
+            let pseudo = smoltcp::wire::checksum::pseudo_header(
+                &src,
+                &dst,
+                smoltcp::wire::IpProtocol::Tcp,
+                len as u32,
+            );
+            assert_eq!(u16::from_be_bytes([p[at], p[at + 1]]), pseudo, "{dst}");
+            segments += 1;
+        }
+        assert!(segments > 100, "{segments} segments");
+    }
+}
+
+/// The first segment the app's side sends after writing `data`, taken off the "TUN".
+fn next_app_segment(net: &mut Net, h: SocketHandle, data: &[u8]) -> Vec<u8> {
+    net.sock(h).send_slice(data).unwrap();
+    net.iface.poll(net.now, &mut net.dev, &mut net.sockets);
+    net.dev.tx.pop_front().expect("the app's segment")
+}
+
+/// An open flow from the app's port 40000 to vip 5, port 22.
+fn open_flow(net: &mut Net) -> (SocketHandle, FlowId) {
+    let h = net.connect(SocketAddr::new(vip(5), 22), 40000, 256 << 10);
+    net.step();
+    let (flow, _, _) = net.connects()[0];
+    net.stack.accept_flow(flow).unwrap();
+    net.step();
+    assert_eq!(net.sock(h).state(), tcp::State::Established);
+    (h, flow)
+}
+
+#[test]
+fn a_segment_with_a_wrong_checksum_is_dropped_unless_the_kernel_vouches_for_it() {
+    let mut net = Net::new(Config::default());
+    let (h, flow) = open_flow(&mut net);
+    let data = pattern(5, 1000);
+    let mut p = next_app_segment(&mut net, h, &data);
+    // What a TUN device with offload hands over: no checksum over the data yet.
+    let (_, _, at, _) = tcp_of(&p).unwrap();
+    p[at..at + 2].copy_from_slice(&[0, 0]);
+    let before = net.stack.stats().malformed;
+    net.stack.handle_packet(net.now, &p, RxChecksum::Unverified);
+    net.step();
+    assert_eq!(net.stack.stats().malformed, before + 1);
+    assert_eq!(net.stack.recv(flow, &mut [0u8; 2000]), Err(FlowError::Blocked));
+    net.stack.handle_packet(net.now, &p, RxChecksum::Trusted);
+    net.step();
+    assert_eq!(net.stack.stats().malformed, before + 1);
+    let mut got = vec![0u8; 2000];
+    let n = net.stack.recv(flow, &mut got).unwrap();
+    assert_eq!(&got[..n], &data[..]);
+    // A SYN the same: trusted, it is a connect; unverified, it is dropped.
+    let mut syn = syn_packet(40001, 22, 5);
+    let (_, _, at, _) = tcp_of(&syn).unwrap();
+    syn[at..at + 2].copy_from_slice(&[0, 0]);
+    net.take_events();
+    net.stack.handle_packet(net.now, &syn, RxChecksum::Unverified);
+    assert_eq!(net.stack.stats().malformed, before + 2);
+    assert!(net.connects().is_empty());
+    net.stack.handle_packet(net.now, &syn, RxChecksum::Trusted);
+    net.step();
+    assert_eq!(net.connects().len(), 1, "{:?}", net.events);
+}
+
+/// One segment made of `segments` (consecutive, IPv4, of one flow), as the kernel hands over
+/// a TSO packet: the first one's headers, all the payloads, the IP length of the whole.
+fn coalesce(segments: &[Vec<u8>]) -> Vec<u8> {
+    let headers = |p: &[u8]| {
+        usize::from(p[0] & 0x0f) * 4 + usize::from(p[usize::from(p[0] & 0x0f) * 4 + 12] >> 4) * 4
+    };
+    let mut out = segments[0].clone();
+    for s in &segments[1..] {
+        out.extend_from_slice(&s[headers(s)..]);
+    }
+    let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut out[..]);
+    ip.set_total_len(u16::try_from(ip.as_ref().len()).unwrap());
+    ip.fill_checksum();
+    out
+}
+
+#[test]
+fn a_segment_larger_than_the_mss_is_taken_whole() {
+    // With TSO offload the kernel hands over what it would have cut into MSS-sized
+    // segments as one packet (up to 64 KiB): the stack takes it whole.
+    let mut net = Net::new(Config { checksum_offload: true, ..Config::default() });
+    let (h, flow) = open_flow(&mut net);
+    let data = pattern(6, 5 * 1360);
+    // No congestion window (smoltcp's CUBIC starts at 2 KiB): the segments go at once.
+    net.sock(h).set_congestion_control(tcp::CongestionControl::None);
+    net.sock(h).send_slice(&data).unwrap();
+    let mut segments = Vec::new();
+    for _ in 0..20 {
+        net.iface.poll(net.now, &mut net.dev, &mut net.sockets);
+        segments.extend(net.dev.tx.drain(..));
+    }
+    assert!(segments.len() >= 5, "{} segments", segments.len());
+    let whole = coalesce(&segments);
+    assert!(whole.len() > 5 * 1360, "{} bytes", whole.len());
+    net.stack.handle_packet(net.now, &whole, RxChecksum::Trusted);
+    net.step();
+    let mut got = vec![0u8; 2 * data.len()];
+    let n = net.stack.recv(flow, &mut got).unwrap();
+    assert_eq!(&got[..n], &data[..]);
+    assert_eq!(net.stack.stats().malformed, 0);
+    assert_eq!(net.sock(h).send_queue(), 0, "all of it acknowledged");
 }
 
 #[test]
@@ -366,7 +530,7 @@ fn a_packet_read_into_a_stack_buffer_reaches_smoltcp_in_it_and_the_buffer_comes_
     let at = buf.as_ptr();
     buf[..p.len()].copy_from_slice(&p);
     buf.truncate(p.len());
-    net.stack.handle_packet_buf(net.now, buf);
+    net.stack.handle_packet_buf(net.now, buf, RxChecksum::Unverified);
     net.step();
     let mut got = vec![0u8; 2 * data.len()];
     let n = net.stack.recv(flow, &mut got).unwrap();
@@ -386,7 +550,7 @@ fn a_packet_read_into_a_stack_buffer_reaches_smoltcp_in_it_and_the_buffer_comes_
     stray[..other.len()].copy_from_slice(&other);
     stray.truncate(other.len());
     let before = net.stack.stats().not_in_pool;
-    net.stack.handle_packet_buf(net.now, stray);
+    net.stack.handle_packet_buf(net.now, stray, RxChecksum::Unverified);
     assert_eq!(net.stack.stats().not_in_pool, before + 1);
     let returned = net.stack.read_buffer(READ_LEN);
     assert_eq!(returned.as_ptr(), at);
@@ -725,7 +889,7 @@ fn datagram_events_are_bounded() {
             .udp(5000, 53)
             .write(&mut p, b"x")
             .unwrap();
-        stack.handle_packet(now, &p);
+        stack.handle_packet(now, &p, RxChecksum::Unverified);
     }
     assert_eq!(stack.stats().datagrams_dropped, 1);
     assert!(matches!(stack.poll_event(), Some(Event::Datagram { .. })));
@@ -807,7 +971,7 @@ fn port_unreachable_quotes_the_datagram_v4_and_v6() {
         let now = Instant::from_secs(2);
         let (src, dst) = (SocketAddr::new(app, 40000), SocketAddr::new(vip, 5353));
         let sent = udp_packet(src, dst, &pattern(size as u8, size));
-        stack.handle_packet(now, &sent);
+        stack.handle_packet(now, &sent, RxChecksum::Unverified);
         let quote = match stack.poll_event() {
             Some(Event::Datagram { src: s, dst: d, quote, .. }) if (s, d) == (src, dst) => quote,
             other => panic!("expected the datagram, got {other:?}"),
@@ -836,7 +1000,7 @@ fn port_unreachable_is_bounded_by_the_transmit_queue() {
     let mut stack = Stack::new(config, Instant::from_secs(1));
     let now = Instant::from_secs(2);
     let (src, dst) = (SocketAddr::new(IpAddr::V4(APP_V4), 40000), SocketAddr::new(vip(3), 9));
-    stack.handle_packet(now, &udp_packet(src, dst, b"x"));
+    stack.handle_packet(now, &udp_packet(src, dst, b"x"), RxChecksum::Unverified);
     let Some(Event::Datagram { quote, .. }) = stack.poll_event() else { panic!("no datagram") };
     stack.port_unreachable(&quote).unwrap();
     stack.port_unreachable(&quote).unwrap();
@@ -903,7 +1067,11 @@ fn echo_request_event_and_answer() {
     ] {
         let mut stack = Stack::new(Config::default(), Instant::from_secs(1));
         let now = Instant::from_secs(2);
-        stack.handle_packet(now, &echo_request(app, dst, 0x1234, 7, b"ping data"));
+        stack.handle_packet(
+            now,
+            &echo_request(app, dst, 0x1234, 7, b"ping data"),
+            RxChecksum::Unverified,
+        );
         let echo = match stack.poll_event() {
             Some(Event::EchoRequest(e)) => e,
             other => panic!("expected an echo request, got {other:?}"),
@@ -945,7 +1113,7 @@ fn echo_request_event_and_answer() {
         } else {
             "2001:db8::1".parse().unwrap()
         };
-        stack.handle_packet(now, &echo_request(app, outside, 1, 1, b""));
+        stack.handle_packet(now, &echo_request(app, outside, 1, 1, b""), RxChecksum::Unverified);
         assert!(stack.poll_event().is_none());
         assert_eq!(stack.stats().not_in_pool, 1);
     }
@@ -985,7 +1153,7 @@ proptest! {
         let mut stack = Stack::new(Config::default(), Instant::from_secs(1));
         let now = Instant::from_secs(2);
         for p in &packets {
-            stack.handle_packet(now, p);
+            stack.handle_packet(now, p, RxChecksum::Unverified);
             drain(&mut stack, now, p.len() as u8);
         }
         stack.handle_timeout(Instant::from_secs(100));
@@ -1025,7 +1193,7 @@ proptest! {
         let now = Instant::from_secs(2);
         // Twice: a second copy hits the pending or accepted flow.
         for _ in 0..2 {
-            stack.handle_packet(now, &p);
+            stack.handle_packet(now, &p, RxChecksum::Unverified);
             drain(&mut stack, now, decide);
         }
         stack.handle_timeout(Instant::from_secs(100));
@@ -1073,7 +1241,7 @@ proptest! {
             if flags & 0x80 != 0 {
                 p.truncate(p.len() - 3);
             }
-            net.stack.handle_packet(net.now, &p);
+            net.stack.handle_packet(net.now, &p, RxChecksum::Unverified);
             net.advance(Duration::from_millis(1));
             // The daemon keeps using the flow as long as it exists.
             let _ = net.stack.send(flow, b"x");
@@ -1089,19 +1257,19 @@ proptest! {
 fn garbage_is_counted() {
     let mut stack = Stack::new(Config::default(), Instant::from_secs(1));
     let now = Instant::from_secs(2);
-    stack.handle_packet(now, &[]);
-    stack.handle_packet(now, &[0x45, 0, 0]);
-    stack.handle_packet(now, &[0x60; 3]);
-    stack.handle_packet(now, &[0xff; 60]);
+    stack.handle_packet(now, &[], RxChecksum::Unverified);
+    stack.handle_packet(now, &[0x45, 0, 0], RxChecksum::Unverified);
+    stack.handle_packet(now, &[0x60; 3], RxChecksum::Unverified);
+    stack.handle_packet(now, &[0xff; 60], RxChecksum::Unverified);
     // A SYN or echo with a wrong checksum never becomes an event (no peer is dialled).
     let mut syn = syn_packet(40000, 22, 5);
     let last = syn.len() - 1;
     syn[last] ^= 0x40;
-    stack.handle_packet(now, &syn);
+    stack.handle_packet(now, &syn, RxChecksum::Unverified);
     let mut ping = echo_request(IpAddr::V4(APP_V4), vip(5), 1, 1, b"abcd");
     let last = ping.len() - 1;
     ping[last] ^= 1;
-    stack.handle_packet(now, &ping);
+    stack.handle_packet(now, &ping, RxChecksum::Unverified);
     let s = stack.stats();
     assert_eq!(s.packets_in, 6);
     assert_eq!(s.malformed, 6);

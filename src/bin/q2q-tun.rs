@@ -63,6 +63,11 @@ struct UpArgs {
     /// Name of the TUN device.
     #[arg(long, default_value = "q2q0")]
     tun_name: String,
+    /// Read and write the TUN device without checksum and TCP segmentation offload
+    /// (virtio-net headers). Offload is on by default and saves the kernel and the daemon
+    /// summing every byte; this is for comparing, or a kernel that misbehaves with it.
+    #[arg(long)]
+    no_tun_offload: bool,
     /// IPv4 virtual address pool (the node takes the first address, people the rest).
     #[arg(long, default_value = "100.64.0.0/10")]
     pool_v4: q2q::dns::pool::Ipv4Prefix,
@@ -445,6 +450,7 @@ async fn up(home: Home, a: UpArgs) -> anyhow::Result<()> {
         name: a.tun_name,
         pool: q2q::dns::pool::PoolConfig { ipv4: a.pool_v4, ipv6: a.pool_v6, ..Default::default() },
         dns: a.dns,
+        offload: !a.no_tun_offload,
         ..Default::default()
     });
     Ok(daemon::run(home, me, config, !a.no_ping, tun).await?)

@@ -67,6 +67,15 @@ pub struct Config {
     /// Seed for TCP initial sequence numbers and ports. The core reads no randomness: the
     /// driver should set a random value.
     pub random_seed: u64,
+    /// Leave TCP checksums to the kernel (default off). Set it when the device carries
+    /// virtio-net headers with checksum offload (Linux `IFF_VNET_HDR`, `TUN_F_CSUM`): every
+    /// TCP segment from [`Stack::poll_transmit`](super::Stack::poll_transmit) then holds
+    /// only the pseudo-header sum in its checksum field, to be written with the header
+    /// [`Stack::partial_checksum`](super::Stack::partial_checksum) describes, and the kernel
+    /// neither computes nor verifies a sum over the data on this local hop. Packets the
+    /// driver marks [`RxChecksum::Trusted`](super::RxChecksum::Trusted) skip verification
+    /// either way. UDP and ICMP leave with complete checksums.
+    pub checksum_offload: bool,
 }
 
 impl Default for Config {
@@ -86,6 +95,7 @@ impl Default for Config {
             max_queued_datagrams: 1024,
             max_queued_packets: 1024,
             random_seed: 0,
+            checksum_offload: false,
         }
     }
 }

@@ -13,6 +13,7 @@
 //!        │ IP packets from the TUN device          ▲ IP packets to write to it
 //!   ┌────▼─────────────────────────────────────────┴─────┐
 //!   │ classify (etherparse): destination in the pool?    │  packet.rs
+//!   │  checksums checked unless the kernel vouches       │
 //!   │  TCP SYN ─▶ held; Event::Connect ─▶ accept/refuse  │
 //!   │  UDP ─────▶ Event::Datagram    (send_datagram ◀─)  │
 //!   │             no such service:  port_unreachable ◀─  │
@@ -23,7 +24,8 @@
 //!   │ smoltcp Interface (Medium::Ip, any_ip), one TCP    │  mod.rs
 //!   │ socket per accepted flow, listening on exactly the │
 //!   │ dialled endpoint; budgeted buffers, Nagle off, MSS │
-//!   │ from the TUN MTU, checksums computed and verified  │
+//!   │ from the TUN MTU, TCP checksums computed (or left  │
+//!   │ to the kernel: Config::checksum_offload)           │
 //!   └────────────────────────────────────────────┬───────┘
 //!        flows: send / recv / close / abort;     ▼ Established / Readable / Writable /
 //!        the daemon copies them to and from        Finished / Reset / Closed
@@ -255,8 +257,7 @@ pub struct Stats {
     /// Packets given by [`Stack::poll_transmit`].
     pub packets_out: u64,
     /// Packets dropped because they do not parse, carry impossible addresses or ports, or a
-    /// wrong checksum (checked here for SYNs, UDP and echo; other TCP smoltcp checks and
-    /// drops without counting).
+    /// wrong checksum (checked unless the driver said [`RxChecksum::Trusted`]).
     pub malformed: u64,
     /// Packets dropped because their destination is not a virtual address.
     pub not_in_pool: u64,
@@ -326,6 +327,30 @@ struct Flow {
     waker: Arc<FlowWaker>,
 }
 
+/// How far the transport checksum of a packet from the TUN device can be trusted, as the
+/// driver learnt from the device (on Linux, the flags of the packet's virtio-net header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxChecksum {
+    /// Nobody has checked it: the stack does, and drops the packet when it is wrong. A
+    /// plain TUN device, or a virtio-net header without flags.
+    Unverified,
+    /// The kernel vouches for the data, so it is not checked: the checksum is left to the
+    /// device (`VIRTIO_NET_HDR_F_NEEDS_CSUM`: only the pseudo-header sum is in place, the
+    /// packet was made on this host) or already valid (`VIRTIO_NET_HDR_F_DATA_VALID`).
+    Trusted,
+}
+
+/// A checksum left for the device to complete (virtio-net's `csum_start` and
+/// `csum_offset`): the ones' complement sum of the packet from `start` on, folded and
+/// complemented, goes at `start + offset`. Offsets in bytes from the IP header's first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialChecksum {
+    /// Where the sum starts: the transport header.
+    pub start: u16,
+    /// Where the checksum field is, from `start`.
+    pub offset: u16,
+}
+
 /// The TUN termination stack. See the module docs for the polling contract.
 pub struct Stack {
     config: Config,
@@ -358,7 +383,8 @@ impl Stack {
     /// A new stack.
     pub fn new(config: Config, now: Instant) -> Stack {
         let mtu = config.mtu.clamp(1280, 65535);
-        let mut device = TunDevice(LinkDevice::new(mtu, config.device_queue_packets.max(4)));
+        let link = LinkDevice::new(mtu, config.device_queue_packets.max(4));
+        let mut device = TunDevice::new(link, config.checksum_offload);
         let mut icfg = IfaceConfig::new(HardwareAddress::Ip);
         icfg.random_seed = config.random_seed;
         let mut iface = Interface::new(icfg, &mut device, now);
@@ -413,10 +439,11 @@ impl Stack {
 
     // ---- packets in and out -----------------------------------------------------------
 
-    /// Take an IP packet read from the TUN device. Anything unexpected is dropped and
+    /// Take an IP packet read from the TUN device, whose transport checksum is as
+    /// `checksum` says. Anything unexpected (a wrong checksum included) is dropped and
     /// counted in [`Stack::stats`].
-    pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
-        if self.take_packet(now, packet) {
+    pub fn handle_packet(&mut self, now: Instant, packet: &[u8], checksum: RxChecksum) {
+        if self.take_packet(now, packet, checksum) {
             self.feed_smoltcp(packet);
         }
         self.poll_if_batch_full();
@@ -427,8 +454,8 @@ impl Stack {
     /// copied (at a 64 KiB MTU the copy was about 3% of the daemon's time); the buffer of
     /// anything else goes back to the pool. Worth it for large packets: a small one keeps a
     /// whole read buffer while it waits (copy those with `handle_packet`).
-    pub fn handle_packet_buf(&mut self, now: Instant, packet: Vec<u8>) {
-        if self.take_packet(now, &packet) {
+    pub fn handle_packet_buf(&mut self, now: Instant, packet: Vec<u8>, checksum: RxChecksum) {
+        if self.take_packet(now, &packet, checksum) {
             self.queue_for_smoltcp(packet);
         } else {
             self.recycle(packet);
@@ -452,10 +479,10 @@ impl Stack {
     }
 
     /// Classify a packet from the TUN device and act on it: `true` when it goes to smoltcp.
-    fn take_packet(&mut self, now: Instant, packet: &[u8]) -> bool {
+    fn take_packet(&mut self, now: Instant, packet: &[u8], checksum: RxChecksum) -> bool {
         self.touch(now);
         self.stats.packets_in += 1;
-        match packet::classify(packet, &self.config) {
+        match packet::classify(packet, &self.config, checksum) {
             Err(Drop::Malformed) => self.stats.malformed += 1,
             Err(Drop::NotInPool) => self.stats.not_in_pool += 1,
             Err(Drop::Unsupported) => self.stats.unsupported += 1,
@@ -628,16 +655,28 @@ impl Stack {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         let now_us = self.touch(now);
         self.run_timers(now_us);
-        if let Some(p) = self.ctrl.pop_front() {
-            self.stats.packets_out += 1;
-            return Some(p);
+        let mut p = match self.ctrl.pop_front() {
+            Some(p) => p,
+            None => {
+                if self.device.0.tx.is_empty() && self.iface_wanted(now_us) {
+                    self.poll_iface(now);
+                }
+                self.device.0.tx.pop_front()?
+            }
+        };
+        if self.config.checksum_offload {
+            // smoltcp left the field zero; our own RSTs came complete: both partial now.
+            packet::leave_tcp_checksum(&mut p);
         }
-        if self.device.0.tx.is_empty() && self.iface_wanted(now_us) {
-            self.poll_iface(now);
-        }
-        let p = self.device.0.tx.pop_front()?;
         self.stats.packets_out += 1;
         Some(p)
+    }
+
+    /// Where the device must complete the checksum of `packet` (from
+    /// [`Stack::poll_transmit`]): `Some` for every TCP segment under
+    /// [`Config::checksum_offload`], `None` for every other packet (its checksum is whole).
+    pub fn partial_checksum(&self, packet: &[u8]) -> Option<PartialChecksum> {
+        self.config.checksum_offload.then(|| packet::partial_checksum(packet)).flatten()
     }
 
     /// Give back a packet [`Stack::poll_transmit`] returned, once written: its buffer

@@ -7,9 +7,13 @@ use etherparse::{
     Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4, icmpv6,
 };
 
-use smoltcp::wire::{Icmpv4Packet, Icmpv6Packet, IpAddress, Ipv4Packet, TcpPacket, UdpPacket};
+use smoltcp::wire::{
+    Icmpv4Packet, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    UdpPacket, checksum,
+};
 
 use super::config::Config;
+use super::{PartialChecksum, RxChecksum};
 
 /// Hop limit of the packets the stack builds.
 const HOP_LIMIT: u8 = 64;
@@ -59,10 +63,16 @@ fn unicast(ip: IpAddr) -> bool {
     }
 }
 
-/// Classify a packet read from the TUN device. Never panics. Checksums are checked for
-/// what becomes an event (SYN, UDP, echo): a corrupt packet must not make the daemon dial a
-/// peer. smoltcp checks every other TCP segment itself.
-pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<'a>, Drop> {
+/// Classify a packet read from the TUN device. Never panics. Transport checksums are
+/// checked here (smoltcp checks none) unless the kernel vouches for them (`checksum`): a
+/// corrupt packet must not make the daemon dial a peer or take data. IPv4 header checksums
+/// are always checked (the kernel computes those even when it leaves the rest to us).
+pub(crate) fn classify<'a>(
+    packet: &'a [u8],
+    config: &Config,
+    checksum: RxChecksum,
+) -> Result<Inbound<'a>, Drop> {
+    let verify = checksum == RxChecksum::Unverified;
     let sliced = SlicedPacket::from_ip(packet).map_err(|_| Drop::Malformed)?;
     let (src, dst, fragmented, transport, ip_len) = match &sliced.net {
         Some(NetSlice::Ipv4(ip)) => {
@@ -103,7 +113,8 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
                 return Err(Drop::Malformed);
             }
             let syn = t.syn() && !t.ack() && !t.rst();
-            if syn && !TcpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d)) {
+            if verify && !TcpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d))
+            {
                 return Err(Drop::Malformed);
             }
             Ok(Inbound::Tcp {
@@ -114,8 +125,8 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
             })
         }
         Some(TransportSlice::Udp(u)) => {
-            let checked =
-                UdpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d));
+            let checked = !verify
+                || UdpPacket::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s, &d));
             if u.source_port() == 0 || u.destination_port() == 0 || !checked {
                 return Err(Drop::Malformed);
             }
@@ -128,7 +139,9 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
         }
         Some(TransportSlice::Icmpv4(i)) => match i.icmp_type() {
             Icmpv4Type::EchoRequest(e) if src.is_ipv4() => {
-                if !Icmpv4Packet::new_checked(transport).is_ok_and(|p| p.verify_checksum()) {
+                if verify
+                    && !Icmpv4Packet::new_checked(transport).is_ok_and(|p| p.verify_checksum())
+                {
                     return Err(Drop::Malformed);
                 }
                 Ok(Inbound::Echo { src, dst, ident: e.id, seq_no: e.seq, payload: i.payload() })
@@ -140,7 +153,9 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
                 let (IpAddr::V6(s6), IpAddr::V6(d6)) = (src, dst) else {
                     return Err(Drop::Malformed);
                 };
-                if !Icmpv6Packet::new_checked(transport).is_ok_and(|p| p.verify_checksum(&s6, &d6))
+                if verify
+                    && !Icmpv6Packet::new_checked(transport)
+                        .is_ok_and(|p| p.verify_checksum(&s6, &d6))
                 {
                     return Err(Drop::Malformed);
                 }
@@ -150,6 +165,56 @@ pub(crate) fn classify<'a>(packet: &'a [u8], config: &Config) -> Result<Inbound<
         },
         _ => Err(Drop::Unsupported),
     }
+}
+
+/// Offset of the TCP checksum within the TCP header (RFC 9293, section 3.1).
+const TCP_CHECKSUM_AT: usize = 16;
+
+/// Where the TCP segment of an IP packet lies: its addresses, its first byte and its length
+/// (to the IP length). `None` for anything else: not TCP, an IPv4 fragment, an IPv6
+/// extension header in front, or too short. Never panics.
+fn tcp_span(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
+    match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let start = usize::from(ip.header_len());
+            let len = usize::from(ip.total_len()).checked_sub(start)?;
+            let addrs = (IpAddress::from(ip.src_addr()), IpAddress::from(ip.dst_addr()));
+            Some((addrs.0, addrs.1, start, len))
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let len = usize::from(ip.payload_len());
+            Some((IpAddress::from(ip.src_addr()), IpAddress::from(ip.dst_addr()), 40, len))
+        }
+        _ => None,
+    }
+    .filter(|&(_, _, start, len)| len >= 20 && start + len <= packet.len())
+}
+
+/// Leave the checksum of a TCP packet to the kernel: write the pseudo-header sum (RFC 9293,
+/// section 3.1) into its checksum field, as a device completing it expects (virtio's
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the sum from `start` on, folded and complemented, is the
+/// checksum). Returns where it goes; `None` (packet untouched) for anything not TCP.
+pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) -> Option<PartialChecksum> {
+    let (src, dst, start, len) = tcp_span(packet)?;
+    let sum = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, u32::try_from(len).ok()?);
+    let at = start + TCP_CHECKSUM_AT;
+    packet.get_mut(at..at + 2)?.copy_from_slice(&sum.to_be_bytes());
+    Some(PartialChecksum { start: u16::try_from(start).ok()?, offset: TCP_CHECKSUM_AT as u16 })
+}
+
+/// Where the partial checksum of a TCP packet made by [`leave_tcp_checksum`] is to be
+/// completed; `None` for anything not TCP.
+pub(crate) fn partial_checksum(packet: &[u8]) -> Option<PartialChecksum> {
+    let (_, _, start, _) = tcp_span(packet)?;
+    Some(PartialChecksum { start: u16::try_from(start).ok()?, offset: TCP_CHECKSUM_AT as u16 })
 }
 
 /// The sequence number and segment length (SYN and FIN count one each) of a TCP packet.
