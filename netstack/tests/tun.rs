@@ -1150,10 +1150,12 @@ proptest! {
 
     #[test]
     fn random_bytes_never_panic(packets in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 1..20)) {
-        let mut stack = Stack::new(Config::default(), Instant::from_secs(1));
+        // Odd counts run with checksum offload; even-length packets come trusted (unchecked).
+        let config = Config { checksum_offload: packets.len() % 2 == 1, ..Config::default() };
+        let mut stack = Stack::new(config, Instant::from_secs(1));
         let now = Instant::from_secs(2);
         for p in &packets {
-            stack.handle_packet(now, p, RxChecksum::Unverified);
+            stack.handle_packet(now, p, trust(p.len() % 2 == 0));
             drain(&mut stack, now, p.len() as u8);
         }
         stack.handle_timeout(Instant::from_secs(100));
@@ -1189,11 +1191,12 @@ proptest! {
         if decide & 0x80 != 0 {
             p.truncate(truncate.index(p.len() + 1));
         }
-        let mut stack = Stack::new(Config::default(), Instant::from_secs(1));
+        let config = Config { checksum_offload: decide & 0x20 != 0, ..Config::default() };
+        let mut stack = Stack::new(config, Instant::from_secs(1));
         let now = Instant::from_secs(2);
         // Twice: a second copy hits the pending or accepted flow.
         for _ in 0..2 {
-            stack.handle_packet(now, &p, RxChecksum::Unverified);
+            stack.handle_packet(now, &p, trust(decide & 0x40 != 0));
             drain(&mut stack, now, decide);
         }
         stack.handle_timeout(Instant::from_secs(100));
@@ -1241,7 +1244,7 @@ proptest! {
             if flags & 0x80 != 0 {
                 p.truncate(p.len() - 3);
             }
-            net.stack.handle_packet(net.now, &p, RxChecksum::Unverified);
+            net.stack.handle_packet(net.now, &p, trust(flags & 0x40 != 0));
             net.advance(Duration::from_millis(1));
             // The daemon keeps using the flow as long as it exists.
             let _ = net.stack.send(flow, b"x");
@@ -1251,6 +1254,11 @@ proptest! {
         let s = net.stack.stats();
         prop_assert!(s.malformed + s.not_in_pool + s.unsupported <= s.packets_in);
     }
+}
+
+/// Trusted (a checksum the kernel vouches for is not checked) or not.
+fn trust(trusted: bool) -> RxChecksum {
+    if trusted { RxChecksum::Trusted } else { RxChecksum::Unverified }
 }
 
 #[test]
