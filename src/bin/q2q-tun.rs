@@ -279,11 +279,19 @@ enum Doctor {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     // Renewals are worth a line in the log even when all is well.
     q2q::cli::init_logging("warn,q2q::presence::node::renewal=info");
-    q2q::cli::exit(run(Cli::parse()).await)
+    let cli = Cli::parse();
+    // The daemon has its own runtime (one worker: see `daemon::up::runtime`).
+    let runtime = match cli.command {
+        Command::Up(_) => daemon::up::runtime(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    match runtime {
+        Ok(rt) => q2q::cli::exit(rt.block_on(run(cli))),
+        Err(e) => q2q::cli::exit(Err(anyhow::anyhow!("cannot start the async runtime: {e}"))),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -650,7 +650,8 @@ impl Driver {
         (n, checksum): (usize, Option<RxChecksum>),
     ) {
         let Some(checksum) = checksum else {
-            debug!(len = n, "TUN packet the stack cannot take (a UDP super-datagram) dropped");
+            // Shorter than its virtio-net header, or a UDP super-datagram (never asked for).
+            debug!(len = n, "TUN read the stack cannot take, dropped");
             return;
         };
         if n < READ_COPY_BELOW {

@@ -19,6 +19,29 @@ const STREAM_BUFFER_MAPPED_FROM: usize = 128 << 10;
 const FREED_HEAP_KEPT: usize = 16 << 20;
 use tracing::{info, warn};
 
+/// The runtime the daemon runs on: one worker thread, unless `TOKIO_WORKER_THREADS` asks for
+/// more (tokio reads it; any count works).
+///
+/// Why one: the daemon's data plane is two tasks, the PTCP endpoint and the TUN driver, that
+/// hand every byte to each other. On one worker they share a core's caches and wake each
+/// other without a futex or an inter-processor interrupt; on two, the runtime spreads them
+/// and each hand-off crosses cores. In the lab (`tools/bench/lab-speed`, 2 cores, both
+/// daemons and both iperf3 ends on them; 6 interleaved pairs) one worker moved 18% more
+/// with 4 streams (4.25 against 3.61 Gbit/s, ahead in all 6 pairs) and 7% more with one,
+/// at 13-15% less daemon CPU per byte. One core carries several Gbit/s through the sealed
+/// session, more than a machine's uplink usually is; blocking work goes to tokio's
+/// blocking pool, not this worker.
+///
+/// # Errors
+/// The runtime's, when its threads or its I/O driver cannot be created.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
+}
+
 /// Fail when a daemon already answers on the control socket of `home`.
 ///
 /// # Errors
