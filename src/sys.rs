@@ -68,11 +68,10 @@ pub fn tun_set_offload(
     device: &impl std::os::fd::AsRawFd,
     flags: libc::c_uint,
 ) -> std::io::Result<()> {
-    let fd = device;
+    let fd = device.as_raw_fd();
     // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flags), so no
     // memory of ours is read or written; the descriptor lives as long as `device`, which
     // is borrowed for the call.
-    let rc =
-        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
