@@ -200,14 +200,16 @@ fn tcp_span(packet: &[u8]) -> Option<(IpAddress, IpAddress, usize, usize)> {
 
 /// Leave the checksum of a TCP packet to the kernel: write the pseudo-header sum (RFC 9293,
 /// section 3.1) into its checksum field, as a device completing it expects (virtio's
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the sum from `start` on, folded and complemented, is the
-/// checksum). Returns where it goes; `None` (packet untouched) for anything not TCP.
-pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) -> Option<PartialChecksum> {
-    let (src, dst, start, len) = tcp_span(packet)?;
-    let sum = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, u32::try_from(len).ok()?);
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the sum from [`partial_checksum`]'s `start` on, folded and
+/// complemented, is the checksum). Anything not TCP is left untouched.
+pub(crate) fn leave_tcp_checksum(packet: &mut [u8]) {
+    let Some((src, dst, start, len)) = tcp_span(packet) else { return };
+    let Ok(len) = u32::try_from(len) else { return };
+    let sum = checksum::pseudo_header(&src, &dst, IpProtocol::Tcp, len);
     let at = start + TCP_CHECKSUM_AT;
-    packet.get_mut(at..at + 2)?.copy_from_slice(&sum.to_be_bytes());
-    Some(PartialChecksum { start: u16::try_from(start).ok()?, offset: TCP_CHECKSUM_AT as u16 })
+    if let Some(field) = packet.get_mut(at..at + 2) {
+        field.copy_from_slice(&sum.to_be_bytes());
+    }
 }
 
 /// Where the partial checksum of a TCP packet made by [`leave_tcp_checksum`] is to be
