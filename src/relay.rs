@@ -263,7 +263,7 @@ impl Unverified<'_> {
 
 /// Parse and verify `d`, sent in direction `dir`, with the key `key_for` gives for its
 /// token; append the inner datagram to `out`, and give its token and counter. Replays are
-/// not checked here (see [`Receiver`], [`Leg::open_into`]).
+/// not checked here (see [`Receiver`], [`Leg::open_in_place`]).
 pub fn open(
     d: &[u8],
     dir: Direction,
@@ -335,9 +335,20 @@ impl Receiver {
         from: Option<std::net::SocketAddr>,
         out: &mut Vec<u8>,
     ) -> Result<bool, RelayError> {
-        self.window.check(u.counter)?;
-        u.open_into(key, dir, out)?;
-        let fresh = self.window.accept(u.counter)?;
+        self.admit(u.counter, from, || u.open_into(key, dir, out))
+    }
+
+    /// The order of [`Receiver::accept`] around `open`, which checks the tag of datagram
+    /// `counter` and decrypts it (into a buffer or in place).
+    fn admit(
+        &mut self,
+        counter: u64,
+        from: Option<std::net::SocketAddr>,
+        open: impl FnOnce() -> Result<(), RelayError>,
+    ) -> Result<bool, RelayError> {
+        self.window.check(counter)?;
+        open()?;
+        let fresh = self.window.accept(counter)?;
         let moved = fresh == Fresh::Newest && from.is_some();
         if moved {
             self.at = from;
@@ -396,22 +407,26 @@ impl Leg {
         out
     }
 
-    /// Verify a datagram from the server on this leg, refuse replays, and append the inner
-    /// datagram to `out`.
-    pub fn open_into(&self, d: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
+    /// Verify a datagram from the server on this leg and refuse replays; decrypted in
+    /// place, the inner datagram is the end of `d` (no copy: the receive path opens it
+    /// where the socket put it). What `d` holds after an error is unspecified.
+    pub fn open_in_place<'d>(&self, d: &'d mut [u8]) -> Result<&'d mut [u8], RelayError> {
         let u = parse(d)?;
         if u.token != self.token {
             return Err(RelayError::UnknownToken);
         }
+        let (counter, tag) = (u.counter, u.tag);
+        let head: [u8; TAG_AT] = u.head.try_into().map_err(|_| RelayError::Malformed)?;
+        let inner = &mut d[OVERHEAD..];
         let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        rx.accept(&u, &self.key, Direction::ToClient, None, out).map(|_| ())
+        rx.admit(counter, None, || self.key.open(Direction::ToClient, counter, &head, tag, inner))?;
+        Ok(inner)
     }
 
-    /// [`Leg::open_into`] a new buffer: the inner datagram.
+    /// [`Leg::open_in_place`] on a copy of `d`: the inner datagram.
     pub fn open(&self, d: &[u8]) -> Result<Vec<u8>, RelayError> {
-        let mut out = Vec::with_capacity(d.len().saturating_sub(OVERHEAD));
-        self.open_into(d, &mut out)?;
-        Ok(out)
+        let mut d = d.to_vec();
+        self.open_in_place(&mut d).map(|inner| inner.to_vec())
     }
 }
 
@@ -527,10 +542,6 @@ mod tests {
         // Another leg's token.
         let other = server_seal(&key, &[5; TOKEN_LEN], 3, b"x");
         assert_eq!(leg.open(&other), Err(RelayError::UnknownToken));
-        // Nothing is appended for a datagram that does not open.
-        let mut out = b"kept".to_vec();
-        assert_eq!(leg.open_into(&forged(3), &mut out), Err(RelayError::BadTag));
-        assert_eq!(out, b"kept");
     }
 
     #[test]

@@ -43,7 +43,7 @@
 //! way): an attacker on the path can disturb the handshake (TLS then fails), never a keyed
 //! session.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::hkdf;
 
 use crate::replay::{ReplayWindow, Replayed};
@@ -238,29 +238,36 @@ impl Sealer {
         out.extend_from_slice(tag.as_ref());
     }
 
-    /// Open the sealed datagram `d` into `plain` (cleared first): the plain datagram it
-    /// carries, prefix and session id included.
-    pub fn open(&mut self, now: i64, d: &[u8], plain: &mut Vec<u8>) -> Result<(), SealError> {
+    /// Open the sealed datagram `d` in place: the plain datagram it carries (prefix and
+    /// session id included), a prefix of `d`. What is left in `d` after an error is
+    /// unspecified. No copy: AES-GCM decrypts where the ciphertext lies.
+    pub fn open<'d>(&mut self, now: i64, d: &'d mut [u8]) -> Result<&'d mut [u8], SealError> {
         let len = d.len();
         if len < HEAD + OVERHEAD {
             return Err(SealError::Truncated(len));
         }
-        let (body, trailer) = d.split_at(len - 8 - TAG_LEN);
+        let (sealed, trailer) = d.split_at_mut(len - 8 - TAG_LEN);
         let mut c = [0u8; 8];
         c.copy_from_slice(&trailer[..8]);
         let counter = u64::from_be_bytes(c);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&trailer[8..]);
         self.window.check(counter)?;
-        plain.clear();
-        plain.extend_from_slice(body);
-        plain.extend_from_slice(&trailer[8..]);
-        let aad = aad(d, counter);
+        let aad = aad(sealed, counter);
         let epoch = counter / EPOCH_DATAGRAMS;
         let Some(key) = self.rx.opening(epoch) else {
             self.forged += 1;
             return Err(SealError::Forged);
         };
-        let opened =
-            key.open_in_place(nonce(counter), Aad::from(aad), &mut plain[HEAD..]).map(|p| p.len());
+        let opened = key
+            .open_in_place_separate_tag(
+                nonce(counter),
+                Aad::from(aad),
+                Tag::from(tag),
+                &mut sealed[HEAD..],
+                0..,
+            )
+            .map(|p| p.len());
         let Ok(n) = opened else {
             self.forged += 1;
             return Err(SealError::Forged);
@@ -269,14 +276,13 @@ impl Sealer {
             self.rx.opened(epoch, key);
         }
         self.window.accept(counter)?;
-        plain.truncate(HEAD + n);
         // The inner kind is the last byte of the plaintext (n >= 1: the length check).
-        let kind = plain.pop().unwrap_or(0);
-        plain[1] = kind;
+        let plain = &mut d[..HEAD + n];
+        plain[1] = plain[HEAD + n - 1];
         self.peer_sealed = true;
         self.peer_sealed_at.get_or_insert(now);
         self.sending = true;
-        Ok(())
+        Ok(&mut plain[..HEAD + n - 1])
     }
 
     /// Whether a plain datagram arriving at `now` is refused: once the peer seals, after a
@@ -315,12 +321,10 @@ mod tests {
         assert_eq!(sealed.len(), d.len() + OVERHEAD);
         assert_eq!(sealed[1], Kind::Sealed as u8);
         assert!(!sealed.windows(5).any(|w| w == b"hello"), "the body is encrypted");
-        let mut got = Vec::new();
-        b.open(0, &sealed, &mut got).unwrap();
-        assert_eq!(got, d);
+        assert_eq!(b.open(0, &mut sealed.clone()).unwrap(), &d[..]);
         assert!(b.peer_sealed);
         // The same datagram again: a replay.
-        assert!(matches!(b.open(0, &sealed, &mut got), Err(SealError::Replayed(_))));
+        assert!(matches!(b.open(0, &mut sealed.clone()), Err(SealError::Replayed(_))));
         // Any flipped bit: forged (the session id and counter are authenticated too).
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
@@ -329,12 +333,12 @@ mod tests {
             let mut o = d.clone();
             a2.seal(&mut o, 0);
             assert_eq!(o, sealed);
-            assert!(b2.open(0, &bad, &mut got).is_err(), "bit flipped at byte {i}");
+            assert!(b2.open(0, &mut bad).is_err(), "bit flipped at byte {i}");
         }
         // Its own direction's key does not open it.
-        assert_eq!(a.open(0, &sealed, &mut got), Err(SealError::Forged));
+        assert_eq!(a.open(0, &mut sealed.clone()), Err(SealError::Forged));
         assert_eq!(a.forged, 1);
-        assert_eq!(b.open(0, &sealed[..20], &mut got), Err(SealError::Truncated(20)));
+        assert_eq!(b.open(0, &mut sealed[..20].to_vec()), Err(SealError::Truncated(20)));
     }
 
     #[test]
@@ -350,22 +354,22 @@ mod tests {
             .collect();
         // Same plaintext length, different epochs: different keys (the ciphertexts of two
         // equal bodies sealed at counters in two epochs share nothing but the layout).
-        let mut got = Vec::new();
         // The new epoch first, then the last datagram of the old one, then the rest.
         for i in [2usize, 1, 0, 3] {
-            b.open(0, &sealed[i], &mut got).unwrap();
-            assert_eq!(got, plain(Kind::Data, &[i as u8; 40]), "datagram {i}");
+            let mut d = sealed[i].clone();
+            let got = b.open(0, &mut d).unwrap();
+            assert_eq!(got, &plain(Kind::Data, &[i as u8; 40])[..], "datagram {i}");
         }
         // Two epochs ahead of what was opened: no key is derived for it.
         a.next = 3 * EPOCH_DATAGRAMS;
         let mut far = plain(Kind::Data, b"far");
         a.seal(&mut far, 0);
-        assert_eq!(b.open(0, &far, &mut got), Err(SealError::Forged));
+        assert_eq!(b.open(0, &mut far), Err(SealError::Forged));
         // The next epoch still opens.
         a.next = 2 * EPOCH_DATAGRAMS;
         let mut next = plain(Kind::Data, b"next");
         a.seal(&mut next, 0);
-        b.open(0, &next, &mut got).unwrap();
+        b.open(0, &mut next).unwrap();
     }
 
     proptest! {
@@ -373,8 +377,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_open(d in proptest::collection::vec(any::<u8>(), 0..200)) {
             let (_, mut b) = pair();
-            let mut got = Vec::new();
-            prop_assert!(b.open(0, &d, &mut got).is_err());
+            let mut d = d;
+            prop_assert!(b.open(0, &mut d).is_err());
         }
     }
 }

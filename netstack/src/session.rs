@@ -260,8 +260,6 @@ pub struct Session {
     side: Side,
     /// The session's keys, once installed ([`Session::install_keys`]).
     sealer: Option<Sealer>,
-    /// Where sealed datagrams are opened (reused).
-    plain: Vec<u8>,
     /// Datagrams refused by sealing.
     refused: u64,
     /// Probe acknowledgements waiting in `ctrl`.
@@ -349,7 +347,6 @@ impl Session {
             wrong_session: 0,
             side,
             sealer: None,
-            plain: Vec::new(),
             refused: 0,
             probe_acks: 0,
             tcp_lag: 0,
@@ -428,8 +425,14 @@ impl Session {
     ///
     /// Once the session has keys, a sealed datagram is opened first (and refused if it
     /// does not open); once the peer's datagrams arrive sealed, plain ones are refused. Only
-    /// a datagram taken (`Ok`) shows that the peer is alive.
-    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), DatagramError> {
+    /// a datagram taken (`Ok`) shows that the peer is alive. A sealed datagram is opened
+    /// in place: `datagram` holds something else afterwards (the caller's receive buffer,
+    /// so no copy is made on the way in).
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        datagram: &mut [u8],
+    ) -> Result<(), DatagramError> {
         if self.lost.is_some() {
             return Err(DatagramError::SessionLost);
         }
@@ -452,15 +455,15 @@ impl Session {
         }
     }
 
-    fn handle_sealed(&mut self, now: Instant, datagram: &[u8]) -> Result<(), DatagramError> {
+    fn handle_sealed(&mut self, now: Instant, datagram: &mut [u8]) -> Result<(), DatagramError> {
         let Some(sealer) = &mut self.sealer else {
             self.refused += 1;
             return Err(SealError::NoKeys.into());
         };
-        let mut plain = std::mem::take(&mut self.plain);
-        let opened = sealer.open(micros(now), datagram, &mut plain);
+        let wire_len = datagram.len();
+        let opened = sealer.open(micros(now), datagram);
         let forged = sealer.forged;
-        let result = match opened {
+        match opened {
             Err(e) => {
                 self.refused += 1;
                 if forged >= seal::INTEGRITY_LIMIT {
@@ -468,20 +471,18 @@ impl Session {
                 }
                 Err(e.into())
             }
-            Ok(()) => match Datagram::parse(&plain) {
+            Ok(plain) => match Datagram::parse(plain) {
                 Ok(Datagram::Sealed(_) | Datagram::Other(_)) => {
                     self.malformed += 1;
                     Err(WireError::Malformed("sealed datagram holds no PTCP datagram").into())
                 }
-                Ok(inner) => self.handle(now, inner, datagram.len()),
+                Ok(inner) => self.handle(now, inner, wire_len),
                 Err(e) => {
                     self.malformed += 1;
                     Err(e.into())
                 }
             },
-        };
-        self.plain = plain;
-        result
+        }
     }
 
     /// Take a parsed plain datagram (opened already if it came sealed); `wire_len` is the

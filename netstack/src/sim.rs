@@ -328,23 +328,23 @@ impl Pair {
     fn deliver(&mut self) -> bool {
         let now = self.now;
         let mut any = false;
-        while let Some(d) = self.ab.recv(now) {
+        while let Some(mut d) = self.ab.recv(now) {
             any = true;
-            if !self.b_gone && self.b.handle_datagram(now, &d).is_err() {
+            if !self.b_gone && self.b.handle_datagram(now, &mut d).is_err() {
                 self.rejected += 1;
             }
         }
-        while let Some(d) = self.ba.recv(now) {
+        while let Some(mut d) = self.ba.recv(now) {
             any = true;
-            if self.a.handle_datagram(now, &d).is_err() {
+            if self.a.handle_datagram(now, &mut d).is_err() {
                 self.rejected += 1;
             }
         }
         for (link, a_to_b) in &mut self.retired {
-            while let Some(d) = link.recv(now) {
+            while let Some(mut d) = link.recv(now) {
                 any = true;
                 let target = if *a_to_b { &mut self.b } else { &mut self.a };
-                if (*a_to_b && self.b_gone) || target.handle_datagram(now, &d).is_err() {
+                if (*a_to_b && self.b_gone) || target.handle_datagram(now, &mut d).is_err() {
                     self.rejected += 1;
                 }
             }

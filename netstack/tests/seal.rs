@@ -77,7 +77,7 @@ fn after_the_switch_plain_forged_and_replayed_datagrams_are_refused() {
     // A plain Data datagram of the session (what an on-path attacker could forge).
     let mut plain = Vec::new();
     Data::emit_header(sid, 1_000_000, 0, &mut plain);
-    assert_eq!(pair.b.handle_datagram(now, &plain), Err(DatagramError::Unsealed));
+    assert_eq!(pair.b.handle_datagram(now, &mut plain.clone()), Err(DatagramError::Unsealed));
 
     // A genuine sealed datagram, taken once; its replay and any altered copy refused.
     let mut sealed = Vec::new();
@@ -92,9 +92,13 @@ fn after_the_switch_plain_forged_and_replayed_datagrams_are_refused() {
     let mut forged = sealed.clone();
     let last = forged.len() - 1;
     forged[last] ^= 1;
-    assert!(matches!(pair.b.handle_datagram(t, &forged), Err(DatagramError::Sealed(_))));
-    assert_eq!(pair.b.handle_datagram(t, &sealed), Ok(()));
-    assert!(matches!(pair.b.handle_datagram(t, &sealed), Err(DatagramError::Sealed(_))));
+    assert!(matches!(pair.b.handle_datagram(t, &mut forged), Err(DatagramError::Sealed(_))));
+    // (Opened in place: each call gets its own copy of the bytes.)
+    assert_eq!(pair.b.handle_datagram(t, &mut sealed.clone()), Ok(()));
+    assert!(matches!(
+        pair.b.handle_datagram(t, &mut sealed.clone()),
+        Err(DatagramError::Sealed(_))
+    ));
     assert_eq!(pair.b.stats().refused, 3);
 
     // Refused datagrams are no sign of life: a peer that only an attacker speaks for
@@ -103,8 +107,8 @@ fn after_the_switch_plain_forged_and_replayed_datagrams_are_refused() {
     let end = t + Duration::from_secs(30);
     while pair.b.error().is_none() && t2 < end {
         t2 += Duration::from_millis(500);
-        let _ = pair.b.handle_datagram(t2, &plain);
-        let _ = pair.b.handle_datagram(t2, &sealed);
+        let _ = pair.b.handle_datagram(t2, &mut plain.clone());
+        let _ = pair.b.handle_datagram(t2, &mut sealed.clone());
         pair.b.handle_timeout(t2);
         let mut sink = Vec::new();
         while pair.b.poll_transmit(t2, &mut sink).is_some() {

@@ -263,10 +263,10 @@ fn foreign_datagrams_are_counted_not_taken() {
     let mut s = Session::new(SessionId(1), Side::Initiator, Config::default(), now);
     let mut other = Vec::new();
     q2q_netstack::wire::Data::emit_header(SessionId(2), 0, 0, &mut other);
-    assert!(s.handle_datagram(now, &other).is_err());
-    assert!(s.handle_datagram(now, &[9, 1, 2, 3]).is_err());
-    assert!(s.handle_datagram(now, &[1, 0xee]).is_err());
-    assert!(s.handle_datagram(now, &[1, 0x10]).is_err());
+    assert!(s.handle_datagram(now, &mut other).is_err());
+    assert!(s.handle_datagram(now, &mut [9, 1, 2, 3]).is_err());
+    assert!(s.handle_datagram(now, &mut [1, 0xee]).is_err());
+    assert!(s.handle_datagram(now, &mut [1, 0x10]).is_err());
     let st = s.stats();
     assert_eq!((st.wrong_session, st.malformed), (1, 2));
 }

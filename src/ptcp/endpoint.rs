@@ -342,7 +342,6 @@ impl Endpoint {
             accept_backlog: config.accept_backlog.max(1),
             drop_from: None,
             relay_tokens: HashMap::new(),
-            relayed: Vec::new(),
             reported_at: Instant::from_micros(0),
         };
         tokio::spawn(driver.run());
@@ -674,8 +673,6 @@ struct Driver {
     drop_from: Option<DropFilter>,
     /// Sessions by relay token, for relayed datagrams coming back.
     relay_tokens: HashMap<crate::relay::Token, SessionId>,
-    /// The inner datagram of a relayed one, opened ([`crate::relay::Leg::open_into`]).
-    relayed: Vec<u8>,
     /// When the sessions were last reported in the log (debug level, [`REPORT_EVERY_US`]).
     reported_at: Instant,
 }
@@ -767,18 +764,19 @@ impl Driver {
             match r {
                 Ok(n) => {
                     let now = self.now();
-                    for (m, slot) in meta.iter().zip(buf.chunks(RECV_SLOT)).take(n) {
+                    for (m, slot) in meta.iter().zip(buf.chunks_mut(RECV_SLOT)).take(n) {
                         // One spelling inside: IPv4 peers of a dual-stack socket are plain.
                         let from = crate::dualstack::canonical(m.addr);
                         if self.drop_from.as_ref().is_some_and(|f| f(from)) {
                             continue;
                         }
-                        let data = slot.get(..m.len).unwrap_or(slot);
+                        let len = m.len.min(slot.len());
+                        let data = &mut slot[..len];
                         if data.is_empty() {
                             self.on_datagram(now, from, data);
                         }
                         // With GRO one buffer holds several datagrams of `stride` bytes.
-                        for d in data.chunks(m.stride.max(1)) {
+                        for d in data.chunks_mut(m.stride.max(1)) {
                             self.on_datagram(now, from, d);
                         }
                     }
@@ -793,11 +791,13 @@ impl Driver {
         }
     }
 
-    fn on_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    /// `data` is opened in place (relay framing, session seal): the receive buffer, not
+    /// a copy.
+    fn on_datagram(&mut self, now: Instant, from: SocketAddr, data: &mut [u8]) {
         self.on_datagram_via(now, from, data, Via::Socket(q2q_netstack::path::Socket::Main));
     }
 
-    fn on_datagram_via(&mut self, now: Instant, from: SocketAddr, data: &[u8], via: Via) {
+    fn on_datagram_via(&mut self, now: Instant, from: SocketAddr, data: &mut [u8], via: Via) {
         bump(&self.stats.received);
         match Datagram::parse(data) {
             Err(_) => bump(&self.stats.malformed),
@@ -811,7 +811,10 @@ impl Driver {
                     Err(_) => bump(&self.stats.side_dropped),
                 }
             }
-            Ok(d) => self.on_parsed(now, from, d, data, via),
+            Ok(d) => {
+                let Some(sid) = d.session() else { return };
+                self.on_session_datagram(now, from, sid, data, via);
+            }
         }
     }
 
@@ -822,7 +825,7 @@ impl Driver {
         now: Instant,
         from: SocketAddr,
         kind: Kind,
-        data: &[u8],
+        data: &mut [u8],
         via: Via,
     ) -> bool {
         match kind {
@@ -845,24 +848,29 @@ impl Driver {
                     self.relay_tokens.remove(&u.token);
                     return false;
                 };
-                // Opened into a buffer kept for it (a relayed datagram holds no relayed one:
-                // `via` is then Relayed, so this arm is not reached again inside).
-                let mut inner = std::mem::take(&mut self.relayed);
-                inner.clear();
-                if leg.open_into(data, &mut inner).is_ok() && !inner.is_empty() {
-                    self.on_datagram_via(now, from, &inner, Via::Relayed);
+                // Opened in place (a relayed datagram holds no relayed one: `via` is then
+                // Relayed, so this arm is not reached again inside).
+                if let Ok(inner) = leg.open_in_place(data)
+                    && !inner.is_empty()
+                {
+                    self.on_datagram_via(now, from, inner, Via::Relayed);
                 }
-                self.relayed = inner;
                 true
             }
             _ => false,
         }
     }
 
-    /// A parsed PTCP datagram: to its session, and to its path machine (liveness, or the
-    /// peer using the relay).
-    fn on_parsed(&mut self, now: Instant, from: SocketAddr, d: Datagram<'_>, raw: &[u8], via: Via) {
-        let Some(sid) = d.session() else { return };
+    /// A PTCP datagram of session `sid`: to its session, and to its path machine
+    /// (liveness, or the peer using the relay).
+    fn on_session_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sid: SessionId,
+        raw: &mut [u8],
+        via: Via,
+    ) {
         match self.sessions.get_mut(&sid) {
             Some(s) => {
                 // Only a datagram the session takes (sealed and opened, once it has keys)
@@ -999,16 +1007,16 @@ impl Driver {
             }
             Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),
-            Command::Inject { from, data } => {
+            Command::Inject { from, mut data } => {
                 let now = self.now();
-                self.on_datagram(now, from, &data);
+                self.on_datagram(now, from, &mut data);
             }
-            Command::InjectRelayed { data } => {
+            Command::InjectRelayed { mut data } => {
                 let now = self.now();
                 let from = SocketAddr::from(([0, 0, 0, 0], 0));
-                self.on_datagram_via(now, from, &data, Via::Relayed);
+                self.on_datagram_via(now, from, &mut data, Via::Relayed);
             }
-            Command::Birthday { id, socket, from, data } => {
+            Command::Birthday { id, socket, from, mut data } => {
                 let now = self.now();
                 if self.drop_from.as_ref().is_some_and(|f| f(from)) {
                     return;
@@ -1025,7 +1033,9 @@ impl Driver {
                             s.touched = true;
                         }
                     }
-                    Ok(d) if d.session() == Some(id) => self.on_parsed(now, from, d, &data, via),
+                    Ok(d) if d.session() == Some(id) => {
+                        self.on_session_datagram(now, from, id, &mut data, via)
+                    }
                     _ => bump(&self.stats.malformed),
                 }
             }

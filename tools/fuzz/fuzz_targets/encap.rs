@@ -68,7 +68,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Ok(Datagram::Sealed(_)) => {
             KEYED.with(|s| {
                 let mut s = s.borrow_mut();
-                assert!(s.handle_datagram(Instant::from_millis(1), data).is_err(), "a forged sealed datagram was taken");
+                assert!(s.handle_datagram(Instant::from_millis(1), &mut data.to_vec()).is_err(), "a forged sealed datagram was taken");
             });
         }
         Ok(Datagram::Other(_)) | Err(_) => {}
