@@ -26,27 +26,99 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 /// Bytes each pipe of a stream holds (each direction).
 pub(crate) const PIPE_BYTES: usize = 512 << 10;
 
-/// Bytes [`bridge`] moves per read and per write, each direction. tokio's default (8 KiB)
-/// makes a lock, a copy and often a cross-task wake-up per 8 KiB on both pipes; at
-/// Gbit/s rates that is hundreds of thousands of them a second.
+/// Bytes [`bridge`] reads from the local stream at a time. tokio's default (8 KiB) makes a
+/// lock, a copy and often a cross-task wake-up per 8 KiB on the pipe; at Gbit/s rates that
+/// is hundreds of thousands of them a second.
 pub(crate) const BRIDGE_BYTES: usize = 64 << 10;
 
-/// Copy between two streams, both ways, until both are done (tokio's
-/// `copy_bidirectional`, with [`BRIDGE_BYTES`] buffers): the daemon's bridge between an
-/// app's flow or local TCP connection and a peer stream. Returns the bytes moved
-/// (a → b, b → a).
+/// Most bytes one direction of [`bridge`] moves per poll before it lets the other direction
+/// and other tasks run.
+const BRIDGE_TURN: u64 = 1 << 20;
+
+/// Copy between a peer stream `a` and a local stream `b`, both ways, until both are done
+/// (what tokio's `copy_bidirectional` does): each direction ends with a shutdown of the
+/// stream it writes to, and an error either way ends both. `a` is read in place
+/// ([`AsyncBufRead`]: from its pipe's buffer, no copy in between), `b` through a
+/// [`BRIDGE_BYTES`] buffer. The daemon's bridge between a local TCP connection and a peer
+/// stream. Returns the bytes moved (a → b, b → a).
 pub(crate) async fn bridge<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncBufRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, BRIDGE_BYTES, BRIDGE_BYTES).await
+    // A BufReader passes writes through to the stream it reads.
+    let mut b = tokio::io::BufReader::with_capacity(BRIDGE_BYTES, b);
+    let (mut down, mut up) = (Flow::default(), Flow::default());
+    std::future::poll_fn(|cx| {
+        let d = down.poll(cx, &mut *a, &mut b)?;
+        let u = up.poll(cx, &mut b, &mut *a)?;
+        std::task::ready!(d);
+        std::task::ready!(u);
+        Poll::Ready(Ok((down.moved, up.moved)))
+    })
+    .await
+}
+
+/// One direction of [`bridge`].
+#[derive(Default)]
+struct Flow {
+    moved: u64,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The reader ended: the writer is being shut down, or is.
+    eof: bool,
+    done: bool,
+}
+
+impl Flow {
+    /// Move what `r` has into `w` until `r` has nothing now (then flush `w`), or ends (then
+    /// shut `w` down).
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncBufRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut turn = 0u64;
+        while !self.eof {
+            if turn >= BRIDGE_TURN {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let data = match Pin::new(&mut *r).poll_fill_buf(cx) {
+                Poll::Ready(d) => d?,
+                Poll::Pending => {
+                    if self.unflushed {
+                        std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if data.is_empty() {
+                self.eof = true;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, data))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            Pin::new(&mut *r).consume(n);
+            self.moved += n as u64;
+            self.unflushed = true;
+            turn += n as u64;
+        }
+        if !self.done {
+            std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+            self.done = true;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Why a stream cannot go on. Carried inside the `io::Error`s a stream returns (get it back
@@ -99,6 +171,9 @@ impl From<StreamFailure> for io::Error {
 pub(crate) struct PipeState {
     /// Received bytes, for the reader.
     pub rx: VecDeque<u8>,
+    /// Received bytes the reader took out of `rx` and has not consumed yet (as of its last
+    /// look): they count against the pipe's [`PIPE_BYTES`] too.
+    pub held: usize,
     /// The peer finished and everything before the FIN is in `rx`.
     pub rx_eof: bool,
     /// The driver stopped reading the stack because `rx` was full.
@@ -200,6 +275,9 @@ impl<K> DriverWake<K> {
 pub(crate) struct PipeStream<K> {
     pipes: Arc<Pipes<K>>,
     wake: Arc<DriverWake<K>>,
+    /// Received bytes taken from the pipe for the reader: the pipe's whole buffer, swapped
+    /// out under the lock (no copy), served from here by `poll_fill_buf` / `poll_read`.
+    held: VecDeque<u8>,
     /// Whatever keeps the driver running while the stream lives (its command channel).
     _alive: Box<dyn Any + Send + Sync>,
 }
@@ -210,7 +288,7 @@ impl<K> PipeStream<K> {
         wake: Arc<DriverWake<K>>,
         alive: Box<dyn Any + Send + Sync>,
     ) -> PipeStream<K> {
-        PipeStream { pipes, wake, _alive: alive }
+        PipeStream { pipes, wake, held: VecDeque::new(), _alive: alive }
     }
 
     pub fn key(&self) -> &K {
@@ -243,42 +321,65 @@ impl<K> PipeStream<K> {
     }
 }
 
+impl<K> AsyncBufRead for PipeStream<K> {
+    /// The received bytes, without a copy: when what the reader holds is used up, the
+    /// pipe's buffer is swapped for the reader's empty one under the lock.
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        let mut st = this.pipes.lock();
+        if st.abort {
+            // Our own reset: what was received is discarded (see `abort`).
+            this.held.clear();
+        }
+        if this.held.is_empty() {
+            std::mem::swap(&mut st.rx, &mut this.held);
+        }
+        st.held = this.held.len();
+        // Restart the driver once half the pipe is free, not on every read.
+        let restart = st.rx_stalled && st.rx.len() + st.held <= PIPE_BYTES / 2;
+        if restart {
+            st.rx_stalled = false;
+        }
+        let pending = if !this.held.is_empty() {
+            None
+        } else if let Some(e) = st.error {
+            Some(Poll::Ready(Err(e.into())))
+        } else if st.rx_eof {
+            None
+        } else {
+            st.read_waker = Some(cx.waker().clone());
+            Some(Poll::Pending)
+        };
+        drop(st);
+        if restart {
+            this.wake.schedule(&this.pipes);
+        }
+        match pending {
+            Some(p) => p,
+            None => Poll::Ready(Ok(this.held.as_slices().0)),
+        }
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let held = &mut self.get_mut().held;
+        held.drain(..amt.min(held.len()));
+    }
+}
+
 impl<K> AsyncRead for PipeStream<K> {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let mut st = this.pipes.lock();
-        if !st.rx.is_empty() {
-            let n = buf.remaining().min(st.rx.len());
-            let (a, b) = st.rx.as_slices();
-            let na = n.min(a.len());
-            buf.put_slice(&a[..na]);
-            if n > na {
-                buf.put_slice(&b[..n - na]);
-            }
-            st.rx.drain(..n);
-            // Restart the driver once half the pipe is free, not on every read.
-            let restart = st.rx_stalled && st.rx.len() <= PIPE_BYTES / 2;
-            if restart {
-                st.rx_stalled = false;
-            }
-            drop(st);
-            if restart {
-                this.wake.schedule(&this.pipes);
-            }
+        if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        if let Some(e) = st.error {
-            return Poll::Ready(Err(e.into()));
-        }
-        if st.rx_eof || buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        st.read_waker = Some(cx.waker().clone());
-        Poll::Pending
+        let data = std::task::ready!(self.as_mut().poll_fill_buf(cx))?;
+        let n = data.len().min(buf.remaining());
+        buf.put_slice(&data[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -578,7 +679,8 @@ pub(crate) fn pump<K>(io: &mut impl StreamIo, p: &Pipes<K>) {
     let mut woke_reader = false;
     loop {
         // A dropped handle's bytes are read and discarded.
-        let room = if st.dropped { usize::MAX } else { PIPE_BYTES - st.rx.len() };
+        let room =
+            if st.dropped { usize::MAX } else { PIPE_BYTES.saturating_sub(st.rx.len() + st.held) };
         if room == 0 {
             st.rx_stalled = true;
             break;
@@ -814,5 +916,111 @@ mod tests {
         r.splice.pump(&mut app);
         assert_eq!(app.outbox.len(), 2000);
         assert!(app.closed, "FIN after the last byte");
+    }
+
+    #[tokio::test]
+    async fn a_reader_takes_the_whole_pipe_and_what_it_holds_counts_against_the_pipe() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let wake = DriverWake::new();
+        let pipes = Pipes::new(1u8);
+        let mut reader = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        let sent = bytes(2 * PIPE_BYTES + 4321, 4);
+        let mut far = MemIo { inbox: sent.iter().copied().collect(), ..Default::default() };
+        pump(&mut far, &pipes);
+        assert_eq!(pipes.lock().rx.len(), PIPE_BYTES);
+        // The reader takes the pipe's buffer whole (swapped out, not copied).
+        assert_eq!(reader.fill_buf().await.unwrap().len(), PIPE_BYTES);
+        assert!(pipes.lock().rx.is_empty());
+        // What it holds still counts: the driver moves nothing more meanwhile.
+        pump(&mut far, &pipes);
+        assert!(pipes.lock().rx.is_empty(), "the reader's bytes fill the pipe");
+        assert!(pipes.lock().rx_stalled);
+        assert_eq!(scheduled(&wake), 0);
+        // Once half is consumed, its next look restarts the driver.
+        Pin::new(&mut reader).consume(PIPE_BYTES / 2 + 1);
+        assert_eq!(reader.fill_buf().await.unwrap().len(), PIPE_BYTES / 2 - 1);
+        assert_eq!(scheduled(&wake), 1, "half the pipe free: the driver is told");
+        pump(&mut far, &pipes);
+        assert_eq!(pipes.lock().rx.len(), PIPE_BYTES / 2 + 1);
+        // The rest arrives in order, through poll_read as well.
+        far.fin_in = true;
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 100_000];
+        for _ in 0..100 {
+            let n = reader.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            pump(&mut far, &pipes);
+        }
+        assert_eq!(got.len(), sent.len() - (PIPE_BYTES / 2 + 1));
+        assert!(got == sent[PIPE_BYTES / 2 + 1..], "the bytes after those consumed, in order");
+    }
+
+    #[tokio::test]
+    async fn an_abort_discards_what_the_reader_holds() {
+        use tokio::io::AsyncBufReadExt;
+        let wake = DriverWake::new();
+        let pipes = Pipes::new(1u8);
+        let mut reader = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        let mut far = MemIo { inbox: bytes(1000, 1).into(), ..Default::default() };
+        pump(&mut far, &pipes);
+        assert_eq!(reader.fill_buf().await.unwrap().len(), 1000);
+        reader.abort();
+        let e = reader.fill_buf().await.unwrap_err();
+        assert_eq!(e.get_ref().and_then(|e| e.downcast_ref()), Some(&StreamFailure::Aborted));
+    }
+
+    #[tokio::test]
+    async fn bridge_moves_both_ways_and_passes_each_fin_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let wake = DriverWake::new();
+        let pipes = Pipes::new(1u8);
+        let mut peer = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        // From the peer (through the pipe) and from the local program.
+        let down = bytes(3 * PIPE_BYTES + 777, 5);
+        let up = bytes(5 * BRIDGE_BYTES + 3, 6);
+        let mut far = MemIo {
+            inbox: down.iter().copied().collect(),
+            fin_in: true,
+            room: 100 << 10,
+            ..Default::default()
+        };
+        let (mut local, mut app) = tokio::io::duplex(64 << 10);
+        let pipes2 = pipes.clone();
+        let driver = async move {
+            let mut got = Vec::new();
+            for _ in 0..100_000 {
+                pump(&mut far, &pipes2);
+                got.append(&mut far.outbox);
+                let drained = {
+                    let st = pipes2.lock();
+                    st.rx_eof && st.rx.is_empty()
+                };
+                if far.closed && drained {
+                    return got;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("the bridge stalled");
+        };
+        let app_side = async {
+            let (mut r, mut w) = tokio::io::split(&mut app);
+            let write = async {
+                w.write_all(&up).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let read = r.read_to_end(&mut got);
+            let (_, n) = tokio::join!(write, read);
+            n.unwrap();
+            got
+        };
+        let (far_got, moved, app_got) =
+            tokio::join!(driver, bridge(&mut peer, &mut local), app_side);
+        assert_eq!(moved.unwrap(), (down.len() as u64, up.len() as u64));
+        assert!(app_got == down, "the peer's bytes and FIN reached the program");
+        assert!(far_got == up, "the program's bytes and FIN reached the peer");
     }
 }

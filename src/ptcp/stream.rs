@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use q2q_netstack::StreamId;
 use q2q_netstack::wire::SessionId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use super::endpoint::Link;
 use crate::pipe::PipeStream;
@@ -91,6 +91,18 @@ impl AsyncRead for PtcpStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+/// The received bytes straight from the stream's pipe (no copy into a caller's buffer):
+/// `tokio::io::copy_buf` and [`crate::pipe::bridge`] read this way.
+impl AsyncBufRead for PtcpStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().0).poll_fill_buf(cx)
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        Pin::new(&mut self.get_mut().0).consume(amt)
     }
 }
 
