@@ -7,7 +7,10 @@
 //! the windowed maximum of measured delivery rates, the propagation delay the windowed
 //! minimum RTT, and
 //!
-//! * in-flight data is capped near **2 × BDP** (`cwnd_gain`),
+//! * in-flight data is capped near **2 × BDP** (`cwnd_gain`), plus what ACKs deliver in
+//!   bursts beyond the bandwidth (`extra_acked`, BBR's ACK aggregation estimate: a busy
+//!   relay or a peer's scheduler releases ACKs in clumps, and without it the cap idles the
+//!   sender between them),
 //! * packets are **paced** at `pacing_gain × bandwidth`, cycling 1.25 / 0.75 / 1 … to probe
 //!   for more bandwidth and drain the queue it made,
 //! * start-up doubles the rate each round until the bandwidth stops growing.
@@ -25,6 +28,37 @@ const STARTUP_GAIN: f64 = 2.885;
 const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_WINDOW_ROUNDS: u64 = 10;
 const MIN_RTT_WINDOW_US: i64 = 10_000_000;
+/// The ACK aggregation allowance is at most this much time at the estimated bandwidth
+/// (Linux `tcp_bbr`: 100 ms).
+const EXTRA_ACKED_MAX_US: f64 = 100_000.0;
+
+/// The largest value of the last [`BW_WINDOW_ROUNDS`] rounds (the windowed max filters of
+/// BBR: bandwidth, ACK aggregation).
+#[derive(Debug, Default)]
+struct RoundMax<T> {
+    /// (round, largest value seen in it), oldest first.
+    rounds: VecDeque<(u64, T)>,
+}
+
+impl<T: Copy + PartialOrd + Default> RoundMax<T> {
+    fn update(&mut self, round: u64, value: T) {
+        while self.rounds.front().is_some_and(|&(r, _)| r + BW_WINDOW_ROUNDS <= round) {
+            self.rounds.pop_front();
+        }
+        match self.rounds.back_mut() {
+            Some((r, v)) if *r == round => {
+                if value > *v {
+                    *v = value;
+                }
+            }
+            _ => self.rounds.push_back((round, value)),
+        }
+    }
+
+    fn get(&self) -> T {
+        self.rounds.iter().map(|&(_, v)| v).fold(T::default(), |a, v| if v > a { v } else { a })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -48,7 +82,14 @@ pub(crate) struct Bbr {
     mss: u64,
     initial_cwnd_packets: u64,
     pub mode: Mode,
-    bw: VecDeque<(u64, f64)>,
+    /// Delivery rates, bytes per second.
+    bw: RoundMax<f64>,
+    /// Bytes acknowledged beyond what the bandwidth explains (draft-ietf-ccwg-bbr
+    /// `BBR.extra_acked`), and the epoch it is measured over: since `ack_epoch_start`
+    /// (µs), `ack_epoch_acked` bytes were acknowledged.
+    extra_acked: RoundMax<u64>,
+    ack_epoch_start: i64,
+    ack_epoch_acked: u64,
     pub min_rtt: i64,
     min_rtt_stamp: i64,
     round: u64,
@@ -78,7 +119,10 @@ impl Bbr {
             mss,
             initial_cwnd_packets,
             mode: Mode::Startup,
-            bw: VecDeque::new(),
+            bw: RoundMax::default(),
+            extra_acked: RoundMax::default(),
+            ack_epoch_start: 0,
+            ack_epoch_acked: 0,
             min_rtt: i64::MAX,
             min_rtt_stamp: 0,
             round: 0,
@@ -110,7 +154,7 @@ impl Bbr {
 
     /// Estimated bottleneck bandwidth in bytes per second (0 before the first sample).
     pub fn bandwidth(&self) -> f64 {
-        self.bw.iter().map(|&(_, b)| b).fold(0.0, f64::max)
+        self.bw.get()
     }
 
     fn bdp(&self) -> Option<f64> {
@@ -195,6 +239,7 @@ impl Bbr {
                 }
             }
         }
+        self.update_ack_aggregation(now, acked);
         let bdp = self.bdp();
         match self.mode {
             Mode::Startup if self.filled_pipe => {
@@ -228,8 +273,14 @@ impl Bbr {
         // In-flight cap, with the RTT floored for coarse drivers (`Config::cwnd_rtt_floor`).
         let floor = (self.min_rtt != i64::MAX && self.min_rtt < self.rtt_floor)
             .then(|| self.bandwidth() * self.rtt_floor as f64 / 1e6);
+        // Once the pipe is full, room for the ACKs that come in clumps (Linux adds it then).
+        let aggregation = if self.filled_pipe {
+            self.extra_acked.get().min((self.bandwidth() * EXTRA_ACKED_MAX_US / 1e6) as u64)
+        } else {
+            0
+        };
         let target = match bdp.map(|b| floor.map_or(b, |f| b.max(f))) {
-            Some(b) => (self.cwnd_gain * b) as u64 + 4 * self.mss,
+            Some(b) => (self.cwnd_gain * b) as u64 + 4 * self.mss + aggregation,
             None => u64::MAX,
         };
         if self.filled_pipe {
@@ -270,14 +321,27 @@ impl Bbr {
     }
 
     fn bw_update(&mut self, rate: f64) {
-        let round = self.round;
-        while self.bw.front().is_some_and(|&(r, _)| r + BW_WINDOW_ROUNDS <= round) {
-            self.bw.pop_front();
+        self.bw.update(self.round, rate);
+    }
+
+    /// ACK aggregation (draft-ietf-ccwg-bbr `BBRUpdateACKAggregation`, Linux
+    /// `bbr_update_ack_aggregation`): within an epoch that starts whenever ACKs fall behind
+    /// the bandwidth, the bytes acknowledged beyond `bandwidth × time`, kept as a windowed
+    /// max and at most a window's worth.
+    fn update_ack_aggregation(&mut self, now: i64, acked: u64) {
+        let bw = self.bandwidth();
+        if bw <= 0.0 || acked == 0 {
+            return;
         }
-        match self.bw.back_mut() {
-            Some((r, b)) if *r == round => *b = b.max(rate),
-            _ => self.bw.push_back((round, rate)),
+        let mut expected = bw * (now - self.ack_epoch_start).max(0) as f64 / 1e6;
+        if self.ack_epoch_acked as f64 <= expected {
+            self.ack_epoch_acked = 0;
+            self.ack_epoch_start = now;
+            expected = 0.0;
         }
+        self.ack_epoch_acked += acked;
+        let extra = (self.ack_epoch_acked as f64 - expected).max(0.0) as u64;
+        self.extra_acked.update(self.round, extra.min(self.cwnd));
     }
 
     /// The retransmission timer fired: nothing came back for a while. Keep the model (BBR
@@ -285,5 +349,68 @@ impl Bbr {
     pub fn on_rto(&mut self) {
         self.cycle_index = 2;
         self.pacing_gain = if self.mode == Mode::ProbeBw { 1.0 } else { self.pacing_gain };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSS: u64 = 1400;
+    /// 1 Gbit/s in bytes per second.
+    const BW: f64 = 125e6;
+
+    /// A BBR past start-up on a 1 ms path at [`BW`], fed ACKs of `every_us` worth of
+    /// delivery each, for 200 ms; its window at the end.
+    fn window_with_acks_every(every_us: i64) -> u64 {
+        let mut b = Bbr::new(MSS, 32);
+        b.on_rtt(0, 1000);
+        b.filled_pipe = true;
+        b.enter_probe_bw(0);
+        let per_ack = (BW * every_us as f64 / 1e6) as u64;
+        let mut delivered = 0;
+        let mut now = 0;
+        while now < 200_000 {
+            now += every_us;
+            let prior = delivered;
+            delivered += per_ack;
+            let sample = RateSample { rate: BW, app_limited: false, prior_delivered: prior };
+            b.on_ack(now, delivered, per_ack, 0, Some(sample), u64::MAX / 2);
+        }
+        b.cwnd
+    }
+
+    #[test]
+    fn acks_in_clumps_widen_the_window_by_what_a_clump_delivers() {
+        let bdp = (BW * 1e-3) as u64;
+        // ACKs every 100 µs: the window is 2 × BDP and a little.
+        let smooth = window_with_acks_every(100);
+        assert!(smooth >= 2 * bdp, "{smooth}");
+        assert!(smooth <= 2 * bdp + 4 * MSS + 2 * (BW * 100e-6) as u64, "{smooth}");
+        // One ACK every 4 ms (a clump of 4 ms of delivery): without room for a clump the
+        // sender would idle until the next one.
+        let clumped = window_with_acks_every(4000);
+        assert!(clumped >= 2 * bdp + (BW * 3.5e-3) as u64, "{clumped} vs {smooth}");
+    }
+
+    #[test]
+    fn the_aggregation_allowance_is_bounded() {
+        // ACKs a whole second apart: at most 100 ms at the bandwidth is added.
+        let w = window_with_acks_every(1_000_000);
+        let bdp = (BW * 1e-3) as u64;
+        assert!(w <= 2 * bdp + 4 * MSS + (BW * 0.1) as u64, "{w}");
+    }
+
+    #[test]
+    fn round_max_keeps_the_largest_of_the_last_rounds() {
+        let mut m = RoundMax::<u64>::default();
+        m.update(0, 5);
+        m.update(0, 3);
+        m.update(1, 4);
+        assert_eq!(m.get(), 5);
+        m.update(BW_WINDOW_ROUNDS, 1);
+        assert_eq!(m.get(), 4, "round 0 left the window");
+        m.update(3 * BW_WINDOW_ROUNDS, 2);
+        assert_eq!(m.get(), 2);
     }
 }
