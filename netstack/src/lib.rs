@@ -19,8 +19,9 @@
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ selective repeat: seq/pn numbering, range ACKs,   │  sr/
 //!   │ retransmit on reported gap or RTO, BBR-style      │
-//!   │ pacing + in-flight cap ≈ 2 × BDP; packets larger  │
-//!   │ than the path MTU split into Fragments            │
+//!   │ pacing + in-flight cap ≈ 2 × BDP (+ ACK clumps);  │
+//!   │ packets larger than the path MTU split into       │
+//!   │ Fragments                                         │
 //!   │ path MTU discovery (RFC 8899): padded probes      │  pmtu.rs
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        │ Data / Ack / Fragment /           │

@@ -14,7 +14,8 @@
 //!   a packet sent 3 transmissions later (or 9/8 RTT later) has arrived, and on a timeout
 //!   computed from the measured RTT (tens of milliseconds, not smoltcp's 1 s);
 //! * since TCP no longer sees losses, congestion control lives here (`bbr.rs`): pacing and an
-//!   in-flight cap near twice the measured bandwidth-delay product.
+//!   in-flight cap near twice the measured bandwidth-delay product, plus what ACKs deliver
+//!   in clumps (BBR's ACK aggregation estimate).
 
 pub(crate) mod bbr;
 pub mod receiver;
