@@ -1,6 +1,6 @@
 //! The cost of the relay's per-datagram tag, in ns per datagram of `SIZE` inner bytes (1400
 //! by default: a full PTCP datagram): the relay framing as the library does it
-//! (`relay::seal` as the server seals for an end, `relay::Leg::open_into` as an end checks
+//! (`relay::seal` as the server seals for an end, `relay::Leg::open_in_place` as an end checks
 //! one, with its replay window), and beside it the bare primitives with ring on this CPU:
 //! the former tag (HMAC-SHA256 over direction, token, counter and the inner datagram),
 //! AES-256-GMAC (AES-256-GCM with no plaintext, header and inner datagram as associated

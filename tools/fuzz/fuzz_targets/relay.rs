@@ -10,12 +10,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = relay::parse(data);
     let _ = relay::open(data, Direction::ToServer, |_| Some(key.clone()), &mut out);
     if let Ok(u) = relay::parse(data) {
-        // Random bytes essentially never carry a valid tag; a leg must refuse them, and
-        // give nothing of them.
+        // Random bytes essentially never carry a valid tag; a leg opens them in place, as
+        // the endpoint does with its receive buffer, whatever they are.
         let leg = Leg::new(u.token, key.clone());
-        out.clear();
-        if leg.open_into(data, &mut out).is_err() {
-            assert!(out.is_empty());
+        let mut copy = data.to_vec();
+        if let Ok(inner) = leg.open_in_place(&mut copy) {
+            assert_eq!(inner.len(), data.len() - relay::OVERHEAD);
         }
         // Sealing the same inner datagram round-trips, once, in its direction only.
         let inner = &data[relay::OVERHEAD..];
