@@ -918,12 +918,18 @@ mod tests {
         assert!(app.closed, "FIN after the last byte");
     }
 
+    /// A stream handle, its pipes and its driver's wake list (the driver: `pump` by hand).
+    fn stream() -> (Arc<DriverWake<u8>>, Arc<Pipes<u8>>, PipeStream<u8>) {
+        let wake = DriverWake::new();
+        let pipes = Pipes::new(1u8);
+        let handle = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        (wake, pipes, handle)
+    }
+
     #[tokio::test]
     async fn a_reader_takes_the_whole_pipe_and_what_it_holds_counts_against_the_pipe() {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt};
-        let wake = DriverWake::new();
-        let pipes = Pipes::new(1u8);
-        let mut reader = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        let (wake, pipes, mut reader) = stream();
         let sent = bytes(2 * PIPE_BYTES + 4321, 4);
         let mut far = MemIo { inbox: sent.iter().copied().collect(), ..Default::default() };
         pump(&mut far, &pipes);
@@ -961,9 +967,7 @@ mod tests {
     #[tokio::test]
     async fn an_abort_discards_what_the_reader_holds() {
         use tokio::io::AsyncBufReadExt;
-        let wake = DriverWake::new();
-        let pipes = Pipes::new(1u8);
-        let mut reader = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        let (_wake, pipes, mut reader) = stream();
         let mut far = MemIo { inbox: bytes(1000, 1).into(), ..Default::default() };
         pump(&mut far, &pipes);
         assert_eq!(reader.fill_buf().await.unwrap().len(), 1000);
@@ -975,9 +979,7 @@ mod tests {
     #[tokio::test]
     async fn bridge_moves_both_ways_and_passes_each_fin_on() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let wake = DriverWake::new();
-        let pipes = Pipes::new(1u8);
-        let mut peer = PipeStream::new(pipes.clone(), wake.clone(), Box::new(()));
+        let (_wake, pipes, mut peer) = stream();
         // From the peer (through the pipe) and from the local program.
         let down = bytes(3 * PIPE_BYTES + 777, 5);
         let up = bytes(5 * BRIDGE_BYTES + 3, 6);
