@@ -169,6 +169,68 @@ async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
     assert!(ok, "nodes did not log back in after the server restarted");
 }
 
+/// After a re-login (here: the server restarted; in the world: a NAT rebinding or a new
+/// network cut the home connection) a node exchanges fresh candidates with every peer in
+/// session, so a relayed session searches for the direct path at once instead of at its
+/// next periodic re-probe (an hour away here).
+#[tokio::test]
+async fn a_re_login_refreshes_candidates_and_a_relayed_session_goes_direct() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let config = NodeConfig {
+        probe_for: Duration::from_secs(1),
+        reprobe_every: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(&srv, &home, "bob@example.com", config).await;
+    let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
+    alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
+    bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    let mut stream = conn.stream;
+    // Past the first search (1 s): relayed, and no re-probe due for an hour.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
+    alice.endpoint().drop_from(None).await;
+    bob.endpoint().drop_from(None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
+    srv.restart().await;
+    let direct = common::eventually(Duration::from_secs(20), || async {
+        matches!(bob.status().first().map(|s| &s.path), Some(PathKind::Direct(_)))
+            && matches!(alice.status().first().map(|s| &s.path), Some(PathKind::Direct(_)))
+    })
+    .await;
+    assert!(direct, "still relayed after the re-login: {:?} / {:?}", bob.status(), alice.status());
+    // The stream that began relayed goes on, direct.
+    let mut buf = [0u8; 5];
+    stream.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"hello");
+}
+
+/// A refresh that meets the server restarting (our home connection dead, the peer not
+/// yet logged back in) asks again until the peer is back, instead of giving up at once.
+#[tokio::test]
+async fn a_refresh_during_a_server_restart_asks_again_until_the_peer_is_back() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
+    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    let _conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    srv.restart().await;
+    // The first ask fails (bob's connection is gone, or alice is not back yet); a later
+    // one, after both logged back in, is answered.
+    let refreshed = tokio::time::timeout(Duration::from_secs(30), bob.refresh_sessions()).await;
+    assert_eq!(refreshed, Ok(1), "bob's session was not refreshed");
+}
+
 #[tokio::test]
 async fn relayed_over_tcp_when_udp_to_the_server_is_blocked() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;

@@ -312,6 +312,16 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a who-am-i answer (or its absence) is trusted.
 const REFLEXIVE_FRESH: Duration = Duration::from_secs(20);
 
+/// The waits before asking a peer again for fresh candidates when its server could not
+/// reach it ([`Node::refresh_sessions`]): 15 s in all, long enough for a peer that lost its
+/// connection to the same network change to log back in (its backoff starts at 1 s).
+const REFRESH_RETRY: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
 /// To the owner of the pending who-am-i requests: wait for the answer to `nonce`, or stop
 /// waiting.
 enum WhoAmI {

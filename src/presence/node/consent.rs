@@ -164,37 +164,77 @@ impl Node {
         ps.ptcp.update_candidates(targets).await;
     }
 
-    /// After a network change: give every peer in session our fresh candidates through the
-    /// server where it is logged in, and search the ones it answers with. Returns how many
-    /// sessions were refreshed. Relay-only sessions are left alone.
+    /// After a network change or a re-login: give every peer in session our fresh
+    /// candidates through the server where it is logged in, and search the ones it answers
+    /// with. Returns how many sessions were refreshed. Relay-only sessions are left alone.
+    ///
+    /// A peer its server cannot reach now (offline there: it is logging back in after the
+    /// same change, or it listens for nothing), a rate limit or no answer is asked again
+    /// after [`REFRESH_RETRY`]; a refusal (no such session) is final. At most five asks per
+    /// session; one answered ask refreshes both sides.
     pub async fn refresh_sessions(&self) -> usize {
-        let mine = self.candidates().await;
+        let mut left: Vec<_> =
+            self.inner.table.list().await.into_iter().filter(|ps| !ps.relay_only).collect();
+        let mut waits = REFRESH_RETRY.iter();
         let mut done = 0;
-        for ps in self.inner.table.list().await {
-            if ps.relay_only {
-                continue;
-            }
-            let asked = async {
-                let server = self.server_for(&ps.peer.domain).await?;
-                let ask = cmd::Candidates {
-                    to: ps.peer.clone(),
-                    session: ps.id(),
-                    candidates: mine.clone(),
-                };
-                Ok::<_, NodeError>(server.call(&ask).await?)
-            };
-            match tokio::time::timeout(Duration::from_secs(10), asked).await {
-                Ok(Ok(answer)) => {
-                    let seen: Vec<std::net::IpAddr> =
-                        answer.peer_seen.into_iter().chain(answer.peer_seen_also).collect();
-                    self.take_candidates(&ps, &answer.candidates, &seen).await;
-                    done += 1;
+        while !left.is_empty() {
+            let mine = self.candidates().await;
+            let mut again = Vec::new();
+            for ps in left {
+                match self.exchange_candidates(&ps, &mine).await {
+                    Ok(()) => done += 1,
+                    Err(e) => {
+                        let retry = match &e {
+                            None => true,
+                            // No code: the connection failed (it is being replaced).
+                            Some(NodeError::Control(c)) => c.error_code().is_none_or(|code| {
+                                matches!(code, ErrorCode::Offline | ErrorCode::RateLimited)
+                            }),
+                            Some(_) => false,
+                        };
+                        match e {
+                            Some(e) => {
+                                debug!(peer = %ps.peer, error = %e, retry, "fresh candidates refused")
+                            }
+                            None => debug!(peer = %ps.peer, retry, "fresh candidates: no answer"),
+                        }
+                        if retry {
+                            again.push(ps);
+                        }
+                    }
                 }
-                Ok(Err(e)) => debug!(peer = %ps.peer, error = %e, "fresh candidates refused"),
-                Err(_) => debug!(peer = %ps.peer, "fresh candidates: no answer"),
             }
+            left = again;
+            let Some(wait) = waits.next().filter(|_| !left.is_empty()) else { break };
+            tokio::time::sleep(*wait).await;
         }
         done
+    }
+
+    /// One `candidates` call for `ps`, its answer handed to the path machine. `Err(None)`:
+    /// no answer within 10 s.
+    async fn exchange_candidates(
+        &self,
+        ps: &PeerSession,
+        mine: &[SocketAddr],
+    ) -> Result<(), Option<NodeError>> {
+        let asked = async {
+            let server = self.server_for(&ps.peer.domain).await?;
+            let ask = cmd::Candidates {
+                to: ps.peer.clone(),
+                session: ps.id(),
+                candidates: mine.to_vec(),
+            };
+            Ok::<_, NodeError>(server.call(&ask).await?)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(10), asked)
+            .await
+            .map_err(|_| None)?
+            .map_err(Some)?;
+        let seen: Vec<std::net::IpAddr> =
+            answer.peer_seen.into_iter().chain(answer.peer_seen_also).collect();
+        self.take_candidates(ps, &answer.candidates, &seen).await;
+        Ok(())
     }
 
     /// Someone asks for one of our services (their first stream): default deny unless the

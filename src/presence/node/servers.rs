@@ -24,22 +24,13 @@ impl Node {
                 _ = handle.closed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(25)) => {
                     let _ = tokio::time::timeout(Duration::from_secs(10), home.call(&cmd::Ping {})).await;
-                    // Also refresh the NAT's UDP mapping towards the server, and what we know of it.
-                    let all = self.ask_reflexive().await;
-                    let addrs = |r: &[Reflexive]| r.iter().map(|r| r.addr).collect::<Vec<_>>();
-                    let seen = addrs(&all);
-                    let before = self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
-                        c.replace((std::time::Instant::now(), all)).map(|(_, r)| addrs(&r))
-                    });
+                    let changed = self.observe_reflexive().await;
                     // Fresh proofs (they last 10 to 20 minutes).
                     self.announce_seen(&home).await;
                     // The network changed (a new NAT mapping or address): peers in session
-                    // get our fresh candidates, and we theirs.
-                    if before.as_ref().is_some_and(|b| *b != seen) && !seen.is_empty() {
-                        info!(?before, now = ?seen, "our public address changed: refreshing sessions");
-                        if let Some(m) = &self.inner.port_map {
-                            m.rediscover();
-                        }
+                    // get our fresh candidates, and we theirs. Not through a connection that
+                    // has just died with the change: the re-login below refreshes instead.
+                    if changed && !handle.is_closed() {
                         let node = self.clone();
                         tokio::spawn(async move { node.refresh_sessions().await });
                     }
@@ -83,6 +74,13 @@ impl Node {
                         }
                         owner.send_replace(conn);
                         info!("logged back in");
+                        // A lost home connection is the usual sign of a network change
+                        // (a NAT rebinding, suspend, another Wi-Fi), and while we were out
+                        // peers could not give us theirs: exchange fresh candidates with
+                        // every peer in session (one call each; re-logins back off).
+                        self.observe_reflexive().await;
+                        let node = self.clone();
+                        tokio::spawn(async move { node.refresh_sessions().await });
                         backoff = Duration::from_secs(1);
                         break;
                     }
@@ -93,6 +91,27 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Ask who-am-i afresh (which also refreshes the NAT's UDP mapping towards the server)
+    /// and keep the answer; true when our public addresses changed since the last answer.
+    /// A change also makes the port mapping rediscover the router.
+    async fn observe_reflexive(&self) -> bool {
+        let all = self.ask_reflexive().await;
+        let addrs = |r: &[Reflexive]| r.iter().map(|r| r.addr).collect::<Vec<_>>();
+        let seen = addrs(&all);
+        let before =
+            self.inner.reflexive_cache.lock().ok().and_then(|mut c| {
+                c.replace((std::time::Instant::now(), all)).map(|(_, r)| addrs(&r))
+            });
+        let changed = before.as_ref().is_some_and(|b| *b != seen) && !seen.is_empty();
+        if changed {
+            info!(?before, now = ?seen, "our public address changed: refreshing sessions");
+            if let Some(m) = &self.inner.port_map {
+                m.rediscover();
+            }
+        }
+        changed
     }
 
     /// A new home connection, with the certificate we hold now (it may have been renewed).
