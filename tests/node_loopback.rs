@@ -228,7 +228,8 @@ async fn a_refresh_during_a_server_restart_asks_again_until_the_peer_is_back() {
     // The first ask fails (bob's connection is gone, or alice is not back yet); a later
     // one, after both logged back in, is answered.
     let refreshed = tokio::time::timeout(Duration::from_secs(30), bob.refresh_sessions()).await;
-    assert_eq!(refreshed, Ok(1), "bob's session was not refreshed");
+    // (More than 1: bob's own re-login asked for a refresh meanwhile, made as a second pass.)
+    assert!(matches!(refreshed, Ok(n) if n >= 1), "bob's session was not refreshed: {refreshed:?}");
 }
 
 #[tokio::test]

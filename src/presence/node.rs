@@ -287,6 +287,10 @@ struct Inner {
     /// Our reflexive addresses (one per family the server answered on, the control
     /// connection's family first) with the server's proofs, and when they were asked.
     reflexive_cache: Mutex<Option<(std::time::Instant, Vec<Reflexive>)>>,
+    /// A refresh of the sessions' candidates runs, and another was asked for meanwhile
+    /// ([`Node::refresh_sessions`]: one at a time, however often we log back in).
+    refreshing: std::sync::atomic::AtomicBool,
+    refresh_again: std::sync::atomic::AtomicBool,
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
@@ -395,6 +399,8 @@ impl Node {
         let inner = Arc::new(Inner {
             port_map,
             reflexive_cache: Default::default(),
+            refreshing: Default::default(),
+            refresh_again: Default::default(),
             identity: std::sync::RwLock::new(current),
             renewal: Default::default(),
             refusals: tokio::sync::broadcast::channel(16).0,

@@ -168,11 +168,30 @@ impl Node {
     /// candidates through the server where it is logged in, and search the ones it answers
     /// with. Returns how many sessions were refreshed. Relay-only sessions are left alone.
     ///
-    /// A peer its server cannot reach now (offline there: it is logging back in after the
-    /// same change, or it listens for nothing), a rate limit or no answer is asked again
-    /// after [`REFRESH_RETRY`]; a refusal (no such session) is final. At most five asks per
-    /// session; one answered ask refreshes both sides.
+    /// One refresh runs at a time: asked for while one runs, this returns 0 at once and the
+    /// running one makes one more pass when it is done (with candidates gathered then).
     pub async fn refresh_sessions(&self) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (running, again) = (&self.inner.refreshing, &self.inner.refresh_again);
+        again.store(true, SeqCst);
+        let mut done = 0;
+        // Whoever sets `running` makes the passes; `again` is cleared by the pass it asks
+        // for, and looked at once more after `running` is released (no request is lost).
+        while again.load(SeqCst) && !running.swap(true, SeqCst) {
+            while again.swap(false, SeqCst) {
+                done += self.refresh_pass().await;
+            }
+            running.store(false, SeqCst);
+        }
+        done
+    }
+
+    /// One refresh of every session. A peer its server cannot reach now (offline there:
+    /// it is logging back in after the same change, or it listens for nothing), a rate
+    /// limit or no answer is asked again after 1, 2, 4 and 8 s ([`REFRESH_RETRY`]); a
+    /// refusal (no such session) is final. At most five asks per session; one answered ask
+    /// refreshes both sides.
+    async fn refresh_pass(&self) -> usize {
         let mut left: Vec<_> =
             self.inner.table.list().await.into_iter().filter(|ps| !ps.relay_only).collect();
         let mut waits = REFRESH_RETRY.iter();
