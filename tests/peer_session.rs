@@ -224,6 +224,25 @@ async fn fresh_candidates_reach_a_peer_in_session_and_no_one_else() {
     assert_eq!(err.code(), Some(q2q::proto::code::NOT_AUTHORIZED), "{err}");
 }
 
+/// Refreshes do not pile up: one asked for while another waits on its retries (bob
+/// listens for nothing, so his server answers alice "offline") returns at once, and the
+/// running one ends within its budget (two passes: the one it made and the one asked for).
+#[tokio::test]
+async fn a_refresh_asked_for_while_one_runs_starts_no_second() {
+    let Pair { srv: _srv, _d, alice, bob, echo } = pair(NodeConfig::default()).await;
+    echo_once(&bob, "alice@example.com", &echo, 0).await.unwrap();
+    let first = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.refresh_sessions().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::time::timeout(Duration::from_secs(1), alice.refresh_sessions()).await;
+    assert_eq!(second, Ok(0), "a second refresh ran beside the first");
+    assert!(!first.is_finished(), "the first refresh did not wait to ask again");
+    let first = tokio::time::timeout(Duration::from_secs(60), first).await;
+    assert!(matches!(first, Ok(Ok(0))), "{first:?}");
+}
+
 /// A stranger with a valid certificate of a domain of their own (and a server of their
 /// own) may ping, like anyone, but gets a relay-only session: no candidate of alice's, no
 /// probe from her, and no way to feed her session candidates of their choosing.
