@@ -68,22 +68,30 @@ async fn relayed_when_direct_is_off() {
     assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 2 << 20);
 }
 
-#[tokio::test]
-async fn relay_to_direct_in_the_middle_of_a_transfer() {
-    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
-    let (_d, home) = common::home();
-    let config = NodeConfig {
-        probe_for: Duration::from_secs(1),
-        reprobe_every: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
-    let bob = node(&srv, &home, "bob@example.com", config).await;
-    // No hole at first: each drops what comes straight from the other, only the relay works.
+/// alice (serving echo to bob) and bob with no hole between them at first: each drops
+/// what comes straight from the other, so only the relay works until both stop
+/// (`drop_from(None)`). Probing lasts 1 s; re-probes come every `reprobe_every`.
+async fn holeless_pair(
+    srv: &TestServer,
+    home: &q2q::client::Home,
+    reprobe_every: Duration,
+) -> (Node, Node, ServiceName) {
+    let config =
+        NodeConfig { probe_for: Duration::from_secs(1), reprobe_every, ..Default::default() };
+    let alice = node(srv, home, "alice@example.com", config.clone()).await;
+    let bob = node(srv, home, "bob@example.com", config).await;
     let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
     alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
     bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
     let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    (alice, bob, echo)
+}
+
+#[tokio::test]
+async fn relay_to_direct_in_the_middle_of_a_transfer() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let (alice, bob, echo) = holeless_pair(&srv, &home, Duration::from_secs(1)).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let (mut r, mut w) = tokio::io::split(conn.stream);
     let len: u64 = 48 << 20;
@@ -177,17 +185,7 @@ async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
 async fn a_re_login_refreshes_candidates_and_a_relayed_session_goes_direct() {
     let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let config = NodeConfig {
-        probe_for: Duration::from_secs(1),
-        reprobe_every: Duration::from_secs(3600),
-        ..Default::default()
-    };
-    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
-    let bob = node(&srv, &home, "bob@example.com", config).await;
-    let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
-    alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
-    bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
-    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    let (alice, bob, echo) = holeless_pair(&srv, &home, Duration::from_secs(3600)).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut stream = conn.stream;
     // Past the first search (1 s): relayed, and no re-probe due for an hour.
