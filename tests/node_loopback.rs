@@ -108,7 +108,11 @@ async fn relay_to_direct_in_the_middle_of_a_transfer() {
     let mut healed = false;
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = r.read(&mut buf).await.unwrap();
+        // A stall fails the test (with how far it got) instead of hanging the suite.
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the stream stalled after {got} bytes"))
+            .unwrap();
         if n == 0 {
             break;
         }
