@@ -77,10 +77,13 @@ impl Node {
                         // A lost home connection is the usual sign of a network change
                         // (a NAT rebinding, suspend, another Wi-Fi), and while we were out
                         // peers could not give us theirs: exchange fresh candidates with
-                        // every peer in session (one call each; re-logins back off).
-                        self.observe_reflexive().await;
+                        // every peer in session (one call each; re-logins back off). Off
+                        // this task: who-am-i may wait 2 s for an answer that never comes.
                         let node = self.clone();
-                        tokio::spawn(async move { node.refresh_sessions().await });
+                        tokio::spawn(async move {
+                            node.observe_reflexive().await;
+                            node.refresh_sessions().await
+                        });
                         backoff = Duration::from_secs(1);
                         break;
                     }
