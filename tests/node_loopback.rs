@@ -68,9 +68,21 @@ async fn relayed_when_direct_is_off() {
     assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 2 << 20);
 }
 
-/// alice (serving echo to bob) and bob with no hole between them at first: each drops
-/// what comes straight from the other, so only the relay works until both stop
-/// (`drop_from(None)`). Probing lasts 1 s; re-probes come every `reprobe_every`.
+/// alice, serving echo to bob, and bob: logged in at `srv` with `config`.
+async fn echo_pair(
+    srv: &TestServer,
+    home: &q2q::client::Home,
+    config: NodeConfig,
+) -> (Node, Node, ServiceName) {
+    let alice = node(srv, home, "alice@example.com", config.clone()).await;
+    let bob = node(srv, home, "bob@example.com", config).await;
+    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    (alice, bob, echo)
+}
+
+/// An [`echo_pair`] with no hole between them at first: each drops what comes straight
+/// from the other, so only the relay works until both stop (`drop_from(None)`). Probing
+/// lasts 1 s; re-probes come every `reprobe_every`.
 async fn holeless_pair(
     srv: &TestServer,
     home: &q2q::client::Home,
@@ -78,12 +90,10 @@ async fn holeless_pair(
 ) -> (Node, Node, ServiceName) {
     let config =
         NodeConfig { probe_for: Duration::from_secs(1), reprobe_every, ..Default::default() };
-    let alice = node(srv, home, "alice@example.com", config.clone()).await;
-    let bob = node(srv, home, "bob@example.com", config).await;
+    let (alice, bob, echo) = echo_pair(srv, home, config).await;
     let (pa, pb) = (alice.local_addr().port(), bob.local_addr().port());
     alice.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pb))).await;
     bob.endpoint().drop_from(Some(std::sync::Arc::new(move |a| a.port() == pa))).await;
-    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
     (alice, bob, echo)
 }
 
@@ -142,9 +152,7 @@ async fn relay_to_direct_in_the_middle_of_a_transfer() {
 async fn server_restart_keeps_direct_streams_and_nodes_log_back_in() {
     let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
-    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    let (_alice, bob, echo) = echo_pair(&srv, &home, NodeConfig::default()).await;
     let conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     let mut stream = conn.stream;
     let mut buf = [0u8; 5];
@@ -222,9 +230,7 @@ async fn a_re_login_refreshes_candidates_and_a_relayed_session_goes_direct() {
 async fn a_refresh_during_a_server_restart_asks_again_until_the_peer_is_back() {
     let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let alice = node(&srv, &home, "alice@example.com", NodeConfig::default()).await;
-    let bob = node(&srv, &home, "bob@example.com", NodeConfig::default()).await;
-    let echo = common::serve_echo(&alice, &["bob@example.com"]).await;
+    let (_alice, bob, echo) = echo_pair(&srv, &home, NodeConfig::default()).await;
     let _conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
     srv.restart().await;
     // The first ask fails (bob's connection is gone, or alice is not back yet); a later
