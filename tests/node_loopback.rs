@@ -240,6 +240,102 @@ async fn a_refresh_during_a_server_restart_asks_again_until_the_peer_is_back() {
     assert!(matches!(refreshed, Ok(n) if n >= 1), "bob's session was not refreshed: {refreshed:?}");
 }
 
+/// Write `msg` on `stream` and read it back from alice's echo within `secs` (PTCP resends
+/// meanwhile, so a path that heals within that time carries it).
+async fn echoes(stream: &mut q2q::presence::node::PeerStream, msg: &[u8], secs: u64) -> bool {
+    let mut buf = vec![0u8; msg.len()];
+    stream.write_all(msg).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(secs), stream.read_exact(&mut buf)).await;
+    matches!(read, Ok(Ok(_))) && buf == msg
+}
+
+/// A session that can only be relayed outlives a restart of its server, which forgets
+/// every relay leg: after logging back in each side asks for the session's legs again
+/// (`candidates` with `relay`), both get one new pair, and the stream goes on.
+#[tokio::test]
+async fn a_relayed_session_survives_a_server_restart() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let (_alice, bob, echo) = holeless_pair(&srv, &home, Duration::from_secs(3600)).await;
+    let mut stream = bob.connect(&addr("alice@example.com"), &echo).await.unwrap().stream;
+    assert!(echoes(&mut stream, b"before", 10).await);
+    assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
+    srv.restart().await;
+    assert!(echoes(&mut stream, b"after the restart", 30).await, "{:?}", bob.status());
+    assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
+    assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 0, "not through the new relay");
+}
+
+/// The same over the relay on the control connection (UDP to the server blocked): the
+/// session's datagrams move to the new connection.
+#[tokio::test]
+async fn a_session_relayed_over_tcp_survives_a_server_restart() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let config = NodeConfig { direct: false, tcp_relay_only: true, ..Default::default() };
+    let (_alice, bob, echo) = echo_pair(&srv, &home, config).await;
+    let mut stream = bob.connect(&addr("alice@example.com"), &echo).await.unwrap().stream;
+    assert!(echoes(&mut stream, b"before", 10).await);
+    assert_eq!(bob.status()[0].path, PathKind::TcpRelay, "{:?}", bob.status());
+    srv.restart().await;
+    assert!(echoes(&mut stream, b"after the restart", 30).await, "{:?}", bob.status());
+    assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 0, "not through the new relay");
+}
+
+/// Across domains the legs are at the callee's server, which only the caller asks: when
+/// that server restarts, the caller's connection to it ends, and the caller asks for the
+/// legs again there (the callee's own re-login does not: it would ask the caller's
+/// server, which has none).
+#[tokio::test]
+async fn a_relayed_session_across_domains_survives_a_restart_of_the_callees_server() {
+    let mut srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let other = TestServer::start("b.example", loopback_config(Registration::Open)).await;
+    common::federate_servers(&srv, "example.com", &other, "b.example");
+    let (_d, home) = common::home();
+    std::fs::create_dir_all(home.root()).unwrap();
+    let servers = format!(
+        "[servers]\n\"example.com\" = \"{}\"\n\"b.example\" = \"{}\"\n",
+        srv.addr(),
+        other.addr()
+    );
+    std::fs::write(home.root().join("config.toml"), servers).unwrap();
+    let config = NodeConfig { direct: false, ..Default::default() };
+    let alice = node(&srv, &home, "alice@example.com", config.clone()).await;
+    let bob = node(&other, &home, "bob@b.example", config).await;
+    let echo = common::serve_echo(&alice, &["bob@b.example"]).await;
+    let mut stream = bob.connect(&addr("alice@example.com"), &echo).await.unwrap().stream;
+    assert!(echoes(&mut stream, b"before", 10).await);
+    srv.restart().await;
+    assert!(echoes(&mut stream, b"after the restart", 30).await, "{:?}", bob.status());
+    assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 0, "not through the new relay");
+}
+
+/// Relay legs are given again only to a session's own ends: a user of the domain naming
+/// alice and bob's session, or a made-up one, is refused and leaves nothing allocated.
+#[tokio::test]
+async fn relay_legs_are_given_again_only_to_the_sessions_own_ends() {
+    use q2q::proto::commands::Candidates;
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let config = NodeConfig { direct: false, ..Default::default() };
+    let (_alice, bob, echo) = echo_pair(&srv, &home, config).await;
+    let _conn = bob.connect(&addr("alice@example.com"), &echo).await.unwrap();
+    let sessions = || srv.running.as_ref().unwrap().stats().relay_sessions;
+    assert_eq!(sessions(), 1);
+    let carol = common::login(&srv, &home, "carol@example.com").await;
+    for session in [bob.status()[0].session, 7] {
+        let ask = Candidates {
+            to: addr("alice@example.com"),
+            session,
+            candidates: Vec::new(),
+            relay: Some(true),
+        };
+        let err = carol.call(&ask).await.unwrap_err();
+        assert_eq!(err.error_code(), Some(&q2q::proto::ErrorCode::NotAuthorized), "{err}");
+        assert_eq!(sessions(), 1, "legs left behind for {session:x}");
+    }
+}
+
 #[tokio::test]
 async fn relayed_over_tcp_when_udp_to_the_server_is_blocked() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;

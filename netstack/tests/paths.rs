@@ -1101,3 +1101,48 @@ fn found_over_ipv6_by_the_peers_probe_moves_to_a_clearly_faster_ipv4() {
         .count();
     assert_eq!(switches, 2, "relay to IPv6, IPv6 to IPv4");
 }
+
+#[test]
+fn a_relay_given_again_is_bound_at_once_and_carries_a_relayed_session() {
+    // A relayed session whose server restarted: its leg is given again (here at another
+    // address too). The machine binds the new relay at once, moves the session there (not
+    // as a loss) and keeps binding it.
+    let setup = |direct_allowed| Setup {
+        session: SESSION,
+        role: Role::Caller,
+        key: KEY,
+        relay: RelayPath::Udp(relay()),
+        candidates: Vec::new(),
+        nat: NatFacts::default(),
+        direct_allowed,
+        seed: 1,
+    };
+    let t = Instant::from_millis;
+    let mut a = Paths::new(t(0), Config::default(), setup(false));
+    a.handle_timeout(t(0));
+    while a.poll_transmit(t(0)).is_some() {}
+    while a.poll_event().is_some() {}
+    let moved = SocketAddr::new(ip(192, 0, 2, 9), 3479);
+    a.set_relay(t(5), RelayPath::Udp(moved));
+    assert_eq!(a.relay(), RelayPath::Udp(moved));
+    assert_eq!(a.current(), Path::UdpRelay(moved));
+    let binds = |a: &mut Paths, now| {
+        std::iter::from_fn(|| a.poll_transmit(now))
+            .filter(|tx| tx.payload == Payload::RelayBind && tx.to == moved)
+            .count()
+    };
+    assert_eq!(binds(&mut a, t(5)), 1, "bound at once");
+    assert_eq!(
+        a.poll_event(),
+        Some(PathEvent::Switched { path: Path::UdpRelay(moved), lost: false })
+    );
+    let every = Config::default().relay_bind_every;
+    let next = t(5) + every;
+    assert_eq!(a.poll_timeout(), Some(next));
+    a.handle_timeout(next);
+    assert_eq!(binds(&mut a, next), 1, "and again every {every:?}");
+    // Over the control connection: no UDP binds.
+    a.set_relay(next, RelayPath::Control);
+    assert_eq!(a.current(), Path::ControlRelay);
+    assert_eq!(binds(&mut a, next), 0);
+}

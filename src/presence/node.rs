@@ -291,6 +291,8 @@ struct Inner {
     /// ([`Node::refresh_sessions`]: one at a time, however often we log back in).
     refreshing: std::sync::atomic::AtomicBool,
     refresh_again: std::sync::atomic::AtomicBool,
+    /// The next refresh pass also asks for the sessions' relay legs again (after a re-login).
+    refresh_relay: std::sync::atomic::AtomicBool,
     /// Callers refused by a service's policy (for programs that show it).
     refusals: tokio::sync::broadcast::Sender<(Q2qAddress, ServiceName)>,
     /// One session per peer, every stream on it.
@@ -401,6 +403,7 @@ impl Node {
             reflexive_cache: Default::default(),
             refreshing: Default::default(),
             refresh_again: Default::default(),
+            refresh_relay: Default::default(),
             identity: std::sync::RwLock::new(current),
             renewal: Default::default(),
             refusals: tokio::sync::broadcast::channel(16).0,

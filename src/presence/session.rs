@@ -166,6 +166,10 @@ pub struct PeerSession {
     /// No direct path is looked for (a caller authorized for none of our services: it
     /// learns no candidate and gets no probe from us).
     pub relay_only: bool,
+    /// Its relay legs are at the server we would ask for them again after a re-login
+    /// (`candidates` with `relay`): we are the caller (we asked the server of the peer's
+    /// domain), or the peer is of our own domain, and the legs are not at another instance.
+    pub relay_renewable: bool,
     pub started: std::time::Instant,
     /// Streams open now, as the keeper last counted them (less the close handshakes).
     open: AtomicUsize,
@@ -205,6 +209,7 @@ impl PeerSession {
         ptcp: Arc<PtcpSession>,
         ca: rustls_pki_types::CertificateDer<'static>,
         relay_only: bool,
+        relay_renewable: bool,
     ) -> PeerSession {
         PeerSession {
             peer,
@@ -212,6 +217,7 @@ impl PeerSession {
             ptcp,
             ca,
             relay_only,
+            relay_renewable,
             started: std::time::Instant::now(),
             open: AtomicUsize::new(0),
             closing: AtomicUsize::new(0),

@@ -633,15 +633,20 @@ amp_message! {
     }
 }
 
+/// Every key of `from` into `b` (a message whose keys sit in another's box).
+fn put_all(b: &mut AmpBox, from: &AmpBox) {
+    for (k, v) in from.iter() {
+        if let Ok(k) = std::str::from_utf8(k) {
+            b.insert(k, v);
+        }
+    }
+}
+
 /// A [`Grant`] inside another message: its keys sit in the same box (the key it is
 /// declared under is not used).
 impl Field for Grant {
     fn put(&self, b: &mut AmpBox, _: &str) {
-        for (k, v) in self.to_box().iter() {
-            if let Ok(k) = std::str::from_utf8(k) {
-                b.insert(k, v);
-            }
-        }
+        put_all(b, &self.to_box());
     }
     fn take(b: &AmpBox, _: &str) -> Result<Grant, Refusal> {
         Grant::from_box(b)
@@ -686,10 +691,41 @@ amp_message! {
         pub to: Q2qAddress,
         pub session: u64,
         pub candidates: Vec<SocketAddr>,
+        /// Also the session's relay legs, after logging back in: the ones the server has,
+        /// taken by our new connection, or new ones if it forgot them (it restarted). Only
+        /// asked of the server that set the session up.
+        pub relay: Option<bool>,
+    }
+}
+
+amp_message! {
+    /// A relay leg of a live session, given again (`candidates` with `relay`): the
+    /// receiver's own leg, at the server asked, as in [`Grant`].
+    pub struct RelayGrant {
+        pub relay_token: relay::Token,
+        pub relay_key: relay::Key,
+        /// The relay's UDP port.
+        pub relay_port: u16,
+    }
+}
+
+/// An optional [`RelayGrant`] inside another message: its keys sit in the same box, and
+/// it is there when `relay_token` is.
+impl Field for Option<RelayGrant> {
+    fn put(&self, b: &mut AmpBox, _: &str) {
+        if let Some(g) = self {
+            put_all(b, &g.to_box());
+        }
+    }
+    fn take(b: &AmpBox, _: &str) -> Result<Option<RelayGrant>, Refusal> {
+        match b.get("relay_token") {
+            None => Ok(None),
+            Some(_) => RelayGrant::from_box(b).map(Some),
+        }
     }
 }
 amp_command!(Candidates = command::CANDIDATES, answer CandidatesAnswer, errors [
-    NotLoggedIn, BadCertificate, WrongDomain, RateLimited, Offline, NotAuthorized,
+    NotLoggedIn, BadCertificate, WrongDomain, RateLimited, Offline, NotAuthorized, RelayLimit,
 ]);
 
 amp_message! {
@@ -699,6 +735,8 @@ amp_message! {
         pub peer_seen: Option<IpAddr>,
         /// See [`Grant::peer_seen_also`].
         pub peer_seen_also: Option<IpAddr>,
+        /// Our relay leg, when asked for (`relay`).
+        pub relay: Option<RelayGrant>,
     }
 }
 
@@ -712,6 +750,8 @@ amp_message! {
         pub peer_seen: Option<IpAddr>,
         /// See [`Grant::peer_seen_also`].
         pub peer_seen_also: Option<IpAddr>,
+        /// The receiver's relay leg, when `from` asked for the legs again.
+        pub relay: Option<RelayGrant>,
     }
 }
 amp_command!(CandidatesAsk = command::CANDIDATES, answer CandidateList, errors [NotAuthorized]);
@@ -927,16 +967,18 @@ mod tests {
                 &CandidateList { candidates: c2.clone() }, &t2)?;
             round_trip(&Revocations { domain: d.clone() },
                 &RevocationList { list: data.clone() }, &t1)?;
-            round_trip(&Candidates { to: a.clone(), session, candidates: c1.clone() },
-                &CandidatesAnswer { candidates: c2.clone(), peer_seen: seen, peer_seen_also: seen }, &t1)?;
-            round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen },
+            let rg = yes.then(|| RelayGrant {
+                relay_token: g.relay_token, relay_key: g.relay_key.clone(), relay_port: g.relay_port });
+            round_trip(&Candidates { to: a.clone(), session, candidates: c1.clone(), relay: yes.then_some(as_address) },
+                &CandidatesAnswer { candidates: c2.clone(), peer_seen: seen, peer_seen_also: seen, relay: rg.clone() }, &t1)?;
+            round_trip(&CandidatesAsk { from: b.clone(), session, candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen, relay: rg },
                 &CandidateList { candidates: c2 }, &t1)?;
             round_trip(&RemoteInbound { from: b.clone(), to: a.clone(), service: s.clone(),
                 candidates: c1.clone(), peer_seen: ip1, peer_seen_also: seen, from_serial: t3.clone() },
                 &InboundAnswer { peer: a.clone(), grant: g.clone() }, &t1)?;
             round_trip(&RemoteCandidates { from: b.clone(), to: a.clone(), session,
                 candidates: c1.clone(), peer_seen: ip1, peer_seen_also: None },
-                &CandidatesAnswer { candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen }, &t1)?;
+                &CandidatesAnswer { candidates: c1.clone(), peer_seen: seen, peer_seen_also: seen, relay: None }, &t1)?;
             round_trip(&Relay { token, data }, &Empty {}, &t1)?;
             round_trip(&Exists { address: b }, &ExistsAnswer { exists: yes }, &t1)?;
             round_trip(&AlsoSeen { address: ip1, proof: key_bytes16(session) }, &Empty {}, &t1)?;

@@ -50,12 +50,20 @@
 //!   connection come from, to check the other side's `candidates` against.
 
 //!
-//! `candidates` (`to`, `session`, `candidates`): after a network change, a node gives a peer
+//! `candidates` (`to`, `session`, `candidates`, `relay`?): after a network change, a node gives a peer
 //! it has a live session with its fresh candidates, through the server where the peer is
 //! logged in. The server asks the peer the same command with `from`, `session`,
 //! `candidates` and `peer_seen` (the IP it sees the caller's connection come from), and
 //! answers the caller with the peer's `candidates` and `peer_seen`. Either side probes only
 //! candidates at the other's `peer_seen` or on its own networks.
+//!
+//! With `relay` = `true` (after logging back in) both sides also get their own leg of the
+//! session's relay again: `relay_token`, `relay_key`, `relay_port`, in the answer and in
+//! the peer's ask. The server gives the legs it has (now owned by the two connections
+//! asking and asked: a control connection that closes leaves its legs working over UDP
+//! until then) or, when it forgot them (it restarted), sets up new ones, which go at once
+//! if the peer does not confirm the session. Asking twice, or from both sides at once,
+//! gives one pair. A node asks this only of the server that set the session up.
 //!
 //! Each command is a type in [`commands`] (its arguments, its answer, its error codes),
 //! the one place these boxes are written and read.

@@ -228,6 +228,12 @@ pub(crate) enum Command {
         id: SessionId,
         candidates: Vec<SocketAddr>,
     },
+    RenewRelay {
+        id: SessionId,
+        leg: Arc<crate::relay::Leg>,
+        udp: SocketAddr,
+        control: mpsc::Sender<Vec<u8>>,
+    },
     InstallKeys {
         id: SessionId,
         keys: Box<q2q_netstack::seal::SessionKeys>,
@@ -580,6 +586,21 @@ impl PtcpSession {
     /// probed): the session's path machine searches them at once while relayed.
     pub async fn update_candidates(&self, candidates: Vec<SocketAddr>) {
         let _ = self.link.cmds.send(Command::Candidates { id: self.id, candidates }).await;
+    }
+
+    /// The session's relay leg, given again by the server (after a re-login; see
+    /// [`PathState::renew_relay`]): `leg`, at the UDP relay `udp`, or over the control
+    /// connection through `control`, whichever kind of relay the session has.
+    ///
+    /// [`PathState::renew_relay`]: super::paths::PathState::renew_relay
+    pub async fn renew_relay(
+        &self,
+        leg: Arc<crate::relay::Leg>,
+        udp: SocketAddr,
+        control: mpsc::Sender<Vec<u8>>,
+    ) {
+        let cmd = Command::RenewRelay { id: self.id, leg, udp, control };
+        let _ = self.link.cmds.send(cmd).await;
     }
 
     /// Seal every datagram of the session from now on with `keys` (taken from the TLS
@@ -1002,6 +1023,20 @@ impl Driver {
                     && let Some(p) = &mut s.paths
                 {
                     p.paths.update_candidates(now, candidates);
+                    s.touched = true;
+                }
+            }
+            Command::RenewRelay { id, leg, udp, control } => {
+                let now = self.now();
+                if let Some(s) = self.sessions.get_mut(&id)
+                    && let Some(p) = &mut s.paths
+                {
+                    let old = *p.leg.token();
+                    if old != *leg.token() {
+                        self.relay_tokens.remove(&old);
+                        self.relay_tokens.insert(*leg.token(), id);
+                    }
+                    p.renew_relay(now, leg, udp, control);
                     s.touched = true;
                 }
             }

@@ -87,6 +87,27 @@ impl PathState {
         self.view.clone()
     }
 
+    /// The session's relay leg given again: `leg`, at `udp` or through `control`, whichever
+    /// kind the session's relay is (the machine binds it at once and, while relayed, moves
+    /// the session to it).
+    pub(crate) fn renew_relay(
+        &mut self,
+        now: Instant,
+        leg: Arc<relay::Leg>,
+        udp: std::net::SocketAddr,
+        control: mpsc::Sender<Vec<u8>>,
+    ) {
+        self.leg = leg;
+        let relay = match self.paths.relay() {
+            path::RelayPath::Udp(_) => path::RelayPath::Udp(udp),
+            path::RelayPath::Control => {
+                self.control = Some(control);
+                path::RelayPath::Control
+            }
+        };
+        self.paths.set_relay(now, relay);
+    }
+
     /// The endpoint path for the machine's path.
     pub(crate) fn endpoint_path(&self, p: path::Path) -> Option<Path> {
         match p {

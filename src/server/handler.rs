@@ -11,8 +11,8 @@ use crate::amp::{self, AmpBox};
 use crate::proto::commands::{
     AlsoSeen, CandidateList, Candidates, CandidatesAnswer, CandidatesAsk, Certificate, Empty,
     Exists, ExistsAnswer, Grant, Hello, HelloAnswer, Identify, Inbound, InboundAnswer, InboundAsk,
-    Listen, Register, Relay, RemoteCandidates, RemoteInbound, Renew, RevocationList, Revocations,
-    Seen, Sign, Unlisten,
+    Listen, Register, Relay, RelayGrant, RemoteCandidates, RemoteInbound, Renew, RevocationList,
+    Revocations, Seen, Sign, Unlisten,
 };
 use crate::proto::{Command, ErrorCode, Message, Refusal, command};
 use std::net::SocketAddr;
@@ -726,14 +726,16 @@ fn callee(state: &State, to: Q2qAddress) -> Result<Q2qAddress, Refusal> {
 /// network change). Rate-limited per pair like `inbound`; `to` checks the session is one it
 /// has with `caller`, and answers its own candidates. Each side learns the IP the server
 /// sees the other's connection come from (`peer_seen`), the only public address it will
-/// probe.
+/// probe. With `relay` (after a re-login), each side also gets its leg of the session's
+/// relay again ([`super::relay::Relay::renew`]): taken by its connection now, or new when
+/// this server forgot it; new legs `to` does not confirm go at once.
 async fn candidates(
     state: &Arc<State>,
     caller: &Q2qAddress,
     me: &Me,
     cmd: Candidates,
 ) -> Result<CandidatesAnswer, Refusal> {
-    let Candidates { to, session, candidates } = cmd;
+    let Candidates { to, session, candidates, relay } = cmd;
     let to = callee(state, to)?;
     admit(state, caller, &to).await?;
     let Some(listener) = state.presence.any(&to).await else {
@@ -750,19 +752,55 @@ async fn candidates(
         }
         return Err(refuse(ErrorCode::Offline, format!("{to} is offline")));
     };
+    let legs = if relay == Some(true) {
+        let caller_end =
+            End { user: caller.to_string(), conn: me.id, handle: Some(me.handle.clone()) };
+        let callee_end = End {
+            user: to.to_string(),
+            conn: listener.conn,
+            handle: Some(listener.handle.clone()),
+        };
+        let (g_caller, g_callee, new) =
+            state.relay.renew(caller_end, callee_end, session).await.ok_or_else(|| {
+                refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user")
+            })?;
+        if new {
+            state.metrics.relay_legs.increment(2);
+        }
+        let grant = |g: super::relay::Grant| RelayGrant {
+            relay_token: g.token,
+            relay_key: g.key,
+            relay_port: state.udp_port,
+        };
+        Some((grant(g_caller), grant(g_callee), new))
+    } else {
+        None
+    };
     let ask = CandidatesAsk {
         from: caller.clone(),
         session,
         candidates,
         peer_seen: Some(me.seen.ip),
         peer_seen_also: me.seen.also,
+        relay: legs.as_ref().map(|(_, g, _)| g.clone()),
     };
-    let mine = ask_callee(&listener.handle, &to, &ask).await?;
+    let mine = match ask_callee(&listener.handle, &to, &ask).await {
+        Ok(m) => m,
+        Err(e) => {
+            // Legs made for a session `to` does not confirm: gone at once (a caller must
+            // not fill anyone's relay allowance with made-up sessions).
+            if let Some((g, _, true)) = &legs {
+                state.relay.remove(g.relay_token).await;
+            }
+            return Err(e);
+        }
+    };
     let theirs = listener.seen_at();
     Ok(CandidatesAnswer {
         candidates: mine,
         peer_seen: Some(theirs.ip),
         peer_seen_also: theirs.also,
+        relay: legs.map(|(g, _, _)| g),
     })
 }
 
@@ -884,7 +922,7 @@ async fn set_up(
     let callee_end =
         End { user: to.to_string(), conn: listener.conn, handle: Some(listener.handle.clone()) };
     let (g_caller, g_callee) =
-        state.relay.create(caller_end, callee_end).await.ok_or_else(|| {
+        state.relay.create(caller_end, callee_end, session).await.ok_or_else(|| {
             refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user")
         })?;
     state.metrics.relay_legs.increment(2);
@@ -966,12 +1004,15 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
                     .any(&to)
                     .await
                     .ok_or_else(|| refuse(ErrorCode::Offline, format!("{to} is offline")))?;
+                // The relay legs are not given again across instances: the caller asks
+                // `relay` only of the instance that set the session up.
                 let ask = CandidatesAsk {
                     from,
                     session,
                     candidates,
                     peer_seen: Some(peer_seen),
                     peer_seen_also,
+                    relay: None,
                 };
                 let mine = ask_callee(&listener.handle, &to, &ask).await?;
                 let theirs = listener.seen_at();
@@ -979,6 +1020,7 @@ pub(super) async fn answer_remote(state: &Arc<State>, b: &AmpBox) -> Result<AmpB
                     candidates: mine,
                     peer_seen: Some(theirs.ip),
                     peer_seen_also: theirs.also,
+                    relay: None,
                 })
             })
             .await

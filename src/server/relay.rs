@@ -48,11 +48,14 @@ const QUANTUM: usize = 2048;
 /// One end of a relayed session.
 struct Leg {
     partner: Token,
+    /// The session the server set the leg up for (the id both ends know it by).
+    session: u64,
     key: Key,
     /// The user this end belongs to (for limits and accounting).
     user: String,
-    /// The control connection it came from; the leg ends with it, and only it may use
-    /// the token over TCP.
+    /// The control connection it came from: only it may use the token over TCP. When it
+    /// closes the leg stays ([`REMOTE_CONN`], reached over UDP) until the end logs back
+    /// in and takes it again ([`Relay::claim`], [`Relay::renew`]) or it is idle too long.
     conn: u64,
     /// None for an end whose control connection is at another instance of the domain:
     /// reached over UDP, or over TCP once a connection of its user here takes the leg
@@ -198,9 +201,9 @@ impl Relay {
         self.stats.clone()
     }
 
-    /// Set up a relayed session between `a` and `b`; their legs, or None if a user has
-    /// too many sessions.
-    pub fn create(&mut self, a: End, b: End, now: Instant) -> Option<(Grant, Grant)> {
+    /// Set up the relay of session `session` between `a` and `b`; their legs, or None if a
+    /// user has too many sessions.
+    pub fn create(&mut self, a: End, b: End, session: u64, now: Instant) -> Option<(Grant, Grant)> {
         self.expire(now);
         for user in [&a.user, &b.user] {
             if self.legs.values().filter(|l| &l.user == user).count()
@@ -213,6 +216,7 @@ impl Relay {
         let gb = Grant { token: rand::random(), key: Key::random() };
         let leg = |e: End, key: &Key, partner| Leg {
             partner,
+            session,
             key: key.clone(),
             user: e.user,
             conn: e.conn,
@@ -229,6 +233,45 @@ impl Relay {
         self.legs.insert(gb.token, leg(b, &gb.key, ga.token));
         self.count_sessions();
         Some((ga, gb))
+    }
+
+    /// The relay of session `session` between `a` and `b` for the ends that ask again
+    /// (after logging back in, or after the server restarted and forgot it): the legs it
+    /// has, now owned by `a`'s and `b`'s control connections (the same tokens and keys,
+    /// so asking twice, or from both ends at once, gives both ends one pair), or else new
+    /// ones ([`Relay::create`]). Only legs set up between these two users are found: an id
+    /// alone gets nobody another pair's legs. The bool says whether the legs are new.
+    /// Looks at every leg (O(legs)); asking is rate-limited per pair by the handler.
+    pub fn renew(
+        &mut self,
+        a: End,
+        b: End,
+        session: u64,
+        now: Instant,
+    ) -> Option<(Grant, Grant, bool)> {
+        self.expire(now);
+        // Between two devices of one user both legs match: the one `a`'s connection owns.
+        let mut found: Option<(Token, Token)> = None;
+        for (t, l) in &self.legs {
+            let partner_user = self.legs.get(&l.partner).map(|p| p.user.as_str());
+            if l.session == session && l.user == a.user && partner_user == Some(b.user.as_str()) {
+                found = Some((*t, l.partner));
+                if l.conn == a.conn {
+                    break;
+                }
+            }
+        }
+        let Some((ta, tb)) = found else {
+            return self.create(a, b, session, now).map(|(ga, gb)| (ga, gb, true));
+        };
+        let mut grant = |t: Token, e: End| {
+            let leg = self.legs.get_mut(&t)?;
+            leg.conn = e.conn;
+            leg.handle = e.handle;
+            leg.last = now;
+            Some(Grant { token: t, key: leg.key.clone() })
+        };
+        Some((grant(ta, a)?, grant(tb, b)?, false))
     }
 
     /// A relay datagram that came by UDP from `from`. Refused unless its tag verifies with
@@ -449,15 +492,15 @@ impl Relay {
         self.legs.get(token)?.rx.at()
     }
 
-    /// End every session a connection took part in.
+    /// A control connection closed: its legs stay, reached over UDP where they are bound,
+    /// for the end to take again when it logs back in ([`Relay::claim`], [`Relay::renew`]),
+    /// so a relayed session outlives a lost control connection (a NAT rebinding, a
+    /// suspend); unused, they go at the idle expiry.
     pub fn drop_connection(&mut self, conn: u64) {
-        let gone: Vec<Token> = self
-            .legs
-            .iter()
-            .filter(|(_, l)| l.conn == conn)
-            .flat_map(|(t, l)| [*t, l.partner])
-            .collect();
-        self.remove_legs(gone);
+        for leg in self.legs.values_mut().filter(|l| l.conn == conn) {
+            leg.conn = REMOTE_CONN;
+            leg.handle = None;
+        }
     }
 
     /// End the session `token` belongs to.
@@ -505,7 +548,8 @@ impl Relay {
 
 /// What connection handlers ask the relay's owner.
 pub(crate) enum Request {
-    Create { a: End, b: End, reply: oneshot::Sender<Option<(Grant, Grant)>> },
+    Create { a: End, b: End, session: u64, reply: oneshot::Sender<Option<(Grant, Grant)>> },
+    Renew { a: End, b: End, session: u64, reply: oneshot::Sender<Option<(Grant, Grant, bool)>> },
     Remove(Token),
     DropConnection(u64),
     Tcp { conn: u64, token: Token, data: Vec<u8> },
@@ -531,8 +575,15 @@ impl RelayHandle {
     }
 
     /// [`Relay::create`] (None too when the relay has stopped).
-    pub async fn create(&self, a: End, b: End) -> Option<(Grant, Grant)> {
-        super::ask_owner(&self.requests, |reply| Request::Create { a, b, reply }).await.flatten()
+    pub async fn create(&self, a: End, b: End, session: u64) -> Option<(Grant, Grant)> {
+        let ask = |reply| Request::Create { a, b, session, reply };
+        super::ask_owner(&self.requests, ask).await.flatten()
+    }
+
+    /// [`Relay::renew`] (None too when the relay has stopped).
+    pub async fn renew(&self, a: End, b: End, session: u64) -> Option<(Grant, Grant, bool)> {
+        let ask = |reply| Request::Renew { a, b, session, reply };
+        super::ask_owner(&self.requests, ask).await.flatten()
     }
 
     /// [`Relay::remove`].
@@ -580,7 +631,7 @@ mod tests {
         now: Instant,
     ) -> (ClientLeg, ClientLeg, Grant, Grant) {
         let end = |user: &str, conn| End { user: user.into(), conn, handle: Some(handle()) };
-        let (ga, gb) = relay.create(end(a, ca), end(b, cb), now).unwrap();
+        let (ga, gb) = relay.create(end(a, ca), end(b, cb), rand::random(), now).unwrap();
         let la = ClientLeg::new(ga.token, ga.key.clone());
         let lb = ClientLeg::new(gb.token, gb.key.clone());
         (la, lb, ga, gb)
@@ -736,11 +787,12 @@ mod tests {
         open_session(&mut relay, ("alice", 1), ("bob", 2), t0);
         open_session(&mut relay, ("alice", 1), ("carol", 3), t0);
         let end = |user: &str, conn| End { user: user.into(), conn, handle: None };
-        assert!(relay.create(end("alice", 1), end("dave", 4), t0).is_none(), "alice's third");
-        assert!(relay.create(end("erin", 5), end("dave", 4), t0).is_some());
+        assert!(relay.create(end("alice", 1), end("dave", 4), 9, t0).is_none(), "alice's third");
+        assert!(relay.create(end("erin", 5), end("dave", 4), 9, t0).is_some());
         assert_eq!(relay.stats.sessions.load(Ordering::Relaxed), 3);
+        // A closed connection's legs stay (for its end to take again), until idle.
         relay.drop_connection(3);
-        assert_eq!(relay.sessions(), 2);
+        assert_eq!(relay.sessions(), 3);
         relay.expire(t0 + limits.idle + Duration::from_secs(1));
         assert_eq!(relay.sessions(), 0);
         assert_eq!(relay.stats.sessions.load(Ordering::Relaxed), 0);
@@ -830,7 +882,7 @@ mod tests {
         let alice = End { user: "alice@a.test".into(), conn: REMOTE_CONN, handle: None };
         let bob = End { user: "bob@a.test".into(), conn: 2, handle: Some(handle()) };
         let now = Instant::now();
-        let (ga, gb) = relay.create(alice, bob, now).unwrap();
+        let (ga, gb) = relay.create(alice, bob, 1, now).unwrap();
         // Not over TCP before it is taken: no connection owns it.
         assert_eq!(
             relay.handle_tcp(3, &ga.token, b"x".to_vec(), now).err(),
@@ -860,9 +912,72 @@ mod tests {
             panic!("not forwarded to alice over TCP")
         };
         assert_eq!(r, commands::Relay { token: ga.token, data: b"to alice".to_vec() });
-        // The session ends with the connection that took it.
+        // When the connection that took it closes, the leg is free for her next one.
         relay.drop_connection(3);
-        assert_eq!(relay.sessions(), 0);
+        assert_eq!(
+            relay.handle_tcp(3, &ga.token, b"x".to_vec(), now).err(),
+            Some(RelayError::NotOwner)
+        );
+        relay.claim(6, "alice@a.test", handle(), &ga.token).unwrap();
+        relay.handle_tcp(6, &ga.token, b"again".to_vec(), now).unwrap();
+        assert!(next(&mut relay, now).is_some(), "forwarded from her new connection");
+        assert_eq!(relay.sessions(), 1);
+    }
+
+    /// A control connection closes (a NAT rebinding, a suspend): the session's UDP legs
+    /// still forward both ways, and its end's next connection takes its leg again
+    /// (`renew`: the same token and key, so both ends keep one pair).
+    #[tokio::test]
+    async fn a_closed_control_connection_leaves_the_udp_relay_working() {
+        let (mut relay, a, b, ga, gb) = session();
+        let now = Instant::now();
+        relay.handle_udp(&b.bind(), B.parse().unwrap(), now).unwrap();
+        relay.drop_connection(1);
+        let (_, d) = forward(&mut relay, &sealed(&a, b"still"), A, now).unwrap().unwrap();
+        assert_eq!(b.open(&d), Ok(b"still".to_vec()));
+        let (_, d) = forward(&mut relay, &sealed(&b, b"here"), B, now).unwrap().unwrap();
+        assert_eq!(a.open(&d), Ok(b"here".to_vec()));
+        // Over TCP only its new connection may use it, once it took the leg again.
+        assert_eq!(
+            relay.handle_tcp(1, &ga.token, b"x".to_vec(), now).err(),
+            Some(RelayError::NotOwner)
+        );
+        let end = |user: &str, conn| End { user: user.into(), conn, handle: Some(handle()) };
+        let session = relay.legs[&ga.token].session;
+        let (ra, rb, new) = relay.renew(end("alice", 7), end("bob", 2), session, now).unwrap();
+        assert!(!new);
+        assert_eq!((ra.token, rb.token), (ga.token, gb.token));
+        assert_eq!((ra.key, rb.key), (ga.key, gb.key));
+        relay.handle_tcp(7, &ga.token, b"y".to_vec(), now).unwrap();
+        // From bob's side, as he would ask: the same pair, the other way round.
+        let (rb2, ra2, new) = relay.renew(end("bob", 2), end("alice", 7), session, now).unwrap();
+        assert!(!new);
+        assert_eq!((ra2.token, rb2.token), (ga.token, gb.token));
+        assert_eq!(relay.sessions(), 1);
+    }
+
+    /// After a restart the relay knows no session: `renew` sets one up, once; another
+    /// pair naming the same session id gets its own legs, never these.
+    #[tokio::test]
+    async fn renew_sets_up_a_forgotten_session_once_and_only_for_its_pair() {
+        let mut relay = Relay::new(RelayLimits::default());
+        let now = Instant::now();
+        let end = |user: &str, conn| End { user: user.into(), conn, handle: Some(handle()) };
+        let (ga, gb, new) = relay.renew(end("alice", 1), end("bob", 2), 42, now).unwrap();
+        assert!(new);
+        let (gb2, ga2, new) = relay.renew(end("bob", 2), end("alice", 1), 42, now).unwrap();
+        assert!(!new);
+        assert_eq!((ga2.token, gb2.token), (ga.token, gb.token));
+        let (ge, gb3, new) = relay.renew(end("eve", 3), end("bob", 2), 42, now).unwrap();
+        assert!(new, "eve's id is not alice's session");
+        assert!(ge.token != ga.token && gb3.token != gb.token);
+        assert_eq!(relay.sessions(), 2);
+        // The per-user limit holds for renewals as for new sessions.
+        let limits = RelayLimits { sessions_per_user: 1, ..RelayLimits::default() };
+        let mut relay = Relay::new(limits);
+        relay.renew(end("alice", 1), end("bob", 2), 1, now).unwrap();
+        assert!(relay.renew(end("alice", 1), end("carol", 3), 2, now).is_none());
+        assert!(relay.renew(end("alice", 1), end("bob", 2), 1, now).is_some(), "its own again");
     }
 
     /// A datagram on leg `token` with counter `counter` sealed with a key that is not the

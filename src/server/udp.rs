@@ -207,8 +207,11 @@ impl UdpTask {
     fn request(&mut self, r: Request) {
         let now = Instant::now();
         match r {
-            Request::Create { a, b, reply } => {
-                let _ = reply.send(self.relay.create(a, b, now));
+            Request::Create { a, b, session, reply } => {
+                let _ = reply.send(self.relay.create(a, b, session, now));
+            }
+            Request::Renew { a, b, session, reply } => {
+                let _ = reply.send(self.relay.renew(a, b, session, now));
             }
             Request::Remove(token) => self.relay.remove(&token),
             Request::DropConnection(conn) => self.relay.drop_connection(conn),

@@ -699,6 +699,31 @@ impl Paths {
         }
     }
 
+    /// The relay the session falls back to.
+    pub fn relay(&self) -> RelayPath {
+        self.relay
+    }
+
+    /// The session's relay leg was given again (after a re-login: the server may have
+    /// restarted and forgotten the old one), at `relay`: bind it at once, and while
+    /// relayed move the session's datagrams to it (a [`PathEvent::Switched`], nothing
+    /// lost), so the driver frames them for the new leg.
+    pub fn set_relay(&mut self, now: Instant, relay: RelayPath) {
+        let relayed = self.current == Path::from(self.relay);
+        self.relay = relay;
+        if relayed {
+            self.current = relay.into();
+            self.events.push_back(PathEvent::Switched { path: self.current, lost: false });
+        }
+        self.next_bind = match relay {
+            RelayPath::Udp(a) => {
+                self.bind(a);
+                Some(now + self.config.relay_bind_every)
+            }
+            RelayPath::Control => None,
+        };
+    }
+
     /// Fresh candidates (after a network change, already filtered as for [`Setup`]): while
     /// relayed, search them at once.
     pub fn update_candidates(&mut self, now: Instant, candidates: Vec<SocketAddr>) {

@@ -111,14 +111,21 @@ impl Node {
     }
 
     /// A peer in session sends fresh candidates (its network changed): search them, at
-    /// most where the server saw it or on our own networks, and answer ours. Only for a
-    /// live session with exactly that peer and id that is not relay-only.
+    /// most where the server saw it or on our own networks, and answer ours; take our relay
+    /// leg if the server gives it again. Only for a live session with exactly that peer and
+    /// id; a relay-only one takes only its relay leg (no candidates, and answers none).
     pub(super) async fn peer_candidates(
         &self,
         ask: cmd::CandidatesAsk,
     ) -> Result<cmd::CandidateList, Refusal> {
-        let cmd::CandidatesAsk { from, session: id, candidates: theirs, peer_seen, peer_seen_also } =
-            ask;
+        let cmd::CandidatesAsk {
+            from,
+            session: id,
+            candidates: theirs,
+            peer_seen,
+            peer_seen_also,
+            relay,
+        } = ask;
         let seen: Vec<std::net::IpAddr> = peer_seen.into_iter().chain(peer_seen_also).collect();
         let ps = self
             .inner
@@ -126,12 +133,39 @@ impl Node {
             .list()
             .await
             .into_iter()
-            .find(|s| s.peer == from && s.id() == id && !s.relay_only)
+            // A relay-only session only takes its relay leg again.
+            .find(|s| s.peer == from && s.id() == id && (!s.relay_only || relay.is_some()))
             .ok_or_else(|| {
                 Refusal::new(ErrorCode::NotAuthorized, format!("no session {id:016x} with {from}"))
             })?;
+        // Only the server that holds our legs gives them (see `relay_renewable`): ours.
+        if let Some(g) = relay {
+            self.take_relay(&ps, &g, &self.home()).await;
+        }
+        if ps.relay_only {
+            return Ok(cmd::CandidateList { candidates: Vec::new() });
+        }
         self.take_candidates(&ps, &theirs, &seen).await;
         Ok(cmd::CandidateList { candidates: self.candidates().await })
+    }
+
+    /// Our relay leg of `ps`'s session given again by `server` (after a re-login): the
+    /// session binds it at once and relays through it. Without UDP to the server, over
+    /// `server`'s control connection (bound there too, as when the session was set up).
+    async fn take_relay(&self, ps: &PeerSession, g: &cmd::RelayGrant, server: &Arc<ServerConn>) {
+        let reflexive = self.reflexive().await;
+        let udp = match relay_at(&server.server, None, g.relay_port, reflexive).await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(peer = %ps.peer, error = %e, "relay leg given again: no relay address");
+                return;
+            }
+        };
+        let leg = Arc::new(relay::Leg::new(g.relay_token, g.relay_key.clone()));
+        let control = Self::tcp_relay(server.clone(), g.relay_token);
+        ps.ptcp.renew_relay(leg, udp, control).await;
+        let _ = server.tell(&cmd::Relay { token: g.relay_token, data: Vec::new() }).await;
+        debug!(peer = %ps.peer, "relay leg taken again");
     }
 
     /// Our candidates now: a reflexive address first, then host ones, then the other
@@ -179,38 +213,77 @@ impl Node {
         // for, and looked at once more after `running` is released (no request is lost).
         while again.load(SeqCst) && !running.swap(true, SeqCst) {
             while again.swap(false, SeqCst) {
-                done += self.refresh_pass().await;
+                let relay = self.inner.refresh_relay.swap(false, SeqCst);
+                done += self.refresh_pass(relay).await;
             }
             running.store(false, SeqCst);
         }
         done
     }
 
-    /// One refresh of every session. A peer its server cannot reach now (offline there:
-    /// it is logging back in after the same change, or it listens for nothing), a rate
-    /// limit or no answer is asked again after 1, 2, 4 and 8 s ([`REFRESH_RETRY`]); a
-    /// refusal (no such session) is final. At most five asks per session; one answered ask
-    /// refreshes both sides.
-    async fn refresh_pass(&self) -> usize {
-        let mut left: Vec<_> =
-            self.inner.table.list().await.into_iter().filter(|ps| !ps.relay_only).collect();
+    /// [`Node::refresh_sessions`] after logging back in: the pass also asks for the
+    /// sessions' relay legs again, for every session whose legs are at the server asked
+    /// ([`PeerSession::relay_renewable`], relay-only ones too). The server gives the legs
+    /// it has (taken by our new connection) or, if it restarted, new ones; either way both
+    /// ends get the same pair.
+    pub async fn refresh_after_login(&self) -> usize {
+        self.inner.refresh_relay.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.refresh_sessions().await
+    }
+
+    /// One refresh of every session (with `relay`: [`Node::refresh_after_login`]).
+    async fn refresh_pass(&self, relay: bool) -> usize {
+        let wanted = |ps: &PeerSession| !ps.relay_only || (relay && ps.relay_renewable);
+        let sessions = self.inner.table.list().await.into_iter().filter(|ps| wanted(ps)).collect();
+        self.refresh(sessions, relay).await
+    }
+
+    /// Our connection to `domain`'s server (another domain's) ended: it may have restarted
+    /// and forgotten the relay legs of our sessions set up there (we were the caller). Ask
+    /// for them again through a new connection, a second later. Returns how many sessions
+    /// got theirs.
+    // A named, boxed future (as `control_loop`): it reaches `server_for`, whose new
+    // connections spawn it again, and an opaque recursive future cannot be proven `Send`.
+    pub(super) fn renew_relays_at(
+        self,
+        domain: crate::address::Domain,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>> {
+        Box::pin(async move {
+            let sessions: Vec<_> = self
+                .inner
+                .table
+                .list()
+                .await
+                .into_iter()
+                .filter(|ps| ps.peer.domain == domain && ps.relay_renewable)
+                .collect();
+            if sessions.is_empty() {
+                return 0;
+            }
+            tokio::time::sleep(REFRESH_RETRY[0]).await;
+            debug!(%domain, sessions = sessions.len(), "asking for our relay legs there again");
+            self.refresh(sessions, true).await
+        })
+    }
+
+    /// Exchange candidates with the peers of `sessions` (with `relay`, also asking for
+    /// our relay legs again). A peer its server cannot reach now (offline there: it is
+    /// logging back in after the same change, or it listens for nothing), a rate limit, a
+    /// failed connection or no answer is asked again after 1, 2, 4 and 8 s
+    /// ([`REFRESH_RETRY`]); a refusal (no such session) is final. At most five asks per
+    /// session; one answered ask refreshes both sides.
+    async fn refresh(&self, sessions: Vec<Arc<PeerSession>>, relay: bool) -> usize {
+        let mut left = sessions;
         let mut waits = REFRESH_RETRY.iter();
         let mut done = 0;
         while !left.is_empty() {
             let mine = self.candidates().await;
             let mut again = Vec::new();
             for ps in left {
-                match self.exchange_candidates(&ps, &mine).await {
+                match self.exchange_candidates(&ps, &mine, relay).await {
                     Ok(()) => done += 1,
                     Err(e) => {
-                        let retry = match &e {
-                            None => true,
-                            // No code: the connection failed (it is being replaced).
-                            Some(NodeError::Control(c)) => c.error_code().is_none_or(|code| {
-                                matches!(code, ErrorCode::Offline | ErrorCode::RateLimited)
-                            }),
-                            Some(_) => false,
-                        };
+                        let retry = e.as_ref().is_none_or(worth_asking_again);
                         match e {
                             Some(e) => {
                                 debug!(peer = %ps.peer, error = %e, retry, "fresh candidates refused")
@@ -230,29 +303,37 @@ impl Node {
         done
     }
 
-    /// One `candidates` call for `ps`, its answer handed to the path machine. `Err(None)`:
-    /// no answer within 10 s.
+    /// One `candidates` call for `ps`, its answer handed to the path machine (and, with
+    /// `relay`, our relay leg given again to the session). `Err(None)`: no answer within
+    /// 10 s. A relay-only session sends no candidates and takes none.
     async fn exchange_candidates(
         &self,
         ps: &PeerSession,
         mine: &[SocketAddr],
+        relay: bool,
     ) -> Result<(), Option<NodeError>> {
         let asked = async {
             let server = self.server_for(&ps.peer.domain).await?;
             let ask = cmd::Candidates {
                 to: ps.peer.clone(),
                 session: ps.id(),
-                candidates: mine.to_vec(),
+                candidates: if ps.relay_only { Vec::new() } else { mine.to_vec() },
+                relay: (relay && ps.relay_renewable).then_some(true),
             };
-            Ok::<_, NodeError>(server.call(&ask).await?)
+            Ok::<_, NodeError>((server.call(&ask).await?, server))
         };
-        let answer = tokio::time::timeout(Duration::from_secs(10), asked)
+        let (answer, server) = tokio::time::timeout(Duration::from_secs(10), asked)
             .await
             .map_err(|_| None)?
             .map_err(Some)?;
-        let seen: Vec<std::net::IpAddr> =
-            answer.peer_seen.into_iter().chain(answer.peer_seen_also).collect();
-        self.take_candidates(ps, &answer.candidates, &seen).await;
+        if let Some(g) = &answer.relay {
+            self.take_relay(ps, g, &server).await;
+        }
+        if !ps.relay_only {
+            let seen: Vec<std::net::IpAddr> =
+                answer.peer_seen.into_iter().chain(answer.peer_seen_also).collect();
+            self.take_candidates(ps, &answer.candidates, &seen).await;
+        }
         Ok(())
     }
 
@@ -327,10 +408,33 @@ impl Node {
         if relay_only {
             info!(%from, %service, "a caller authorized for no service by name: relay only");
         }
-        let ps = Arc::new(PeerSession::new(from, service.clone(), session, caller_ca, relay_only));
+        // Our legs are at our server; we ask it for them again only when the peer's domain
+        // is ours (else we would ask the peer's server, which has none).
+        let renewable = from.domain == self.inner.me.domain;
+        let ps = Arc::new(PeerSession::new(
+            from,
+            service.clone(),
+            session,
+            caller_ca,
+            relay_only,
+            renewable,
+        ));
         self.serve_session(&ps);
         self.inner.table.insert(ps.peer.clone(), ps).await;
         Ok(cmd::CandidateList { candidates: mine })
+    }
+}
+
+/// Whether a `candidates` call that failed with `e` may succeed a little later: the peer
+/// is offline at its server (logging back in), a rate limit, or a connection that failed
+/// (no error code: it is being replaced, or the server is restarting).
+fn worth_asking_again(e: &NodeError) -> bool {
+    match e {
+        NodeError::Control(c) => c
+            .error_code()
+            .is_none_or(|code| matches!(code, ErrorCode::Offline | ErrorCode::RateLimited)),
+        NodeError::Shared(e) => worth_asking_again(e),
+        _ => false,
     }
 }
 
@@ -351,42 +455,52 @@ pub(super) struct Setup {
 }
 
 impl Setup {
-    /// The session of an `inbound` answer (caller) or request (callee); the relay is at
-    /// `relay_host` (given when the callee is logged in at another instance of the domain)
-    /// or else the server at `server` (host:port of the control connection), on
-    /// `relay_port`: its first address of the family our `reflexive` address is of (the
-    /// family UDP to the server works in), or its first address.
+    /// The session of an `inbound` answer (caller) or request (callee), asked through the
+    /// server at `server` (host:port of the control connection); where its relay is:
+    /// [`relay_at`].
     pub(super) async fn new(
         grant: &cmd::Grant,
         server: &str,
         reflexive: Option<SocketAddr>,
     ) -> Result<Setup, NodeError> {
-        let host = match grant.relay_host {
-            Some(h) => h,
-            None => {
-                let all: Vec<SocketAddr> = tokio::net::lookup_host(server)
-                    .await?
-                    .map(crate::dualstack::canonical)
-                    .collect();
-                let family = |a: &&SocketAddr| reflexive.is_none_or(|r| r.is_ipv4() == a.is_ipv4());
-                all.iter()
-                    .find(family)
-                    .or(all.first())
-                    .ok_or_else(|| {
-                        NodeError::BadAnswer("`server address` missing or malformed".to_string())
-                    })?
-                    .ip()
-            }
-        };
+        let relay = relay_at(server, grant.relay_host, grant.relay_port, reflexive).await?;
         Ok(Setup {
             session: grant.session,
             probe_key: grant.probe_key,
             relay_token: grant.relay_token,
             relay_key: grant.relay_key.clone(),
-            relay: SocketAddr::new(host, grant.relay_port),
+            relay,
             relay_elsewhere: grant.relay_host.is_some(),
             candidates: grant.candidates.clone(),
             peer_seen: grant.peer_seen.into_iter().chain(grant.peer_seen_also).collect(),
         })
     }
+}
+
+/// Where the relay is: at `relay_host` (given when it is at another instance of the
+/// domain) or else the server at `server` (host:port of the control connection), on
+/// `port`: its first address of the family our `reflexive` address is of (the family UDP
+/// to the server works in), or its first address.
+async fn relay_at(
+    server: &str,
+    relay_host: Option<std::net::IpAddr>,
+    port: u16,
+    reflexive: Option<SocketAddr>,
+) -> Result<SocketAddr, NodeError> {
+    let host = match relay_host {
+        Some(h) => h,
+        None => {
+            let all: Vec<SocketAddr> =
+                tokio::net::lookup_host(server).await?.map(crate::dualstack::canonical).collect();
+            let family = |a: &&SocketAddr| reflexive.is_none_or(|r| r.is_ipv4() == a.is_ipv4());
+            all.iter()
+                .find(family)
+                .or(all.first())
+                .ok_or_else(|| {
+                    NodeError::BadAnswer("`server address` missing or malformed".to_string())
+                })?
+                .ip()
+        }
+    };
+    Ok(SocketAddr::new(host, port))
 }

@@ -77,12 +77,13 @@ impl Node {
                         // A lost home connection is the usual sign of a network change
                         // (a NAT rebinding, suspend, another Wi-Fi), and while we were out
                         // peers could not give us theirs: exchange fresh candidates with
-                        // every peer in session (one call each; re-logins back off). Off
+                        // every peer in session (one call each; re-logins back off), and
+                        // take our relay legs again (the server may have restarted). Off
                         // this task: who-am-i may wait 2 s for an answer that never comes.
                         let node = self.clone();
                         tokio::spawn(async move {
                             node.observe_reflexive().await;
-                            node.refresh_sessions().await
+                            node.refresh_after_login().await
                         });
                         backoff = Duration::from_secs(1);
                         break;
@@ -256,7 +257,12 @@ impl Node {
                     ConnectOptions { login: Some(node.stored_identity()), ..Default::default() };
                 let mut conn = ServerConn::connect(&node.inner.home, &domain, &opts).await?;
                 if let Some(incoming) = conn.incoming.take() {
-                    tokio::spawn(node.clone().control_loop(incoming));
+                    // When it ends, the relay legs of sessions set up there may be gone
+                    // with it (the server restarted): asked for again.
+                    tokio::spawn(async move {
+                        node.clone().control_loop(incoming).await;
+                        node.renew_relays_at(domain).await
+                    });
                 }
                 Ok(Arc::new(conn))
             }

@@ -257,6 +257,7 @@ impl Node {
             session,
             server.ca.clone(),
             relay_only,
+            !setup.relay_elsewhere,
         ));
         let auth = tokio::time::timeout(AUTH_TIMEOUT, self.authenticate_dialer(&ps)).await;
         let auth = auth.unwrap_or_else(|_| {
