@@ -165,7 +165,7 @@ impl Node {
         let control = Self::tcp_relay(server.clone(), g.relay_token);
         ps.ptcp.renew_relay(leg, udp, control).await;
         let _ = server.tell(&cmd::Relay { token: g.relay_token, data: Vec::new() }).await;
-        debug!(peer = %ps.peer, "relay leg taken again");
+        info!(peer = %ps.peer, relay = %udp, "relay leg given again");
     }
 
     /// Our candidates now: a reflexive address first, then host ones, then the other
