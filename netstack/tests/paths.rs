@@ -1104,9 +1104,9 @@ fn found_over_ipv6_by_the_peers_probe_moves_to_a_clearly_faster_ipv4() {
 
 #[test]
 fn a_relay_given_again_is_bound_at_once_and_carries_a_relayed_session() {
-    // A relayed session whose server restarted: its leg is given again (here at another
-    // address too). The machine binds the new relay at once, moves the session there (not
-    // as a loss) and keeps binding it.
+    // A relayed session whose server restarted: its leg is given again. The machine binds
+    // it at once and keeps binding it. At the same relay the path stays (no event: only
+    // the framing changes); a relay at another address moves the session (not as a loss).
     let setup = |direct_allowed| Setup {
         session: SESSION,
         role: Role::Caller,
@@ -1122,27 +1122,29 @@ fn a_relay_given_again_is_bound_at_once_and_carries_a_relayed_session() {
     a.handle_timeout(t(0));
     while a.poll_transmit(t(0)).is_some() {}
     while a.poll_event().is_some() {}
+    let binds = |a: &mut Paths, now, to| {
+        std::iter::from_fn(|| a.poll_transmit(now))
+            .filter(|tx| tx.payload == Payload::RelayBind && tx.to == to)
+            .count()
+    };
+    a.set_relay(t(2), RelayPath::Udp(relay()));
+    assert_eq!(binds(&mut a, t(2), relay()), 1, "bound at once");
+    assert_eq!(a.poll_event(), None, "the same relay: the path stays");
+    assert_eq!(a.current(), Path::UdpRelay(relay()));
     let moved = SocketAddr::new(ip(192, 0, 2, 9), 3479);
     a.set_relay(t(5), RelayPath::Udp(moved));
     assert_eq!(a.relay(), RelayPath::Udp(moved));
     assert_eq!(a.current(), Path::UdpRelay(moved));
-    let binds = |a: &mut Paths, now| {
-        std::iter::from_fn(|| a.poll_transmit(now))
-            .filter(|tx| tx.payload == Payload::RelayBind && tx.to == moved)
-            .count()
-    };
-    assert_eq!(binds(&mut a, t(5)), 1, "bound at once");
-    assert_eq!(
-        a.poll_event(),
-        Some(PathEvent::Switched { path: Path::UdpRelay(moved), lost: false })
-    );
+    assert_eq!(binds(&mut a, t(5), moved), 1, "bound at once");
+    let switched = PathEvent::Switched { path: Path::UdpRelay(moved), lost: false };
+    assert_eq!(a.poll_event(), Some(switched));
     let every = Config::default().relay_bind_every;
     let next = t(5) + every;
     assert_eq!(a.poll_timeout(), Some(next));
     a.handle_timeout(next);
-    assert_eq!(binds(&mut a, next), 1, "and again every {every:?}");
+    assert_eq!(binds(&mut a, next, moved), 1, "and again every {every:?}");
     // Over the control connection: no UDP binds.
     a.set_relay(next, RelayPath::Control);
     assert_eq!(a.current(), Path::ControlRelay);
-    assert_eq!(binds(&mut a, next), 0);
+    assert_eq!(binds(&mut a, next, moved), 0);
 }

@@ -1037,6 +1037,17 @@ impl Driver {
                         self.relay_tokens.insert(*leg.token(), id);
                     }
                     p.renew_relay(now, leg, udp, control);
+                    // Relayed: frame for the new leg from now on (a relay that moved is
+                    // also a `Switched` event, which resets the path MTU).
+                    let current = p.paths.current();
+                    if matches!(
+                        current,
+                        q2q_netstack::path::Path::UdpRelay(_)
+                            | q2q_netstack::path::Path::ControlRelay
+                    ) && let Some(ep) = p.endpoint_path(current)
+                    {
+                        s.path = ep;
+                    }
                     s.touched = true;
                 }
             }

@@ -705,13 +705,15 @@ impl Paths {
     }
 
     /// The session's relay leg was given again (after a re-login: the server may have
-    /// restarted and forgotten the old one), at `relay`: bind it at once, and while
-    /// relayed move the session's datagrams to it (a [`PathEvent::Switched`], nothing
-    /// lost), so the driver frames them for the new leg.
+    /// restarted and forgotten the old one), at `relay`: bind it at once. A relayed session
+    /// whose relay moved moves with it (a [`PathEvent::Switched`], nothing lost); at the
+    /// same relay only the driver's framing changes (no event: the path, and so its MTU,
+    /// stays).
     pub fn set_relay(&mut self, now: Instant, relay: RelayPath) {
         let relayed = self.current == Path::from(self.relay);
+        let moved = relay != self.relay;
         self.relay = relay;
-        if relayed {
+        if relayed && moved {
             self.current = relay.into();
             self.events.push_back(PathEvent::Switched { path: self.current, lost: false });
         }
