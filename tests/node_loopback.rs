@@ -264,6 +264,10 @@ async fn a_relayed_session_survives_a_server_restart() {
     assert!(echoes(&mut stream, b"after the restart", 30).await, "{:?}", bob.status());
     assert!(matches!(bob.status()[0].path, PathKind::UdpRelay(_)), "{:?}", bob.status());
     assert!(srv.running.as_ref().unwrap().stats().relayed_bytes > 0, "not through the new relay");
+    // Asking again gives both sides the legs they have: nothing changes, nothing breaks.
+    assert_eq!(bob.refresh_after_login().await, 1);
+    assert_eq!(srv.running.as_ref().unwrap().stats().relay_sessions, 1);
+    assert!(echoes(&mut stream, b"asked again", 10).await, "{:?}", bob.status());
 }
 
 /// The same over the relay on the control connection (UDP to the server blocked): the

@@ -233,6 +233,7 @@ pub(crate) enum Command {
         leg: Arc<crate::relay::Leg>,
         udp: SocketAddr,
         control: mpsc::Sender<Vec<u8>>,
+        reply: oneshot::Sender<Result<bool, EndpointError>>,
     },
     InstallKeys {
         id: SessionId,
@@ -590,7 +591,8 @@ impl PtcpSession {
 
     /// The session's relay leg, given again by the server (after a re-login; see
     /// [`PathState::renew_relay`]): `leg`, at the UDP relay `udp`, or over the control
-    /// connection through `control`, whichever kind of relay the session has.
+    /// connection through `control`, whichever kind of relay the session has. True when
+    /// it is another leg than the session had (the server had forgotten it).
     ///
     /// [`PathState::renew_relay`]: super::paths::PathState::renew_relay
     pub async fn renew_relay(
@@ -598,9 +600,12 @@ impl PtcpSession {
         leg: Arc<crate::relay::Leg>,
         udp: SocketAddr,
         control: mpsc::Sender<Vec<u8>>,
-    ) {
-        let cmd = Command::RenewRelay { id: self.id, leg, udp, control };
-        let _ = self.link.cmds.send(cmd).await;
+    ) -> Result<bool, EndpointError> {
+        let id = self.id;
+        self.link
+            .call(|reply| Command::RenewRelay { id, leg, udp, control, reply })
+            .await
+            .map_err(|e| self.explain(e))
     }
 
     /// Seal every datagram of the session from now on with `keys` (taken from the TLS
@@ -1026,30 +1031,35 @@ impl Driver {
                     s.touched = true;
                 }
             }
-            Command::RenewRelay { id, leg, udp, control } => {
+            Command::RenewRelay { id, leg, udp, control, reply } => {
                 let now = self.now();
-                if let Some(s) = self.sessions.get_mut(&id)
-                    && let Some(p) = &mut s.paths
-                {
-                    let old = *p.leg.token();
-                    if old != *leg.token() {
-                        self.relay_tokens.remove(&old);
-                        self.relay_tokens.insert(*leg.token(), id);
-                    }
-                    p.renew_relay(now, leg, udp, control);
-                    // Relayed: frame for the new leg from now on (a relay that moved is
-                    // also a `Switched` event, which resets the path MTU).
-                    let current = p.paths.current();
-                    if matches!(
-                        current,
-                        q2q_netstack::path::Path::UdpRelay(_)
-                            | q2q_netstack::path::Path::ControlRelay
-                    ) && let Some(ep) = p.endpoint_path(current)
-                    {
-                        s.path = ep;
-                    }
-                    s.touched = true;
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    let _ = reply.send(Err(EndpointError::NoSuchSession(id)));
+                    return;
+                };
+                let Some(p) = &mut s.paths else {
+                    let _ = reply.send(Ok(false));
+                    return;
+                };
+                let old = *p.leg.token();
+                let changed = old != *leg.token();
+                if changed {
+                    self.relay_tokens.remove(&old);
+                    self.relay_tokens.insert(*leg.token(), id);
                 }
+                p.renew_relay(now, leg, udp, control);
+                // Relayed: frame for the new leg from now on (a relay that moved is also a
+                // `Switched` event, which resets the path MTU).
+                let current = p.paths.current();
+                if matches!(
+                    current,
+                    q2q_netstack::path::Path::UdpRelay(_) | q2q_netstack::path::Path::ControlRelay
+                ) && let Some(ep) = p.endpoint_path(current)
+                {
+                    s.path = ep;
+                }
+                s.touched = true;
+                let _ = reply.send(Ok(changed));
             }
             Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),

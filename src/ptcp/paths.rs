@@ -89,7 +89,8 @@ impl PathState {
 
     /// The session's relay leg given again: `leg`, at `udp` or through `control`, whichever
     /// kind the session's relay is (the machine binds it at once and, while relayed, moves
-    /// the session to it).
+    /// the session to it). The same leg again keeps the one we have: its counters go on
+    /// (the relay refuses a counter it has seen, as a replay).
     pub(crate) fn renew_relay(
         &mut self,
         now: Instant,
@@ -97,7 +98,9 @@ impl PathState {
         udp: std::net::SocketAddr,
         control: mpsc::Sender<Vec<u8>>,
     ) {
-        self.leg = leg;
+        if leg.token() != self.leg.token() {
+            self.leg = leg;
+        }
         let relay = match self.paths.relay() {
             path::RelayPath::Udp(_) => path::RelayPath::Udp(udp),
             path::RelayPath::Control => {

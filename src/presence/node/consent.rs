@@ -163,9 +163,15 @@ impl Node {
         };
         let leg = Arc::new(relay::Leg::new(g.relay_token, g.relay_key.clone()));
         let control = Self::tcp_relay(server.clone(), g.relay_token);
-        ps.ptcp.renew_relay(leg, udp, control).await;
+        let changed = ps.ptcp.renew_relay(leg, udp, control).await;
         let _ = server.tell(&cmd::Relay { token: g.relay_token, data: Vec::new() }).await;
-        info!(peer = %ps.peer, relay = %udp, "relay leg given again");
+        // Logged once per new leg: the same leg given again (a peer may ask once a
+        // second) is not news.
+        match changed {
+            Ok(true) => info!(peer = %ps.peer, relay = %udp, "relay leg given again"),
+            Ok(false) => debug!(peer = %ps.peer, relay = %udp, "relay leg confirmed"),
+            Err(e) => debug!(peer = %ps.peer, error = %e, "relay leg given again: no session"),
+        }
     }
 
     /// Our candidates now: a reflexive address first, then host ones, then the other
