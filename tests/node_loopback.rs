@@ -270,6 +270,35 @@ async fn a_relayed_session_survives_a_server_restart() {
     assert!(echoes(&mut stream, b"asked again", 10).await, "{:?}", bob.status());
 }
 
+/// A relayed session's control connection ends (a NAT rebinding or a suspend cuts it) but
+/// the server stays: the session's UDP relay goes on working meanwhile, and after logging
+/// back in the node takes the same legs again (nothing refused as an unknown token or a
+/// replay on the way).
+#[tokio::test]
+async fn a_relayed_session_outlives_its_control_connection() {
+    let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
+    let (_d, home) = common::home();
+    let (_alice, bob, echo) = holeless_pair(&srv, &home, Duration::from_secs(3600)).await;
+    // Bob listens too, so that the server shows when he is back.
+    bob.serve_ping().await.unwrap();
+    let mut stream = bob.connect(&addr("alice@example.com"), &echo).await.unwrap().stream;
+    assert!(echoes(&mut stream, b"before", 10).await);
+    let stats = || srv.running.as_ref().unwrap().stats();
+    let refused = stats().relay_refused;
+    assert_eq!(stats().online, 2);
+    bob.drop_home_connection();
+    let gone = common::eventually(Duration::from_secs(5), || async { stats().online == 1 }).await;
+    assert!(gone, "bob's connection did not end");
+    // Before bob is back: the legs did not end with his connection.
+    assert!(echoes(&mut stream, b"while logged out", 1).await, "{:?}", bob.status());
+    let back = common::eventually(Duration::from_secs(10), || async { stats().online == 2 }).await;
+    assert!(back, "bob did not log back in");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(echoes(&mut stream, b"after logging back in", 10).await, "{:?}", bob.status());
+    assert_eq!(stats().relay_sessions, 1);
+    assert_eq!(stats().relay_refused, refused, "datagrams refused by the relay");
+}
+
 /// The same over the relay on the control connection (UDP to the server blocked): the
 /// session's datagrams move to the new connection.
 #[tokio::test]

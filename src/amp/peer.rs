@@ -29,6 +29,8 @@ pub struct PeerHandle {
     pending: Pending,
     next_tag: Arc<AtomicU64>,
     closed: watch::Receiver<bool>,
+    /// Ends the connection now ([`PeerHandle::close`]).
+    close: Arc<tokio::sync::Notify>,
 }
 
 /// A request from the other end, to be answered exactly once (or dropped: then the other
@@ -98,10 +100,16 @@ where
     // Weak: the connection lives while a handle or an unanswered request does; when the
     // last is dropped the writer ends, shuts its half down, and the other end sees EOF.
     let reader_writes = writes.downgrade();
+    let close = Arc::new(tokio::sync::Notify::new());
+    let closing = close.clone();
     tokio::spawn(async move {
         let mut reader = AmpReader::new(read_half);
         let end = loop {
-            let b = match reader.read_box().await {
+            let read = tokio::select! {
+                r = reader.read_box() => r,
+                () = closing.notified() => break CallError::Closed,
+            };
+            let b = match read {
                 Ok(Some(b)) => b,
                 Ok(None) => break CallError::Closed,
                 Err(e) => break e,
@@ -139,7 +147,8 @@ where
         writer.abort();
     });
 
-    (PeerHandle { writes, pending, next_tag: Arc::new(AtomicU64::new(1)), closed }, incoming_rx)
+    let next_tag = Arc::new(AtomicU64::new(1));
+    (PeerHandle { writes, pending, next_tag, closed, close }, incoming_rx)
 }
 
 impl PeerHandle {
@@ -187,6 +196,12 @@ impl PeerHandle {
 
     pub fn is_closed(&self) -> bool {
         *self.closed.borrow()
+    }
+
+    /// End the connection now, as if the other end had gone: calls waiting fail, the
+    /// stream is dropped (the other end sees it close).
+    pub fn close(&self) {
+        self.close.notify_one();
     }
 
     /// Resolves when the connection has ended.
@@ -255,6 +270,24 @@ mod tests {
         drop((ha, ia));
         tokio::time::timeout(std::time::Duration::from_secs(5), hb.closed()).await.unwrap();
         assert!(hb.is_closed());
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_connection_for_both_ends_while_handles_live() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ha, _ia) = spawn(a);
+        let (hb, _ib) = spawn(b);
+        let call = tokio::spawn({
+            let ha = ha.clone();
+            async move { ha.call(AmpBox::command("never answered")).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        ha.close();
+        let wait = std::time::Duration::from_secs(5);
+        tokio::time::timeout(wait, ha.closed()).await.unwrap();
+        tokio::time::timeout(wait, hb.closed()).await.unwrap();
+        assert!(matches!(call.await.unwrap(), Err(CallError::Closed)));
+        assert!(ha.call(AmpBox::command("after")).await.is_err());
     }
 
     #[tokio::test]

@@ -10,6 +10,13 @@ impl Node {
         self.inner.home_server.borrow().clone()
     }
 
+    /// Fault injection for tests: end the home connection now, as a NAT rebinding or a
+    /// suspend would (the node logs back in by itself).
+    #[doc(hidden)]
+    pub fn drop_home_connection(&self) {
+        self.home().handle().close();
+    }
+
     /// Keep the home connection alive: a ping every 25 s (below common NAT TCP and UDP
     /// timeouts), and when the connection ends, log back in (backing off from 1 s to 30 s),
     /// at another instance of the domain if this one is gone ([`Node::log_in_again`]),
