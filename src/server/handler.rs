@@ -89,6 +89,9 @@ pub(super) async fn serve(
     if conn.claims_our_domain() {
         let _ = Box::pin(conn.caller()).await;
     }
+    // Closed because its certificate was revoked: its relayed sessions end with it (else
+    // they stay for its next connection, see `Relay::drop_connection`).
+    let mut revoked = false;
     loop {
         let deadline = match conn.caller {
             Some(_) => tokio::time::Instant::now() + IDLE_TIMEOUT,
@@ -102,12 +105,14 @@ pub(super) async fn serve(
             }
             _ = revocations.changed(), if conn.serial.is_some() => {
                 if conn.revoked_now(&revocations.borrow_and_update()) {
+                    revoked = true;
                     break;
                 }
                 continue;
             }
             _ = recheck.tick(), if conn.is_foreign() => {
                 if !Box::pin(conn.still_valid()).await {
+                    revoked = true;
                     break;
                 }
                 continue;
@@ -167,7 +172,7 @@ pub(super) async fn serve(
         state.metrics.live_sessions.decrement(1.0);
     }
     state.presence.drop_connection(id).await;
-    state.relay.drop_connection(id).await;
+    state.relay.drop_connection(id, revoked).await;
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);

@@ -55,8 +55,11 @@ struct Leg {
     user: String,
     /// The control connection it came from: only it may use the token over TCP. When it
     /// closes the leg stays ([`REMOTE_CONN`], reached over UDP) until the end logs back
-    /// in and takes it again ([`Relay::claim`], [`Relay::renew`]) or it is idle too long.
+    /// in and takes it again ([`Relay::claim`], [`Relay::renew`]), for at most
+    /// [`RelayLimits::orphan_grace`].
     conn: u64,
+    /// When its connection closed, if no other took the leg since.
+    orphaned: Option<Instant>,
     /// None for an end whose control connection is at another instance of the domain:
     /// reached over UDP, or over TCP once a connection of its user here takes the leg
     /// ([`Relay::claim`]).
@@ -101,6 +104,11 @@ pub struct RelayLimits {
     pub queue_total: usize,
     /// A session silent this long ends.
     pub idle: Duration,
+    /// A session one of whose ends lost its control connection ends unless that end logs
+    /// back in and takes its leg again within this long (its UDP keeps flowing meanwhile).
+    /// Long enough for a re-login after a network change (backoff up to 30 s); short, so
+    /// that an end that cannot log in again (revoked) does not keep a relay.
+    pub orphan_grace: Duration,
 }
 
 impl Default for RelayLimits {
@@ -111,6 +119,7 @@ impl Default for RelayLimits {
             queue_per_leg: 256 << 10,
             queue_total: 64 << 20,
             idle: Duration::from_secs(600),
+            orphan_grace: Duration::from_secs(120),
         }
     }
 }
@@ -220,6 +229,7 @@ impl Relay {
             key: key.clone(),
             user: e.user,
             conn: e.conn,
+            orphaned: None,
             handle: e.handle,
             rx: Receiver::default(),
             sent: 0,
@@ -267,6 +277,7 @@ impl Relay {
         let mut grant = |t: Token, e: End| {
             let leg = self.legs.get_mut(&t)?;
             leg.conn = e.conn;
+            leg.orphaned = None;
             leg.handle = e.handle;
             leg.last = now;
             Some(Grant { token: t, key: leg.key.clone() })
@@ -351,6 +362,7 @@ impl Relay {
             Some(leg) if leg.conn != REMOTE_CONN || leg.user != user => Err(RelayError::NotOwner),
             Some(leg) => {
                 leg.conn = conn;
+                leg.orphaned = None;
                 leg.handle = Some(handle);
                 Ok(())
             }
@@ -495,12 +507,25 @@ impl Relay {
     /// A control connection closed: its legs stay, reached over UDP where they are bound,
     /// for the end to take again when it logs back in ([`Relay::claim`], [`Relay::renew`]),
     /// so a relayed session outlives a lost control connection (a NAT rebinding, a
-    /// suspend); unused, they go at the idle expiry.
-    pub fn drop_connection(&mut self, conn: u64) {
+    /// suspend). Not taken within [`RelayLimits::orphan_grace`], they go.
+    pub fn drop_connection(&mut self, conn: u64, now: Instant) {
         for leg in self.legs.values_mut().filter(|l| l.conn == conn) {
             leg.conn = REMOTE_CONN;
+            leg.orphaned = Some(now);
             leg.handle = None;
         }
+    }
+
+    /// A control connection was closed for good (its certificate was revoked): every
+    /// session it took part in ends now.
+    pub fn end_connection(&mut self, conn: u64) {
+        let gone: Vec<Token> = self
+            .legs
+            .iter()
+            .filter(|(_, l)| l.conn == conn)
+            .flat_map(|(t, l)| [*t, l.partner])
+            .collect();
+        self.remove_legs(gone);
     }
 
     /// End the session `token` belongs to.
@@ -516,13 +541,17 @@ impl Relay {
         self.legs.len() / 2
     }
 
-    /// End the sessions silent for longer than [`RelayLimits::idle`].
+    /// End the sessions silent for longer than [`RelayLimits::idle`], and those with a leg
+    /// orphaned for longer than [`RelayLimits::orphan_grace`].
     pub fn expire(&mut self, now: Instant) {
-        let idle = self.limits.idle;
+        let (idle, grace) = (self.limits.idle, self.limits.orphan_grace);
         let stale: Vec<Token> = self
             .legs
             .iter()
-            .filter(|(_, l)| now.saturating_duration_since(l.last) > idle)
+            .filter(|(_, l)| {
+                now.saturating_duration_since(l.last) > idle
+                    || l.orphaned.is_some_and(|t| now.saturating_duration_since(t) > grace)
+            })
             .flat_map(|(t, l)| [*t, l.partner])
             .collect();
         self.remove_legs(stale);
@@ -551,7 +580,7 @@ pub(crate) enum Request {
     Create { a: End, b: End, session: u64, reply: oneshot::Sender<Option<(Grant, Grant)>> },
     Renew { a: End, b: End, session: u64, reply: oneshot::Sender<Option<(Grant, Grant, bool)>> },
     Remove(Token),
-    DropConnection(u64),
+    DropConnection { conn: u64, end: bool },
     Tcp { conn: u64, token: Token, data: Vec<u8> },
     Claim { conn: u64, user: String, handle: PeerHandle, token: Token },
 }
@@ -591,9 +620,9 @@ impl RelayHandle {
         let _ = self.requests.send(Request::Remove(token)).await;
     }
 
-    /// [`Relay::drop_connection`].
-    pub async fn drop_connection(&self, conn: u64) {
-        let _ = self.requests.send(Request::DropConnection(conn)).await;
+    /// [`Relay::drop_connection`], or with `end` (revoked) [`Relay::end_connection`].
+    pub async fn drop_connection(&self, conn: u64, end: bool) {
+        let _ = self.requests.send(Request::DropConnection { conn, end }).await;
     }
 
     /// [`Relay::handle_tcp`]: a datagram relayed over control connection `conn`.
@@ -791,7 +820,7 @@ mod tests {
         assert!(relay.create(end("erin", 5), end("dave", 4), 9, t0).is_some());
         assert_eq!(relay.stats.sessions.load(Ordering::Relaxed), 3);
         // A closed connection's legs stay (for its end to take again), until idle.
-        relay.drop_connection(3);
+        relay.drop_connection(3, t0);
         assert_eq!(relay.sessions(), 3);
         relay.expire(t0 + limits.idle + Duration::from_secs(1));
         assert_eq!(relay.sessions(), 0);
@@ -913,7 +942,7 @@ mod tests {
         };
         assert_eq!(r, commands::Relay { token: ga.token, data: b"to alice".to_vec() });
         // When the connection that took it closes, the leg is free for her next one.
-        relay.drop_connection(3);
+        relay.drop_connection(3, now);
         assert_eq!(
             relay.handle_tcp(3, &ga.token, b"x".to_vec(), now).err(),
             Some(RelayError::NotOwner)
@@ -932,7 +961,7 @@ mod tests {
         let (mut relay, a, b, ga, gb) = session();
         let now = Instant::now();
         relay.handle_udp(&b.bind(), B.parse().unwrap(), now).unwrap();
-        relay.drop_connection(1);
+        relay.drop_connection(1, now);
         let (_, d) = forward(&mut relay, &sealed(&a, b"still"), A, now).unwrap().unwrap();
         assert_eq!(b.open(&d), Ok(b"still".to_vec()));
         let (_, d) = forward(&mut relay, &sealed(&b, b"here"), B, now).unwrap().unwrap();
@@ -954,6 +983,26 @@ mod tests {
         assert!(!new);
         assert_eq!((ra2.token, rb2.token), (ga.token, gb.token));
         assert_eq!(relay.sessions(), 1);
+        // Taken again, it stays past the grace; orphaned and not taken, it goes.
+        let grace = relay.limits.orphan_grace;
+        relay.expire(now + grace + Duration::from_secs(1));
+        assert_eq!(relay.sessions(), 1);
+        relay.drop_connection(7, now);
+        relay.expire(now + grace);
+        assert_eq!(relay.sessions(), 1, "within the grace");
+        relay.expire(now + grace + Duration::from_secs(1));
+        assert_eq!(relay.sessions(), 0, "orphaned past the grace");
+    }
+
+    /// A connection closed because its certificate was revoked ends its sessions at once.
+    #[tokio::test]
+    async fn a_revoked_connection_ends_its_sessions_at_once() {
+        let (mut relay, a, _, _, _) = session();
+        let now = Instant::now();
+        relay.end_connection(1);
+        assert_eq!(relay.sessions(), 0);
+        let r = forward(&mut relay, &sealed(&a, b"x"), A, now);
+        assert_eq!(r.err(), Some(RelayError::UnknownToken));
     }
 
     /// After a restart the relay knows no session: `renew` sets one up, once; another

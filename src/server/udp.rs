@@ -214,7 +214,8 @@ impl UdpTask {
                 let _ = reply.send(self.relay.renew(a, b, session, now));
             }
             Request::Remove(token) => self.relay.remove(&token),
-            Request::DropConnection(conn) => self.relay.drop_connection(conn),
+            Request::DropConnection { conn, end: false } => self.relay.drop_connection(conn, now),
+            Request::DropConnection { conn, end: true } => self.relay.end_connection(conn),
             Request::Tcp { conn, token, data } => {
                 if let Err(e) = self.relay.handle_tcp(conn, &token, data, now) {
                     debug!(conn, error = %e, "refused a datagram relayed over TCP");
