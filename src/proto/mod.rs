@@ -61,7 +61,8 @@
 //! session's relay again: `relay_token`, `relay_key`, `relay_port`, in the answer and in
 //! the peer's ask. The server gives the legs it has (now owned by the two connections
 //! asking and asked: a control connection that closes leaves its legs working over UDP
-//! until then) or, when it forgot them (it restarted), sets up new ones, which go at once
+//! until then, for up to 2 minutes, unless it was closed for a revoked certificate) or,
+//! when it forgot them (it restarted), sets up new ones, which go at once
 //! if the peer does not confirm the session. Asking twice, or from both sides at once,
 //! gives one pair. A node asks this only of the server that set the session up.
 //!
