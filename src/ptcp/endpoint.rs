@@ -1041,13 +1041,11 @@ impl Driver {
                     let _ = reply.send(Ok(false));
                     return;
                 };
-                let old = *p.leg.token();
-                let changed = old != *leg.token();
-                if changed {
+                let replaced = p.renew_relay(now, leg, udp, control);
+                if let Some(old) = replaced {
                     self.relay_tokens.remove(&old);
-                    self.relay_tokens.insert(*leg.token(), id);
+                    self.relay_tokens.insert(*p.leg.token(), id);
                 }
-                p.renew_relay(now, leg, udp, control);
                 // Relayed: frame for the new leg from now on (a relay that moved is also a
                 // `Switched` event, which resets the path MTU).
                 let current = p.paths.current();
@@ -1059,7 +1057,7 @@ impl Driver {
                     s.path = ep;
                 }
                 s.touched = true;
-                let _ = reply.send(Ok(changed));
+                let _ = reply.send(Ok(replaced.is_some()));
             }
             Command::DropFrom(filter) => self.drop_from = filter,
             Command::Send { to, data } => self.send_to(to, data),

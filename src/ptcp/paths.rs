@@ -90,15 +90,17 @@ impl PathState {
     /// The session's relay leg given again: `leg`, at `udp` or through `control`, whichever
     /// kind the session's relay is (the machine binds it at once and, while relayed, moves
     /// the session to it). The same leg again keeps the one we have: its counters go on
-    /// (the relay refuses a counter it has seen, as a replay).
+    /// (the relay refuses a counter it has seen, as a replay). Returns the token of the leg
+    /// replaced, if it was another.
     pub(crate) fn renew_relay(
         &mut self,
         now: Instant,
         leg: Arc<relay::Leg>,
         udp: std::net::SocketAddr,
         control: mpsc::Sender<Vec<u8>>,
-    ) {
-        if leg.token() != self.leg.token() {
+    ) -> Option<relay::Token> {
+        let replaced = (leg.token() != self.leg.token()).then(|| *self.leg.token());
+        if replaced.is_some() {
             self.leg = leg;
         }
         let relay = match self.paths.relay() {
@@ -109,6 +111,7 @@ impl PathState {
             }
         };
         self.paths.set_relay(now, relay);
+        replaced
     }
 
     /// The endpoint path for the machine's path.

@@ -713,6 +713,18 @@ struct Me {
     serial: Option<String>,
 }
 
+impl Me {
+    /// This connection as the relay end of `caller` (logged in on it).
+    fn end(&self, caller: &Q2qAddress) -> End {
+        End { user: caller.to_string(), conn: self.id, handle: Some(self.handle.clone()) }
+    }
+}
+
+/// `to`'s relay end: the connection it listens on here.
+fn listener_end(to: &Q2qAddress, listener: &Listener) -> End {
+    End { user: to.to_string(), conn: listener.conn, handle: Some(listener.handle.clone()) }
+}
+
 /// The `to` argument, if it is an address of this server's domain.
 fn callee(state: &State, to: Q2qAddress) -> Result<Q2qAddress, Refusal> {
     if to.domain != state.domain {
@@ -758,13 +770,7 @@ async fn candidates(
         return Err(refuse(ErrorCode::Offline, format!("{to} is offline")));
     };
     let legs = if relay == Some(true) {
-        let caller_end =
-            End { user: caller.to_string(), conn: me.id, handle: Some(me.handle.clone()) };
-        let callee_end = End {
-            user: to.to_string(),
-            conn: listener.conn,
-            handle: Some(listener.handle.clone()),
-        };
+        let (caller_end, callee_end) = (me.end(caller), listener_end(&to, &listener));
         let (g_caller, g_callee, new) =
             state.relay.renew(caller_end, callee_end, session).await.ok_or_else(|| {
                 refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user")
@@ -872,7 +878,7 @@ async fn inbound(
         }
         Err(a) => return Err(absent(a, &to, &service)),
     };
-    let end = End { user: caller.to_string(), conn: me.id, handle: Some(me.handle.clone()) };
+    let end = me.end(caller);
     let serial = me.serial.as_deref();
     set_up(state, caller, end, me.seen, &to, &service, listener, candidates, None, serial).await
 }
@@ -924,8 +930,7 @@ async fn set_up(
 ) -> Result<InboundAnswer, Refusal> {
     let session: u64 = rand::random();
     let probe_key: [u8; 16] = rand::random();
-    let callee_end =
-        End { user: to.to_string(), conn: listener.conn, handle: Some(listener.handle.clone()) };
+    let callee_end = listener_end(to, &listener);
     let (g_caller, g_callee) =
         state.relay.create(caller_end, callee_end, session).await.ok_or_else(|| {
             refuse(ErrorCode::RelayLimit, "too many relayed sessions for this user")
