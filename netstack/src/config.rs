@@ -24,6 +24,14 @@ pub struct Config {
     /// path carries, up to this (RFC 8899 `MAX_PLPMTU`). Raise it on paths known to carry
     /// jumbo frames, together with `link_payload`.
     pub max_plpmtu: usize,
+    /// Largest TCP segment smoltcp builds, as an IP packet in bytes (default 65535): the
+    /// session's link splits each longer one into segments that fit [`Config::ip_mtu`]
+    /// before the selective-repeat layer numbers them, as a NIC's TCP segmentation offload
+    /// does. smoltcp's work per segment (and TCP's MSS, advertised from it) is then paid
+    /// once per 64 KiB instead of once per 1.4 KiB, while losses are still repaired packet
+    /// by packet. At most `ip_mtu` turns it off. A peer whose link has no offload
+    /// advertises its own smaller MSS, which smoltcp then keeps to.
+    pub segment_offload: usize,
     /// Receive buffer of each TCP stream in bytes (default 8 MiB). It *is* the TCP window
     /// (smoltcp picks the window-scale shift from it), so throughput per stream is at most
     /// `buffer / RTT`, where RTT is what TCP sees: the selective-repeat layer hands packets
@@ -111,6 +119,7 @@ impl Default for Config {
         Config {
             link_payload: 1400,
             max_plpmtu: 1452,
+            segment_offload: 65535,
             stream_rx_buffer: 8 << 20,
             stream_tx_buffer: 8 << 20,
             stream_small_buffer: 256 << 10,

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
+use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
 /// Keep at most this many spare packet buffers ...
 const POOL_MAX: usize = 4096;
@@ -30,11 +31,55 @@ pub(crate) struct LinkDevice {
     pub tx_limit: usize,
     /// IP MTU of the virtual link.
     pub mtu: usize,
+    /// Segmentation offload ([`LinkDevice::with_segmentation`]): the largest packet smoltcp
+    /// may build, and the buffer it builds such packets in. `None`: off, smoltcp builds
+    /// packets of at most `mtu` bytes.
+    segmentation: Option<Segmentation>,
+}
+
+/// See [`LinkDevice::with_segmentation`].
+struct Segmentation {
+    max_packet: usize,
+    /// Where smoltcp writes a packet longer than the MTU before it is split; allocated
+    /// with the first such packet and kept at `max_packet` bytes, so it is never
+    /// zero-filled again.
+    scratch: Vec<u8>,
+    /// Long TCP segments cut, and the packets cut from them.
+    cut: (u64, u64),
 }
 
 impl LinkDevice {
     pub fn new(mtu: usize, tx_limit: usize) -> LinkDevice {
-        LinkDevice { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), tx_limit, mtu }
+        LinkDevice {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            pool: Vec::new(),
+            tx_limit,
+            mtu,
+            segmentation: None,
+        }
+    }
+
+    /// Turn on TCP segmentation offload, as a NIC's TSO: smoltcp is told the link's MTU is
+    /// `max_packet` bytes (so it advertises an MSS that large and builds TCP segments up to
+    /// it, doing its per-segment work once per such segment), and each IPv4 TCP packet
+    /// longer than the real `mtu` is split here into packets of at most `mtu` bytes
+    /// ([`segment`]). What reaches the queue is never longer than `mtu` unless it is not
+    /// TCP over IPv4 (the selective-repeat layer fragments such a packet, as any other
+    /// packet over the path MTU). No effect when `max_packet` is at most `mtu`.
+    pub fn with_segmentation(mut self, max_packet: usize) -> LinkDevice {
+        self.segmentation = (max_packet > self.mtu).then(|| Segmentation {
+            max_packet: max_packet.min(65535),
+            scratch: Vec::new(),
+            cut: (0, 0),
+        });
+        self
+    }
+
+    /// TCP segments longer than the MTU that segmentation offload cut, and the packets
+    /// cut from them (both 0 when it is off).
+    pub fn segmented(&self) -> (u64, u64) {
+        self.segmentation.as_ref().map_or((0, 0), |s| s.cut)
     }
 
     pub fn tx_full(&self) -> bool {
@@ -99,6 +144,8 @@ pub(crate) struct RxToken<'a> {
 
 pub(crate) struct TxToken<'a> {
     queue: &'a mut VecDeque<Vec<u8>>,
+    /// The real MTU and the scratch buffer, when segmentation offload is on.
+    segmentation: Option<(usize, &'a mut Segmentation)>,
     /// Where the packet's buffer comes from once its length is known ([`spare_for_write`]);
     /// `None` for a reply made while receiving, which gets a new buffer. Nothing is taken
     /// for a token smoltcp drops unused (it asks for one per socket it polls).
@@ -116,20 +163,25 @@ impl phy::Device for LinkDevice {
         // a spare one taken here was dropped with the token for nearly every packet
         // received, so the pool ran dry and each copy in allocated (7% of a receiver in
         // malloc and free, perf in the lab).
-        Some((RxToken { buf, pool: &mut self.pool }, TxToken { queue: &mut self.tx, pool: None }))
+        let segmentation = self.segmentation.as_mut().map(|s| (self.mtu, s));
+        Some((
+            RxToken { buf, pool: &mut self.pool },
+            TxToken { queue: &mut self.tx, segmentation, pool: None },
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
         if self.tx.len() >= self.tx_limit {
             return None;
         }
-        Some(TxToken { queue: &mut self.tx, pool: Some(&mut self.pool) })
+        let segmentation = self.segmentation.as_mut().map(|s| (self.mtu, s));
+        Some(TxToken { queue: &mut self.tx, segmentation, pool: Some(&mut self.pool) })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
+        caps.max_transmission_unit = self.segmentation.as_ref().map_or(self.mtu, |s| s.max_packet);
         // Checksums are not computed or checked on this link: the UDP checksum of the
         // underlay covers every byte, and TLS authenticates the streams above. It saves
         // two passes over every packet.
@@ -149,6 +201,23 @@ impl phy::RxToken for RxToken<'_> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if let Some((mtu, seg)) = self.segmentation.filter(|(mtu, _)| len > *mtu) {
+            if seg.scratch.len() < seg.max_packet {
+                seg.scratch.resize(seg.max_packet, 0);
+            }
+            let Some(packet) = seg.scratch.get_mut(..len) else {
+                // Longer than the MTU smoltcp was given: it never asks for that.
+                return f(&mut vec![0; len]);
+            };
+            let r = f(packet);
+            let mut none = Vec::new();
+            let queued = self.queue.len();
+            if segment(packet, mtu, self.pool.unwrap_or(&mut none), self.queue) {
+                seg.cut.0 += 1;
+                seg.cut.1 += (self.queue.len() - queued) as u64;
+            }
+            return r;
+        }
         let mut buf = self.pool.map_or_else(Vec::new, |pool| spare_for_write(pool, len));
         // Pool buffers keep their old length, so a long enough one is only cut: zero-filling
         // every packet cost about 5% of the daemon's time at Gbit/s rates (perf, lab).
@@ -166,9 +235,175 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
+/// Queue `packet` as packets of at most `mtu` bytes: an IPv4 TCP segment is cut into
+/// segments that each carry the packet's IP and TCP headers (options included), the next
+/// share of its payload, and the sequence number that share starts at; FIN and PSH only
+/// on the last, the IP identification counting up (RFC 9293 §3.7.1 segmentation, as a
+/// NIC's TSO does it). No checksums: this link carries none (see `capabilities`).
+/// Anything else (a SYN, a header as long as the MTU, not TCP over IPv4) is queued whole.
+/// Buffers come from `pool`. Returns whether it cut the packet.
+fn segment(
+    packet: &[u8],
+    mtu: usize,
+    pool: &mut Vec<Vec<u8>>,
+    queue: &mut VecDeque<Vec<u8>>,
+) -> bool {
+    let whole = |pool: &mut Vec<Vec<u8>>, queue: &mut VecDeque<Vec<u8>>| {
+        let mut buf = spare_for_copy(pool, packet.len());
+        buf.clear();
+        buf.extend_from_slice(packet);
+        queue.push_back(buf);
+        false
+    };
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else { return whole(pool, queue) };
+    let (ihl, total) = (usize::from(ip.header_len()), usize::from(ip.total_len()));
+    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+        return whole(pool, queue);
+    }
+    let Some(Ok(tcp)) = packet.get(ihl..total).map(TcpPacket::new_checked) else {
+        return whole(pool, queue);
+    };
+    let head = ihl + usize::from(tcp.header_len());
+    if tcp.syn() || head >= mtu || total <= mtu {
+        return whole(pool, queue);
+    }
+    let (seq, fin, psh, ident) = (tcp.seq_number(), tcp.fin(), tcp.psh(), ip.ident());
+    let payload = &packet[head..total];
+    let mut offset = 0;
+    for (i, share) in payload.chunks(mtu - head).enumerate() {
+        let len = head + share.len();
+        let mut buf = spare_for_write(pool, len);
+        buf.resize(len, 0);
+        buf[..head].copy_from_slice(&packet[..head]);
+        buf[head..].copy_from_slice(share);
+        let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
+        // `len` <= mtu < total, which fits 16 bits.
+        ip.set_total_len(len as u16);
+        ip.set_ident(ident.wrapping_add(i as u16));
+        let mut tcp = TcpPacket::new_unchecked(&mut buf[ihl..]);
+        tcp.set_seq_number(seq + offset);
+        offset += share.len();
+        let last = offset == payload.len();
+        tcp.set_fin(fin && last);
+        tcp.set_psh(psh && last);
+        queue.push_back(buf);
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv4 TCP packet from 10.0.0.1:1000 to 10.0.0.2:2000 with `payload`, sequence
+    /// number 4_000_000_000 (so the pieces wrap around 2^32), the given flags, and a
+    /// 12-byte timestamp option, as smoltcp emits it.
+    fn tcp_packet(payload: &[u8], syn: bool, fin: bool) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities as Caps;
+        use smoltcp::wire::{Ipv4Address, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
+        let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+        let control = match (syn, fin) {
+            (true, _) => TcpControl::Syn,
+            (_, true) => TcpControl::Fin,
+            _ => TcpControl::Psh,
+        };
+        let tcp = TcpRepr {
+            src_port: 1000,
+            dst_port: 2000,
+            control,
+            seq_number: TcpSeqNumber(4_000_000_000u32 as i32),
+            ack_number: Some(TcpSeqNumber(77)),
+            window_len: 512,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: Some(smoltcp::wire::TcpTimestampRepr::new(5, 6)),
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.emit(&mut p, &Caps::ignored());
+        p.set_ident(9);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &src.into(),
+            &dst.into(),
+            &Caps::ignored(),
+        );
+        buf
+    }
+
+    #[test]
+    fn a_tcp_segment_longer_than_the_mtu_is_cut_into_segments_that_fit() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let packet = tcp_packet(&payload, false, true);
+        let (mut pool, mut queue) = (Vec::new(), VecDeque::new());
+        assert!(segment(&packet, 1382, &mut pool, &mut queue));
+        let head = 20 + 20 + 12;
+        assert_eq!(queue.len(), 10_000usize.div_ceil(1382 - head));
+        let mut joined = Vec::new();
+        for (i, p) in queue.iter().enumerate() {
+            assert!(p.len() <= 1382, "piece {i}: {} bytes", p.len());
+            let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+            assert_eq!(usize::from(ip.total_len()), p.len());
+            assert_eq!(ip.ident(), 9 + i as u16);
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            assert_eq!((tcp.src_port(), tcp.dst_port(), tcp.ack_number().0), (1000, 2000, 77));
+            assert_eq!(usize::from(tcp.header_len()), 32, "options kept");
+            let expect = smoltcp::wire::TcpSeqNumber(4_000_000_000u32 as i32) + joined.len();
+            assert_eq!(tcp.seq_number(), expect, "piece {i}");
+            let last = i == queue.len() - 1;
+            assert_eq!((tcp.fin(), tcp.psh()), (last, false), "piece {i}");
+            joined.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(joined, payload);
+    }
+
+    #[test]
+    fn what_is_not_a_long_tcp_segment_is_queued_whole() {
+        let (mut pool, mut queue) = (Vec::new(), VecDeque::new());
+        let short = tcp_packet(&[1; 1000], false, false);
+        let syn = tcp_packet(&[], true, false);
+        let mut long_syn = tcp_packet(&[], true, false);
+        long_syn.resize(3000, 0);
+        Ipv4Packet::new_unchecked(&mut long_syn[..]).set_total_len(3000);
+        let mut udp = tcp_packet(&[2; 3000], false, false);
+        Ipv4Packet::new_unchecked(&mut udp[..]).set_next_header(IpProtocol::Udp);
+        let garbage = vec![0xff; 3000];
+        for p in [&short, &syn, &long_syn, &udp, &garbage] {
+            assert!(!segment(p, 1382, &mut pool, &mut queue));
+            assert_eq!(queue.pop_front().as_ref(), Some(p));
+            assert!(queue.is_empty());
+        }
+    }
+
+    #[test]
+    fn smoltcp_builds_long_segments_only_when_segmentation_is_on() {
+        use smoltcp::phy::Device;
+        let off = LinkDevice::new(1382, 8);
+        assert_eq!(off.capabilities().max_transmission_unit, 1382);
+        assert_eq!(
+            LinkDevice::new(1382, 8).with_segmentation(1000).capabilities().max_transmission_unit,
+            1382
+        );
+        let mut on = LinkDevice::new(1382, 8).with_segmentation(1 << 20);
+        assert_eq!(on.capabilities().max_transmission_unit, 65535);
+        use smoltcp::phy::TxToken as _;
+        let packet = tcp_packet(&[3; 5000], false, false);
+        let tx = on.transmit(Instant::from_millis(0)).unwrap();
+        tx.consume(packet.len(), |b| b.copy_from_slice(&packet));
+        assert_eq!(on.tx.len(), 4);
+        assert_eq!(on.segmented(), (1, 4));
+        assert!(on.tx.iter().all(|p| p.len() <= 1382));
+    }
 
     #[test]
     fn a_packet_is_written_into_the_shortest_spare_it_only_cuts() {

@@ -192,6 +192,9 @@ pub struct Stats {
     /// session sends outside probes, in bytes of UDP payload. Packets that would make
     /// larger `Data` datagrams go out as several `Fragment`s.
     pub plpmtu: usize,
+    /// TCP segments longer than the link's MTU that segmentation offload cut
+    /// ([`crate::Config::segment_offload`]), and the packets cut from them.
+    pub segmented: (u64, u64),
 }
 
 struct StreamWaker {
@@ -288,7 +291,8 @@ impl Session {
     pub fn new(id: SessionId, side: Side, config: Config, now: Instant) -> Session {
         let (local, remote) = side.addresses();
         let mtu = config.ip_mtu().max(576);
-        let mut device = LinkDevice::new(mtu, config.device_queue_packets.max(4));
+        let mut device = LinkDevice::new(mtu, config.device_queue_packets.max(4))
+            .with_segmentation(config.segment_offload);
         let mut icfg = IfaceConfig::new(HardwareAddress::Ip);
         icfg.random_seed = id.0 ^ if side == Side::Initiator { 0x5a5a } else { 0xa5a5 };
         let mut iface = Interface::new(icfg, &mut device, now);
@@ -398,6 +402,7 @@ impl Session {
             plpmtu: self.sender.pmtu.plpmtu,
             sealed: self.sealer.as_ref().is_some_and(|s| s.peer_sealed),
             refused: self.refused,
+            segmented: self.device.segmented(),
         }
     }
 

@@ -86,6 +86,11 @@ fn bulk_no_loss() {
     let s = pair.a.stats().sender;
     assert!(s.retransmits <= s.packets_sent / 50 + pair.ab.stats.lost(), "{s:?}");
     assert!(secs < 10.0);
+    // smoltcp built 64 KiB segments, cut at the link: nearly every packet sent is a piece
+    // of one, about 47 pieces each.
+    let (cut, pieces) = pair.a.stats().segmented;
+    assert!(pieces * 10 > s.packets_sent * 9, "{pieces} pieces of {} packets", s.packets_sent);
+    assert!(pieces > cut * 40, "{pieces} pieces from {cut} segments");
 }
 
 #[test]
