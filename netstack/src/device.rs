@@ -20,6 +20,39 @@ pub(crate) fn keep_spare(pool: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
     }
 }
 
+/// A packet the selective-repeat receiver hands up: in a buffer of its own (it waited for
+/// an earlier one, or was reassembled from fragments), or borrowed from the datagram it
+/// came in (the next in order, handed up at once: copied only by the device).
+pub(crate) enum Arrived<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+}
+
+impl Arrived<'_> {
+    /// The packet in a buffer of its own (from `pool` if it was borrowed).
+    pub fn into_owned(self, pool: &mut Vec<Vec<u8>>) -> Vec<u8> {
+        match self {
+            Arrived::Owned(p) => p,
+            Arrived::Borrowed(b) => {
+                let mut p = spare_for_copy(pool, b.len());
+                p.clear();
+                p.extend_from_slice(b);
+                p
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Arrived<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Arrived::Owned(p) => p,
+            Arrived::Borrowed(b) => b,
+        }
+    }
+}
+
 pub(crate) struct LinkDevice {
     /// In-order packets from the peer, for smoltcp to read.
     pub rx: VecDeque<Vec<u8>>,
@@ -80,6 +113,11 @@ impl LinkDevice {
     /// cut from them (both 0 when it is off).
     pub fn segmented(&self) -> (u64, u64) {
         self.segmentation.as_ref().map_or((0, 0), |s| s.cut)
+    }
+
+    /// Whether [`push_rx`] should coalesce: with segmentation offload on.
+    pub fn coalescing(&self) -> bool {
+        self.segmentation.is_some()
     }
 
     pub fn tx_full(&self) -> bool {
@@ -291,6 +329,87 @@ fn segment(
     true
 }
 
+/// Queue a packet from the peer for smoltcp on `rx` (a [`LinkDevice`]'s). When
+/// `coalescing`, a TCP segment that continues the one queued last is joined to it instead
+/// ([`coalesce`]), as a NIC's receive offload does: smoltcp then takes up to 64 KiB in one
+/// segment, and acknowledges it once. Buffers come from and go back to `pool`. Returns
+/// whether it joined `p` to the segment before.
+pub(crate) fn push_rx(
+    rx: &mut VecDeque<Vec<u8>>,
+    pool: &mut Vec<Vec<u8>>,
+    coalescing: bool,
+    p: Arrived<'_>,
+) -> bool {
+    if let Some(tail) = rx.back_mut().filter(|_| coalescing)
+        && coalesce(tail, &p)
+    {
+        if let Arrived::Owned(p) = p {
+            keep_spare(pool, p);
+        }
+        return true;
+    }
+    rx.push_back(p.into_owned(pool));
+    false
+}
+
+/// Largest packet [`coalesce`] makes: the IPv4 total length field's limit.
+const COALESCED_MAX: usize = 65535;
+
+/// Append the payload of TCP segment `next` to the segment `tail` if it continues it: both
+/// IPv4 without options or fragmentation, the same addresses, ports, TCP options (their
+/// bytes) and a plain ACK on `tail`; `next`'s sequence number where `tail`'s payload ends;
+/// `next` carrying data with ACK and at most PSH; the sum no longer than 64 KiB. The
+/// joined segment takes `next`'s acknowledgment number, window and PSH (the later ones:
+/// the peer sent them in this order). Returns whether it joined them; `tail` is unchanged
+/// when not. No checksums: this link carries none.
+fn coalesce(tail: &mut Vec<u8>, next: &[u8]) -> bool {
+    const IP: usize = 20;
+    // Flags other than ACK and PSH end a run: SYN, FIN, RST, URG, ECE, CWR.
+    const ACK: u8 = 0x10;
+    const PSH: u8 = 0x08;
+    let tcp_head = |p: &[u8]| -> Option<(usize, u32, u8)> {
+        let ip = Ipv4Packet::new_checked(p).ok()?;
+        let plain = usize::from(ip.header_len()) == IP
+            && usize::from(ip.total_len()) == p.len()
+            && ip.next_header() == IpProtocol::Tcp
+            && !ip.more_frags()
+            && ip.frag_offset() == 0;
+        let tcp = TcpPacket::new_checked(p.get(IP..)?).ok()?;
+        plain.then(|| (IP + usize::from(tcp.header_len()), tcp.seq_number().0 as u32, p[IP + 13]))
+    };
+    let (Some((head, seq, flags)), Some((next_head, next_seq, next_flags))) =
+        (tcp_head(tail), tcp_head(next))
+    else {
+        return false;
+    };
+    let more = next.len() - next_head;
+    if flags != ACK
+        || next_flags & !PSH != ACK
+        || head != next_head
+        || more == 0
+        || tail.len() + more > COALESCED_MAX
+        || seq.wrapping_add((tail.len() - head) as u32) != next_seq
+        // Addresses (IPv4 12..20), ports (TCP 0..4), options (TCP 20..head).
+        || tail[12..IP + 4] != next[12..IP + 4]
+        || tail[IP + 20..head] != next[IP + 20..head]
+    {
+        return false;
+    }
+    if tail.capacity() < tail.len() + more {
+        // Grown once to the most it can take, not piece by piece.
+        tail.reserve_exact(COALESCED_MAX - tail.len());
+    }
+    tail.extend_from_slice(&next[next_head..]);
+    let len = tail.len() as u16; // <= COALESCED_MAX
+    let mut ip = Ipv4Packet::new_unchecked(&mut tail[..]);
+    ip.set_total_len(len);
+    // Acknowledgment number (TCP 8..12), flags (13), window (14..16) from `next`.
+    tail[IP + 8..IP + 12].copy_from_slice(&next[IP + 8..IP + 12]);
+    tail[IP + 13] = next_flags;
+    tail[IP + 14..IP + 16].copy_from_slice(&next[IP + 14..IP + 16]);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +502,84 @@ mod tests {
             assert_eq!(queue.pop_front().as_ref(), Some(p));
             assert!(queue.is_empty());
         }
+    }
+
+    #[test]
+    fn segments_cut_by_the_sender_are_joined_again_by_the_receiver() {
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 13) as u8).collect();
+        let mut pieces = VecDeque::new();
+        let mut pool = Vec::new();
+        assert!(segment(&tcp_packet(&payload, false, false), 1382, &mut pool, &mut pieces));
+        assert!(pieces.len() > 10);
+        let (mut rx, n) = (VecDeque::new(), pieces.len());
+        let joined = pieces
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                // Alternate the two ways a packet arrives.
+                let p = if i % 2 == 0 { Arrived::Borrowed(p) } else { Arrived::Owned(p.to_vec()) };
+                push_rx(&mut rx, &mut pool, true, p)
+            })
+            .count();
+        assert_eq!((joined, rx.len()), (n - 1, 1));
+        // The original segment again, byte for byte (PSH came back with the last piece).
+        assert_eq!(rx[0], tcp_packet(&payload, false, false));
+        // Without coalescing each piece stays one packet.
+        let mut rx = VecDeque::new();
+        for p in &pieces {
+            assert!(!push_rx(&mut rx, &mut pool, false, Arrived::Borrowed(p)));
+        }
+        assert_eq!(rx.len(), n);
+    }
+
+    #[test]
+    fn only_a_continuing_data_segment_of_the_same_flow_is_joined() {
+        let first = tcp_packet(&[1; 1000], false, false);
+        // tcp_packet sets PSH on data without FIN: a plain ACK is what can be continued.
+        let mut tail = first.clone();
+        tail[20 + 13] = 0x10;
+        let next_seq = (4_000_000_000u32).wrapping_add(1000);
+        let mut next = tcp_packet(&[2; 500], false, false);
+        next[20 + 4..20 + 8].copy_from_slice(&next_seq.to_be_bytes());
+        let mut joined = tail.clone();
+        assert!(coalesce(&mut joined, &next));
+        assert_eq!(joined.len(), tail.len() + 500);
+        assert_eq!(joined[20 + 13], 0x18, "the later PSH is kept");
+        type Change = Box<dyn Fn(&mut Vec<u8>)>;
+        let variants: [(&str, Change); 7] = [
+            ("a gap", Box::new(|p| p[20 + 7] ^= 1)),
+            ("another port", Box::new(|p| p[20] ^= 1)),
+            ("another source", Box::new(|p| p[12] ^= 1)),
+            ("a FIN", Box::new(|p| p[20 + 13] |= 0x01)),
+            ("a RST", Box::new(|p| p[20 + 13] |= 0x04)),
+            ("other options", Box::new(|p| p[20 + 27] ^= 1)),
+            (
+                "no data",
+                Box::new(|p| {
+                    p.truncate(52);
+                    Ipv4Packet::new_unchecked(&mut p[..]).set_total_len(52);
+                }),
+            ),
+        ];
+        for (what, change) in variants {
+            let mut other = next.clone();
+            change(&mut other);
+            let mut t = tail.clone();
+            assert!(!coalesce(&mut t, &other), "{what}");
+            assert_eq!(t, tail, "{what}: the tail is unchanged");
+        }
+        // A tail that is not a plain ACK (here PSH) ends the run.
+        let mut t = first.clone();
+        assert!(!coalesce(&mut t, &next));
+        // Never past the IPv4 length limit.
+        let mut big = tcp_packet(&vec![0; 65_000], false, false);
+        big[20 + 13] = 0x10;
+        let seq = (4_000_000_000u32).wrapping_add(65_000);
+        next[20 + 4..20 + 8].copy_from_slice(&seq.to_be_bytes());
+        assert!(!coalesce(&mut big, &next));
+        // Garbage on either side is left alone.
+        assert!(!coalesce(&mut vec![0xff; 100], &next));
+        assert!(!coalesce(&mut tail.clone(), &[0x45; 60]));
     }
 
     #[test]

@@ -195,6 +195,9 @@ pub struct Stats {
     /// TCP segments longer than the link's MTU that segmentation offload cut
     /// ([`crate::Config::segment_offload`]), and the packets cut from them.
     pub segmented: (u64, u64),
+    /// TCP segments from the peer joined to the one before them for smoltcp (receive
+    /// offload, on with segmentation offload).
+    pub coalesced: u64,
 }
 
 struct StreamWaker {
@@ -265,6 +268,8 @@ pub struct Session {
     sealer: Option<Sealer>,
     /// Datagrams refused by sealing.
     refused: u64,
+    /// Segments joined by receive offload (`Stats::coalesced`).
+    coalesced: u64,
     /// Probe acknowledgements waiting in `ctrl`.
     probe_acks: usize,
     /// The TCP clock (what smoltcp is given) runs this many µs behind `now`: the time it
@@ -352,6 +357,7 @@ impl Session {
             side,
             sealer: None,
             refused: 0,
+            coalesced: 0,
             probe_acks: 0,
             tcp_lag: 0,
             tcp_frozen_since: None,
@@ -403,6 +409,7 @@ impl Session {
             sealed: self.sealer.as_ref().is_some_and(|s| s.peer_sealed),
             refused: self.refused,
             segmented: self.device.segmented(),
+            coalesced: self.coalesced,
         }
     }
 
@@ -507,11 +514,16 @@ impl Session {
             Datagram::Data(d) if d.session == self.id => {
                 self.last_rx = now_us;
                 let dev = &mut self.device;
-                let before = dev.rx.len();
-                self.receiver.on_data(now_us, &d, &mut dev.pool, |p| dev.rx.push_back(p));
-                if dev.rx.len() != before {
-                    self.need_poll = true;
-                }
+                let coalescing = dev.coalescing();
+                let rx = &mut dev.rx;
+                let mut delivered = false;
+                let mut joined = 0;
+                self.receiver.on_data(now_us, &d, &mut dev.pool, |p, pool| {
+                    joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
+                    delivered = true;
+                });
+                self.coalesced += joined;
+                self.need_poll |= delivered;
                 Ok(())
             }
             Datagram::Ack(a) if a.session == self.id => {
@@ -522,11 +534,16 @@ impl Session {
             Datagram::Fragment(f) if f.session == self.id => {
                 self.last_rx = now_us;
                 let dev = &mut self.device;
-                let before = dev.rx.len();
-                self.receiver.on_fragment(now_us, &f, &mut dev.pool, |p| dev.rx.push_back(p));
-                if dev.rx.len() != before {
-                    self.need_poll = true;
-                }
+                let coalescing = dev.coalescing();
+                let rx = &mut dev.rx;
+                let mut delivered = false;
+                let mut joined = 0;
+                self.receiver.on_fragment(now_us, &f, &mut dev.pool, |p, pool| {
+                    joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
+                    delivered = true;
+                });
+                self.coalesced += joined;
+                self.need_poll |= delivered;
                 Ok(())
             }
             Datagram::PmtuProbe(p) if p.session == self.id => {

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::device::Arrived;
 use crate::wire::{Ack, Data, Fragment, SessionId, expand};
 
 /// At most this many ACK datagrams describe one moment's state (lowest ranges first); a
@@ -134,7 +135,7 @@ impl Receiver {
         now: i64,
         data: &Data<'_>,
         pool: &mut Vec<Vec<u8>>,
-        deliver: impl FnMut(Vec<u8>),
+        deliver: impl FnMut(Arrived<'_>, &mut Vec<Vec<u8>>),
     ) {
         self.stats.packets_received += 1;
         self.note_pn(now, data.pn);
@@ -144,10 +145,17 @@ impl Receiver {
             // A whole retransmission completes what fragments had begun.
             self.partials.remove(&seq);
         }
-        let mut copy = crate::device::spare_for_copy(pool, data.payload.len());
-        copy.clear();
-        copy.extend_from_slice(data.payload);
-        self.place(now, seq, idx, copy, pool, deliver);
+        // The next in order goes up straight from the datagram (the device copies it once,
+        // coalescing it with what came before); only a packet that must wait is copied here.
+        let packet = if idx == 0 {
+            Arrived::Borrowed(data.payload)
+        } else {
+            let mut copy = crate::device::spare_for_copy(pool, data.payload.len());
+            copy.clear();
+            copy.extend_from_slice(data.payload);
+            Arrived::Owned(copy)
+        };
+        self.place(now, seq, idx, packet, pool, deliver);
     }
 
     /// Take one `Fragment` datagram: its bytes join the partial packet of its `seq` (held
@@ -159,7 +167,7 @@ impl Receiver {
         now: i64,
         frag: &Fragment<'_>,
         pool: &mut Vec<Vec<u8>>,
-        deliver: impl FnMut(Vec<u8>),
+        deliver: impl FnMut(Arrived<'_>, &mut Vec<Vec<u8>>),
     ) {
         self.stats.fragments_received += 1;
         self.note_pn(now, frag.pn);
@@ -182,7 +190,7 @@ impl Receiver {
         }
         let Some(partial) = self.partials.remove(&seq) else { return };
         self.stats.reassembled += 1;
-        self.place(now, seq, idx, partial.buf, pool, deliver);
+        self.place(now, seq, idx, Arrived::Owned(partial.buf), pool, deliver);
     }
 
     fn note_pn(&mut self, now: i64, pn: u32) {
@@ -217,14 +225,15 @@ impl Receiver {
     }
 
     /// A whole new packet `seq` (at `idx` in the buffer): acknowledge, buffer, deliver.
+    /// Only the next in order (`idx` 0) may be borrowed; another is copied to be held.
     fn place(
         &mut self,
         now: i64,
         seq: u64,
         idx: usize,
-        copy: Vec<u8>,
+        packet: Arrived<'_>,
         pool: &mut Vec<Vec<u8>>,
-        mut deliver: impl FnMut(Vec<u8>),
+        mut deliver: impl FnMut(Arrived<'_>, &mut Vec<Vec<u8>>),
     ) {
         self.unacked += 1;
         self.first_unacked_at.get_or_insert(now);
@@ -244,11 +253,11 @@ impl Receiver {
             }
             self.buf.pop_front();
             self.cum += 1;
-            Self::hand_on(copy, pool, &mut deliver);
+            Self::hand_on(packet, pool, &mut deliver);
             while let Some(Some(_)) = self.buf.front() {
                 if let Some(Some(p)) = self.buf.pop_front() {
                     self.cum += 1;
-                    Self::hand_on(p, pool, &mut deliver);
+                    Self::hand_on(Arrived::Owned(p), pool, &mut deliver);
                 }
             }
             let cum = self.cum;
@@ -261,16 +270,20 @@ impl Receiver {
             if self.buf.len() <= idx {
                 self.buf.resize(idx + 1, None);
             }
-            self.buf[idx] = Some(copy);
+            self.buf[idx] = Some(packet.into_owned(pool));
             self.insert_range(seq);
         }
     }
 
-    fn hand_on(p: Vec<u8>, pool: &mut Vec<Vec<u8>>, deliver: &mut impl FnMut(Vec<u8>)) {
-        if p.is_empty() {
-            crate::device::keep_spare(pool, p);
-        } else {
-            deliver(p);
+    fn hand_on(
+        p: Arrived<'_>,
+        pool: &mut Vec<Vec<u8>>,
+        deliver: &mut impl FnMut(Arrived<'_>, &mut Vec<Vec<u8>>),
+    ) {
+        match p {
+            Arrived::Owned(p) if p.is_empty() => crate::device::keep_spare(pool, p),
+            Arrived::Borrowed([]) => {}
+            p => deliver(p, pool),
         }
     }
 
@@ -360,7 +373,7 @@ mod tests {
 
     fn feed(r: &mut Receiver, d: &[u8], got: &mut Vec<Vec<u8>>) {
         let mut pool = Vec::new();
-        r.on_fragment(0, &Fragment::parse(d).unwrap(), &mut pool, |p| got.push(p));
+        r.on_fragment(0, &Fragment::parse(d).unwrap(), &mut pool, |p, _| got.push(p.to_vec()));
     }
 
     #[test]
@@ -407,7 +420,7 @@ mod tests {
         let mut pool = Vec::new();
         for seq in 0..10 {
             let d = data(seq, &[seq as u8]);
-            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p| got.push(p));
+            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p, _| got.push(p.to_vec()));
         }
         assert!(r.partials.is_empty(), "partials below cum are dropped");
         assert_eq!(got.len(), 10);
@@ -438,7 +451,7 @@ mod tests {
                 let d = frag(seq, seq, offset, total, &bytes);
                 if let Ok(f) = Fragment::parse(&d) {
                     let mut pool = Vec::new();
-                    r.on_fragment(0, &f, &mut pool, |p| got.push(p));
+                    r.on_fragment(0, &f, &mut pool, |p, _| got.push(p.to_vec()));
                 }
                 proptest::prop_assert!(r.partials.len() <= MAX_PARTIALS);
                 proptest::prop_assert!(r.partials.keys().all(|&k| k >= r.cum && k < r.cum + 256));
@@ -455,7 +468,7 @@ mod tests {
         let mut got = Vec::new();
         for seq in [0u64, 2, 3, 5, 1, 9, 4] {
             let d = data(seq, &[seq as u8]);
-            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p| got.push(p[0]));
+            r.on_data(0, &Data::parse(&d).unwrap(), &mut pool, |p, _| got.push(p[0]));
             if seq == 9 {
                 assert_eq!(r.ranges, vec![(5, 6), (9, 10)]);
                 assert_eq!(r.cum, 4);
