@@ -64,6 +64,10 @@ pub async fn apply_services(node: &Node, home: &Home) -> Result<(), DaemonError>
                 }
                 tokio::spawn(async move {
                     let mut peer = a.stream;
+                    // As on the TUN side: a program's replies (an sshd's echo) must not wait
+                    // for Nagle behind a segment of up to 64 KiB (segmentation offload);
+                    // the bridge writes bulk data in big pieces anyway.
+                    peer.set_nodelay(true);
                     match tokio::time::timeout(
                         Duration::from_secs(5),
                         tokio::net::TcpStream::connect(to),
