@@ -10,12 +10,15 @@
 //!   application:  Session::open_stream / accept / send / recv / close / abort
 //!        │  (streams = smoltcp TCP sockets; buffers sized to the BDP plus a repair,
 //!        │   no TCP congestion control (the layer below has it), window scaling,
-//!        │   no delayed ACK, MSS from the link MTU, Nagle per stream)
+//!        │   no delayed ACK, 64 KiB segments, Nagle per stream)
 //!   ┌────▼──────────────────────────────────────────────┐
 //!   │ smoltcp Interface (Medium::Ip, 100.127.0.1 ⇄ .2)  │  session.rs
+//!   │ link device: TCP segments of up to 64 KiB cut to  │  device.rs
+//!   │ the link MTU (as TSO); the peer's in-order        │
+//!   │ segments joined again (as GRO)                    │
 //!   └────┬──────────────────────────────────▲───────────┘
-//!        │ IP packets (device tx queue,      │ IP packets, strictly in order
-//!        │ backpressure when full)           │
+//!        │ IP packets of ≤ the link MTU      │ IP packets, strictly in order
+//!        │ (device tx queue, backpressure)   │
 //!   ┌────▼──────────────────────────────────┴───────────┐
 //!   │ selective repeat: seq/pn numbering, range ACKs,   │  sr/
 //!   │ retransmit on reported gap or RTO, BBR-style      │
@@ -32,6 +35,13 @@
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        ▼ UDP (driver: direct or relayed)   │
 //! ```
+//!
+//! smoltcp works per segment, and at 1.4 KiB per segment that work (dispatch, header
+//! building, one ACK per poll of each socket) was a fifth of a sender's time. So smoltcp
+//! is told the link carries 64 KiB and builds segments that large; the device cuts each
+//! into link-MTU segments before the selective-repeat layer numbers them, and joins the
+//! peer's in-order segments again before smoltcp reads them ([`Config::segment_offload`]).
+//! Loss is still repaired per 1.4 KiB packet.
 //!
 //! smoltcp's TCP alone recovers poorly from random loss (1 s minimum RTO, no sender SACK);
 //! the selective-repeat layer below it makes the link reliable and in order, so TCP never
