@@ -582,6 +582,64 @@ mod tests {
         assert!(!coalesce(&mut tail.clone(), &[0x45; 60]));
     }
 
+    proptest::proptest! {
+        /// Whatever a peer sends: joining never panics, leaves the tail as it was when it
+        /// says no, and never makes a packet longer than IPv4 allows.
+        #[test]
+        fn coalescing_arbitrary_packets_never_panics(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            next in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            real_tail: bool,
+        ) {
+            let mut t = if real_tail {
+                let mut p = tcp_packet(&tail, false, false);
+                p[20 + 13] = 0x10;
+                p
+            } else {
+                tail.clone()
+            };
+            let before = t.clone();
+            if coalesce(&mut t, &next) {
+                proptest::prop_assert!(t.len() > before.len() && t.len() <= COALESCED_MAX);
+                let ip = Ipv4Packet::new_checked(&t[..]).unwrap();
+                proptest::prop_assert_eq!(usize::from(ip.total_len()), t.len());
+            } else {
+                proptest::prop_assert_eq!(t, before);
+            }
+        }
+
+        /// Cut at any MTU and joined again, a segment is what it was; garbage is queued
+        /// whole, never cut.
+        #[test]
+        fn cut_and_joined_at_any_mtu_a_segment_is_unchanged(
+            len in 0usize..20_000,
+            mtu in 60usize..3000,
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31) as u8).collect();
+            let packet = tcp_packet(&payload, false, false);
+            let (mut pool, mut pieces) = (Vec::new(), VecDeque::new());
+            let cut = segment(&packet, mtu, &mut pool, &mut pieces);
+            proptest::prop_assert_eq!(cut, packet.len() > mtu && mtu > 52);
+            if cut {
+                proptest::prop_assert!(pieces.iter().all(|p| p.len() <= mtu));
+            }
+            let mut rx = VecDeque::new();
+            for p in &pieces {
+                push_rx(&mut rx, &mut pool, true, Arrived::Borrowed(p));
+            }
+            proptest::prop_assert_eq!(rx.len(), 1);
+            proptest::prop_assert_eq!(&rx[0], &packet);
+            let mut q = VecDeque::new();
+            if segment(&garbage, mtu, &mut pool, &mut q) {
+                proptest::prop_assert!(q.iter().all(|p| p.len() <= mtu));
+            } else {
+                proptest::prop_assert_eq!(q.len(), 1);
+                proptest::prop_assert_eq!(&q[0], &garbage);
+            }
+        }
+    }
+
     #[test]
     fn smoltcp_builds_long_segments_only_when_segmentation_is_on() {
         use smoltcp::phy::Device;
