@@ -14,12 +14,12 @@ use tracing::{debug, trace};
 
 use crate::budget::Lease;
 use crate::config::Config;
-use crate::device::LinkDevice;
+use crate::device::{Arrived, LinkDevice};
 use crate::seal::{self, SealError, Sealer, SessionKeys};
 use crate::sr::receiver::{Receiver, ReceiverStats};
 use crate::sr::sender::{Next, Sender, SenderStats};
 use crate::tcp_io;
-use crate::wire::{Datagram, Kind, PmtuAck, SessionId, WireError};
+use crate::wire::{Data, Datagram, Fragment, Kind, PmtuAck, SessionId, WireError};
 
 /// The TCP port every stream is opened to and accepted on, on both sides. Streams are told
 /// apart by the opener's (ephemeral) port; nothing here ever reaches a kernel.
@@ -287,6 +287,12 @@ fn micros(t: Instant) -> i64 {
     t.total_micros()
 }
 
+/// What [`Session::take_packet`] takes: a whole packet, or a fragment of one.
+enum Packet<'a, 'd> {
+    Whole(&'a Data<'d>),
+    Piece(&'a Fragment<'d>),
+}
+
 fn dur_us(d: Duration) -> i64 {
     d.total_micros() as i64
 }
@@ -512,18 +518,7 @@ impl Session {
         }
         match datagram {
             Datagram::Data(d) if d.session == self.id => {
-                self.last_rx = now_us;
-                let dev = &mut self.device;
-                let coalescing = dev.coalescing();
-                let rx = &mut dev.rx;
-                let mut delivered = false;
-                let mut joined = 0;
-                self.receiver.on_data(now_us, &d, &mut dev.pool, |p, pool| {
-                    joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
-                    delivered = true;
-                });
-                self.coalesced += joined;
-                self.need_poll |= delivered;
+                self.take_packet(now_us, Packet::Whole(&d));
                 Ok(())
             }
             Datagram::Ack(a) if a.session == self.id => {
@@ -532,18 +527,7 @@ impl Session {
                 Ok(())
             }
             Datagram::Fragment(f) if f.session == self.id => {
-                self.last_rx = now_us;
-                let dev = &mut self.device;
-                let coalescing = dev.coalescing();
-                let rx = &mut dev.rx;
-                let mut delivered = false;
-                let mut joined = 0;
-                self.receiver.on_fragment(now_us, &f, &mut dev.pool, |p, pool| {
-                    joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
-                    delivered = true;
-                });
-                self.coalesced += joined;
-                self.need_poll |= delivered;
+                self.take_packet(now_us, Packet::Piece(&f));
                 Ok(())
             }
             Datagram::PmtuProbe(p) if p.session == self.id => {
@@ -863,6 +847,26 @@ impl Session {
             let h = self.add_socket(sock, lease);
             self.listeners.push(h);
         }
+    }
+
+    /// A packet (or a fragment of one) from the peer: through the selective-repeat
+    /// receiver to smoltcp's queue, joined to the segment before where it continues it.
+    fn take_packet(&mut self, now_us: i64, packet: Packet<'_, '_>) {
+        self.last_rx = now_us;
+        let dev = &mut self.device;
+        let coalescing = dev.coalescing();
+        let rx = &mut dev.rx;
+        let (mut delivered, mut joined) = (false, 0);
+        let deliver = |p: Arrived<'_>, pool: &mut Vec<Vec<u8>>| {
+            joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
+            delivered = true;
+        };
+        match packet {
+            Packet::Whole(d) => self.receiver.on_data(now_us, d, &mut dev.pool, deliver),
+            Packet::Piece(f) => self.receiver.on_fragment(now_us, f, &mut dev.pool, deliver),
+        }
+        self.coalesced += joined;
+        self.need_poll |= delivered;
     }
 
     /// A socket with buffers as big as the budget allows (see [`crate::budget`]); the
