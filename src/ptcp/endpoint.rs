@@ -1584,6 +1584,14 @@ fn report(id: SessionId, s: &mut SessionState) {
         received = st.receiver.packets_received,
         dups = st.receiver.duplicates,
         acks = st.receiver.acks_sent,
+        beyond = st.receiver.beyond_window,
+        frags = st.receiver.fragments_received,
+        fdrop = st.receiver.fragments_dropped,
+        reasm = st.receiver.reassembled,
+        fsent = st.sender.fragments_sent,
+        plpmtu = st.plpmtu,
+        seg = ?st.segmented,
+        coal = st.coalesced,
         "session report"
     );
     for (sid, p) in &s.streams {
