@@ -414,13 +414,13 @@ fn coalesce(tail: &mut Vec<u8>, next: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// An IPv4 TCP packet from 10.0.0.1:1000 to 10.0.0.2:2000 with `payload`, sequence
+    /// An IPv4 TCP packet from 127.0.0.1:1000 to 127.0.0.2:2000 with `payload`, sequence
     /// number 4_000_000_000 (so the pieces wrap around 2^32), the given flags, and a
     /// 12-byte timestamp option, as smoltcp emits it.
     fn tcp_packet(payload: &[u8], syn: bool, fin: bool) -> Vec<u8> {
         use smoltcp::phy::ChecksumCapabilities as Caps;
         use smoltcp::wire::{Ipv4Address, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
-        let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+        let (src, dst) = (Ipv4Address::new(127, 0, 0, 1), Ipv4Address::new(127, 0, 0, 2));
         let control = match (syn, fin) {
             (true, _) => TcpControl::Syn,
             (_, true) => TcpControl::Fin,
