@@ -287,10 +287,7 @@ fn segment(
     queue: &mut VecDeque<Vec<u8>>,
 ) -> bool {
     let whole = |pool: &mut Vec<Vec<u8>>, queue: &mut VecDeque<Vec<u8>>| {
-        let mut buf = spare_for_copy(pool, packet.len());
-        buf.clear();
-        buf.extend_from_slice(packet);
-        queue.push_back(buf);
+        queue.push_back(Arrived::Borrowed(packet).into_owned(pool));
         false
     };
     let Ok(ip) = Ipv4Packet::new_checked(packet) else { return whole(pool, queue) };
