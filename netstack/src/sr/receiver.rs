@@ -146,16 +146,8 @@ impl Receiver {
             self.partials.remove(&seq);
         }
         // The next in order goes up straight from the datagram (the device copies it once,
-        // coalescing it with what came before); only a packet that must wait is copied here.
-        let packet = if idx == 0 {
-            Arrived::Borrowed(data.payload)
-        } else {
-            let mut copy = crate::device::spare_for_copy(pool, data.payload.len());
-            copy.clear();
-            copy.extend_from_slice(data.payload);
-            Arrived::Owned(copy)
-        };
-        self.place(now, seq, idx, packet, pool, deliver);
+        // coalescing it with what came before); only a packet that must wait is copied.
+        self.place(now, seq, idx, Arrived::Borrowed(data.payload), pool, deliver);
     }
 
     /// Take one `Fragment` datagram: its bytes join the partial packet of its `seq` (held
@@ -225,7 +217,7 @@ impl Receiver {
     }
 
     /// A whole new packet `seq` (at `idx` in the buffer): acknowledge, buffer, deliver.
-    /// Only the next in order (`idx` 0) may be borrowed; another is copied to be held.
+    /// A borrowed packet is copied only when it must wait for an earlier one.
     fn place(
         &mut self,
         now: i64,
