@@ -54,7 +54,13 @@ fn path_of_mtu_1280_carries_a_bulk_transfer() {
         // Only probes were too big: data and ACKs always fit.
         assert!(s.sender.pmtu_probes_sent <= 40, "{:?}", s.sender);
         assert_eq!(s.sender.pmtu_black_holes, 0);
+        // Segmentation offload under a small path: 64 KiB segments were cut to the link
+        // MTU, the pieces that still did not fit went as fragments, and the peer joined
+        // reassembled pieces into segments again.
+        assert!(s.segmented.0 > 0 && s.segmented.1 > 40 * s.segmented.0, "{:?}", s.segmented);
+        assert!(s.coalesced > 0, "nothing joined");
     }
+    assert!(a.sender.fragments_sent > 0 && b.receiver.reassembled > 0, "pieces were fragmented");
     let dropped = pair.ab.stats.lost_mtu + pair.ba.stats.lost_mtu;
     let probes = a.sender.pmtu_probes_sent + b.sender.pmtu_probes_sent;
     assert!(dropped <= probes, "only probes exceed the MTU: {dropped} > {probes}");
