@@ -7,6 +7,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
+use crate::zero_window::ClosedWindows;
+
 /// Keep at most this many spare packet buffers ...
 const POOL_MAX: usize = 4096;
 /// ... and about this many bytes of them: a TUN stack's buffers are up to 64 KiB each.
@@ -68,6 +70,10 @@ pub(crate) struct LinkDevice {
     /// may build, and the buffer it builds such packets in. `None`: off, smoltcp builds
     /// packets of at most `mtu` bytes.
     segmentation: Option<Segmentation>,
+    /// The connections whose receive window this side last advertised as zero, for
+    /// [`push_rx`] to pass their peer's acknowledgments to smoltcp (see
+    /// [`crate::zero_window`]).
+    pub closed: ClosedWindows,
 }
 
 /// See [`LinkDevice::with_segmentation`].
@@ -90,6 +96,7 @@ impl LinkDevice {
             tx_limit,
             mtu,
             segmentation: None,
+            closed: ClosedWindows::default(),
         }
     }
 
@@ -188,6 +195,8 @@ pub(crate) struct TxToken<'a> {
     /// `None` for a reply made while receiving, which gets a new buffer. Nothing is taken
     /// for a token smoltcp drops unused (it asks for one per socket it polls).
     pool: Option<&'a mut Vec<Vec<u8>>>,
+    /// Told of every packet sent (its window and acknowledgment).
+    closed: &'a mut ClosedWindows,
 }
 
 impl phy::Device for LinkDevice {
@@ -204,7 +213,7 @@ impl phy::Device for LinkDevice {
         let segmentation = self.segmentation.as_mut().map(|s| (self.mtu, s));
         Some((
             RxToken { buf, pool: &mut self.pool },
-            TxToken { queue: &mut self.tx, segmentation, pool: None },
+            TxToken { queue: &mut self.tx, segmentation, pool: None, closed: &mut self.closed },
         ))
     }
 
@@ -213,7 +222,12 @@ impl phy::Device for LinkDevice {
             return None;
         }
         let segmentation = self.segmentation.as_mut().map(|s| (self.mtu, s));
-        Some(TxToken { queue: &mut self.tx, segmentation, pool: Some(&mut self.pool) })
+        Some(TxToken {
+            queue: &mut self.tx,
+            segmentation,
+            pool: Some(&mut self.pool),
+            closed: &mut self.closed,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -248,6 +262,7 @@ impl phy::TxToken for TxToken<'_> {
                 return f(&mut vec![0; len]);
             };
             let r = f(packet);
+            self.closed.on_sent(packet);
             let mut none = Vec::new();
             let queued = self.queue.len();
             if segment(packet, mtu, self.pool.unwrap_or(&mut none), self.queue) {
@@ -268,6 +283,7 @@ impl phy::TxToken for TxToken<'_> {
             buf.resize(len, 0);
         }
         let r = f(&mut buf);
+        self.closed.on_sent(&buf);
         self.queue.push_back(buf);
         r
     }
@@ -329,14 +345,22 @@ fn segment(
 /// Queue a packet from the peer for smoltcp on `rx` (a [`LinkDevice`]'s). When
 /// `coalescing`, a TCP segment that continues the one queued last is joined to it instead
 /// ([`coalesce`]), as a NIC's receive offload does: smoltcp then takes up to 64 KiB in one
-/// segment, and acknowledges it once. Buffers come from and go back to `pool`. Returns
-/// whether it joined `p` to the segment before.
+/// segment, and acknowledges it once. A segment that meets a closed window (`closed`) is
+/// queued after the pure ACK [`ClosedWindows::rescue`] makes for it, and never joined.
+/// Buffers come from and go back to `pool`. Returns whether it joined `p` to the segment
+/// before.
 pub(crate) fn push_rx(
     rx: &mut VecDeque<Vec<u8>>,
     pool: &mut Vec<Vec<u8>>,
+    closed: &mut ClosedWindows,
     coalescing: bool,
     p: Arrived<'_>,
 ) -> bool {
+    if let Some(ack) = closed.rescue(&p, pool) {
+        rx.push_back(ack);
+        rx.push_back(p.into_owned(pool));
+        return false;
+    }
     if let Some(tail) = rx.back_mut().filter(|_| coalescing)
         && coalesce(tail, &p)
     {
@@ -515,7 +539,7 @@ mod tests {
             .filter(|(i, p)| {
                 // Alternate the two ways a packet arrives.
                 let p = if i % 2 == 0 { Arrived::Borrowed(p) } else { Arrived::Owned(p.to_vec()) };
-                push_rx(&mut rx, &mut pool, true, p)
+                push_rx(&mut rx, &mut pool, &mut ClosedWindows::default(), true, p)
             })
             .count();
         assert_eq!((joined, rx.len()), (n - 1, 1));
@@ -524,7 +548,13 @@ mod tests {
         // Without coalescing each piece stays one packet.
         let mut rx = VecDeque::new();
         for p in &pieces {
-            assert!(!push_rx(&mut rx, &mut pool, false, Arrived::Borrowed(p)));
+            assert!(!push_rx(
+                &mut rx,
+                &mut pool,
+                &mut ClosedWindows::default(),
+                false,
+                Arrived::Borrowed(p)
+            ));
         }
         assert_eq!(rx.len(), n);
     }
@@ -623,7 +653,7 @@ mod tests {
             }
             let mut rx = VecDeque::new();
             for p in &pieces {
-                push_rx(&mut rx, &mut pool, true, Arrived::Borrowed(p));
+                push_rx(&mut rx, &mut pool, &mut ClosedWindows::default(), true, Arrived::Borrowed(p));
             }
             proptest::prop_assert_eq!(rx.len(), 1);
             proptest::prop_assert_eq!(&rx[0], &packet);

@@ -15,7 +15,8 @@
 //!   │ smoltcp Interface (Medium::Ip, 100.127.0.1 ⇄ .2)  │  session.rs
 //!   │ link device: TCP segments of up to 64 KiB cut to  │  device.rs
 //!   │ the link MTU (as TSO); the peer's in-order        │
-//!   │ segments joined again (as GRO)                    │
+//!   │ segments joined again (as GRO); the peer's ACKs   │
+//!   │ kept readable through a closed window             │  zero_window.rs
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        │ IP packets of ≤ the link MTU      │ IP packets, strictly in order
 //!        │ (device tx queue, backpressure)   │
@@ -42,6 +43,11 @@
 //! into link-MTU segments before the selective-repeat layer numbers them, and joins the
 //! peer's in-order segments again before smoltcp reads them ([`Config::segment_offload`]).
 //! Loss is still repaired per 1.4 KiB packet.
+//!
+//! smoltcp drops a segment that meets its closed receive window before reading the
+//! acknowledgment it carries (RFC 9293 §3.10.7.4 asks it to read it), which deadlocked an
+//! echo through TLS now and then; the device puts a pure ACK that smoltcp does read before
+//! each such segment (`zero_window`).
 //!
 //! smoltcp's TCP alone recovers poorly from random loss (1 s minimum RTO, no sender SACK);
 //! the selective-repeat layer below it makes the link reliable and in order, so TCP never
@@ -122,6 +128,7 @@ pub mod sr;
 mod tcp_io;
 pub mod tun;
 pub mod wire;
+pub(crate) mod zero_window;
 
 pub use config::Config;
 pub use session::{

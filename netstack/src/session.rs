@@ -198,6 +198,9 @@ pub struct Stats {
     /// TCP segments from the peer joined to the one before them for smoltcp (receive
     /// offload, on with segmentation offload).
     pub coalesced: u64,
+    /// Pure ACKs put before segments that met this side's closed receive window, so smoltcp
+    /// reads their acknowledgment (see the `zero_window` module).
+    pub zero_window_acks: u64,
 }
 
 struct StreamWaker {
@@ -416,6 +419,7 @@ impl Session {
             refused: self.refused,
             segmented: self.device.segmented(),
             coalesced: self.coalesced,
+            zero_window_acks: self.device.closed.rescued,
         }
     }
 
@@ -855,10 +859,10 @@ impl Session {
         self.last_rx = now_us;
         let dev = &mut self.device;
         let coalescing = dev.coalescing();
-        let rx = &mut dev.rx;
+        let (rx, closed) = (&mut dev.rx, &mut dev.closed);
         let (mut delivered, mut joined) = (false, 0);
         let deliver = |p: Arrived<'_>, pool: &mut Vec<Vec<u8>>| {
-            joined += u64::from(crate::device::push_rx(rx, pool, coalescing, p));
+            joined += u64::from(crate::device::push_rx(rx, pool, closed, coalescing, p));
             delivered = true;
         };
         match packet {

@@ -1592,6 +1592,7 @@ fn report(id: SessionId, s: &mut SessionState) {
         plpmtu = st.plpmtu,
         seg = ?st.segmented,
         coal = st.coalesced,
+        zwack = st.zero_window_acks,
         "session report"
     );
     for (sid, p) in &s.streams {
