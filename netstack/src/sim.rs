@@ -356,6 +356,12 @@ impl Pair {
     /// happened advance virtual time to the next deadline or arrival. Returns `false` when
     /// nothing at all is scheduled.
     pub fn step(&mut self) -> bool {
+        self.step_until(None)
+    }
+
+    /// [`Pair::step`], advancing virtual time no further than `limit` (an application's own
+    /// timer, e.g. a reader that wakes every millisecond).
+    pub fn step_until(&mut self, limit: Option<Instant>) -> bool {
         let sent = self.flush();
         let delivered = self.deliver();
         if sent || delivered {
@@ -376,6 +382,7 @@ impl Pair {
         for (l, _) in &self.retired {
             consider(l.next_arrival());
         }
+        consider(limit);
         let Some(next) = next else { return false };
         self.now = if next > self.now { next } else { self.now + Duration::from_micros(1) };
         self.a.handle_timeout(self.now);
