@@ -476,6 +476,11 @@ impl Relay {
         }
     }
 
+    /// Bytes of datagrams queued over all legs, waiting for [`Relay::poll_transmit`].
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
     /// When [`Relay::poll_transmit`] can give more, if it is waiting for the budget.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let rate = self.limits.budget?;

@@ -12,6 +12,10 @@
 //!                                                                 try_tell, dropped if full)
 //! ```
 //!
+//! Receiving and sending interleave: whenever the relay holds a GSO batch's worth, it is
+//! sent before the next receive buffer is read, so a burst that one recvmmsg call returns
+//! (megabytes, with GRO) streams through instead of overflowing a leg's queue.
+//!
 //! When the socket's send buffer is full the task stops taking datagrams from the relay
 //! until it is writable again, but keeps receiving: the relay's per-leg queues fill and
 //! overflow (counted), which is where fairness between legs takes over.
@@ -121,7 +125,7 @@ impl UdpTask {
                         warn!(error = %e, "UDP socket failed");
                         break;
                     }
-                    self.recv_batch(&state, &mut buf, &mut dropped);
+                    self.recv_batch(&state, &mut buf, &mut dropped, &mut tx);
                 }
                 r = udp.writable(), if stalled => if r.is_err() { break },
                 n = self.requests.recv_many(&mut requests, REQUEST_BATCH), if requests_open => {
@@ -136,8 +140,19 @@ impl UdpTask {
         }
     }
 
-    /// Receive what is waiting (a few recvmmsg calls) and hand it on.
-    fn recv_batch(&mut self, state: &quinn_udp::UdpSocketState, buf: &mut [u8], dropped: &mut u64) {
+    /// Receive what is waiting (a few recvmmsg calls) and hand it on, sending what the
+    /// relay queued whenever it holds a GSO batch's worth. One recvmmsg call can return
+    /// `quinn_udp::BATCH_SIZE` GRO buffers of up to 64 KiB each, megabytes for one leg:
+    /// taken in whole before anything was sent, they overflowed the leg's queue
+    /// ([`super::relay::RelayLimits::queue_per_leg`]), and the relay dropped a third of a
+    /// fast session's datagrams in the lab (`tools/bench/lab-relay`, `LAB_RELAY_LOGS`).
+    fn recv_batch(
+        &mut self,
+        state: &quinn_udp::UdpSocketState,
+        buf: &mut [u8],
+        dropped: &mut u64,
+        tx: &mut Sender<'_>,
+    ) {
         let mut meta = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         let udp = self.udp.clone();
         for _ in 0..RECV_BATCH {
@@ -158,6 +173,9 @@ impl UdpTask {
                         // With GRO one buffer holds several datagrams of `stride` bytes.
                         for d in data.chunks(m.stride.max(1)) {
                             self.on_datagram(d, from, now, dropped);
+                        }
+                        if self.relay.queued() >= GSO_BYTES {
+                            self.pump(tx);
                         }
                     }
                 }
