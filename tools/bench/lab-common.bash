@@ -17,6 +17,9 @@
 # bench_need_bins stops with that advice when a binary is missing or older than a source.
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # BENCH_BIN=DIR: use the q2q-tun and q2q-server in DIR as they are (A/B runs of saved builds).
+# BENCH_LOGS=DIR: keep both daemons' logs there (alice.log, bob.log); with
+# RUST_LOG=info,q2q::ptcp=debug they hold a "session report" every second (round trip,
+# window, retransmissions, ACKs, offload counters).
 BIN=${BENCH_BIN:-$PWD/target/release}
 export Q2Q_PASSWORD=bench-password-1
 BG=()
@@ -28,6 +31,10 @@ bench_cleanup() {
   # processes left in the lab would keep the lab lock's file descriptor open).
   set +e
   if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup || true; fi
+  if [[ -n ${BENCH_LOGS:-} ]]; then
+    mkdir -p "$BENCH_LOGS"
+    for h in alice bob; do cp -f "$work/$h/q2q-tun.log" "$BENCH_LOGS/$h.log"; done
+  fi
   for h in alice bob; do
     [[ -S $work/$h/q2q.sock ]] && Q2Q_HOME=$work/$h timeout 10 "$BIN/q2q-tun" down >/dev/null 2>&1
   done
