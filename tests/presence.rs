@@ -26,6 +26,18 @@ fn sealed(leg: &Leg, inner: &[u8]) -> Vec<u8> {
     d
 }
 
+/// Alice logged in and listening for "echo", the inbound requests she gets, and bob.
+async fn alice_listening(
+    srv: &TestServer,
+    home: &q2q::client::Home,
+) -> (ServerConn, ServerConn, tokio::sync::mpsc::Receiver<q2q::amp::peer::Incoming>) {
+    let mut alice = login(srv, home, "alice@example.com").await;
+    let bob = login(srv, home, "bob@example.com").await;
+    alice.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
+    let incoming = alice.incoming.take().unwrap();
+    (alice, bob, incoming)
+}
+
 #[tokio::test]
 async fn inbound_exchange_consent_and_relay() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
@@ -161,10 +173,7 @@ async fn inbound_exchange_consent_and_relay() {
 async fn relay_over_tcp_when_udp_is_blocked() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let mut alice = login(&srv, &home, "alice@example.com").await;
-    let bob = login(&srv, &home, "bob@example.com").await;
-    alice.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
-    let mut incoming = alice.incoming.take().unwrap();
+    let (_alice, bob, mut incoming) = alice_listening(&srv, &home).await;
     let req = tokio::spawn(async move {
         let req = incoming.recv().await.unwrap();
         let token = req.request.get_str("relay_token").unwrap().to_string();
@@ -204,10 +213,7 @@ async fn relay_over_tcp_when_udp_is_blocked() {
 async fn a_burst_on_one_leg_is_relayed_not_dropped() {
     let srv = TestServer::start("example.com", loopback_config(Registration::Open)).await;
     let (_d, home) = common::home();
-    let mut alice = login(&srv, &home, "alice@example.com").await;
-    let bob = login(&srv, &home, "bob@example.com").await;
-    alice.call_box(AmpBox::command("listen").with("service", "echo")).await.unwrap();
-    let mut incoming = alice.incoming.take().unwrap();
+    let (_alice, bob, mut incoming) = alice_listening(&srv, &home).await;
     let asked = tokio::spawn(async move {
         let req = incoming.recv().await.unwrap();
         let asked = req.request.clone();
