@@ -107,9 +107,17 @@ impl LinkDevice {
     /// ([`segment`]). What reaches the queue is never longer than `mtu` unless it is not
     /// TCP over IPv4 (the selective-repeat layer fragments such a packet, as any other
     /// packet over the path MTU). No effect when `max_packet` is at most `mtu`.
+    ///
+    /// `max_packet` is rounded down so that a full segment's payload is a whole number of
+    /// the cut packets' payloads ([`segment_size`]): every packet cut from a full segment
+    /// then has the same length, and the driver's UDP GSO batches (which need equal-sized
+    /// datagrams, the last one excepted) run across segments instead of ending at each
+    /// segment's short last piece (which ended a batch every 49 datagrams: 22 datagrams
+    /// per `sendmsg` on average in the lab before, 29 after).
     pub fn with_segmentation(mut self, max_packet: usize) -> LinkDevice {
+        let max_packet = segment_size(max_packet.min(65535), self.mtu);
         self.segmentation = (max_packet > self.mtu).then(|| Segmentation {
-            max_packet: max_packet.min(65535),
+            max_packet,
             scratch: Vec::new(),
             cut: (0, 0),
         });
@@ -129,6 +137,21 @@ impl LinkDevice {
 
     pub fn tx_full(&self) -> bool {
         self.tx.len() >= self.tx_limit
+    }
+}
+
+/// IPv4 and TCP headers of the data segments smoltcp sends on a session's link, in bytes:
+/// no IP options, and no TCP options (a session's sockets use no timestamps, and SACK
+/// blocks go only with out-of-order data, which this link never delivers).
+const SEGMENT_HEAD: usize = 20 + 20;
+
+/// The largest IP packet of at most `max_packet` bytes whose TCP payload is a multiple of
+/// the payload of a packet of `mtu` bytes (both with [`SEGMENT_HEAD`] bytes of headers);
+/// `max_packet` itself when `mtu` leaves no payload.
+fn segment_size(max_packet: usize, mtu: usize) -> usize {
+    match (mtu.checked_sub(SEGMENT_HEAD), max_packet.checked_sub(SEGMENT_HEAD)) {
+        (Some(piece @ 1..), Some(payload)) => SEGMENT_HEAD + payload / piece * piece,
+        _ => max_packet,
     }
 }
 
@@ -346,7 +369,8 @@ fn segment(
 /// `coalescing`, a TCP segment that continues the one queued last is joined to it instead
 /// ([`coalesce`]), as a NIC's receive offload does: smoltcp then takes up to 64 KiB in one
 /// segment, and acknowledges it once. A segment that meets a closed window (`closed`) is
-/// queued after the pure ACK [`ClosedWindows::rescue`] makes for it, and never joined.
+/// queued after the pure ACK [`ClosedWindows::rescue`] makes for it, one that reopens the
+/// peer's window after the ACKs [`ClosedWindows::reopen`] makes, and neither is joined.
 /// Buffers come from and go back to `pool`. Returns whether it joined `p` to the segment
 /// before.
 pub(crate) fn push_rx(
@@ -356,8 +380,16 @@ pub(crate) fn push_rx(
     coalescing: bool,
     p: Arrived<'_>,
 ) -> bool {
-    if let Some(ack) = closed.rescue(&p, pool) {
-        rx.push_back(ack);
+    let rescue = closed.rescue(&p, pool);
+    let reopen = closed.reopen(&p, pool);
+    if rescue.is_some() || reopen.is_some() {
+        rx.extend(rescue);
+        if let Some(ack) = reopen {
+            for _ in 0..crate::zero_window::DUP_ACKS {
+                rx.push_back(Arrived::Borrowed(&ack).into_owned(pool));
+            }
+            rx.push_back(ack);
+        }
         rx.push_back(p.into_owned(pool));
         return false;
     }
@@ -677,7 +709,8 @@ mod tests {
             1382
         );
         let mut on = LinkDevice::new(1382, 8).with_segmentation(1 << 20);
-        assert_eq!(on.capabilities().max_transmission_unit, 65535);
+        // Rounded down to 48 pieces of 1342 bytes of payload (below).
+        assert_eq!(on.capabilities().max_transmission_unit, 40 + 48 * 1342);
         use smoltcp::phy::TxToken as _;
         let packet = tcp_packet(&[3; 5000], false, false);
         let tx = on.transmit(Instant::from_millis(0)).unwrap();

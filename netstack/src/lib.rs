@@ -16,7 +16,8 @@
 //!   │ link device: TCP segments of up to 64 KiB cut to  │  device.rs
 //!   │ the link MTU (as TSO); the peer's in-order        │
 //!   │ segments joined again (as GRO); the peer's ACKs   │
-//!   │ kept readable through a closed window             │  zero_window.rs
+//!   │ kept readable through a closed window, and a      │  zero_window.rs
+//!   │ reopened window resent from                       │
 //!   └────┬──────────────────────────────────▲───────────┘
 //!        │ IP packets of ≤ the link MTU      │ IP packets, strictly in order
 //!        │ (device tx queue, backpressure)   │
@@ -47,7 +48,9 @@
 //! smoltcp drops a segment that meets its closed receive window before reading the
 //! acknowledgment it carries (RFC 9293 §3.10.7.4 asks it to read it), which deadlocked an
 //! echo through TLS now and then; the device puts a pure ACK that smoltcp does read before
-//! each such segment (`zero_window`).
+//! each such segment. And when the peer reopens a window it had closed while bytes were in
+//! flight, smoltcp runs no retransmission timer, so the device adds duplicate ACKs that
+//! make it resend at once (`zero_window`).
 //!
 //! smoltcp's TCP alone recovers poorly from random loss (1 s minimum RTO, no sender SACK);
 //! the selective-repeat layer below it makes the link reliable and in order, so TCP never

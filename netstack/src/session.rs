@@ -201,6 +201,9 @@ pub struct Stats {
     /// Pure ACKs put before segments that met this side's closed receive window, so smoltcp
     /// reads their acknowledgment (see the `zero_window` module).
     pub zero_window_acks: u64,
+    /// Windows the peer reopened after closing them, each followed by duplicate ACKs that
+    /// make smoltcp resend what the peer dropped (see `zero_window`).
+    pub reopened_windows: u64,
 }
 
 struct StreamWaker {
@@ -420,6 +423,7 @@ impl Session {
             segmented: self.device.segmented(),
             coalesced: self.coalesced,
             zero_window_acks: self.device.closed.rescued,
+            reopened_windows: self.device.closed.reopened,
         }
     }
 

@@ -106,6 +106,9 @@ pub struct LinkStats {
     pub lost_mtu: u64,
     /// Dropped while the link was down.
     pub lost_down: u64,
+    /// Datagrams offered whose length differs from the one offered before: where a driver's
+    /// UDP GSO batch (equal-sized datagrams) would have to end.
+    pub size_changes: u64,
 }
 
 impl LinkStats {
@@ -147,6 +150,8 @@ pub struct Link {
     heap: BinaryHeap<InFlight>,
     n: u64,
     down: bool,
+    /// Length of the datagram offered last.
+    last_len: usize,
     /// What it did so far.
     pub stats: LinkStats,
 }
@@ -162,6 +167,7 @@ impl Link {
             heap: BinaryHeap::new(),
             n: 0,
             down: false,
+            last_len: 0,
             stats: LinkStats::default(),
         }
     }
@@ -181,6 +187,9 @@ impl Link {
     pub fn send(&mut self, now: Instant, data: Vec<u8>) {
         let now = now.total_micros();
         self.stats.sent += 1;
+        if data.len() != std::mem::replace(&mut self.last_len, data.len()) {
+            self.stats.size_changes += 1;
+        }
         if self.down {
             self.stats.lost_down += 1;
             return;

@@ -25,8 +25,30 @@
 //!
 //! Nothing here is decided by what the peer says alone: a connection is tracked only after
 //! this side sent a zero window on it, and at most [`MAX_FLOWS`] at once.
+//!
+//! ## A window reopened with bytes in flight
+//!
+//! The other direction has a smoltcp 0.14 flaw too. smoltcp rounds its advertised window
+//! down to its scale (RFC 7323 §2.3), so as it acknowledges bytes its window's right edge
+//! can move left by up to 2^shift − 1 bytes; bytes the peer already sent up to the old edge
+//! are then dropped, unacknowledged. When that window is zero, the sending smoltcp swaps its
+//! retransmission timer for the zero-window-probe timer, and when the window reopens it
+//! stops that timer and starts none, although those bytes are still unacknowledged. Nagle's
+//! algorithm then holds back any segment shorter than the MSS while bytes are in flight, so
+//! a stream whose last bytes are fewer than one MSS never sends them: the transfer stops
+//! for good a few hundred bytes before its end (`tests/slow_reader.rs`, a reader that reads
+//! in bursts).
+//!
+//! The remedy: when a segment from the peer reopens a window the peer had closed, the
+//! device puts before it the pure ACK it makes of it (as above) and [`DUP_ACKS`] copies.
+//! smoltcp reads the first as the window update and the copies as duplicate ACKs, and on
+//! the third it retransmits from the acknowledged byte (RFC 5681 §3.2 fast retransmit),
+//! which restarts its retransmission timer. When nothing is in flight, smoltcp does not
+//! count them as duplicates and they change nothing. The connections whose peer closed its
+//! window are tracked from what the peer sends, at most [`MAX_FLOWS`]; each reopening
+//! costs at most four header-sized packets, handled locally, never sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
@@ -35,6 +57,9 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 /// table starts over, and each connection still closed is tracked again from its next
 /// segment.
 pub(crate) const MAX_FLOWS: usize = 1024;
+
+/// Duplicate ACKs that make smoltcp retransmit (its fast-retransmit threshold, RFC 5681).
+pub(crate) const DUP_ACKS: usize = 3;
 
 /// TCP flag bits (RFC 9293 §3.1).
 const FIN: u8 = 0x01;
@@ -50,6 +75,11 @@ pub(crate) struct ClosedWindows {
     flows: HashMap<(u16, u16), u32>,
     /// Pure ACKs made by [`ClosedWindows::rescue`].
     pub rescued: u64,
+    /// The connections whose peer's last segment advertised a zero window, by (local port,
+    /// remote port).
+    peer_closed: HashSet<(u16, u16)>,
+    /// Windows the peer reopened, each answered by [`ClosedWindows::reopen`].
+    pub reopened: u64,
 }
 
 /// The parts of an IPv4 TCP segment this module reads.
@@ -63,6 +93,36 @@ struct Segment {
     flags: u8,
     window: u16,
     payload: usize,
+}
+
+/// The TCP window field of an IPv4 TCP packet, read without checking the rest: what the
+/// receive path looks at for every packet.
+fn window_field(p: &[u8]) -> Option<u16> {
+    let first = *p.first()?;
+    if first >> 4 != 4 || *p.get(9)? != 6 {
+        return None;
+    }
+    let at = usize::from(first & 0x0f) * 4 + 14;
+    let w = p.get(at..at + 2)?;
+    Some(u16::from_be_bytes([w[0], w[1]]))
+}
+
+/// A pure ACK made of `packet`'s headers (`s`, its parse): no payload, ACK its only flag,
+/// sequence number `seq`, the packet's own acknowledgment number and window. In a buffer
+/// from `pool`.
+fn pure_ack(packet: &[u8], s: &Segment, seq: u32, pool: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    let mut ack = crate::device::spare_for_copy(pool, s.head);
+    ack.clear();
+    ack.extend_from_slice(&packet[..s.head]);
+    let mut ip = Ipv4Packet::new_unchecked(&mut ack[..]);
+    // `head` <= the packet's total length, a 16-bit field.
+    ip.set_total_len(s.head as u16);
+    let ihl = usize::from(ip.header_len());
+    let mut tcp = TcpPacket::new_unchecked(&mut ack[ihl..]);
+    tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+    ack[ihl + 13] = ACK;
+    debug_assert_eq!(parse(&ack).map(|a| (a.ack, a.window)), Some((s.ack, s.window)));
+    ack
 }
 
 fn parse(p: &[u8]) -> Option<Segment> {
@@ -119,19 +179,39 @@ impl ClosedWindows {
         if s.seq == expected && s.payload == 0 && s.flags & FIN == 0 {
             return None;
         }
-        let mut ack = crate::device::spare_for_copy(pool, s.head);
-        ack.clear();
-        ack.extend_from_slice(&packet[..s.head]);
-        let mut ip = Ipv4Packet::new_unchecked(&mut ack[..]);
-        // `head` <= the packet's total length, a 16-bit field.
-        ip.set_total_len(s.head as u16);
-        let ihl = usize::from(ip.header_len());
-        let mut tcp = TcpPacket::new_unchecked(&mut ack[ihl..]);
-        tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(expected as i32));
-        ack[ihl + 13] = ACK;
-        debug_assert_eq!(parse(&ack).map(|a| (a.ack, a.window)), Some((s.ack, s.window)));
         self.rescued += 1;
-        Some(ack)
+        Some(pure_ack(packet, &s, expected, pool))
+    }
+
+    /// For a packet from the peer, about to go to smoltcp: when it reopens a window the
+    /// peer had closed, the pure ACK made of it (in a buffer from `pool`), which the caller
+    /// queues `1 + DUP_ACKS` times before the packet (see the module's second part). Its
+    /// sequence number is the one smoltcp accepts: the acknowledgment this side sent if its
+    /// own window is closed, else the packet's. `None` otherwise; a packet that closes the
+    /// peer's window marks its connection.
+    pub fn reopen(&mut self, packet: &[u8], pool: &mut Vec<Vec<u8>>) -> Option<Vec<u8>> {
+        if window_field(packet)? != 0 && self.peer_closed.is_empty() {
+            return None;
+        }
+        let s = parse(packet)?;
+        let key = (s.ports.1, s.ports.0);
+        if s.flags & ACK == 0 || s.flags & (SYN | RST) != 0 {
+            self.peer_closed.remove(&key);
+            return None;
+        }
+        if s.window == 0 {
+            if self.peer_closed.len() >= MAX_FLOWS && !self.peer_closed.contains(&key) {
+                self.peer_closed.clear();
+            }
+            self.peer_closed.insert(key);
+            return None;
+        }
+        if !self.peer_closed.remove(&key) {
+            return None;
+        }
+        let seq = self.flows.get(&key).copied().unwrap_or(s.seq);
+        self.reopened += 1;
+        Some(pure_ack(packet, &s, seq, pool))
     }
 }
 
@@ -291,6 +371,42 @@ mod tests {
         }
     }
 
+    /// smoltcp's other flaw: the peer dropped the last 4 bytes sent (past its window's
+    /// edge, which rounding moved left) and closed its window; when it reopens it, smoltcp
+    /// alone never sends again (no timer runs, and Nagle holds the 50 bytes written since).
+    /// With the duplicate ACKs it resends from the acknowledged byte at once.
+    #[test]
+    fn a_reopened_window_resends_what_the_peer_dropped() {
+        for remedy in [false, true] {
+            let mut l = Local::connected(remedy);
+            assert_eq!(l.socket().send_slice(&[7; 100]), Ok(100));
+            l.poll();
+            assert_eq!(l.sent().len(), 1);
+            let mut closing = from_peer(TcpControl::None, 1001, Some(l.isn + 97), &[]);
+            TcpPacket::new_unchecked(&mut closing[20..]).set_window_len(0);
+            l.take(&closing);
+            assert_eq!(l.socket().send_slice(&[8; 50]), Ok(50));
+            l.poll();
+            assert!(l.sent().is_empty(), "nothing to send into a closed window yet");
+            l.take(&from_peer(TcpControl::None, 1001, Some(l.isn + 97), &[]));
+            // Ten seconds: any timer smoltcp had running would have fired.
+            for _ in 0..100 {
+                l.now += smoltcp::time::Duration::from_millis(100);
+                l.poll();
+            }
+            let data: Vec<Segment> =
+                l.sent().iter().filter_map(|p| parse(p)).filter(|s| s.payload > 0).collect();
+            if remedy {
+                assert_eq!(data.first().map(|s| s.seq), Some(l.isn + 97), "resent at once");
+                assert_eq!(l.dev.closed.reopened, 1);
+            } else {
+                // smoltcp 0.14 alone: if this fails, smoltcp restarts its timer itself now,
+                // and the reopening remedy may go.
+                assert!(data.is_empty(), "smoltcp alone stays silent");
+            }
+        }
+    }
+
     #[test]
     fn an_open_window_is_left_alone_and_forgotten() {
         let mut l = Local::connected(true);
@@ -329,13 +445,17 @@ mod tests {
             TcpPacket::new_unchecked(&mut ack[20..]).set_src_port(port);
             c.on_sent(&ack);
             assert!(c.flows.len() <= MAX_FLOWS);
+            // The peer closing its window on as many connections.
+            assert!(c.reopen(&ack, &mut Vec::new()).is_none());
+            assert!(c.peer_closed.len() <= MAX_FLOWS);
         }
         assert!(!c.flows.is_empty());
+        assert!(!c.peer_closed.is_empty());
     }
 
     proptest::proptest! {
-        /// Whatever the peer sends: no panic, and a rescue is always a pure ACK at the
-        /// acknowledged sequence number, carrying the packet's own ACK and window.
+        /// Whatever the peer sends: no panic, and a rescue or a reopening is always a pure
+        /// ACK at the acknowledged sequence number, carrying the packet's own ACK and window.
         #[test]
         fn any_packet_is_rescued_only_as_a_pure_ack(
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
@@ -354,6 +474,14 @@ mod tests {
                 let (a, s) = (parse(&a).unwrap(), parse(&p).unwrap());
                 proptest::prop_assert_eq!((a.seq, a.flags, a.payload), (2025, ACK, 0));
                 proptest::prop_assert_eq!((a.ack, a.window, a.ports), (s.ack, s.window, s.ports));
+            }
+            // The same for a window the peer reopens.
+            c.peer_closed.insert((80, 5000));
+            if let Some(a) = c.reopen(&p, &mut Vec::new()) {
+                let (a, s) = (parse(&a).unwrap(), parse(&p).unwrap());
+                proptest::prop_assert_eq!((a.seq, a.flags, a.payload), (2025, ACK, 0));
+                proptest::prop_assert_eq!((a.ack, a.window, a.ports), (s.ack, s.window, s.ports));
+                proptest::prop_assert!(s.window > 0);
             }
         }
     }

@@ -1593,6 +1593,7 @@ fn report(id: SessionId, s: &mut SessionState) {
         seg = ?st.segmented,
         coal = st.coalesced,
         zwack = st.zero_window_acks,
+        reopened = st.reopened_windows,
         "session report"
     );
     for (sid, p) in &s.streams {
