@@ -1594,6 +1594,7 @@ fn report(id: SessionId, s: &mut SessionState) {
         coal = st.coalesced,
         zwack = st.zero_window_acks,
         reopened = st.reopened_windows,
+        buffers = st.buffer_bytes,
         "session report"
     );
     for (sid, p) in &s.streams {
