@@ -46,24 +46,6 @@ pub struct Config {
     /// waits here until acknowledged, a repaired loss included. Budgeted like the receive
     /// buffer, together with it.
     pub stream_tx_buffer: usize,
-    /// The rate a new stream's buffers are sized for, in bytes per second (default
-    /// 1.25 × 10⁹: 10 Gbit/s). A buffer bigger than the path needs is memory for nothing:
-    /// smoltcp's rings are written all the way round before they wrap, so a bulk stream
-    /// touches every page of its 8 + 8 MiB. In the lab (two NATs, minimum RTT ≈ 0.1 ms)
-    /// sizing to the path took each daemon's peak memory under bulk load from about 60 to
-    /// 29 MiB at the same throughput (`tools/bench/lab-speed`). So a stream gets `2 × RTT ×` this,
-    /// at least `stream_min_buffer` and at most `stream_rx_buffer` / `stream_tx_buffer`,
-    /// where RTT is the session's minimum round trip when the stream is made (the path's
-    /// own; the factor 2 covers a repaired loss, which holds the window one more round
-    /// trip, see `stream_rx_buffer`, and the generous rate covers queueing); the full size
-    /// while the session has no sample yet (a new session, or a new path). Fixed for the
-    /// stream's life: a stream made on a 0.2 ms path keeps 1 MiB (≈ 400 Mbit/s at 20 ms)
-    /// if the session later moves to a longer path; streams made after the move get more.
-    /// 0 turns the sizing off (always the full size).
-    pub stream_buffer_rate: u64,
-    /// The least buffer, each way, that path sizing gives a stream (default 1 MiB); see
-    /// `stream_buffer_rate`.
-    pub stream_min_buffer: usize,
     /// Receive and send buffer, each, of a stream opened while the budget is spent
     /// (default 256 KiB: a window of 2 Gbit/s at 1 ms, 100 Mbit/s at 20 ms). Fixed for the
     /// stream's life: the window-scale shift is sent in the SYN.
@@ -141,8 +123,6 @@ impl Default for Config {
             stream_rx_buffer: 8 << 20,
             stream_tx_buffer: 8 << 20,
             stream_small_buffer: 256 << 10,
-            stream_buffer_rate: 1_250_000_000,
-            stream_min_buffer: 1 << 20,
             stream_buffer_budget: Budget::new(128 << 20),
             nodelay: false,
             window_packets: 16384,

@@ -881,10 +881,9 @@ impl Session {
     /// lease goes with it into [`Session::add_socket`].
     fn new_socket(&self) -> (tcp::Socket<'static>, Lease) {
         let c = &self.config;
-        let fit = self.path_buffer();
         let (rx, tx, lease) = c.stream_buffer_budget.buffers(
-            c.stream_rx_buffer.min(fit),
-            c.stream_tx_buffer.min(fit),
+            c.stream_rx_buffer,
+            c.stream_tx_buffer,
             c.stream_small_buffer,
         );
         let mut s = tcp::Socket::new(rx, tx);
@@ -902,18 +901,6 @@ impl Session {
         s.set_timeout(None);
         s.set_keep_alive(None);
         (s, lease)
-    }
-
-    /// The buffer, each way, that the path needs for [`Config::stream_buffer_rate`]:
-    /// `2 × minimum RTT × rate`, at least [`Config::stream_min_buffer`]; `usize::MAX`
-    /// (the configured size) while there is no RTT sample or the sizing is off.
-    fn path_buffer(&self) -> usize {
-        let (rate, rtt) = (self.config.stream_buffer_rate, &self.sender.rtt);
-        if rate == 0 || !rtt.has_sample {
-            return usize::MAX;
-        }
-        let bytes = 2 * u128::from(rate) * rtt.min.max(0) as u128 / 1_000_000;
-        usize::try_from(bytes).unwrap_or(usize::MAX).max(self.config.stream_min_buffer)
     }
 
     fn add_socket(&mut self, sock: tcp::Socket<'static>, lease: Lease) -> SocketHandle {

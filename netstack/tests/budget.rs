@@ -1,12 +1,9 @@
 //! Stream buffer memory under a burst of streams ([`q2q_netstack::budget`]): a burst of
 //! 200 streams on one session holds at most the budget plus small buffers, the bytes come
 //! back when the streams close, and a lone bulk stream still advertises the big window.
-//! A stream made on a short path gets buffers sized to the path ([`Config::stream_buffer_rate`]).
 //! In the simulator, in virtual time; counts bytes through the budget, no timing.
 
 mod common;
-
-use std::sync::Arc;
 
 use common::link;
 use q2q_netstack::budget::Budget;
@@ -140,57 +137,4 @@ fn burst_of_streams_stays_within_the_budget_and_bulk_keeps_the_big_window() {
     let shift = syn_window_scale(&mut pair.a, pair.now);
     assert!(65535usize << shift < ca.stream_rx_buffer, "shift {shift}");
     assert!(65535usize << shift >= ca.stream_small_buffer, "shift {shift}");
-}
-
-/// A session on a path of one-way `delay_us`, with one 64 KiB exchange done (so that both
-/// sides have RTT samples) and every stream gone; each side's own budget.
-fn settled_pair(delay_us: u64) -> (Pair, Arc<Budget>, Arc<Budget>) {
-    let (ca, cb) = (config(), config());
-    let (ba, bb) = (ca.stream_buffer_budget.clone(), cb.stream_buffer_budget.clone());
-    let path = |seed| {
-        let mut l = link(seed);
-        l.delay = q2q_netstack::Duration::from_micros(delay_us);
-        (l.jitter, l.reorder) = (q2q_netstack::Duration::ZERO, 0.0);
-        q2q_netstack::sim::Link::new(l)
-    };
-    let now = Instant::from_millis(0);
-    let a = Session::new(SessionId(9), Side::Initiator, ca, now);
-    let b = Session::new(SessionId(9), Side::Responder, cb, now);
-    let mut pair = Pair::new(a, b, path(5), path(6), now);
-    // Before any round trip the session knows nothing of the path: the full size.
-    let full = Config::default().stream_rx_buffer + Config::default().stream_tx_buffer;
-    let mut t = Transfer::start(&mut pair, 1, 64 << 10).expect("open");
-    assert_eq!(ba.leased(), full, "a stream before any RTT sample");
-    t.run(&mut pair, Instant::from_secs(30), |_, _, _| {}).expect("transfer");
-    settle(&mut pair);
-    assert_eq!((ba.leased(), bb.leased()), (0, 0));
-    (pair, ba, bb)
-}
-
-#[test]
-fn a_stream_on_a_short_path_gets_buffers_sized_to_the_path() {
-    let d = Config::default();
-    // 0.1 ms each way: 2 × RTT × 10 Gbit/s is below the floor, so 1 MiB each way, on both
-    // sides (the accepting side sizes by its own RTT estimate).
-    let (mut pair, ba, bb) = settled_pair(100);
-    pair.a.open_stream().expect("open");
-    assert_eq!(ba.leased(), 2 * d.stream_min_buffer);
-    let shift = syn_window_scale(&mut pair.a, pair.now);
-    assert!(65535usize << shift >= d.stream_min_buffer, "shift {shift}");
-    assert!(65535usize << shift < d.stream_rx_buffer, "shift {shift}");
-    let until = pair.now + q2q_netstack::Duration::from_secs(1);
-    while bb.leased() == 0 && pair.now < until {
-        assert!(pair.step(), "nothing scheduled");
-        while pair.b.poll_event().is_some() {}
-    }
-    assert_eq!(bb.leased(), 2 * d.stream_min_buffer, "the accepting side");
-
-    // 0.5 ms each way: between the floor and the full size, 2 × minimum RTT × rate.
-    let (mut pair, ba, _) = settled_pair(500);
-    let rtt = pair.a.stats().min_rtt.total_micros();
-    let want = (2 * d.stream_buffer_rate * rtt / 1_000_000) as usize;
-    assert!((d.stream_min_buffer + 1..d.stream_rx_buffer).contains(&want), "rtt {rtt} µs");
-    pair.a.open_stream().expect("open");
-    assert_eq!(ba.leased(), 2 * want, "rtt {rtt} µs");
-    eprintln!("minimum rtt {rtt} µs: {want} bytes each way");
 }

@@ -1595,6 +1595,8 @@ fn report(id: SessionId, s: &mut SessionState) {
         zwack = st.zero_window_acks,
         reopened = st.reopened_windows,
         buffers = st.buffer_bytes,
+        paced = st.sender.paced,
+        capped = st.sender.capped,
         "session report"
     );
     for (sid, p) in &s.streams {

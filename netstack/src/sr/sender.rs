@@ -69,6 +69,11 @@ pub struct SenderStats {
     pub pmtu_probes_acked: u64,
     /// Black holes detected: the PLPMTU fell back to BASE.
     pub pmtu_black_holes: u64,
+    /// Times the sender stopped with data waiting because pacing held it.
+    pub paced: u64,
+    /// Times the sender stopped with data waiting because the in-flight cap held it (until
+    /// an ACK).
+    pub capped: u64,
 }
 
 /// What [`Sender::next`] did.
@@ -311,10 +316,12 @@ impl Sender {
             return Next::Wait(None);
         }
         if self.in_flight + len > self.cc.cwnd && self.in_flight > 0 {
+            self.stats.capped += 1;
             return Next::Wait(None);
         }
         let now_f = now as f64;
         if self.pacer_next > now_f {
+            self.stats.paced += 1;
             return Next::Wait(Some(self.pacer_next.ceil() as i64));
         }
         let rate = self.cc.pacing_rate(self.rtt.smoothed);
