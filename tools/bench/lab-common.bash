@@ -13,7 +13,7 @@
 #
 # The scripts do not build: a release build takes minutes on a loaded machine, and everyone
 # else waits for the lab lock meanwhile. Build first, then take the lock:
-#   cargo build --release --bins --example netimpair && flock /tmp/q2q-lab.lock tools/bench/lab-speed
+#   cargo build --release --bins --example netimpair --example bench-relay-tag && flock /tmp/q2q-lab.lock tools/bench/lab-speed
 # bench_need_bins stops with that advice when a binary is missing or older than a source.
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # BENCH_BIN=DIR: use the q2q-tun and q2q-server in DIR as they are (A/B runs of saved builds).
@@ -67,6 +67,18 @@ bench_cpu_ticks() {
   sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0
 }
 
+# A process's CPU time in user space so far, in clock ticks (field 14 of /proc/PID/stat).
+bench_user_ticks() {
+  sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 }' || echo 0
+}
+
+# The whole machine's CPU time so far, in clock ticks summed over the cores (/proc/stat):
+# "busy idle steal". Busy is every process and the kernel (user, nice, system, irq, softirq);
+# idle includes iowait; steal is time the hypervisor gave to other machines.
+bench_machine_ticks() {
+  awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8, $5 + $6, $9; exit }' /proc/stat
+}
+
 # Exit 1 unless each of $BIN/NAME... exists and is newer than every source it is built from
 # (the workspace's Rust sources, manifests and lock file). Skipped with $BENCH_BIN (saved
 # builds are meant to be old).
@@ -75,13 +87,13 @@ bench_need_bins() {
   [[ -z ${BENCH_BIN:-} ]] || return 0
   for b in "$@"; do
     if [[ ! -x $BIN/$b ]]; then
-      echo "error: $BIN/$b is missing: build first, outside the lab lock: cargo build --release --bins --example netimpair" >&2
+      echo "error: $BIN/$b is missing: build first, outside the lab lock: cargo build --release --bins --example netimpair --example bench-relay-tag" >&2
       exit 1
     fi
     stale=$(find src netstack/src tools/lab Cargo.toml Cargo.lock netstack/Cargo.toml -newer "$BIN/$b" \
       \( -name '*.rs' -o -name '*.toml' -o -name Cargo.lock \) -print -quit)
     if [[ -n $stale ]]; then
-      echo "error: $BIN/$b is older than $stale: build first, outside the lab lock: cargo build --release --bins --example netimpair" >&2
+      echo "error: $BIN/$b is older than $stale: build first, outside the lab lock: cargo build --release --bins --example netimpair --example bench-relay-tag" >&2
       exit 1
     fi
   done
