@@ -54,6 +54,18 @@ async fn direct_when_a_hole_can_be_punched() {
     let status = bob.status();
     assert_eq!(status.len(), 1);
     assert!(matches!(status[0].path, PathKind::Direct(_)), "{:?}", status[0]);
+    // The session's keeper samples its traffic once a second for `status`: 1 MiB each way
+    // (and the TLS handshakes, headers and ACKs), a round trip, the path MTU found.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let t = loop {
+        let t = bob.status()[0].traffic;
+        if t.is_some_and(|t| t.bytes_received > 1 << 20) || tokio::time::Instant::now() > deadline {
+            break t.expect("traffic sampled");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(t.bytes_sent > 1 << 20 && t.bytes_received > 1 << 20, "{t:?}");
+    assert!(t.rtt_us > 0 && t.path_mtu >= 1200 && t.packets_sent > 700, "{t:?}");
 }
 
 #[tokio::test]

@@ -96,6 +96,11 @@ fn bulk_no_loss() {
     assert!(pieces * 10 > s.packets_sent * 9, "{pieces} pieces of {} packets", s.packets_sent);
     assert!(pieces > cut * 40, "{pieces} pieces from {cut} segments");
     let b = pair.b.stats();
+    // The receiver counted each of a's packets once: more bytes than the streams carried
+    // (the packets' headers, ACKs), no more than a sent (retransmissions, datagram headers).
+    let carried = 4 * bulk_bytes();
+    let (got, sent) = (b.receiver.bytes_received, s.bytes_sent);
+    assert!(got > carried && got < carried + carried / 10 && got <= sent, "{got} of {sent}");
     // ... and the receiver joined most of them again before smoltcp (76% here).
     let (joined, received) = (b.coalesced, b.receiver.packets_received);
     assert!(joined * 2 > received, "{joined} of {received} packets joined");

@@ -29,7 +29,8 @@ amp_message! {
     pub struct StatusAnswer {
         pub address: Option<String>,
         pub udp: Option<String>,
-        /// One line per peer session, its five fields separated by tabs.
+        /// One line per peer session, its five fields and the six numbers of its traffic
+        /// (when sampled) separated by tabs ([`Status::to_answer`]).
         pub peers: Option<String>,
         pub tun: Option<String>,
         pub tun_device: Option<String>,

@@ -5,6 +5,7 @@
 use super::{DaemonError, control, tun};
 use crate::client::Home;
 use crate::presence::node::Node;
+use crate::presence::session::Traffic;
 use std::fmt;
 
 /// Ask the running daemon of `home` for its status.
@@ -52,6 +53,9 @@ pub struct PeerLine {
     pub path: String,
     /// Why that path.
     pub why: String,
+    /// Round trip, path MTU, bytes each way, retransmissions (sampled once a second; `None`
+    /// before the first sample).
+    pub traffic: Option<Traffic>,
 }
 
 impl Status {
@@ -69,6 +73,7 @@ impl Status {
                     opened: if opened.is_empty() { "-".to_string() } else { opened.join(",") },
                     path: p.path.to_string(),
                     why: p.why,
+                    traffic: p.traffic,
                 }
             })
             .collect();
@@ -88,12 +93,30 @@ impl Status {
     }
 
     /// As the daemon answers it: every field present, empty when absent; `peers` one line
-    /// per session, its five fields separated by tabs.
+    /// per session, its five fields separated by tabs, then the six numbers of its
+    /// [`Traffic`] when sampled.
     pub fn to_answer(&self) -> control::StatusAnswer {
         let lines: Vec<String> = self
             .peers
             .iter()
-            .map(|p| format!("{}\t{}\t{}\t{}\t{}", p.peer, p.streams, p.opened, p.path, p.why))
+            .map(|p| {
+                let mut line =
+                    format!("{}\t{}\t{}\t{}\t{}", p.peer, p.streams, p.opened, p.path, p.why);
+                if let Some(t) = &p.traffic {
+                    let n = [
+                        t.rtt_us,
+                        t.path_mtu,
+                        t.bytes_sent,
+                        t.bytes_received,
+                        t.packets_sent,
+                        t.retransmits,
+                    ];
+                    for v in n {
+                        line.push_str(&format!("\t{v}"));
+                    }
+                }
+                line
+            })
             .collect();
         let or_empty = |v: &Option<String>| Some(v.clone().unwrap_or_default());
         control::StatusAnswer {
@@ -109,7 +132,7 @@ impl Status {
     }
 
     /// Read the daemon's answer; empty fields are absent, peer lines without five fields
-    /// are skipped.
+    /// (or five and the six numbers of their traffic) are skipped.
     pub fn from_answer(a: &control::StatusAnswer) -> Status {
         let field = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
         let peers = a
@@ -117,15 +140,33 @@ impl Status {
             .as_deref()
             .unwrap_or("")
             .lines()
-            .filter_map(|line| match line.split('\t').collect::<Vec<_>>().as_slice() {
-                [peer, streams, opened, path, why] => Some(PeerLine {
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                let (text, numbers) = fields.split_at_checked(5)?;
+                let traffic = match numbers {
+                    [] => None,
+                    [rtt, mtu, sent, received, packets, retransmits] => {
+                        let n = |v: &str| v.parse::<u64>().ok();
+                        Some(Traffic {
+                            rtt_us: n(rtt)?,
+                            path_mtu: n(mtu)?,
+                            bytes_sent: n(sent)?,
+                            bytes_received: n(received)?,
+                            packets_sent: n(packets)?,
+                            retransmits: n(retransmits)?,
+                        })
+                    }
+                    _ => return None,
+                };
+                let [peer, streams, opened, path, why] = text else { return None };
+                Some(PeerLine {
                     peer: peer.to_string(),
                     streams: streams.to_string(),
                     opened: opened.to_string(),
                     path: path.to_string(),
                     why: why.to_string(),
-                }),
-                _ => None,
+                    traffic,
+                })
             })
             .collect();
         Status {
@@ -167,10 +208,38 @@ impl fmt::Display for Status {
         }
         writeln!(f, "{:<28} {:<7} {:<20} {:<32} why", "peer", "streams", "opened", "path")?;
         for p in &self.peers {
-            let PeerLine { peer, streams, opened, path, why } = p;
+            let PeerLine { peer, streams, opened, path, why, traffic } = p;
             writeln!(f, "{peer:<28} {streams:<7} {opened:<20} {path:<32} {why}")?;
+            // On a line of its own, indented: scripts that read a peer's row by its first
+            // column see the table as before.
+            if let Some(t) = traffic {
+                writeln!(f, "  {}", TrafficLine(t))?;
+            }
         }
         Ok(())
+    }
+}
+
+/// A peer's [`Traffic`] as `status` prints it under the peer's row.
+struct TrafficLine<'a>(&'a Traffic);
+
+impl fmt::Display for TrafficLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.0;
+        let retx = if t.packets_sent == 0 {
+            0.0
+        } else {
+            t.retransmits as f64 * 100.0 / t.packets_sent as f64
+        };
+        write!(
+            f,
+            "round trip {:.1} ms, path MTU {} bytes, sent {}, received {}, retransmitted {retx:.2}% of {} datagrams",
+            t.rtt_us as f64 / 1000.0,
+            t.path_mtu,
+            indicatif::HumanBytes(t.bytes_sent),
+            indicatif::HumanBytes(t.bytes_received),
+            t.packets_sent,
+        )
     }
 }
 
@@ -198,6 +267,14 @@ mod tests {
                 opened: "tcp/22:1".into(),
                 path: "direct 192.0.2.1:5000".into(),
                 why: "probe answered".into(),
+                traffic: Some(Traffic {
+                    rtt_us: 21_400,
+                    path_mtu: 1452,
+                    bytes_sent: 3 << 30,
+                    bytes_received: 5 << 20,
+                    packets_sent: 2_000_000,
+                    retransmits: 1_000,
+                }),
             }],
         };
         let b = crate::proto::Message::to_box(&s.to_answer());
@@ -212,10 +289,16 @@ mod tests {
         assert!(lines[3].starts_with("warning: "), "{printed}");
         assert!(lines[4].starts_with("peer ") && lines[4].ends_with(" why"), "{printed}");
         assert_eq!(lines[5].split_whitespace().next(), Some("alice@example.com"));
+        assert_eq!(
+            lines[6],
+            "  round trip 21.4 ms, path MTU 1452 bytes, sent 3.00 GiB, received 5.00 MiB, \
+             retransmitted 0.05% of 2000000 datagrams"
+        );
         let j = serde_json::to_value(&s).unwrap();
         assert_eq!(j["address"], "bob@example.com");
         assert_eq!(j["tun"], serde_json::Value::Null);
         assert_eq!(j["peers"][0]["path"], "direct 192.0.2.1:5000");
+        assert_eq!(j["peers"][0]["traffic"]["bytes_received"], 5 << 20);
         assert_eq!(
             j["certificate"][1],
             "warning: the certificate of bob@example.com expires in 6 days"
@@ -227,5 +310,26 @@ mod tests {
             .to_string(),
             "? (UDP ?)\nno TUN device (--no-tun)\nno peers yet\n"
         );
+    }
+
+    #[test]
+    fn peer_lines_are_read_with_or_without_traffic_and_bad_ones_skipped() {
+        let answer = |peers: &str| control::StatusAnswer {
+            peers: Some(peers.to_string()),
+            ..Status::default().to_answer()
+        };
+        let row = "bob@example.com\t0\t-\tUDP relay 198.51.100.1:8788\tno direct path";
+        let read = |peers: &str| Status::from_answer(&answer(peers)).peers;
+        // Before the first sample: no traffic, the row still shown.
+        assert_eq!(read(row)[0].traffic, None);
+        let t = read(&format!("{row}\t900\t1200\t10\t20\t1\t0"))[0].traffic;
+        assert_eq!(t.map(|t| (t.rtt_us, t.path_mtu, t.bytes_received)), Some((900, 1200, 20)));
+        // Too few numbers, too many, or one that is not a number: the line is skipped.
+        for bad in
+            ["\t900\t1200", "\t1\t2\t3\t4\t5\t6\t7", "\t1\t2\t3\t4\t5\tsix", "\t1\t2\t3\t4\t5\t-6"]
+        {
+            assert!(read(&format!("{row}{bad}")).is_empty(), "{bad}");
+        }
+        assert!(read("a\tb\tc").is_empty());
     }
 }

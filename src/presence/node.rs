@@ -25,7 +25,7 @@
 
 use super::candidates;
 use super::probe::Role;
-use super::session::{PeerSession, StreamHeader, Verdict};
+use super::session::{PeerSession, StreamHeader, Traffic, Verdict};
 use super::table::{GetError, ServerTable, SessionTable};
 use crate::address::{Q2qAddress, ServiceName};
 use crate::amp::Incoming;
@@ -128,6 +128,8 @@ pub struct PeerStatus {
     pub streams: usize,
     /// Streams opened so far on the session, by service, either direction.
     pub opened: Vec<(String, u64)>,
+    /// Its traffic, as sampled once a second (`None` before the first sample).
+    pub traffic: Option<Traffic>,
 }
 
 /// Who may use a service: default deny, an allow list.
@@ -524,6 +526,7 @@ impl Node {
                     why,
                     streams: ps.open_streams(),
                     opened: ps.opened(),
+                    traffic: ps.traffic(),
                 }
             })
             .collect()

@@ -177,6 +177,8 @@ pub struct PeerSession {
     closing: AtomicUsize,
     /// Streams opened so far, by service (either direction), for `status`.
     opened: Mutex<BTreeMap<String, u64>>,
+    /// The session's traffic as the keeper last sampled it (written by the keeper only).
+    traffic: Mutex<Option<Traffic>>,
     ended: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Whether both identities are proven yet.
@@ -184,6 +186,37 @@ pub struct PeerSession {
     /// The serial (lowercase hex) of the certificate the peer proved, once it did: checked
     /// against its domain's revocation list.
     peer_serial: std::sync::OnceLock<String>,
+}
+
+/// What a peer session has carried and how its path behaves, for `status`: a few of the
+/// PTCP session's counters ([`q2q_netstack::Stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Traffic {
+    /// Smoothed round-trip time of the path, microseconds.
+    pub rtt_us: u64,
+    /// The path MTU in use (RFC 8899 PLPMTU), bytes of UDP payload.
+    pub path_mtu: u64,
+    /// Bytes of data datagrams sent, retransmissions included.
+    pub bytes_sent: u64,
+    /// Bytes of the peer's packets taken, each once.
+    pub bytes_received: u64,
+    /// Data datagrams sent, retransmissions included.
+    pub packets_sent: u64,
+    /// Of those, retransmissions (after a loss, or a timeout).
+    pub retransmits: u64,
+}
+
+impl From<&q2q_netstack::Stats> for Traffic {
+    fn from(s: &q2q_netstack::Stats) -> Traffic {
+        Traffic {
+            rtt_us: s.srtt.total_micros(),
+            path_mtu: s.plpmtu as u64,
+            bytes_sent: s.sender.bytes_sent,
+            bytes_received: s.receiver.bytes_received,
+            packets_sent: s.sender.packets_sent,
+            retransmits: s.sender.retransmits,
+        }
+    }
 }
 
 /// How far the session's authentication is.
@@ -222,6 +255,7 @@ impl PeerSession {
             open: AtomicUsize::new(0),
             closing: AtomicUsize::new(0),
             opened: Mutex::new(BTreeMap::new()),
+            traffic: Mutex::new(None),
             ended: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             auth: tokio::sync::watch::channel(Auth::Pending).0,
@@ -295,6 +329,22 @@ impl PeerSession {
             .lock()
             .map(|o| o.iter().map(|(k, v)| (k.clone(), *v)).collect())
             .unwrap_or_default()
+    }
+
+    /// The session's traffic as last sampled ([`PeerSession::sample_traffic`]); `None`
+    /// before the first sample.
+    pub fn traffic(&self) -> Option<Traffic> {
+        self.traffic.lock().ok().and_then(|t| *t)
+    }
+
+    /// Sample the session's counters for `status` (the keeper does, once a second).
+    /// Returns `None` once the session is gone.
+    pub async fn sample_traffic(&self) -> Option<Traffic> {
+        let t = Traffic::from(&self.ptcp.stats().await.ok()?);
+        if let Ok(mut slot) = self.traffic.lock() {
+            *slot = Some(t);
+        }
+        Some(t)
     }
 
     /// Streams open now (sampled by the keeper).

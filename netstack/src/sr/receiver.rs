@@ -77,6 +77,9 @@ pub struct ReceiverStats {
     pub fragments_dropped: u64,
     /// Packets completed from fragments.
     pub reassembled: u64,
+    /// Bytes of the peer's packets taken, each once (whole or reassembled; duplicates and
+    /// packets beyond the window not counted).
+    pub bytes_received: u64,
 }
 
 pub(crate) struct Receiver {
@@ -141,6 +144,7 @@ impl Receiver {
         self.note_pn(now, data.pn);
         let seq = expand(self.cum, data.seq);
         let Some(idx) = self.check_seq(seq) else { return };
+        self.stats.bytes_received += data.payload.len() as u64;
         if !self.partials.is_empty() {
             // A whole retransmission completes what fragments had begun.
             self.partials.remove(&seq);
@@ -182,6 +186,7 @@ impl Receiver {
         }
         let Some(partial) = self.partials.remove(&seq) else { return };
         self.stats.reassembled += 1;
+        self.stats.bytes_received += partial.buf.len() as u64;
         self.place(now, seq, idx, Arrived::Owned(partial.buf), pool, deliver);
     }
 

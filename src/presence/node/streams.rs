@@ -402,8 +402,9 @@ impl Node {
         }
     }
 
-    /// Count the session's streams once a second (for `status`), and end it when it has
-    /// had none for [`NodeConfig::session_idle`]: ask the peer to close, and forget it.
+    /// Count the session's streams and sample its traffic once a second (for `status`), and
+    /// end it when it has had none for [`NodeConfig::session_idle`]: ask the peer to close,
+    /// and forget it.
     pub(super) async fn keep_session(self, ps: Arc<PeerSession>) {
         let idle = self.inner.config.session_idle;
         let mut idle_since = tokio::time::Instant::now();
@@ -423,6 +424,7 @@ impl Node {
             let Some(open) = ps.count_streams().await else {
                 return self.end_session(&ps, "lost").await;
             };
+            ps.sample_traffic().await;
             if open > 0 {
                 idle_since = tokio::time::Instant::now();
                 continue;
