@@ -111,9 +111,7 @@ impl Status {
                         t.packets_sent,
                         t.retransmits,
                     ];
-                    for v in n {
-                        line.push_str(&format!("\t{v}"));
-                    }
+                    line = format!("{line}\t{}", n.map(|v| v.to_string()).join("\t"));
                 }
                 line
             })

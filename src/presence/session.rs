@@ -337,14 +337,13 @@ impl PeerSession {
         self.traffic.lock().ok().and_then(|t| *t)
     }
 
-    /// Sample the session's counters for `status` (the keeper does, once a second).
-    /// Returns `None` once the session is gone.
-    pub async fn sample_traffic(&self) -> Option<Traffic> {
-        let t = Traffic::from(&self.ptcp.stats().await.ok()?);
+    /// Sample the session's counters for `status` (the keeper does, once a second); the
+    /// last sample stays once the session is gone.
+    pub async fn sample_traffic(&self) {
+        let Ok(stats) = self.ptcp.stats().await else { return };
         if let Ok(mut slot) = self.traffic.lock() {
-            *slot = Some(t);
+            *slot = Some(Traffic::from(&stats));
         }
-        Some(t)
     }
 
     /// Streams open now (sampled by the keeper).
