@@ -29,7 +29,7 @@ amp_message! {
     pub struct StatusAnswer {
         pub address: Option<String>,
         pub udp: Option<String>,
-        /// One line per peer session, its five fields and the six numbers of its traffic
+        /// One line per peer session, its five fields and the eight numbers of its traffic
         /// (when sampled) separated by tabs ([`Status::to_answer`]).
         pub peers: Option<String>,
         pub tun: Option<String>,

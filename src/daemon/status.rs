@@ -93,7 +93,7 @@ impl Status {
     }
 
     /// As the daemon answers it: every field present, empty when absent; `peers` one line
-    /// per session, its five fields separated by tabs, then the six numbers of its
+    /// per session, its five fields separated by tabs, then the eight numbers of its
     /// [`Traffic`] when sampled.
     pub fn to_answer(&self) -> control::StatusAnswer {
         let lines: Vec<String> = self
@@ -110,6 +110,8 @@ impl Status {
                         t.bytes_received,
                         t.packets_sent,
                         t.retransmits,
+                        t.sending_bps,
+                        t.receiving_bps,
                     ];
                     line = format!("{line}\t{}", n.map(|v| v.to_string()).join("\t"));
                 }
@@ -130,7 +132,7 @@ impl Status {
     }
 
     /// Read the daemon's answer; empty fields are absent, peer lines without five fields
-    /// (or five and the six numbers of their traffic) are skipped.
+    /// (or five and the eight numbers of their traffic) are skipped.
     pub fn from_answer(a: &control::StatusAnswer) -> Status {
         let field = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
         let peers = a
@@ -143,7 +145,7 @@ impl Status {
                 let (text, numbers) = fields.split_at_checked(5)?;
                 let traffic = match numbers {
                     [] => None,
-                    [rtt, mtu, sent, received, packets, retransmits] => {
+                    [rtt, mtu, sent, received, packets, retransmits, sending, receiving] => {
                         let n = |v: &str| v.parse::<u64>().ok();
                         Some(Traffic {
                             rtt_us: n(rtt)?,
@@ -152,6 +154,8 @@ impl Status {
                             bytes_received: n(received)?,
                             packets_sent: n(packets)?,
                             retransmits: n(retransmits)?,
+                            sending_bps: n(sending)?,
+                            receiving_bps: n(receiving)?,
                         })
                     }
                     _ => return None,
@@ -231,13 +235,34 @@ impl fmt::Display for TrafficLine<'_> {
         };
         write!(
             f,
-            "round trip {:.1} ms, path MTU {} bytes, sent {}, received {}, retransmitted {retx:.2}% of {} datagrams",
+            "round trip {:.1} ms, path MTU {} bytes, sent {}, received {}, retransmitted {retx:.2}% of {} datagrams; now {} out, {} in",
             t.rtt_us as f64 / 1000.0,
             t.path_mtu,
             indicatif::HumanBytes(t.bytes_sent),
             indicatif::HumanBytes(t.bytes_received),
             t.packets_sent,
+            BitRate(t.sending_bps),
+            BitRate(t.receiving_bps),
         )
+    }
+}
+
+/// Bits per second in decimal units, as links are rated: `950 bit/s`, `3.21 Gbit/s`.
+struct BitRate(u64);
+
+impl fmt::Display for BitRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 < 1_000 {
+            return write!(f, "{} bit/s", self.0);
+        }
+        let (mut value, mut unit) = (self.0 as f64 / 1e3, "k");
+        for next in ["M", "G", "T"] {
+            if value < 1e3 {
+                break;
+            }
+            (value, unit) = (value / 1e3, next);
+        }
+        write!(f, "{value:.2} {unit}bit/s")
     }
 }
 
@@ -272,6 +297,8 @@ mod tests {
                     bytes_received: 5 << 20,
                     packets_sent: 2_000_000,
                     retransmits: 1_000,
+                    sending_bps: 3_210_000_000,
+                    receiving_bps: 950,
                 }),
             }],
         };
@@ -290,7 +317,7 @@ mod tests {
         assert_eq!(
             lines[6],
             "  round trip 21.4 ms, path MTU 1452 bytes, sent 3.00 GiB, received 5.00 MiB, \
-             retransmitted 0.05% of 2000000 datagrams"
+             retransmitted 0.05% of 2000000 datagrams; now 3.21 Gbit/s out, 950 bit/s in"
         );
         let j = serde_json::to_value(&s).unwrap();
         assert_eq!(j["address"], "bob@example.com");
@@ -320,14 +347,43 @@ mod tests {
         let read = |peers: &str| Status::from_answer(&answer(peers)).peers;
         // Before the first sample: no traffic, the row still shown.
         assert_eq!(read(row)[0].traffic, None);
-        let t = read(&format!("{row}\t900\t1200\t10\t20\t1\t0"))[0].traffic;
-        assert_eq!(t.map(|t| (t.rtt_us, t.path_mtu, t.bytes_received)), Some((900, 1200, 20)));
+        let t = read(&format!("{row}\t900\t1200\t10\t20\t1\t0\t80\t160"))[0].traffic;
+        assert_eq!(
+            t.map(|t| (t.rtt_us, t.path_mtu, t.bytes_received, t.receiving_bps)),
+            Some((900, 1200, 20, 160))
+        );
         // Too few numbers, too many, or one that is not a number: the line is skipped.
-        for bad in
-            ["\t900\t1200", "\t1\t2\t3\t4\t5\t6\t7", "\t1\t2\t3\t4\t5\tsix", "\t1\t2\t3\t4\t5\t-6"]
-        {
+        for bad in [
+            "\t900\t1200",
+            "\t1\t2\t3\t4\t5\t6",
+            "\t1\t2\t3\t4\t5\t6\t7\t8\t9",
+            "\t1\t2\t3\t4\t5\t6\t7\teight",
+            "\t1\t2\t3\t4\t5\t6\t7\t-8",
+        ] {
             assert!(read(&format!("{row}{bad}")).is_empty(), "{bad}");
         }
         assert!(read("a\tb\tc").is_empty());
+    }
+
+    #[test]
+    fn rates_come_from_the_sample_before() {
+        let before = Traffic { bytes_sent: 1_000, bytes_received: 5_000, ..Default::default() };
+        let mut now = Traffic { bytes_sent: 126_000, bytes_received: 5_000, ..Default::default() };
+        now.rates_since(&before, std::time::Duration::from_millis(500));
+        assert_eq!((now.sending_bps, now.receiving_bps), (2_000_000, 0));
+        // Counters of a new session (smaller than before) give no rate, not a huge one;
+        // too short an interval gives none at all.
+        let mut fresh = Traffic { bytes_sent: 10, ..Default::default() };
+        fresh.rates_since(&now, std::time::Duration::from_secs(1));
+        assert_eq!(fresh.sending_bps, 0);
+        let mut quick = now;
+        quick.sending_bps = 0;
+        quick.rates_since(&before, std::time::Duration::from_micros(999));
+        assert_eq!(quick.sending_bps, 0);
+        let rates: Vec<String> = [0, 999, 1_000, 12_345_678, 3_210_000_000]
+            .iter()
+            .map(|&b| BitRate(b).to_string())
+            .collect();
+        assert_eq!(rates, ["0 bit/s", "999 bit/s", "1.00 kbit/s", "12.35 Mbit/s", "3.21 Gbit/s"]);
     }
 }

@@ -178,7 +178,7 @@ pub struct PeerSession {
     /// Streams opened so far, by service (either direction), for `status`.
     opened: Mutex<BTreeMap<String, u64>>,
     /// The session's traffic as the keeper last sampled it (written by the keeper only).
-    traffic: Mutex<Option<Traffic>>,
+    traffic: Mutex<Option<(Traffic, std::time::Instant)>>,
     ended: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Whether both identities are proven yet.
@@ -204,6 +204,26 @@ pub struct Traffic {
     pub packets_sent: u64,
     /// Of those, retransmissions (after a loss, or a timeout).
     pub retransmits: u64,
+    /// Bits per second sent since the sample before (0 for the first sample).
+    pub sending_bps: u64,
+    /// Bits per second received since the sample before (0 for the first sample).
+    pub receiving_bps: u64,
+}
+
+impl Traffic {
+    /// Set the rates from what moved since `before`, taken `elapsed` earlier (none for an
+    /// interval under a millisecond).
+    pub fn rates_since(&mut self, before: &Traffic, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros();
+        if us < 1000 {
+            return;
+        }
+        let rate = |now: u64, then: u64| {
+            u64::try_from(u128::from(now.saturating_sub(then)) * 8_000_000 / us).unwrap_or(u64::MAX)
+        };
+        self.sending_bps = rate(self.bytes_sent, before.bytes_sent);
+        self.receiving_bps = rate(self.bytes_received, before.bytes_received);
+    }
 }
 
 impl From<&q2q_netstack::Stats> for Traffic {
@@ -215,6 +235,8 @@ impl From<&q2q_netstack::Stats> for Traffic {
             bytes_received: s.receiver.bytes_received,
             packets_sent: s.sender.packets_sent,
             retransmits: s.sender.retransmits,
+            sending_bps: 0,
+            receiving_bps: 0,
         }
     }
 }
@@ -334,15 +356,20 @@ impl PeerSession {
     /// The session's traffic as last sampled ([`PeerSession::sample_traffic`]); `None`
     /// before the first sample.
     pub fn traffic(&self) -> Option<Traffic> {
-        self.traffic.lock().ok().and_then(|t| *t)
+        self.traffic.lock().ok().and_then(|t| t.map(|(t, _)| t))
     }
 
     /// Sample the session's counters for `status` (the keeper does, once a second); the
     /// last sample stays once the session is gone.
     pub async fn sample_traffic(&self) {
         let Ok(stats) = self.ptcp.stats().await else { return };
+        let now = std::time::Instant::now();
         if let Ok(mut slot) = self.traffic.lock() {
-            *slot = Some(Traffic::from(&stats));
+            let mut t = Traffic::from(&stats);
+            if let Some((before, at)) = *slot {
+                t.rates_since(&before, now.saturating_duration_since(at));
+            }
+            *slot = Some((t, now));
         }
     }
 
