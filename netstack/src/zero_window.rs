@@ -1,6 +1,6 @@
 //! Acknowledgments that reach a closed receive window: the ones smoltcp would throw away.
 //!
-//! RFC 9293 §3.10.7.4: "If the RCV.WND is zero, no segments will be acceptable, but special
+//! RFC 9293 §3.10.7 ("Other States"): "If the RCV.WND is zero, no segments will be acceptable, but special
 //! allowance should be made to accept valid ACKs, URGs, and RSTs." smoltcp 0.14 makes none:
 //! with its receive window at zero, a segment that carries data, or whose sequence number
 //! is not exactly the next one expected, is answered with an ACK and dropped *before its
