@@ -46,11 +46,11 @@
 //! Loss is still repaired per 1.4 KiB packet.
 //!
 //! smoltcp drops a segment that meets its closed receive window before reading the
-//! acknowledgment it carries (RFC 9293 §3.10.7, "Other States", asks it to read it), which deadlocked an
-//! echo through TLS now and then; the device puts a pure ACK that smoltcp does read before
-//! each such segment. And when the peer reopens a window it had closed while bytes were in
-//! flight, smoltcp runs no retransmission timer, so the device adds duplicate ACKs that
-//! make it resend at once (`zero_window`).
+//! acknowledgment it carries (RFC 9293 §3.10.7, "Other States", asks it to read it), which
+//! deadlocked an echo through TLS now and then; the device puts a pure ACK that smoltcp does
+//! read before each such segment. And when the peer reopens a window it had closed while
+//! bytes were in flight, smoltcp runs no retransmission timer, so the device adds duplicate
+//! ACKs that make it resend at once (`zero_window`).
 //!
 //! smoltcp's TCP alone recovers poorly from random loss (1 s minimum RTO, no sender SACK);
 //! the selective-repeat layer below it makes the link reliable and in order, so TCP never

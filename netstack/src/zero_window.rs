@@ -1,10 +1,10 @@
 //! Acknowledgments that reach a closed receive window: the ones smoltcp would throw away.
 //!
-//! RFC 9293 §3.10.7 ("Other States"): "If the RCV.WND is zero, no segments will be acceptable, but special
-//! allowance should be made to accept valid ACKs, URGs, and RSTs." smoltcp 0.14 makes none:
-//! with its receive window at zero, a segment that carries data, or whose sequence number
-//! is not exactly the next one expected, is answered with an ACK and dropped *before its
-//! acknowledgment number is read*. Two such segments are common:
+//! RFC 9293 §3.10.7 ("Other States"): "If the RCV.WND is zero, no segments will be
+//! acceptable, but special allowance should be made to accept valid ACKs, URGs, and RSTs."
+//! smoltcp 0.14 makes none: with its receive window at zero, a segment that carries data, or
+//! whose sequence number is not exactly the next one expected, is answered with an ACK and
+//! dropped *before its acknowledgment number is read*. Two such segments are common:
 //!
 //! - the peer's zero-window probe, one byte of new data at the window's edge;
 //! - every pure ACK the peer sends after that probe (or after a retransmission timeout

@@ -222,9 +222,10 @@ impl Bbr {
             // (it is the other traffic's) nor the losses (random), and leaving start-up
             // there froze the estimate at the ACK traffic's rate. BBR exits start-up only
             // on rounds that could have filled the pipe (non-app-limited ones:
-            // draft-cardwell-iccrg-bbr-congestion-control-02 §4.3.1 (its second part), draft-ietf-ccwg-bbr
-            // `BBRCheckStartupFullBandwidth`); the sample's app-limited mark itself is too
-            // broad here, since TCP's own slow start marks most of a fresh start-up.
+            // draft-cardwell-iccrg-bbr-congestion-control-02 §4.3.1 (its second part),
+            // draft-ietf-ccwg-bbr `BBRCheckStartupFullBandwidth`); the sample's app-limited
+            // mark itself is too broad here, since TCP's own slow start marks most of a
+            // fresh start-up.
             self.filled_pipe = true;
         }
         if round_start && !self.filled_pipe {
